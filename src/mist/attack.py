@@ -1,0 +1,64 @@
+"""Masked L-infinity PGD with sign steps (Madry et al., 2018), as Mist v1.2 runs it through advertorch.
+
+The attack knows nothing of models: it minimises any per-image loss of x' in [-1, 1]. With the budget `radius` and
+step `step` in [-1, 1] units: delta starts uniform in [-radius, radius], kept so x + delta stays in [-1, 1]; each step
+evaluates the loss at x + delta * mask, moves delta by -step * sign(gradient), clips it to [-radius, radius] and again
+so x + delta stays in [-1, 1]. The result is x + delta * mask, clipped to [-1, 1]: pixels outside the mask never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .objectives import LossTerms
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one PGD step saw, at the point it started from (loss values summed over the batch)."""
+
+    step: int  # 1-based
+    steps: int
+    textural: float | None
+    semantic: float | None
+    objective: float
+
+
+class Cancelled(Exception):
+    """Raised from a step callback to stop the attack; the current image is left unfinished."""
+
+
+def masked_linf_pgd(
+    x: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Generator], LossTerms],
+    *,
+    radius: float,
+    step: float,
+    steps: int,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> torch.Tensor:
+    """Protected images for `x` (N, 3, H, W) in [-1, 1]; `mask` (N or 1, 1, H, W) is 1 where pixels may change."""
+    x = x.detach()
+    mask = torch.ones_like(x[:, :1]) if mask is None else mask.to(x)
+    delta = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x) * radius
+    delta = (x + delta).clamp(-1, 1) - x
+    for index in range(steps):
+        delta.requires_grad_(True)
+        terms = loss(x + delta * mask, generator)
+        (gradient,) = torch.autograd.grad(terms.objective.sum(), delta)
+        with torch.no_grad():
+            delta = (delta - step * gradient.sign()).clamp(-radius, radius)
+            delta = (x + delta).clamp(-1, 1) - x
+        if callback is not None:
+            callback(StepInfo(index + 1, steps, _total(terms.textural), _total(terms.semantic),
+                              terms.objective.detach().sum().item()))
+    return (x + delta.detach() * mask).clamp(-1, 1)
+
+
+def _total(values: torch.Tensor | None) -> float | None:
+    return None if values is None else values.detach().sum().item()

@@ -1,0 +1,25 @@
+"""Stable Diffusion v1, located and loaded offline; see `load_model`."""
+
+from __future__ import annotations
+
+import os
+
+from .architectures import SD_V1, TINY, Architecture
+from .components import StableDiffusion
+from .loading import build_random, load_path
+from .locate import TINY_RANDOM, ModelNotFoundError, resolve_model
+
+__all__ = ["Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY", "TINY_RANDOM", "load_model",
+           "resolve_model"]
+
+
+def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1) -> StableDiffusion:
+    """Load the model `spec` names (a path or `tiny-random`), or the first one found where Mist looks by default.
+
+    `architecture` gives the shape of single-file checkpoints (SD v1 unless a test saves a smaller one).
+    Weights arrive in float32 on the CPU; `StableDiffusion.to` moves them.
+    """
+    where = resolve_model(spec)
+    if where == TINY_RANDOM:
+        return build_random(TINY)
+    return load_path(where, architecture)

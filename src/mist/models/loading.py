@@ -1,0 +1,226 @@
+"""Build a `StableDiffusion` from a single-file checkpoint, a diffusers folder, or random weights; never online.
+
+Every format ends in the same place: three state dicts in diffusers / transformers naming, loaded strictly into modules
+built from an `Architecture`. Single files (`.ckpt`, `.safetensors`) carry the original CompVis layout and are renamed
+with diffusers' own converters; `.ckpt` files are read with `torch.load(weights_only=True)`, which refuses to run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import SD_V1, TINY, Architecture
+from .components import StableDiffusion, latent_encoder
+
+log = logging.getLogger(__name__)
+
+_UNET = "model.diffusion_model."
+_VAE = "first_stage_model."
+_TEXT = "cond_stage_model.transformer."
+# Only these parts of a checkpoint are read: the VAE decoder, EMA copies and optimiser state are never needed.
+_WANTED = (_UNET, _VAE + "encoder.", _VAE + "quant_conv.", _TEXT)
+_CROSS_ATTENTION_KEY = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+class _InertPickledObject:
+    """Stands in for metadata objects (e.g. Lightning callbacks) pickled into some .ckpt files; keeps no state."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+# Globals that SD checkpoints saved by PyTorch Lightning reference outside their tensors. Mapping them onto an inert
+# class lets `weights_only=True` read such files without importing or running anything from them.
+_CKPT_METADATA_GLOBALS = [
+    (_InertPickledObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_InertPickledObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def build_random(arch: Architecture = TINY, seed: int = 0) -> StableDiffusion:
+    """A randomly initialised model of `arch` (the tiny one by default), reproducible from `seed`. Protects nothing."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**arch.unet)
+        encoder = latent_encoder(arch)
+        text = CLIPTextModel(CLIPTextConfig(**arch.text))
+    return StableDiffusion(arch, encoder, unet, text, source=arch.name, random_weights=True)
+
+
+def load_single_file(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
+    """Load an original-layout SD v1 checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`), NovelAI text keys included."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    state = _read_original_state_dict(path)
+    _check_original_layout(path, state, arch)
+    unet, encoder, text = _empty_modules(arch)
+    unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config))
+    vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
+    text_state = {key[len(_TEXT) :]: tensor for key, tensor in state.items() if key.startswith(_TEXT)}
+    return _assemble(path, arch, unet, encoder, text, unet_state, vae_state, text_state)
+
+
+def load_diffusers_folder(folder: Path) -> StableDiffusion:
+    """Load a diffusers-format SD v1 folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot)."""
+    configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    unet_cfg, text_cfg = configs["unet"], configs["text_encoder"]
+    problems = []
+    if prediction != "epsilon":
+        problems.append(f"it predicts '{prediction}', SD v1 predicts noise ('epsilon')")
+    if unet_cfg.get("use_linear_projection") or unet_cfg.get("addition_embed_type"):
+        problems.append("its UNet is an SD 2.x / SDXL design")
+    if unet_cfg.get("in_channels") != 4:
+        problems.append(f"its UNet takes {unet_cfg.get('in_channels')} channels (an inpainting or other variant)")
+    if unet_cfg.get("cross_attention_dim") != text_cfg.get("hidden_size"):
+        problems.append("its UNet and text encoder do not fit together")
+    if problems:
+        raise ValueError(f"{folder}: not a Stable Diffusion v1 model: {'; '.join(problems)}")
+    arch = Architecture(name=folder.name, unet=unet_cfg, vae=configs["vae"], text=text_cfg,
+                        latent_scale=configs["vae"].get("scaling_factor", 0.18215))
+    unet, encoder, text = _empty_modules(arch)
+    vae_state = _read_weights(folder / "vae", ("diffusion_pytorch_model",))
+    return _assemble(
+        folder, arch, unet, encoder, text,
+        _read_weights(folder / "unet", ("diffusion_pytorch_model",)),
+        {k: v for k, v in vae_state.items() if k.startswith(("encoder.", "quant_conv."))},
+        _read_weights(folder / "text_encoder", ("model", "pytorch_model")),
+    )
+
+
+def _empty_modules(arch: Architecture) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Modules with unallocated weights (meta device), so building the 860M UNet costs neither time nor memory."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(arch.unet)
+        encoder = latent_encoder(arch)
+    # The text encoder is built for real: it is small, and some transformers versions give it non-persistent buffers
+    # (position ids) that no checkpoint holds and that would stay unallocated on the meta device.
+    text = CLIPTextModel(CLIPTextConfig(**arch.text))
+    return unet, encoder, text
+
+
+def _assemble(source: Path, arch: Architecture, unet: nn.Module, encoder: nn.Module, text: nn.Module,
+              unet_state: dict, vae_state: dict, text_state: dict) -> StableDiffusion:
+    text_state = _match_text_level(text_state, text)
+    for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
+                                ("text encoder", text, text_state)):
+        expected = set(module.state_dict())
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(
+                f"{source}: not a Stable Diffusion v1 model: {len(missing)} {name} weights missing (first: {missing[0]})"
+            )
+        try:
+            module.load_state_dict({k: state[k].float() for k in expected}, strict=True, assign=True)
+        except RuntimeError as exc:
+            first_line = str(exc).strip().splitlines()[-1].strip()
+            raise ValueError(f"{source}: not a Stable Diffusion v1 model: {name} weights do not fit ({first_line})")
+    return StableDiffusion(arch, encoder, unet, text, source=str(source))
+
+
+def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename CLIP keys to the module's own naming: with or without the `text_model.` level (it differs between
+    transformers versions, and NovelAI-style checkpoints drop it); position ids are a buffer, not a weight."""
+    nested = any(k.startswith("text_model.") for k in text.state_dict())
+    renamed = {}
+    for key, tensor in state.items():
+        bare = key[len("text_model.") :] if key.startswith("text_model.") else key
+        if bare != "embeddings.position_ids":
+            renamed["text_model." + bare if nested else bare] = tensor
+    return renamed
+
+
+def _read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(_WANTED)}
+        with torch.serialization.safe_globals(_CKPT_METADATA_GLOBALS):
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # a truncated or foreign file fails in many ways; all mean "cannot read it"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot read as a checkpoint: {detail[:200]}") from exc
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: cannot read as a checkpoint: it holds no state dict")
+    return {k: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(_WANTED)
+            and isinstance(v, torch.Tensor)}
+
+
+def _check_original_layout(path: Path, state: dict[str, torch.Tensor], arch: Architecture) -> None:
+    keys = list(state)
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ValueError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); Mist needs SD v1")
+    cross = state.get(_CROSS_ATTENTION_KEY)
+    if cross is None or not any(k.startswith(_TEXT) for k in keys):
+        raise ValueError(f"{path}: not a Stable Diffusion v1 checkpoint (its UNet or text encoder weights are missing;"
+                         " SDXL and other models are not supported)")
+    if cross.shape[1] != arch.cross_attention_dim:
+        raise ValueError(f"{path}: cross-attention width {cross.shape[1]}, SD v1 has {arch.cross_attention_dim}: "
+                         "not a Stable Diffusion v1 checkpoint")
+    channels = state[_UNET + "input_blocks.0.0.weight"].shape[1]
+    if channels != 4:
+        raise ValueError(f"{path}: its UNet takes {channels} input channels (an inpainting or other variant);"
+                         " Mist needs a plain SD v1 checkpoint")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read model config: {exc}") from exc
+
+
+def _read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The weights of one diffusers component; prefers safetensors and full precision, accepts `.fp16` variants."""
+    from safetensors.torch import load_file
+
+    for stem in stems:
+        for variant in ("", ".fp16"):
+            for suffix in (".safetensors", ".bin"):
+                candidate = folder / f"{stem}{variant}{suffix}"
+                if not candidate.is_file():
+                    continue
+                try:
+                    if suffix == ".safetensors":
+                        return load_file(str(candidate))
+                    return torch.load(candidate, map_location="cpu", weights_only=True)
+                except Exception as exc:
+                    raise ValueError(f"{candidate}: cannot read weights: {str(exc)[:200]}") from exc
+    raise ValueError(f"{folder}: no weights file found (looked for {stems[0]}.safetensors and .bin)")
+
+
+def load_path(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
+    """Load whatever SD v1 model `path` holds: a diffusers folder or a single checkpoint file."""
+    if path.is_dir():
+        model = load_diffusers_folder(path)
+    elif path.is_file():
+        model = load_single_file(path, arch)
+    else:
+        raise ValueError(f"{path}: no such model file or folder")
+    log.info("loaded %s", path)
+    return model
+

@@ -1,0 +1,54 @@
+"""The CLIP tokenizer Stable Diffusion v1 conditions on, built offline from the BPE table shipped with Mist.
+
+The table (`assets/bpe_simple_vocab_16e6.txt.gz`, MIT licence, from OpenAI's CLIP via open_clip) lists the byte-pair
+merges in rank order. CLIP's vocabulary is derived from it: the 256 byte symbols, the same with an end-of-word marker,
+one token per merge, then the start and end markers, 49408 entries in all.
+"""
+
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+CONTEXT_LENGTH = 77
+_MERGE_COUNT = 49152 - 256 - 2  # CLIP keeps this many merges so that the vocabulary totals 49408
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's reversible byte-to-printable-character table, in byte order of its construction."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer():
+    """A `transformers.CLIPTokenizer` equal to SD v1's `openai/clip-vit-large-patch14` one, with no file download."""
+    from transformers import CLIPTokenizer
+
+    table = resources.files("mist.models").joinpath("assets/bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(table).decode("utf-8").split("\n")[1 : _MERGE_COUNT + 1]
+    merges = [tuple(line.split()) for line in lines]
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT_LENGTH)
+
+
+def tokenize(prompt: str) -> torch.Tensor:
+    """Token ids of `prompt`, padded with the end marker to 77 as SD v1 expects: shape (1, 77), int64."""
+    ids = clip_tokenizer()(
+        prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids

@@ -1,0 +1,95 @@
+"""Mist v1.2's losses (Liang et al., "Adversarial Example Does Good", ICML 2023; Mist v1.2 code), per image.
+
+textural  L_tex = sum((E(x') - E(y))^2) over all latent elements, y the target pattern image;
+semantic  L_sem = mean((eps_theta(z_t, t, c) - n)^2), z = E(x'), t ~ U{0..999}, n ~ N(0, I);
+objective (minimised by PGD): textural L_tex, semantic -L_sem, fused L_tex - r * L_sem with r = 10 ** (w + 3).
+
+One encoder pass per evaluation serves both losses. Losses are reduced in float32 whatever the network precision.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .config import Mode
+from .models import StableDiffusion
+from .models.components import standard_normal
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Per-image values, each of shape (N,): the two losses (None where the mode does not compute one) and the
+    objective that PGD minimises."""
+
+    textural: torch.Tensor | None
+    semantic: torch.Tensor | None
+    objective: torch.Tensor
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of `precision` on `device` (none for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+class MistObjective:
+    """The loss of a batch of images x' in [-1, 1] for one mode; call it with a generator for the random draws.
+
+    `target_latent` (needed unless mode is semantic) is E(y), computed once per target; `text` (needed unless mode is
+    textural) is the CLIP embedding of the prompt, shape (1, 77, D).
+    """
+
+    def __init__(self, model: StableDiffusion, mode: Mode, semantic_weight: float,
+                 target_latent: torch.Tensor | None, text: torch.Tensor | None, precision: str = "fp32") -> None:
+        if mode != "semantic" and target_latent is None:
+            raise ValueError(f"{mode} mode needs a target latent")
+        if mode != "textural" and text is None:
+            raise ValueError(f"{mode} mode needs a text embedding")
+        self.model = model
+        self.mode = mode
+        self.semantic_weight = semantic_weight
+        self.target_latent = target_latent
+        self.text = text
+        self.precision = precision
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> LossTerms:
+        with autocast(x.device, self.precision):
+            latent = self.model.encode(x, generator)
+        latent = latent.float()
+        textural = semantic = None
+        if self.mode != "semantic":
+            textural = (latent - self.target_latent).pow(2).flatten(1).sum(1)
+        if self.mode != "textural":
+            semantic = self._semantic(latent, generator)
+        if self.mode == "textural":
+            objective = textural
+        elif self.mode == "semantic":
+            objective = -semantic
+        else:
+            objective = textural - self.semantic_weight * semantic
+        return LossTerms(textural, semantic, objective)
+
+    def _semantic(self, latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count = latent.shape[0]
+        timesteps = torch.randint(0, len(self.model.alphas_cumprod), (count,), generator=generator)
+        noise = standard_normal(latent.shape, generator, like=latent)
+        alpha_bar = self.model.alphas_cumprod.to(latent.device)[timesteps.to(latent.device)].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise
+        with autocast(latent.device, self.precision):
+            predicted = self.model.predict_noise(noisy.to(self.model.dtype), timesteps.to(latent.device),
+                                                 self.text.expand(count, -1, -1))
+        return (predicted.float() - noise).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def target_latent(model: StableDiffusion, target: torch.Tensor, generator: torch.Generator,
+                  precision: str = "fp32") -> torch.Tensor:
+    """E(y) for target images y in [-1, 1], in float32 (one posterior sample, as the textural loss uses)."""
+    with autocast(target.device, precision):
+        return model.encode(target.to(model.dtype), generator).float()
