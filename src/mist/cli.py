@@ -1,0 +1,148 @@
+"""The `mist` command. Front ends only build a ProtectConfig and call the engine; see `run_protect`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import MODES, ProtectConfig
+
+EXIT_FAILED_IMAGES = 1
+EXIT_USAGE = 2
+
+
+def add_protect_options(parser: argparse.ArgumentParser) -> None:
+    """The options every protect command shares (also the web UI's defaults)."""
+    d = ProtectConfig()
+    g = parser.add_argument_group("protection")
+    g.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="textural: pull toward the target pattern; semantic: confuse the denoiser; fused: both "
+                        "(default: %(default)s)")
+    g.add_argument("-e", "--epsilon", type=float, default=d.epsilon,
+                   help="strength: largest change of a pixel, in levels 0..255 (default: %(default)s)")
+    g.add_argument("-s", "--steps", type=int, default=d.steps, help="PGD iterations (default: %(default)s)")
+    g.add_argument("--step-size", type=float, default=d.step_size,
+                   help="PGD step in pixel levels (default: %(default)s)")
+    g.add_argument("--input-size", type=int, default=d.input_size,
+                   help="side the image is resized to (shorter side with --no-resize) (default: %(default)s)")
+    g.add_argument("-w", "--fused-weight", type=float, default=d.fused_weight,
+                   help="fused mode: semantic loss weighted 10**(w+3) (default: %(default)s)")
+    g.add_argument("-b", "--block-num", type=int, default=d.block_num,
+                   help="protect as N x N tiles; 2 = low-VRAM mode (default: %(default)s)")
+    g.add_argument("--mask", type=Path, help="mask image: pure white (255) marks the region to protect")
+    g.add_argument("--no-resize", action="store_true",
+                   help="keep the aspect ratio: shorter side to --input-size, sides to multiples of 8 x block-num")
+    g.add_argument("--target", type=Path, help="target pattern image for the textural loss (default: Mist's own)")
+    g.add_argument("--object", action="store_true",
+                   help='the images show an object: condition on "a photo" instead of "a painting"')
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed: same seed, same output (default: %(default)s)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
+                   help="network arithmetic; losses stay float32 (default: %(default)s)")
+    r = parser.add_argument_group("model and device")
+    r.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random' for a test "
+                                   "model that protects nothing (default: $MIST_MODEL, then "
+                                   "models/ldm/stable-diffusion-v1/model.ckpt, then the Hugging Face cache)")
+    r.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> ProtectConfig:
+    return ProtectConfig(
+        mode=args.mode, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
+        input_size=args.input_size, fused_weight=args.fused_weight, block_num=args.block_num, mask=args.mask,
+        keep_aspect=args.no_resize, target=args.target, object_prompt=args.object, seed=args.seed,
+        precision=args.precision,
+    )
+
+
+def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
+                overwrite: bool = False, quiet: bool = False) -> int:
+    """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`."""
+    from .batch import run_batch
+    from .device import pick_device
+    from .models import load_path, resolve_model
+    from .models.loading import build_random
+    from .models.locate import TINY_RANDOM
+    from .protect import Protector
+    from .reporting import ConsoleReporter
+
+    where = resolve_model(model_spec)  # a missing model is reported before any image is touched
+    device = pick_device(device_name)
+
+    def load() -> Protector:
+        if not quiet:
+            print(f"loading model {where} onto {device} ...", flush=True)
+        model = build_random() if where == TINY_RANDOM else load_path(where)
+        if model.random_weights:
+            print(f"WARNING: {where} has random weights: its outputs have NO protection", file=sys.stderr)
+        return Protector(model, config, device)
+
+    reporter = ConsoleReporter(quiet)
+    started = time.perf_counter()
+    summary = run_batch(jobs, config, load, reporter, model_label(where), overwrite)
+    reporter.finish(summary, time.perf_counter() - started)
+    return 0 if summary.ok else EXIT_FAILED_IMAGES
+
+
+def model_label(where: str | Path) -> str:
+    """How outputs name the model: `tiny-random`, a file or folder name, or a Hugging Face repository id."""
+    if isinstance(where, str):
+        return where
+    if where.parent.name == "snapshots" and where.parent.parent.name.startswith("models--"):
+        return where.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return where.name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mist", description="Protect artworks from AI mimicry (Mist v1.2).")
+    parser.add_argument("--version", action="version", version=f"mist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    protect = commands.add_parser("protect", help="protect image files and folders",
+                                  description="Protect image files (and the images in folders) into OUTDIR as PNG.")
+    protect.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
+    protect.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR", help="folder for the outputs")
+    protect.add_argument("-r", "--recursive", action="store_true", help="also protect images in sub-folders")
+    protect.add_argument("--overwrite", action="store_true",
+                         help="replace existing outputs (default: skip finished ones, refuse others)")
+    protect.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+    add_protect_options(protect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        config = config_from_args(args)
+        from .batch import collect_jobs
+
+        jobs = collect_jobs(args.paths, args.output, args.recursive)
+        if not jobs:
+            raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
+        return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mist: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mist: interrupted; finished outputs are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Mist v1.2's `mist_v3.py` command line, every flag kept, mapped onto the same engine as `mist protect`.
+
+Outputs go where the original wrote them, relative to the working directory (the repository root in the seed's
+guide): a folder of images to `outputs/dirs/<output_dir>_<eps>_<steps>_<size>_<blocks>_<mode>_<rate>_<mask>_<resize>/`
+under each input's name, a single image to `outputs/images/<output_name>_<same suffix>.png`. Differences from the
+original, on purpose: outputs are always PNG (a JPEG input `a.jpg` becomes `a.png`: re-encoding as JPEG would erode the
+perturbation), and pixel values are rounded, not truncated, so the change stays within epsilon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .batch import Job, collect_jobs
+from .cli import EXIT_USAGE, configure_logging, run_protect
+from .config import MODE_CODES, ProtectConfig
+
+# The original only looked at these files in an input folder.
+LEGACY_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mist_v3.py", description="Mist v1.2 compatible command line.")
+    p.add_argument("-img", "--input_image_path", default="test/sample.png", help="path of input image")
+    p.add_argument("--output_name", default="misted_sample", help="name of the saved image")
+    p.add_argument("--output_dir", default="vangogh", help="name of the output folder under outputs/dirs")
+    p.add_argument("-inp", "--input_dir_path", default=None, help="folder of images to process")
+    p.add_argument("-e", "--epsilon", type=int, default=16, help="strength (0..255)")
+    p.add_argument("-s", "--steps", type=int, default=100, help="PGD steps")
+    p.add_argument("-in_size", "--input_size", type=int, default=512, help="input size")
+    p.add_argument("-b", "--block_num", type=int, default=1, help="tiles per side (2 = low VRAM)")
+    p.add_argument("--mode", type=int, default=2, help="0 semantic, 1 textural, 2 fused")
+    p.add_argument("--rate", type=int, default=1, help="fused weight w (semantic loss weighted 10**(w+3))")
+    p.add_argument("--mask", action="store_true", help="protect only the mask's white region (single image only)")
+    p.add_argument("--mask_path", default="test/processed_mask.png", help="path of the mask")
+    p.add_argument("--non_resize", action="store_true", help="keep the aspect ratio of the image")
+    # Additions; the original had neither.
+    p.add_argument("--model", default=None, help="model path or 'tiny-random' (default: as `mist protect`)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    return p
+
+
+def parameter_suffix(args: argparse.Namespace) -> str:
+    """The original's `_<eps>_<steps>_<size>_<blocks>_<mode>_<rate>_<mask>_<resize>` naming of its outputs."""
+    values = (args.epsilon, args.steps, args.input_size, args.block_num, args.mode, args.rate, int(args.mask),
+              int(args.non_resize))
+    return "".join(f"_{v}" for v in values)
+
+
+def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
+    if args.mode not in MODE_CODES:
+        raise ValueError(f"--mode: must be 0 (semantic), 1 (textural) or 2 (fused), got {args.mode}")
+    use_mask = args.mask and not args.input_dir_path
+    if args.mask and args.input_dir_path:
+        print("Alert: the mask only applies to a single image (-img); it is ignored for a folder.", file=sys.stderr)
+    config = ProtectConfig(
+        mode=MODE_CODES[args.mode], epsilon=args.epsilon, steps=args.steps, input_size=args.input_size,
+        fused_weight=args.rate, block_num=args.block_num, keep_aspect=args.non_resize,
+        mask=Path(args.mask_path) if use_mask else None,
+    )
+    if args.input_dir_path:
+        folder = Path(args.input_dir_path)
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: no such folder")
+        output = Path("outputs/dirs") / (args.output_dir + parameter_suffix(args))
+        jobs = collect_jobs([folder], output, recursive=False, suffixes=LEGACY_SUFFIXES)
+    else:
+        output = Path("outputs/images") / (args.output_name + parameter_suffix(args) + ".png")
+        jobs = [Job(Path(args.input_image_path), output)]
+    return config, jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(False)
+    try:
+        config, jobs = plan(args)
+        return run_protect(jobs, config, args.model, args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mist_v3.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mist_v3.py: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,74 @@
+"""Console progress for batches: a bar over images, a bar over each image's PGD steps (both with ETA), one line per
+finished, skipped or failed image, and a summary."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from .batch import NO_PROTECTION_WARNING, BatchSummary, Job
+from .protect import Progress, ProtectedImage
+
+
+class ConsoleReporter:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.images: tqdm | None = None
+        self.steps: tqdm | None = None
+        self.random_weights = False
+
+    def _say(self, line: str, error: bool = False) -> None:
+        if error or not self.quiet:
+            tqdm.write(line, file=sys.stderr if error else sys.stdout)
+
+    def batch_started(self, jobs: list[Job], to_do: int) -> None:
+        self._say(f"{len(jobs)} image(s) found, {to_do} to protect")
+        if to_do > 1 and not self.quiet:
+            self.images = tqdm(total=to_do, unit="img", desc="images", position=0, dynamic_ncols=True)
+
+    def image_started(self, job: Job, number: int, to_do: int) -> None:
+        if not self.quiet:
+            self.steps = tqdm(unit="step", desc=job.source.name[:40], leave=False, position=1 if self.images else 0,
+                              dynamic_ncols=True)
+
+    def step(self, job: Job, progress: Progress) -> None:
+        if self.steps is None:
+            return
+        if self.steps.total != progress.total:
+            self.steps.reset(total=progress.total)
+            self.steps.update(progress.step - 1)
+        self.steps.update(1)
+        loss = {"tex": progress.textural, "sem": progress.semantic}
+        self.steps.set_postfix({k: f"{v:.4g}" for k, v in loss.items() if v is not None}, refresh=False)
+
+    def _close_steps(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
+
+    def image_done(self, job: Job, result: ProtectedImage) -> None:
+        self._close_steps()
+        self.random_weights |= result.random_weights
+        if self.images is not None:
+            self.images.update(1)
+        self._say(f"protected {job.source} -> {job.output} ({result.seconds:.1f} s)")
+
+    def image_skipped(self, job: Job, reason: str) -> None:
+        self._say(f"skipped {job.source}: {reason}")
+
+    def image_failed(self, job: Job, message: str) -> None:
+        self._close_steps()
+        self._say(f"error: {message}", error=True)
+
+    def finish(self, summary: BatchSummary, seconds: float) -> None:
+        self._close_steps()
+        if self.images is not None:
+            self.images.close()
+        per_image = ""
+        if summary.seconds_per_image:
+            per_image = f", {sum(summary.seconds_per_image) / len(summary.seconds_per_image):.1f} s per image"
+        print(f"done: {len(summary.done)} protected, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
+              f"in {seconds:.1f} s{per_image}")
+        if self.random_weights:
+            print(f"WARNING: {NO_PROTECTION_WARNING}", file=sys.stderr)
