@@ -21,7 +21,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default=d.mode,
                    help="textural: pull toward the target pattern; semantic: confuse the denoiser; fused: both "
                         "(default: %(default)s)")
-    g.add_argument("-e", "--epsilon", type=float, default=d.epsilon,
+    g.add_argument("-e", "--epsilon", type=int, default=d.epsilon,
                    help="strength: largest change of a pixel, in levels 0..255 (default: %(default)s)")
     g.add_argument("-s", "--steps", type=int, default=d.steps, help="PGD iterations (default: %(default)s)")
     g.add_argument("--step-size", type=float, default=d.step_size,

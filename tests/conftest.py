@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny random Stable Diffusion stand-in and small real paintings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+VANGOGH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vangogh"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from mist.models.loading import build_random
+
+    return build_random()
+
+
+@pytest.fixture(scope="session")
+def painting() -> Image.Image:
+    """A real painting when ../shared is beside the checkout, else a deterministic colourful stand-in."""
+    files = sorted(VANGOGH.glob("*.png")) if VANGOGH.is_dir() else []
+    if files:
+        return Image.open(files[0]).convert("RGB").resize((96, 96), Image.Resampling.BICUBIC)
+    import numpy as np
+
+    y, x = np.mgrid[0:96, 0:96]
+    rgb = np.stack([x * 2.6, y * 2.6, (x + y) * 1.3], axis=-1) % 256
+    return Image.fromarray(rgb.astype("uint8"))

@@ -1,0 +1,105 @@
+"""The losses against an independent re-computation of Mist v1.2's formulas on the same tiny weights."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from mist.models.components import scaled_linear_alphas_cumprod
+from mist.objectives import MistObjective, target_latent
+
+
+def test_schedule_is_sd_v1_scaled_linear():
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear").alphas_cumprod
+    assert torch.allclose(scaled_linear_alphas_cumprod(), reference.float(), rtol=1e-6, atol=0)
+
+
+def _images(seed: int = 0, count: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _reference_terms(model, x, target_z, text, seed):
+    """Mist v1.2's losses written out from the formulas, drawing random numbers in the engine's documented order:
+    the posterior sample, then t, then the noise n."""
+    g = torch.Generator().manual_seed(seed)
+    moments = model.encoder.quant_conv(model.encoder.encoder(x))
+    mean, logvar = moments.chunk(2, dim=1)
+    z = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=g)) * 0.18215
+    textural = torch.nn.functional.mse_loss(z, target_z, reduction="sum")
+    t = torch.randint(0, 1000, (1,), generator=g)
+    n = torch.randn(z.shape, generator=g)
+    a = scaled_linear_alphas_cumprod()[t]
+    eps = model.unet(a.sqrt() * z + (1 - a).sqrt() * n, t, encoder_hidden_states=text).sample
+    semantic = torch.nn.functional.mse_loss(eps, n)
+    return textural, semantic
+
+
+def test_losses_and_fused_objective_match_the_formulas(tiny_model):
+    x, y = _images(1), _images(2)
+    text = tiny_model.text_embedding("a painting")
+    target_z = target_latent(tiny_model, y, torch.Generator().manual_seed(5))
+    textural, semantic = _reference_terms(tiny_model, x, target_z, text, seed=7)
+    for mode, expected in (("textural", textural), ("semantic", -semantic), ("fused", textural - 1e4 * semantic)):
+        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, torch.Generator().manual_seed(7))
+        assert torch.allclose(terms.objective, expected.reshape(1), rtol=1e-5), mode
+    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, torch.Generator().manual_seed(7))
+    assert torch.allclose(fused.textural, textural.reshape(1), rtol=1e-5)
+    assert torch.allclose(fused.semantic, semantic.reshape(1), rtol=1e-5)
+
+
+def test_textural_mode_skips_the_unet(tiny_model, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the UNet ran in textural mode")
+
+    monkeypatch.setattr(tiny_model, "predict_noise", forbidden)
+    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    terms = MistObjective(tiny_model, "textural", 1e4, target_z, None)(_images(1), torch.Generator().manual_seed(0))
+    assert terms.semantic is None and terms.textural is not None
+
+
+def test_one_encoder_pass_per_evaluation(tiny_model, monkeypatch):
+    calls = []
+    original = tiny_model.encode
+    monkeypatch.setattr(tiny_model, "encode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    calls.clear()
+    objective = MistObjective(tiny_model, "fused", 1e4, target_z, tiny_model.text_embedding("a painting"))
+    objective(_images(1), torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+
+
+def test_semantic_and_fused_gradients_reach_the_image(tiny_model):
+    text = tiny_model.text_embedding("a painting")
+    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    for mode in ("semantic", "fused"):
+        x = _images(1).requires_grad_(True)
+        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad(terms.objective.sum(), x)
+        assert grad.abs().sum() > 0 and torch.isfinite(grad).all(), mode
+    # The fused gradient carries the semantic part, not only the textural one.
+    x = _images(1).requires_grad_(True)
+    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+    (g_fused,) = torch.autograd.grad(fused.objective.sum(), x)
+    x = _images(1).requires_grad_(True)
+    tex = MistObjective(tiny_model, "textural", 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+    (g_tex,) = torch.autograd.grad(tex.objective.sum(), x)
+    assert not torch.allclose(g_fused, g_tex)
+
+
+def test_no_weight_gradients_are_computed(tiny_model):
+    text = tiny_model.text_embedding("a painting")
+    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    x = _images(1).requires_grad_(True)
+    terms = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+    terms.objective.sum().backward()
+    modules = (tiny_model.unet, tiny_model.encoder, tiny_model.text_encoder)
+    assert all(p.grad is None and not p.requires_grad for m in modules for p in m.parameters())
+
+
+def test_batched_losses_are_per_image(tiny_model):
+    """Each image's loss depends only on itself: the objective of a batch is a vector, one entry per image."""
+    text = tiny_model.text_embedding("a painting")
+    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    terms = MistObjective(tiny_model, "fused", 1e4, target_z, text)(_images(1, count=2), torch.Generator())
+    assert terms.objective.shape == (2,) and terms.textural.shape == (2,) and terms.semantic.shape == (2,)
