@@ -1,0 +1,53 @@
+"""ProtectConfig: defaults of Mist v1.2, unit conversions, and one clear message per invalid setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mist.config import MODE_CODES, ProtectConfig
+
+
+def test_defaults_are_mist_v12s():
+    c = ProtectConfig()
+    assert (c.mode, c.epsilon, c.steps, c.step_size, c.input_size, c.fused_weight, c.block_num, c.seed) == (
+        "fused", 16, 100, 1, 512, 1, 1, 23)
+    assert c.prompt == "a painting" and ProtectConfig(object_prompt=True).prompt == "a photo"
+
+
+def test_units_are_converted_once():
+    c = ProtectConfig(epsilon=16, step_size=1, fused_weight=1)
+    assert c.radius == pytest.approx(16 / 255 * 2)
+    assert c.step == pytest.approx(2 / 255)
+    assert c.semantic_weight == pytest.approx(10_000)
+    assert ProtectConfig(fused_weight=2).semantic_weight == pytest.approx(100_000)
+
+
+def test_mode_codes_follow_the_original_code_not_its_readme():
+    assert MODE_CODES == {0: "semantic", 1: "textural", 2: "fused"}
+
+
+@pytest.mark.parametrize("settings, option", [
+    ({"epsilon": 256}, "epsilon"), ({"epsilon": -1}, "epsilon"), ({"steps": -1}, "steps"),
+    ({"steps": 1.5}, "steps"), ({"step_size": 0}, "step_size"), ({"input_size": 100}, "input_size"),
+    ({"input_size": 64, "block_num": 3}, "input_size"), ({"block_num": 0}, "block_num"),
+    ({"mode": "loud"}, "mode"), ({"precision": "int8"}, "precision"), ({"fused_weight": float("nan")}, "fused_weight"),
+    ({"mask": "no/such/mask.png"}, "mask"), ({"target": "no/such/target.png"}, "target"),
+])
+def test_invalid_settings_name_the_option(settings, option):
+    with pytest.raises(ValueError) as error:
+        ProtectConfig(**settings)
+    assert str(error.value).startswith(option + ":") and "\n" not in str(error.value)
+
+
+def test_no_resize_accepts_any_size_divisible_later():
+    assert ProtectConfig(input_size=100, keep_aspect=True).input_size == 100
+
+
+def test_settings_json_is_canonical(tmp_path):
+    mask = tmp_path / "m.png"
+    mask.write_bytes(b"")
+    settings = json.loads(ProtectConfig(mask=mask).to_json())
+    assert settings["mask"] == str(mask) and settings["epsilon"] == 16
+    assert ProtectConfig().to_json() == ProtectConfig().to_json()
