@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
 _TEXT = "cond_stage_model.transformer."
+_SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
 # Only these parts of a checkpoint are read: the VAE decoder, EMA copies and optimiser state are never needed.
-_WANTED = (_UNET, _VAE + "encoder.", _VAE + "quant_conv.", _TEXT)
+_WANTED = (_UNET, _VAE + "encoder.", _VAE + "quant_conv.", _TEXT, _SD2_TEXT)
 _CROSS_ATTENTION_KEY = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
@@ -65,8 +66,11 @@ def load_single_file(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
     state = _read_original_state_dict(path)
     _check_original_layout(path, state, arch)
     unet, encoder, text = _empty_modules(arch)
-    unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config))
-    vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
+    try:
+        unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config))
+        vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
+    except (KeyError, IndexError) as exc:  # the converters index the weights they expect directly
+        raise ValueError(f"{path}: not a Stable Diffusion v1 model: weights missing ({exc})") from exc
     text_state = {key[len(_TEXT) :]: tensor for key, tensor in state.items() if key.startswith(_TEXT)}
     return _assemble(path, arch, unet, encoder, text, unet_state, vae_state, text_state)
 
@@ -120,7 +124,7 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module, encoder: nn.Mod
     for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
                                 ("text encoder", text, text_state)):
         expected = set(module.state_dict())
-        missing = sorted(expected - set(state))
+        missing = sorted(k for k in expected if state.get(k) is None)  # converters fill gaps with None
         if missing:
             raise ValueError(
                 f"{source}: not a Stable Diffusion v1 model: {len(missing)} {name} weights missing (first: {missing[0]})"
@@ -172,16 +176,17 @@ def _read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _check_original_layout(path: Path, state: dict[str, torch.Tensor], arch: Architecture) -> None:
     keys = list(state)
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
+    if any(k.startswith(_SD2_TEXT) for k in keys):
         raise ValueError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); Mist needs SD v1")
     cross = state.get(_CROSS_ATTENTION_KEY)
-    if cross is None or not any(k.startswith(_TEXT) for k in keys):
+    first = state.get(_UNET + "input_blocks.0.0.weight")
+    if cross is None or first is None or not any(k.startswith(_TEXT) for k in keys):
         raise ValueError(f"{path}: not a Stable Diffusion v1 checkpoint (its UNet or text encoder weights are missing;"
                          " SDXL and other models are not supported)")
     if cross.shape[1] != arch.cross_attention_dim:
         raise ValueError(f"{path}: cross-attention width {cross.shape[1]}, SD v1 has {arch.cross_attention_dim}: "
                          "not a Stable Diffusion v1 checkpoint")
-    channels = state[_UNET + "input_blocks.0.0.weight"].shape[1]
+    channels = first.shape[1]
     if channels != 4:
         raise ValueError(f"{path}: its UNet takes {channels} input channels (an inpainting or other variant);"
                          " Mist needs a plain SD v1 checkpoint")
