@@ -59,28 +59,44 @@ class Reporter(Protocol):
 def collect_jobs(paths: Iterable[Path], output_dir: Path, recursive: bool = False,
                  suffixes: frozenset[str] = images.IMAGE_SUFFIXES) -> list[Job]:
     """A job per input: named files as they are, image files (by suffix) inside named folders, sub-folders too
-    with `recursive`. Outputs go to `output_dir` (a folder's sub-folders mirrored) as `<name>.png`; names that
-    would clash (a.jpg and a.png) become `<name>_<suffix>.png`."""
+    with `recursive` (hidden ones and the output folder itself excluded). Outputs go to `output_dir` (a folder's
+    sub-folders mirrored) as `<name>.png`; names that would clash (a.jpg beside a.png) become `<name>_<suffix>.png`,
+    and any clash left (a.png in two named folders) gets a counter: `a_2.png`. A file named twice is done once."""
     planned: list[tuple[Path, Path]] = []
+    outputs_root = output_dir.resolve()
     for path in paths:
         path = Path(path)
         if path.is_dir():
             found = path.rglob("*") if recursive else path.iterdir()
             for file in sorted(found):
-                if file.is_file() and file.suffix.lower() in suffixes and not file.name.startswith("."):
-                    planned.append((file, file.relative_to(path).parent))
+                relative = file.relative_to(path)
+                if (file.is_file() and file.suffix.lower() in suffixes
+                        and not any(part.startswith(".") for part in relative.parts)
+                        and not file.resolve().is_relative_to(outputs_root)):
+                    planned.append((file, relative.parent))
         else:
             planned.append((path, Path()))
-    stems: dict[Path, int] = {}
+    seen_sources: set[Path] = set()
+    unique = []
     for source, folder in planned:
-        key = output_dir / folder / source.stem
-        stems[key] = stems.get(key, 0) + 1
-    jobs = []
-    for source, folder in planned:
-        name = source.stem + ".png"
-        if stems[output_dir / folder / source.stem] > 1:
-            name = f"{source.stem}_{source.suffix.lstrip('.').lower()}.png"
-        jobs.append(Job(source, output_dir / folder / name))
+        if source.resolve() not in seen_sources:
+            seen_sources.add(source.resolve())
+            unique.append((source, folder))
+    suffixes_of: dict[Path, set[str]] = {}
+    for source, folder in unique:
+        suffixes_of.setdefault(folder / source.stem, set()).add(source.suffix.lower())
+    jobs: list[Job] = []
+    taken: set[Path] = set()
+    for source, folder in unique:
+        stem = source.stem
+        if len(suffixes_of[folder / stem]) > 1:
+            stem = f"{stem}_{source.suffix.lstrip('.').lower()}"
+        output, counter = output_dir / folder / f"{stem}.png", 1
+        while output in taken:
+            counter += 1
+            output = output_dir / folder / f"{stem}_{counter}.png"
+        taken.add(output)
+        jobs.append(Job(source, output))
     return jobs
 
 
