@@ -44,7 +44,7 @@ def test_matches_the_reference_loop_exactly():
     x, goal, mask = _setup()
     radius, step = 16 / 255 * 2, 1 / 255 * 2
     ours = masked_linf_pgd(x, _quadratic(goal), radius=radius, step=step, steps=12,
-                           generator=torch.Generator().manual_seed(3), mask=mask)
+                           generators=[torch.Generator().manual_seed(3)], mask=mask)
     reference = _reference_pgd(x, goal, radius, step, 12, 3, mask)
     assert torch.equal(ours, reference)
 
@@ -53,7 +53,7 @@ def test_budget_range_and_mask_hold():
     x, goal, mask = _setup(1)
     radius = 8 / 255 * 2
     out = masked_linf_pgd(x, _quadratic(goal), radius=radius, step=2 / 255 * 2, steps=30,
-                          generator=torch.Generator().manual_seed(0), mask=mask)
+                          generators=[torch.Generator().manual_seed(0)], mask=mask)
     assert (out - x).abs().max() <= radius + 1e-6
     assert out.min() >= -1 and out.max() <= 1
     outside = mask.expand_as(x) == 0
@@ -65,14 +65,14 @@ def test_loss_falls_and_callback_sees_every_step():
     x, goal, _ = _setup(2)
     seen = []
     masked_linf_pgd(x, _quadratic(goal), radius=16 / 255 * 2, step=1 / 255 * 2, steps=20,
-                    generator=torch.Generator().manual_seed(0), callback=seen.append)
+                    generators=[torch.Generator().manual_seed(0)], callback=seen.append)
     assert [s.step for s in seen] == list(range(1, 21)) and all(s.steps == 20 for s in seen)
-    assert seen[-1].textural < seen[0].textural
+    assert seen[-1].textural[0] < seen[0].textural[0]
 
 
 def test_zero_steps_returns_the_clipped_random_start():
     x, goal, _ = _setup(3)
-    out = masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=0, generator=torch.Generator())
+    out = masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=0, generators=[torch.Generator()])
     assert (out - x).abs().max() <= 0.1 + 1e-6
 
 
@@ -86,6 +86,6 @@ def test_a_callback_can_cancel():
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=50, generator=torch.Generator(),
+        masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=50, generators=[torch.Generator()],
                         callback=stop_at_three)
     assert seen == [1, 2, 3]

@@ -38,12 +38,12 @@ def _reference_terms(model, x, target_z, text, seed):
 def test_losses_and_fused_objective_match_the_formulas(tiny_model):
     x, y = _images(1), _images(2)
     text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, y, torch.Generator().manual_seed(5))
+    target_z = target_latent(tiny_model, y, [torch.Generator().manual_seed(5)])
     textural, semantic = _reference_terms(tiny_model, x, target_z, text, seed=7)
     for mode, expected in (("textural", textural), ("semantic", -semantic), ("fused", textural - 1e4 * semantic)):
-        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, torch.Generator().manual_seed(7))
+        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, [torch.Generator().manual_seed(7)])
         assert torch.allclose(terms.objective, expected.reshape(1), rtol=1e-5), mode
-    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, torch.Generator().manual_seed(7))
+    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(7)])
     assert torch.allclose(fused.textural, textural.reshape(1), rtol=1e-5)
     assert torch.allclose(fused.semantic, semantic.reshape(1), rtol=1e-5)
 
@@ -53,8 +53,8 @@ def test_textural_mode_skips_the_unet(tiny_model, monkeypatch):
         raise AssertionError("the UNet ran in textural mode")
 
     monkeypatch.setattr(tiny_model, "predict_noise", forbidden)
-    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
-    terms = MistObjective(tiny_model, "textural", 1e4, target_z, None)(_images(1), torch.Generator().manual_seed(0))
+    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
+    terms = MistObjective(tiny_model, "textural", 1e4, target_z, None)(_images(1), [torch.Generator().manual_seed(0)])
     assert terms.semantic is None and terms.textural is not None
 
 
@@ -62,44 +62,87 @@ def test_one_encoder_pass_per_evaluation(tiny_model, monkeypatch):
     calls = []
     original = tiny_model.encode
     monkeypatch.setattr(tiny_model, "encode", lambda *a, **k: calls.append(1) or original(*a, **k))
-    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     calls.clear()
     objective = MistObjective(tiny_model, "fused", 1e4, target_z, tiny_model.text_embedding("a painting"))
-    objective(_images(1), torch.Generator().manual_seed(0))
+    objective(_images(1), [torch.Generator().manual_seed(0)])
     assert len(calls) == 1
 
 
 def test_semantic_and_fused_gradients_reach_the_image(tiny_model):
     text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     for mode in ("semantic", "fused"):
         x = _images(1).requires_grad_(True)
-        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
         (grad,) = torch.autograd.grad(terms.objective.sum(), x)
         assert grad.abs().sum() > 0 and torch.isfinite(grad).all(), mode
     # The fused gradient carries the semantic part, not only the textural one.
     x = _images(1).requires_grad_(True)
-    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
     (g_fused,) = torch.autograd.grad(fused.objective.sum(), x)
     x = _images(1).requires_grad_(True)
-    tex = MistObjective(tiny_model, "textural", 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+    tex = MistObjective(tiny_model, "textural", 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
     (g_tex,) = torch.autograd.grad(tex.objective.sum(), x)
     assert not torch.allclose(g_fused, g_tex)
 
 
 def test_no_weight_gradients_are_computed(tiny_model):
     text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
+    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     x = _images(1).requires_grad_(True)
-    terms = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, torch.Generator().manual_seed(0))
+    terms = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
     terms.objective.sum().backward()
-    modules = (tiny_model.unet, tiny_model.encoder, tiny_model.text_encoder)
+    modules = (tiny_model.unet, tiny_model.encoder)
     assert all(p.grad is None and not p.requires_grad for m in modules for p in m.parameters())
 
 
 def test_batched_losses_are_per_image(tiny_model):
     """Each image's loss depends only on itself: the objective of a batch is a vector, one entry per image."""
     text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, _images(2), torch.Generator().manual_seed(0))
-    terms = MistObjective(tiny_model, "fused", 1e4, target_z, text)(_images(1, count=2), torch.Generator())
+    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
+    objective = MistObjective(tiny_model, "fused", 1e4, target_z, text)
+    terms = objective(_images(1, count=2), [torch.Generator(), torch.Generator()])
     assert terms.objective.shape == (2,) and terms.textural.shape == (2,) and terms.semantic.shape == (2,)
+
+
+def test_fast_mode_gradient_is_score_distillation(tiny_model):
+    """Fast mode keeps the semantic loss value and replaces its latent gradient by (2/N) sqrt(a_t) (eps - n)."""
+    text = tiny_model.text_embedding("a painting")
+    x = _images(1).requires_grad_(True)
+    exact = MistObjective(tiny_model, "semantic", 1e4, None, text)(x, [torch.Generator().manual_seed(4)])
+    latent = None
+
+    def capture(original):
+        def encode(images, generators):
+            nonlocal latent
+            latent = original(images, generators)
+            latent.retain_grad()
+            return latent
+        return encode
+
+    tiny_model.encode = capture(tiny_model.encode)
+    fast = MistObjective(tiny_model, "semantic", 1e4, None, text, fast=True)(x, [torch.Generator().manual_seed(4)])
+    assert torch.allclose(fast.semantic, exact.semantic, rtol=1e-5)
+    fast.semantic.sum().backward()
+    g = torch.Generator().manual_seed(4)
+    torch.randn(latent.shape, generator=g)  # the posterior sample's draw
+    t = torch.randint(0, 1000, (1,), generator=g)
+    n = torch.randn(latent.shape, generator=g)
+    a = scaled_linear_alphas_cumprod()[t]
+    with torch.no_grad():
+        eps = tiny_model.unet(a.sqrt() * latent + (1 - a).sqrt() * n, t, encoder_hidden_states=text).sample
+    expected = 2 / latent.numel() * a.sqrt() * (eps - n)
+    assert torch.allclose(latent.grad, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_fast_mode_runs_the_unet_without_a_graph(tiny_model, monkeypatch):
+    seen = []
+    original = tiny_model.predict_noise
+    monkeypatch.setattr(tiny_model, "predict_noise",
+                        lambda *a, **k: seen.append(torch.is_grad_enabled()) or original(*a, **k))
+    x = _images(1).requires_grad_(True)
+    terms = MistObjective(tiny_model, "fused", 1e4, torch.zeros(1, 4, 4, 4), tiny_model.text_embedding("a photo"),
+                          fast=True)(x, [torch.Generator()])
+    terms.objective.sum().backward()
+    assert seen == [False] and x.grad.abs().sum() > 0

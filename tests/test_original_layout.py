@@ -64,12 +64,16 @@ def test_tiny_round_trips_through_diffusers_conversion(tiny, novelai):
 def test_sd_v1_key_counts_match_the_real_checkpoint():
     with torch.device("meta"):
         state = to_original_layout(*_build(SD_V1))
-    counts = {p: sum(k.startswith(p) for k in state) for p in ("model.diffusion_model.", "first_stage_model.", TEXT_PREFIX)}
+    prefixes = ("model.diffusion_model.", "first_stage_model.", TEXT_PREFIX)
+    counts = {p: sum(k.startswith(p) for k in state) for p in prefixes}
     assert counts == {"model.diffusion_model.": 686, "first_stage_model.": 248, TEXT_PREFIX: 196}
     # a few names every sd-v1-4.ckpt reader relies on
-    for key in ("model.diffusion_model.input_blocks.3.0.op.weight", "model.diffusion_model.output_blocks.2.1.conv.weight",
-                "model.diffusion_model.output_blocks.5.2.conv.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
-                "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight", "first_stage_model.encoder.mid.attn_1.proj_out.weight",
+    for key in ("model.diffusion_model.input_blocks.3.0.op.weight",
+                "model.diffusion_model.output_blocks.2.1.conv.weight",
+                "model.diffusion_model.output_blocks.5.2.conv.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight",
+                "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight",
+                "first_stage_model.encoder.mid.attn_1.proj_out.weight",
                 TEXT_PREFIX + "text_model.final_layer_norm.weight"):
         assert key in state, key
 

@@ -100,5 +100,5 @@ def test_custom_target_changes_the_result(tiny_model, painting, tmp_path):
 def test_progress_counts_steps_across_tiles(tiny_model, painting):
     seen = []
     Protector(tiny_model, ProtectConfig(steps=2, input_size=64, block_num=2)).protect(painting, None, seen.append)
-    assert [(p.step, p.tile) for p in seen] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3), (8, 3)]
-    assert all(p.total == 8 and p.tiles == 4 for p in seen)
+    assert [(p.step, p.batch) for p in seen] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3), (8, 3)]
+    assert all(p.total == 8 and p.batches == 4 and p.images == (0,) for p in seen)

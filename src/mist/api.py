@@ -24,7 +24,9 @@ def protect(
     model: StableDiffusion | str | os.PathLike | None = None,
     device: str | None = None,
     mask: ImageInput | None = None,
-    callback: Callable[[int, Progress], None] | None = None,
+    callback: Callable[[Progress], None] | None = None,
+    low_memory: bool | None = None,
+    batch_size: int = 1,
     **settings: object,
 ) -> list[ProtectedImage]:
     """Protect one image or several (file paths or PIL images) and return a `ProtectedImage` for each, in order.
@@ -32,7 +34,9 @@ def protect(
     Settings come from `config` (Mist v1.2's defaults if None), changed by keyword (`protect(img, steps=50)`).
     `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds) or what `mist protect
     --model` accepts; None searches the default places. `mask` (a path or image, white = protect) overrides
-    config.mask. `callback(image_index, progress)` is called after every PGD step.
+    config.mask. `callback(progress)` is called after every PGD step (`progress.images` says which images it
+    concerns). `low_memory` (gradient checkpointing) and `batch_size` (tiles per attack batch) change speed and memory,
+    never the result.
 
         >>> import mist
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")
@@ -44,12 +48,8 @@ def protect(
     mask_image = _as_image(mask) if mask is not None else (image_io.read_image(config.mask) if config.mask else None)
     if not isinstance(model, StableDiffusion):
         model = load_model(model)
-    protector = Protector(model, config, pick_device(device))
-    results = []
-    for index, picture in enumerate(pictures):
-        on_step = (lambda progress, index=index: callback(index, progress)) if callback else None
-        results.append(protector.protect(picture, mask_image, on_step))
-    return results
+    protector = Protector(model, config, pick_device(device), low_memory=low_memory, batch_size=batch_size)
+    return protector.protect_many(pictures, [mask_image] * len(pictures), callback)
 
 
 def _as_image(item: ImageInput) -> Image.Image:

@@ -9,7 +9,7 @@ so x + delta stays in [-1, 1]. The result is x + delta * mask, clipped to [-1, 1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,13 +18,13 @@ from .objectives import LossTerms
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What one PGD step saw, at the point it started from (loss values summed over the batch)."""
+    """What one PGD step saw at the point it started from: loss values per image of the batch."""
 
     step: int  # 1-based
     steps: int
-    textural: float | None
-    semantic: float | None
-    objective: float
+    textural: list[float] | None
+    semantic: list[float] | None
+    objective: list[float]
 
 
 class Cancelled(Exception):
@@ -33,32 +33,34 @@ class Cancelled(Exception):
 
 def masked_linf_pgd(
     x: torch.Tensor,
-    loss: Callable[[torch.Tensor, torch.Generator], LossTerms],
+    loss: Callable[[torch.Tensor, Sequence[torch.Generator]], LossTerms],
     *,
     radius: float,
     step: float,
     steps: int,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     mask: torch.Tensor | None = None,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
-    """Protected images for `x` (N, 3, H, W) in [-1, 1]; `mask` (N or 1, 1, H, W) is 1 where pixels may change."""
+    """Protected images for `x` (N, 3, H, W) in [-1, 1]; `mask` (N or 1, 1, H, W) is 1 where pixels may change.
+    Image i draws its random start, and the loss its random numbers, from generators[i]."""
     x = x.detach()
     mask = torch.ones_like(x[:, :1]) if mask is None else mask.to(x)
-    delta = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x) * radius
+    start = torch.cat([torch.rand((1, *x.shape[1:]), generator=g) for g in generators])
+    delta = (start * 2 - 1).to(x) * radius
     delta = (x + delta).clamp(-1, 1) - x
     for index in range(steps):
         delta.requires_grad_(True)
-        terms = loss(x + delta * mask, generator)
+        terms = loss(x + delta * mask, generators)
         (gradient,) = torch.autograd.grad(terms.objective.sum(), delta)
         with torch.no_grad():
             delta = (delta - step * gradient.sign()).clamp(-radius, radius)
             delta = (x + delta).clamp(-1, 1) - x
         if callback is not None:
-            callback(StepInfo(index + 1, steps, _total(terms.textural), _total(terms.semantic),
-                              terms.objective.detach().sum().item()))
+            callback(StepInfo(index + 1, steps, _values(terms.textural), _values(terms.semantic),
+                              _values(terms.objective)))
     return (x + delta.detach() * mask).clamp(-1, 1)
 
 
-def _total(values: torch.Tensor | None) -> float | None:
-    return None if values is None else values.detach().sum().item()
+def _values(values: torch.Tensor | None) -> list[float] | None:
+    return None if values is None else values.detach().float().cpu().tolist()

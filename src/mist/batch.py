@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
+
+from PIL import Image
 
 from . import __version__, images
 from .config import ProtectConfig
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 NO_PROTECTION_WARNING = "made with a random-weight test model: this image has NO protection"
 ALGORITHM = "Mist v1.2 masked L-inf PGD (textural / semantic / fused)"
+FAST_ALGORITHM = ("Mist v1.2 masked L-inf PGD with the score-distillation semantic gradient (fast mode; Xue et al., "
+                  "ICLR 2024), not Mist's exact method")
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class Reporter(Protocol):
     """What a front end hears from a running batch (the CLI draws progress bars, the web UI its progress display)."""
 
     def batch_started(self, jobs: list[Job], to_do: int) -> None: ...
-    def image_started(self, job: Job, number: int, to_do: int) -> None: ...
-    def step(self, job: Job, progress: Progress) -> None: ...
+    def images_started(self, jobs: list[Job], first: int, to_do: int) -> None: ...
+    def step(self, jobs: list[Job], progress: Progress) -> None: ...
     def image_done(self, job: Job, result: ProtectedImage) -> None: ...
     def image_skipped(self, job: Job, reason: str) -> None: ...
     def image_failed(self, job: Job, message: str) -> None: ...
@@ -108,29 +111,33 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def output_metadata(config: ProtectConfig, model_name: str, random_weights: bool, source: Path,
-                    source_sha256: str) -> dict[str, str]:
-    """The PNG text chunks of an output. Only file names, never full paths, go into an image that will be posted."""
+def settings_text(config: ProtectConfig) -> str:
+    """The settings as recorded in outputs: canonical JSON, with the mask and target as file name and SHA-256 (only
+    file names, never full paths, go into an image that will be posted)."""
     settings = json.loads(config.to_json())
     for name in ("mask", "target"):
         path = getattr(config, name)
         if path is not None:
             settings[name] = {"name": path.name, "sha256": file_sha256(path)}
+    return json.dumps(settings, sort_keys=True, ensure_ascii=False)
+
+
+def output_metadata(settings: str, model_name: str, protector: Protector, source: Path,
+                    source_sha256: str) -> dict[str, str]:
+    """The PNG text chunks of an output."""
     text = {
         "Software": f"Mist {__version__}",
         "mist:version": __version__,
-        "mist:algorithm": ALGORITHM,
-        "mist:settings": json.dumps(settings, sort_keys=True, ensure_ascii=False),
+        "mist:algorithm": FAST_ALGORITHM if protector.config.fast else ALGORITHM,
+        "mist:settings": settings,
+        "mist:precision": protector.precision,
         "mist:model": model_name,
         "mist:source": source.name,
         "mist:source-sha256": source_sha256,
     }
-    if random_weights:
+    if protector.model.random_weights:
         text["mist:warning"] = NO_PROTECTION_WARNING
     return text
-
-
-_RESUME_KEYS = ("mist:settings", "mist:model", "mist:source-sha256")
 
 
 def run_batch(jobs: list[Job], config: ProtectConfig, load: Callable[[], Protector], reporter: Reporter,
@@ -138,60 +145,83 @@ def run_batch(jobs: list[Job], config: ProtectConfig, load: Callable[[], Protect
     """Protect every job's file. `load` is called once, and only if some image needs work. `model_name` is what the
     outputs record (and what resuming compares); the loaded model's own flag decides the no-protection warning."""
     summary = BatchSummary()
-    pending: list[tuple[Job, str]] = []
+    settings = settings_text(config)
     mask = images.read_image(config.mask) if config.mask else None  # a bad mask stops the batch before it starts
-    mask_size = mask.size if mask is not None else None
+    pending: list[tuple[Job, str]] = []
     for job in jobs:
-        problem = _preflight(job, config, mask_size)
-        if problem:
-            summary.failed.append((job.source, problem))
-            reporter.image_failed(job, problem)
-            continue
-        digest = file_sha256(job.source)
-        existing = images.read_png_text(job.output)
-        if existing is not None and not overwrite:
-            wanted = {"mist:settings": output_metadata(config, model_name, False, job.source, digest)["mist:settings"],
-                      "mist:model": model_name, "mist:source-sha256": digest}
-            if all(existing.get(k) == wanted[k] for k in _RESUME_KEYS):
+        problem = _preflight(job, config, mask.size if mask is not None else None)
+        if problem is None:
+            digest = file_sha256(job.source)
+            problem = _existing_output_problem(job, settings, model_name, digest, overwrite)
+            if problem == "":
                 summary.skipped.append(job.source)
                 reporter.image_skipped(job, f"already protected: {job.output}")
                 continue
-            message = f"{job.output}: exists and was not made from this file with these settings; use --overwrite"
-            summary.failed.append((job.source, message))
-            reporter.image_failed(job, message)
-            continue
-        if job.output.exists() and existing is None and not overwrite:
-            message = f"{job.output}: exists and is not a Mist output; use --overwrite to replace it"
-            summary.failed.append((job.source, message))
-            reporter.image_failed(job, message)
+        if problem:
+            summary.failed.append((job.source, problem))
+            reporter.image_failed(job, problem)
             continue
         pending.append((job, digest))
     reporter.batch_started(jobs, len(pending))
     if not pending:
         return summary
     protector = load()
-    for number, (job, digest) in enumerate(pending, start=1):
-        reporter.image_started(job, number, len(pending))
+    per_chunk = max(1, protector.batch_size // config.block_num**2)
+    for first in range(0, len(pending), per_chunk):
+        chunk = pending[first : first + per_chunk]
+        reporter.images_started([job for job, _ in chunk], first + 1, len(pending))
+        _protect_chunk(chunk, protector, mask, settings, model_name, reporter, summary)
+    return summary
+
+
+def _protect_chunk(chunk: list[tuple[Job, str]], protector: Protector, mask: Image.Image | None, settings: str,
+                   model_name: str, reporter: Reporter, summary: BatchSummary) -> None:
+    """Read, protect together and write one attack batch of files; a failure costs only the files it touches."""
+    readable: list[tuple[Job, str, Image.Image]] = []
+    for job, digest in chunk:
         try:
-            image = images.read_image(job.source)
-            result = protector.protect(image, mask, callback=lambda progress, job=job: reporter.step(job, progress))
-            metadata = output_metadata(config, model_name, protector.model.random_weights, job.source, digest)
+            readable.append((job, digest, images.read_image(job.source)))
+        except ValueError as exc:
+            _fail(summary, reporter, job, str(exc))
+    if not readable:
+        return
+    jobs = [job for job, _, _ in readable]
+    try:
+        results = protector.protect_many([picture for _, _, picture in readable], [mask] * len(readable),
+                                         lambda progress: reporter.step(jobs, progress))
+    except RuntimeError as exc:
+        hint = " (out of memory: try --block-num 2 or a smaller --input-size)" if "out of memory" in str(exc) else ""
+        for job in jobs:
+            _fail(summary, reporter, job, f"{job.source}: {str(exc).splitlines()[0][:300]}{hint}")
+        return
+    for (job, digest, _), result in zip(readable, results, strict=True):
+        try:
+            metadata = output_metadata(settings, model_name, protector, job.source, digest)
             images.write_png_atomic(result.image, job.output, metadata)
         except (ValueError, OSError) as exc:
-            message = str(exc) if str(job.source) in str(exc) else f"{job.source}: {exc}"
-            summary.failed.append((job.source, message))
-            reporter.image_failed(job, message)
-            continue
-        except RuntimeError as exc:
-            hint = " (out of memory: try --block-num 2 or a smaller --input-size)" if "out of memory" in str(exc) else ""
-            message = f"{job.source}: {str(exc).splitlines()[0][:300]}{hint}"
-            summary.failed.append((job.source, message))
-            reporter.image_failed(job, message)
+            _fail(summary, reporter, job, str(exc) if str(job.output) in str(exc) else f"{job.output}: {exc}")
             continue
         summary.done.append(job.source)
         summary.seconds_per_image.append(result.seconds)
         reporter.image_done(job, result)
-    return summary
+
+
+def _fail(summary: BatchSummary, reporter: Reporter, job: Job, message: str) -> None:
+    summary.failed.append((job.source, message))
+    reporter.image_failed(job, message)
+
+
+def _existing_output_problem(job: Job, settings: str, model_name: str, digest: str, overwrite: bool) -> str | None:
+    """None when the output may be written, "" when it is already complete (skip), else why it must be left alone."""
+    if overwrite or not job.output.exists():
+        return None
+    existing = images.read_png_text(job.output)
+    if existing is None:
+        return f"{job.output}: exists and is not a Mist output; use --overwrite to replace it"
+    wanted = {"mist:settings": settings, "mist:model": model_name, "mist:source-sha256": digest}
+    if all(existing.get(key) == value for key, value in wanted.items()):
+        return ""
+    return f"{job.output}: exists and was not made from this file with these settings; use --overwrite"
 
 
 def _preflight(job: Job, config: ProtectConfig, mask_size: tuple[int, int] | None) -> str | None:

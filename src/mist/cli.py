@@ -38,14 +38,24 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target", type=Path, help="target pattern image for the textural loss (default: Mist's own)")
     g.add_argument("--object", action="store_true",
                    help='the images show an object: condition on "a photo" instead of "a painting"')
-    g.add_argument("--seed", type=int, default=d.seed, help="random seed: same seed, same output (default: %(default)s)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
-                   help="network arithmetic; losses stay float32 (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="random seed: same seed, same output (default: %(default)s)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
+                   help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
+                        "else fp32 (default: %(default)s)")
+    g.add_argument("--fast", action="store_true",
+                   help="fast mode: score-distillation semantic gradient (Xue et al. 2024), UNet forward only; a "
+                        "different method from Mist's exact one")
     r = parser.add_argument_group("model and device")
     r.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random' for a test "
                                    "model that protects nothing (default: $MIST_MODEL, then "
                                    "models/ldm/stable-diffusion-v1/model.ckpt, then the Hugging Face cache)")
     r.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: %(default)s)")
+    r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing: much less memory, about a third more time per step "
+                        "(default: on for GPUs, off on the CPU)")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
@@ -53,23 +63,27 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         mode=args.mode, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
         input_size=args.input_size, fused_weight=args.fused_weight, block_num=args.block_num, mask=args.mask,
         keep_aspect=args.no_resize, target=args.target, object_prompt=args.object, seed=args.seed,
-        precision=args.precision,
+        precision=args.precision, fast=args.fast,
     )
 
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
-                overwrite: bool = False, quiet: bool = False) -> int:
+                overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
+                batch_size: int = 1) -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`."""
     from .batch import run_batch
-    from .device import pick_device
+    from .device import pick_device, resolve_precision
     from .models import load_path, resolve_model
     from .models.loading import build_random
     from .models.locate import TINY_RANDOM
     from .protect import Protector
     from .reporting import ConsoleReporter
 
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {batch_size}")
     where = resolve_model(model_spec)  # a missing model is reported before any image is touched
     device = pick_device(device_name)
+    resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
 
     def load() -> Protector:
         if not quiet:
@@ -77,7 +91,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         model = build_random() if where == TINY_RANDOM else load_path(where)
         if model.random_weights:
             print(f"WARNING: {where} has random weights: its outputs have NO protection", file=sys.stderr)
-        return Protector(model, config, device)
+        return Protector(model, config, device, low_memory=low_memory, batch_size=batch_size)
 
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
@@ -125,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = collect_jobs(args.paths, args.output, args.recursive)
         if not jobs:
             raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
-        return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet)
+        return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
+                           args.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mist: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging

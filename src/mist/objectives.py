@@ -5,12 +5,20 @@ semantic  L_sem = mean((eps_theta(z_t, t, c) - n)^2), z = E(x'), t ~ U{0..999}, 
 objective (minimised by PGD): textural L_tex, semantic -L_sem, fused L_tex - r * L_sem with r = 10 ** (w + 3).
 
 One encoder pass per evaluation serves both losses. Losses are reduced in float32 whatever the network precision.
+Image i of a batch draws all its random numbers (posterior sample, t, n) from generators[i], in that order, so its
+result does not depend on the rest of the batch.
+
+Fast mode replaces the semantic gradient with the score-distillation approximation (Xue et al., "Toward effective
+protection against diffusion-based mimicry through score distillation", ICLR 2024): with respect to the latent,
+(2 / N) * sqrt(alpha_bar_t) * (eps_theta - n), the exact gradient with the UNet's Jacobian replaced by the identity,
+so the fused weight keeps its meaning; the UNet then runs forward only, without a graph.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -18,7 +26,7 @@ from .config import Mode
 from .models import StableDiffusion
 from .models.components import standard_normal
 
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -32,21 +40,22 @@ class LossTerms:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` on `device` (none for fp32)."""
+    """The autocast context of `precision` (fp32, bf16, fp16) on `device`; none for fp32."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
 
 class MistObjective:
-    """The loss of a batch of images x' in [-1, 1] for one mode; call it with a generator for the random draws.
+    """The loss of a batch of images x' in [-1, 1] for one mode; call it with one generator per image.
 
-    `target_latent` (needed unless mode is semantic) is E(y), computed once per target; `text` (needed unless mode is
-    textural) is the CLIP embedding of the prompt, shape (1, 77, D).
+    `target_latent` (N or 1 rows; needed unless mode is semantic) is E(y), computed once per target; `text` (needed
+    unless mode is textural) is the CLIP embedding of the prompt, shape (1, 77, D).
     """
 
     def __init__(self, model: StableDiffusion, mode: Mode, semantic_weight: float,
-                 target_latent: torch.Tensor | None, text: torch.Tensor | None, precision: str = "fp32") -> None:
+                 target_latent: torch.Tensor | None, text: torch.Tensor | None, precision: str = "fp32",
+                 fast: bool = False) -> None:
         if mode != "semantic" and target_latent is None:
             raise ValueError(f"{mode} mode needs a target latent")
         if mode != "textural" and text is None:
@@ -57,16 +66,16 @@ class MistObjective:
         self.target_latent = target_latent
         self.text = text
         self.precision = precision
+        self.fast = fast
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> LossTerms:
+    def __call__(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> LossTerms:
         with autocast(x.device, self.precision):
-            latent = self.model.encode(x, generator)
-        latent = latent.float()
+            latent = self.model.encode(x, generators).float()
         textural = semantic = None
         if self.mode != "semantic":
             textural = (latent - self.target_latent).pow(2).flatten(1).sum(1)
         if self.mode != "textural":
-            semantic = self._semantic(latent, generator)
+            semantic = self._semantic(latent, generators)
         if self.mode == "textural":
             objective = textural
         elif self.mode == "semantic":
@@ -75,21 +84,31 @@ class MistObjective:
             objective = textural - self.semantic_weight * semantic
         return LossTerms(textural, semantic, objective)
 
-    def _semantic(self, latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _semantic(self, latent: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         count = latent.shape[0]
-        timesteps = torch.randint(0, len(self.model.alphas_cumprod), (count,), generator=generator)
-        noise = standard_normal(latent.shape, generator, like=latent)
-        alpha_bar = self.model.alphas_cumprod.to(latent.device)[timesteps.to(latent.device)].view(-1, 1, 1, 1)
+        timesteps = torch.cat([torch.randint(0, len(self.model.alphas_cumprod), (1,), generator=g)
+                               for g in generators]).to(latent.device)
+        noise = standard_normal(latent.shape, generators, like=latent)
+        alpha_bar = self.model.alphas_cumprod.to(latent.device)[timesteps].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise
-        with autocast(latent.device, self.precision):
-            predicted = self.model.predict_noise(noisy.to(self.model.dtype), timesteps.to(latent.device),
-                                                 self.text.expand(count, -1, -1))
-        return (predicted.float() - noise).pow(2).flatten(1).mean(1)
+        text = self.text.expand(count, -1, -1)
+        if not self.fast:
+            with autocast(latent.device, self.precision):
+                predicted = self.model.predict_noise(noisy, timesteps, text)
+            return (predicted.float() - noise).pow(2).flatten(1).mean(1)
+        with torch.no_grad(), autocast(latent.device, self.precision):
+            predicted = self.model.predict_noise(noisy.detach(), timesteps, text).float()
+        residual = predicted - noise
+        value = residual.pow(2).flatten(1).mean(1)
+        gradient = 2.0 / residual[0].numel() * alpha_bar.sqrt() * residual
+        # Carries `value` forward and `gradient` backward to the latent (and on through the encoder).
+        surrogate = (latent * gradient).flatten(1).sum(1)
+        return value + surrogate - surrogate.detach()
 
 
 @torch.no_grad()
-def target_latent(model: StableDiffusion, target: torch.Tensor, generator: torch.Generator,
+def target_latent(model: StableDiffusion, target: torch.Tensor, generators: Sequence[torch.Generator],
                   precision: str = "fp32") -> torch.Tensor:
-    """E(y) for target images y in [-1, 1], in float32 (one posterior sample, as the textural loss uses)."""
+    """E(y) for target images y in [-1, 1], in float32 (one posterior sample each, as the textural loss uses)."""
     with autocast(target.device, precision):
-        return model.encode(target.to(model.dtype), generator).float()
+        return model.encode(target, generators).float()

@@ -1,9 +1,10 @@
 """The protection pipeline: a config and a loaded model turn PIL images into protected PIL images.
 
 Per image: resize (or keep the aspect ratio), split into block_num x block_num tiles, and run masked PGD on each tile
-against the matching tile of the target pattern and of the mask; stitch the tiles back. The target's latent is
-computed once per image size and tile, and each tile draws its random numbers from its own generator seeded from the
-config, so an image's result does not depend on what else is in the batch or in which order it comes.
+against the matching tile of the target pattern and of the mask; stitch the tiles back. Tiles of the same size, from
+one image or several, may share an attack batch (`batch_size`); each tile draws its random numbers from its own
+generator seeded from the config and its tile index, so a result does not depend on batching or order. The target's
+latent is computed once per image size and tile.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -20,18 +21,21 @@ from PIL import Image
 from . import images
 from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
+from .device import resolve_precision
 from .models import StableDiffusion
-from .objectives import MistObjective, target_latent
+from .objectives import PRECISION_DTYPES, MistObjective, target_latent
 
 
 @dataclass(frozen=True)
 class Progress:
-    """One finished PGD step of one image: `step` of `total` counts across all its tiles."""
+    """One finished PGD step of a `protect_many` call: `step` of `total` counts across its attack batches.
+    Loss values are summed over the tiles of the current batch."""
 
     step: int
     total: int
-    tile: int  # 0-based, row-major
-    tiles: int
+    batch: int  # 0-based attack batch
+    batches: int
+    images: tuple[int, ...]  # indices (into the call's image list) of the images in this batch
     textural: float | None
     semantic: float | None
     objective: float
@@ -51,10 +55,27 @@ class ProtectedImage:
     random_weights: bool
 
 
+@dataclass
+class _Tile:
+    image: int
+    index: int
+    pixels: torch.Tensor
+    mask: torch.Tensor | None
+    size: tuple[int, int]  # processed size of its image
+    start: StepInfo | None = None
+    end: StepInfo | None = None
+    result: torch.Tensor | None = None
+
+
 def default_target() -> Image.Image:
     """Mist's own target pattern (high-contrast rings and checks), shipped with the package."""
     with resources.files("mist").joinpath("assets/target_pattern.png").open("rb") as handle:
         return Image.open(handle).convert("RGB")
+
+
+def tile_seed(seed: int, tile: int) -> int:
+    """The generator seed of tile `tile` (tile 0 uses the config's seed itself)."""
+    return (seed + 7919 * tile) % 2**63
 
 
 @contextmanager
@@ -71,18 +92,25 @@ def flush_denormals(device: torch.device):
         torch.set_flush_denormal(False)  # PyTorch's default; it offers no way to read the previous setting
 
 
-def tile_seed(seed: int, tile: int) -> int:
-    """The generator seed of tile `tile` (tile 0 uses the config's seed itself)."""
-    return (seed + 7919 * tile) % 2**63
-
-
 class Protector:
-    """A model placed on a device with one config's target and prompt prepared; `protect` handles one image."""
+    """A model placed on a device, in the config's precision, with the target and prompt prepared.
 
-    def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device | None = None) -> None:
+    low_memory: gradient checkpointing in the encoder and the UNet (about a third more time per step, a fraction of
+        the activation memory); None turns it on where it is the default (see `default_low_memory`).
+    batch_size: how many tiles (images, when block_num is 1) share one attack batch.
+    """
+
+    def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device | None = None, *,
+                 low_memory: bool | None = None, batch_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
         self.config = config
         self.device = device or model.device
-        self.model = model.to(self.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.low_memory = default_low_memory(self.device) if low_memory is None else low_memory
+        self.batch_size = batch_size
+        self.model = model.to(self.device, PRECISION_DTYPES[self.precision])
+        self.model.set_gradient_checkpointing(self.low_memory)
         self.target = images.read_image(config.target) if config.target else default_target()
         self.text = model.text_embedding(config.prompt) if config.mode != "textural" else None
         self._target_latents: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -94,56 +122,103 @@ class Protector:
     def protect(self, image: Image.Image, mask: Image.Image | None = None,
                 callback: Callable[[Progress], None] | None = None) -> ProtectedImage:
         """Protect an RGB image; `mask` (any size, resized to fit) marks with pure white the pixels to protect."""
+        return self.protect_many([image], [mask], callback)[0]
+
+    def protect_many(self, pictures: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
+                     callback: Callable[[Progress], None] | None = None) -> list[ProtectedImage]:
+        """Protect several images (each with its own mask or None), batching their tiles `batch_size` at a time."""
         c = self.config
         started = time.perf_counter()
-        size = self.processed_size(image)
-        x = images.image_to_tensor(image, size).to(self.device)
-        mask_tensor = images.mask_to_tensor(mask, size).to(self.device) if mask is not None else None
-        x_tiles = images.split_tiles(x, c.block_num)
-        mask_tiles = images.split_tiles(mask_tensor, c.block_num) if mask_tensor is not None else None
-        tiles = len(x_tiles)
-        starts: list[StepInfo] = []
-        ends: list[StepInfo] = []
-        protected = []
-        for index, tile in enumerate(x_tiles):
-            objective = MistObjective(self.model, c.mode, c.semantic_weight,
-                                      self._target_latent(size, index) if c.mode != "semantic" else None,
-                                      self.text, c.precision)
+        masks = list(masks) if masks is not None else [None] * len(pictures)
+        tiles: list[_Tile] = []
+        for number, (picture, mask) in enumerate(zip(pictures, masks, strict=True)):
+            size = self.processed_size(picture)
+            x = images.split_tiles(images.image_to_tensor(picture, size), c.block_num)
+            m = images.split_tiles(images.mask_to_tensor(mask, size), c.block_num) if mask is not None else None
+            tiles += [_Tile(number, k, x[k], m[k] if m else None, size) for k in range(len(x))]
+        batches = _batches(tiles, self.batch_size)
+        for number, batch in enumerate(batches):
+            self._attack(batch, number, len(batches), callback)
+        seconds = (time.perf_counter() - started) / max(len(pictures), 1)
+        results = []
+        for number in range(len(pictures)):
+            own = [t for t in tiles if t.image == number]
+            stitched = images.stitch_tiles([t.result for t in own], c.block_num)
+            results.append(ProtectedImage(
+                image=images.tensor_to_image(stitched), size=own[0].size,
+                textural_start=_sum(own, "start", "textural"), textural_end=_sum(own, "end", "textural"),
+                semantic_start=_sum(own, "start", "semantic"), semantic_end=_sum(own, "end", "semantic"),
+                seconds=seconds, random_weights=self.model.random_weights,
+            ))
+        return results
 
-            def on_step(info: StepInfo, index: int = index) -> None:
+    def _attack(self, batch: list[_Tile], number: int, batches: int,
+                callback: Callable[[Progress], None] | None) -> None:
+        c = self.config
+        x = torch.cat([t.pixels for t in batch]).to(self.device)
+        mask = None
+        if any(t.mask is not None for t in batch):
+            mask = torch.cat([t.mask if t.mask is not None else torch.ones_like(t.pixels[:, :1]) for t in batch])
+        target = torch.cat([self._target_latent(t.size, t.index) for t in batch]) if c.mode != "semantic" else None
+        objective = MistObjective(self.model, c.mode, c.semantic_weight, target, self.text, self.precision, c.fast)
+        generators = [torch.Generator().manual_seed(tile_seed(c.seed, t.index)) for t in batch]
+        members = tuple(sorted({t.image for t in batch}))
+
+        def on_step(info: StepInfo) -> None:
+            for position, tile in enumerate(batch):
                 if info.step == 1:
-                    starts.append(info)
+                    tile.start = _item(info, position)
                 if info.step == info.steps:
-                    ends.append(info)
-                if callback is not None:
-                    callback(Progress(index * c.steps + info.step, tiles * c.steps, index, tiles,
-                                      info.textural, info.semantic, info.objective))
+                    tile.end = _item(info, position)
+            if callback is not None:
+                callback(Progress(number * c.steps + info.step, batches * c.steps, number, batches, members,
+                                  _total(info.textural), _total(info.semantic), sum(info.objective)))
 
-            generator = torch.Generator().manual_seed(tile_seed(c.seed, index))
-            with flush_denormals(self.device):
-                protected.append(masked_linf_pgd(
-                    tile, objective, radius=c.radius, step=c.step, steps=c.steps, generator=generator,
-                    mask=mask_tiles[index] if mask_tiles is not None else None, callback=on_step,
-                ))
-        result = images.tensor_to_image(images.stitch_tiles(protected, c.block_num).cpu())
-        return ProtectedImage(
-            image=result, size=size,
-            textural_start=_sum(s.textural for s in starts), textural_end=_sum(e.textural for e in ends),
-            semantic_start=_sum(s.semantic for s in starts), semantic_end=_sum(e.semantic for e in ends),
-            seconds=time.perf_counter() - started, random_weights=self.model.random_weights,
-        )
+        with flush_denormals(self.device):
+            out = masked_linf_pgd(x, objective, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
+                                  mask=None if mask is None else mask.to(self.device), callback=on_step)
+        for position, tile in enumerate(batch):
+            tile.result = out[position : position + 1].cpu()
 
     def _target_latent(self, size: tuple[int, int], tile: int) -> torch.Tensor:
         key = (*size, tile)
         if key not in self._target_latents:
             target = images.image_to_tensor(self.target, size).to(self.device)
+            tile_image = images.split_tiles(target, self.config.block_num)[tile]
             # Its own stream, so the target's posterior sample is not the same draw as the image's first one.
             generator = torch.Generator().manual_seed(tile_seed(self.config.seed, tile) ^ 1 << 62)
-            tile_image = images.split_tiles(target, self.config.block_num)[tile]
-            self._target_latents[key] = target_latent(self.model, tile_image, generator, self.config.precision)
+            self._target_latents[key] = target_latent(self.model, tile_image, [generator], self.precision)
         return self._target_latents[key]
 
 
-def _sum(values) -> float | None:
-    values = [v for v in values if v is not None]
+def default_low_memory(device: torch.device) -> bool:
+    """Gradient checkpointing by default on GPUs and Apple MPS, where memory is the limit and recomputation is cheap
+    next to the attack; off on the CPU, where RAM is usually plentiful and every recomputed pass costs seconds.
+    The measurements behind this are in benchmarks/RESULTS.md."""
+    return device.type != "cpu"
+
+
+def _batches(tiles: list[_Tile], batch_size: int) -> list[list[_Tile]]:
+    """Consecutive groups of at most batch_size tiles of the same shape, in order of appearance."""
+    groups: dict[tuple[int, ...], list[_Tile]] = {}
+    for tile in tiles:
+        groups.setdefault(tuple(tile.pixels.shape), []).append(tile)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def _item(info: StepInfo, position: int) -> StepInfo:
+    """The part of a batch's step that concerns the tile at `position`."""
+    def pick(values: list[float] | None) -> list[float] | None:
+        return None if values is None else [values[position]]
+
+    return StepInfo(info.step, info.steps, pick(info.textural), pick(info.semantic), pick(info.objective))
+
+
+def _total(values: list[float] | None) -> float | None:
+    return None if values is None else sum(values)
+
+
+def _sum(tiles: list[_Tile], when: str, loss: str) -> float | None:
+    values = [getattr(getattr(t, when), loss) for t in tiles if getattr(t, when) is not None]
+    values = [v[0] for v in values if v is not None]
     return sum(values) if values else None

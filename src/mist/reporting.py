@@ -27,12 +27,13 @@ class ConsoleReporter:
         if to_do > 1 and not self.quiet:
             self.images = tqdm(total=to_do, unit="img", desc="images", position=0, dynamic_ncols=True)
 
-    def image_started(self, job: Job, number: int, to_do: int) -> None:
+    def images_started(self, jobs: list[Job], first: int, to_do: int) -> None:
         if not self.quiet:
-            self.steps = tqdm(unit="step", desc=job.source.name[:40], leave=False, position=1 if self.images else 0,
+            label = jobs[0].source.name[:40] + (f" +{len(jobs) - 1}" if len(jobs) > 1 else "")
+            self.steps = tqdm(unit="step", desc=label, leave=False, position=1 if self.images else 0,
                               dynamic_ncols=True)
 
-    def step(self, job: Job, progress: Progress) -> None:
+    def step(self, jobs: list[Job], progress: Progress) -> None:
         if self.steps is None:
             return
         if self.steps.total != progress.total:

@@ -1,20 +1,25 @@
 """The parts of Stable Diffusion v1 that Mist differentiates through, behind a small interface.
 
 Only the VAE *encoder* is kept (the decoder plays no part in the attack), the UNet predicts noise, and the text encoder
-stays on the CPU: it runs once per prompt and its embedding is cached on the attack device.
+is only used to embed Mist's two prompts when the model is assembled.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..config import OBJECT_PROMPT, STYLE_PROMPT
 from .architectures import Architecture
 from .tokenizer import tokenize
 
 TRAIN_TIMESTEPS = 1000
+PROMPTS = (STYLE_PROMPT, OBJECT_PROMPT)
 
 
 def latent_encoder(arch: Architecture) -> nn.Module:
@@ -37,10 +42,14 @@ def latent_encoder(arch: Architecture) -> nn.Module:
     return module
 
 
-def standard_normal(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+def standard_normal(shape: torch.Size | tuple[int, ...], generators: Sequence[torch.Generator],
                     like: torch.Tensor) -> torch.Tensor:
-    """N(0, I) noise drawn on the CPU from `generator`, then moved: every device gets the same numbers for a seed."""
-    return torch.randn(shape, generator=generator).to(device=like.device, dtype=like.dtype)
+    """N(0, I) noise of `shape` (N, ...), row i drawn on the CPU from generators[i], then moved to `like`'s device and
+    dtype: every device and every batch composition gets the same numbers for the same seeds."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    rows = [torch.randn((1, *shape[1:]), generator=g) for g in generators]
+    return torch.cat(rows).to(device=like.device, dtype=like.dtype)
 
 
 def scaled_linear_alphas_cumprod() -> torch.Tensor:
@@ -51,24 +60,32 @@ def scaled_linear_alphas_cumprod() -> torch.Tensor:
 
 @dataclass
 class StableDiffusion:
-    """A loaded SD v1 model: encoder, UNet and text encoder with frozen weights, and where they came from.
+    """A loaded SD v1 model: VAE encoder and UNet with frozen weights, the CLIP embeddings of the two prompts Mist
+    uses, and where it came from.
 
-    `source` names the file or folder (or `tiny-random`); `random_weights` is true for the test model, whose outputs
-    protect nothing.
+    The text encoder runs once, when the model is assembled, for "a painting" and "a photo"; it is then dropped, which
+    saves its 123M parameters for the whole run. `source` names the file or folder (or `tiny-random`);
+    `random_weights` is true for the test model, whose outputs protect nothing.
     """
 
     arch: Architecture
     encoder: nn.Module
     unet: nn.Module
-    text_encoder: nn.Module
+    text_embeddings: dict[str, torch.Tensor]  # prompt -> (1, 77, D) float32 on the CPU
     source: str
     random_weights: bool = False
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
-    _embeddings: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        for module in (self.encoder, self.unet, self.text_encoder):
+    @classmethod
+    def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module, text_encoder: nn.Module, source: str,
+                 random_weights: bool = False) -> StableDiffusion:
+        """Freeze the networks and embed the prompts; `text_encoder` is not kept."""
+        text_encoder.eval().requires_grad_(False)
+        with torch.no_grad():
+            embeddings = {p: text_encoder(tokenize(p)).last_hidden_state.float() for p in PROMPTS}
+        for module in (encoder, unet):
             module.eval().requires_grad_(False)
+        return cls(arch, encoder, unet, embeddings, source, random_weights)
 
     @property
     def device(self) -> torch.device:
@@ -78,30 +95,37 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def to(self, device: torch.device | str) -> StableDiffusion:
-        """Move the encoder and UNet (the text encoder stays on the CPU: it runs once per prompt); returns self."""
-        self.encoder.to(device)
-        self.unet.to(device)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Move the weights (and cast them, for half-precision weights); returns self."""
+        dtype = None if dtype == self.dtype else dtype  # diffusers warns on every cast, even to the same type
+        for module in (self.encoder, self.unet):
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """A scaled sample of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding)."""
-        moments = self.encoder.quant_conv(self.encoder.encoder(x))
-        mean, logvar = moments.chunk(2, dim=1)
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass instead of keeping them: the encoder per down block, the UNet
+        per block. Costs about one more forward pass; saves most activation memory."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        self.encoder.encoder.gradient_checkpointing = enabled
+        self.encoder.encoder._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+    def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding);
+        image i's sample noise comes from generators[i]."""
+        moments = self.encoder.quant_conv(self.encoder.encoder(x.to(self.dtype)))
+        mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = standard_normal(mean.shape, generator, like=mean)
+        noise = standard_normal(mean.shape, generators, like=mean)
         return (mean + std * noise) * self.arch.latent_scale
 
     def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction eps_theta(z_t, t, c)."""
-        return self.unet(noisy_latent, timesteps, encoder_hidden_states=text).sample
+        return self.unet(noisy_latent.to(self.dtype), timesteps, encoder_hidden_states=text.to(self.dtype)).sample
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
-        """CLIP's last hidden state for `prompt`, shape (1, 77, D), cached on the attack device and dtype."""
-        key = (prompt, self.device, self.dtype)
-        if key not in self._embeddings:
-            with torch.no_grad():
-                hidden = self.text_encoder(tokenize(prompt)).last_hidden_state
-            self._embeddings[key] = hidden.to(device=self.device, dtype=self.dtype)
-        return self._embeddings[key]
+        """CLIP's last hidden state for "a painting" or "a photo", shape (1, 77, D), on the model's device."""
+        return self.text_embeddings[prompt].to(self.device)

@@ -56,7 +56,7 @@ def build_random(arch: Architecture = TINY, seed: int = 0) -> StableDiffusion:
         unet = UNet2DConditionModel(**arch.unet)
         encoder = latent_encoder(arch)
         text = CLIPTextModel(CLIPTextConfig(**arch.text))
-    return StableDiffusion(arch, encoder, unet, text, source=arch.name, random_weights=True)
+    return StableDiffusion.assemble(arch, encoder, unet, text, source=arch.name, random_weights=True)
 
 
 def load_single_file(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
@@ -126,15 +126,15 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module, encoder: nn.Mod
         expected = set(module.state_dict())
         missing = sorted(k for k in expected if state.get(k) is None)  # converters fill gaps with None
         if missing:
-            raise ValueError(
-                f"{source}: not a Stable Diffusion v1 model: {len(missing)} {name} weights missing (first: {missing[0]})"
-            )
+            raise ValueError(f"{source}: not a Stable Diffusion v1 model: {len(missing)} {name} weights missing "
+                             f"(first: {missing[0]})")
         try:
             module.load_state_dict({k: state[k].float() for k in expected}, strict=True, assign=True)
         except RuntimeError as exc:
             first_line = str(exc).strip().splitlines()[-1].strip()
-            raise ValueError(f"{source}: not a Stable Diffusion v1 model: {name} weights do not fit ({first_line})")
-    return StableDiffusion(arch, encoder, unet, text, source=str(source))
+            raise ValueError(
+                f"{source}: not a Stable Diffusion v1 model: {name} weights do not fit ({first_line})") from exc
+    return StableDiffusion.assemble(arch, encoder, unet, text, source=str(source))
 
 
 def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:

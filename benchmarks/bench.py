@@ -1,0 +1,212 @@
+"""Speed and memory of one Mist attack step on the full Stable Diffusion v1 architecture with random weights.
+
+Weight values do not change the cost, so no checkpoint is needed. Each configuration runs in a fresh process (peak
+memory is per process): it builds the networks directly in the precision under test, protects one image for
+warm-up + `--steps` PGD steps through the real engine (`mist.protect.Protector`), and reports the median seconds per
+step after the warm-up, the peak memory of the attack (process RSS on the CPU, read as VmHWM after resetting it once
+the model is built; max allocated on CUDA), the FLOPs of one step (torch.utils.flop_counter) and the FLOP/s achieved.
+
+    python benchmarks/bench.py --steps 2 --modes fused --sizes 512 --precisions fp32,bf16 --memory off,on
+
+Results are appended to benchmarks/RESULTS.md (a table per run, with the machine, the command and the date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def build_full_size_model(dtype):
+    """SD v1's encoder and UNet, allocated directly in `dtype` with scale-preserving random weights, and random
+    prompt embeddings (the text encoder plays no part in the attack's cost)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from mist.models import SD_V1, StableDiffusion
+    from mist.models.components import PROMPTS, latent_encoder
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD_V1.unet).to(dtype)
+        encoder = latent_encoder(SD_V1).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    for module in (unet, encoder):
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if parameter.dim() > 1:
+                    fan_in = parameter[0].numel()
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
+                else:
+                    parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+    embeddings = {p: torch.randn(1, 77, 768, generator=generator) for p in PROMPTS}
+    model = StableDiffusion(SD_V1, encoder, unet, embeddings, "random-sd-v1", random_weights=True)
+    for module in (encoder, unet):
+        module.eval().requires_grad_(False)
+    return model
+
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux), so VmHWM then measures only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def run_one(spec: dict) -> dict:
+    """Measure one configuration in this process; returns the figures."""
+    import torch
+    from PIL import Image
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mist.config import ProtectConfig
+    from mist.device import pick_device
+    from mist.objectives import PRECISION_DTYPES, MistObjective
+    from mist.protect import Protector
+
+    device = pick_device(spec["device"])
+    torch.manual_seed(0)
+    model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
+    config = ProtectConfig(mode=spec["mode"], steps=spec["steps"] + 1, input_size=spec["size"],
+                           block_num=spec["blocks"], precision=spec["precision"], fast=spec["fast"])
+    protector = Protector(model, config, device, low_memory=spec["low_memory"])
+    image = Image.new("RGB", (spec["size"], spec["size"]))
+    image.putdata([((i * 7) % 256, (i * 13) % 256, (i * 29) % 256) for i in range(spec["size"] ** 2)])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset = peak_rss_reset()
+    stamps = [time.perf_counter()]
+    protector.protect(image, callback=lambda progress: stamps.append(time.perf_counter()))
+    steps_per_tile = config.steps
+    durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    # Each tile's first step includes its warm-up (and the first tile's, the target latent): drop them.
+    timed = [d for i, d in enumerate(durations) if i % steps_per_tile != 0]
+    seconds = statistics.median(timed) * spec["blocks"] ** 2
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 1024**3
+    else:
+        peak = peak_rss_gb() if reset else float("nan")
+    tile = spec["size"] // spec["blocks"]
+    x = torch.zeros(1, 3, tile, tile, device=device).uniform_(-1, 1).requires_grad_(True)
+    target = protector._target_latent((spec["size"], spec["size"]), 0) if spec["mode"] != "semantic" else None
+    objective = MistObjective(protector.model, config.mode, config.semantic_weight, target, protector.text,
+                              protector.precision, config.fast)
+    with FlopCounterMode(display=False) as counter:
+        objective(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
+    flops = counter.get_total_flops() * spec["blocks"] ** 2
+    return {**spec, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12,
+            "tflops_per_s": flops / 1e12 / seconds, "process_peak_gb": _process_peak_gb()}
+
+
+def _process_peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (default: 3)")
+    parser.add_argument("--modes", default="textural,semantic,fused")
+    parser.add_argument("--sizes", default="256,512,768")
+    parser.add_argument("--blocks", default="1,2")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--memory", default="off,on", help="gradient checkpointing off and/or on")
+    parser.add_argument("--fast", default="no", help="exact and/or score-distillation semantic gradient: no,yes")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
+        return 0
+
+    def split(text):
+        return [v.strip() for v in text.split(",") if v.strip()]
+
+    specs = []
+    for mode, size, blocks, precision, memory, fast in itertools.product(
+            split(args.modes), map(int, split(args.sizes)), map(int, split(args.blocks)), split(args.precisions),
+            split(args.memory), split(args.fast)):
+        if fast == "yes" and mode == "textural":
+            continue  # fast mode only changes the semantic gradient
+        specs.append({"mode": mode, "size": size, "blocks": blocks, "precision": precision,
+                      "low_memory": memory == "on", "fast": fast == "yes", "steps": args.steps,
+                      "device": args.device})
+    rows = []
+    for spec in specs:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"failed: {spec}\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        rows.append(result)
+        print(f"{_row(result)}  ({time.perf_counter() - started:.0f} s)", flush=True)
+    _write(rows, " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]))
+    return 0 if len(rows) == len(specs) else 1
+
+
+HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | s / step | attack peak GB "
+          "| process peak GB | TFLOP / step | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['mode']} | {r['size']} | {r['blocks']} | {r['precision']} | {'on' if r['low_memory'] else 'off'} "
+            f"| {'fast (SDS)' if r['fast'] else 'exact'} | {r['seconds']:.2f} | {r['peak_gb']:.2f} "
+            f"| {r['process_peak_gb']:.2f} | {r['tflop']:.3f} | {r['tflops_per_s']:.3f} |")
+
+
+def _write(rows: list[dict], command: str) -> None:
+    if not rows:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = [f"\n## Run of {stamp}\n", f"Machine: {machine()}  ", f"Command: `{command}`\n", HEADER,
+             *map(_row, rows), ""]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nWritten by `benchmarks/bench.py`; see its docstring for what is "
+                           "measured and how.\n", encoding="utf-8")
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write("\n".join(block))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
