@@ -1,0 +1,85 @@
+"""How far bf16 and fast mode move Mist's attack away from the float32 exact one, on the full SD v1 architecture.
+
+With random weights this measures arithmetic, not protection: (1) the fraction of pixels whose gradient sign agrees
+with float32's at the same point and the same random draws, per mode; (2) the textural and (exact) semantic losses
+reached after the same number of PGD steps from the same image and seed, for fp32, bf16 and fast mode.
+
+    python benchmarks/agreement.py --size 256 --steps 5 [--image painting.png]
+
+Prints a Markdown section; paste it into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import build_full_size_model, machine  # noqa: E402
+
+from mist import images  # noqa: E402
+from mist.config import ProtectConfig  # noqa: E402
+from mist.objectives import MistObjective  # noqa: E402
+from mist.protect import Protector  # noqa: E402
+
+
+def gradient(protector: Protector, x: torch.Tensor, mode: str, fast: bool = False) -> torch.Tensor:
+    c = protector.config
+    target = protector._target_latent((x.shape[3], x.shape[2]), 0) if mode != "semantic" else None
+    objective = MistObjective(protector.model, mode, c.semantic_weight, target, protector.text,
+                              protector.precision, fast)
+    x = x.clone().requires_grad_(True)
+    objective(x, [torch.Generator().manual_seed(1)]).objective.sum().backward()
+    return x.grad
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--image", type=Path, help="an RGB image (default: a synthetic gradient)")
+    args = parser.parse_args()
+    picture = images.read_image(args.image) if args.image else Image.radial_gradient("L").convert("RGB")
+    x = images.image_to_tensor(picture, (args.size, args.size))
+    fp32_model = build_full_size_model(torch.float32)
+    models = {"fp32": fp32_model, "bf16": copy.deepcopy(fp32_model)}  # same weights, cast by the Protector
+    lines = [f"Machine: {machine()}  ", f"Command: `python benchmarks/agreement.py {' '.join(sys.argv[1:])}`\n",
+             "| mode | gradient sign agreement bf16 vs fp32 | sign agreement fast vs exact (fp32) |", "|---|---|---|"]
+    protectors = {p: Protector(m, ProtectConfig(precision=p, input_size=args.size, steps=args.steps))
+                  for p, m in models.items()}
+    for mode in ("textural", "semantic", "fused"):
+        for protector in protectors.values():
+            protector.config = ProtectConfig(mode=mode, precision=protector.config.precision, input_size=args.size,
+                                             steps=args.steps)
+            protector.text = protector.model.text_embedding(protector.config.prompt)
+        reference = gradient(protectors["fp32"], x, mode).sign()
+        bf16 = (gradient(protectors["bf16"], x, mode).sign() == reference).float().mean().item()
+        fast = "n/a" if mode == "textural" else \
+            f"{(gradient(protectors['fp32'], x, mode, fast=True).sign() == reference).float().mean().item():.4f}"
+        lines.append(f"| {mode} | {bf16:.4f} | {fast} |")
+    lines += ["", f"Fused mode, {args.steps} steps, same image and seed (losses summed over the image; semantic is the "
+              "exact loss at the final point's random draw):\n",
+              "| run | textural start | textural end | semantic start | semantic end | s / step |", "|---|---|---|---|---|---|"]
+    for name, precision, fast in (("fp32 exact", "fp32", False), ("bf16 exact", "bf16", False),
+                                  ("fp32 fast (SDS)", "fp32", True), ("bf16 fast (SDS)", "bf16", True)):
+        protector = protectors[precision]
+        protector.config = ProtectConfig(precision=precision, input_size=args.size, steps=args.steps, fast=fast)
+        protector.text = protector.model.text_embedding(protector.config.prompt)
+        started = time.perf_counter()
+        result = protector.protect(picture)
+        seconds = (time.perf_counter() - started) / args.steps
+        lines.append(f"| {name} | {result.textural_start:.2f} | {result.textural_end:.2f} | "
+                     f"{result.semantic_start:.5f} | {result.semantic_end:.5f} | {seconds:.1f} |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
