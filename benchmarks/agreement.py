@@ -26,7 +26,7 @@ from bench import build_full_size_model, machine  # noqa: E402
 from mist import images  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
 from mist.objectives import MistObjective  # noqa: E402
-from mist.protect import Protector  # noqa: E402
+from mist.pipeline import Protector  # noqa: E402
 
 
 def gradient(protector: Protector, x: torch.Tensor, mode: str, fast: bool = False) -> torch.Tensor:
@@ -65,7 +65,8 @@ def main() -> int:
         lines.append(f"| {mode} | {bf16:.4f} | {fast} |")
     lines += ["", f"Fused mode, {args.steps} steps, same image and seed (losses summed over the image; semantic is the "
               "exact loss at the final point's random draw):\n",
-              "| run | textural start | textural end | semantic start | semantic end | s / step |", "|---|---|---|---|---|---|"]
+              "| run | textural start | textural end | semantic start | semantic end | s / step |",
+              "|---|---|---|---|---|---|"]
     for name, precision, fast in (("fp32 exact", "fp32", False), ("bf16 exact", "bf16", False),
                                   ("fp32 fast (SDS)", "fp32", True), ("bf16 fast (SDS)", "bf16", True)):
         protector = protectors[precision]

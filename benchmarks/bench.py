@@ -2,7 +2,7 @@
 
 Weight values do not change the cost, so no checkpoint is needed. Each configuration runs in a fresh process (peak
 memory is per process): it builds the networks directly in the precision under test, protects one image for
-warm-up + `--steps` PGD steps through the real engine (`mist.protect.Protector`), and reports the median seconds per
+warm-up + `--steps` PGD steps through the real engine (`mist.pipeline.Protector`), and reports the median seconds per
 step after the warm-up, the peak memory of the attack (process RSS on the CPU, read as VmHWM after resetting it once
 the model is built; max allocated on CUDA), the FLOPs of one step (torch.utils.flop_counter) and the FLOP/s achieved.
 
@@ -85,7 +85,7 @@ def run_one(spec: dict) -> dict:
     from mist.config import ProtectConfig
     from mist.device import pick_device
     from mist.objectives import PRECISION_DTYPES, MistObjective
-    from mist.protect import Protector
+    from mist.pipeline import Protector
 
     device = pick_device(spec["device"])
     torch.manual_seed(0)

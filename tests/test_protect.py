@@ -8,7 +8,7 @@ from PIL import Image
 
 from mist import images
 from mist.config import ProtectConfig
-from mist.protect import Protector, default_target, tile_seed
+from mist.pipeline import Protector, default_target, tile_seed
 
 
 def _protect(model, picture, mask=None, **settings):

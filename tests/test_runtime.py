@@ -9,7 +9,7 @@ from PIL import Image
 
 from mist import device as devices
 from mist.config import ProtectConfig
-from mist.protect import Protector
+from mist.pipeline import Protector
 
 
 def _pictures(count=3):
@@ -68,11 +68,24 @@ def test_fp16_needs_a_gpu():
         devices.resolve_precision("fp16", torch.device("cpu"))
 
 
-def test_checkpointing_is_on_by_default_only_off_the_cpu():
-    from mist.protect import default_low_memory
+def test_checkpointing_is_on_by_default_only_where_memory_is_short(monkeypatch):
+    from mist import pipeline as protect
 
-    assert default_low_memory(torch.device("cuda")) and default_low_memory(torch.device("mps"))
-    assert not default_low_memory(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(protect, "available_ram_bytes", lambda: 6 * 1024**3)
+    assert protect.default_low_memory(cpu)
+    monkeypatch.setattr(protect, "available_ram_bytes", lambda: 20 * 1024**3)
+    assert not protect.default_low_memory(cpu)
+    assert protect.default_low_memory(torch.device("mps"))
+
+    class Card:
+        def __init__(self, gib):
+            self.total_memory = gib * 1024**3
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Card(8))
+    assert protect.default_low_memory(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Card(24))
+    assert not protect.default_low_memory(torch.device("cuda"))
 
 
 def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):

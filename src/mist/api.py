@@ -12,7 +12,7 @@ from . import images as image_io
 from .config import ProtectConfig
 from .device import pick_device
 from .models import StableDiffusion, load_model
-from .protect import Progress, ProtectedImage, Protector
+from .pipeline import Progress, ProtectedImage, Protector
 
 ImageInput = str | os.PathLike | Image.Image
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import __version__, images
 from .config import ProtectConfig
-from .protect import Progress, ProtectedImage, Protector
+from .pipeline import Progress, ProtectedImage, Protector
 
 log = logging.getLogger(__name__)
 

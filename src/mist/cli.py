@@ -53,7 +53,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: %(default)s)")
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing: much less memory, about a third more time per step "
-                        "(default: on for GPUs, off on the CPU)")
+                        "(default: on where memory is short: GPUs under 12 GiB, under 8 GiB of free RAM)")
     r.add_argument("--batch-size", type=int, default=1,
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
 
@@ -76,7 +76,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     from .models import load_path, resolve_model
     from .models.loading import build_random
     from .models.locate import TINY_RANDOM
-    from .protect import Protector
+    from .pipeline import Protector
     from .reporting import ConsoleReporter
 
     if batch_size < 1:

@@ -8,7 +8,7 @@ import sys
 from tqdm import tqdm
 
 from .batch import NO_PROTECTION_WARNING, BatchSummary, Job
-from .protect import Progress, ProtectedImage
+from .pipeline import Progress, ProtectedImage
 
 
 class ConsoleReporter:
