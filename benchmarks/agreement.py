@@ -29,10 +29,11 @@ from mist.objectives import MistObjective  # noqa: E402
 from mist.pipeline import Protector  # noqa: E402
 
 
-def gradient(protector: Protector, x: torch.Tensor, mode: str, fast: bool = False) -> torch.Tensor:
+def gradient(protector: Protector, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """d objective / d x at x, with fixed random draws."""
     c = protector.config
-    target = protector._target_latent((x.shape[3], x.shape[2]), 0) if mode != "semantic" else None
-    objective = MistObjective(protector.model, mode, c.semantic_weight, target, protector.text,
+    target = protector._target_latent((x.shape[3], x.shape[2]), 0) if c.mode != "semantic" else None
+    objective = MistObjective(protector.model, c.mode, c.semantic_weight, target, protector.text,
                               protector.precision, fast)
     x = x.clone().requires_grad_(True)
     objective(x, [torch.Generator().manual_seed(1)]).objective.sum().backward()
@@ -48,32 +49,29 @@ def main() -> int:
     picture = images.read_image(args.image) if args.image else Image.radial_gradient("L").convert("RGB")
     x = images.image_to_tensor(picture, (args.size, args.size))
     fp32_model = build_full_size_model(torch.float32)
-    models = {"fp32": fp32_model, "bf16": copy.deepcopy(fp32_model)}  # same weights, cast by the Protector
+    models = {"fp32": fp32_model, "bf16": copy.deepcopy(fp32_model)}  # same weights; the Protector casts to bf16
+
+    def protector(precision: str, **settings) -> Protector:
+        config = ProtectConfig(precision=precision, input_size=args.size, steps=args.steps, **settings)
+        return Protector(models[precision], config)
+
     lines = [f"Machine: {machine()}  ", f"Command: `python benchmarks/agreement.py {' '.join(sys.argv[1:])}`\n",
-             "| mode | gradient sign agreement bf16 vs fp32 | sign agreement fast vs exact (fp32) |", "|---|---|---|"]
-    protectors = {p: Protector(m, ProtectConfig(precision=p, input_size=args.size, steps=args.steps))
-                  for p, m in models.items()}
+             "| mode | gradient sign agreement, bf16 vs fp32 | sign agreement, fast vs exact (fp32) |", "|---|---|---|"]
     for mode in ("textural", "semantic", "fused"):
-        for protector in protectors.values():
-            protector.config = ProtectConfig(mode=mode, precision=protector.config.precision, input_size=args.size,
-                                             steps=args.steps)
-            protector.text = protector.model.text_embedding(protector.config.prompt)
-        reference = gradient(protectors["fp32"], x, mode).sign()
-        bf16 = (gradient(protectors["bf16"], x, mode).sign() == reference).float().mean().item()
+        reference = gradient(protector("fp32", mode=mode), x).sign()
+        bf16 = (gradient(protector("bf16", mode=mode), x).sign() == reference).float().mean().item()
         fast = "n/a" if mode == "textural" else \
-            f"{(gradient(protectors['fp32'], x, mode, fast=True).sign() == reference).float().mean().item():.4f}"
+            f"{(gradient(protector('fp32', mode=mode), x, fast=True).sign() == reference).float().mean().item():.4f}"
         lines.append(f"| {mode} | {bf16:.4f} | {fast} |")
-    lines += ["", f"Fused mode, {args.steps} steps, same image and seed (losses summed over the image; semantic is the "
-              "exact loss at the final point's random draw):\n",
+        print(lines[-1], flush=True)
+    lines += ["", f"Fused mode, {args.steps} steps, same image and seed (losses summed over the image, at the first "
+              "and the last step's starting point; the semantic loss is the exact one in every run):\n",
               "| run | textural start | textural end | semantic start | semantic end | s / step |",
               "|---|---|---|---|---|---|"]
     for name, precision, fast in (("fp32 exact", "fp32", False), ("bf16 exact", "bf16", False),
                                   ("fp32 fast (SDS)", "fp32", True), ("bf16 fast (SDS)", "bf16", True)):
-        protector = protectors[precision]
-        protector.config = ProtectConfig(precision=precision, input_size=args.size, steps=args.steps, fast=fast)
-        protector.text = protector.model.text_embedding(protector.config.prompt)
         started = time.perf_counter()
-        result = protector.protect(picture)
+        result = protector(precision, fast=fast).protect(picture)
         seconds = (time.perf_counter() - started) / args.steps
         lines.append(f"| {name} | {result.textural_start:.2f} | {result.textural_end:.2f} | "
                      f"{result.semantic_start:.5f} | {result.semantic_end:.5f} | {seconds:.1f} |")

@@ -89,3 +89,14 @@ def test_a_callback_can_cancel():
         masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=50, generators=[torch.Generator()],
                         callback=stop_at_three)
     assert seen == [1, 2, 3]
+
+
+def test_a_non_finite_gradient_stops_with_a_clear_error():
+    x, _, _ = _setup(5)
+
+    def broken(images, generators):
+        value = (images * float("nan")).flatten(1).sum(1)
+        return LossTerms(value, None, value)
+
+    with pytest.raises(FloatingPointError, match="precision fp32"):
+        masked_linf_pgd(x, broken, radius=0.1, step=0.01, steps=3, generators=[torch.Generator()])

@@ -53,6 +53,10 @@ def masked_linf_pgd(
         delta.requires_grad_(True)
         terms = loss(x + delta * mask, generators)
         (gradient,) = torch.autograd.grad(terms.objective.sum(), delta)
+        if not torch.isfinite(gradient).all():
+            # fp16 can overflow or underflow where fp32 would not; a silent NaN sign would corrupt the image.
+            raise FloatingPointError(f"step {index + 1}: the gradient is not finite; run with --precision fp32 "
+                                     "(or bf16 where supported)")
         with torch.no_grad():
             delta = (delta - step * gradient.sign()).clamp(-radius, radius)
             delta = (x + delta).clamp(-1, 1) - x

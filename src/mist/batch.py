@@ -7,7 +7,6 @@ skipped, so re-running an interrupted command resumes it; an output made otherwi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from PIL import Image
 
 from . import __version__, images
 from .config import ProtectConfig
+from .download import sha256_file
 from .pipeline import Progress, ProtectedImage, Protector
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ def collect_jobs(paths: Iterable[Path], output_dir: Path, recursive: bool = Fals
     return jobs
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def settings_text(config: ProtectConfig) -> str:
     """The settings as recorded in outputs: canonical JSON, with the mask and target as file name and SHA-256 (only
     file names, never full paths, go into an image that will be posted)."""
@@ -118,7 +110,7 @@ def settings_text(config: ProtectConfig) -> str:
     for name in ("mask", "target"):
         path = getattr(config, name)
         if path is not None:
-            settings[name] = {"name": path.name, "sha256": file_sha256(path)}
+            settings[name] = {"name": path.name, "sha256": sha256_file(path)}
     return json.dumps(settings, sort_keys=True, ensure_ascii=False)
 
 
@@ -151,7 +143,7 @@ def run_batch(jobs: list[Job], config: ProtectConfig, load: Callable[[], Protect
     for job in jobs:
         problem = _preflight(job, config, mask.size if mask is not None else None)
         if problem is None:
-            digest = file_sha256(job.source)
+            digest = sha256_file(job.source)
             problem = _existing_output_problem(job, settings, model_name, digest, overwrite)
             if problem == "":
                 summary.skipped.append(job.source)
@@ -189,13 +181,15 @@ def _protect_chunk(chunk: list[tuple[Job, str]], protector: Protector, mask: Ima
     try:
         results = protector.protect_many([picture for _, _, picture in readable], [mask] * len(readable),
                                          lambda progress: reporter.step(jobs, progress))
-    except RuntimeError as exc:
+    except (RuntimeError, FloatingPointError) as exc:
         hint = " (out of memory: try --block-num 2 or a smaller --input-size)" if "out of memory" in str(exc) else ""
         for job in jobs:
             _fail(summary, reporter, job, f"{job.source}: {str(exc).splitlines()[0][:300]}{hint}")
         return
     for (job, digest, _), result in zip(readable, results, strict=True):
         try:
+            for stale in images.temporary_files_of(job.output):  # left by a run killed while writing
+                stale.unlink(missing_ok=True)
             metadata = output_metadata(settings, model_name, protector, job.source, digest)
             images.write_png_atomic(result.image, job.output, metadata)
         except (ValueError, OSError) as exc:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .config import MODES, ProtectConfig
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_protect_options(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +98,11 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
 
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
-    summary = run_batch(jobs, config, load, reporter, model_label(where), overwrite)
+    try:
+        summary = run_batch(jobs, config, load, reporter, model_label(where), overwrite)
+    except KeyboardInterrupt:
+        reporter.interrupted()
+        return EXIT_INTERRUPTED
     reporter.finish(summary, time.perf_counter() - started)
     return 0 if summary.ok else EXIT_FAILED_IMAGES
 
@@ -124,7 +131,43 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--overwrite", action="store_true",
                          help="replace existing outputs (default: skip finished ones, refuse others)")
     protect.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+    protect.add_argument("--then", metavar="COMMAND",
+                         help="shell command to run once every output is safely on disk, e.g. the cloud provider's "
+                              "shutdown command; not run after a failed or interrupted batch unless --then-always")
+    protect.add_argument("--then-always", action="store_true", help="run --then even if the batch failed")
     add_protect_options(protect)
+
+    download = commands.add_parser("download-model", help="download the Stable Diffusion checkpoint",
+                                   description="Download SD v1.4 (or v1.5) to where Mist looks for it, resuming an "
+                                               "interrupted download and verifying its SHA-256. Honours HF_ENDPOINT "
+                                               "(a mirror), HF_TOKEN and the usual proxy variables.")
+    download.add_argument("--version", choices=("v1-4", "v1-5"), default="v1-4", help="(default: %(default)s)")
+    download.add_argument("--to", type=Path, metavar="PATH",
+                          help="file to write (default: models/ldm/stable-diffusion-v1/model.ckpt under $MIST_HOME "
+                               "or the current folder; .safetensors for v1-5)")
+    download.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    doctor = commands.add_parser("doctor", help="check this machine and recommend settings",
+                                 description="Versions, GPU and free memory, the model (found and checksum-verified), "
+                                             "free disk, and the settings to use on this machine.")
+    doctor.add_argument("-o", "--output", type=Path, default=Path("."), metavar="OUTDIR",
+                        help="output folder whose free disk to check (default: current folder)")
+    doctor.add_argument("--model", help="model to check (default: where mist protect would look)")
+    doctor.add_argument("--device", default="auto")
+
+    webui = commands.add_parser("webui", help="start the web UI in the browser",
+                                description="Serve Mist's web page (gradio; pip install 'mist-protect[webui]') on "
+                                            "http://127.0.0.1:7860. The model is loaded on the first job.")
+    webui.add_argument("--model", help="model path or 'tiny-random' (default: where mist protect would look)")
+    webui.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: %(default)s)")
+    webui.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                       help="gradient checkpointing (default: on where memory is short)")
+    webui.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0), not only 127.0.0.1")
+    webui.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    webui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    webui.add_argument("--auth", metavar="USER:PASSWORD",
+                       help="require this login (default: $MIST_WEBUI_AUTH; none: anyone who reaches the page)")
+    webui.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default: %(default)s)")
     return parser
 
 
@@ -132,21 +175,71 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    try:
-        config = config_from_args(args)
-        from .batch import collect_jobs
+    command = {"protect": protect_command, "download-model": download_command, "doctor": doctor_command,
+               "webui": webui_command}
+    return guarded("mist", lambda: command[args.command](args))
 
-        jobs = collect_jobs(args.paths, args.output, args.recursive)
-        if not jobs:
-            raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
-        return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
-                           args.batch_size)
+
+def guarded(program: str, action: Callable[[], int]) -> int:
+    """Run a command: an invalid option or input ends it with one line and exit code 2, Ctrl-C with code 130."""
+    try:
+        return action()
     except (ValueError, FileNotFoundError) as exc:
-        print(f"mist: error: {exc}", file=sys.stderr)
+        print(f"{program}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("mist: interrupted; finished outputs are kept, run the same command again to resume", file=sys.stderr)
-        return 130
+        print(f"{program}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def protect_command(args: argparse.Namespace) -> int:
+    from .batch import collect_jobs
+
+    config = config_from_args(args)
+    jobs = collect_jobs(args.paths, args.output, args.recursive)
+    if not jobs:
+        raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
+    code = run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
+                       args.batch_size)
+    if args.then and (code == 0 or args.then_always):
+        print(f"running: {args.then}", flush=True)
+        subprocess.run(args.then, shell=True, check=False)  # the user's own command, as typed
+    elif args.then:
+        print(f"mist: not running --then ({args.then!r}): the batch did not finish cleanly", file=sys.stderr)
+    return code
+
+
+def download_command(args: argparse.Namespace) -> int:
+    from .doctor import remember_checksum
+    from .download import MODELS, DownloadError, download
+    from .models.locate import default_model_path
+
+    remote = MODELS[args.version]
+    destination = args.to or default_model_path(Path(remote.filename).suffix)
+    try:
+        path = download(remote, destination, progress=not args.quiet)
+    except DownloadError as exc:
+        print(f"mist: download failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED_IMAGES
+    remember_checksum(path, remote.sha256)
+    print(f"{path}: SD {args.version.replace('-', '.')} ready (SHA-256 verified)")
+    return 0
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    from .doctor import report
+
+    lines = report(args.output, args.model, args.device)
+    width = max(len(line.label) for line in lines)
+    for line in lines:
+        print(f"{line.label:>{width}}: {line.value}" + ("   <-- problem" if line.problem else ""))
+    return EXIT_FAILED_IMAGES if any(line.problem for line in lines) else 0
+
+
+def webui_command(args: argparse.Namespace) -> int:
+    from .webui import main as webui_main
+
+    return webui_main(args)
 
 
 def configure_logging(verbose: bool) -> None:

@@ -16,6 +16,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import secrets
@@ -486,6 +487,14 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temporary_files_of(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files `write_png_atomic` may have left for ``path`` when a run was killed mid-write."""
+    dest = Path(path)
+    if not dest.parent.is_dir():
+        return []
+    return sorted(dest.parent.glob(f".{glob.escape(dest.name[:50])}.*.tmp"))
 
 
 def write_png_atomic(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .batch import Job, collect_jobs
-from .cli import EXIT_USAGE, configure_logging, run_protect
+from .cli import configure_logging, guarded, run_protect
 from .config import MODE_CODES, ProtectConfig
 
 # The original only looked at these files in an input folder.
@@ -75,12 +75,9 @@ def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(False)
-    try:
+
+    def run() -> int:
         config, jobs = plan(args)
         return run_protect(jobs, config, args.model, args.device)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"mist_v3.py: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("mist_v3.py: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+
+    return guarded("mist_v3.py", run)

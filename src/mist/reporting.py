@@ -4,6 +4,7 @@ finished, skipped or failed image, and a summary."""
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -17,12 +18,14 @@ class ConsoleReporter:
         self.images: tqdm | None = None
         self.steps: tqdm | None = None
         self.random_weights = False
+        self.to_do = self.done = 0
 
     def _say(self, line: str, error: bool = False) -> None:
         if error or not self.quiet:
             tqdm.write(line, file=sys.stderr if error else sys.stdout)
 
     def batch_started(self, jobs: list[Job], to_do: int) -> None:
+        self.to_do, self.done = to_do, 0
         self._say(f"{len(jobs)} image(s) found, {to_do} to protect")
         if to_do > 1 and not self.quiet:
             self.images = tqdm(total=to_do, unit="img", desc="images", position=0, dynamic_ncols=True)
@@ -54,6 +57,12 @@ class ConsoleReporter:
         if self.images is not None:
             self.images.update(1)
         self._say(f"protected {job.source} -> {job.output} ({result.seconds:.1f} s)")
+        self.done += 1
+        if self.done == 1 and self.to_do > 1:
+            remaining = (self.to_do - 1) * result.seconds
+            finish = time.strftime("%H:%M", time.localtime(time.time() + remaining))
+            self._say(f"estimated time for the other {self.to_do - 1} image(s): {_duration(remaining)} "
+                      f"(done about {finish})")
 
     def image_skipped(self, job: Job, reason: str) -> None:
         self._say(f"skipped {job.source}: {reason}")
@@ -61,6 +70,12 @@ class ConsoleReporter:
     def image_failed(self, job: Job, message: str) -> None:
         self._close_steps()
         self._say(f"error: {message}", error=True)
+
+    def interrupted(self) -> None:
+        self._close_steps()
+        if self.images is not None:
+            self.images.close()
+        print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
 
     def finish(self, summary: BatchSummary, seconds: float) -> None:
         self._close_steps()
@@ -73,3 +88,11 @@ class ConsoleReporter:
               f"in {seconds:.1f} s{per_image}")
         if self.random_weights:
             print(f"WARNING: {NO_PROTECTION_WARNING}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,4 +1,5 @@
-"""Where Mist finds a Stable Diffusion v1 model, in order: `--model`, `$MIST_MODEL`, the seed's path, the HF cache."""
+"""Where Mist finds a Stable Diffusion v1 model, in order: `--model`, `$MIST_MODEL`, the seed's path (under the current
+folder, then under `$MIST_HOME`, the persistent folder a cloud install lives in), the Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -31,20 +32,39 @@ def resolve_model(spec: str | os.PathLike | None = None) -> str | Path:
         if not path.exists():
             raise ModelNotFoundError(f"{path}: model not found (named by {origin})")
         return path
-    for candidate in (SEED_MODEL_PATH, SEED_MODEL_PATH.with_suffix(".safetensors")):
-        if candidate.is_file():
-            return candidate.resolve()
+    for root in default_roots():
+        for candidate in (root / SEED_MODEL_PATH, root / SEED_MODEL_PATH.with_suffix(".safetensors")):
+            if candidate.is_file():
+                return candidate.resolve()
     snapshot = _cached_snapshot(hf_cache_dir())
     if snapshot is not None:
         return snapshot
+    places = " and ".join(str(root / SEED_MODEL_PATH) for root in default_roots())
     raise ModelNotFoundError(
         "no Stable Diffusion v1 model found. Looked at: --model (not given), $MIST_MODEL (not set), "
-        f"{Path.cwd() / SEED_MODEL_PATH} (and .safetensors), and SD v1.4/v1.5 snapshots in {hf_cache_dir()}.\n"
-        f"Get one with:  wget -c {DOWNLOAD_URL}\n"
-        f"then:  mkdir -p {SEED_MODEL_PATH.parent} && mv sd-v1-4.ckpt {SEED_MODEL_PATH}\n"
+        f"{places} (and .safetensors), and SD v1.4/v1.5 snapshots in {hf_cache_dir()}.\n"
+        f"Get one with:  mist download-model   (saves it to {default_model_path()})\n"
+        f"or:  wget -c {DOWNLOAD_URL}  then:  mkdir -p {SEED_MODEL_PATH.parent} && mv sd-v1-4.ckpt {SEED_MODEL_PATH}\n"
         "or name a .ckpt / .safetensors file or diffusers folder with --model PATH "
         f"(--model {TINY_RANDOM} runs a test model that gives no protection)."
     )
+
+
+def default_roots() -> list[Path]:
+    """Folders under which the seed's model path is looked for: the current folder, then $MIST_HOME if set."""
+    roots = [Path.cwd()]
+    home = os.environ.get("MIST_HOME", "").strip()
+    if home and Path(home).expanduser().resolve() != Path.cwd().resolve():
+        roots.append(Path(home).expanduser())
+    return roots
+
+
+def default_model_path(suffix: str = ".ckpt") -> Path:
+    """Where `mist download-model` puts a model: under $MIST_HOME when set (a cloud install's persistent folder),
+    else under the current folder, at the seed's `models/ldm/stable-diffusion-v1/model.ckpt` (or `.safetensors`)."""
+    home = os.environ.get("MIST_HOME", "").strip()
+    root = Path(home).expanduser() if home else Path.cwd()
+    return root / SEED_MODEL_PATH.with_suffix(suffix)
 
 
 def hf_cache_dir() -> Path:
