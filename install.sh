@@ -24,8 +24,8 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
 fi
 
 # What the installed environment was built from: the package sources, the torch requirement and the interpreter.
-stamp="$( (cd "$source_dir" && find src pyproject.toml -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum;
-           echo "$torch_requirement"; "$python" --version) | sha256sum | cut -d' ' -f1)"
+stamp="$( (cd "$source_dir" && find src/mist pyproject.toml -type f ! -name '*.pyc' -print0 | sort -z \
+           | xargs -0 sha256sum; echo "$torch_requirement"; "$python" --version) | sha256sum | cut -d' ' -f1)"
 stamp_file="$env_dir/.mist-install-stamp"
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
