@@ -102,3 +102,17 @@ def test_progress_counts_steps_across_tiles(tiny_model, painting):
     Protector(tiny_model, ProtectConfig(steps=2, input_size=64, block_num=2)).protect(painting, None, seen.append)
     assert [(p.step, p.batch) for p in seen] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3), (8, 3)]
     assert all(p.total == 8 and p.batches == 4 and p.images == (0,) for p in seen)
+
+
+def test_python_api_takes_paths_and_images_and_reports_progress(tiny_model, painting, tmp_path):
+    import mist
+
+    painting.save(tmp_path / "a.png")
+    seen = []
+    results = mist.protect([tmp_path / "a.png", painting], model=tiny_model, steps=2, input_size=64, epsilon=8,
+                           precision="fp32", callback=seen.append)
+    assert len(results) == 2 and all(r.image.size == (64, 64) and r.random_weights for r in results)
+    assert results[0].image.tobytes() == results[1].image.tobytes()  # same pixels, same seed, same result
+    assert [p.step for p in seen] == [1, 2, 3, 4] and seen[0].images == (0,) and seen[-1].images == (1,)
+    single = mist.protect(painting, mist.ProtectConfig(steps=1, input_size=64, precision="fp32"), model=tiny_model)
+    assert len(single) == 1

@@ -35,8 +35,9 @@ def protect(
     `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds) or what `mist protect
     --model` accepts; None searches the default places. `mask` (a path or image, white = protect) overrides
     config.mask. `callback(progress)` is called after every PGD step (`progress.images` says which images it
-    concerns). `low_memory` (gradient checkpointing) and `batch_size` (tiles per attack batch) change speed and memory,
-    never the result.
+    concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
+    `batch_size` (tiles per attack batch) draws the same random numbers, but batched arithmetic can differ in the
+    last bits and flip a rare sign step.
 
         >>> import mist
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")
