@@ -150,8 +150,7 @@ def run_batch(jobs: list[Job], config: ProtectConfig, load: Callable[[], Protect
                 reporter.image_skipped(job, f"already protected: {job.output}")
                 continue
         if problem:
-            summary.failed.append((job.source, problem))
-            reporter.image_failed(job, problem)
+            _fail(summary, reporter, job, problem)
             continue
         pending.append((job, digest))
     reporter.batch_started(jobs, len(pending))
