@@ -40,7 +40,7 @@ else
         "$env_dir/bin/python" -m pip install --quiet "$torch_requirement"
     fi
     echo "installing Mist into $env_dir ..."
-    "$env_dir/bin/python" -m pip install --quiet "$source_dir"
+    "$env_dir/bin/python" -m pip install --quiet "$source_dir[webui]"
     echo "$stamp" > "$stamp_file"
 fi
 

@@ -94,3 +94,9 @@ def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):
     protector = Protector(tiny_model, ProtectConfig(input_size=64, fast=True))
     text = output_metadata("{}", "tiny-random", protector, tmp_path / "a.png", "0" * 64)
     assert text["mist:algorithm"] == FAST_ALGORITHM and "not Mist's exact method" in FAST_ALGORITHM
+
+
+def test_weights_rounded_by_an_earlier_run_are_not_passed_off_as_fp32(tiny_model):
+    Protector(tiny_model, ProtectConfig(input_size=64, precision="bf16"))
+    with pytest.raises(ValueError, match="load it again"):
+        Protector(tiny_model, ProtectConfig(input_size=64, precision="fp32"))

@@ -97,8 +97,14 @@ class StableDiffusion:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> StableDiffusion:
         """Move the weights (and cast them, for half-precision weights); returns self. Convolution weights are kept
-        channels-last, the layout oneDNN and cuDNN run fastest (about 10% per step on a CPU)."""
+        channels-last, the layout oneDNN and cuDNN run fastest (about 10% per step on a CPU).
+
+        Casting to a wider type than the weights have had is refused: float32 weights once rounded to bf16 stay
+        rounded, and a "float32" run on them would silently not be one."""
         dtype = None if dtype == self.dtype else dtype  # diffusers warns on every cast, even to the same type
+        if dtype is not None and torch.finfo(dtype).bits > torch.finfo(self.dtype).bits:
+            raise ValueError(f"precision: this model's weights were converted to {self.dtype} by an earlier run; "
+                             f"load it again to run in {dtype}")
         for module in (self.encoder, self.unet):
             module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
             module.to(memory_format=torch.channels_last)
