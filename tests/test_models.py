@@ -512,3 +512,11 @@ def test_loaded_models_are_frozen_and_encode_reproducibly(ckpt_file, diffusers_f
     assert first.shape == (2, 4, 8, 8)
     assert torch.equal(first, model.encode(x, generators(7)))
     assert not torch.equal(first, model.encode(x, generators(8)))
+
+
+def test_numpy_training_metadata_in_a_ckpt_is_read_as_data(tmp_path, original_state):
+    import numpy as np
+
+    path = _save_ckpt(tmp_path / "numpy-meta.ckpt", {"state_dict": original_state, "global_step": np.int64(470000),
+                                                     "epoch": np.float64(6.0), "history": np.zeros(3)})
+    load_model(str(path), TINY)

@@ -38,12 +38,22 @@ class _InertPickledObject:
         pass
 
 
-# Globals that SD checkpoints saved by PyTorch Lightning reference outside their tensors. Mapping them onto an inert
-# class lets `weights_only=True` read such files without importing or running anything from them.
-_CKPT_METADATA_GLOBALS = [
-    (_InertPickledObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-    (_InertPickledObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
-]
+def _checkpoint_metadata_globals() -> list:
+    """Globals that SD checkpoints saved by PyTorch Lightning reference outside their tensors: its callback objects
+    (mapped onto an inert class, so nothing is imported or run) and NumPy scalars and arrays in the training metadata
+    (pure data; pickles name them under numpy 1's `numpy.core` or numpy 2's `numpy._core`)."""
+    import codecs
+
+    import numpy as np
+
+    allowed: list = [(_InertPickledObject, f"{package}.callbacks.model_checkpoint.ModelCheckpoint")
+                     for package in ("pytorch_lightning", "lightning.pytorch")]
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
+    allowed += [np.dtype, np.ndarray, (codecs.encode, "_codecs.encode")]
+    allowed += [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]  # the dtype classes numpy 2 pickles by name
+    return allowed
 
 
 def build_random(arch: Architecture = TINY, seed: int = 0) -> StableDiffusion:
@@ -156,7 +166,7 @@ def _read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             with safe_open(str(path), framework="pt") as handle:
                 return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(_WANTED)}
-        with torch.serialization.safe_globals(_CKPT_METADATA_GLOBALS):
+        with torch.serialization.safe_globals(_checkpoint_metadata_globals()):
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
