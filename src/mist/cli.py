@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import MODES, ProtectConfig
+from .config import MODES, PRECISIONS, ProtectConfig
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -43,7 +43,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help='the images show an object: condition on "a photo" instead of "a painting"')
     g.add_argument("--seed", type=int, default=d.seed,
                    help="random seed: same seed, same output (default: %(default)s)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
                         "else fp32 (default: %(default)s)")
     g.add_argument("--fast", action="store_true",

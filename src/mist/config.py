@@ -15,6 +15,7 @@ from typing import Literal
 Mode = Literal["textural", "semantic", "fused"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 MODES: tuple[Mode, ...] = ("textural", "semantic", "fused")
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
 # Mist v1.2's numeric --mode codes (its README's table swaps 0 and 1; this is what its code ran).
 MODE_CODES: dict[int, Mode] = {0: "semantic", 1: "textural", 2: "fused"}
 STYLE_PROMPT = "a painting"
@@ -83,8 +84,8 @@ class ProtectConfig:
             yield f"fused_weight: must be a number between -3 and 10, got {self.fused_weight!r}"
         if not _is_int(self.seed):
             yield f"seed: must be a whole number, got {self.seed!r}"
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            yield f"precision: must be auto, fp32, bf16 or fp16, got {self.precision!r}"
+        if self.precision not in PRECISIONS:
+            yield f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
         for name in ("mask", "target"):
             path = getattr(self, name)
             if path is not None and not path.is_file():

@@ -33,7 +33,7 @@ from PIL import Image
 from . import images as image_io
 from .attack import Cancelled
 from .batch import output_metadata, settings_text
-from .config import ProtectConfig
+from .config import MODES, PRECISIONS, ProtectConfig
 from .download import sha256_file
 from .webui_text import EN, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, duration, text
 
@@ -48,8 +48,6 @@ DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 50
 AUTH_ENV = "MIST_WEBUI_AUTH"
 SIZES = (256, 512, 768)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MODES = ("textural", "semantic", "fused")
 ZIP_NAME = "mist-protected.zip"
 EDITOR_NAME = "image.png"  # what outputs record as the source name of an image painted in the editor
 JOB_MAX_AGE_S = 24 * 3600  # job folders older than this are removed when a new job starts
