@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import mist.cli
-from mist import webui, webui_text
+from mist import webui, webui_app, webui_text
 from mist.batch import NO_PROTECTION_WARNING, settings_text
 from mist.config import ProtectConfig
 from mist.images import read_png_text
@@ -60,7 +60,7 @@ def test_settings_map_to_the_engine_config():
 
 def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
     pytest.importorskip("gradio")
-    demo = webui.build_app(WebUI(Engine("tiny-random"), tmp_path))
+    demo = webui_app.build_app(WebUI(Engine("tiny-random"), tmp_path))
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     strength, steps, weight = by_id["mist-strength"], by_id["mist-steps"], by_id["mist-fused-weight"]
     assert (strength.minimum, strength.maximum, strength.value) == (0, 32, 16)
@@ -79,8 +79,8 @@ def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
 def test_server_listens_locally_limits_uploads_and_runs_one_attack_at_a_time(tmp_path):
     pytest.importorskip("gradio")
     ui = WebUI(Engine("tiny-random"), tmp_path, max_upload_mb=5)
-    demo = webui.build_app(ui)
-    options = webui.launch_options(ui, demo, host=webui.DEFAULT_HOST, port=7860, share=False, auth=("a", "b"))
+    demo = webui_app.build_app(ui)
+    options = webui_app.launch_options(ui, demo, host=webui.DEFAULT_HOST, port=7860, share=False, auth=("a", "b"))
     assert options["server_name"] == "127.0.0.1" and options["max_file_size"] == "5mb"
     assert options["auth"] == ("a", "b") and options["share"] is False
     assert options["i18n"].translations["zh-CN"]["run"] == webui_text.ZH["run"]
@@ -270,7 +270,7 @@ def test_import_does_no_work():
 
 def test_command_line_warns_when_open_without_a_password(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(webui, "launch", lambda ui, **kw: calls.append((ui, kw)))
+    monkeypatch.setattr(webui_app, "launch", lambda ui, **kw: calls.append((ui, kw)))
     monkeypatch.delenv(webui.AUTH_ENV, raising=False)
     assert mist.cli.main(["webui", "--model", "tiny-random", "--listen", "--port", "7999"]) == 0
     ui, options = calls[-1]

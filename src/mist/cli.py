@@ -237,7 +237,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 
 
 def webui_command(args: argparse.Namespace) -> int:
-    from .webui import main as webui_main
+    from .webui_app import main as webui_main
 
     return webui_main(args)
 
