@@ -342,7 +342,7 @@ def test_checkpoint_with_openclip_text_keys_is_refused(tmp_path, original_state)
 @pytest.mark.parametrize("key", [
     "model.diffusion_model.input_blocks.0.0.weight",
     "model.diffusion_model.input_blocks.2.0.op.bias",
-    "model.diffusion_model.output_blocks.1.1.conv.bias",
+    "model.diffusion_model.output_blocks.1.2.conv.bias",
     "first_stage_model.encoder.down.0.downsample.conv.bias",
 ])
 def test_checkpoint_missing_any_single_key_is_refused_with_value_error(tmp_path, original_state, key):

@@ -25,7 +25,6 @@ _TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
 # Only these parts of a checkpoint are read: the VAE decoder, EMA copies and optimiser state are never needed.
 _WANTED = (_UNET, _VAE + "encoder.", _VAE + "quant_conv.", _TEXT, _SD2_TEXT)
-_CROSS_ATTENTION_KEY = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
 class _InertPickledObject:
@@ -188,7 +187,7 @@ def _check_original_layout(path: Path, state: dict[str, torch.Tensor], arch: Arc
     keys = list(state)
     if any(k.startswith(_SD2_TEXT) for k in keys):
         raise ValueError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); Mist needs SD v1")
-    cross = state.get(_CROSS_ATTENTION_KEY)
+    cross = next((state[k] for k in sorted(keys) if k.startswith(_UNET) and k.endswith("attn2.to_k.weight")), None)
     first = state.get(_UNET + "input_blocks.0.0.weight")
     if cross is None or first is None or not any(k.startswith(_TEXT) for k in keys):
         raise ValueError(f"{path}: not a Stable Diffusion v1 checkpoint (its UNet or text encoder weights are missing;"
