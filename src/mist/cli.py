@@ -76,9 +76,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`."""
     from .batch import run_batch
     from .device import pick_device, resolve_precision
-    from .models import load_path, resolve_model
-    from .models.loading import build_random
-    from .models.locate import TINY_RANDOM
+    from .models import load_model, model_label, resolve_model
     from .pipeline import Protector
     from .reporting import ConsoleReporter
 
@@ -91,7 +89,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     def load() -> Protector:
         if not quiet:
             print(f"loading model {where} onto {device} ...", flush=True)
-        model = build_random() if where == TINY_RANDOM else load_path(where)
+        model = load_model(where)
         if model.random_weights:
             print(f"WARNING: {where} has random weights: its outputs have NO protection", file=sys.stderr)
         return Protector(model, config, device, low_memory=low_memory, batch_size=batch_size)
@@ -105,15 +103,6 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         return EXIT_INTERRUPTED
     reporter.finish(summary, time.perf_counter() - started)
     return 0 if summary.ok else EXIT_FAILED_IMAGES
-
-
-def model_label(where: str | Path) -> str:
-    """How outputs name the model: `tiny-random`, a file or folder name, or a Hugging Face repository id."""
-    if isinstance(where, str):
-        return where
-    if where.parent.name == "snapshots" and where.parent.parent.name.startswith("models--"):
-        return where.parent.parent.name.removeprefix("models--").replace("--", "/")
-    return where.name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -116,10 +116,6 @@ class ProtectConfig:
         for name in ("mask", "target"):
             values[name] = None if values[name] is None else str(values[name])
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 def _is_int(value: object) -> bool:

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -62,8 +62,8 @@ class _Tile:
     pixels: torch.Tensor
     mask: torch.Tensor | None
     size: tuple[int, int]  # processed size of its image
-    start: StepInfo | None = None
-    end: StepInfo | None = None
+    start: tuple[float | None, float | None] = (None, None)  # (textural, semantic) at the first step
+    end: tuple[float | None, float | None] = (None, None)  # and at the last step
     result: torch.Tensor | None = None
 
 
@@ -146,8 +146,8 @@ class Protector:
             stitched = images.stitch_tiles([t.result for t in own], c.block_num)
             results.append(ProtectedImage(
                 image=images.tensor_to_image(stitched), size=own[0].size,
-                textural_start=_sum(own, "start", "textural"), textural_end=_sum(own, "end", "textural"),
-                semantic_start=_sum(own, "start", "semantic"), semantic_end=_sum(own, "end", "semantic"),
+                textural_start=_sum(t.start[0] for t in own), textural_end=_sum(t.end[0] for t in own),
+                semantic_start=_sum(t.start[1] for t in own), semantic_end=_sum(t.end[1] for t in own),
                 seconds=seconds, random_weights=self.model.random_weights,
             ))
         return results
@@ -167,12 +167,12 @@ class Protector:
         def on_step(info: StepInfo) -> None:
             for position, tile in enumerate(batch):
                 if info.step == 1:
-                    tile.start = _item(info, position)
+                    tile.start = _losses(info, position)
                 if info.step == info.steps:
-                    tile.end = _item(info, position)
+                    tile.end = _losses(info, position)
             if callback is not None:
                 callback(Progress(number * c.steps + info.step, batches * c.steps, number, batches, members,
-                                  _total(info.textural), _total(info.semantic), sum(info.objective)))
+                                  _sum(info.textural or ()), _sum(info.semantic or ()), sum(info.objective)))
 
         with flush_denormals(self.device):
             out = masked_linf_pgd(x, objective, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
@@ -223,19 +223,12 @@ def _batches(tiles: list[_Tile], batch_size: int) -> list[list[_Tile]]:
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def _item(info: StepInfo, position: int) -> StepInfo:
-    """The part of a batch's step that concerns the tile at `position`."""
-    def pick(values: list[float] | None) -> list[float] | None:
-        return None if values is None else [values[position]]
-
-    return StepInfo(info.step, info.steps, pick(info.textural), pick(info.semantic), pick(info.objective))
+def _losses(info: StepInfo, position: int) -> tuple[float | None, float | None]:
+    """The (textural, semantic) losses of the tile at `position` of a batch's step."""
+    return tuple(None if values is None else values[position] for values in (info.textural, info.semantic))
 
 
-def _total(values: list[float] | None) -> float | None:
-    return None if values is None else sum(values)
-
-
-def _sum(tiles: list[_Tile], when: str, loss: str) -> float | None:
-    values = [getattr(getattr(t, when), loss) for t in tiles if getattr(t, when) is not None]
-    values = [v[0] for v in values if v is not None]
-    return sum(values) if values else None
+def _sum(values: Iterable[float | None]) -> float | None:
+    """The sum of the values present; None when none is."""
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None

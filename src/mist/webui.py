@@ -195,9 +195,8 @@ class Engine:
         Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
         import torch
 
-        from .cli import model_label
         from .device import pick_device, resolve_precision
-        from .models import load_model
+        from .models import load_model, model_label
         from .objectives import PRECISION_DTYPES
         from .pipeline import Protector
 

@@ -7,10 +7,10 @@ import os
 from .architectures import SD_V1, TINY, Architecture
 from .components import StableDiffusion
 from .loading import build_random, load_path
-from .locate import TINY_RANDOM, ModelNotFoundError, resolve_model
+from .locate import TINY_RANDOM, ModelNotFoundError, model_label, resolve_model
 
 __all__ = ["Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY", "TINY_RANDOM", "load_model",
-           "resolve_model"]
+           "model_label", "resolve_model"]
 
 
 def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1) -> StableDiffusion:

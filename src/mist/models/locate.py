@@ -50,6 +50,16 @@ def resolve_model(spec: str | os.PathLike | None = None) -> str | Path:
     )
 
 
+def model_label(where: str | Path) -> str:
+    """How outputs name a resolved model: `tiny-random`, a file or folder name, or a Hugging Face repository id (never
+    a full path, which would leak into published images)."""
+    if isinstance(where, str):
+        return where
+    if where.parent.name == "snapshots" and where.parent.parent.name.startswith("models--"):
+        return where.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return where.name
+
+
 def default_roots() -> list[Path]:
     """Folders under which the seed's model path is looked for: the current folder, then $MIST_HOME if set."""
     roots = [Path.cwd()]

@@ -48,7 +48,6 @@ def clip_tokenizer():
 
 def tokenize(prompt: str) -> torch.Tensor:
     """Token ids of `prompt`, padded with the end marker to 77 as SD v1 expects: shape (1, 77), int64."""
-    ids = clip_tokenizer()(
+    return clip_tokenizer()(
         prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
-    return ids
