@@ -20,7 +20,10 @@ def _pictures(count=3):
 def test_checkpointing_changes_nothing_but_memory(tiny_model):
     config = ProtectConfig(steps=3, input_size=64, precision="fp32")
     plain = Protector(tiny_model, config, low_memory=False).protect(_pictures(1)[0]).image.tobytes()
-    saved = Protector(tiny_model, config, low_memory=True).protect(_pictures(1)[0]).image.tobytes()
+    checkpointed = Protector(tiny_model, config, low_memory=True)
+    model = checkpointed.model
+    assert model.unet.is_gradient_checkpointing and model.encoder.encoder.gradient_checkpointing
+    saved = checkpointed.protect(_pictures(1)[0]).image.tobytes()
     assert plain == saved
 
 
