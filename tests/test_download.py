@@ -33,6 +33,8 @@ class Behaviour:
     ignore_range: bool = False
     status: int | None = None  # answer every request with this error code
     redirect_to: str | None = None  # answer with a 302 to this base URL (path kept)
+    body: bytes = PAYLOAD  # what the file is on this server
+    content_type: str | None = None
     requests: list[dict] = field(default_factory=list)
 
 
@@ -58,17 +60,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if match and not b.ignore_range:
             start = int(match.group(1))
-            if start >= len(PAYLOAD):
+            if start >= len(b.body):
                 self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+                self.send_header("Content-Range", f"bytes */{len(b.body)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header("Content-Range", f"bytes {start}-{len(b.body) - 1}/{len(b.body)}")
         else:
             self.send_response(200)
-        body = PAYLOAD[start:]
+        if b.content_type:
+            self.send_header("Content-Type", b.content_type)
+        body = b.body[start:]
         self.send_header("Content-Length", str(len(body)))  # the full length, even when we are about to cut
         self.end_headers()
         if b.cut_after is not None and b.cut_requests > 0:
@@ -121,6 +125,8 @@ def _part(dest: Path) -> Path:
 
 def test_models_table():
     assert set(dl.MODELS) == {"v1-4", "v1-5"}
+    assert {remote.sha256 for remote in dl.MODELS.values()} <= set(dl.KNOWN_CHECKSUMS)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", sha) for sha in dl.KNOWN_CHECKSUMS) and len(dl.KNOWN_CHECKSUMS) == 6
     for remote in dl.MODELS.values():
         assert remote.url.startswith("{endpoint}/") and remote.url.endswith("/" + remote.filename)
         assert re.fullmatch(r"[0-9a-f]{64}", remote.sha256)
@@ -328,3 +334,77 @@ def test_disk_full_keeps_part_and_resumes(server, tmp_path, monkeypatch):
     _get(_remote(base), dest)
     assert behaviour.requests[-1]["headers"]["Range"] == f"bytes={3 * CHUNK}-"
     assert dest.read_bytes() == PAYLOAD and not _part(dest).exists()
+
+
+def test_a_web_page_instead_of_the_model_is_named_as_such(server, tmp_path):
+    behaviour, base = server
+    behaviour.body, behaviour.content_type = b"<html><body>Access denied</body></html>\n", "text/html; charset=utf-8"
+    with pytest.raises(DownloadError) as info:
+        _get(_remote(base), tmp_path / "model.bin")
+    message = str(info.value)
+    host = urllib.parse.urlsplit(base).netloc
+    assert f"{host} sent {len(behaviour.body)} bytes (text/html)" in message and "not a model" in message and "Access denied" in message
+    assert "partial" not in message and "will get the same answer" in message
+    assert not (tmp_path / "model.bin").exists() and not _part(tmp_path / "model.bin").exists()
+
+
+def test_a_different_big_file_is_not_downloaded_again_and_again(server, tmp_path):
+    behaviour, base = server
+    behaviour.body, behaviour.content_type = PAYLOAD * 4, "application/octet-stream"  # 1.2 MB: model-sized here
+    with pytest.raises(DownloadError) as info:
+        _get(_remote(base), tmp_path / "model.bin")
+    message = str(info.value)
+    assert "sent 1.2 MB (application/octet-stream)" in message and "serves a different file" in message
+    assert "--sha256" in message and "run again" not in message
+
+
+def test_a_mismatch_after_resuming_an_old_part_suggests_one_fresh_download(server, tmp_path):
+    _, base = server
+    dest = tmp_path / "model.bin"
+    _part(dest).write_bytes(b"\0" * 1000)  # left by an earlier run, and wrong
+    with pytest.raises(DownloadError, match="run again once to download the whole file"):
+        _get(_remote(base), dest)
+    _get(_remote(base), dest)  # which then works
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_sha256_option_downloads_any_checkpoint(server, tmp_path, capsys):
+    import mist.cli
+
+    _, base = server
+    dest = tmp_path / "other.safetensors"
+    code = mist.cli.main(["download-model", "-q", "--url", f"{base}/x/other.safetensors", "--sha256",
+                          PAYLOAD_SHA.upper(), "--to", str(dest)])
+    assert code == 0 and dest.read_bytes() == PAYLOAD
+    assert f"{dest}: other.safetensors ready (SHA-256 verified)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, problem", [(["--url", "http://127.0.0.1:9/m.ckpt"], "--url: give the file's"),
+                                           (["--sha256", "abc"], "--sha256: expected 64 hexadecimal digits")])
+def test_sha256_option_errors_are_one_line(capsys, tmp_path, args, problem):
+    import mist.cli
+
+    code = mist.cli.main(["download-model", "-q", "--to", str(tmp_path / "m.ckpt"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_choose_remote_defaults_to_the_official_files():
+    assert dl.choose_remote("v1-5") is dl.MODELS["v1-5"]
+    replaced = dl.choose_remote("v1-4", sha256="A" * 64)
+    assert replaced.url == dl.MODELS["v1-4"].url and replaced.sha256 == "a" * 64
+    assert dl.choose_remote("v1-4", "https://h/x/v1-5-pruned.ckpt", "b" * 64).suffix == ".ckpt"
+    assert dl.MODELS["v1-5"].label == "SD v1.5 (v1-5-pruned-emaonly.safetensors)"
+
+
+def test_token_sent_to_a_third_party_mirror_is_warned_about(server, tmp_path, caplog):
+    _, base = server
+    _get(_remote(base), tmp_path / "model.bin", token="hf_secret")
+    assert any("HF_TOKEN is sent to 127.0.0.1, which is not Hugging Face" in r.getMessage() for r in caplog.records)
+
+
+def test_access_refused_without_token_says_set_token_and_accept_licence(server, tmp_path):
+    behaviour, base = server
+    behaviour.status = 401
+    with pytest.raises(DownloadError, match="set HF_TOKEN and accept the model's licence"):
+        _get(_remote(base), tmp_path / "model.bin")

@@ -75,7 +75,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
                 batch_size: int = 1) -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`."""
     from .batch import run_batch
-    from .device import pick_device, resolve_precision
+    from .device import cuda_problem, pick_device, resolve_precision
     from .models import load_model, model_label, resolve_model
     from .pipeline import Protector
     from .reporting import ConsoleReporter
@@ -85,6 +85,8 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     where = resolve_model(model_spec)  # a missing model is reported before any image is touched
     device = pick_device(device_name)
     resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
+    if device.type != "cuda" and (problem := cuda_problem()):
+        print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
 
     def load() -> Protector:
         if not quiet:
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--to", type=Path, metavar="PATH",
                           help="file to write (default: models/ldm/stable-diffusion-v1/model.ckpt under $MIST_HOME "
                                "or the current folder; .safetensors for v1-5)")
+    download.add_argument("--url", help="download another SD 1.x checkpoint from this URL (needs --sha256)")
+    download.add_argument("--sha256", metavar="HEX", help="the file's published SHA-256, checked before it is used")
     download.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     doctor = commands.add_parser("doctor", help="check this machine and recommend settings",
@@ -200,18 +204,18 @@ def protect_command(args: argparse.Namespace) -> int:
 
 def download_command(args: argparse.Namespace) -> int:
     from .doctor import remember_checksum
-    from .download import MODELS, DownloadError, download
+    from .download import DownloadError, choose_remote, download
     from .models.locate import default_model_path
 
-    remote = MODELS[args.version]
-    destination = args.to or default_model_path(Path(remote.filename).suffix)
+    remote = choose_remote(args.version, args.url, args.sha256)
+    destination = args.to or default_model_path(remote.suffix)
     try:
         path = download(remote, destination, progress=not args.quiet)
     except DownloadError as exc:
         print(f"mist: download failed: {exc}", file=sys.stderr)
         return EXIT_FAILED_IMAGES
     remember_checksum(path, remote.sha256)
-    print(f"{path}: SD {args.version.replace('-', '.')} ready (SHA-256 verified)")
+    print(f"{path}: {remote.label} ready (SHA-256 verified)")
     return 0
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import torch
+
+from . import cuda_driver
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -44,3 +49,53 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision: fp16 needs a CUDA GPU (this run is on {device.type}); use bf16 or fp32")
     return precision
+
+
+def cuda_problem() -> str | None:
+    """Why PyTorch cannot use this machine's NVIDIA GPU, in one sentence; None when CUDA works or there is no NVIDIA
+    driver. Runs `nvidia-smi` (a fraction of a second) only when CUDA is unavailable."""
+    if torch.cuda.is_available():
+        return None
+    driver = cuda_driver.probe()
+    if not driver.present:
+        return None
+    try:
+        torch.cuda.init()  # raises with PyTorch's own reason (no driver found, too old, initialisation failed)
+        reason = ""
+    except Exception as exc:  # noqa: BLE001 - any failure here is the answer we are looking for
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return explain_cuda_problem(torch.__version__, torch.version.cuda, driver, reason,
+                                os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def explain_cuda_problem(torch_version: str, torch_cuda: str | None, driver: cuda_driver.Driver, reason: str,
+                         visible_devices: str | None) -> str:
+    """The sentence `cuda_problem` returns, from what it found (separate so that every case can be tested).
+
+    torch_cuda: the CUDA version PyTorch was built for (`torch.version.cuda`), None for a CPU-only build.
+    reason: PyTorch's own error from initialising CUDA, or "".
+    """
+    driver_cuda = cuda_driver.format_version(driver.cuda) if driver.cuda else None
+    index = cuda_driver.torch_index(driver.cuda) if driver.cuda else None
+    if index:
+        fix = (f"reinstall PyTorch for this driver (rerun install.sh, or pip install --force-reinstall torch "
+               f"--index-url {index})")
+    elif driver.cuda:
+        oldest = cuda_driver.format_version(min(cuda_driver.TORCH_INDEXES))
+        fix = f"this driver is older than every PyTorch build Mist runs on (CUDA {oldest}): ask for a newer driver"
+    else:
+        fix = "rerun install.sh, which picks the PyTorch build for this driver"
+    intro = "an NVIDIA GPU is present but PyTorch cannot use it"
+    if visible_devices is not None and visible_devices.strip() in ("", "-1", "none", "NoDevFiles"):
+        return f"{intro}: CUDA_VISIBLE_DEVICES={visible_devices!r} hides every GPU"
+    if torch_cuda is None:
+        return f"{intro}: PyTorch {torch_version} is a CPU-only build; {fix}"
+    if driver_cuda is not None and _version_tuple(torch_cuda) > driver.cuda:
+        return (f"{intro}: PyTorch {torch_version} is built for CUDA {torch_cuda}, but the NVIDIA driver supports "
+                f"CUDA {driver_cuda} at most; {fix}")
+    known = f"driver supports CUDA {driver_cuda}" if driver_cuda else driver.detail or "driver version unknown"
+    return f"{intro} ({reason or 'torch.cuda.is_available() is False'}; PyTorch built for CUDA {torch_cuda}, {known})"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])

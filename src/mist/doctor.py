@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .device import pick_device, resolve_precision
-from .download import MODELS, sha256_file
+from .device import cuda_problem, pick_device, resolve_precision
+from .download import KNOWN_CHECKSUMS, sha256_file
 from .pipeline import available_ram_bytes
 
 # Peak memory (GiB) of a 512 x 512 fused attack step with SD v1, measured by benchmarks/bench.py on the CPU (process
 # RSS, weights included); keyed by (precision, gradient checkpointing). GPU needs are lower: no Python heap on the card.
 MEASURED_NEED_GIB = {("bf16", False): 4.7, ("bf16", True): 3.6, ("fp32", False): 9.0, ("fp32", True): 6.6}
 MARGIN = 1.2  # leave a fifth for fragmentation, the system and other programs
-KNOWN_MODELS = {remote.sha256: name for name, remote in MODELS.items()}
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,10 @@ def model_check(where: Path) -> Line:
     if digest is None:
         digest = sha256_file(where)
         remember_checksum(where, digest)
-    name = KNOWN_MODELS.get(digest)
+    name = KNOWN_CHECKSUMS.get(digest)
     if name:
-        return Line("model", f"{where} (SD {name.replace('-', '.')}, checksum verified)")
-    return Line("model", f"{where} (checksum {digest[:12]}... is not a known SD v1 release: a fine-tune, or damaged)")
+        return Line("model", f"{where} ({name}, checksum verified)")
+    return Line("model", f"{where} (checksum {digest[:12]}... is not an official SD 1.x file: a fine-tune, or damaged)")
 
 
 def _checksum_cache(path: Path) -> tuple[Path, str]:
@@ -83,9 +82,13 @@ def recommend(device: torch.device, free_gib: float | None) -> str:
 def report(output_dir: Path, model_spec: str | None, device_name: str | None = None) -> list[Line]:
     from . import __version__
     from .models import ModelNotFoundError, resolve_model
+    from .models.locate import mist_command
 
     lines = [Line("mist", __version__), Line("python", f"{platform.python_version()} ({platform.platform()})"),
              Line("pytorch", f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}")]
+    problem = cuda_problem()
+    if problem:
+        lines.append(Line("cuda", f"{problem}. Mist would run on the CPU, many times slower", problem=True))
     try:
         device = pick_device(device_name)
     except ValueError as exc:
@@ -104,7 +107,8 @@ def report(output_dir: Path, model_spec: str | None, device_name: str | None = N
         where = resolve_model(model_spec)
         lines.append(model_check(where) if isinstance(where, Path) else Line("model", f"{where} (NO protection)"))
     except ModelNotFoundError as exc:
-        lines.append(Line("model", str(exc).splitlines()[0].rstrip(".") + "; run: mist download-model", problem=True))
+        lines.append(Line("model", str(exc).splitlines()[0].rstrip(".") + f"; run: {mist_command()} download-model",
+                          problem=True))
     folder = output_dir if output_dir.exists() else next((p for p in output_dir.parents if p.exists()), Path("."))
     disk = shutil.disk_usage(folder)
     lines.append(Line("disk", f"{disk.free / 1024**3:.1f} GiB free in {folder.resolve()}",

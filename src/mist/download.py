@@ -51,6 +51,16 @@ class Remote:
         # str.replace, not str.format: a URL may legitimately hold other braces or percent-escapes.
         return self.url.replace("{endpoint}", resolve_endpoint(endpoint))
 
+    @property
+    def suffix(self) -> str:
+        """The suffix the saved file gets, so that the loader reads it the right way: .safetensors or .ckpt."""
+        return ".safetensors" if self.filename.lower().endswith(".safetensors") else ".ckpt"
+
+    @property
+    def label(self) -> str:
+        """What the file is, for messages: an official release's name, else its file name."""
+        return KNOWN_CHECKSUMS.get(self.sha256.lower(), self.filename)
+
 
 MODELS: dict[str, Remote] = {
     "v1-4": Remote(
@@ -65,6 +75,18 @@ MODELS: dict[str, Remote] = {
     ),
 }
 
+# The official SD 1.x checkpoint files Mist runs on, by SHA-256 (the checksums published with them on Hugging Face),
+# so that `doctor` recognises every one of them, not only the two `download-model` fetches by default.
+KNOWN_CHECKSUMS: dict[str, str] = {
+    "fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556": "SD v1.4 (sd-v1-4.ckpt)",
+    "14749efc0ae8ef0329391ad4436feb781b402f4fece4883c7ad8d10556d8a36a": "SD v1.4 (sd-v1-4-full-ema.ckpt)",
+    "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa": "SD v1.5 (v1-5-pruned-emaonly.safetensors)",
+    "cc6cb27103417325ff94f52b7a5d2dde45a7515b25c255d8e396c90014281516": "SD v1.5 (v1-5-pruned-emaonly.ckpt)",
+    "1a189f0be69d6106a48548e7626207dddd7042a418dbf372cefd05e0cdba61b6": "SD v1.5 (v1-5-pruned.safetensors)",
+    "e1441589a6f3c5a53f5f54d0975a18a7feb7cdf0b0dee276dfc3331ae376a053": "SD v1.5 (v1-5-pruned.ckpt)",
+}
+_HUGGING_FACE_HOSTS = ("huggingface.co", "hf.co")
+
 
 class DownloadError(Exception):
     """A download failed; the message is one line that says what happened and what to do about it."""
@@ -74,6 +96,23 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     """The argument, else `HF_ENDPOINT`, else huggingface.co; read at call time so a changed environment applies."""
     value = endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     return value.strip().rstrip("/")
+
+
+def choose_remote(version: str, url: str | None = None, sha256: str | None = None) -> Remote:
+    """What `mist download-model` fetches: `version`'s official file, or any checkpoint at `url`, which then needs
+    the SHA-256 its publisher gives (`sha256`, 64 hex digits) so that the download can be verified. `sha256` alone
+    replaces the official checksum of `version`'s file. Raises ValueError naming the option at fault."""
+    if sha256 is not None:
+        sha256 = sha256.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"--sha256: expected 64 hexadecimal digits, got {sha256!r}")
+    if url is None:
+        official = MODELS[version]
+        return official if sha256 is None else Remote(official.url, sha256, official.filename)
+    if sha256 is None:
+        raise ValueError("--url: give the file's published SHA-256 with --sha256, so that the download can be checked")
+    filename = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "model.ckpt"
+    return Remote(url, sha256, filename)
 
 
 def sha256_file(path: Path) -> str:
@@ -107,6 +146,9 @@ def download(
         if got == expected:
             return destination
         # Never delete it: it may be the user's own fine-tune or a file they placed by hand.
+        if got in KNOWN_CHECKSUMS:
+            raise DownloadError(f"{destination} already holds {KNOWN_CHECKSUMS[got]}, which Mist can use as it is; to "
+                                f"get {remote.label} as well, choose another file with --to")
         raise DownloadError(
             f"{destination} already exists with a different checksum (got {got}, expected {expected}): "
             "move it away and run again"
@@ -116,6 +158,10 @@ def download(
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"bad download URL {url!r}: HF_ENDPOINT must start with http:// or https://")
     token = token or os.environ.get("HF_TOKEN") or None
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if token and not any(host == known or host.endswith("." + known) for known in _HUGGING_FACE_HOSTS):
+        log.warning("HF_TOKEN is sent to %s, which is not Hugging Face: whoever runs that server can use your token. "
+                    "Unset HF_TOKEN for this download unless you trust it.", host)
     part = destination.with_name(destination.name + ".part")
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +175,9 @@ def download(
         job.close_bar()
 
     if digest != expected:
+        message = job.describe_mismatch(digest, expected)
         part.unlink(missing_ok=True)
-        raise DownloadError(
-            f"checksum mismatch: got {digest}, expected {expected}; the partial file was removed, run again"
-        )
+        raise DownloadError(message)
     # Atomic on one filesystem (the .part sits beside its destination), so readers see no file or the whole file.
     os.replace(part, destination)
     return destination
@@ -211,8 +256,8 @@ def _describe_network_error(exc: BaseException, url: str, token: str | None) -> 
             if token:
                 return (f"access refused (HTTP {code}) at {url}: the token was not accepted: check HF_TOKEN and "
                         "accept the model's licence on its page")
-            return (f"access refused (HTTP {code}): this host needs a token: set HF_TOKEN, or accept the model's "
-                    "licence on its page")
+            return (f"access refused (HTTP {code}) at {url}: this file needs a Hugging Face token: set HF_TOKEN and "
+                    "accept the model's licence on its page")
         if code == 404:
             return f"not found (HTTP 404) at {url}: check HF_ENDPOINT / the mirror"
         return f"HTTP {code} {exc.reason} from {url}"
@@ -241,6 +286,9 @@ class _Job:
         self.total: int | None = None
         self.bar: Any = None
         self.received = 0  # bytes received over all attempts: tells a retry that made progress from one that did not
+        self.resumed = part.exists()  # the .part was left by an earlier run: its bytes were not checked by this one
+        self.source = urllib.parse.urlsplit(url).netloc  # host that sent the last bytes (after redirects)
+        self.content_type = ""  # the Content-Type of the last answer
 
     def run(self) -> str:
         failures = 0
@@ -292,6 +340,8 @@ class _Job:
             raise
         with response:
             status = getattr(response, "status", None) or response.getcode()
+            self.source = urllib.parse.urlsplit(response.geturl()).netloc or self.source
+            self.content_type = response.headers.get("Content-Type", "") or ""
             length = _int_or_none(response.headers.get("Content-Length"))
             if status == 206 and have:
                 match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
@@ -310,6 +360,7 @@ class _Job:
                     log.info("server does not support resuming; downloading %s from the start", self.label)
                 self.total = length
                 expected_body = length
+                self.resumed = False  # every byte of the file now comes from this run
                 self.digest, self.hashed = hashlib.sha256(), 0
                 mode, start = "wb", 0
             self._show(start)
@@ -386,6 +437,34 @@ class _Job:
         if self.bar is not None:
             self.bar.close()
 
+    def describe_mismatch(self, got: str, expected: str) -> str:
+        """Why the finished .part does not have the expected checksum, and what to do: never "run again" when a new
+        download would only bring the same wrong bytes (a 4 GB loop on a metered server)."""
+        size = self.part.stat().st_size if self.part.exists() else 0
+        kind = self.content_type.split(";")[0].strip() or "no content type"
+        sent = f"{self.source} sent {_size_text(size)} ({kind})"
+        if self.resumed:
+            return (f"checksum mismatch: got {got}, expected {expected}; the download continued a partial file left "
+                    "by an earlier run, which may be what was wrong: it was removed, run again once to download the "
+                    "whole file (if that fails the same way, the source serves another file)")
+        if kind.startswith("text/") or kind in ("application/json", "application/xml") or size < _SMALLEST_MODEL:
+            return (f"checksum mismatch: {sent}, not a model: an error or login page{self._text_start()} (SHA-256 "
+                    f"{got}). Nothing was kept. Check HF_ENDPOINT or the proxy; a gated file needs HF_TOKEN set and "
+                    "its licence accepted. Running again unchanged will get the same answer")
+        return (f"checksum mismatch: {sent} whose SHA-256 is {got}, not the expected {expected}: it serves a "
+                "different file. Nothing was kept; downloading again from the same place would bring the same bytes. "
+                "Use another source (HF_ENDPOINT), or if this is the checkpoint you want, give its published checksum "
+                "with --sha256")
+
+    def _text_start(self) -> str:
+        try:
+            with open(self.part, "rb") as handle:
+                head = handle.read(200).decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        words = " ".join(head.split())
+        return f' starting "{words[:80]}"' if words.isprintable() and words else ""
+
     def _describe_write_error(self, error: OSError) -> str:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             have = self.part.stat().st_size if self.part.exists() else 0
@@ -398,6 +477,13 @@ class _Job:
             return (f"disk full while writing {self.part}: {amount} and run again; the partial download is kept and "
                     "will resume")
         return f"cannot write {self.part}: {error.strerror or error}"
+
+
+_SMALLEST_MODEL = 1 << 20  # any Stable Diffusion checkpoint is gigabytes; a file under 1 MiB is a message, not one
+
+
+def _size_text(size: int) -> str:
+    return f"{size} bytes" if size < 1 << 20 else f"{size / 1e9:.2f} GB" if size >= 10**9 else f"{size / 1e6:.1f} MB"
 
 
 def _int_or_none(value: str | None) -> int | None:

@@ -1,9 +1,12 @@
 """Where Mist finds a Stable Diffusion v1 model, in order: `--model`, `$MIST_MODEL`, the seed's path (under the current
-folder, then under `$MIST_HOME`, the persistent folder a cloud install lives in), the Hugging Face cache."""
+folder, then under Mist's home: `$MIST_HOME`, or the persistent folder install.sh recorded in its environment), the
+Hugging Face cache."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 TINY_RANDOM = "tiny-random"
@@ -43,7 +46,7 @@ def resolve_model(spec: str | os.PathLike | None = None) -> str | Path:
     raise ModelNotFoundError(
         "no Stable Diffusion v1 model found. Looked at: --model (not given), $MIST_MODEL (not set), "
         f"{places} (and .safetensors), and SD v1.4/v1.5 snapshots in {hf_cache_dir()}.\n"
-        f"Get one with:  mist download-model   (saves it to {default_model_path()})\n"
+        f"Get one with:  {mist_command()} download-model   (saves it to {default_model_path()})\n"
         f"or:  wget -c {DOWNLOAD_URL}  then:  mkdir -p {SEED_MODEL_PATH.parent} && mv sd-v1-4.ckpt {SEED_MODEL_PATH}\n"
         "or name a .ckpt / .safetensors file or diffusers folder with --model PATH "
         f"(--model {TINY_RANDOM} runs a test model that gives no protection)."
@@ -60,21 +63,52 @@ def model_label(where: str | Path) -> str:
     return where.name
 
 
-def default_roots() -> list[Path]:
-    """Folders under which the seed's model path is looked for: the current folder, then $MIST_HOME if set."""
-    roots = [Path.cwd()]
+HOME_RECORD = "mist-home"  # written by install.sh into the Python environment it builds: the folder it installed to
+LAUNCHER_ENV = "MIST_LAUNCHER"  # set by install.sh's launcher to its own path
+
+
+def mist_home() -> Path | None:
+    """Mist's persistent folder: `$MIST_HOME` (set by install.sh's launcher), else the folder install.sh recorded in
+    the running Python environment (so `WORK/mist-env/bin/python mist_v3.py` finds what the launcher finds)."""
     home = os.environ.get("MIST_HOME", "").strip()
-    if home and Path(home).expanduser().resolve() != Path.cwd().resolve():
-        roots.append(Path(home).expanduser())
+    if home:
+        return Path(home).expanduser()
+    try:
+        recorded = (Path(sys.prefix) / HOME_RECORD).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(recorded) if recorded else None
+
+
+def default_roots() -> list[Path]:
+    """Folders under which the seed's model path is looked for: the current folder, then Mist's home if known."""
+    roots = [Path.cwd()]
+    home = mist_home()
+    if home is not None and home.resolve() != Path.cwd().resolve():
+        roots.append(home)
     return roots
 
 
 def default_model_path(suffix: str = ".ckpt") -> Path:
-    """Where `mist download-model` puts a model: under $MIST_HOME when set (a cloud install's persistent folder),
+    """Where `mist download-model` puts a model: under Mist's home when known (a cloud install's persistent folder),
     else under the current folder, at the seed's `models/ldm/stable-diffusion-v1/model.ckpt` (or `.safetensors`)."""
-    home = os.environ.get("MIST_HOME", "").strip()
-    root = Path(home).expanduser() if home else Path.cwd()
-    return root / SEED_MODEL_PATH.with_suffix(suffix)
+    home = mist_home()
+    return (home if home is not None else Path.cwd()) / SEED_MODEL_PATH.with_suffix(suffix)
+
+
+def mist_command() -> str:
+    """How a message should tell the user to run Mist: `mist` when that is on PATH, else the launcher's (or the
+    environment's `mist` script's) full path, so that a printed command can be pasted as it is."""
+    home = mist_home()
+    candidates = [os.environ.get(LAUNCHER_ENV, "").strip(), home / "bin" / "mist" if home else "",
+                  Path(sys.executable).parent / "mist"]
+    on_path = shutil.which("mist")
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            if on_path and Path(on_path).resolve() == Path(candidate).resolve():
+                return "mist"
+            return str(candidate)
+    return "mist"
 
 
 def hf_cache_dir() -> Path:
