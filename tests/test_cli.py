@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -402,15 +403,22 @@ def test_model_load_guard_is_effective(capsys, tmp_path, no_model_load):
 
 
 @pytest.mark.parametrize("options, named", [
-    (["--epsilon", "300"], "epsilon"),
-    (["--epsilon", "-1"], "epsilon"),
-    (["--steps", "-1"], "steps"),
-    (["--input-size", "100"], r"input[-_]size"),
-    (["--input-size", "64", "--block-num", "3"], r"input[-_]size|block[-_]num"),
-    (["--mask", "{tmp}/missing.png"], r"mask.*missing\.png"),
-    (["--target", "{tmp}/missing.png"], r"target.*missing\.png"),
-], ids=["epsilon-300", "epsilon-negative", "steps-negative", "input-size-100", "block-num-3", "mask", "target"])
-def test_invalid_options_are_refused_before_loading_a_model(capsys, tmp_path, no_model_load, options, named):
+    (["--epsilon", "300"], r"^mist: error: --epsilon: "),
+    (["--epsilon", "-1"], r"^mist: error: --epsilon: "),
+    (["--steps", "-1"], r"^mist: error: --steps: "),
+    (["--step-size", "0"], r"^mist: error: --step-size: "),
+    (["--input-size", "100"], r"^mist: error: --input-size: 100 is not divisible by 8 x --block-num = 8"),
+    (["--input-size", "64", "--block-num", "3"], r"^mist: error: --input-size: .* x --block-num = 24"),
+    (["--fused-weight", "11"], r"^mist: error: --fused-weight: "),
+    (["--mask", "{tmp}/missing.png"], r"^mist: error: --mask: .*missing\.png"),
+    (["--target", "{tmp}/missing.png"], r"^mist: error: --target: .*missing\.png"),
+    (["--device", "foo"], r"^mist: error: --device: 'foo' is not a device"),
+    (["--device", "cuda:x"], r"^mist: error: --device: 'cuda:x' is not a device"),
+    (["--batch-size", "0"], r"^mist: error: --batch-size: "),
+], ids=["epsilon-300", "epsilon-negative", "steps-negative", "step-size-0", "input-size-100", "block-num-3",
+        "fused-weight-11", "mask", "target", "device-foo", "device-cuda-x", "batch-size-0"])
+def test_invalid_options_are_refused_by_their_flag_before_loading_a_model(capsys, tmp_path, no_model_load, options,
+                                                                           named):
     source = make_image(tmp_path / "a.png")
     options = [o.format(tmp=tmp_path) for o in options]
 
@@ -419,7 +427,87 @@ def test_invalid_options_are_refused_before_loading_a_model(capsys, tmp_path, no
 
     assert code == 2
     assert len(lines(err)) == 1, err
-    assert re.search(named, err)
+    assert re.search(named, err), err
+    assert not re.search(r"\b(input_size|block_num|step_size|fused_weight)\b", err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_field_name_inside_a_path_is_not_taken_for_a_flag(capsys, tmp_path, no_model_load):
+    source = make_image(tmp_path / "a.png")
+    missing = tmp_path / "block_num" / "input_size.png"
+
+    code, out, err = run_cli(capsys, "protect", source, "-o", tmp_path / "out", *FAST, "--mask", missing)
+
+    assert code == 2
+    assert lines(err) == [f"mist: error: --mask: {missing}: no such file"]
+
+
+@pytest.mark.parametrize("device, named", [("mps", "mps"), ("cuda", "cuda"), ("cuda:1", "cuda:1")])
+def test_a_device_this_machine_lacks_is_refused_before_loading_a_model(capsys, tmp_path, monkeypatch, no_model_load,
+                                                                       device, named):
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if device == "cuda:1":  # one GPU present: its index is 0
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    source = make_image(tmp_path / "a.png")
+
+    code, out, err = protect(capsys, source, "-o", tmp_path / "out", "--device", device)
+
+    assert code == 2
+    assert len(lines(err)) == 1, err
+    assert err.startswith(f"mist: error: --device: {named} ")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"],
+    ["protect", "--help"],
+    ["protect", "a.png", "-o", "out", "--epsilon", "300"],
+    ["protect", "a.png", "-o", "out", "--input-size", "100"],
+    ["protect", "a.png", "-o", "out", "--device", "foo"],
+    ["protect", "a.png", "-o", "out", "--mask", "missing.png"],
+    ["legacy", "--input_size", "100"],
+    ["legacy", "--mode", "3"],
+], ids=["help", "protect-help", "epsilon", "input-size", "device", "mask", "legacy-input-size", "legacy-mode"])
+def test_help_and_option_errors_import_no_heavy_module(tmp_path, argv):
+    """Checked in a fresh interpreter: PyTorch and diffusers take seconds to import; an option error must not wait."""
+    make_image(tmp_path / "a.png")
+    face = "mist.legacy" if argv[0] == "legacy" else "mist.cli"
+    script = (
+        "import sys\n"
+        f"from {face} import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "heavy = sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'diffusers', 'transformers'})\n"
+        "print('heavy:', ','.join(heavy), 'code:', code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *argv[argv[0] == "legacy":]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+
+    assert lines(result.stdout)[-1] == f"heavy:  code: {0 if 'help' in argv[-1] else 2}", result.stderr
+
+
+def test_ctrl_c_while_starting_up_gives_one_line_and_exit_130(tmp_path):
+    """Ctrl-C while the heavy modules are imported (seconds on a slow machine): the import raises KeyboardInterrupt."""
+    source = make_image(tmp_path / "a.png")
+    script = (
+        "import sys\n"
+        "class CtrlC:  # Ctrl-C arrives while PyTorch is being imported\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        "from mist.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "protect", str(source), "-o", str(tmp_path / "out"), *FAST],
+                            capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 130
+    assert lines(result.stderr) == ["mist: interrupted"]
     assert not (tmp_path / "out").exists()
 
 
@@ -532,27 +620,59 @@ def test_legacy_mask_applies_to_a_single_image(tmp_path):
     assert jobs[0].output == Path("outputs/images/misted_sample_16_100_512_1_2_1_1_0.png")
 
 
-def test_legacy_mask_is_ignored_for_a_folder(capsys, tmp_path):
+def test_legacy_mask_is_ignored_for_a_folder_and_the_folder_name_says_so(capsys, tmp_path):
     make_image(tmp_path / "art" / "a.png")
 
     config, jobs = legacy_plan("-inp", tmp_path / "art", "--output_dir", "set", "--mask", "--mask_path", "nowhere.png")
 
     assert config.mask is None
     assert "Alert" in capsys.readouterr().err
-    assert [j.output for j in jobs] == [Path("outputs/dirs/set_16_100_512_1_2_1_1_0/a.png")]
+    assert [j.output for j in jobs] == [Path("outputs/dirs/set_16_100_512_1_2_1_0_0/a.png")]  # _0_: no mask applied
 
 
-def test_legacy_folder_considers_png_and_jpeg_only(tmp_path):
+def test_legacy_folder_reads_every_image_type_and_names_each_file_it_skips(capsys, tmp_path):
     art = tmp_path / "art"
-    for name in ("a.png", "b.jpg", "c.jpeg", "d.webp", "e.bmp"):
+    images = ("a.png", "b.jpg", "c.jpeg", "d.webp", "e.bmp", "f.tif", "g.tiff", "h.gif", "i.PNG")
+    for name in images:
         make_image(art / name)
+    skipped = {"notes.txt": "not an image type", ".hidden.png": "hidden", "sub": "a folder", "a.psd": "not an image"}
     (art / "notes.txt").write_text("x")
+    make_image(art / ".hidden.png")
+    make_image(art / "sub" / "c.png")
+    (art / "a.psd").write_bytes(b"8BPS")
+    capsys.readouterr()
 
     config, jobs = legacy_plan("--input_dir_path", art, "--output_dir", "set")
 
     folder = Path("outputs/dirs/set_16_100_512_1_2_1_0_0")
-    assert [(j.source, j.output) for j in jobs] == [(art / n, folder / (Path(n).stem + ".png"))
-                                                    for n in ("a.png", "b.jpg", "c.jpeg")]
+    assert [(j.source, j.output) for j in jobs] == [(art / n, folder / (Path(n).stem + ".png")) for n in images]
+    err = capsys.readouterr().err
+    assert len(lines(err)) == len(skipped), err
+    for name, reason in skipped.items():
+        [line] = lines_with(err, art / name)
+        assert line.startswith(f"skipped {art / name}: ") and reason in line
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--input_size", "100"], r"^mist_v3\.py: error: --input_size: 100 is not divisible by 8 x --block_num = 8"),
+    (["-in_size", "64", "-b", "3"], r"^mist_v3\.py: error: --input_size: .* x --block_num = 24"),
+    (["--epsilon", "300"], r"^mist_v3\.py: error: --epsilon: "),
+    (["--steps", "-1"], r"^mist_v3\.py: error: --steps: "),
+    (["--rate", "20"], r"^mist_v3\.py: error: --rate: "),
+    (["--block_num", "0"], r"^mist_v3\.py: error: --block_num: "),
+    (["--mask", "--mask_path", "{tmp}/missing.png"], r"^mist_v3\.py: error: --mask_path: .*missing\.png"),
+    (["--device", "foo"], r"^mist_v3\.py: error: --device: 'foo' is not a device"),
+], ids=["input-size", "block-num-3", "epsilon", "steps", "rate", "block-num-0", "mask-path", "device"])
+def test_legacy_option_errors_name_the_legacy_flags(capsys, tmp_path, no_model_load, flags, named):
+    source = make_image(tmp_path / "x.png")
+
+    code, out, err = run_cli(capsys, "-img", source, "--model", "tiny-random",
+                             *(f.format(tmp=tmp_path) for f in flags), main=mist.legacy.main)
+
+    assert code == 2
+    assert len(lines(err)) == 1, err
+    assert re.search(named, err), err
+    assert "fused_weight" not in err and "keep_aspect" not in err
 
 
 def test_mist_v3_script_writes_where_the_original_did(tmp_path):
@@ -572,7 +692,179 @@ def test_mist_v3_script_writes_where_the_original_did(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# 10. Version and help
+# 10. --then, and an SSH hang-up (SIGHUP) in the middle of a batch
+
+
+def test_a_failing_then_command_makes_mist_fail_and_says_so(capsys, tmp_path, two_images, finished):
+    code, out, err = protect(capsys, *two_images, "-o", finished, "--then", "exit 7")
+
+    assert "0 protected, 2 skipped, 0 failed" in out and "running: exit 7" in out
+    assert code == mist.cli.EXIT_THEN_FAILED
+    assert lines_with(err, "--then") == ["mist: error: the --then command failed with exit code 7: exit 7"]
+
+
+def _unreadable_mask(tmp_path: Path) -> list[object]:
+    (tmp_path / "mask.png").write_text("not an image")
+    return ["--mask", tmp_path / "mask.png"]
+
+
+@pytest.mark.parametrize("failure", [
+    lambda tmp_path: ["--model", tmp_path / "nowhere.ckpt"],
+    _unreadable_mask,
+    lambda tmp_path: ["--no-images"],
+], ids=["model-missing", "mask-unreadable", "no-images"])
+@pytest.mark.parametrize("always", [True, False], ids=["then-always", "then"])
+def test_then_always_runs_also_when_the_run_fails_before_the_batch(capsys, tmp_path, failure, always):
+    source = make_image(tmp_path / "in" / "a.png")
+    options = failure(tmp_path)
+    if options == ["--no-images"]:
+        source, options = tmp_path / "empty", []
+        source.mkdir()
+    marker = tmp_path / "then-ran"
+
+    code, out, err = run_cli(capsys, "protect", source, "-o", tmp_path / "out", *FAST, *options,
+                             "--then", f"touch '{marker}'", *(["--then-always"] if always else []))
+
+    assert code == 2
+    assert len(lines_with(err, "mist: error: ")) == 1, err
+    assert marker.exists() == always
+    assert bool(lines_with(err, "not running --then")) != always
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+# A `mist protect` run in a child process that waits, once b.png's first PGD step is done, until a signal stops it:
+# the test hangs up while an image is being computed and another one is finished, without depending on timing.
+WAIT_IN_B = """
+import sys, time
+import mist.reporting
+from mist.cli import main
+
+step = mist.reporting.ConsoleReporter.step
+
+def step_then_wait(self, jobs, progress):
+    step(self, jobs, progress)
+    if jobs[0].source.name == "b.png":
+        print("b.png is being protected", flush=True)
+        if "--continue-on-input" in sys.argv:  # the nohup test tells it to go on
+            sys.stdin.readline()
+            return
+        while True:  # a loop of short waits: the signal handler runs between any two of them
+            time.sleep(0.1)
+
+mist.reporting.ConsoleReporter.step = step_then_wait
+sys.exit(main([arg for arg in sys.argv[1:] if arg != "--continue-on-input"]))
+"""
+
+
+def _start_batch(tmp_path: Path, *extra: object, **popen) -> subprocess.Popen:
+    make_image(tmp_path / "a.png", seed=1)
+    make_image(tmp_path / "b.png", seed=2)
+    env = {key: value for key, value in os.environ.items() if key != "MIST_MODEL"}
+    return subprocess.Popen(
+        [sys.executable, "-c", WAIT_IN_B, "protect", "a.png", "b.png", "-o", "out", *FAST, *map(str, extra)],
+        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        **popen)
+
+
+def _wait_for(stream, needle: str) -> str:
+    """Lines of `stream` up to and including the first one holding `needle` (fails at end of output)."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never came; output was: {''.join(seen)}")
+
+
+def _assert_a_kept_b_not_started(out_dir: Path) -> None:
+    assert files_under(out_dir) == {"a.png"}  # no b.png, no temporary file
+    assert png_text(out_dir / "a.png")["mist:source"] == "a.png"
+
+
+@pytest.mark.parametrize("always", [True, False], ids=["then-always", "then"])
+def test_a_hang_up_stops_the_batch_like_ctrl_c_and_keeps_finished_outputs(tmp_path, always):
+    marker = tmp_path / "then-ran"
+    child = _start_batch(tmp_path, "--then", f"touch '{marker}'", *(["--then-always"] if always else []))
+    _wait_for(child.stdout, "b.png is being protected")
+
+    child.send_signal(signal.SIGHUP)
+    out, err = child.communicate(timeout=300)
+
+    assert child.returncode == mist.cli.EXIT_HANG_UP == 129, err
+    assert lines_with(err, "finished outputs are kept") == [
+        "hang-up (SIGHUP: the terminal or SSH connection closed): finished outputs are kept; run the same command "
+        "again to resume"]
+    assert "Traceback" not in err
+    _assert_a_kept_b_not_started(tmp_path / "out")
+    assert marker.exists() == always
+    assert bool(lines_with(err, "not running --then")) != always
+
+
+def test_a_closed_terminal_stops_the_batch_and_still_runs_then_always(tmp_path):
+    """The SSH case itself: the child's terminal goes away (its pty is closed), so the kernel sends SIGHUP and every
+    later write to the terminal fails; the run must still stop cleanly, keep a.png and run --then."""
+    import pty
+
+    make_image(tmp_path / "a.png", seed=1)
+    make_image(tmp_path / "b.png", seed=2)
+    marker = tmp_path / "then-ran"
+    argv = [sys.executable, "-c", WAIT_IN_B, "protect", "a.png", "b.png", "-o", "out", *FAST,
+            "--then", f"touch '{marker}'", "--then-always"]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a new session whose controlling terminal is the pty
+        os.chdir(tmp_path)
+        os.environ.pop("MIST_MODEL", None)
+        os.execv(sys.executable, argv)
+    seen = b""
+    while b"b.png is being protected" not in seen:
+        chunk = os.read(terminal, 4096)
+        assert chunk, seen
+        seen += chunk
+
+    os.close(terminal)  # hang up
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 129
+    _assert_a_kept_b_not_started(tmp_path / "out")
+    assert marker.exists()
+
+
+def test_under_nohup_a_hang_up_is_ignored(tmp_path):
+    child = _start_batch(tmp_path, "--continue-on-input",
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # what nohup does
+    _wait_for(child.stdout, "b.png is being protected")
+
+    child.send_signal(signal.SIGHUP)
+    out, err = child.communicate("go on\n", timeout=300)
+
+    assert child.returncode == 0, err
+    assert files_under(tmp_path / "out") == {"a.png", "b.png"}
+
+
+def test_mist_protect_hung_up_during_a_long_image_exits_129(tmp_path):
+    """The real command, untouched: hang up once its progress shows PGD steps running."""
+    make_image(tmp_path / "a.png")
+    env = {key: value for key, value in os.environ.items() if key != "MIST_MODEL"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mist.cli", "protect", "a.png", "-o", "out", "--model", "tiny-random",
+         "--input-size", "64", "--steps", "100000"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = b""
+    while b"/100000" not in progress:  # the step bar shows its total once the first step is done
+        chunk = os.read(child.stderr.fileno(), 4096)
+        assert chunk, progress
+        progress += chunk
+
+    child.send_signal(signal.SIGHUP)
+    _, err = child.communicate(timeout=300)
+
+    assert child.returncode == 129
+    assert b"hang-up (SIGHUP" in err and b"Traceback" not in err
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+# --------------------------------------------------------------------------
+# 11. Version and help
 
 
 def test_version(capsys):

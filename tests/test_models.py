@@ -232,10 +232,32 @@ def test_checkpoint_pickling_a_callable_is_refused_and_never_runs_it(tmp_path, o
     CALLS.clear()
     with pytest.raises(ValueError) as caught:
         load_model(str(path), TINY)
-    assert str(path) in str(caught.value)
+    _assert_refused_as_code(caught.value, path, "_leave_marker")
     assert CALLS == [] and not marker.exists()
     torch.load(path, weights_only=False)  # the file really does run its payload when unpickled without restriction
     assert CALLS == [str(marker)] and marker.exists()
+
+
+def test_diffusers_weights_pickling_a_callable_are_refused_and_never_run(tmp_path, folder_copy):
+    marker = tmp_path / "pwned"
+    for weights in (folder_copy / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    path = _save_ckpt(folder_copy / "unet" / "diffusion_pytorch_model.bin", {"hook": _Exploit(marker)})
+    CALLS.clear()
+    with pytest.raises(ValueError) as caught:
+        load_model(str(folder_copy))
+    _assert_refused_as_code(caught.value, path, "_leave_marker")
+    assert CALLS == [] and not marker.exists()
+
+
+def _assert_refused_as_code(error: ValueError, path: Path, global_name: str) -> None:
+    """One line that names the file, says it holds code or objects Mist will not load, names the global it asked for,
+    and gives no advice on loading it unsafely (PyTorch's own message suggests weights_only=False)."""
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: refused: the file contains code or Python objects that Mist will not load")
+    assert global_name in message
+    assert "weights_only" not in message and "trust" not in message and "can still be loaded" not in message
 
 
 # ----------------------------------------------------------------------------------------------------- bad files
@@ -316,7 +338,9 @@ def test_bad_model_is_refused_with_its_path(tmp_path, original_state, tiny, case
     path = write(tmp_path, original_state, tiny)
     with pytest.raises(ValueError, match=fragment) as caught:
         load_model(str(path), TINY)
-    assert str(path) in str(caught.value)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "\n" not in message and "weights_only" not in message and "trust" not in message
 
 
 def test_missing_model_path_raises_model_not_found_with_its_path(tmp_path):

@@ -1,18 +1,29 @@
 """Mist: protect artworks from AI mimicry with Mist v1.2's adversarial perturbation against Stable Diffusion.
 
-The Python API is `mist.protect` (see `mist.api`); importing this package loads no model and changes no settings.
+The Python API is `mist.protect` (see `mist.api`); importing this package loads no model, changes no settings and
+imports neither PyTorch nor diffusers: `mist.protect` brings them in on first use, so the command line can check its
+options (and print its help) at once.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .config import ProtectConfig
 
 try:
     __version__ = version("mist-protect")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from .api import protect  # noqa: E402
-from .config import ProtectConfig  # noqa: E402
-
 __all__ = ["ProtectConfig", "__version__", "protect"]
+
+
+def __getattr__(name: str) -> Any:
+    """`mist.protect`, imported on first use (module-level __getattr__, PEP 562)."""
+    if name == "protect":
+        from .api import protect
+
+        return protect
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Mapping
 
+# Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
 from .config import MODES, PRECISIONS, ProtectConfig
+from .device_names import DEVICE_NAMES, check_device_name
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_THEN_FAILED = 3
+EXIT_HANG_UP = 128 + 1  # the shell's convention: 128 + the signal's number (SIGHUP)
+EXIT_INTERRUPTED = 128 + 2  # SIGINT (Ctrl-C)
+
+# The `mist protect` flag of each ProtectConfig field (and of the device), to name them in error messages.
+PROTECT_FLAGS: dict[str, str] = {
+    "mode": "--mode", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
+    "input_size": "--input-size", "fused_weight": "--fused-weight", "block_num": "--block-num", "mask": "--mask",
+    "keep_aspect": "--no-resize", "target": "--target", "object_prompt": "--object", "seed": "--seed",
+    "precision": "--precision", "fast": "--fast", "device": "--device",
+}
 
 
 def add_protect_options(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +70,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random' for a test "
                                    "model that protects nothing (default: $MIST_MODEL, then "
                                    "models/ldm/stable-diffusion-v1/model.ckpt, then the Hugging Face cache)")
-    r.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: %(default)s)")
+    r.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
     r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing: much less memory, about a third more time per step "
                         "(default: on where memory is short: GPUs under 12 GiB, under 8 GiB of free RAM)")
@@ -62,35 +79,66 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
-    return ProtectConfig(
-        mode=args.mode, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
-        input_size=args.input_size, fused_weight=args.fused_weight, block_num=args.block_num, mask=args.mask,
-        keep_aspect=args.no_resize, target=args.target, object_prompt=args.object, seed=args.seed,
-        precision=args.precision, fast=args.fast,
-    )
+    """The settings `mist protect` was given; ValueError naming the flag (`--input-size: ...`) when one is invalid."""
+    with fields_as_flags(PROTECT_FLAGS):
+        return ProtectConfig(
+            mode=args.mode, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
+            input_size=args.input_size, fused_weight=args.fused_weight, block_num=args.block_num, mask=args.mask,
+            keep_aspect=args.no_resize, target=args.target, object_prompt=args.object, seed=args.seed,
+            precision=args.precision, fast=args.fast,
+        )
+
+
+@contextlib.contextmanager
+def fields_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a ValueError of the settings (`input_size: ...`, `device: ...`) with the names a face's user typed."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(flag_message(str(exc), flags)) from None
+
+
+def flag_message(message: str, flags: Mapping[str, str]) -> str:
+    """`message` with the field it begins with (`input_size: ...`) and the fields it mentions (`8 x block_num`)
+    replaced by their flags; a field name inside a path (`/art/block_num.png`) is left alone."""
+    field, colon, rest = message.partition(": ")
+    if colon and field in flags:
+        message = f"{flags[field]}: {rest}"
+    for name, flag in flags.items():
+        if "_" in name:
+            message = re.sub(rf"(?<![\w./\\-]){name}(?![\w./\\-])", flag, message)
+    return message
 
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
-                batch_size: int = 1) -> int:
-    """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`."""
+                batch_size: int = 1, flags: Mapping[str, str] = PROTECT_FLAGS) -> int:
+    """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`.
+
+    A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
+    """
     from .batch import run_batch
     from .device import cuda_problem, pick_device, resolve_precision
     from .models import load_model, model_label, resolve_model
     from .pipeline import Protector
     from .reporting import ConsoleReporter
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size: must be at least 1, got {batch_size}")
+    with fields_as_flags(flags):
+        device = pick_device(device_name)
+        resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
     where = resolve_model(model_spec)  # a missing model is reported before any image is touched
+<<<<<<< HEAD
     device = pick_device(device_name)
     resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
     if device.type != "cuda" and (problem := cuda_problem()):
         print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
+=======
+>>>>>>> fix8-cli
 
     def load() -> Protector:
         if not quiet:
             print(f"loading model {where} onto {device} ...", flush=True)
+        quiet_model_libraries()
         model = load_model(where)
         if model.random_weights:
             print(f"WARNING: {where} has random weights: its outputs have NO protection", file=sys.stderr)
@@ -100,9 +148,12 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     started = time.perf_counter()
     try:
         summary = run_batch(jobs, config, load, reporter, model_label(where), overwrite)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         reporter.interrupted()
-        return EXIT_INTERRUPTED
+        hang_up = isinstance(exc, HangUp)
+        say(f"{HANG_UP_REASON if hang_up else 'interrupted'}: finished outputs are kept; run the same command again "
+            "to resume", error=True)
+        return EXIT_HANG_UP if hang_up else EXIT_INTERRUPTED
     reporter.finish(summary, time.perf_counter() - started)
     return 0 if summary.ok else EXIT_FAILED_IMAGES
 
@@ -146,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("-o", "--output", type=Path, default=Path("."), metavar="OUTDIR",
                         help="output folder whose free disk to check (default: current folder)")
     doctor.add_argument("--model", help="model to check (default: where mist protect would look)")
-    doctor.add_argument("--device", default="auto")
+    doctor.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
 
     webui = commands.add_parser("webui", help="start the web UI in the browser",
                                 description="Serve Mist's web page (gradio; pip install 'mist-protect[webui]') on "
                                             "http://127.0.0.1:7860. The model is loaded on the first job.")
     webui.add_argument("--model", help="model path or 'tiny-random' (default: where mist protect would look)")
-    webui.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu or auto (default: %(default)s)")
+    webui.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
     webui.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                        help="gradient checkpointing (default: on where memory is short)")
     webui.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0), not only 127.0.0.1")
@@ -165,40 +216,126 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    command = {"protect": protect_command, "download-model": download_command, "doctor": doctor_command,
-               "webui": webui_command}
-    return guarded("mist", lambda: command[args.command](args))
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        configure_logging(args.verbose)
+        command = {"protect": protect_command, "download-model": download_command, "doctor": doctor_command,
+                   "webui": webui_command}
+        return command[args.command](args)
+
+    return guarded("mist", run)
+
+
+HANG_UP_REASON = "hang-up (SIGHUP: the terminal or SSH connection closed)"
+
+
+class HangUp(KeyboardInterrupt):
+    """SIGHUP arrived: the terminal or SSH connection that started the run went away. Handled like Ctrl-C."""
+
+
+def _raise_hang_up(signum: int, frame: Any) -> None:
+    raise HangUp()
+
+
+@contextlib.contextmanager
+def sighup_handler(handler: Callable[[int, Any], Any] | int) -> Iterator[None]:
+    """Handle SIGHUP with `handler` for the duration, then restore the previous handling. Does nothing where SIGHUP
+    is ignored on entry (`nohup mist ...` asked for that), off the main thread, or on systems without SIGHUP."""
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(hup)
+    if previous == signal.SIG_IGN:
+        yield
+        return
+    signal.signal(hup, handler)
+    try:
+        yield
+    finally:
+        signal.signal(hup, signal.SIG_DFL if previous is None else previous)
 
 
 def guarded(program: str, action: Callable[[], int]) -> int:
-    """Run a command: an invalid option or input ends it with one line and exit code 2, Ctrl-C with code 130."""
+    """Run a command: an invalid option or input ends it with one line and exit code 2, Ctrl-C with code 130, a
+    hang-up (SIGHUP, where the caller turned it into `HangUp`) with code 129; never a traceback for these."""
     try:
         return action()
     except (ValueError, FileNotFoundError) as exc:
-        print(f"{program}: error: {exc}", file=sys.stderr)
+        say(f"{program}: error: {exc}", error=True)
         return EXIT_USAGE
+    except HangUp:
+        say(f"{program}: stopped by a {HANG_UP_REASON}", error=True)
+        return EXIT_HANG_UP
     except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
+        say(f"{program}: interrupted", error=True)
         return EXIT_INTERRUPTED
 
 
+def say(line: str, error: bool = False) -> None:
+    """Print a line; where the terminal is gone (an SSH hang-up), drop it and the rest of the output instead of
+    failing, so the run can still finish its work (and its --then command)."""
+    name = "stderr" if error else "stdout"
+    try:
+        print(line, file=getattr(sys, name), flush=True)
+    except OSError:
+        setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 (lives until the process ends)
+
+
+def interrupt_on_hang_up() -> contextlib.AbstractContextManager[None]:
+    """While active, SIGHUP stops the run like Ctrl-C does (raising `HangUp`), unless SIGHUP is ignored (nohup)."""
+    return sighup_handler(_raise_hang_up)
+
+
 def protect_command(args: argparse.Namespace) -> int:
+    code = EXIT_FAILED_IMAGES  # what --then sees if the run ends in an unexpected error
+    with interrupt_on_hang_up():
+        try:
+            code = guarded("mist", lambda: _protect(args))
+        finally:  # however the run ended: --then-always runs the command also after an error before the batch
+            if args.then:
+                code = run_then(args.then, args.then_always, code)
+    return code
+
+
+def _protect(args: argparse.Namespace) -> int:
+    """Check every option first (nothing heavy is imported before that), then collect the files and run the batch."""
+    config = config_from_args(args)
+    with fields_as_flags(PROTECT_FLAGS):
+        check_device_name(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
     from .batch import collect_jobs
 
-    config = config_from_args(args)
     jobs = collect_jobs(args.paths, args.output, args.recursive)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
-    code = run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
+    return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
                        args.batch_size)
-    if args.then and (code == 0 or args.then_always):
-        print(f"running: {args.then}", flush=True)
-        subprocess.run(args.then, shell=True, check=False)  # the user's own command, as typed
-    elif args.then:
-        print(f"mist: not running --then ({args.then!r}): the batch did not finish cleanly", file=sys.stderr)
+
+
+def run_then(command: str, always: bool, code: int) -> int:
+    """Run the user's --then command (shell syntax, as typed) after a clean run, or after any end with `always`;
+    returns the exit code of mist: `code`, or EXIT_THEN_FAILED when the run was clean but the command failed.
+
+    The command runs with SIGHUP ignored (it inherits that), so a shutdown command that drops the SSH session is not
+    cut short by the hang-up it causes.
+    """
+    if code != 0 and not always:
+        say(f"mist: not running --then ({command!r}): the batch did not finish cleanly (--then-always runs it anyway)",
+            error=True)
+        return code
+    say(f"running: {command}")
+    with sighup_handler(signal.SIG_IGN):
+        try:
+            status = subprocess.run(command, shell=True, check=False).returncode
+        except OSError as exc:
+            say(f"mist: error: the --then command could not be started ({exc}): {command}", error=True)
+            return code or EXIT_THEN_FAILED
+    if status != 0:
+        how = f"was killed by signal {-status}" if status < 0 else f"failed with exit code {status}"
+        say(f"mist: error: the --then command {how}: {command}", error=True)
+        return code or EXIT_THEN_FAILED
     return code
 
 
@@ -220,6 +357,9 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
+    with fields_as_flags(PROTECT_FLAGS):
+        check_device_name(args.device)
+    quiet_model_libraries()
     from .doctor import report
 
     lines = report(args.output, args.model, args.device)
@@ -230,20 +370,33 @@ def doctor_command(args: argparse.Namespace) -> int:
 
 
 def webui_command(args: argparse.Namespace) -> int:
+    with fields_as_flags(PROTECT_FLAGS):
+        check_device_name(args.device)
+        from .device import pick_device
+
+        pick_device(args.device)  # a device this machine lacks is refused now, not at the first job
+    quiet_model_libraries()
     from .webui_app import main as webui_main
 
     return webui_main(args)
 
 
 def configure_logging(verbose: bool) -> None:
+    """INFO with --verbose, else WARNING; the model libraries' own chatter is tamed by `quiet_model_libraries`."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
+
+def quiet_model_libraries() -> None:
+    """Unless logging is verbose, keep only errors from diffusers and transformers. Imports both (seconds): call it
+    only once a model is about to be used."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

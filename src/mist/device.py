@@ -8,20 +8,37 @@ import re
 import torch
 
 from . import cuda_driver
+from .device_names import check_device_name
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """`name` as a torch device, or for None / "auto" the best present: CUDA, then Apple MPS, then the CPU."""
-    if name not in (None, "", "auto"):
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    """`name` as a torch device, or for None / "auto" the best present: CUDA, then Apple MPS, then the CPU.
+
+    Raises ValueError("device: ...") for a name that is not a device, or a device this machine does not have (no CUDA,
+    a CUDA index past the last GPU, no MPS), so the run stops before a model is loaded.
+    """
+    name = check_device_name(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
             raise ValueError(f"device: {name} was asked for, but PyTorch sees no CUDA GPU")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device: {name} was asked for, but PyTorch sees {count} CUDA GPU(s): "
+                             f"{', '.join(f'cuda:{i}' for i in range(count))}")
+    if device.type == "mps" and not _mps_available():
+        raise ValueError(f"device: {name} (an Apple GPU) was asked for, but this machine has none that PyTorch can use")
+    return device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -12,13 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .batch import Job, collect_jobs
-from .cli import configure_logging, guarded, run_protect
+from .cli import configure_logging, fields_as_flags, guarded, interrupt_on_hang_up, run_protect
 from .config import MODE_CODES, ProtectConfig
+from .device_names import check_device_name
 
-# The original only looked at these files in an input folder.
-LEGACY_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+if TYPE_CHECKING:
+    from .batch import Job
+
+# The flag of each setting mist_v3.py takes, to name it in error messages.
+LEGACY_FLAGS: dict[str, str] = {
+    "epsilon": "--epsilon", "steps": "--steps", "input_size": "--input_size", "block_num": "--block_num",
+    "fused_weight": "--rate", "keep_aspect": "--non_resize", "mask": "--mask_path", "device": "--device",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,42 +49,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parameter_suffix(args: argparse.Namespace) -> str:
-    """The original's `_<eps>_<steps>_<size>_<blocks>_<mode>_<rate>_<mask>_<resize>` naming of its outputs."""
-    values = (args.epsilon, args.steps, args.input_size, args.block_num, args.mode, args.rate, int(args.mask),
+def parameter_suffix(args: argparse.Namespace, masked: bool) -> str:
+    """The original's `_<eps>_<steps>_<size>_<blocks>_<mode>_<rate>_<mask>_<resize>` naming of its outputs; `<mask>`
+    says whether a mask was applied (v1.2 wrote 1 for a folder too, where it ignored the mask)."""
+    values = (args.epsilon, args.steps, args.input_size, args.block_num, args.mode, args.rate, int(masked),
               int(args.non_resize))
     return "".join(f"_{v}" for v in values)
 
 
 def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
+    """The settings and the jobs of a mist_v3.py command line; ValueError naming the flag for an invalid option."""
     if args.mode not in MODE_CODES:
         raise ValueError(f"--mode: must be 0 (semantic), 1 (textural) or 2 (fused), got {args.mode}")
-    use_mask = args.mask and not args.input_dir_path
+    masked = args.mask and not args.input_dir_path
     if args.mask and args.input_dir_path:
         print("Alert: the mask only applies to a single image (-img); it is ignored for a folder.", file=sys.stderr)
-    config = ProtectConfig(
-        mode=MODE_CODES[args.mode], epsilon=args.epsilon, steps=args.steps, input_size=args.input_size,
-        fused_weight=args.rate, block_num=args.block_num, keep_aspect=args.non_resize,
-        mask=Path(args.mask_path) if use_mask else None,
-    )
+    with fields_as_flags(LEGACY_FLAGS):
+        config = ProtectConfig(
+            mode=MODE_CODES[args.mode], epsilon=args.epsilon, steps=args.steps, input_size=args.input_size,
+            fused_weight=args.rate, block_num=args.block_num, keep_aspect=args.non_resize,
+            mask=Path(args.mask_path) if masked else None,
+        )
+        check_device_name(args.device)
+    from .batch import Job  # the options are valid: from here on the engine's modules are needed
+
     if args.input_dir_path:
         folder = Path(args.input_dir_path)
         if not folder.is_dir():
             raise ValueError(f"{folder}: no such folder")
-        output = Path("outputs/dirs") / (args.output_dir + parameter_suffix(args))
-        jobs = collect_jobs([folder], output, recursive=False, suffixes=LEGACY_SUFFIXES)
+        jobs = folder_jobs(folder, Path("outputs/dirs") / (args.output_dir + parameter_suffix(args, masked)))
     else:
-        output = Path("outputs/images") / (args.output_name + parameter_suffix(args) + ".png")
+        output = Path("outputs/images") / (args.output_name + parameter_suffix(args, masked) + ".png")
         jobs = [Job(Path(args.input_image_path), output)]
     return config, jobs
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(False)
+def folder_jobs(folder: Path, output: Path) -> list[Job]:
+    """A job for each image file directly in `folder` (the image types `mist protect` reads), and one line on stderr
+    for every other entry: v1.2 tried to open every entry as an image (and stopped at the first it could not read)."""
+    from .batch import collect_jobs
+    from .images import IMAGE_SUFFIXES
 
+    jobs = collect_jobs([folder], output, recursive=False)
+    protected = {job.source for job in jobs}
+    for entry in sorted(folder.iterdir()):
+        if entry in protected:
+            continue
+        if entry.is_dir():
+            reason = "a folder (mist_v3.py reads only the files directly in --input_dir_path)"
+        elif not entry.is_file():
+            reason = "not a regular file (a broken or looping link, a device or a pipe)"
+        elif entry.name.startswith("."):
+            reason = "a hidden file"
+        elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+            reason = f"not an image type Mist reads ({' '.join(sorted(IMAGE_SUFFIXES))})"
+        else:
+            reason = "inside the output folder"
+        print(f"skipped {entry}: {reason}", file=sys.stderr)
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
     def run() -> int:
-        config, jobs = plan(args)
-        return run_protect(jobs, config, args.model, args.device)
+        args = build_parser().parse_args(argv)
+        configure_logging(False)
+        with interrupt_on_hang_up():
+            config, jobs = plan(args)
+            return run_protect(jobs, config, args.model, args.device, flags=LEGACY_FLAGS)
 
     return guarded("mist_v3.py", run)

@@ -72,10 +72,14 @@ class ConsoleReporter:
         self._say(f"error: {message}", error=True)
 
     def interrupted(self) -> None:
-        self._close_steps()
-        if self.images is not None:
-            self.images.close()
-        print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
+        """The batch was stopped: close the progress bars (quietly where the terminal is already gone, as after an SSH
+        hang-up); the caller says why."""
+        try:
+            self._close_steps()
+            if self.images is not None:
+                self.images.close()
+        except OSError:
+            pass
 
     def finish(self, summary: BatchSummary, seconds: float) -> None:
         self._close_steps()

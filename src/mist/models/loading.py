@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,9 @@ _TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
 # Only these parts of a checkpoint are read: the VAE decoder, EMA copies and optimiser state are never needed.
 _WANTED = (_UNET, _VAE + "encoder.", _VAE + "quant_conv.", _TEXT, _SD2_TEXT)
+# Parts of the error `torch.load(weights_only=True)` raises for a pickle it refuses (PyTorch 2.5 to 2.13 wording).
+_PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:Please use|\n\n|$)", re.S)
 
 
 class _InertPickledObject:
@@ -173,14 +177,31 @@ def _read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     raise
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # a truncated or foreign file fails in many ways; all mean "cannot read it"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: cannot read as a checkpoint: {detail[:200]}") from exc
+        raise _unreadable(path, exc, "cannot read as a checkpoint") from exc
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: cannot read as a checkpoint: it holds no state dict")
     return {k: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(_WANTED)
             and isinstance(v, torch.Tensor)}
+
+
+def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
+    """One line saying why `path` cannot be read. A pickle that asks for a Python global (a function or class: code
+    that would run, or objects beyond tensors) is named as such; PyTorch's own text, which explains how to load such a
+    file without the safety check, is never passed on."""
+    text = str(exc)
+    asked = _PICKLED_GLOBAL.search(text)
+    if asked:
+        return ValueError(f"{path}: refused: the file contains code or Python objects that Mist will not load "
+                          f"(it asks for the Python global {asked.group(1)}); a Stable Diffusion checkpoint needs only "
+                          "tensors")
+    if text.startswith("Weights only load failed"):
+        reason = _UNPICKLER_REASON.search(text)
+        detail = reason.group(1).strip() if reason else "its pickled data is not plain weights"
+        return ValueError(f"{path}: {problem}: not a PyTorch file of plain weights ({detail})")
+    detail = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return ValueError(f"{path}: {problem}: {detail[:200]}")
 
 
 def _check_original_layout(path: Path, state: dict[str, torch.Tensor], arch: Architecture) -> None:
@@ -223,7 +244,7 @@ def _read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tenso
                         return load_file(str(candidate))
                     return torch.load(candidate, map_location="cpu", weights_only=True)
                 except Exception as exc:
-                    raise ValueError(f"{candidate}: cannot read weights: {str(exc)[:200]}") from exc
+                    raise _unreadable(candidate, exc, "cannot read weights") from exc
     raise ValueError(f"{folder}: no weights file found (looked for {stems[0]}.safetensors and .bin)")
 
 
