@@ -127,13 +127,8 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         device = pick_device(device_name)
         resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
     where = resolve_model(model_spec)  # a missing model is reported before any image is touched
-<<<<<<< HEAD
-    device = pick_device(device_name)
-    resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
     if device.type != "cuda" and (problem := cuda_problem()):
         print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
-=======
->>>>>>> fix8-cli
 
     def load() -> Protector:
         if not quiet:
