@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import MODES, PRECISIONS, ProtectConfig
+from .manifest import METADATA_LEVELS
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -72,11 +73,12 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
-                batch_size: int = 1) -> int:
+                batch_size: int = 1, metadata: str = "full") -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`."""
     from .batch import run_batch
     from .device import pick_device, resolve_precision
-    from .models import load_model, model_label, resolve_model
+    from .model_identity import ModelIdentity
+    from .models import load_model, resolve_model
     from .pipeline import Protector
     from .reporting import ConsoleReporter
 
@@ -97,7 +99,8 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
     try:
-        summary = run_batch(jobs, config, load, reporter, model_label(where), overwrite)
+        summary = run_batch(jobs, config, load, reporter, ModelIdentity(where), overwrite, batch_size=batch_size,
+                            metadata=metadata)
     except KeyboardInterrupt:
         reporter.interrupted()
         return EXIT_INTERRUPTED
@@ -120,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--overwrite", action="store_true",
                          help="replace existing outputs (default: skip finished ones, refuse others)")
     protect.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+    protect.add_argument("--metadata", choices=METADATA_LEVELS, default="full",
+                         help="what each output records: full (settings, model, the source's file name and SHA-256) "
+                              "or minimal (settings only; what resuming needs stays in OUTDIR/.mist/) "
+                              "(default: %(default)s)")
     protect.add_argument("--then", metavar="COMMAND",
                          help="shell command to run once every output is safely on disk, e.g. the cloud provider's "
                               "shutdown command; not run after a failed or interrupted batch unless --then-always")
@@ -185,17 +192,22 @@ def protect_command(args: argparse.Namespace) -> int:
     from .batch import collect_jobs
 
     config = config_from_args(args)
-    jobs = collect_jobs(args.paths, args.output, args.recursive)
+    jobs = collect_jobs(args.paths, args.output, args.recursive, on_skip=print_skipped)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
     code = run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
-                       args.batch_size)
+                       args.batch_size, args.metadata)
     if args.then and (code == 0 or args.then_always):
         print(f"running: {args.then}", flush=True)
         subprocess.run(args.then, shell=True, check=False)  # the user's own command, as typed
     elif args.then:
         print(f"mist: not running --then ({args.then!r}): the batch did not finish cleanly", file=sys.stderr)
     return code
+
+
+def print_skipped(path: Path, reason: str) -> None:
+    """One line for an entry found while scanning a folder that is not an image file."""
+    print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
 def download_command(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .batch import Job, collect_jobs
-from .cli import configure_logging, guarded, run_protect
+from .cli import configure_logging, guarded, print_skipped, run_protect
 from .config import MODE_CODES, ProtectConfig
 
 # The original only looked at these files in an input folder.
@@ -65,7 +65,7 @@ def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
         if not folder.is_dir():
             raise ValueError(f"{folder}: no such folder")
         output = Path("outputs/dirs") / (args.output_dir + parameter_suffix(args))
-        jobs = collect_jobs([folder], output, recursive=False, suffixes=LEGACY_SUFFIXES)
+        jobs = collect_jobs([folder], output, recursive=False, suffixes=LEGACY_SUFFIXES, on_skip=print_skipped)
     else:
         output = Path("outputs/images") / (args.output_name + parameter_suffix(args) + ".png")
         jobs = [Job(Path(args.input_image_path), output)]
