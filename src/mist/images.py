@@ -22,7 +22,6 @@ import re
 import stat
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
