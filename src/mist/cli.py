@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
 from .config import MODES, PRECISIONS, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
+from .manifest import METADATA_LEVELS
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -112,14 +113,15 @@ def flag_message(message: str, flags: Mapping[str, str]) -> str:
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
-                batch_size: int = 1, flags: Mapping[str, str] = PROTECT_FLAGS) -> int:
+                batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] = PROTECT_FLAGS) -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`.
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
     """
     from .batch import run_batch
     from .device import cuda_problem, pick_device, resolve_precision
-    from .models import load_model, model_label, resolve_model
+    from .model_identity import ModelIdentity
+    from .models import load_model, resolve_model
     from .pipeline import Protector
     from .reporting import ConsoleReporter
 
@@ -142,7 +144,8 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
     try:
-        summary = run_batch(jobs, config, load, reporter, model_label(where), overwrite)
+        summary = run_batch(jobs, config, load, reporter, ModelIdentity(where), overwrite, batch_size=batch_size,
+                            metadata=metadata)
     except KeyboardInterrupt as exc:
         reporter.interrupted()
         hang_up = isinstance(exc, HangUp)
@@ -168,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--overwrite", action="store_true",
                          help="replace existing outputs (default: skip finished ones, refuse others)")
     protect.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+    protect.add_argument("--metadata", choices=METADATA_LEVELS, default="full",
+                         help="what each output records: full (settings, model, the source's file name and SHA-256) "
+                              "or minimal (settings only; what resuming needs stays in OUTDIR/.mist/) "
+                              "(default: %(default)s)")
     protect.add_argument("--then", metavar="COMMAND",
                          help="shell command to run once every output is safely on disk, e.g. the cloud provider's "
                               "shutdown command; not run after a failed or interrupted batch unless --then-always")
@@ -302,11 +309,11 @@ def _protect(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
     from .batch import collect_jobs
 
-    jobs = collect_jobs(args.paths, args.output, args.recursive)
+    jobs = collect_jobs(args.paths, args.output, args.recursive, on_skip=print_skipped)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
     return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
-                       args.batch_size)
+                       args.batch_size, args.metadata)
 
 
 def run_then(command: str, always: bool, code: int) -> int:
@@ -332,6 +339,11 @@ def run_then(command: str, always: bool, code: int) -> int:
         say(f"mist: error: the --then command {how}: {command}", error=True)
         return code or EXIT_THEN_FAILED
     return code
+
+
+def print_skipped(path: Path, reason: str) -> None:
+    """One line for an entry found while scanning a folder that is not an image file."""
+    print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
 def download_command(args: argparse.Namespace) -> int:

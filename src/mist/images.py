@@ -16,22 +16,23 @@ Conventions used throughout:
 from __future__ import annotations
 
 import contextlib
-import glob
+import io
 import os
 import re
-import secrets
 import stat
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from . import files
+
 __all__ = [
     "IMAGE_SUFFIXES",
+    "encode_png",
     "image_to_tensor",
     "probe_image",
     "processed_size",
@@ -474,27 +475,18 @@ def _png_info(text: dict[str, str], name: str) -> PngInfo:
     return info
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (or needed) on
-    # every platform, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def encode_png(img: Image.Image, text: dict[str, str], name: str = "PNG") -> bytes:
+    """``img`` encoded as a PNG file with ``text`` as tEXt chunks (iTXt for non-Latin-1 values).
 
-
-def temporary_files_of(path: str | os.PathLike[str]) -> list[Path]:
-    """Temporary files `write_png_atomic` may have left for ``path`` when a run was killed mid-write."""
-    dest = Path(path)
-    if not dest.parent.is_dir():
-        return []
-    return sorted(dest.parent.glob(f".{glob.escape(dest.name[:50])}.*.tmp"))
+    Raises:
+        ValueError: ``"<name>: ..."`` for a key PNG does not allow (1-79
+            printable Latin-1 characters, no leading, trailing or doubled
+            spaces) or a value that is not a string or contains NUL.
+    """
+    info = _png_info(text, name)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def write_png_atomic(
@@ -502,39 +494,12 @@ def write_png_atomic(
 ) -> None:
     """Write ``img`` as a PNG at ``path`` with ``text`` as tEXt/iTXt chunks.
 
-    The PNG goes to a hidden temporary file (``.<name>.<random>.tmp``) in the
-    destination directory, is flushed and fsynced, then renamed over
-    ``path``: a reader sees either the old file or the complete new one,
-    never a partial PNG.  Parent directories are created.  On any failure
-    the temporary file is removed and the exception re-raised; an existing
-    file at ``path`` is left untouched.  The file gets the usual permissions
-    for a new file (0o666 minus the umask).
+    Atomic, through ``mist.files.write_atomic``: a reader sees either the
+    old file or the complete new one, never a partial PNG; on failure an
+    existing file is left untouched and no temporary file stays behind.
+    Parent directories are created.
     """
-    dest = Path(path)
-    info = _png_info(text, os.fspath(path))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    flags |= getattr(os, "O_CLOEXEC", 0)
-    while True:
-        # Name length is capped so long output names do not hit NAME_MAX.
-        tmp = dest.with_name(f".{dest.name[:50]}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG", pnginfo=info)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(dest.parent)
+    files.write_atomic(path, encode_png(img, text, os.fspath(path)))
 
 
 def read_png_text(path: str | os.PathLike[str]) -> dict[str, str] | None:

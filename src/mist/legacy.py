@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import configure_logging, fields_as_flags, guarded, interrupt_on_hang_up, run_protect
+from .cli import configure_logging, fields_as_flags, guarded, interrupt_on_hang_up, print_skipped, run_protect
 from .config import MODE_CODES, ProtectConfig
 from .device_names import check_device_name
 
@@ -90,12 +90,15 @@ def folder_jobs(folder: Path, output: Path) -> list[Job]:
     from .batch import collect_jobs
     from .images import IMAGE_SUFFIXES
 
-    jobs = collect_jobs([folder], output, recursive=False)
+    reasons: dict[Path, str] = {}
+    jobs = collect_jobs([folder], output, recursive=False, on_skip=reasons.__setitem__)
     protected = {job.source for job in jobs}
     for entry in sorted(folder.iterdir()):
         if entry in protected:
             continue
-        if entry.is_dir():
+        if entry in reasons:
+            reason = reasons[entry]
+        elif entry.is_dir():
             reason = "a folder (mist_v3.py reads only the files directly in --input_dir_path)"
         elif not entry.is_file():
             reason = "not a regular file (a broken or looping link, a device or a pipe)"
@@ -105,7 +108,7 @@ def folder_jobs(folder: Path, output: Path) -> list[Job]:
             reason = f"not an image type Mist reads ({' '.join(sorted(IMAGE_SUFFIXES))})"
         else:
             reason = "inside the output folder"
-        print(f"skipped {entry}: {reason}", file=sys.stderr)
+        print_skipped(entry, reason)
     return jobs
 
 
