@@ -71,11 +71,11 @@ def test_a_batch_killed_mid_way_resumes_without_partial_or_duplicate_outputs(tmp
     source = _images(tmp_path / "in", 6)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "mist.cli", "protect", str(source), "-o", str(out), "--model", "tiny-random",
-               "--steps", "40", "--input-size", "64", "-q"]
+               "--steps", "10", "--input-size", "64", "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("*.png")) and time.monotonic() < deadline:
+        # Wait for the first finished output (or the end of the run), however slow the machine is.
+        while not list(out.glob("*.png")) and process.poll() is None:
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -84,7 +84,7 @@ def test_a_batch_killed_mid_way_resumes_without_partial_or_duplicate_outputs(tmp
     assert 0 < len(first) < 6, "kill the batch part-way"
     for png in out.glob("*.png"):
         Image.open(png).load()  # every output present is complete
-    done = subprocess.run(command[:-1], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command[:-1], capture_output=True, text=True, timeout=1800)  # a hang guard only
     assert done.returncode == 0, done.stderr
     assert f"{len(first)} skipped" in done.stdout and f"{6 - len(first)} protected" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [f"img{i}.png" for i in range(6)]  # no temp files, no extras
