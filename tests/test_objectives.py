@@ -146,3 +146,33 @@ def test_fast_mode_runs_the_unet_without_a_graph(tiny_model, monkeypatch):
                           fast=True)(x, [torch.Generator()])
     terms.objective.sum().backward()
     assert seen == [False] and x.grad.abs().sum() > 0
+
+
+def test_fp32_gradient_is_as_exact_as_float64_allows(tiny_model):
+    """A float32 run keeps Mist v1.2's arithmetic: its gradient is close to the same computation in float64, also where
+    activations sit far from zero (there a GroupNorm kernel that sums carelessly loses precision; PyTorch's CPU kernel
+    for channels-last float32 input did)."""
+    import copy
+
+    from mist.config import ProtectConfig
+    from mist.pipeline import Protector
+
+    shifted = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # every GroupNorm after these layers sees a mean about 50 times its standard deviation
+        shifted.encoder.encoder.conv_in.bias += 30.0
+        shifted.unet.conv_in.bias += 30.0
+    reference = copy.deepcopy(shifted)
+    reference.encoder.double()
+    reference.unet.double()
+    model = Protector(shifted, ProtectConfig(precision="fp32")).model
+    text = model.text_embedding("a painting")
+    target_z = target_latent(model, _images(2, size=64), [torch.Generator().manual_seed(5)])
+
+    x = _images(1, size=64).requires_grad_(True)
+    objective = MistObjective(model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(7)]).objective
+    (gradient,) = torch.autograd.grad(objective.sum(), x)
+    x64 = _images(1, size=64).double().requires_grad_(True)
+    textural, semantic = _reference_terms(reference, x64, target_z.double(), text.double(), seed=7)
+    (expected,) = torch.autograd.grad(textural - 1e4 * semantic, x64)
+    error = ((gradient.double() - expected).norm() / expected.norm()).item()
+    assert error < 5e-5  # 1e-5 with contiguous float32 kernels, 8e-3 with the channels-last GroupNorm

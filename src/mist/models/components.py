@@ -52,6 +52,16 @@ def standard_normal(shape: torch.Size | tuple[int, ...], generators: Sequence[to
     return torch.cat(rows).to(device=like.device, dtype=like.dtype)
 
 
+def memory_format_for(dtype: torch.dtype) -> torch.memory_format:
+    """The layout of convolution weights and inputs for weights of `dtype`: channels-last (NHWC) for bf16 and fp16,
+    the layout oneDNN and cuDNN run fastest; the plain contiguous (NCHW) one for float32, because PyTorch's CPU
+    GroupNorm on channels-last float32 input loses precision as the mean grows against the standard deviation (with
+    SD v1 weights shaped like the reference's, a fused gradient was 6.8e-5 from float64 instead of 2.9e-6; see
+    benchmarks/RESULTS.md), and a float32 run promises Mist v1.2's arithmetic. Half-precision rounding dwarfs that
+    loss, so half-precision runs keep the faster layout."""
+    return torch.channels_last if dtype in (torch.bfloat16, torch.float16) else torch.contiguous_format
+
+
 def scaled_linear_alphas_cumprod() -> torch.Tensor:
     """alpha_bar_t for t = 0..999 of SD v1's schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
@@ -75,6 +85,7 @@ class StableDiffusion:
     source: str
     random_weights: bool = False
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
+    memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
 
     @classmethod
     def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module, text_encoder: nn.Module, source: str,
@@ -96,8 +107,8 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> StableDiffusion:
-        """Move the weights (and cast them, for half-precision weights); returns self. Convolution weights are kept
-        channels-last, the layout oneDNN and cuDNN run fastest (about 10% per step on a CPU).
+        """Move the weights (and cast them, for half-precision weights); returns self. Convolution weights take the
+        layout `memory_format_for` gives their type.
 
         Casting to a wider type than the weights have had is refused: float32 weights once rounded to bf16 stay
         rounded, and a "float32" run on them would silently not be one."""
@@ -107,7 +118,9 @@ class StableDiffusion:
                              f"load it again to run in {dtype}")
         for module in (self.encoder, self.unet):
             module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
-            module.to(memory_format=torch.channels_last)
+        self.memory_format = memory_format_for(self.dtype)
+        for module in (self.encoder, self.unet):
+            module.to(memory_format=self.memory_format)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
@@ -124,7 +137,7 @@ class StableDiffusion:
     def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding);
         image i's sample noise comes from generators[i]."""
-        pixels = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        pixels = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         moments = self.encoder.quant_conv(self.encoder.encoder(pixels))
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -133,7 +146,7 @@ class StableDiffusion:
 
     def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction eps_theta(z_t, t, c)."""
-        latent = noisy_latent.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        latent = noisy_latent.to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.unet(latent, timesteps, encoder_hidden_states=text.to(self.dtype)).sample
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
