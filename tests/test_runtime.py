@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -61,9 +63,65 @@ def test_auto_precision_follows_the_device(monkeypatch):
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
     assert devices.resolve_precision("auto", cpu) == "fp32"
     assert devices.resolve_precision("auto", torch.device("mps")) == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert devices.resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert devices.resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.mark.parametrize(("card", "capability", "expected"), [
+    ("T4", (7, 5), "fp16"), ("V100", (7, 0), "fp16"), ("RTX 2080 Ti", (7, 5), "fp16"),
+    ("A100", (8, 0), "bf16"), ("RTX 4090", (8, 9), "bf16"), ("H100", (9, 0), "bf16"),
+])
+def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, card, capability, expected):
+    """Older GPUs report bf16 as supported because PyTorch emulates it (is_bf16_supported's default): that must not
+    count. The capability asked for is the chosen device's, not the first GPU's."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert devices.resolve_precision("auto", torch.device("cuda", 1)) == expected, card
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_fp16_scales_only_the_semantic_objective():
+    from mist.objectives import FP16_SEMANTIC_LOSS_SCALE, loss_scale
+
+    assert loss_scale("fp16", "semantic") == FP16_SEMANTIC_LOSS_SCALE == 1e4
+    assert {loss_scale(p, m) for p in ("fp32", "bf16", "fp16") for m in ("textural", "fused")} == {1.0}
+    assert loss_scale("bf16", "semantic") == loss_scale("fp32", "semantic") == 1.0
+
+
+def test_fp16_semantic_gradients_keep_their_signs_with_the_loss_scale(tiny_model):
+    """On the tiny model in fp16 (the CPU standing in for an older GPU), semantic mode's unscaled gradient loses
+    pixels to underflow; the scale keeps nearly all of them, with signs as float32 has them."""
+    from mist.objectives import MistObjective, loss_scale
+
+    half = copy.deepcopy(tiny_model)
+    half.encoder.half()
+    half.unet.half()
+    text = tiny_model.text_embedding("a painting")
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def gradient(model, precision, scale):
+        pixels = x.clone().requires_grad_(True)
+        terms = MistObjective(model, "semantic", 1e4, None, text, precision)(pixels, [torch.Generator().manual_seed(2)])
+        return torch.autograd.grad(terms.objective.sum() * scale, pixels)[0]
+
+    exact = gradient(tiny_model, "fp32", 1.0).sign()
+    unscaled = gradient(half, "fp16", 1.0)
+    scaled = gradient(half, "fp16", loss_scale("fp16", "semantic"))
+    assert (scaled == 0).float().mean() * 10 < (unscaled == 0).float().mean()
+    assert (scaled.sign() == exact).float().mean() > 0.99
+
+
+def test_the_protector_passes_the_loss_scale_to_the_attack(tiny_model, monkeypatch):
+    from mist import pipeline
+
+    seen = []
+    attack = pipeline.masked_linf_pgd
+    monkeypatch.setattr(pipeline, "masked_linf_pgd", lambda *a, **k: seen.append(k["loss_scale"]) or attack(*a, **k))
+    monkeypatch.setattr(pipeline, "resolve_precision", lambda precision, device: precision)  # fp16 on the CPU
+    for precision in ("fp32", "fp16"):
+        Protector(tiny_model, ProtectConfig(steps=1, input_size=32, precision=precision, mode="semantic")).protect(
+            _pictures(1)[0])
+    assert seen == [1.0, 1e4]
 
 
 def test_fp16_needs_a_gpu():

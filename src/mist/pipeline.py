@@ -23,7 +23,7 @@ from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
 from .device import resolve_precision
 from .models import StableDiffusion
-from .objectives import PRECISION_DTYPES, MistObjective, target_latent
+from .objectives import PRECISION_DTYPES, MistObjective, loss_scale, target_latent
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ class Protector:
 
         with flush_denormals(self.device):
             out = masked_linf_pgd(x, objective, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
-                                  mask=None if mask is None else mask.to(self.device), callback=on_step)
+                                  mask=None if mask is None else mask.to(self.device), callback=on_step,
+                                  loss_scale=loss_scale(self.precision, c.mode))
         for position, tile in enumerate(batch):
             tile.result = out[position : position + 1].cpu()
 
