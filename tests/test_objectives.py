@@ -106,7 +106,7 @@ def test_batched_losses_are_per_image(tiny_model):
     assert terms.objective.shape == (2,) and terms.textural.shape == (2,) and terms.semantic.shape == (2,)
 
 
-def test_fast_mode_gradient_is_score_distillation(tiny_model):
+def test_fast_mode_gradient_is_score_distillation(tiny_model, monkeypatch):
     """Fast mode keeps the semantic loss value and replaces its latent gradient by (2/N) sqrt(a_t) (eps - n)."""
     text = tiny_model.text_embedding("a painting")
     x = _images(1).requires_grad_(True)
@@ -121,7 +121,7 @@ def test_fast_mode_gradient_is_score_distillation(tiny_model):
             return latent
         return encode
 
-    tiny_model.encode = capture(tiny_model.encode)
+    monkeypatch.setattr(tiny_model, "encode", capture(tiny_model.encode))
     fast = MistObjective(tiny_model, "semantic", 1e4, None, text, fast=True)(x, [torch.Generator().manual_seed(4)])
     assert torch.allclose(fast.semantic, exact.semantic, rtol=1e-5)
     fast.semantic.sum().backward()

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mist import device as devices
 from mist.config import ProtectConfig
+from mist.models.loading import build_random
 from mist.pipeline import Protector
 
 
@@ -157,7 +158,40 @@ def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):
     assert text["mist:algorithm"] == FAST_ALGORITHM and "not Mist's exact method" in FAST_ALGORITHM
 
 
-def test_weights_rounded_by_an_earlier_run_are_not_passed_off_as_fp32(tiny_model):
-    Protector(tiny_model, ProtectConfig(input_size=64, precision="bf16"))
-    with pytest.raises(ValueError, match="load it again"):
-        Protector(tiny_model, ProtectConfig(input_size=64, precision="fp32"))
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f"{part}.{name}": tensor for part in ("encoder", "unet")
+            for name, tensor in getattr(model, part).state_dict().items()}
+
+
+def test_a_protector_never_changes_the_callers_model(tiny_model):
+    """A bf16 run leaves the caller's float32 model as it was, so a later fp32 run gives fp32's exact result."""
+    before = {name: tensor.clone() for name, tensor in _weights(tiny_model).items()}
+    picture = _pictures(1)[0]
+    fresh = build_random()  # the same seed: the same weights
+    fp32 = ProtectConfig(steps=2, input_size=64, precision="fp32")
+    expected = Protector(fresh, fp32).protect(picture).image.tobytes()
+    bf16 = Protector(tiny_model, ProtectConfig(steps=2, input_size=64, precision="bf16"), low_memory=True)
+    assert bf16.model.dtype == torch.bfloat16 and bf16.model.unet.is_gradient_checkpointing
+    bf16.protect(picture)
+    assert tiny_model.dtype == torch.float32 and not tiny_model.unet.is_gradient_checkpointing
+    assert all(torch.equal(tensor, before[name]) for name, tensor in _weights(tiny_model).items())
+    assert all(tensor.is_contiguous() for tensor in _weights(tiny_model).values())  # not turned channels-last
+    assert Protector(tiny_model, fp32).protect(picture).image.tobytes() == expected
+
+
+def test_weights_already_in_place_are_shared_not_copied(tiny_model):
+    shared = Protector(tiny_model, ProtectConfig(input_size=64, precision="fp32")).model
+    assert shared is not tiny_model
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(_weights(shared).values(), _weights(tiny_model).values(),
+                                                              strict=True))
+    cast = Protector(tiny_model, ProtectConfig(input_size=64, precision="bf16")).model
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(_weights(cast).values(), _weights(tiny_model).values(),
+                                                            strict=True))
+
+
+def test_a_handed_over_model_is_converted_in_place():
+    model = build_random()
+    protector = Protector(model, ProtectConfig(input_size=64, precision="bf16"), hand_over=True)
+    assert protector.model is model and model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="load it again"):  # rounded weights are not passed off as float32
+        Protector(model, ProtectConfig(input_size=64, precision="fp32"))
