@@ -55,7 +55,8 @@ def test_textural_mode_skips_the_unet(tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_model, "predict_noise", forbidden)
     target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     terms = MistObjective(tiny_model, "textural", 1e4, target_z, None)(_images(1), [torch.Generator().manual_seed(0)])
-    assert terms.semantic is None and terms.textural is not None
+    textural, _ = _reference_terms(tiny_model, _images(1), target_z, tiny_model.text_embedding("a painting"), seed=0)
+    assert terms.semantic is None and torch.allclose(terms.textural, textural.reshape(1), rtol=1e-5)
 
 
 def test_one_encoder_pass_per_evaluation(tiny_model, monkeypatch):
@@ -98,12 +99,21 @@ def test_no_weight_gradients_are_computed(tiny_model):
 
 
 def test_batched_losses_are_per_image(tiny_model):
-    """Each image's loss depends only on itself: the objective of a batch is a vector, one entry per image."""
+    """Each image's losses and gradient depend only on itself and its generator: a batch gives what one-by-one gives."""
     text = tiny_model.text_embedding("a painting")
     target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     objective = MistObjective(tiny_model, "fused", 1e4, target_z, text)
-    terms = objective(_images(1, count=2), [torch.Generator(), torch.Generator()])
-    assert terms.objective.shape == (2,) and terms.textural.shape == (2,) and terms.semantic.shape == (2,)
+    x = _images(1, count=2).requires_grad_(True)
+    together = objective(x, [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)])
+    (gradient,) = torch.autograd.grad(together.objective.sum(), x)
+    for i, seed in enumerate((3, 4)):
+        alone_x = x[i : i + 1].detach().clone().requires_grad_(True)
+        alone = objective(alone_x, [torch.Generator().manual_seed(seed)])
+        (alone_gradient,) = torch.autograd.grad(alone.objective.sum(), alone_x)
+        for name in ("textural", "semantic", "objective"):
+            assert torch.allclose(getattr(together, name)[i], getattr(alone, name)[0], rtol=1e-5, atol=0), (i, name)
+        assert torch.allclose(gradient[i], alone_gradient[0], rtol=1e-4, atol=1e-4 * alone_gradient.abs().max())
+    assert not torch.allclose(together.objective[0], together.objective[1])
 
 
 def test_fast_mode_gradient_is_score_distillation(tiny_model, monkeypatch):

@@ -48,13 +48,32 @@ def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
     assert differing < 0.01
 
 
-def test_bf16_weights_and_autocast_keep_the_budget(tiny_model):
+def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_model):
+    from mist import images
+    from mist.objectives import MistObjective
+
     picture = _pictures(1)[0]
-    protector = Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision="bf16", epsilon=8))
-    assert protector.model.dtype == torch.bfloat16
-    out = np.asarray(protector.protect(picture).image, dtype=int)
+    runs = {p: Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision=p, epsilon=8))
+            for p in ("bf16", "fp32")}
+    assert runs["bf16"].model.dtype == torch.bfloat16
+    results = {p: protector.protect(picture) for p, protector in runs.items()}
+    out = np.asarray(results["bf16"].image, dtype=int)
     original = np.asarray(picture.resize((64, 64), Image.Resampling.BICUBIC), dtype=int)
     assert np.abs(out - original).max() <= 8
+    for name in ("textural_start", "semantic_start", "textural_end", "semantic_end"):
+        bf16, fp32 = getattr(results["bf16"], name), getattr(results["fp32"], name)
+        assert bf16 == pytest.approx(fp32, rel=0.02), name
+    # The signs PGD steps by, at the same point with the same random draws.
+    x = images.image_to_tensor(picture, (64, 64))
+    signs = {}
+    for precision, protector in runs.items():
+        c = protector.config
+        objective = MistObjective(protector.model, c.mode, c.semantic_weight, protector._target_latent((64, 64), 0),
+                                  protector.text, precision)
+        pixels = x.clone().requires_grad_(True)
+        terms = objective(pixels, [torch.Generator().manual_seed(1)])
+        signs[precision] = torch.autograd.grad(terms.objective.sum(), pixels)[0].sign()
+    assert (signs["bf16"] == signs["fp32"]).float().mean() > 0.95
 
 
 def test_auto_precision_follows_the_device(monkeypatch):
