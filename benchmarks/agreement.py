@@ -12,7 +12,6 @@ Prints a Markdown section; paste it into benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -48,12 +47,11 @@ def main() -> int:
     args = parser.parse_args()
     picture = images.read_image(args.image) if args.image else Image.radial_gradient("L").convert("RGB")
     x = images.image_to_tensor(picture, (args.size, args.size))
-    fp32_model = build_full_size_model(torch.float32)
-    models = {"fp32": fp32_model, "bf16": copy.deepcopy(fp32_model)}  # same weights; the Protector casts to bf16
+    model = build_full_size_model(torch.float32)  # each Protector places its own copy; this one stays float32
 
     def protector(precision: str, **settings) -> Protector:
         config = ProtectConfig(precision=precision, input_size=args.size, steps=args.steps, **settings)
-        return Protector(models[precision], config)
+        return Protector(model, config)
 
     lines = [f"Machine: {machine()}  ", f"Command: `python benchmarks/agreement.py {' '.join(sys.argv[1:])}`\n",
              "| mode | gradient sign agreement, bf16 vs fp32 | sign agreement, fast vs exact (fp32) |", "|---|---|---|"]

@@ -92,7 +92,7 @@ def run_one(spec: dict) -> dict:
     model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
     config = ProtectConfig(mode=spec["mode"], steps=spec["steps"] + 1, input_size=spec["size"],
                            block_num=spec["blocks"], precision=spec["precision"], fast=spec["fast"])
-    protector = Protector(model, config, device, low_memory=spec["low_memory"])
+    protector = Protector(model, config, device, low_memory=spec["low_memory"], hand_over=True)  # as the CLI does
     image = Image.new("RGB", (spec["size"], spec["size"]))
     image.putdata([((i * 7) % 256, (i * 13) % 256, (i * 29) % 256) for i in range(spec["size"] ** 2)])
     if device.type == "cuda":

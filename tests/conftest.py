@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,11 @@ VANGOGH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vang
 
 
 @pytest.fixture(scope="session")
-def _tiny_model_original():
+def tiny_model():
+    """One tiny random model for the whole session: a Protector never changes the model it is given."""
     from mist.models.loading import build_random
 
     return build_random()
-
-
-@pytest.fixture
-def tiny_model(_tiny_model_original):
-    """A fresh copy per test: a Protector moves and casts the model it is given (e.g. to bf16 weights)."""
-    return copy.deepcopy(_tiny_model_original)
 
 
 @pytest.fixture(scope="session")

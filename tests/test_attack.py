@@ -100,3 +100,35 @@ def test_a_non_finite_gradient_stops_with_a_clear_error():
 
     with pytest.raises(FloatingPointError, match="precision fp32"):
         masked_linf_pgd(x, broken, radius=0.1, step=0.01, steps=3, generators=[torch.Generator()])
+
+
+def _half_precision_quadratic(goal: torch.Tensor):
+    """Squared distance to `goal` with the differences rounded through fp16 and shrunk, so that unscaled gradients
+    (about 2e-8) fall below fp16's smallest number and become exactly zero in the backward pass."""
+    def loss(x: torch.Tensor, generators) -> LossTerms:
+        value = ((x - goal).half() * 1e-4).float().pow(2).flatten(1).sum(1)
+        return LossTerms(value, None, value)
+    return loss
+
+
+def test_underflowing_gradients_are_reported_and_a_loss_scale_avoids_them(caplog):
+    x, goal, mask = _setup(6)
+    settings = dict(radius=16 / 255 * 2, step=1 / 255 * 2, steps=3, mask=mask)
+    with caplog.at_level("WARNING", logger="mist.attack"):
+        masked_linf_pgd(x, _half_precision_quadratic(goal), generators=[torch.Generator().manual_seed(3)], **settings)
+    assert len(caplog.records) == 1 and "gradient is exactly zero" in caplog.text and "step 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mist.attack"):
+        scaled = masked_linf_pgd(x, _half_precision_quadratic(goal), generators=[torch.Generator().manual_seed(3)],
+                                 loss_scale=1e4, **settings)
+    assert not caplog.records
+    assert torch.equal(scaled, _reference_pgd(x, goal, settings["radius"], settings["step"], 3, 3, mask))
+
+
+def test_zero_gradients_outside_the_mask_are_not_reported(caplog):
+    x, goal, _ = _setup(7)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1.0
+    with caplog.at_level("WARNING", logger="mist.attack"):
+        masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=2, generators=[torch.Generator()], mask=mask)
+    assert not caplog.records

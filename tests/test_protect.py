@@ -54,8 +54,13 @@ def test_textural_distance_to_the_target_falls(tiny_model, painting):
 
 @pytest.mark.parametrize("mode", ["semantic", "fused"])
 def test_semantic_and_fused_report_their_losses(tiny_model, painting, mode):
-    result = _protect(tiny_model, painting, mode=mode)
-    assert result.semantic_start is not None and result.semantic_end is not None
+    """The reported losses are the ones the first and the last step measured."""
+    steps = []
+    result = Protector(tiny_model, ProtectConfig(steps=3, input_size=64, mode=mode)).protect(painting,
+                                                                                          callback=steps.append)
+    assert [s.step for s in steps] == [1, 2, 3]
+    assert result.semantic_start == steps[0].semantic > 0 and result.semantic_end == steps[-1].semantic > 0
+    assert result.textural_start == steps[0].textural and result.textural_end == steps[-1].textural
     assert (result.textural_start is None) == (mode == "semantic")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 
 from mist import device as devices
 from mist.config import ProtectConfig
+from mist.models.loading import build_random
 from mist.pipeline import Protector
 
 
@@ -45,13 +48,32 @@ def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
     assert differing < 0.01
 
 
-def test_bf16_weights_and_autocast_keep_the_budget(tiny_model):
+def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_model):
+    from mist import images
+    from mist.objectives import MistObjective
+
     picture = _pictures(1)[0]
-    protector = Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision="bf16", epsilon=8))
-    assert protector.model.dtype == torch.bfloat16
-    out = np.asarray(protector.protect(picture).image, dtype=int)
+    runs = {p: Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision=p, epsilon=8))
+            for p in ("bf16", "fp32")}
+    assert runs["bf16"].model.dtype == torch.bfloat16
+    results = {p: protector.protect(picture) for p, protector in runs.items()}
+    out = np.asarray(results["bf16"].image, dtype=int)
     original = np.asarray(picture.resize((64, 64), Image.Resampling.BICUBIC), dtype=int)
     assert np.abs(out - original).max() <= 8
+    for name in ("textural_start", "semantic_start", "textural_end", "semantic_end"):
+        bf16, fp32 = getattr(results["bf16"], name), getattr(results["fp32"], name)
+        assert bf16 == pytest.approx(fp32, rel=0.02), name
+    # The signs PGD steps by, at the same point with the same random draws.
+    x = images.image_to_tensor(picture, (64, 64))
+    signs = {}
+    for precision, protector in runs.items():
+        c = protector.config
+        objective = MistObjective(protector.model, c.mode, c.semantic_weight, protector._target_latent((64, 64), 0),
+                                  protector.text, precision)
+        pixels = x.clone().requires_grad_(True)
+        terms = objective(pixels, [torch.Generator().manual_seed(1)])
+        signs[precision] = torch.autograd.grad(terms.objective.sum(), pixels)[0].sign()
+    assert (signs["bf16"] == signs["fp32"]).float().mean() > 0.95
 
 
 def test_auto_precision_follows_the_device(monkeypatch):
@@ -61,9 +83,65 @@ def test_auto_precision_follows_the_device(monkeypatch):
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
     assert devices.resolve_precision("auto", cpu) == "fp32"
     assert devices.resolve_precision("auto", torch.device("mps")) == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert devices.resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert devices.resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.mark.parametrize(("card", "capability", "expected"), [
+    ("T4", (7, 5), "fp16"), ("V100", (7, 0), "fp16"), ("RTX 2080 Ti", (7, 5), "fp16"),
+    ("A100", (8, 0), "bf16"), ("RTX 4090", (8, 9), "bf16"), ("H100", (9, 0), "bf16"),
+])
+def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, card, capability, expected):
+    """Older GPUs report bf16 as supported because PyTorch emulates it (is_bf16_supported's default): that must not
+    count. The capability asked for is the chosen device's, not the first GPU's."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert devices.resolve_precision("auto", torch.device("cuda", 1)) == expected, card
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_fp16_scales_only_the_semantic_objective():
+    from mist.objectives import FP16_SEMANTIC_LOSS_SCALE, loss_scale
+
+    assert loss_scale("fp16", "semantic") == FP16_SEMANTIC_LOSS_SCALE == 1e4
+    assert {loss_scale(p, m) for p in ("fp32", "bf16", "fp16") for m in ("textural", "fused")} == {1.0}
+    assert loss_scale("bf16", "semantic") == loss_scale("fp32", "semantic") == 1.0
+
+
+def test_fp16_semantic_gradients_keep_their_signs_with_the_loss_scale(tiny_model):
+    """On the tiny model in fp16 (the CPU standing in for an older GPU), semantic mode's unscaled gradient loses
+    pixels to underflow; the scale keeps nearly all of them, with signs as float32 has them."""
+    from mist.objectives import MistObjective, loss_scale
+
+    half = copy.deepcopy(tiny_model)
+    half.encoder.half()
+    half.unet.half()
+    text = tiny_model.text_embedding("a painting")
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def gradient(model, precision, scale):
+        pixels = x.clone().requires_grad_(True)
+        terms = MistObjective(model, "semantic", 1e4, None, text, precision)(pixels, [torch.Generator().manual_seed(2)])
+        return torch.autograd.grad(terms.objective.sum() * scale, pixels)[0]
+
+    exact = gradient(tiny_model, "fp32", 1.0).sign()
+    unscaled = gradient(half, "fp16", 1.0)
+    scaled = gradient(half, "fp16", loss_scale("fp16", "semantic"))
+    assert (scaled == 0).float().mean() * 10 < (unscaled == 0).float().mean()
+    assert (scaled.sign() == exact).float().mean() > 0.99
+
+
+def test_the_protector_passes_the_loss_scale_to_the_attack(tiny_model, monkeypatch):
+    from mist import pipeline
+
+    seen = []
+    attack = pipeline.masked_linf_pgd
+    monkeypatch.setattr(pipeline, "masked_linf_pgd", lambda *a, **k: seen.append(k["loss_scale"]) or attack(*a, **k))
+    monkeypatch.setattr(pipeline, "resolve_precision", lambda precision, device: precision)  # fp16 on the CPU
+    for precision in ("fp32", "fp16"):
+        Protector(tiny_model, ProtectConfig(steps=1, input_size=32, precision=precision, mode="semantic")).protect(
+            _pictures(1)[0])
+    assert seen == [1.0, 1e4]
 
 
 def test_fp16_needs_a_gpu():
@@ -99,7 +177,40 @@ def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):
     assert text["mist:algorithm"] == FAST_ALGORITHM and "not Mist's exact method" in FAST_ALGORITHM
 
 
-def test_weights_rounded_by_an_earlier_run_are_not_passed_off_as_fp32(tiny_model):
-    Protector(tiny_model, ProtectConfig(input_size=64, precision="bf16"))
-    with pytest.raises(ValueError, match="load it again"):
-        Protector(tiny_model, ProtectConfig(input_size=64, precision="fp32"))
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f"{part}.{name}": tensor for part in ("encoder", "unet")
+            for name, tensor in getattr(model, part).state_dict().items()}
+
+
+def test_a_protector_never_changes_the_callers_model(tiny_model):
+    """A bf16 run leaves the caller's float32 model as it was, so a later fp32 run gives fp32's exact result."""
+    before = {name: tensor.clone() for name, tensor in _weights(tiny_model).items()}
+    picture = _pictures(1)[0]
+    fresh = build_random()  # the same seed: the same weights
+    fp32 = ProtectConfig(steps=2, input_size=64, precision="fp32")
+    expected = Protector(fresh, fp32).protect(picture).image.tobytes()
+    bf16 = Protector(tiny_model, ProtectConfig(steps=2, input_size=64, precision="bf16"), low_memory=True)
+    assert bf16.model.dtype == torch.bfloat16 and bf16.model.unet.is_gradient_checkpointing
+    bf16.protect(picture)
+    assert tiny_model.dtype == torch.float32 and not tiny_model.unet.is_gradient_checkpointing
+    assert all(torch.equal(tensor, before[name]) for name, tensor in _weights(tiny_model).items())
+    assert all(tensor.is_contiguous() for tensor in _weights(tiny_model).values())  # not turned channels-last
+    assert Protector(tiny_model, fp32).protect(picture).image.tobytes() == expected
+
+
+def test_weights_already_in_place_are_shared_not_copied(tiny_model):
+    shared = Protector(tiny_model, ProtectConfig(input_size=64, precision="fp32")).model
+    assert shared is not tiny_model
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(_weights(shared).values(), _weights(tiny_model).values(),
+                                                              strict=True))
+    cast = Protector(tiny_model, ProtectConfig(input_size=64, precision="bf16")).model
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(_weights(cast).values(), _weights(tiny_model).values(),
+                                                            strict=True))
+
+
+def test_a_handed_over_model_is_converted_in_place():
+    model = build_random()
+    protector = Protector(model, ProtectConfig(input_size=64, precision="bf16"), hand_over=True)
+    assert protector.model is model and model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="load it again"):  # rounded weights are not passed off as float32
+        Protector(model, ProtectConfig(input_size=64, precision="fp32"))

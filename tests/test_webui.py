@@ -218,7 +218,7 @@ def test_model_is_loaded_once_on_the_first_job(tmp_path):
     for _ in range(2):
         assert len(ui.run("batch", None, upload, Settings(**FAST), "en", None).outputs) == 1
     assert engine.loads == 1
-    # A bf16 job casts the weights in place; an fp32 job after it needs the exact weights again.
+    # The cache hands its model over: a bf16 job converts it in place; an fp32 job after it needs the exact weights.
     ui.run("batch", None, upload, Settings(**FAST, precision="bf16"), "en", None)
     assert engine.loads == 1
     ui.run("batch", None, upload, Settings(**FAST, precision="fp32"), "en", None)

@@ -32,7 +32,7 @@ def protect(
     """Protect one image or several (file paths or PIL images) and return a `ProtectedImage` for each, in order.
 
     Settings come from `config` (Mist v1.2's defaults if None), changed by keyword (`protect(img, steps=50)`).
-    `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds) or what `mist protect
+    `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds; it is never changed) or what `mist protect
     --model` accepts; None searches the default places. `mask` (a path or image, white = protect) overrides
     config.mask. `callback(progress)` is called after every PGD step (`progress.images` says which images it
     concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
@@ -47,9 +47,11 @@ def protect(
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]
     mask_image = _as_image(mask) if mask is not None else (image_io.read_image(config.mask) if config.mask else None)
-    if not isinstance(model, StableDiffusion):
+    loaded_here = not isinstance(model, StableDiffusion)  # then no one else holds it: convert it without a copy
+    if loaded_here:
         model = load_model(model)
-    protector = Protector(model, config, pick_device(device), low_memory=low_memory, batch_size=batch_size)
+    protector = Protector(model, config, pick_device(device), low_memory=low_memory, batch_size=batch_size,
+                          hand_over=loaded_here)
     return protector.protect_many(pictures, [mask_image] * len(pictures), callback)
 
 

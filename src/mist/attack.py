@@ -4,16 +4,25 @@ The attack knows nothing of models: it minimises any per-image loss of x' in [-1
 step `step` in [-1, 1] units: delta starts uniform in [-radius, radius], kept so x + delta stays in [-1, 1]; each step
 evaluates the loss at x + delta * mask, moves delta by -step * sign(gradient), clips it to [-radius, radius] and again
 so x + delta stays in [-1, 1]. The result is x + delta * mask, clipped to [-1, 1]: pixels outside the mask never change.
+
+A gradient element that is exactly zero has no sign and its pixel does not move. In float32 or bf16 that practically
+never happens; in fp16 it is the mark of underflow, so it is logged as a warning when it concerns more than
+ZERO_SIGN_WARNING of the pixels inside the mask at any step.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from .objectives import LossTerms
+
+log = logging.getLogger(__name__)
+
+ZERO_SIGN_WARNING = 0.01  # fraction of the masked pixel values whose gradient is exactly zero
 
 
 @dataclass(frozen=True)
@@ -41,22 +50,33 @@ def masked_linf_pgd(
     generators: Sequence[torch.Generator],
     mask: torch.Tensor | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """Protected images for `x` (N, 3, H, W) in [-1, 1]; `mask` (N or 1, 1, H, W) is 1 where pixels may change.
-    Image i draws its random start, and the loss its random numbers, from generators[i]."""
+    Image i draws its random start, and the loss its random numbers, from generators[i]. The objective is multiplied
+    by `loss_scale` before differentiating (the signs, all PGD uses, do not change; half-precision gradients can be
+    kept clear of underflow)."""
     x = x.detach()
     mask = torch.ones_like(x[:, :1]) if mask is None else mask.to(x)
     start = torch.cat([torch.rand((1, *x.shape[1:]), generator=g) for g in generators])
     delta = (start * 2 - 1).to(x) * radius
     delta = (x + delta).clamp(-1, 1) - x
+    inside = (mask > 0).expand_as(x)
+    warned = False
     for index in range(steps):
         delta.requires_grad_(True)
         terms = loss(x + delta * mask, generators)
-        (gradient,) = torch.autograd.grad(terms.objective.sum(), delta)
+        (gradient,) = torch.autograd.grad(terms.objective.sum() * loss_scale, delta)
         if not torch.isfinite(gradient).all():
             # fp16 can overflow or underflow where fp32 would not; a silent NaN sign would corrupt the image.
             raise FloatingPointError(f"step {index + 1}: the gradient is not finite; run with --precision fp32 "
                                      "(or bf16 where supported)")
+        zeros = 0.0 if warned or not inside.any() else (gradient[inside] == 0).float().mean().item()
+        if zeros > ZERO_SIGN_WARNING:
+            log.warning("step %d: the gradient is exactly zero on %.1f%% of the protected pixel values (underflow in "
+                        "half precision?); those pixels are not moved: run with --precision fp32 (or bf16 where "
+                        "supported)", index + 1, 100 * zeros)
+            warned = True
         with torch.no_grad():
             delta = (delta - step * gradient.sign()).clamp(-radius, radius)
             delta = (x + delta).clamp(-1, 1) - x

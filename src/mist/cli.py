@@ -139,7 +139,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         model = load_model(where)
         if model.random_weights:
             print(f"WARNING: {where} has random weights: its outputs have NO protection", file=sys.stderr)
-        return Protector(model, config, device, low_memory=low_memory, batch_size=batch_size)
+        return Protector(model, config, device, low_memory=low_memory, batch_size=batch_size, hand_over=True)
 
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()

@@ -51,15 +51,20 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+# bf16 arithmetic units arrived with compute capability 8.0 (Ampere: A100, RTX 30xx). Older GPUs (T4, V100,
+# RTX 20xx) report bf16 as supported because PyTorch emulates it, slowly; they run fp16 instead.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision `auto` stands for on `device`, and a check of an explicit one.
 
-    auto: bf16 on CUDA GPUs that support it (else fp16) and on CPUs with native bf16; fp32 elsewhere (older CPUs,
-    Apple MPS). The reasons and the measurements behind them are in benchmarks/RESULTS.md.
+    auto: bf16 on CUDA GPUs of compute capability 8.0 or more, fp16 on older ones; bf16 on CPUs with native bf16;
+    fp32 elsewhere (older CPUs, Apple MPS). The reasons and the measurements behind them are in benchmarks/RESULTS.md.
     """
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY else "fp16"
         if device.type == "cpu" and cpu_has_fast_bf16():
             return "bf16"
         return "fp32"

@@ -27,6 +27,13 @@ from .models import StableDiffusion
 from .models.components import standard_normal
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 represents magnitudes from 6e-8 (6e-5 at full precision) to 65504. The semantic loss is a mean over the N
+# latent elements, so its gradient there is 2 / N * (eps - n): about 1e-4 at 512 x 512, and smaller still further
+# back through the networks, where fp16 flushes much of it to zero (no sign, so no step). Multiplying semantic mode's
+# objective by fused mode's default weight r = 1e4 gives its gradients the size fused mode's semantic part has (about
+# 1 at the latent), which fp16 carries; textural and fused gradients are already of that size. Only the gradient's
+# signs are used, so a constant scale changes nothing else.
+FP16_SEMANTIC_LOSS_SCALE = 1e4
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,11 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+def loss_scale(precision: str, mode: Mode) -> float:
+    """The constant the objective is multiplied by before differentiating it (see FP16_SEMANTIC_LOSS_SCALE)."""
+    return FP16_SEMANTIC_LOSS_SCALE if precision == "fp16" and mode == "semantic" else 1.0
 
 
 class MistObjective:

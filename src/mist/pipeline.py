@@ -23,7 +23,7 @@ from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
 from .device import resolve_precision
 from .models import StableDiffusion
-from .objectives import PRECISION_DTYPES, MistObjective, target_latent
+from .objectives import PRECISION_DTYPES, MistObjective, loss_scale, target_latent
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,19 @@ def flush_denormals(device: torch.device):
 class Protector:
     """A model placed on a device, in the config's precision, with the target and prompt prepared.
 
+    The Protector works on its own placement of `model` (`StableDiffusion.placed`) and never changes the caller's:
+    weights already on the device in the precision asked for are shared, the others are converted into a copy (SD v1
+    in bf16: 1.8 GB more, held while the Protector lives). `hand_over=True` says the caller made the model for this
+    Protector alone (or owns and re-checks it, like the web UI's cache): it is then converted in place, weight by
+    weight, and no second copy is made; the caller must not expect it unchanged afterwards.
+
     low_memory: gradient checkpointing in the encoder and the UNet (about 40% more time per step, a quarter less peak
         memory at 512 x 512 on a CPU); None turns it on where it is the default (see `default_low_memory`).
     batch_size: how many tiles (images, when block_num is 1) share one attack batch.
     """
 
     def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device | None = None, *,
-                 low_memory: bool | None = None, batch_size: int = 1) -> None:
+                 low_memory: bool | None = None, batch_size: int = 1, hand_over: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
         self.config = config
@@ -109,10 +115,10 @@ class Protector:
         self.precision = resolve_precision(config.precision, self.device)
         self.low_memory = default_low_memory(self.device) if low_memory is None else low_memory
         self.batch_size = batch_size
-        self.model = model.to(self.device, PRECISION_DTYPES[self.precision])
+        self.model = model.placed(self.device, PRECISION_DTYPES[self.precision], in_place=hand_over)
         self.model.set_gradient_checkpointing(self.low_memory)
         self.target = images.read_image(config.target) if config.target else default_target()
-        self.text = model.text_embedding(config.prompt) if config.mode != "textural" else None
+        self.text = self.model.text_embedding(config.prompt) if config.mode != "textural" else None
         self._target_latents: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def processed_size(self, image: Image.Image) -> tuple[int, int]:
@@ -176,7 +182,8 @@ class Protector:
 
         with flush_denormals(self.device):
             out = masked_linf_pgd(x, objective, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
-                                  mask=None if mask is None else mask.to(self.device), callback=on_step)
+                                  mask=None if mask is None else mask.to(self.device), callback=on_step,
+                                  loss_scale=loss_scale(self.precision, c.mode))
         for position, tile in enumerate(batch):
             tile.result = out[position : position + 1].cpu()
 

@@ -207,7 +207,8 @@ class Engine:
             key = str(where)
             model = self._models.get(key)
             if model is not None and model.dtype not in (torch.float32, PRECISION_DTYPES[precision]):
-                # A Protector casts the weights in place; once half precision, they cannot be cast back exactly.
+                # The cache's model is handed to each Protector to convert in place (no second copy in memory); once
+                # half precision, it cannot be cast back exactly.
                 model = None
             if model is None:
                 if on_load is not None:
@@ -216,7 +217,7 @@ class Engine:
                 model = load_model(where)
                 self.loads += 1
                 self._models[key] = model
-            return Protector(model, config, device, low_memory=self.low_memory), model_label(where)
+            return Protector(model, config, device, low_memory=self.low_memory, hand_over=True), model_label(where)
 
 
 # --------------------------------------------------------------------------

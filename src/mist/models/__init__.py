@@ -17,7 +17,7 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
     """Load the model `spec` names (a path or `tiny-random`), or the first one found where Mist looks by default.
 
     `architecture` gives the shape of single-file checkpoints (SD v1 unless a test saves a smaller one).
-    Weights arrive in float32 on the CPU; `StableDiffusion.to` moves them.
+    Weights arrive in float32 on the CPU; `StableDiffusion.placed` moves and casts them.
     """
     where = resolve_model(spec)
     if where == TINY_RANDOM:

@@ -6,7 +6,8 @@ is only used to embed Mist's two prompts when the model is assembled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Sequence
 
@@ -52,6 +53,16 @@ def standard_normal(shape: torch.Size | tuple[int, ...], generators: Sequence[to
     return torch.cat(rows).to(device=like.device, dtype=like.dtype)
 
 
+def memory_format_for(dtype: torch.dtype) -> torch.memory_format:
+    """The layout of convolution weights and inputs for weights of `dtype`: channels-last (NHWC) for bf16 and fp16,
+    the layout oneDNN and cuDNN run fastest; the plain contiguous (NCHW) one for float32, because PyTorch's CPU
+    GroupNorm on channels-last float32 input loses precision as the mean grows against the standard deviation (with
+    SD v1 weights shaped like the reference's, a fused gradient was 6.8e-5 from float64 instead of 2.9e-6; see
+    benchmarks/RESULTS.md), and a float32 run promises Mist v1.2's arithmetic. Half-precision rounding dwarfs that
+    loss, so half-precision runs keep the faster layout."""
+    return torch.channels_last if dtype in (torch.bfloat16, torch.float16) else torch.contiguous_format
+
+
 def scaled_linear_alphas_cumprod() -> torch.Tensor:
     """alpha_bar_t for t = 0..999 of SD v1's schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
@@ -75,6 +86,7 @@ class StableDiffusion:
     source: str
     random_weights: bool = False
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
+    memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
 
     @classmethod
     def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module, text_encoder: nn.Module, source: str,
@@ -95,21 +107,49 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> StableDiffusion:
-        """Move the weights (and cast them, for half-precision weights); returns self. Convolution weights are kept
-        channels-last, the layout oneDNN and cuDNN run fastest (about 10% per step on a CPU).
+    def placed(self, device: torch.device | str, dtype: torch.dtype | None = None, *,
+               in_place: bool = False) -> StableDiffusion:
+        """This model's networks on `device` with weights of `dtype` (None: as they are), in the memory layout that
+        dtype runs best and exactly in (`memory_format_for`).
 
-        Casting to a wider type than the weights have had is refused: float32 weights once rounded to bf16 stay
-        rounded, and a "float32" run on them would silently not be one."""
-        dtype = None if dtype == self.dtype else dtype  # diffusers warns on every cast, even to the same type
-        if dtype is not None and torch.finfo(dtype).bits > torch.finfo(self.dtype).bits:
-            raise ValueError(f"precision: this model's weights were converted to {self.dtype} by an earlier run; "
-                             f"load it again to run in {dtype}")
+        By default this model is left as it is: the result is a new StableDiffusion that shares every weight already
+        where and as asked (no memory) and holds converted copies of the others (their size in the new type: SD v1's
+        encoder and UNet take 3.6 GB in float32, 1.8 GB in bf16 or fp16). With `in_place` this model itself is
+        converted weight by weight and returned, so no second copy is ever held: for a model made for one user.
+
+        Casting to a wider type than the weights have is refused: float32 weights once rounded to bf16 stay rounded,
+        and a "float32" run on them would silently not be one."""
+        dtype = dtype or self.dtype
+        if torch.finfo(dtype).bits > torch.finfo(self.dtype).bits:
+            raise ValueError(f"precision: this model's weights are {self.dtype}; load it again to run in {dtype}")
+        layout = memory_format_for(dtype)
+        if in_place:
+            for module in (self.encoder, self.unet):
+                if dtype != self.dtype:  # diffusers warns on every cast, even to the same type
+                    module.to(dtype=dtype)
+                module.to(device=device, memory_format=layout)
+            self.alphas_cumprod = self.alphas_cumprod.to(device)
+            self.memory_format = layout
+            return self
+
+        def convert(tensor: torch.Tensor) -> torch.Tensor:
+            kind = dtype if tensor.is_floating_point() else tensor.dtype
+            if tensor.dim() == 4:
+                return tensor.to(device=device, dtype=kind, memory_format=layout)
+            return tensor.to(device=device, dtype=kind)
+
+        # deepcopy takes each tensor from `memo` when it is there: the module objects are copied, the weights that
+        # need no conversion are shared, and no full-size copy in the old type is ever made.
+        memo: dict[int, object] = {}
         for module in (self.encoder, self.unet):
-            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
-            module.to(memory_format=torch.channels_last)
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
-        return self
+            for parameter in module.parameters():
+                moved = convert(parameter)
+                memo[id(parameter)] = parameter if moved is parameter else nn.Parameter(moved, requires_grad=False)
+            for buffer in module.buffers():
+                memo[id(buffer)] = convert(buffer)
+        return replace(self, encoder=copy.deepcopy(self.encoder, memo), unet=copy.deepcopy(self.unet, memo),
+                       text_embeddings=dict(self.text_embeddings), alphas_cumprod=self.alphas_cumprod.to(device),
+                       memory_format=layout)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass instead of keeping them: the encoder per down block, the UNet
@@ -124,7 +164,7 @@ class StableDiffusion:
     def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding);
         image i's sample noise comes from generators[i]."""
-        pixels = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        pixels = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         moments = self.encoder.quant_conv(self.encoder.encoder(pixels))
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -133,7 +173,7 @@ class StableDiffusion:
 
     def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction eps_theta(z_t, t, c)."""
-        latent = noisy_latent.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        latent = noisy_latent.to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.unet(latent, timesteps, encoder_hidden_states=text.to(self.dtype)).sample
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
