@@ -141,7 +141,7 @@ def run_batch(jobs: list[Job], config: ProtectConfig, load: Callable[[], Protect
     mask = images.read_image(config.mask) if config.mask else None  # a bad mask stops the batch before it starts
     pending: list[tuple[Job, str]] = []
     for job in jobs:
-        problem = _preflight(job, config, mask.size if mask is not None else None)
+        problem = _preflight(job, config)
         if problem is None:
             digest = sha256_file(job.source)
             problem = _existing_output_problem(job, settings, model_name, digest, overwrite)
@@ -217,7 +217,7 @@ def _existing_output_problem(job: Job, settings: str, model_name: str, digest: s
     return f"{job.output}: exists and was not made from this file with these settings; use --overwrite"
 
 
-def _preflight(job: Job, config: ProtectConfig, mask_size: tuple[int, int] | None) -> str | None:
+def _preflight(job: Job, config: ProtectConfig) -> str | None:
     """Everything about one input that can be checked without decoding it fully or loading the model."""
     try:
         if job.output.resolve() == job.source.resolve():
@@ -226,10 +226,7 @@ def _preflight(job: Job, config: ProtectConfig, mask_size: tuple[int, int] | Non
         block = 8 * config.block_num
         if min(width, height) < block:
             return f"{job.source}: image is {width} x {height} pixels, smaller than one {block} x {block} block"
-        size = images.processed_size(width, height, config.input_size, config.block_num, config.keep_aspect)
+        config.processed_size(width, height)  # raises when a side would be under one block
     except ValueError as exc:
         return str(exc)
-    if mask_size is not None and mask_size not in ((width, height), size):
-        return (f"{job.source}: the mask {config.mask} is {mask_size[0]} x {mask_size[1]} pixels; it must match the "
-                f"image ({width} x {height}) or the processed size ({size[0]} x {size[1]})")
     return None
