@@ -48,7 +48,7 @@ class Progress:
 class ProtectedImage:
     """A protected image and what the attack measured (losses summed over tiles; None where not computed)."""
 
-    image: Image.Image
+    image: Image.Image  # at the processed size, or at the input's own size with original_size
     size: tuple[int, int]  # (width, height) processed
     textural_start: float | None
     textural_end: float | None
@@ -135,8 +135,8 @@ class Protector:
 
     def protect(self, image: Image.Image, mask: Image.Image | None = None,
                 callback: Callable[[Progress], None] | None = None) -> ProtectedImage:
-        """Protect an RGB image; `mask` (any size, resized to fit; None: the config's mask, if any) marks with pure
-        white the pixels to protect."""
+        """Protect an RGB image; `mask` (any size; None: the config's mask, if any) marks the pixels to protect with
+        pure white (see `protect_many`)."""
         return self.protect_many([image], [mask], callback)[0]
 
     def protect_many(self, pictures: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
