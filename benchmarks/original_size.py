@@ -84,13 +84,14 @@ def main() -> int:
     model = build_random() if args.model == "tiny" else build_full_size_model(torch.float32)
     height = round(args.input_size * args.scale)
     picture = painting(args.image, (round(height * args.aspect), height))
-    lines = [f"Machine: {machine()}  ",
+    header = [f"Machine: {machine()}  ",
              f"Command: `python benchmarks/original_size.py {' '.join(sys.argv[1:])}`  ",
              f"Model: {'tiny random test model' if args.model == 'tiny' else 'full-size SD v1, random weights'}; "
              f"painting {picture.width} x {picture.height}; epsilon {args.epsilon:g}; {args.steps} steps; fp32; "
              f"scores averaged over {args.draws} fixed draws.\n",
              "| mode | processing size | clean objective | result | textural gain | semantic gain | objective gain "
              "| kept |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
     for mode in args.modes.split(","):
         settings = dict(mode=mode, input_size=args.input_size, steps=args.steps, epsilon=args.epsilon,
                         precision="fp32")
@@ -115,13 +116,11 @@ def main() -> int:
             objective_gain = base["objective"] - values["objective"]  # minimised
             reference = objective_gain if reference is None else reference
             kept = objective_gain / reference if reference else float("nan")
-            lines.append(f"| {mode} | {size[0]} x {size[1]} | {base['objective']:.5g} | {label} | "
-                         f"{textural_gain:.4g} | {semantic_gain:.4g} | {objective_gain:.4g} | {kept:.0%} |")
-        print(f"{mode}: {seconds:.0f} s for both attacks", file=sys.stderr)
-    lines.append("\nGains compare the protected image with the clean one shrunk the same way: textural loss and "
-                 "objective, how much lower; semantic loss, how much higher. \"kept\": the objective's gain as a "
-                 "fraction of (a)'s.")
-    print("\n".join(lines))
+            print(f"| {mode} | {size[0]} x {size[1]} | {base['objective']:.5g} | {label} | "
+                  f"{textural_gain:.4g} | {semantic_gain:.4g} | {objective_gain:.4g} | {kept:.0%} |", flush=True)
+        print(f"{mode}: {seconds:.0f} s for the attacks", file=sys.stderr)
+    print("\nGains compare the protected image with the clean one shrunk the same way: textural loss and objective, "
+          "how much lower; semantic loss, how much higher. \"kept\": the objective's gain as a fraction of (a)'s.")
     return 0
 
 
