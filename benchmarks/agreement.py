@@ -24,14 +24,17 @@ from bench import build_full_size_model, machine  # noqa: E402
 
 from mist import images  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
-from mist.objectives import MistObjective  # noqa: E402
+from mist.objectives import MistObjective, target_latent  # noqa: E402
 from mist.pipeline import Protector  # noqa: E402
 
 
 def gradient(protector: Protector, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
     """d objective / d x at x, with fixed random draws."""
     c = protector.config
-    target = protector._target_latent((x.shape[3], x.shape[2]), 0) if c.mode != "semantic" else None
+    target = None
+    if c.mode != "semantic":
+        y = images.image_to_tensor(protector.target, (x.shape[3], x.shape[2]))
+        target = target_latent(protector.model, y, [torch.Generator().manual_seed(0)], protector.precision)
     objective = MistObjective(protector.model, c.mode, c.semantic_weight, target, protector.text,
                               protector.precision, fast)
     x = x.clone().requires_grad_(True)

@@ -82,9 +82,10 @@ def run_one(spec: dict) -> dict:
     from PIL import Image
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mist import images
     from mist.config import ProtectConfig
     from mist.device import pick_device
-    from mist.objectives import PRECISION_DTYPES, MistObjective
+    from mist.objectives import PRECISION_DTYPES, MistObjective, target_latent
     from mist.pipeline import Protector
 
     device = pick_device(spec["device"])
@@ -111,7 +112,10 @@ def run_one(spec: dict) -> dict:
         peak = peak_rss_gb() if reset else float("nan")
     tile = spec["size"] // spec["blocks"]
     x = torch.zeros(1, 3, tile, tile, device=device).uniform_(-1, 1).requires_grad_(True)
-    target = protector._target_latent((spec["size"], spec["size"]), 0) if spec["mode"] != "semantic" else None
+    target = None
+    if spec["mode"] != "semantic":
+        y = images.split_tiles(images.image_to_tensor(protector.target, (spec["size"],) * 2), spec["blocks"])[0]
+        target = target_latent(protector.model, y.to(device), [torch.Generator().manual_seed(0)], protector.precision)
     objective = MistObjective(protector.model, config.mode, config.semantic_weight, target, protector.text,
                               protector.precision, config.fast)
     with FlopCounterMode(display=False) as counter:

@@ -515,14 +515,23 @@ def test_ctrl_c_while_starting_up_gives_one_line_and_exit_130(tmp_path):
 # 7. Masks
 
 
-def test_mask_of_another_size_is_resized(capsys, tmp_path):
+def test_a_mask_of_any_size_is_resized_to_the_image(capsys, tmp_path):
+    """As in Mist v1.2 and every other face: the mask is resized bicubic, then red == 255 protects."""
+    from mist.images import read_mask
+
     source = make_image(tmp_path / "a.png")
-    mask = make_image(tmp_path / "mask.png", size=(50, 50))
+    values = np.zeros((50, 50, 3), dtype=np.uint8)
+    values[:, :25] = 255
+    mask = tmp_path / "mask.png"
+    Image.fromarray(values, "RGB").save(mask)
 
     code, out, err = protect(capsys, source, "-o", tmp_path / "out", "--mask", mask)
 
     assert code == 0, err
-    assert (tmp_path / "out" / "a.png").exists()
+    protected = read_mask(mask, PROCESSED)[0, 0].numpy().astype(bool)
+    output, expected = pixels(tmp_path / "out" / "a.png"), resized(source)
+    assert np.array_equal(output[~protected], expected[~protected])
+    assert not np.array_equal(output[protected], expected[protected])
 
 
 def test_mask_limits_changes_to_its_white_region(capsys, tmp_path):

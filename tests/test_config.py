@@ -51,3 +51,19 @@ def test_settings_json_is_canonical(tmp_path):
     settings = json.loads(ProtectConfig(mask=mask).to_json())
     assert settings["mask"] == str(mask) and settings["epsilon"] == 16
     assert ProtectConfig().to_json() == ProtectConfig().to_json()
+
+
+def test_original_size_protects_with_the_aspect_kept():
+    c = ProtectConfig(original_size=True, input_size=100)  # no square, so no divisibility by 8 is asked
+    assert c.aspect_kept and c.processed_size(300, 200) == (144, 96)  # 150 x 100, floored to multiples of 8
+    assert ProtectConfig().processed_size(300, 200) == (512, 512)
+    assert json.loads(c.to_json())["original_size"] is True
+    assert json.loads(ProtectConfig().to_json())["original_size"] is False
+
+
+def test_the_original_size_flag_reaches_the_config():
+    from mist.cli import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["protect", "a.png", "-o", "out", "--original-size"])).original_size
+    assert not config_from_args(parse(["protect", "a.png", "-o", "out"])).original_size

@@ -32,9 +32,9 @@ def protect(
     """Protect one image or several (file paths or PIL images) and return a `ProtectedImage` for each, in order.
 
     Settings come from `config` (Mist v1.2's defaults if None), changed by keyword (`protect(img, steps=50)`).
-    `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds; it is never changed) or what `mist protect
-    --model` accepts; None searches the default places. `mask` (a path or image, white = protect) overrides
-    config.mask. `callback(progress)` is called after every PGD step (`progress.images` says which images it
+    `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds; it is never changed) or what
+    `mist protect --model` accepts; None searches the default places. `mask` (a path or image of any size, pure white
+    = protect) overrides config.mask. `callback(progress)` is called after every PGD step (`progress.images` says which images it
     concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
     `batch_size` (tiles per attack batch) draws the same random numbers, but batched arithmetic can differ in the
     last bits and flip a rare sign step.
@@ -46,7 +46,7 @@ def protect(
     config = replace(config or ProtectConfig(), **settings)
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]
-    mask_image = _as_image(mask) if mask is not None else (image_io.read_image(config.mask) if config.mask else None)
+    mask_image = _as_image(mask) if mask is not None else None  # None: the Protector applies config.mask
     loaded_here = not isinstance(model, StableDiffusion)  # then no one else holds it: convert it without a copy
     if loaded_here:
         model = load_model(model)

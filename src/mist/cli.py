@@ -56,6 +56,9 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", type=Path, help="mask image: pure white (255) marks the region to protect")
     g.add_argument("--no-resize", action="store_true",
                    help="keep the aspect ratio: shorter side to --input-size, sides to multiples of 8 x block-num")
+    g.add_argument("--original-size", action="store_true",
+                   help="return the protected image at the input's own resolution and aspect (the perturbation is "
+                        "computed with the aspect kept at --input-size, then resized to the input's size)")
     g.add_argument("--target", type=Path, help="target pattern image for the textural loss (default: Mist's own)")
     g.add_argument("--object", action="store_true",
                    help='the images show an object: condition on "a photo" instead of "a painting"')
@@ -86,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
             mode=args.mode, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
             input_size=args.input_size, fused_weight=args.fused_weight, block_num=args.block_num, mask=args.mask,
             keep_aspect=args.no_resize, target=args.target, object_prompt=args.object, seed=args.seed,
-            precision=args.precision, fast=args.fast,
+            precision=args.precision, fast=args.fast, original_size=args.original_size,
         )
 
 

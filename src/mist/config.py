@@ -29,7 +29,7 @@ class ProtectConfig:
     mode: textural pulls the image's latent toward the target pattern's; semantic raises the diffusion model's
         denoising loss; fused does both (objective: textural - 10 ** (fused_weight + 3) * semantic).
     epsilon: L-infinity budget in pixel levels (0..255). step_size: PGD step in pixel levels. steps: PGD iterations.
-    input_size: side of the square the image is resized to, or of its shorter side with keep_aspect.
+    input_size: side of the square the image is resized to, or of its shorter side with keep_aspect or original_size.
     block_num: the image is protected as block_num x block_num tiles (low-VRAM mode at 2).
     mask: image whose pure-white (255) pixels mark the region to protect; None protects everything.
     target: target pattern image for the textural loss; None uses the pattern shipped with Mist.
@@ -38,6 +38,9 @@ class ProtectConfig:
         losses are always float32. "auto" picks per device (see `mist.device.resolve_precision`).
     fast: replace the exact semantic gradient by the score-distillation approximation (Xue et al., ICLR 2024): the
         UNet runs forward only. A different method from Mist's exact one, about twice as fast in fused mode.
+    original_size: return the protected image at the input's own resolution and aspect. The perturbation is computed
+        at the processing size with the aspect kept (as with keep_aspect), resized bicubic to the input's size, kept
+        within epsilon and the mask there, and added to the input's own pixels.
     """
 
     mode: Mode = "fused"
@@ -54,6 +57,7 @@ class ProtectConfig:
     seed: int = 23
     precision: Precision = "auto"
     fast: bool = False
+    original_size: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mask", "target"):
@@ -77,7 +81,7 @@ class ProtectConfig:
             yield f"block_num: must be a whole number >= 1, got {self.block_num!r}"
         elif not _is_int(self.input_size) or self.input_size < 8 * self.block_num:
             yield f"input_size: must be a whole number >= {8 * self.block_num}, got {self.input_size!r}"
-        elif not self.keep_aspect and self.input_size % (8 * self.block_num):
+        elif not self.aspect_kept and self.input_size % (8 * self.block_num):
             yield (f"input_size: {self.input_size} is not divisible by 8 x block_num = {8 * self.block_num} "
                    f"(try {self.input_size // (8 * self.block_num) * 8 * self.block_num})")
         if not _is_number(self.fused_weight) or not -3 <= self.fused_weight <= 10:
@@ -90,6 +94,17 @@ class ProtectConfig:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 yield f"{name}: {path}: no such file"
+
+    @property
+    def aspect_kept(self) -> bool:
+        """Whether images are processed with their aspect ratio kept (keep_aspect, or implied by original_size)."""
+        return self.keep_aspect or self.original_size
+
+    def processed_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) in pixels at which a width x height image is protected (see `images.processed_size`)."""
+        from .images import processed_size  # here, not at the top: images imports torch, config stays light
+
+        return processed_size(width, height, self.input_size, self.block_num, self.aspect_kept)
 
     @property
     def radius(self) -> float:

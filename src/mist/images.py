@@ -39,6 +39,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "read_png_text",
+    "resize_tensor",
     "split_tiles",
     "stitch_tiles",
     "tensor_to_image",
@@ -381,6 +382,24 @@ def image_to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     pixels = np.asarray(img, dtype=np.float32)
     values = pixels / np.float32(127.5) - np.float32(1.0)
     return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))[None]
+
+
+def resize_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample an (N, C, H, W) float tensor bicubic to ``size`` = (width, height) in pixels.
+
+    Shrinking is antialiased (the kernel widens with the scale, as Pillow's
+    BICUBIC does), so no detail aliases into the result.  Values are not
+    clipped: bicubic can overshoot the input's range slightly.  The tensor
+    comes back unchanged when it already has that size.
+    """
+    width, height = _check_size(size)
+    if x.dim() != 4:
+        raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return torch.nn.functional.interpolate(
+        x, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+    )
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:

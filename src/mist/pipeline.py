@@ -1,14 +1,17 @@
 """The protection pipeline: a config and a loaded model turn PIL images into protected PIL images.
 
 Per image: resize (or keep the aspect ratio), split into block_num x block_num tiles, and run masked PGD on each tile
-against the matching tile of the target pattern and of the mask; stitch the tiles back. Tiles of the same size, from
-one image or several, may share an attack batch (`batch_size`); each tile draws its random numbers from its own
-generator seeded from the config and its tile index, so a result does not depend on batching or order. The target's
-latent is computed once per image size and tile.
+against the matching tile of the target pattern and of the mask; stitch the tiles back, and with `original_size` carry
+the perturbation to the input's own resolution. Tiles of the same size, from one image or several, may share an attack
+batch (`batch_size`). Each tile draws its random numbers (random start, posterior samples, t and noise, and the target's
+posterior sample) from generators seeded from the config's seed, a hash of its image's processed pixels and its tile
+index: an image's result depends on its pixels and the settings only, not on its file name, the face that protects it,
+or the other images of the run; and different images get unrelated perturbations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ class Progress:
 class ProtectedImage:
     """A protected image and what the attack measured (losses summed over tiles; None where not computed)."""
 
-    image: Image.Image
+    image: Image.Image  # at the processed size, or at the input's own size with original_size
     size: tuple[int, int]  # (width, height) processed
     textural_start: float | None
     textural_end: float | None
@@ -59,8 +62,10 @@ class ProtectedImage:
 class _Tile:
     image: int
     index: int
+    digest: str  # `pixel_digest` of its image's processed pixels
     pixels: torch.Tensor
     mask: torch.Tensor | None
+    target: torch.Tensor | None  # its tile of the target pattern (None in semantic mode)
     size: tuple[int, int]  # processed size of its image
     start: tuple[float | None, float | None] = (None, None)  # (textural, semantic) at the first step
     end: tuple[float | None, float | None] = (None, None)  # and at the last step
@@ -73,9 +78,19 @@ def default_target() -> Image.Image:
         return Image.open(handle).convert("RGB")
 
 
-def tile_seed(seed: int, tile: int) -> int:
-    """The generator seed of tile `tile` (tile 0 uses the config's seed itself)."""
-    return (seed + 7919 * tile) % 2**63
+def pixel_digest(x: torch.Tensor) -> str:
+    """SHA-256 (hex) of a pixel tensor's shape and float32 values: the identity of an image as it is protected."""
+    values = x.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    digest = hashlib.sha256(repr(tuple(x.shape)).encode("ascii"))
+    digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def tile_seed(seed: int, digest: str, tile: int, stream: str = "attack") -> int:
+    """The generator seed (0 .. 2**63 - 1) of tile `tile` of the image whose `pixel_digest` is `digest`; `stream`
+    separates the attack's draws ("attack") from the target's posterior sample ("target")."""
+    text = f"mist tile seed|{stream}|{seed}|{digest}|{tile}".encode("ascii")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
 @contextmanager
@@ -118,40 +133,52 @@ class Protector:
         self.model = model.placed(self.device, PRECISION_DTYPES[self.precision], in_place=hand_over)
         self.model.set_gradient_checkpointing(self.low_memory)
         self.target = images.read_image(config.target) if config.target else default_target()
+        self.mask = images.read_image(config.mask) if config.mask else None
         self.text = self.model.text_embedding(config.prompt) if config.mode != "textural" else None
-        self._target_latents: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def processed_size(self, image: Image.Image) -> tuple[int, int]:
-        c = self.config
-        return images.processed_size(image.width, image.height, c.input_size, c.block_num, c.keep_aspect)
+        return self.config.processed_size(image.width, image.height)
 
     def protect(self, image: Image.Image, mask: Image.Image | None = None,
                 callback: Callable[[Progress], None] | None = None) -> ProtectedImage:
-        """Protect an RGB image; `mask` (any size, resized to fit) marks with pure white the pixels to protect."""
+        """Protect an RGB image; `mask` (any size; None: the config's mask, if any) marks the pixels to protect with
+        pure white (see `protect_many`)."""
         return self.protect_many([image], [mask], callback)[0]
 
     def protect_many(self, pictures: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
                      callback: Callable[[Progress], None] | None = None) -> list[ProtectedImage]:
-        """Protect several images (each with its own mask or None), batching their tiles `batch_size` at a time."""
+        """Protect several images, batching their tiles `batch_size` at a time. Each image has its own mask (any size:
+        it is resized bicubic to the processed size, and protection is where its red channel is then 255, as in Mist
+        v1.2); where `masks` or an entry of it is None, the config's mask applies (none: the whole image)."""
         c = self.config
         started = time.perf_counter()
-        masks = list(masks) if masks is not None else [None] * len(pictures)
+        masks = [self.mask if m is None else m for m in (masks if masks is not None else [None] * len(pictures))]
+        uses_target = c.mode != "semantic"
         tiles: list[_Tile] = []
+        processed: list[torch.Tensor] = []
         for number, (picture, mask) in enumerate(zip(pictures, masks, strict=True)):
             size = self.processed_size(picture)
-            x = images.split_tiles(images.image_to_tensor(picture, size), c.block_num)
+            processed.append(images.image_to_tensor(picture, size))
+            digest = pixel_digest(processed[-1])
+            x = images.split_tiles(processed[-1], c.block_num)
             m = images.split_tiles(images.mask_to_tensor(mask, size), c.block_num) if mask is not None else None
-            tiles += [_Tile(number, k, x[k], m[k] if m else None, size) for k in range(len(x))]
+            y = images.split_tiles(images.image_to_tensor(self.target, size), c.block_num) if uses_target else None
+            tiles += [_Tile(number, k, digest, x[k], m[k] if m else None, y[k] if y else None, size)
+                      for k in range(len(x))]
         batches = _batches(tiles, self.batch_size)
         for number, batch in enumerate(batches):
             self._attack(batch, number, len(batches), callback)
         seconds = (time.perf_counter() - started) / max(len(pictures), 1)
         results = []
-        for number in range(len(pictures)):
+        for number, picture in enumerate(pictures):
             own = [t for t in tiles if t.image == number]
             stitched = images.stitch_tiles([t.result for t in own], c.block_num)
+            if c.original_size:
+                output = carry_to_original(picture, processed[number], stitched, masks[number], c.radius)
+            else:
+                output = images.tensor_to_image(stitched)
             results.append(ProtectedImage(
-                image=images.tensor_to_image(stitched), size=own[0].size,
+                image=output, size=own[0].size,
                 textural_start=_sum(t.start[0] for t in own), textural_end=_sum(t.end[0] for t in own),
                 semantic_start=_sum(t.start[1] for t in own), semantic_end=_sum(t.end[1] for t in own),
                 seconds=seconds, random_weights=self.model.random_weights,
@@ -165,9 +192,9 @@ class Protector:
         mask = None
         if any(t.mask is not None for t in batch):
             mask = torch.cat([t.mask if t.mask is not None else torch.ones_like(t.pixels[:, :1]) for t in batch])
-        target = torch.cat([self._target_latent(t.size, t.index) for t in batch]) if c.mode != "semantic" else None
+        target = torch.cat([self._target_latent(t) for t in batch]) if c.mode != "semantic" else None
         objective = MistObjective(self.model, c.mode, c.semantic_weight, target, self.text, self.precision, c.fast)
-        generators = [torch.Generator().manual_seed(tile_seed(c.seed, t.index)) for t in batch]
+        generators = [torch.Generator().manual_seed(tile_seed(c.seed, t.digest, t.index)) for t in batch]
         members = tuple(sorted({t.image for t in batch}))
 
         def on_step(info: StepInfo) -> None:
@@ -187,15 +214,23 @@ class Protector:
         for position, tile in enumerate(batch):
             tile.result = out[position : position + 1].cpu()
 
-    def _target_latent(self, size: tuple[int, int], tile: int) -> torch.Tensor:
-        key = (*size, tile)
-        if key not in self._target_latents:
-            target = images.image_to_tensor(self.target, size).to(self.device)
-            tile_image = images.split_tiles(target, self.config.block_num)[tile]
-            # Its own stream, so the target's posterior sample is not the same draw as the image's first one.
-            generator = torch.Generator().manual_seed(tile_seed(self.config.seed, tile) ^ 1 << 62)
-            self._target_latents[key] = target_latent(self.model, tile_image, [generator], self.precision)
-        return self._target_latents[key]
+    def _target_latent(self, tile: _Tile) -> torch.Tensor:
+        """E(y) of the tile's target, with a posterior sample of its own stream (one encoder pass per tile: the draw
+        depends on the image, so latents are not shared between images)."""
+        generator = torch.Generator().manual_seed(tile_seed(self.config.seed, tile.digest, tile.index, "target"))
+        return target_latent(self.model, tile.target.to(self.device), [generator], self.precision)
+
+
+def carry_to_original(picture: Image.Image, processed: torch.Tensor, protected: torch.Tensor,
+                      mask: Image.Image | None, radius: float) -> Image.Image:
+    """The perturbation `protected - processed` (tensors in [-1, 1] at the processing size) carried to `picture`'s own
+    size: resized bicubic, clipped to [-radius, radius] (radius in [-1, 1] units), zero outside `mask` (binarised at
+    the picture's size as at the processing size), added to the picture's own pixels and clipped to the valid range.
+    So the saved 8-bit image differs from the input by at most radius * 127.5 levels, and nowhere outside the mask."""
+    delta = images.resize_tensor(protected - processed, picture.size).clamp(-radius, radius)
+    if mask is not None:
+        delta = delta * images.mask_to_tensor(mask, picture.size)
+    return images.tensor_to_image((images.image_to_tensor(picture, picture.size) + delta).clamp(-1, 1))
 
 
 def default_low_memory(device: torch.device) -> bool:

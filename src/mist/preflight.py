@@ -23,7 +23,7 @@ def input_problem(path: Path, config: ProtectConfig) -> str | None:
     engine, so masks need no check here."""
     try:
         width, height = images.probe_image(path)
-        size = images.processed_size(width, height, config.input_size, config.block_num, config.keep_aspect)
+        size = config.processed_size(width, height)
     except ValueError as exc:
         return str(exc)
     limit = Image.MAX_IMAGE_PIXELS
