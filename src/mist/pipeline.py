@@ -6,7 +6,8 @@ the perturbation to the input's own resolution. Tiles of the same size, from one
 batch (`batch_size`). Each tile draws its random numbers (random start, posterior samples, t and noise, and the target's
 posterior sample) from generators seeded from the config's seed, a hash of its image's processed pixels and its tile
 index: an image's result depends on its pixels and the settings only, not on its file name, the face that protects it,
-or the other images of the run; and different images get unrelated perturbations.
+or the other images of the run (though batched arithmetic can change its last bits: see `batch_size`); and different
+images get unrelated perturbations.
 """
 
 from __future__ import annotations
