@@ -50,7 +50,8 @@ def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
 
 def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_model):
     from mist import images
-    from mist.objectives import MistObjective
+    from mist.objectives import MistObjective, target_latent
+    from mist.pipeline import default_target
 
     picture = _pictures(1)[0]
     runs = {p: Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision=p, epsilon=8))
@@ -65,11 +66,12 @@ def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_mode
         assert bf16 == pytest.approx(fp32, rel=0.02), name
     # The signs PGD steps by, at the same point with the same random draws.
     x = images.image_to_tensor(picture, (64, 64))
+    y = images.image_to_tensor(default_target(), (64, 64))
     signs = {}
     for precision, protector in runs.items():
         c = protector.config
-        objective = MistObjective(protector.model, c.mode, c.semantic_weight, protector._target_latent((64, 64), 0),
-                                  protector.text, precision)
+        target = target_latent(protector.model, y, [torch.Generator().manual_seed(2)], precision)
+        objective = MistObjective(protector.model, c.mode, c.semantic_weight, target, protector.text, precision)
         pixels = x.clone().requires_grad_(True)
         terms = objective(pixels, [torch.Generator().manual_seed(1)])
         signs[precision] = torch.autograd.grad(terms.objective.sum(), pixels)[0].sign()
