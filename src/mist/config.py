@@ -54,6 +54,7 @@ class ProtectConfig:
     seed: int = 23
     precision: Precision = "auto"
     fast: bool = False
+    original_size: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mask", "target"):
