@@ -385,9 +385,10 @@ def test_a_page_that_goes_away_cancels_its_job_and_its_uploads_are_deleted(engin
     source = noise(uploads / "h1" / "art.png")
     ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
     shown, _ = ui.artwork(source, "en", "page")
-    served = uploads / "h2" / shown.name  # gradio's copy of the preview it served to the editor
+    served = uploads / "h2" / shown.name  # gradio's copy of the preview it served to the editor...
     served.parent.mkdir()
     served.write_bytes(shown.read_bytes())
+    (uploads / "h2" / "background.png").write_bytes(shown.read_bytes())  # ...and the editor's, beside it
     steps_after_close: list[str] = []
 
     def progress(fraction: float, desc: str) -> None:
@@ -417,7 +418,10 @@ def test_uploads_of_a_job_are_deleted_when_it_ends(engine, tmp_path):
     for n in range(2):
         (uploads / f"h{n}").mkdir(parents=True)
         files.append(noise(uploads / f"h{n}" / f"{n}.png", seed=n))
-    result = protect(WebUI(engine, tmp_path / "work", upload_root=uploads), "batch", files=files)
+    (uploads / "h9").mkdir()
+    composite = noise(uploads / "h9" / "composite.png")  # the browser uploads the editor's images with every job
+    editor = {"background": None, "layers": [], "composite": None, "uploaded": [composite]}
+    result = protect(WebUI(engine, tmp_path / "work", upload_root=uploads), "batch", editor=editor, files=files)
     assert len(result.outputs) == 2 and result.uploads_removed
     assert list(uploads.iterdir()) == [] and all(o.png.exists() for o in result.outputs)
 

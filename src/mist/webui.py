@@ -497,6 +497,7 @@ class _Page:
     phase: str = "idle"  # "idle", "pending" (Protect pressed, the job waits for its turn) or "running"
     uploads: set[Path] = field(default_factory=set)
     closed: bool = False  # the page went away; forgotten once its job ends
+    served: set[Path] = field(default_factory=set)  # gradio's folders holding what it served of this page's previews
 
 
 class WebUI:
@@ -584,14 +585,14 @@ class WebUI:
         with self._pages_lock:
             if page.phase == "idle":
                 self._pages.pop(session or "", None)
-                self._discard(page.uploads)
+                self._discard(page)
 
     def forget_uploads(self, session: str | None) -> None:
         """The page cleared its artwork: delete what it uploaded (unless its job is running; that job deletes them)."""
         page = self._page(session)
         with self._pages_lock:
             if page.phase == "idle":
-                self._discard(page.uploads)
+                self._discard(page)
 
     def run(self, source: str, artwork: str | os.PathLike | None, editor: dict | None, files: Sequence[Any] | None,
             settings: Settings, lang: str, session: str | None, progress: Progress | None = None) -> JobResult | None:
@@ -610,35 +611,42 @@ class WebUI:
                 upload = artwork_upload(artwork, editor)
                 uploads = [upload] if upload else []
             page.uploads.update(upload.path for upload in uploads)
+            page.uploads.update(Path(path) for path in (editor or {}).get("uploaded", []))  # the editor's files
             result = run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=page.cancel,
                              progress=progress, max_upload_bytes=self.max_upload_bytes)
         finally:
             with self._pages_lock:
                 page.phase = "idle"
-                removed = self._discard(page.uploads)
+                removed = self._discard(page)
                 if page.closed:
                     self._pages.pop(session or "", None)
         result.uploads_removed = removed
         return result
 
-    def _discard(self, paths: set[Path]) -> bool:
-        """Delete these uploads (files under `upload_root`, and gradio's copies of previews), each with its folder
-        when that is left empty; forget them all. True when a file was deleted."""
+    def _discard(self, page: _Page) -> bool:
+        """Delete the page's uploads (files under `upload_root` or `workdir`), each with its folder when that is
+        left empty, and the folders where gradio keeps what it served of the page's previews; forget the uploads.
+        True when something was deleted."""
         removed = False
-        for path in list(paths):
-            copies = [path]
+        for path in page.uploads:
             if path.name.startswith(PREVIEW_PREFIX) and self.upload_root is not None:
-                copies += list(self.upload_root.glob(f"*/{path.name}"))  # what gradio served the editor
-            for copy in copies:
-                if not (_inside(copy, self.upload_root) or _inside(copy, self.workdir)):
-                    continue
-                try:
-                    copy.unlink()
-                    removed = True
-                    copy.parent.rmdir()  # gradio keeps each upload in a folder of its own
-                except OSError:
-                    pass
-        paths.clear()
+                # gradio names such a folder after the content it holds: the preview, and the editor's
+                # background.png and composite.png of it, which the browser may send again later.
+                page.served.update(served.parent for served in self.upload_root.glob(f"*/{path.name}"))
+        for folder in page.served:
+            if folder.exists() and _inside(folder, self.upload_root):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed = True
+        for path in page.uploads:
+            if not (_inside(path, self.upload_root) or _inside(path, self.workdir)):
+                continue
+            try:
+                path.unlink()
+                removed = True
+                path.parent.rmdir()  # gradio keeps each upload in a folder of its own
+            except OSError:
+                pass
+        page.uploads.clear()
         return removed
 
 

@@ -60,6 +60,19 @@ def build_app(ui: WebUI):
     i18n = gr.I18n(en=english, **{locale: chinese for locale in CHINESE_LOCALES})
     L = i18n  # noqa: N806 - a label that the browser shows in the page's language
 
+    class Editor(gr.ImageEditor):
+        """gradio's image editor, whose value also lists the files the browser uploaded for it (under "uploaded":
+        the preview as background.png, composite.png, the painted layers) so that the job deletes them."""
+
+        is_template = True  # the browser shows gradio's own image editor
+
+        def preprocess(self, payload):
+            value = super().preprocess(payload)
+            if value is not None and payload is not None:
+                parts = [payload.background, payload.composite, *(payload.layers or [])]
+                value["uploaded"] = [Path(part.path) for part in parts if getattr(part, "path", None)]
+            return value
+
     def control(factory, key: str, *args, **kwargs):
         """A settings control labelled (with help text) in the page's language; elem_id mist-<key>."""
         return factory(*args, label=L(key), info=L(f"{key}_info"), elem_id="mist-" + key.replace("_", "-"), **kwargs)
@@ -82,7 +95,7 @@ def build_app(ui: WebUI):
                     with gr.Tab(L("tab_single"), id="single") as tab_single:
                         artwork = gr.File(label=L("artwork"), file_count="single", type="filepath", height=120,
                                           elem_id="mist-artwork")
-                        editor = gr.ImageEditor(
+                        editor = Editor(
                             label=L("editor"), type="pil", image_mode="RGBA", sources=[], buttons=[],
                             brush=gr.Brush(colors=[("#ff2d55", 0.6)], color_mode="fixed"),
                             eraser=gr.Eraser(), layers=False, transforms=(), format="png", elem_id="mist-editor",
@@ -171,7 +184,7 @@ def build_app(ui: WebUI):
 
             worker = threading.Thread(target=work, name="mist-job", daemon=True)
             worker.start()
-            skip = [gr.skip()] * 9
+            skip = [gr.skip()] * 6
             finished = False
             try:
                 while (desc := news.get()) is not None:
@@ -197,10 +210,9 @@ def build_app(ui: WebUI):
             previews = [(str(o.original), str(o.png), str(o.perturbation)) for o in result.outputs]
             first = previews[0] if previews else (None, None, None)
             several = len(result.outputs) > 1  # the gallery picks which image the three views show
-            cleared = (None, None, None) if result.uploads_removed else (gr.skip(),) * 3
             yield (_status_markdown(result, lang), *first,
                    gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
-                   [str(f) for f in result.files] or None, previews, *cleared)
+                   [str(f) for f in result.files] or None, previews)
 
         @typed
         def on_select(previews, event):
@@ -221,6 +233,13 @@ def build_app(ui: WebUI):
             return said, gr.update(interactive=False)
 
         @typed
+        def on_done(request):
+            """The job deleted its uploads: the page asks for them again (and what the editor sent of its preview
+            meanwhile is deleted too)."""
+            ui.forget_uploads(_session(request))
+            return None, None, None, gr.update(interactive=True)
+
+        @typed
         def on_cancel(lang, request):
             return ui.cancel(lang, _session(request))
 
@@ -236,9 +255,9 @@ def build_app(ui: WebUI):
         artwork.clear(on_artwork_cleared, None, [editor, status], **quiet)
         run.click(on_start, [language], [status, run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
             .then(on_run, [source, artwork, editor, files, *controls, language],
-                  [status, original, protected, perturbation, gallery, downloads, results, artwork, editor, files],
+                  [status, original, protected, perturbation, gallery, downloads, results],
                   concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
-            .then(lambda: gr.update(interactive=True), None, run, **quiet)
+            .then(on_done, None, [artwork, editor, files, run], **quiet)
         cancel.click(on_cancel, [language], [status], **quiet)
         gallery.select(on_select, [results], [original, protected, perturbation], **quiet)
         language.change(lambda lang: ui.banner(lang), [language], [banner], js=SET_GRADIO_LOCALE, **quiet)
