@@ -210,7 +210,7 @@ def test_a_refused_file_says_why(server, browser, tmp_path):
 
 
 def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, browser, tmp_path):
-    source = artwork(tmp_path / "art.png")
+    source = artwork(tmp_path / "art.jpg")
     page = open_page(browser, server, **PHONE)
     try:
         heading = page.locator("#mist-heading").bounding_box()
@@ -237,9 +237,9 @@ def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, brow
         assert len(list((server.private() / "jobs").glob("job-*"))) == 2  # the cancelled job and this one
         assert holding(server, source) == []
 
-        page.locator("#mist-language").get_by_text("中文", exact=True).tap()
+        page.locator("#mist-language").get_by_text("中文", exact=True).tap()  # labels through gradio's i18n
         page.locator("#mist-run", has_text="开始保护").wait_for()
-        expect(page.locator("#mist-artwork")).to_contain_text("拖放")  # gradio's own upload box follows the switch
+        expect(page.locator("#mist-artwork")).to_contain_text("你的作品")
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-phone.png"), full_page=True)
         print(f"page at the failure: {SCREENSHOTS / 'mist-webui-phone.png'}; server log:\n{server.log.read_text()}")

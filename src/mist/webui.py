@@ -18,6 +18,7 @@ reloaded) cancels its job and deletes its uploads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -55,6 +56,7 @@ ZIP_NAME = "mist-protected.zip"
 PAINTED_MASK = "painted"  # the name outputs record for a mask painted in the page (with the SHA-256 of its PNG)
 PREVIEW_SIDE = 1280  # longest side in pixels of the preview the mask is painted on
 PREVIEW_PREFIX = "mist-preview-"
+EDITOR_FILES = ("background.png", "composite.png")  # what the browser's image editor uploads (and layer_N.png)
 JOB_MAX_AGE_S = 24 * 3600  # job folders older than this are removed when a new job starts
 
 _DEFAULTS = ProtectConfig()
@@ -634,9 +636,14 @@ class WebUI:
                 # background.png and composite.png of it, which the browser may send again later.
                 page.served.update(served.parent for served in self.upload_root.glob(f"*/{path.name}"))
         for folder in page.served:
-            if folder.exists() and _inside(folder, self.upload_root):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed = True
+            if not _inside(folder, self.upload_root):
+                continue
+            for copy in folder.glob("*"):  # not the outputs that happen to have the same content
+                if copy.name.startswith(PREVIEW_PREFIX) or copy.name in EDITOR_FILES or copy.name.startswith("layer_"):
+                    copy.unlink(missing_ok=True)
+                    removed = True
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         for path in page.uploads:
             if not (_inside(path, self.upload_root) or _inside(path, self.workdir)):
                 continue

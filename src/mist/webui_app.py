@@ -27,8 +27,9 @@ def _status_markdown(result: JobResult, lang: str) -> str:
     return status + (f"\n\n{text(lang, 'uploads_removed')}" if result.uploads_removed else "")
 
 
-# gradio's own strings (upload boxes, buttons) follow its locale, which it takes from the browser; the language switch
-# sets it too, through the function gradio's settings panel uses (found among the page's loaded modules).
+# The page's labels are rendered by gradio's i18n in gradio's locale, which it takes from the browser (its own strings
+# too); the language switch sets that locale through the function gradio's settings panel uses (found among the
+# page's loaded modules), so the labels follow the switch. Without it, only the server's messages would.
 SET_GRADIO_LOCALE = r"""(lang) => {
     const core = performance.getEntriesByType("resource").map((entry) => entry.name)
         .find((name) => /\/assets\/core-[^/]*\.js$/.test(name));
