@@ -3,16 +3,22 @@
 `mist webui` (or `python mist-webui.py`) serves the page on http://127.0.0.1:7860. The page only builds a
 `ProtectConfig` and calls the engine (`Protector.protect_many`); reading uploads and masks and writing PNG metadata go
 through `mist.images` and `mist.batch`, exactly as for the command line's outputs. The handlers are plain functions
-(`run_job`, `editor_upload`, `file_uploads`, `Settings.config`) that the tests call without a browser. Importing this
-module loads no model and imports no gradio: the model is loaded on the first job (then kept).
+(`run_job`, `artwork_upload`, `file_uploads`, `Settings.config`, the methods of `WebUI`) that the tests call without a
+browser. Importing this module loads no model and imports no gradio: the model is loaded on the first job (then kept).
+
+The one-image tab takes the artwork as a file (its bytes as they are, so anything the command line reads works and a
+large JPEG is not re-encoded by the browser into a PNG many times larger); the editor only shows a preview of it to
+paint the mask on, and the painted mask is scaled to the artwork's own size.
 
 Safety: the server listens on 127.0.0.1 unless `--listen` or `--share` is given (with a warning when there is no
-`--auth`); uploads are size-limited; one attack runs at a time, later jobs wait in gradio's queue and see their
-position; a bad upload gets a message in the page.
+`--auth`); uploads are size-limited; one attack runs at a time, later jobs wait in gradio's queue; a bad upload gets a
+message in the page. A job's uploaded originals are deleted when the job ends, and a page that goes away (closed or
+reloaded) cancels its job and deletes its uploads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -21,7 +27,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -47,7 +53,10 @@ DEFAULT_MAX_UPLOAD_MB = 50
 AUTH_ENV = "MIST_WEBUI_AUTH"
 SIZES = (256, 512, 768)
 ZIP_NAME = "mist-protected.zip"
-EDITOR_NAME = "image.png"  # what outputs record as the source name of an image painted in the editor
+PAINTED_MASK = "painted"  # the name outputs record for a mask painted in the page (with the SHA-256 of its PNG)
+PREVIEW_SIDE = 1280  # longest side in pixels of the preview the mask is painted on
+PREVIEW_PREFIX = "mist-preview-"
+EDITOR_FILES = ("background.png", "composite.png")  # what the browser's image editor uploads (and layer_N.png)
 JOB_MAX_AGE_S = 24 * 3600  # job folders older than this are removed when a new job starts
 
 _DEFAULTS = ProtectConfig()
@@ -71,6 +80,7 @@ class Settings:
     seed: int = _DEFAULTS.seed
     precision: str = _DEFAULTS.precision
     fast: bool = _DEFAULTS.fast
+    original_size: bool = True  # unlike the command line, the page gives the artwork's own size by default
 
     def config(self) -> ProtectConfig:
         """The engine's settings; raises ValueError (one line, naming the setting) for an invalid value."""
@@ -78,6 +88,7 @@ class Settings:
             mode=self.mode, epsilon=_whole(self.epsilon), steps=_whole(self.steps), input_size=_whole(self.size),
             fused_weight=_whole(self.fused_weight), block_num=2 if self.low_vram else 1,
             keep_aspect=bool(self.no_resize), seed=_whole(self.seed), precision=self.precision, fast=bool(self.fast),
+            original_size=bool(self.original_size),
         )
 
 
@@ -117,14 +128,13 @@ def file_uploads(files: Sequence[Any] | None) -> list[Upload]:
     return uploads
 
 
-def editor_mask(value: dict[str, Any] | None) -> Image.Image | None:
-    """The region painted in an image editor value ({"background", "layers", "composite"}): an "L" image of the
-    background's size, 255 where any layer has a painted (not fully transparent) pixel; None when nothing is painted
-    (protect everything)."""
-    if not value or value.get("background") is None:
+def editor_mask(value: dict[str, Any] | None, size: tuple[int, int]) -> Image.Image | None:
+    """The region painted in an image editor value ({"background", "layers", "composite"}) as an "L" image of `size`
+    (width, height in pixels: the artwork's, whatever the size of the preview it was painted on), 255 where any layer
+    has a painted (not fully transparent) pixel; None when nothing is painted (protect everything)."""
+    if not value:
         return None
-    background = _as_pil(value["background"])
-    painted = np.zeros((background.height, background.width), dtype=bool)
+    painted = np.zeros((size[1], size[0]), dtype=bool)
     for layer in value.get("layers") or []:
         if layer is None:
             continue
@@ -132,26 +142,37 @@ def editor_mask(value: dict[str, Any] | None) -> Image.Image | None:
         if "A" not in layer.getbands():
             continue
         alpha = layer.getchannel("A")
-        if alpha.size != background.size:
-            alpha = alpha.resize(background.size, Image.Resampling.NEAREST)
+        if alpha.size != size:
+            alpha = alpha.resize(size, Image.Resampling.NEAREST)
         painted |= np.asarray(alpha) > 0
     if not painted.any():
         return None
     return Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), mode="L")
 
 
-def editor_upload(value: dict[str, Any] | None, folder: Path, name: str = EDITOR_NAME) -> Upload | None:
-    """The image and painted mask of an image editor value, the image saved losslessly as a PNG in `folder` (the
-    bytes that are checked and whose SHA-256 the output records); None when no image was uploaded."""
-    if not value or value.get("background") is None:
+def artwork_upload(path: str | os.PathLike | None, editor: dict[str, Any] | None) -> Upload | None:
+    """The one-image tab's job: the uploaded file as it is (gradio keeps the user's file name) and the mask painted on
+    its preview, at the artwork's size; None when no file was uploaded. An unreadable file gets no mask (the checks
+    of `run_job` say what is wrong with it)."""
+    if not path:
         return None
-    background = _as_pil(value["background"])
-    if "A" in background.getbands():
-        background = background.convert("RGBA").convert("RGB")  # drop alpha, as Mist v1.2 and mist.images do
-    path = folder / "inputs" / secrets.token_hex(4) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    background.save(path, format="PNG")
-    return Upload(path, name, editor_mask(value))
+    path = Path(path)
+    try:
+        size = image_io.probe_image(path)
+    except ValueError:
+        return Upload(path, path.name)
+    return Upload(path, path.name, editor_mask(editor, size))
+
+
+def preview(path: Path, folder: Path) -> Path:
+    """A PNG of the artwork, upright, at most PREVIEW_SIDE pixels on its longest side, in `folder` under a unique
+    name starting with PREVIEW_PREFIX (the mask is painted on it). Raises ValueError for an unreadable image."""
+    picture = image_io.read_image(path)
+    picture.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{PREVIEW_PREFIX}{secrets.token_hex(8)}.png"
+    picture.save(target, format="PNG")
+    return target
 
 
 def _as_pil(item: Any) -> Image.Image:
@@ -241,6 +262,7 @@ class JobResult:
     cancelled: bool = False
     no_protection: bool = False  # made with the random-weight test model
     seconds: float = 0.0
+    uploads_removed: bool = False  # the job's uploaded originals were deleted from the server
 
     @property
     def files(self) -> list[Path]:
@@ -272,7 +294,7 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
     for upload in uploads:
         problem = _upload_problem(upload, config, max_upload_bytes, lang)
         if problem:
-            result.messages.append(problem)
+            result.messages.append(text(lang, "bad_file", name=upload.name, problem=problem))
         else:
             accepted.append((upload, sha256_file(upload.path)))
     if not accepted:
@@ -368,9 +390,9 @@ def _protect_one(upload: Upload, digest: str, number: int, protector: Protector,
     original, perturbation = _previews(picture, protected.image, config.epsilon)
     previews = job / "previews"
     try:
+        settings = settings_text(_with_painted_mask(config, upload.mask, job / "masks" / str(number)))
         image_io.write_png_atomic(protected.image, png,
-                                  output_metadata(settings_text(config), model_name, protector, Path(upload.name),
-                                                  digest))
+                                  output_metadata(settings, model_name, protector, Path(upload.name), digest))
         previews.mkdir(exist_ok=True)
         original.save(previews / f"original-{name}")
         perturbation.save(previews / f"perturbation-{name}")
@@ -379,25 +401,38 @@ def _protect_one(upload: Upload, digest: str, number: int, protector: Protector,
     return Output(upload.name, png, previews / f"original-{name}", previews / f"perturbation-{name}")
 
 
+def _with_painted_mask(config: ProtectConfig, mask: Image.Image | None, folder: Path) -> ProtectConfig:
+    """The settings an output records: with a painted mask, that mask (saved as a PNG named PAINTED_MASK in `folder`,
+    so the metadata holds its name and SHA-256 exactly as for a mask file given to the command line)."""
+    if mask is None:
+        return config
+    folder.mkdir(parents=True, exist_ok=True)
+    mask.save(folder / PAINTED_MASK, format="PNG")
+    return replace(config, mask=folder / PAINTED_MASK)
+
+
 def _finish(result: JobResult, status: str, started: float) -> JobResult:
     result.status = status
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _upload_problem(upload: Upload, config: ProtectConfig, max_upload_bytes: int | None, lang: str) -> str | None:
-    """What is wrong with an upload that shows without decoding it (size on disk, header, image size), or None."""
+def _upload_problem(upload: Upload, config: ProtectConfig | None, max_upload_bytes: int | None,
+                    lang: str) -> str | None:
+    """What is wrong with an upload that shows without decoding it (size on disk, header, image size; with `config`
+    also its processed size), without the file's name, or None. The one check of both tabs, at upload and before a
+    job."""
     try:
         size = upload.path.stat().st_size
         if max_upload_bytes is not None and size > max_upload_bytes:
-            return text(lang, "too_large", name=upload.name, size=f"{size / 2**20:.1f}",
-                        limit=f"{max_upload_bytes / 2**20:g}")
+            return text(lang, "too_large", size=f"{size / 2**20:.1f}", limit=f"{max_upload_bytes / 2**20:g}")
         width, height = image_io.probe_image(upload.path)
-        image_io.processed_size(width, height, config.input_size, config.block_num, config.keep_aspect)
+        if config is not None:
+            image_io.processed_size(width, height, config.input_size, config.block_num, config.keep_aspect)
     except OSError as exc:
-        return text(lang, "bad_file", name=upload.name, problem=exc.strerror or str(exc))
+        return exc.strerror or str(exc)
     except ValueError as exc:
-        return text(lang, "bad_file", name=upload.name, problem=_without_path(str(exc), upload))
+        return _without_path(str(exc), upload)
     return None
 
 
@@ -456,25 +491,45 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-class WebUI:
-    """The handlers the page calls: a job per click, one cancel flag per browser session, labels per language."""
+@dataclass
+class _Page:
+    """What the server keeps for one open page (a gradio session): its cancel flag, where its job is, and the uploads
+    to delete when that job ends or the page goes away."""
 
-    def __init__(self, engine: Engine, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> None:
+    cancel: threading.Event = field(default_factory=threading.Event)
+    phase: str = "idle"  # "idle", "pending" (Protect pressed, the job waits for its turn) or "running"
+    uploads: set[Path] = field(default_factory=set)
+    closed: bool = False  # the page went away; forgotten once its job ends
+    served: set[Path] = field(default_factory=set)  # gradio's folders holding what it served of this page's previews
+
+
+class WebUI:
+    """The handlers the page calls: a job per click (one per page at a time), a cancel flag per page, the page's
+    uploads deleted when its job ends or the page goes away."""
+
+    def __init__(self, engine: Engine, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, *,
+                 upload_root: Path | None = None, served_to_others: bool = False) -> None:
+        """`workdir`: where jobs write (private to this server); `upload_root`: gradio's upload folder, the only
+        place whose files this server deletes as uploads (None: delete none); `served_to_others`: --listen or
+        --share (the page says where images are processed)."""
         self.engine = engine
         self.workdir = Path(workdir)
         self.max_upload_mb = max_upload_mb
-        self._cancels: dict[str, threading.Event] = {}
-        self._cancels_lock = threading.Lock()
+        self.upload_root = Path(upload_root).resolve() if upload_root is not None else None
+        self.served_to_others = served_to_others
+        self._pages: dict[str, _Page] = {}
+        self._pages_lock = threading.Lock()
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
 
+    def _page(self, session: str | None) -> _Page:
+        with self._pages_lock:
+            return self._pages.setdefault(session or "", _Page())
+
     def cancel_flag(self, session: str | None) -> threading.Event:
-        with self._cancels_lock:
-            if len(self._cancels) > 10_000:  # sessions that left long ago
-                self._cancels = {k: v for k, v in list(self._cancels.items())[-1000:]}
-            return self._cancels.setdefault(session or "", threading.Event())
+        return self._page(session).cancel
 
     def banner(self, lang: str) -> str:
         """A line above everything when no model is found (how to get one) or the test model runs."""
@@ -488,27 +543,125 @@ class WebUI:
 
     # --- event handlers (gradio passes component values; `session` comes from the request) ---
 
-    def start(self, lang: str, session: str | None) -> str:
-        """Before a job enters the queue: forget an old cancel, say it is waiting."""
-        self.cancel_flag(session).clear()
-        return text(lang, "waiting")
+    def artwork(self, path: str | os.PathLike | None, lang: str, session: str | None) -> tuple[Path | None, str]:
+        """The one-image tab's file was chosen: the preview to paint on and "", or None and why the file cannot be
+        used (then it is deleted)."""
+        if not path:
+            return None, ""
+        path = Path(path)
+        self._page(session).uploads.add(path)
+        upload = Upload(path, path.name)
+        problem = _upload_problem(upload, None, self.max_upload_bytes, lang)
+        if not problem:
+            try:
+                shown = preview(path, self.workdir / "previews")
+            except ValueError as exc:
+                problem = _without_path(str(exc), upload)
+            else:
+                self._page(session).uploads.add(shown)
+                return shown, ""
+        self.forget_uploads(session)  # a refused file is not kept
+        return None, text(lang, "unusable", name=upload.name, problem=problem)
+
+    def start(self, lang: str, session: str | None) -> str | None:
+        """Protect was pressed, before the job enters the queue: forget an old cancel and say how many jobs of other
+        pages run first; None when this page's job is already running (a second tap starts nothing)."""
+        page = self._page(session)
+        with self._pages_lock:
+            if page.phase == "running":
+                return None
+            page.phase = "pending"
+            ahead = sum(1 for other in self._pages.values() if other is not page and other.phase != "idle")
+        page.cancel.clear()
+        return text(lang, "waiting", ahead=ahead) if ahead else text(lang, "starting")
 
     def cancel(self, lang: str, session: str | None) -> str:
         self.cancel_flag(session).set()
         return text(lang, "cancel_requested")
 
-    def run(self, source: str, editor: dict | None, files: Sequence[Any] | None, settings: Settings, lang: str,
-            session: str | None, progress: Progress | None = None) -> JobResult:
-        """One click of Protect: the editor's image and mask, or every file of the batch tab."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if source == "batch":
-            uploads = file_uploads(files)
-        else:
+    def closed(self, session: str | None) -> None:
+        """The page went away (closed or reloaded): cancel its job (it stops after the current step, freeing the
+        queue) and delete its uploads; a running job deletes its own when it ends."""
+        page = self._page(session)
+        page.closed = True
+        page.cancel.set()
+        with self._pages_lock:
+            if page.phase == "idle":
+                self._pages.pop(session or "", None)
+                self._discard(page)
+
+    def forget_uploads(self, session: str | None) -> None:
+        """The page cleared its artwork: delete what it uploaded (unless its job is running; that job deletes them)."""
+        page = self._page(session)
+        with self._pages_lock:
+            if page.phase == "idle":
+                self._discard(page)
+
+    def run(self, source: str, artwork: str | os.PathLike | None, editor: dict | None, files: Sequence[Any] | None,
+            settings: Settings, lang: str, session: str | None, progress: Progress | None = None) -> JobResult | None:
+        """One click of Protect: the artwork and its painted mask, or every file of the batch tab. The job's uploads
+        are deleted when it ends. None when there is no pressed Protect to serve (a second tap, already served)."""
+        page = self._page(session)
+        with self._pages_lock:
+            if page.phase != "pending":
+                return None
+            page.phase = "running"
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            if source == "batch":
+                uploads = file_uploads(files)
+            else:
+                upload = artwork_upload(artwork, editor)
+                uploads = [upload] if upload else []
+            page.uploads.update(upload.path for upload in uploads)
+            page.uploads.update(Path(path) for path in (editor or {}).get("uploaded", []))  # the editor's files
+            result = run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=page.cancel,
+                             progress=progress, max_upload_bytes=self.max_upload_bytes)
+        finally:
+            with self._pages_lock:
+                page.phase = "idle"
+                removed = self._discard(page)
+                if page.closed:
+                    self._pages.pop(session or "", None)
+        result.uploads_removed = removed
+        return result
+
+    def _discard(self, page: _Page) -> bool:
+        """Delete the page's uploads (files under `upload_root` or `workdir`), each with its folder when that is
+        left empty, and the folders where gradio keeps what it served of the page's previews; forget the uploads.
+        True when something was deleted."""
+        removed = False
+        for path in page.uploads:
+            if path.name.startswith(PREVIEW_PREFIX) and self.upload_root is not None:
+                # gradio names such a folder after the content it holds: the preview, and the editor's
+                # background.png and composite.png of it, which the browser may send again later.
+                page.served.update(served.parent for served in self.upload_root.glob(f"*/{path.name}"))
+        for folder in page.served:
+            if not _inside(folder, self.upload_root):
+                continue
+            for copy in folder.glob("*"):  # not the outputs that happen to have the same content
+                if copy.name.startswith(PREVIEW_PREFIX) or copy.name in EDITOR_FILES or copy.name.startswith("layer_"):
+                    copy.unlink(missing_ok=True)
+                    removed = True
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        for path in page.uploads:
+            if not (_inside(path, self.upload_root) or _inside(path, self.workdir)):
+                continue
             try:
-                upload = editor_upload(editor, Path(tempfile.mkdtemp(prefix="upload-", dir=_prepare(self.workdir))))
-            except (OSError, ValueError) as exc:
-                return JobResult(messages=[text(lang, "bad_file", name=EDITOR_NAME, problem=str(exc))],
-                                 status=text(lang, "nothing_done"))
-            uploads = [upload] if upload else []
-        return run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=self.cancel_flag(session),
-                       progress=progress, max_upload_bytes=self.max_upload_bytes)
+                path.unlink()
+                removed = True
+                path.parent.rmdir()  # gradio keeps each upload in a folder of its own
+            except OSError:
+                pass
+        page.uploads.clear()
+        return removed
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False

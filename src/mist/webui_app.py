@@ -6,6 +6,7 @@ Nothing here protects an image: every button calls a handler of `mist.webui`, wh
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -17,12 +18,35 @@ from typing import Any
 from .config import MODES, PRECISIONS
 from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, SIZES, Engine, JobResult, Settings, WebUI, log,
                     parse_auth)
-from .webui_text import EN, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
+from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
 
 
-def _status_markdown(result: JobResult) -> str:
+def _status_markdown(result: JobResult, lang: str) -> str:
     lines = [result.status] + [f"- {message}" for message in result.messages]
-    return "\n\n".join(lines[:1]) + ("\n\n" + "\n".join(lines[1:]) if len(lines) > 1 else "")
+    status = "\n\n".join(lines[:1]) + ("\n\n" + "\n".join(lines[1:]) if len(lines) > 1 else "")
+    return status + (f"\n\n{text(lang, 'uploads_removed')}" if result.uploads_removed else "")
+
+
+# The page's labels are rendered by gradio's i18n in gradio's locale, which it takes from the browser (its own strings
+# too); the language switch sets that locale through the function gradio's settings panel uses (found among the
+# page's loaded modules), so the labels follow the switch. Without it, only the server's messages would.
+SET_GRADIO_LOCALE = r"""(lang) => {
+    const core = performance.getEntriesByType("resource").map((entry) => entry.name)
+        .find((name) => /\/assets\/core-[^/]*\.js$/.test(name));
+    if (core) import(core).then((module) => module.changeLocale && module.changeLocale(lang === "zh" ? "zh-CN" : "en"))
+        .catch(() => {});
+    return lang;
+}"""
+
+# On a phone the page is one long column: bring the status line (just under Protect) into view when Protect is tapped.
+SHOW_STATUS = """(lang) => {
+    document.getElementById("mist-status")?.scrollIntoView({behavior: "smooth", block: "center"});
+    return lang;
+}"""
+
+# The status line says what the job does, in the page's language; gradio's own timer and "queue:" or "processing"
+# badge over it would repeat that in English.
+CSS = "#mist-status [data-testid=status-tracker] { display: none !important; }"
 
 
 def build_app(ui: WebUI):
@@ -32,97 +56,85 @@ def build_app(ui: WebUI):
     except ImportError as exc:
         raise ValueError("the web UI needs gradio: pip install 'mist-protect[webui]' (or pip install gradio)") from exc
 
-    i18n = None
-    if hasattr(gr, "I18n"):
-        from .webui_text import CHINESE_LOCALES
+    english = {k: EN[k] for k in LABEL_KEYS}
+    chinese = {**{k: TEXTS["zh"][k] for k in LABEL_KEYS}, **GRADIO_ZH}
+    i18n = gr.I18n(en=english, **{locale: chinese for locale in CHINESE_LOCALES})
+    L = i18n  # noqa: N806 - a label that the browser shows in the page's language
 
-        english = {k: EN[k] for k in LABEL_KEYS}
-        chinese = {k: TEXTS["zh"][k] for k in LABEL_KEYS}
-        i18n = gr.I18n(en=english, **{locale: chinese for locale in CHINESE_LOCALES})
+    class Editor(gr.ImageEditor):
+        """gradio's image editor, whose value also lists the files the browser uploaded for it (under "uploaded":
+        the preview as background.png, composite.png, the painted layers) so that the job deletes them."""
 
-    def L(key: str):  # noqa: N802 - a label that follows the browser's language where gradio can do that
-        return i18n(key) if i18n is not None else EN[key]
+        is_template = True  # the browser shows gradio's own image editor
 
-    def mode_choices(lang: str | None):
-        pick = (lambda k: text(lang, k)) if lang else L
-        return [(pick(f"mode_{m}"), m) for m in MODES]
-
-    relabel: list[tuple[Any, str, tuple[str, ...]]] = []  # component, what to update, keys
-
-    def labelled(component, key: str, info: bool = False):
-        relabel.append((component, "label", (key, f"{key}_info") if info else (key,)))
-        return component
+        def preprocess(self, payload):
+            value = super().preprocess(payload)
+            if value is not None and payload is not None:
+                parts = [payload.background, payload.composite, *(payload.layers or [])]
+                value["uploaded"] = [Path(part.path) for part in parts if getattr(part, "path", None)]
+            return value
 
     def control(factory, key: str, *args, **kwargs):
         """A settings control labelled (with help text) in the page's language; elem_id mist-<key>."""
-        component = factory(*args, label=L(key), info=L(f"{key}_info"), elem_id="mist-" + key.replace("_", "-"),
-                            **kwargs)
-        return labelled(component, key, info=True)
+        return factory(*args, label=L(key), info=L(f"{key}_info"), elem_id="mist-" + key.replace("_", "-"), **kwargs)
 
+    no_share = ["download", "fullscreen"]  # gradio's share button works only on Hugging Face Spaces
     d = Settings()
     with gr.Blocks(title=EN["title"], analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         with gr.Row(equal_height=True):
-            heading = gr.Markdown(L("heading"), elem_id="mist-heading")
-            relabel.append((heading, "value", ("heading",)))
+            with gr.Column(scale=3, min_width=300):
+                gr.Markdown(L("heading"), elem_id="mist-heading")
             language = gr.Radio(choices=[(name, code) for code, name in LANGUAGES.items()], value="en",
-                                label=L("language"), elem_id="mist-language", scale=0, min_width=260)
-            labelled(language, "language")
-        intro = gr.Markdown(L("intro"))
-        relabel.append((intro, "value", ("intro",)))
+                                label=L("language"), elem_id="mist-language", scale=1, min_width=220)
+        gr.Markdown(L("intro_served" if ui.served_to_others else "intro"), elem_id="mist-intro")
         banner = gr.Markdown("", elem_id="mist-banner")
         source = gr.State("single")
         results = gr.State([])
         with gr.Row():
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, min_width=320):
                 with gr.Tabs():
                     with gr.Tab(L("tab_single"), id="single") as tab_single:
-                        editor = gr.ImageEditor(
-                            label=L("editor"), type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                        artwork = gr.File(label=L("artwork"), file_count="single", type="filepath", height=120,
+                                          elem_id="mist-artwork")
+                        editor = Editor(
+                            label=L("editor"), type="pil", image_mode="RGBA", sources=[], buttons=[],
                             brush=gr.Brush(colors=[("#ff2d55", 0.6)], color_mode="fixed"),
                             eraser=gr.Eraser(), layers=False, transforms=(), format="png", elem_id="mist-editor",
                         )
-                        labelled(editor, "editor")
-                        editor_hint = gr.Markdown(L("editor_hint"))
-                        relabel.append((editor_hint, "value", ("editor_hint",)))
+                        gr.Markdown(L("editor_hint"))
                     with gr.Tab(L("tab_batch"), id="batch") as tab_batch:
-                        files = gr.File(label=L("files"), file_count="multiple", file_types=["image"],
-                                        type="filepath", elem_id="mist-files")
-                        labelled(files, "files")
-                        files_hint = gr.Markdown(L("files_hint"))
-                        relabel.append((files_hint, "value", ("files_hint",)))
-                relabel += [(tab_single, "tab", ("tab_single",)), (tab_batch, "tab", ("tab_batch",))]
-            with gr.Column(scale=2):
+                        files = gr.File(label=L("files"), file_count="multiple", type="filepath", elem_id="mist-files")
+                        gr.Markdown(L("files_hint"))
+            with gr.Column(scale=2, min_width=320):
                 epsilon = control(gr.Slider, "strength", 0, 32, value=d.epsilon, step=1)
                 steps = control(gr.Slider, "steps", 1, 1000, value=d.steps, step=1)
+                original_size = control(gr.Checkbox, "original_size", d.original_size)
                 size = control(gr.Radio, "size", [(str(s), s) for s in SIZES], value=d.size)
-                mode = control(gr.Radio, "mode", mode_choices(None), value=d.mode)
-                relabel[-1] = (mode, "mode", ("mode", "mode_info"))
-                fused_weight = control(gr.Slider, "fused_weight", 0, 5, value=d.fused_weight, step=0.1)
-                with gr.Accordion(L("advanced"), open=False, elem_id="mist-advanced") as advanced:
+                mode = control(gr.Radio, "mode", [(L(f"mode_{m}"), m) for m in MODES], value=d.mode)
+                with gr.Accordion(L("advanced"), open=False, elem_id="mist-advanced"):
+                    fused_weight = control(gr.Slider, "fused_weight", 0, 5, value=d.fused_weight, step=0.1)
                     low_vram = control(gr.Checkbox, "low_vram", d.low_vram)
                     no_resize = control(gr.Checkbox, "no_resize", d.no_resize)
                     seed = control(gr.Number, "seed", d.seed, precision=0)
                     precision = control(gr.Dropdown, "precision", list(PRECISIONS), value=d.precision)
                     fast = control(gr.Checkbox, "fast", d.fast)
-                relabel.append((advanced, "label", ("advanced",)))
                 with gr.Row():
                     run = gr.Button(L("run"), variant="primary", elem_id="mist-run")
                     cancel = gr.Button(L("cancel"), variant="stop", elem_id="mist-cancel")
-                relabel += [(run, "value", ("run",)), (cancel, "value", ("cancel",))]
-        status = gr.Markdown("", elem_id="mist-status")
+                status = gr.Markdown("", elem_id="mist-status")
+                downloads = gr.File(label=L("downloads"), file_count="multiple", interactive=False,
+                                    elem_id="mist-downloads")
         with gr.Row():
-            original = labelled(gr.Image(label=L("original"), type="filepath", interactive=False, format="png",
-                                         elem_id="mist-original"), "original")
-            protected = labelled(gr.Image(label=L("protected"), type="filepath", interactive=False, format="png",
-                                          elem_id="mist-protected"), "protected")
-            perturbation = labelled(gr.Image(label=L("perturbation"), type="filepath", interactive=False,
-                                             format="png", elem_id="mist-perturbation"), "perturbation")
-        gallery = labelled(gr.Gallery(label=L("gallery"), columns=6, height=260, object_fit="contain", format="png",
-                                      visible=False, elem_id="mist-gallery"), "gallery")
-        downloads = labelled(gr.File(label=L("downloads"), file_count="multiple", interactive=False,
-                                     elem_id="mist-downloads"), "downloads")
+            original = gr.Image(label=L("original"), type="filepath", interactive=False, format="png",
+                                buttons=no_share, elem_id="mist-original")
+            protected = gr.Image(label=L("protected"), type="filepath", interactive=False, format="png",
+                                 buttons=no_share, elem_id="mist-protected")
+            perturbation = gr.Image(label=L("perturbation"), type="filepath", interactive=False, format="png",
+                                    buttons=no_share, elem_id="mist-perturbation")
+        gallery = gr.Gallery(label=L("gallery"), columns=6, height=260, object_fit="contain", format="png",
+                             visible=False, buttons=["download", "download_all", "fullscreen"], elem_id="mist-gallery")
 
-        controls = [epsilon, steps, size, mode, fused_weight, low_vram, no_resize, seed, precision, fast]
+        controls = [epsilon, steps, size, mode, fused_weight, low_vram, no_resize, seed, precision, fast, original_size]
 
         # gradio finds the request and event arguments by their annotations, which this module's postponed
         # evaluation would leave as strings it cannot resolve: `typed` sets them as the classes themselves.
@@ -131,46 +143,83 @@ def build_app(ui: WebUI):
                                   for name in ("request", "event") if name in fn.__code__.co_varnames}
             return fn
 
+        def warn(lang: str, messages) -> None:
+            for message in messages:
+                gr.Warning(message, title=text(lang, "warning"))
+
         @typed
-        def on_run(source_value, editor_value, files_value, epsilon_value, steps_value, size_value, mode_value,
-                   fused_weight_value, low_vram_value, no_resize_value, seed_value, precision_value, fast_value, lang,
-                   request, progress=gr.Progress()):  # noqa: B008
-            settings = Settings(epsilon_value, steps_value, size_value, mode_value, fused_weight_value, low_vram_value,
-                                no_resize_value, seed_value, precision_value, fast_value)
+        def on_artwork(path, lang, request):
+            shown, problem = ui.artwork(path, lang, _session(request))
+            if problem:  # the file is refused (and deleted): the page asks for another one
+                warn(lang, [problem])
+                return None, problem, None
+            return str(shown), "", gr.skip()
+
+        @typed
+        def on_artwork_cleared(request):
+            ui.forget_uploads(_session(request))
+            return None, ""
+
+        @typed
+        def on_run(source_value, artwork_value, editor_value, files_value, epsilon_value, steps_value, size_value,
+                   mode_value, fused_weight_value, low_vram_value, no_resize_value, seed_value, precision_value,
+                   fast_value, original_size_value, lang, request):
+            """A generator: the status line follows the job (every step), then the results replace it."""
+            settings = Settings(epsilon=epsilon_value, steps=steps_value, size=size_value, mode=mode_value,
+                                fused_weight=fused_weight_value, low_vram=low_vram_value, no_resize=no_resize_value,
+                                seed=seed_value, precision=precision_value, fast=fast_value,
+                                original_size=original_size_value)
+            session = _session(request)
+            news: queue.SimpleQueue = queue.SimpleQueue()
+            box: dict[str, Any] = {}
+
+            def work() -> None:
+                try:
+                    box["result"] = ui.run(source_value, artwork_value, editor_value, files_value, settings, lang,
+                                           session, lambda fraction, desc: news.put(desc))
+                except Exception as exc:  # the page must say something; the server goes on
+                    log.exception("web UI job failed")
+                    box["result"] = JobResult(status=f"{type(exc).__name__}: {exc}")
+                finally:
+                    news.put(None)
+
+            worker = threading.Thread(target=work, name="mist-job", daemon=True)
+            worker.start()
+            skip = [gr.skip()] * 6
+            finished = False
             try:
-                result = ui.run(source_value, editor_value, files_value, settings, lang, _session(request),
-                                lambda fraction, desc: progress(fraction, desc=desc))
-            except Exception as exc:  # the page must say something; the server goes on
-                log.exception("web UI job failed")
-                result = JobResult(status=f"{type(exc).__name__}: {exc}")
-            for message in result.messages:
-                gr.Warning(message)
+                while (desc := news.get()) is not None:
+                    while True:  # only the latest news is worth showing
+                        try:
+                            later = news.get_nowait()
+                        except queue.Empty:
+                            break
+                        if later is None:
+                            news.put(None)
+                            break
+                        desc = later
+                    yield (desc, *skip)
+                finished = True
+            finally:
+                if not finished:  # gradio stopped listening (the page went away): stop the job
+                    ui.cancel_flag(session).set()
+            result = box["result"]
+            if result is None:  # a second tap on Protect: the first one's job has already answered
+                yield (gr.skip(), *skip)
+                return
+            warn(lang, result.messages)
             previews = [(str(o.original), str(o.png), str(o.perturbation)) for o in result.outputs]
             first = previews[0] if previews else (None, None, None)
             several = len(result.outputs) > 1  # the gallery picks which image the three views show
-            return (_status_markdown(result), *first,
-                    gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
-                    [str(f) for f in result.files] or None, previews)
+            yield (_status_markdown(result, lang), *first,
+                   gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
+                   [str(f) for f in result.files] or None, previews)
 
         @typed
         def on_select(previews, event):
             if not previews or event.index is None or event.index >= len(previews):
                 return None, None, None
             return tuple(previews[event.index])
-
-        def on_language(lang: str):
-            updates = []
-            for _component, kind, keys in relabel:
-                strings = [text(lang, k) for k in keys]
-                if kind == "label" and len(strings) == 2:
-                    updates.append(gr.update(label=strings[0], info=strings[1]))
-                elif kind in ("label", "tab"):
-                    updates.append(gr.update(label=strings[0]))
-                elif kind == "mode":
-                    updates.append(gr.update(label=strings[0], info=strings[1], choices=mode_choices(lang)))
-                else:
-                    updates.append(gr.update(value=strings[0]))
-            return [*updates, ui.banner(lang)]
 
         @typed
         def on_load(request):
@@ -179,23 +228,42 @@ def build_app(ui: WebUI):
 
         @typed
         def on_start(lang, request):
-            return ui.start(lang, _session(request))
+            said = ui.start(lang, _session(request))
+            if said is None:  # this page's job is running: nothing new starts
+                return gr.skip(), gr.skip()
+            return said, gr.update(interactive=False)
+
+        @typed
+        def on_done(request):
+            """The job deleted its uploads: the page asks for them again (and what the editor sent of its preview
+            meanwhile is deleted too)."""
+            ui.forget_uploads(_session(request))
+            return None, None, None, gr.update(interactive=True)
 
         @typed
         def on_cancel(lang, request):
             return ui.cancel(lang, _session(request))
 
-        tab_single.select(lambda: "single", None, source, queue=False)
-        tab_batch.select(lambda: "batch", None, source, queue=False)
-        run.click(on_start, [language], [status], queue=False) \
-            .then(on_run, [source, editor, files, *controls, language],
+        @typed
+        def on_unload(request):
+            ui.closed(_session(request))
+
+        quiet = dict(queue=False, show_progress="hidden")
+        tab_single.select(lambda: "single", None, source, **quiet)
+        tab_batch.select(lambda: "batch", None, source, **quiet)
+        artwork.upload(on_artwork, [artwork, language], [editor, status, artwork], show_progress="hidden",
+                       concurrency_id="mist-preview")
+        artwork.clear(on_artwork_cleared, None, [editor, status], **quiet)
+        run.click(on_start, [language], [status, run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
+            .then(on_run, [source, artwork, editor, files, *controls, language],
                   [status, original, protected, perturbation, gallery, downloads, results],
-                  concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private",
-                  show_progress_on=[original, protected, perturbation])
-        cancel.click(on_cancel, [language], [status], queue=False)
-        gallery.select(on_select, [results], [original, protected, perturbation], queue=False)
-        language.change(on_language, [language], [c for c, _, _ in relabel] + [banner], queue=False)
-        demo.load(on_load, None, [language, banner], queue=False)
+                  concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
+            .then(on_done, None, [artwork, editor, files, run], **quiet)
+        cancel.click(on_cancel, [language], [status], **quiet)
+        gallery.select(on_select, [results], [original, protected, perturbation], **quiet)
+        language.change(lambda lang: ui.banner(lang), [language], [banner], js=SET_GRADIO_LOCALE, **quiet)
+        demo.load(on_load, None, [language, banner], **quiet)
+        demo.unload(on_unload)
     demo.queue(default_concurrency_limit=1)
     demo.mist_i18n = i18n
     return demo
@@ -217,10 +285,21 @@ def launch(ui: WebUI, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, sha
 def launch_options(ui: WebUI, demo, *, host: str, port: int, share: bool, auth: tuple[str, str] | None) -> dict:
     """gradio's launch settings: where to listen, the login, the upload limit, the files it may serve."""
     options = dict(server_name=host, server_port=port, share=share, auth=auth, max_file_size=f"{ui.max_upload_mb:g}mb",
-                   allowed_paths=[str(ui.workdir)], show_error=False, inbrowser=False, footer_links=["gradio"])
-    if getattr(demo, "mist_i18n", None) is not None:
-        options["i18n"] = demo.mist_i18n
+                   allowed_paths=[str(ui.workdir)], show_error=False, inbrowser=False, footer_links=["gradio"],
+                   css=CSS)
+    options["i18n"] = demo.mist_i18n
     return options
+
+
+def private_folder() -> Path:
+    """A new folder only this user can open (mode 0700), under $GRADIO_TEMP_DIR when set, else the system's
+    temporary folder: uploads (gradio's cache) and jobs go there, and it is removed when the server stops."""
+    base = os.environ.get("GRADIO_TEMP_DIR") or None
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="mist-webui-", dir=base))  # mkdtemp creates it with mode 0700
+    root.chmod(0o700)
+    return root
 
 
 def main(args) -> int:
@@ -233,17 +312,25 @@ def main(args) -> int:
         reach = "a public gradio.live link" if args.share else "every machine that can reach this one"
         print(f"WARNING: the web UI is open to {reach} without a password: anyone there can use this machine's "
               f"GPU. Add --auth user:password (or set {AUTH_ENV}).", file=sys.stderr, flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="mist-webui-"))
-    ui = WebUI(Engine(args.model, args.device, args.low_memory), workdir, args.max_upload_mb)
+    root = private_folder()
+    uploads = root / "uploads"
+    gradio_temp = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # read by gradio when the page is built (gradio is imported then)
+    ui = WebUI(Engine(args.model, args.device, args.low_memory), root / "jobs", args.max_upload_mb,
+               upload_root=uploads, served_to_others=bool(args.listen or args.share))
     previous = None
-    if threading.current_thread() is threading.main_thread():  # `kill`, systemd stop: leave no job files behind
+    if threading.current_thread() is threading.main_thread():  # `kill`, systemd stop: leave no files behind
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         print(f"Mist web UI: http://{'localhost' if host == DEFAULT_HOST else host}:{args.port}"
               " (the model is loaded on the first job)", flush=True)
         launch(ui, host=host, port=args.port, share=args.share, auth=auth, block=True, quiet=not args.share)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        if gradio_temp is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = gradio_temp
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -3,6 +3,7 @@
 `EN` and `ZH` have the same keys. Keys in `LABEL_KEYS` are labels and help texts rendered by the browser through
 gradio's i18n (ICU message syntax, so they hold no braces); the other keys are messages formatted here with
 `str.format` fields. Engine errors (a file's problem, the model search) stay in English and are quoted as they are.
+`GRADIO_ZH` translates the few strings of gradio's own page that its Chinese table lacks.
 """
 
 from __future__ import annotations
@@ -16,42 +17,56 @@ EN: dict[str, str] = {
     "intro": (
         "Mist adds a small, hard-to-see perturbation to an image so that AI models trained on it or editing it "
         "(img2img, textual inversion, DreamBooth, LoRA) produce scrambled results. Upload an image, optionally paint "
-        "the region to protect, and press **Protect**. Everything runs on this computer."
+        "the region to protect, and press **Protect**. Everything runs on this computer: your images go nowhere else, "
+        "and the uploaded original is deleted when its job ends."
+    ),
+    "intro_served": (
+        "Mist adds a small, hard-to-see perturbation to an image so that AI models trained on it or editing it "
+        "(img2img, textual inversion, DreamBooth, LoRA) produce scrambled results. Upload an image, optionally paint "
+        "the region to protect, and press **Protect**. Your images are sent to the computer that serves this page and "
+        "processed there; the uploaded original is deleted from it when its job ends."
     ),
     "language": "Language",
     "tab_single": "One image",
     "tab_batch": "Several images",
-    "editor": "Image (paint the region to protect)",
+    "artwork": "1. Your artwork",
+    "editor": "2. Paint to protect (optional)",
     "editor_hint": (
-        "Upload an image, then paint with the brush over the region to protect. Painted pixels are protected; "
-        "with nothing painted, the whole image is protected."
+        "Choose your artwork above; a preview appears here. Paint with the brush over the region to protect: painted "
+        "pixels are protected; with nothing painted, the whole image is protected."
     ),
     "files": "Images",
     "files_hint": "Upload several images at once; each one is protected everywhere (no mask).",
     "advanced": "Advanced",
-    "strength": "Strength (epsilon)",
+    "strength": "Strength",
     "strength_info": "Largest change of a pixel, in levels out of 255. Higher protects more but is more visible.",
     "steps": "Steps",
     "steps_info": "Attack iterations. More steps protect better and take longer.",
-    "size": "Output size",
-    "size_info": "The image is resized to this square (its shorter side, in no-resize mode).",
+    "original_size": "Keep the artwork's own size (recommended)",
+    "original_size_info": (
+        "The protected image has your artwork's width, height and shape. Off: it is the square of the processing size "
+        "below, as the original Mist made it."
+    ),
+    "size": "Processing size",
+    "size_info": (
+        "Mist works on the image at this size (a square, or the shorter side with aspect kept). Larger is slower."
+    ),
     "mode": "Mode",
     "mode_info": "Textural pulls the image toward a target pattern; semantic confuses the denoiser; fused does both.",
     "mode_textural": "Textural",
     "mode_semantic": "Semantic",
     "mode_fused": "Fused",
-    "fused_weight": "Fused weight",
-    "fused_weight_info": "Fused mode only: the semantic loss is weighted by 10^(w+3).",
-    "low_vram": "Low-VRAM mode",
+    "fused_weight": "Balance of the two methods (fused weight)",
+    "fused_weight_info": "Fused mode only: higher gives the semantic part more weight (it counts 10^(w+3) times).",
+    "low_vram": "Use less GPU memory (low-VRAM mode)",
     "low_vram_info": "Protect the image as 2 x 2 tiles: much less GPU memory (the original's block_num 2).",
-    "no_resize": "No-resize mode",
+    "no_resize": "Keep the aspect while processing (no-resize mode)",
     "no_resize_info": (
-        "Keep the aspect ratio: the shorter side goes to the output size, each side down to a multiple of 8 (16 in "
-        "low-VRAM mode)."
+        "The shorter side goes to the processing size, each side down to a multiple of 8 (16 in low-VRAM mode)."
     ),
-    "seed": "Seed",
+    "seed": "Random seed",
     "seed_info": "Same seed and settings, same output.",
-    "precision": "Precision",
+    "precision": "Arithmetic precision",
     "precision_info": (
         "Network arithmetic (losses stay 32-bit). auto: bf16 where it is fast, else fp32; fp16 needs a CUDA GPU."
     ),
@@ -68,7 +83,12 @@ EN: dict[str, str] = {
     "gallery": "Protected images (click one to compare)",
     "downloads": "Downloads (PNG with settings in its metadata; ZIP for several)",
     # --- messages (str.format) ---
-    "waiting": "Submitted. Jobs run one at a time; this page shows its place in the queue, then the progress.",
+    "waiting": "Waiting: {ahead} job(s) of other pages run first (one at a time), then this one starts.",
+    "starting": "Starting...",
+    "busy": "This page already has a job running; cancel it or wait for it to finish.",
+    "warning": "Warning",
+    "unusable": "{name} cannot be protected: {problem}",
+    "uploads_removed": "The uploaded original was deleted from the server; upload it again to protect it once more.",
     "loading_model": "Loading the model (only on the first job)...",
     "progress": "Image {image} of {images}, step {step} of {steps}, about {eta} left",
     "preparing": "Image {image} of {images}: preparing",
@@ -83,7 +103,7 @@ EN: dict[str, str] = {
         "WARNING: this server runs a random-weight test model: the images it makes have NO protection (their PNG "
         "metadata says so too)."
     ),
-    "too_large": "{name}: the file is {size} MB, above this server's limit of {limit} MB.",
+    "too_large": "the file is {size} MB, above this server's limit of {limit} MB",
     "bad_file": "Skipped {name}: {problem}",
     "failed": "{name} failed: {problem}",
     "out_of_memory": "out of memory: try Low-VRAM mode or a smaller output size",
@@ -99,36 +119,44 @@ ZH: dict[str, str] = {
     "intro": (
         "Mist 会在图片上加入细微、难以察觉的扰动，使基于它训练或对它进行编辑的 AI 模型（img2img、文本反演、"
         "DreamBooth、LoRA）只能得到混乱的结果。上传图片，（可选）涂抹需要保护的区域，然后点击**开始保护**。"
-        "所有计算都在本机完成。"
+        "所有计算都在本机完成：图片不会被发送到其他地方，上传的原图在任务结束后即被删除。"
+    ),
+    "intro_served": (
+        "Mist 会在图片上加入细微、难以察觉的扰动，使基于它训练或对它进行编辑的 AI 模型（img2img、文本反演、"
+        "DreamBooth、LoRA）只能得到混乱的结果。上传图片，（可选）涂抹需要保护的区域，然后点击**开始保护**。"
+        "图片会被发送到提供本页面的计算机上处理；任务结束后，上传的原图即从该计算机上删除。"
     ),
     "language": "语言",
     "tab_single": "单张图片",
     "tab_batch": "多张图片",
-    "editor": "图片（涂抹需要保护的区域）",
-    "editor_hint": "先上传图片，再用画笔涂抹需要保护的区域。涂抹过的像素会被保护；如果什么都不涂，则保护整张图片。",
+    "artwork": "1. 你的作品",
+    "editor": "2. 涂抹保护区域（可选）",
+    "editor_hint": "先在上方选择作品，这里会显示预览。用画笔涂抹需要保护的区域：涂抹过的像素会被保护；如果什么都不涂，则保护整张图片。",
     "files": "图片",
     "files_hint": "可一次上传多张图片；每张图片都整体保护（不使用蒙版）。",
     "advanced": "高级选项",
-    "strength": "强度（epsilon）",
+    "strength": "强度",
     "strength_info": "每个像素最多改变的色阶数（满分 255）。数值越大保护越强，但改动也越明显。",
     "steps": "迭代步数",
     "steps_info": "攻击的迭代次数。步数越多保护效果越好，耗时也越长。",
-    "size": "输出尺寸",
-    "size_info": "图片会缩放成此边长的正方形（不缩放模式下为短边长度）。",
+    "original_size": "保持作品原尺寸（推荐）",
+    "original_size_info": "保护后的图片与作品的宽、高和比例相同。关闭时输出为下方处理尺寸的正方形，与原版 Mist 相同。",
+    "size": "处理尺寸",
+    "size_info": "Mist 在此尺寸下处理图片（正方形，或保持比例时的短边长度）。尺寸越大越慢。",
     "mode": "模式",
     "mode_info": "纹理：把图片拉向目标图案；语义：干扰扩散模型的去噪；融合：两者兼顾。",
     "mode_textural": "纹理",
     "mode_semantic": "语义",
     "mode_fused": "融合",
-    "fused_weight": "融合权重",
-    "fused_weight_info": "仅用于融合模式：语义损失的权重为 10^(w+3)。",
-    "low_vram": "低显存模式",
+    "fused_weight": "两种方法的平衡（融合权重）",
+    "fused_weight_info": "仅用于融合模式：数值越大，语义部分的权重越高（为 10^(w+3) 倍）。",
+    "low_vram": "减少显存占用（低显存模式）",
     "low_vram_info": "把图片分成 2 x 2 块分别处理，显存占用大大减少（即原版的 block_num 2）。",
-    "no_resize": "不缩放模式",
-    "no_resize_info": "保持宽高比：短边缩放到输出尺寸，各边向下取整为 8 的倍数（低显存模式下为 16）。",
+    "no_resize": "处理时保持比例（不缩放模式）",
+    "no_resize_info": "短边缩放到处理尺寸，各边向下取整为 8 的倍数（低显存模式下为 16）。",
     "seed": "随机种子",
     "seed_info": "种子和参数都相同时，输出也完全相同。",
-    "precision": "计算精度",
+    "precision": "运算精度",
     "precision_info": (
         "网络的运算精度（损失始终为 32 位）。auto：在支持的硬件上用 bf16，否则用 fp32；fp16 需要 CUDA 显卡。"
     ),
@@ -141,7 +169,12 @@ ZH: dict[str, str] = {
     "perturbation": "扰动（放大显示）",
     "gallery": "已保护的图片（点击可对比）",
     "downloads": "下载（PNG 的元数据中记录了参数；多张图片另有 ZIP 压缩包）",
-    "waiting": "已提交。任务按顺序逐个运行；页面会先显示排队位置，然后显示进度。",
+    "waiting": "排队中：先运行其他页面的 {ahead} 个任务（逐个运行），然后开始本任务。",
+    "starting": "正在开始……",
+    "busy": "本页面已有任务在运行；请取消它或等待它完成。",
+    "warning": "警告",
+    "unusable": "{name} 无法保护：{problem}",
+    "uploads_removed": "上传的原图已从服务器删除；如需再次保护，请重新上传。",
     "loading_model": "正在加载模型（仅第一次任务需要）……",
     "progress": "第 {image}/{images} 张图片，第 {step}/{steps} 步，预计还需 {eta}",
     "preparing": "第 {image}/{images} 张图片：准备中",
@@ -153,7 +186,7 @@ ZH: dict[str, str] = {
     "model_failed": "无法加载模型：",
     "invalid_settings": "参数无效：",
     "no_protection": "警告：本服务器运行的是随机权重的测试模型，生成的图片没有任何保护效果（PNG 元数据中也会注明）。",
-    "too_large": "{name}：文件大小为 {size} MB，超过了本服务器 {limit} MB 的上限。",
+    "too_large": "文件大小为 {size} MB，超过了本服务器 {limit} MB 的上限",
     "bad_file": "已跳过 {name}：{problem}",
     "failed": "{name} 处理失败：{problem}",
     "out_of_memory": "内存不足：请尝试低显存模式或更小的输出尺寸",
@@ -164,6 +197,11 @@ ZH: dict[str, str] = {
 }
 
 TEXTS: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}
+
+GRADIO_ZH: dict[str, str] = {
+    "common.complete": "完成",  # read to screen readers when an event ends; missing from gradio's Chinese table
+}
+"""gradio's own keys that its Chinese table lacks (without them a screen reader reads the raw key)."""
 
 LABEL_KEYS: frozenset[str] = frozenset(list(EN)[: list(EN).index("downloads") + 1])
 """Keys rendered through gradio's i18n (labels, help texts, headings)."""
