@@ -423,7 +423,8 @@ def test_install_reuses_a_preinstalled_cuda_pytorch_only_if_new_enough(tmp_path,
            "PYTHONPATH": str(_fake_system_torch(tmp_path / "site", version))}
     plan = _plan(_install_sh("--dry-run", tmp_path / "work", env=env))
     if reused:
-        assert plan["PyTorch"].startswith(f"reused from {sys.executable} ({sys.executable} already has PyTorch {version}")
+        expected = f"reused from {sys.executable} ({sys.executable} already has PyTorch {version}"
+        assert plan["PyTorch"].startswith(expected)
     else:
         assert plan["PyTorch"].startswith("torch from https://download.pytorch.org/whl/cu124")
 

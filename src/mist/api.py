@@ -34,8 +34,8 @@ def protect(
     Settings come from `config` (Mist v1.2's defaults if None), changed by keyword (`protect(img, steps=50)`).
     `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds; it is never changed) or what
     `mist protect --model` accepts; None searches the default places. `mask` (a path or image of any size, pure white
-    = protect) overrides config.mask. `callback(progress)` is called after every PGD step (`progress.images` says which images it
-    concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
+    = protect) overrides config.mask. `callback(progress)` is called after every PGD step (`progress.images` says
+    which images it concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
     `batch_size` (tiles per attack batch) draws the same random numbers, but batched arithmetic can differ in the
     last bits and flip a rare sign step.
 

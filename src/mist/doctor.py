@@ -35,7 +35,7 @@ def model_check(where: Path) -> Line:
     modification time) so that the 4 GB hash is computed once."""
     if where.is_dir():
         return Line("model", f"{where} (diffusers folder; not checksummed)")
-    digest = _cached_checksum(where)
+    digest = cached_checksum(where)
     if digest is None:
         digest = sha256_file(where)
         remember_checksum(where, digest)
@@ -50,7 +50,7 @@ def _checksum_cache(path: Path) -> tuple[Path, str]:
     return path.with_name(path.name + ".sha256"), f"{stat.st_size} {stat.st_mtime_ns}"
 
 
-def _cached_checksum(path: Path) -> str | None:
+def cached_checksum(path: Path) -> str | None:
     cache, key = _checksum_cache(path)
     if not cache.is_file():
         return None

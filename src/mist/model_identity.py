@@ -13,7 +13,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-from .doctor import _cached_checksum, remember_checksum
+from .doctor import cached_checksum, remember_checksum
 from .download import sha256_file
 from .models import model_label
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def model_sha256(path: Path) -> str:
     """SHA-256 (hex) of the model file `path`: the cached one when it is current, else computed and cached."""
-    digest = _cached_checksum(path)
+    digest = cached_checksum(path)
     if digest is None:
         log.warning("%s: computing the model's SHA-256 (once; it is cached beside the file)", path)
         digest = sha256_file(path)

@@ -39,9 +39,11 @@ from .attack import Cancelled
 from .batch import output_metadata, settings_text
 from .config import ProtectConfig
 from .download import sha256_file
+from .preflight import input_problem
 from .webui_text import duration, text
 
 if TYPE_CHECKING:
+    from .model_identity import ModelIdentity
     from .models import StableDiffusion
     from .pipeline import Protector
 
@@ -211,13 +213,16 @@ class Engine:
 
         return resolve_model(self.model_spec)
 
-    def protector(self, config: ProtectConfig, on_load: Callable[[], None] | None = None) -> tuple[Protector, str]:
-        """A Protector for `config` on the cached model (loaded now if it is not yet) and the name outputs record.
+    def protector(self, config: ProtectConfig,
+                  on_load: Callable[[], None] | None = None) -> tuple[Protector, ModelIdentity]:
+        """A Protector for `config` on the cached model (loaded now if it is not yet) and the model's identity that
+        outputs record (name and, for a file, SHA-256).
         Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
         import torch
 
         from .device import pick_device, resolve_precision
-        from .models import load_model, model_label
+        from .model_identity import ModelIdentity
+        from .models import load_model
         from .objectives import PRECISION_DTYPES
         from .pipeline import Protector
 
@@ -238,7 +243,7 @@ class Engine:
                 model = load_model(where)
                 self.loads += 1
                 self._models[key] = model
-            return Protector(model, config, device, low_memory=self.low_memory, hand_over=True), model_label(where)
+            return Protector(model, config, device, low_memory=self.low_memory, hand_over=True), ModelIdentity(where)
 
 
 # --------------------------------------------------------------------------
@@ -305,7 +310,7 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
 
     with engine.attack_lock:
         try:
-            protector, model_name = engine.protector(config, on_load=lambda: say(0.0, text(lang, "loading_model")))
+            protector, model = engine.protector(config, on_load=lambda: say(0.0, text(lang, "loading_model")))
         except ModelNotFoundError as exc:
             return _finish(result, f"{text(lang, 'no_model')}\n\n```\n{exc}\n```", started)
         except (ValueError, OSError, RuntimeError) as exc:
@@ -320,7 +325,7 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
                 break
             say(number / len(accepted), text(lang, "preparing", image=number + 1, images=len(accepted)))
             try:
-                output = _protect_one(upload, digest, number, protector, config, model_name, job, names, clock,
+                output = _protect_one(upload, digest, number, protector, config, model, job, names, clock,
                                       lang, cancel, say)
             except Cancelled:
                 result.cancelled = True
@@ -362,7 +367,7 @@ class _Clock:
 
 
 def _protect_one(upload: Upload, digest: str, number: int, protector: Protector, config: ProtectConfig,
-                 model_name: str, job: Path, names: set[str], clock: _Clock, lang: str,
+                 model: ModelIdentity, job: Path, names: set[str], clock: _Clock, lang: str,
                  cancel: threading.Event | None, say: Progress) -> Output | str:
     """Read, protect and write one image; its Output, or the message that says why it failed. Raises Cancelled."""
     try:
@@ -392,7 +397,8 @@ def _protect_one(upload: Upload, digest: str, number: int, protector: Protector,
     try:
         settings = settings_text(_with_painted_mask(config, upload.mask, job / "masks" / str(number)))
         image_io.write_png_atomic(protected.image, png,
-                                  output_metadata(settings, model_name, protector, Path(upload.name), digest))
+                                  output_metadata(settings, model.name, protector, Path(upload.name), digest,
+                                                  model_sha256=model.sha256))
         previews.mkdir(exist_ok=True)
         original.save(previews / f"original-{name}")
         perturbation.save(previews / f"perturbation-{name}")
@@ -426,9 +432,10 @@ def _upload_problem(upload: Upload, config: ProtectConfig | None, max_upload_byt
         size = upload.path.stat().st_size
         if max_upload_bytes is not None and size > max_upload_bytes:
             return text(lang, "too_large", size=f"{size / 2**20:.1f}", limit=f"{max_upload_bytes / 2**20:g}")
-        width, height = image_io.probe_image(upload.path)
-        if config is not None:
-            image_io.processed_size(width, height, config.input_size, config.block_num, config.keep_aspect)
+        if config is None:
+            image_io.probe_image(upload.path)
+        elif (problem := input_problem(upload.path, config)) is not None:
+            return _without_path(problem, upload)
     except OSError as exc:
         return exc.strerror or str(exc)
     except ValueError as exc:
