@@ -194,8 +194,10 @@ def test_desktop_paint_protect_download(server, browser, tmp_path):
     before = np.asarray(Image.open(source).convert("RGB"), np.int16)
     change = np.abs(np.asarray(protected.convert("RGB"), np.int16) - before)
     assert change.max() <= STRENGTH
-    assert change[:, 128:].max() == 0, "pixels far from the stroke changed"
-    assert change[40:220, :64].max() > 0, "the painted stroke was not protected"
+    # The stroke is left of the preview's centre at any zoom; where exactly depends on the zoom the editor had reached
+    # when it was painted (it animates to fit), so the check is by halves: protected left, untouched right.
+    assert change[:, 128:].max() == 0, "pixels right of the centre, away from the stroke, changed"
+    assert change[:, :128].max() > 0, "the painted stroke was not protected"
 
 
 def test_a_refused_file_says_why(server, browser, tmp_path):
