@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -213,7 +214,6 @@ def test_a_refused_file_says_why(server, browser, tmp_path):
     expect(page.locator("#mist-run")).to_be_enabled()
 
 
-@pytest.mark.slow  # failed 1 run in 3 here (a wait ran into its hang guard after the reload); see the issue note
 def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, browser, tmp_path):
     source = artwork(tmp_path / "art.jpg")
     page = open_page(browser, server, **PHONE)
@@ -227,7 +227,8 @@ def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, brow
         status = page.locator("#mist-status")
         expect(page.locator("#mist-run")).to_be_disabled()  # a second tap cannot start a second job
         page.locator("#mist-run").tap(force=True)
-        expect(status).to_contain_text("step 1 of 1000")  # the status follows the job...
+        # The status follows the job (any step: a poll can miss the moment a given step is shown)...
+        expect(status).to_contain_text(re.compile(r"step \d+ of 1000"))
         expect(status).to_be_in_viewport()  # ...where the phone shows it, right after the tap
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-phone-running.png"))
 
