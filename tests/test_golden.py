@@ -85,3 +85,10 @@ def _binary_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
             chunks.append((kind, png[offset + 8 : offset + 12 + length]))
         offset += 12 + length
     return chunks
+
+
+def test_every_setting_writes_the_release_pixels(tmp_path, saved):
+    """Other modes, fast mode, tiles with a mask, another target and prompt, the original size: each run of
+    `mist protect` writes exactly the pixels the release wrote."""
+    computed = golden.compute_variants(tmp_path)
+    assert computed == {name: variant["pixels_sha256"] for name, variant in saved["variants"].items()}

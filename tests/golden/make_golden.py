@@ -7,7 +7,10 @@ engine's arithmetic goes unnoticed:
   made with (versions, Pillow's zlib);
 - `golden.npz`: the gradient d(objective)/d(image) of that evaluation and the image after one PGD step;
 - `protected.png`: the file `mist protect --model tiny-random --precision fp32 --steps 2 --input-size 64` writes for
-  `source_image()`, the default command-line path end to end.
+  `source_image()`, the default command-line path end to end;
+- in `golden.json` also the SHA-256 of the pixels that command writes with each of `VARIANTS`' extra options (other
+  modes, fast mode, tiles with a mask, another target and prompt, the original size), so that every setting of Mist
+  v1.2 is held to its release's output, not only the default.
 
 The source image is generated here (no file from outside the repository is read), the model is
 `mist.models.loading.build_random()` and every random draw comes from fixed seeds.
@@ -19,6 +22,7 @@ Regenerate ONLY for a deliberate change of the numbers, and say in the commit me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
@@ -32,6 +36,15 @@ HERE = Path(__file__).resolve().parent
 JSON, ARRAYS, PNG = HERE / "golden.json", HERE / "golden.npz", HERE / "protected.png"
 SIZE = 32  # side of the image the objective and the PGD step are evaluated on
 CLI_ARGS = ["--model", "tiny-random", "--precision", "fp32", "--steps", "2", "--input-size", "64"]
+# Extra options of the variant runs; MASK and TARGET stand for files made by `mask_image` and `target_image`.
+VARIANTS: dict[str, list[str]] = {
+    "textural": ["--mode", "textural"],
+    "semantic": ["--mode", "semantic"],
+    "fast": ["--fast"],
+    "tiles-mask": ["--block-num", "2", "--mask", "MASK"],
+    "target-object-weight": ["--target", "TARGET", "--object", "--fused-weight", "0"],
+    "original-size": ["--original-size"],
+}
 
 
 def source_image() -> Image.Image:
@@ -41,9 +54,49 @@ def source_image() -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
+def mask_image() -> Image.Image:
+    """A 48 x 40 mask: pure white (protect) on a diagonal band, black elsewhere."""
+    y, x = np.mgrid[0:40, 0:48]
+    return Image.fromarray(np.where(abs(x - y) < 12, 255, 0).astype(np.uint8)).convert("RGB")
+
+
+def target_image() -> Image.Image:
+    """A 30 x 30 checkerboard target pattern."""
+    y, x = np.mgrid[0:30, 0:30]
+    return Image.fromarray(np.where((x // 5 + y // 5) % 2, 230, 20).astype(np.uint8)).convert("RGB")
+
+
+def pixel_sha256(png: Path) -> str:
+    """SHA-256 of a PNG's mode, size and decoded pixels (not of its compressed stream or text)."""
+    with Image.open(png) as picture:
+        return hashlib.sha256(f"{picture.mode} {picture.size}".encode() + picture.tobytes()).hexdigest()
+
+
+def run_cli(workdir: Path, name: str, extra: list[str]) -> Path:
+    """`mist protect source.png` into workdir/name with CLI_ARGS and `extra`; the output file."""
+    from mist import cli
+
+    source = workdir / "source.png"
+    if not source.exists():
+        source_image().save(source)
+        mask_image().save(workdir / "mask.png")
+        target_image().save(workdir / "target.png")
+    files = {"MASK": str(workdir / "mask.png"), "TARGET": str(workdir / "target.png")}
+    extra = [files.get(arg, arg) for arg in extra]
+    code = cli.main(["protect", str(source), "-o", str(workdir / name), "--quiet", *CLI_ARGS, *extra])
+    if code != 0:
+        raise RuntimeError(f"mist protect {' '.join(extra)} exited with {code}")
+    return workdir / name / "source.png"
+
+
+def compute_variants(workdir: Path) -> dict[str, str]:
+    """The pixel SHA-256 of every variant run."""
+    return {name: pixel_sha256(run_cli(workdir, name, extra)) for name, extra in VARIANTS.items()}
+
+
 def compute(workdir: Path) -> dict:
     """Every golden value, computed now with the installed code; `workdir` receives the command-line run's files."""
-    from mist import cli, images
+    from mist import images
     from mist.attack import masked_linf_pgd
     from mist.config import ProtectConfig
     from mist.models.loading import build_random
@@ -63,16 +116,12 @@ def compute(workdir: Path) -> dict:
     step = masked_linf_pgd(x, objective, radius=config.radius, step=config.step, steps=1,
                            generators=[torch.Generator().manual_seed(13)])
 
-    source = workdir / "source.png"
-    source_image().save(source)
-    code = cli.main(["protect", str(source), "-o", str(workdir / "out"), "--quiet", *CLI_ARGS])
-    if code != 0:
-        raise RuntimeError(f"mist protect exited with {code}")
+    png = run_cli(workdir, "out", [])
     return {
         "losses": {name: getattr(terms, name).item() for name in ("textural", "semantic", "objective")},
         "gradient": gradient.numpy(),
         "pgd_step": step.numpy(),
-        "png": (workdir / "out" / "source.png").read_bytes(),
+        "png": png.read_bytes(),
     }
 
 
@@ -81,11 +130,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as work:
         values = compute(Path(work))
+        variants = compute_variants(Path(work))
     about = {
         "made_with": {"mist": mist.__version__, "torch": torch.__version__, "numpy": np.__version__,
                       "pillow_zlib": features.version("zlib")},
         "command": "mist protect source.png -o out " + " ".join(CLI_ARGS),
         "losses": values["losses"],
+        "variants": {name: {"options": " ".join(VARIANTS[name]), "pixels_sha256": digest}
+                     for name, digest in variants.items()},
     }
     JSON.write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
     np.savez_compressed(ARRAYS, gradient=values["gradient"], pgd_step=values["pgd_step"])
