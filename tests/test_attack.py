@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from mist.attack import Cancelled, masked_linf_pgd
-from mist.objectives import LossTerms
+from mist.methods import LossTerms
 
 
 def _quadratic(goal: torch.Tensor):
     """A loss whose minimiser is known: squared distance to `goal`, per image."""
     def loss(x: torch.Tensor, generator: torch.Generator) -> LossTerms:
         value = (x - goal).pow(2).flatten(1).sum(1)
-        return LossTerms(value, None, value)
+        return LossTerms(value, {"distance": value})
     return loss
 
 
@@ -67,7 +67,8 @@ def test_loss_falls_and_callback_sees_every_step():
     masked_linf_pgd(x, _quadratic(goal), radius=16 / 255 * 2, step=1 / 255 * 2, steps=20,
                     generators=[torch.Generator().manual_seed(0)], callback=seen.append)
     assert [s.step for s in seen] == list(range(1, 21)) and all(s.steps == 20 for s in seen)
-    assert seen[-1].textural[0] < seen[0].textural[0]
+    assert seen[-1].terms["distance"][0] < seen[0].terms["distance"][0]
+    assert seen[-1].objective == seen[-1].terms["distance"]
 
 
 def test_zero_steps_returns_the_clipped_random_start():
@@ -96,7 +97,7 @@ def test_a_non_finite_gradient_stops_with_a_clear_error():
 
     def broken(images, generators):
         value = (images * float("nan")).flatten(1).sum(1)
-        return LossTerms(value, None, value)
+        return LossTerms(value, {"distance": value})
 
     with pytest.raises(FloatingPointError, match="precision fp32"):
         masked_linf_pgd(x, broken, radius=0.1, step=0.01, steps=3, generators=[torch.Generator()])
@@ -107,7 +108,7 @@ def _half_precision_quadratic(goal: torch.Tensor):
     (about 2e-8) fall below fp16's smallest number and become exactly zero in the backward pass."""
     def loss(x: torch.Tensor, generators) -> LossTerms:
         value = ((x - goal).half() * 1e-4).float().pow(2).flatten(1).sum(1)
-        return LossTerms(value, None, value)
+        return LossTerms(value, {"distance": value})
     return loss
 
 

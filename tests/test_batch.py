@@ -438,7 +438,7 @@ def test_minimal_metadata_keeps_the_source_out_of_the_image_and_still_resumes(ca
     assert code == 0, err
     output = out / "my secret title.png"
     text = png_text(output)
-    assert set(text) == {"Software", "mist:version", "mist:algorithm", "mist:settings", "mist:precision",
+    assert set(text) == {"Software", "mist:version", "mist:method", "mist:algorithm", "mist:settings", "mist:precision",
                          "mist:warning"}
     assert json.loads(text["mist:settings"])["metadata"] == "minimal"
     data = output.read_bytes()

@@ -588,7 +588,7 @@ def test_legacy_defaults_are_the_originals():
 
     config, jobs = mist.legacy.plan(args)
 
-    assert config == ProtectConfig(mode="fused", epsilon=16, steps=100, input_size=512, block_num=1, fused_weight=1)
+    assert config == ProtectConfig.of(mode="fused", epsilon=16, steps=100, input_size=512, block_num=1, fused_weight=1)
     assert config.seed == 23
     assert jobs == [Job(Path("test/sample.png"), Path("outputs/images/misted_sample_16_100_512_1_2_1_0_0.png"))]
 
@@ -602,14 +602,14 @@ def test_legacy_defaults_are_the_originals():
 def test_legacy_flags_map_onto_the_config(tmp_path, flags):
     config, jobs = legacy_plan(*(f.format(tmp=tmp_path) for f in flags))
 
-    assert config == ProtectConfig(mode="textural", epsilon=8, steps=5, input_size=256, block_num=2, fused_weight=2,
+    assert config == ProtectConfig.of(mode="textural", epsilon=8, steps=5, input_size=256, block_num=2, fused_weight=2,
                                    keep_aspect=True)
     assert jobs == [Job(tmp_path / "x.png", Path("outputs/images/mine_8_5_256_2_1_2_0_1.png"))]
 
 
 @pytest.mark.parametrize("code, mode", [(0, "semantic"), (1, "textural"), (2, "fused")])
 def test_legacy_mode_codes(code, mode):
-    assert legacy_plan("--mode", code)[0].mode == mode
+    assert legacy_plan("--mode", code)[0].params.mode == mode
 
 
 def test_legacy_mode_3_is_refused(capsys):

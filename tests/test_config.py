@@ -6,22 +6,24 @@ import json
 
 import pytest
 
-from mist.config import MODE_CODES, ProtectConfig
+from mist.config import ProtectConfig
+from mist.methods.mist import MODE_CODES
 
 
 def test_defaults_are_mist_v12s():
     c = ProtectConfig()
-    assert (c.mode, c.epsilon, c.steps, c.step_size, c.input_size, c.fused_weight, c.block_num, c.seed) == (
-        "fused", 16, 100, 1, 512, 1, 1, 23)
-    assert c.prompt == "a painting" and ProtectConfig(object_prompt=True).prompt == "a photo"
+    assert c.method == "mist"
+    assert (c.params.mode, c.epsilon, c.steps, c.step_size, c.input_size, c.params.fused_weight, c.block_num,
+            c.seed) == ("fused", 16, 100, 1, 512, 1, 1, 23)
+    assert c.params.prompt == "a painting" and ProtectConfig.of(object_prompt=True).params.prompt == "a photo"
 
 
 def test_units_are_converted_once():
-    c = ProtectConfig(epsilon=16, step_size=1, fused_weight=1)
+    c = ProtectConfig.of(epsilon=16, step_size=1, fused_weight=1)
     assert c.radius == pytest.approx(16 / 255 * 2)
     assert c.step == pytest.approx(2 / 255)
-    assert c.semantic_weight == pytest.approx(10_000)
-    assert ProtectConfig(fused_weight=2).semantic_weight == pytest.approx(100_000)
+    assert c.params.semantic_weight == pytest.approx(10_000)
+    assert ProtectConfig.of(fused_weight=2).params.semantic_weight == pytest.approx(100_000)
 
 
 def test_mode_codes_follow_the_original_code_not_its_readme():
@@ -34,10 +36,11 @@ def test_mode_codes_follow_the_original_code_not_its_readme():
     ({"input_size": 64, "block_num": 3}, "input_size"), ({"block_num": 0}, "block_num"),
     ({"mode": "loud"}, "mode"), ({"precision": "int8"}, "precision"), ({"fused_weight": float("nan")}, "fused_weight"),
     ({"mask": "no/such/mask.png"}, "mask"), ({"target": "no/such/target.png"}, "target"),
+    ({"method": "nothing"}, "method"), ({"loudness": 3}, "loudness"), ({"fast": 1}, "fast"),
 ])
 def test_invalid_settings_name_the_option(settings, option):
     with pytest.raises(ValueError) as error:
-        ProtectConfig(**settings)
+        ProtectConfig.of(**settings)
     assert str(error.value).startswith(option + ":") and "\n" not in str(error.value)
 
 
@@ -51,6 +54,15 @@ def test_settings_json_is_canonical(tmp_path):
     settings = json.loads(ProtectConfig(mask=mask).to_json())
     assert settings["mask"] == str(mask) and settings["epsilon"] == 16
     assert ProtectConfig().to_json() == ProtectConfig().to_json()
+    assert settings["method"] == "mist" and settings["mode"] == "fused"  # the method's parameters beside the run's
+
+
+def test_settings_change_by_keyword_whatever_their_kind():
+    c = ProtectConfig.of(steps=5, mode="textural")
+    changed = c.but(epsilon=8, fused_weight=2)
+    assert (changed.steps, changed.epsilon, changed.params.mode, changed.params.fused_weight) == (5, 8, "textural", 2)
+    assert c.params.fused_weight == 1  # the original is untouched
+    assert ProtectConfig(params={"mode": "semantic"}) == ProtectConfig.of(mode="semantic")
 
 
 def test_original_size_protects_with_the_aspect_kept():

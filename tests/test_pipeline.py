@@ -7,13 +7,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mist import images, pipeline
+from mist import images
 from mist.config import ProtectConfig
 from mist.pipeline import Protector, pixel_digest, tile_seed
 
 
 def _protector(model, **settings) -> Protector:
-    return Protector(model, ProtectConfig(**{"steps": 2, "input_size": 32, "precision": "fp32", **settings}))
+    return Protector(model, ProtectConfig.of(**{"steps": 2, "input_size": 32, "precision": "fp32", **settings}))
 
 
 def _levels(picture: Image.Image) -> np.ndarray:
@@ -65,13 +65,15 @@ def test_every_face_gives_the_same_bytes_for_the_same_pixels(tiny_model, paintin
 
 def test_the_target_sample_is_drawn_per_image_from_its_own_stream(tiny_model, monkeypatch):
     seen: list[int] = []
-    real = pipeline.target_latent
+    from mist import objectives
+
+    real = objectives.target_latent
 
     def spy(model, target, generators, precision="fp32"):
         seen.extend(g.initial_seed() for g in generators)
         return real(model, target, generators, precision)
 
-    monkeypatch.setattr(pipeline, "target_latent", spy)
+    monkeypatch.setattr(objectives, "target_latent", spy)
     protector = _protector(tiny_model, steps=1, mode="textural")
     first, second = _flat(100), _flat(140)
     protector.protect_many([first, second])

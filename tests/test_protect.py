@@ -13,7 +13,7 @@ from mist.pipeline import Protector, default_target
 
 def _protect(model, picture, mask=None, **settings):
     settings = {"steps": 3, "input_size": 64, **settings}
-    return Protector(model, ProtectConfig(**settings)).protect(picture, mask)
+    return Protector(model, ProtectConfig.of(**settings)).protect(picture, mask)
 
 
 def _pixels(picture: Image.Image) -> np.ndarray:
@@ -48,20 +48,24 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tiny_model, painting):
 
 def test_textural_distance_to_the_target_falls(tiny_model, painting):
     result = _protect(tiny_model, painting, mode="textural", steps=15, epsilon=16)
-    assert result.textural_end < result.textural_start
-    assert result.semantic_start is None
+    assert result.end["textural"] < result.start["textural"]
+    assert set(result.start) == {"objective", "textural"}
 
 
 @pytest.mark.parametrize("mode", ["semantic", "fused"])
 def test_semantic_and_fused_report_their_losses(tiny_model, painting, mode):
     """The reported losses are the ones the first and the last step measured."""
     steps = []
-    result = Protector(tiny_model, ProtectConfig(steps=3, input_size=64, mode=mode)).protect(painting,
-                                                                                          callback=steps.append)
+    result = Protector(tiny_model, ProtectConfig.of(steps=3, input_size=64, mode=mode)).protect(painting,
+                                                                                             callback=steps.append)
     assert [s.step for s in steps] == [1, 2, 3]
-    assert result.semantic_start == steps[0].semantic > 0 and result.semantic_end == steps[-1].semantic > 0
-    assert result.textural_start == steps[0].textural and result.textural_end == steps[-1].textural
-    assert (result.textural_start is None) == (mode == "semantic")
+    assert result.start["semantic"] == steps[0].terms["semantic"] > 0
+    assert result.end["semantic"] == steps[-1].terms["semantic"] > 0
+    assert result.start["objective"] == steps[0].objective and result.end["objective"] == steps[-1].objective
+    assert ("textural" in result.start) == (mode == "fused")
+    if mode == "fused":
+        assert result.start["textural"] == steps[0].terms["textural"]
+        assert result.end["textural"] == steps[-1].terms["textural"]
 
 
 def _seed_of_tile_only(seed: int, digest: str, tile: int, stream: str = "attack") -> int:
@@ -97,9 +101,9 @@ def test_no_resize_keeps_the_aspect_ratio(tiny_model, painting):
 
 def test_object_prompt_conditions_on_a_photo(tiny_model):
     style = Protector(tiny_model, ProtectConfig(input_size=64))
-    thing = Protector(tiny_model, ProtectConfig(input_size=64, object_prompt=True))
-    assert (style.text == tiny_model.text_embedding("a painting")).all()
-    assert (thing.text == tiny_model.text_embedding("a photo")).all()
+    thing = Protector(tiny_model, ProtectConfig.of(input_size=64, object_prompt=True))
+    assert (style.method.text == tiny_model.text_embedding("a painting")).all()
+    assert (thing.method.text == tiny_model.text_embedding("a photo")).all()
 
 
 def test_custom_target_changes_the_result(tiny_model, painting, tmp_path):

@@ -41,7 +41,7 @@ def test_batched_tiles_and_images_draw_the_same_random_numbers(tiny_model):
 @pytest.mark.parametrize("mode", ["textural", "semantic", "fused"])
 def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
     """Batched kernels may round differently in the last bits, which can flip a rare sign step; nothing more."""
-    config = ProtectConfig(steps=3, input_size=64, block_num=2, precision="fp32", mode=mode)
+    config = ProtectConfig.of(steps=3, input_size=64, block_num=2, precision="fp32", mode=mode)
     alone = [np.asarray(Protector(tiny_model, config).protect(p).image, dtype=int) for p in _pictures()]
     together = Protector(tiny_model, config, batch_size=8).protect_many(_pictures())
     differing = np.mean([np.mean(a != np.asarray(r.image, dtype=int)) for a, r in zip(alone, together, strict=True)])
@@ -50,7 +50,7 @@ def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
 
 def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_model):
     from mist import images
-    from mist.objectives import MistObjective, target_latent
+    from mist.methods import TileInputs
     from mist.pipeline import default_target
 
     picture = _pictures(1)[0]
@@ -61,17 +61,15 @@ def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_mode
     out = np.asarray(results["bf16"].image, dtype=int)
     original = np.asarray(picture.resize((64, 64), Image.Resampling.BICUBIC), dtype=int)
     assert np.abs(out - original).max() <= 8
-    for name in ("textural_start", "semantic_start", "textural_end", "semantic_end"):
-        bf16, fp32 = getattr(results["bf16"], name), getattr(results["fp32"], name)
-        assert bf16 == pytest.approx(fp32, rel=0.02), name
+    for name in ("textural", "semantic"):
+        assert results["bf16"].start[name] == pytest.approx(results["fp32"].start[name], rel=0.02), name
+        assert results["bf16"].end[name] == pytest.approx(results["fp32"].end[name], rel=0.02), name
     # The signs PGD steps by, at the same point with the same random draws.
     x = images.image_to_tensor(picture, (64, 64))
     y = images.image_to_tensor(default_target(), (64, 64))
     signs = {}
     for precision, protector in runs.items():
-        c = protector.config
-        target = target_latent(protector.model, y, [torch.Generator().manual_seed(2)], precision)
-        objective = MistObjective(protector.model, c.mode, c.semantic_weight, target, protector.text, precision)
+        objective = protector.method.prepare([TileInputs(clean=x, target=y, seed=lambda stream: 2)])
         pixels = x.clone().requires_grad_(True)
         terms = objective(pixels, [torch.Generator().manual_seed(1)])
         signs[precision] = torch.autograd.grad(terms.objective.sum(), pixels)[0].sign()
@@ -102,10 +100,18 @@ def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, card, capability,
     assert asked == [torch.device("cuda", 1)]
 
 
-def test_fp16_scales_only_the_semantic_objective():
-    from mist.objectives import FP16_SEMANTIC_LOSS_SCALE, loss_scale
+def loss_scale(precision: str, mode: str) -> float:
+    from mist.methods.mist import Mist, MistParams
 
-    assert loss_scale("fp16", "semantic") == FP16_SEMANTIC_LOSS_SCALE == 1e4
+    method = Mist.__new__(Mist)  # loss_scale reads only the parameters and the precision
+    method.params, method.precision = MistParams(mode=mode), precision
+    return method.loss_scale()
+
+
+def test_fp16_scales_only_the_semantic_objective():
+    from mist.objectives import FP16_DENOISING_LOSS_SCALE
+
+    assert loss_scale("fp16", "semantic") == FP16_DENOISING_LOSS_SCALE == 1e4
     assert {loss_scale(p, m) for p in ("fp32", "bf16", "fp16") for m in ("textural", "fused")} == {1.0}
     assert loss_scale("bf16", "semantic") == loss_scale("fp32", "semantic") == 1.0
 
@@ -113,17 +119,18 @@ def test_fp16_scales_only_the_semantic_objective():
 def test_fp16_semantic_gradients_keep_their_signs_with_the_loss_scale(tiny_model):
     """On the tiny model in fp16 (the CPU standing in for an older GPU), semantic mode's unscaled gradient loses
     pixels to underflow; the scale keeps nearly all of them, with signs as float32 has them."""
-    from mist.objectives import MistObjective, loss_scale
+    from mist.methods import TileInputs
+    from mist.methods.mist import Mist, MistParams
 
     half = copy.deepcopy(tiny_model)
     half.encoder.half()
     half.unet.half()
-    text = tiny_model.text_embedding("a painting")
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def gradient(model, precision, scale):
         pixels = x.clone().requires_grad_(True)
-        terms = MistObjective(model, "semantic", 1e4, None, text, precision)(pixels, [torch.Generator().manual_seed(2)])
+        loss = Mist(MistParams(mode="semantic"), model, precision).prepare([TileInputs(x, None, lambda stream: 0)])
+        terms = loss(pixels, [torch.Generator().manual_seed(2)])
         return torch.autograd.grad(terms.objective.sum() * scale, pixels)[0]
 
     exact = gradient(tiny_model, "fp32", 1.0).sign()
@@ -141,7 +148,7 @@ def test_the_protector_passes_the_loss_scale_to_the_attack(tiny_model, monkeypat
     monkeypatch.setattr(pipeline, "masked_linf_pgd", lambda *a, **k: seen.append(k["loss_scale"]) or attack(*a, **k))
     monkeypatch.setattr(pipeline, "resolve_precision", lambda precision, device: precision)  # fp16 on the CPU
     for precision in ("fp32", "fp16"):
-        Protector(tiny_model, ProtectConfig(steps=1, input_size=32, precision=precision, mode="semantic")).protect(
+        Protector(tiny_model, ProtectConfig.of(steps=1, input_size=32, precision=precision, mode="semantic")).protect(
             _pictures(1)[0])
     assert seen == [1.0, 1e4]
 
@@ -152,7 +159,7 @@ def test_fp16_needs_a_gpu():
 
 
 def test_checkpointing_is_on_by_default_only_where_memory_is_short(monkeypatch):
-    from mist import pipeline as protect
+    from mist import device as protect
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(protect, "available_ram_bytes", lambda: 6 * 1024**3)
@@ -172,11 +179,13 @@ def test_checkpointing_is_on_by_default_only_where_memory_is_short(monkeypatch):
 
 
 def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):
-    from mist.batch import FAST_ALGORITHM, output_metadata
+    from mist.batch import output_metadata
 
-    protector = Protector(tiny_model, ProtectConfig(input_size=64, fast=True))
+    protector = Protector(tiny_model, ProtectConfig.of(input_size=64, fast=True))
     text = output_metadata("{}", "tiny-random", protector, tmp_path / "a.png", "0" * 64)
-    assert text["mist:algorithm"] == FAST_ALGORITHM and "not Mist's exact method" in FAST_ALGORITHM
+    assert text["mist:method"] == "mist" and "not Mist's exact method" in text["mist:algorithm"]
+    exact = Protector(tiny_model, ProtectConfig(input_size=64))
+    assert "score-distillation" not in output_metadata("{}", "x", exact, tmp_path / "a.png", "0" * 64)["mist:algorithm"]
 
 
 def _weights(model) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Callable, Sequence
 
 from PIL import Image
@@ -31,7 +30,8 @@ def protect(
 ) -> list[ProtectedImage]:
     """Protect one image or several (file paths or PIL images) and return a `ProtectedImage` for each, in order.
 
-    Settings come from `config` (Mist v1.2's defaults if None), changed by keyword (`protect(img, steps=50)`).
+    Settings come from `config` (Mist v1.2's defaults if None), changed by keyword: run settings and the method's
+    parameters alike (`protect(img, steps=50, mode="textural")`, `protect(img, method="advdm")`).
     `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds; it is never changed) or what
     `mist protect --model` accepts; None searches the default places. `mask` (a path or image of any size, pure white
     = protect) overrides config.mask. `callback(progress)` is called after every PGD step (`progress.images` says
@@ -43,7 +43,7 @@ def protect(
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")
         >>> result.image.save("painting-protected.png")
     """
-    config = replace(config or ProtectConfig(), **settings)
+    config = (config or ProtectConfig()).but(**settings)
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]
     mask_image = _as_image(mask) if mask is not None else None  # None: the Protector applies config.mask

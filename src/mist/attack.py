@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .objectives import LossTerms
+from .methods import LossTerms
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,13 @@ ZERO_SIGN_WARNING = 0.01  # fraction of the masked pixel values whose gradient i
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What one PGD step saw at the point it started from: loss values per image of the batch."""
+    """What one PGD step saw at the point it started from: values per image of the batch (the objective, and each of
+    the method's named terms)."""
 
     step: int  # 1-based
     steps: int
-    textural: list[float] | None
-    semantic: list[float] | None
     objective: list[float]
+    terms: dict[str, list[float]]
 
 
 class Cancelled(Exception):
@@ -81,10 +81,10 @@ def masked_linf_pgd(
             delta = (delta - step * gradient.sign()).clamp(-radius, radius)
             delta = (x + delta).clamp(-1, 1) - x
         if callback is not None:
-            callback(StepInfo(index + 1, steps, _values(terms.textural), _values(terms.semantic),
-                              _values(terms.objective)))
+            callback(StepInfo(index + 1, steps, _values(terms.objective),
+                              {name: _values(value) for name, value in terms.terms.items()}))
     return (x + delta.detach() * mask).clamp(-1, 1)
 
 
-def _values(values: torch.Tensor | None) -> list[float] | None:
-    return None if values is None else values.detach().float().cpu().tolist()
+def _values(values: torch.Tensor) -> list[float]:
+    return values.detach().float().cpu().tolist()

@@ -31,9 +31,6 @@ from .pipeline import Progress, ProtectedImage, Protector
 log = logging.getLogger(__name__)
 
 NO_PROTECTION_WARNING = "made with a random-weight test model: this image has NO protection"
-ALGORITHM = "Mist v1.2 masked L-inf PGD (textural / semantic / fused)"
-FAST_ALGORITHM = ("Mist v1.2 masked L-inf PGD with the score-distillation semantic gradient (fast mode; Xue et al., "
-                  "ICLR 2024), not Mist's exact method")
 # What minimal metadata leaves out of published images: where the image came from and which model made it.
 PRIVATE_KEYS = frozenset({"mist:model", "mist:model-sha256", "mist:source", "mist:source-sha256"})
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -125,13 +122,11 @@ def collect_jobs(paths: Iterable[Path], output_dir: Path, recursive: bool = Fals
 
 def settings_text(config: ProtectConfig, batch_size: int = 1, metadata: str = "full") -> str:
     """The settings as recorded in outputs: canonical JSON with the attack batch size (batching changes the last bits
-    of a result) and the metadata level. The mask and target appear as SHA-256, with their file names only under full
-    metadata (never full paths: the image will be posted)."""
+    of a result) and the metadata level. Files (the mask, a method's target) appear as SHA-256, with their file names
+    only under full metadata (never full paths: the image will be posted)."""
     settings = json.loads(config.to_json())
-    for name in ("mask", "target"):
-        path = getattr(config, name)
-        if path is not None:
-            settings[name] = {"sha256": sha256_file(path)} | ({"name": path.name} if metadata == "full" else {})
+    for name, path in config.files().items():
+        settings[name] = {"sha256": sha256_file(path)} | ({"name": path.name} if metadata == "full" else {})
     settings["batch_size"] = batch_size
     settings["metadata"] = metadata
     return json.dumps(settings, sort_keys=True, ensure_ascii=False)
@@ -144,7 +139,8 @@ def output_metadata(settings: str, model_name: str, protector: Protector, source
     text = {
         "Software": f"Mist {__version__}",
         "mist:version": __version__,
-        "mist:algorithm": FAST_ALGORITHM if protector.config.fast else ALGORITHM,
+        "mist:method": protector.config.method,
+        "mist:algorithm": protector.method.algorithm(),
         "mist:settings": settings,
         "mist:precision": protector.precision,
         "mist:model": model_name,

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
-from .config import MODES, PRECISIONS, ProtectConfig
+from .config import PRECISIONS, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
 from .manifest import METADATA_LEVELS
+from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -26,22 +27,27 @@ EXIT_THEN_FAILED = 3
 EXIT_HANG_UP = 128 + 1  # the shell's convention: 128 + the signal's number (SIGHUP)
 EXIT_INTERRUPTED = 128 + 2  # SIGINT (Ctrl-C)
 
-# The `mist protect` flag of each ProtectConfig field (and of the device), to name them in error messages.
-PROTECT_FLAGS: dict[str, str] = {
-    "mode": "--mode", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
-    "input_size": "--input-size", "fused_weight": "--fused-weight", "block_num": "--block-num", "mask": "--mask",
-    "keep_aspect": "--no-resize", "target": "--target", "object_prompt": "--object", "seed": "--seed",
-    "precision": "--precision", "fast": "--fast", "device": "--device",
+# The `mist protect` flag of each run setting (and of the device), to name them in error messages; the methods'
+# parameters have theirs in their declarations (see `protect_flags`).
+RUN_FLAGS: dict[str, str] = {
+    "method": "--method", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
+    "input_size": "--input-size", "block_num": "--block-num", "mask": "--mask", "keep_aspect": "--no-resize",
+    "seed": "--seed", "precision": "--precision", "device": "--device", "original_size": "--original-size",
 }
 
 
+def protect_flags() -> dict[str, str]:
+    """The `mist protect` flag of every setting: the run's and every registered method's parameters."""
+    return RUN_FLAGS | {name: spec.flag for name, (spec, _) in shared_params().items()}
+
+
 def add_protect_options(parser: argparse.ArgumentParser) -> None:
-    """The options every protect command shares (also the web UI's defaults)."""
+    """The options every protect command shares: the run's settings, the method and every method's parameters (a flag
+    per parameter name, generated from the methods' declarations)."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
-    g.add_argument("--mode", choices=MODES, default=d.mode,
-                   help="textural: pull toward the target pattern; semantic: confuse the denoiser; fused: both "
-                        "(default: %(default)s)")
+    g.add_argument("--method", choices=[m.name for m in list_methods()], default=d.method,
+                   help="protection method (default: %(default)s; see the methods below)")
     g.add_argument("-e", "--epsilon", type=int, default=d.epsilon,
                    help="strength: largest change of a pixel, in levels 0..255 (default: %(default)s)")
     g.add_argument("-s", "--steps", type=int, default=d.steps, help="PGD iterations (default: %(default)s)")
@@ -49,8 +55,6 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help="PGD step in pixel levels (default: %(default)s)")
     g.add_argument("--input-size", type=int, default=d.input_size,
                    help="side the image is resized to (shorter side with --no-resize) (default: %(default)s)")
-    g.add_argument("-w", "--fused-weight", type=float, default=d.fused_weight,
-                   help="fused mode: semantic loss weighted 10**(w+3) (default: %(default)s)")
     g.add_argument("-b", "--block-num", type=int, default=d.block_num,
                    help="protect as N x N tiles; 2 = low-VRAM mode (default: %(default)s)")
     g.add_argument("--mask", type=Path, help="mask image: pure white (255) marks the region to protect")
@@ -59,17 +63,15 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--original-size", action="store_true",
                    help="return the protected image at the input's own resolution and aspect (the perturbation is "
                         "computed with the aspect kept at --input-size, then resized to the input's size)")
-    g.add_argument("--target", type=Path, help="target pattern image for the textural loss (default: Mist's own)")
-    g.add_argument("--object", action="store_true",
-                   help='the images show an object: condition on "a photo" instead of "a painting"')
     g.add_argument("--seed", type=int, default=d.seed,
                    help="random seed: same seed, same output (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
                         "else fp32 (default: %(default)s)")
-    g.add_argument("--fast", action="store_true",
-                   help="fast mode: score-distillation semantic gradient (Xue et al. 2024), UNet forward only; a "
-                        "different method from Mist's exact one")
+    methods = parser.add_argument_group(
+        "methods", "; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in list_methods()))
+    for spec, users in shared_params().values():
+        _add_param_flag(methods, spec, users)
     r = parser.add_argument_group("model and device")
     r.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random' for a test "
                                    "model that protects nothing (default: $MIST_MODEL, then "
@@ -82,14 +84,44 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
 
 
+def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:
+    """The flag of one method parameter. Unset flags stay None, so that only the parameters a user typed reach the
+    method (the others keep the method's defaults) and a flag the chosen method does not take can be refused."""
+    names = ([spec.short] if spec.short else []) + [spec.flag]
+    default = "" if spec.default is None or spec.default is False else f"default: {spec.default}; "
+    help_text = f"{spec.help} ({default}method{'s' if len(users) > 1 else ''} {', '.join(users)})".replace("%", "%%")
+    options: dict[str, Any] = {"dest": f"param_{spec.name}", "default": None, "help": help_text}
+    if spec.kind == "bool":
+        options["action"] = "store_const" if spec.default is False else argparse.BooleanOptionalAction
+        if spec.default is False:
+            options["const"] = True
+    elif spec.kind == "choice":
+        options.update(choices=spec.choices, type=type(spec.choices[0]))
+    else:
+        options.update(type={"int": int, "float": float, "file": Path}[spec.kind],
+                       metavar={"file": "FILE"}.get(spec.kind, "N"))
+    group.add_argument(*names, **options)
+
+
 def config_from_args(args: argparse.Namespace) -> ProtectConfig:
-    """The settings `mist protect` was given; ValueError naming the flag (`--input-size: ...`) when one is invalid."""
-    with fields_as_flags(PROTECT_FLAGS):
+    """The settings `mist protect` was given; ValueError naming the flag (`--input-size: ...`) when one is invalid,
+    or when a method parameter's flag was given that the chosen method does not take."""
+    method = get_method(args.method)
+    own = {spec.name for spec in param_specs(method.Params)}
+    given = {name: value for name, value in vars(args).items()
+             if name.startswith("param_") and value is not None}
+    params = {}
+    for dest, value in given.items():
+        name = dest.removeprefix("param_")
+        if name not in own:
+            raise ValueError(f"{protect_flags()[name]}: not a parameter of --method {method.name} (its parameters: "
+                             f"{', '.join(spec.flag for spec in param_specs(method.Params)) or 'none'})")
+        params[name] = value
+    with fields_as_flags(protect_flags()):
         return ProtectConfig(
-            mode=args.mode, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
-            input_size=args.input_size, fused_weight=args.fused_weight, block_num=args.block_num, mask=args.mask,
-            keep_aspect=args.no_resize, target=args.target, object_prompt=args.object, seed=args.seed,
-            precision=args.precision, fast=args.fast, original_size=args.original_size,
+            method=method.name, params=params, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
+            input_size=args.input_size, block_num=args.block_num, mask=args.mask, keep_aspect=args.no_resize,
+            seed=args.seed, precision=args.precision, original_size=args.original_size,
         )
 
 
@@ -116,7 +148,7 @@ def flag_message(message: str, flags: Mapping[str, str]) -> str:
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
-                batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] = PROTECT_FLAGS) -> int:
+                batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] | None = None) -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`.
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
@@ -128,7 +160,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     from .pipeline import Protector
     from .reporting import ConsoleReporter
 
-    with fields_as_flags(flags):
+    with fields_as_flags(flags or protect_flags()):
         device = pick_device(device_name)
         resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
     where = resolve_model(model_spec)  # a missing model is reported before any image is touched
@@ -306,7 +338,7 @@ def protect_command(args: argparse.Namespace) -> int:
 def _protect(args: argparse.Namespace) -> int:
     """Check every option first (nothing heavy is imported before that), then collect the files and run the batch."""
     config = config_from_args(args)
-    with fields_as_flags(PROTECT_FLAGS):
+    with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
@@ -367,7 +399,7 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
-    with fields_as_flags(PROTECT_FLAGS):
+    with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
     quiet_model_libraries()
     from .doctor import report
@@ -380,7 +412,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 
 
 def webui_command(args: argparse.Namespace) -> int:
-    with fields_as_flags(PROTECT_FLAGS):
+    with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
         from .device import pick_device
 

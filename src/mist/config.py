@@ -1,23 +1,23 @@
 """ProtectConfig: every setting that shapes a protected image, validated once, in the units users know.
 
-Strength and step size are given in 0..255 pixel levels as in Mist v1.2; the engine works on images in [-1, 1], so
-`radius` and `step` convert them (one level is 2 / 255 there).
+A run's settings are generic (the L-infinity budget, PGD steps, geometry, seed, precision) plus a protection method
+(`mist.methods`) with that method's own parameters. Strength and step size are given in 0..255 pixel levels as in
+Mist v1.2; the engine works on images in [-1, 1], so `radius` and `step` convert them (one level is 2 / 255 there).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-Mode = Literal["textural", "semantic", "fused"]
+from .methods import DEFAULT_METHOD, MethodParams, get_method
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-MODES: tuple[Mode, ...] = ("textural", "semantic", "fused")
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
-# Mist v1.2's numeric --mode codes (its README's table swaps 0 and 1; this is what its code ran).
-MODE_CODES: dict[int, Mode] = {0: "semantic", 1: "textural", 2: "fused"}
+# The prompts whose text embeddings a loaded model keeps (methods that condition the UNet use one of them).
 STYLE_PROMPT = "a painting"
 OBJECT_PROMPT = "a photo"
 
@@ -26,51 +26,70 @@ OBJECT_PROMPT = "a photo"
 class ProtectConfig:
     """Settings of one protection run (Mist v1.2 defaults).
 
-    mode: textural pulls the image's latent toward the target pattern's; semantic raises the diffusion model's
-        denoising loss; fused does both (objective: textural - 10 ** (fused_weight + 3) * semantic).
+    method: the protection method's name (`mist.methods.list_methods`); params: its parameters, as its MethodParams
+        dataclass or a mapping of them (None or missing ones: the method's defaults). `ProtectConfig.of` takes both
+        kinds of settings by keyword: `ProtectConfig.of(steps=50, mode="textural")`.
     epsilon: L-infinity budget in pixel levels (0..255). step_size: PGD step in pixel levels. steps: PGD iterations.
     input_size: side of the square the image is resized to, or of its shorter side with keep_aspect or original_size.
     block_num: the image is protected as block_num x block_num tiles (low-VRAM mode at 2).
     mask: image whose pure-white (255) pixels mark the region to protect; None protects everything.
-    target: target pattern image for the textural loss; None uses the pattern shipped with Mist.
-    object_prompt: condition on "a photo" (an object) instead of "a painting" (a style).
     precision: arithmetic of the networks' forward and backward passes (autocast, and weights stored in that type);
         losses are always float32. "auto" picks per device (see `mist.device.resolve_precision`).
-    fast: replace the exact semantic gradient by the score-distillation approximation (Xue et al., ICLR 2024): the
-        UNet runs forward only. A different method from Mist's exact one, about twice as fast in fused mode.
     original_size: return the protected image at the input's own resolution and aspect. The perturbation is computed
         at the processing size with the aspect kept (as with keep_aspect), resized bicubic to the input's size, kept
         within epsilon and the mask there, and added to the input's own pixels.
     """
 
-    mode: Mode = "fused"
+    method: str = DEFAULT_METHOD
+    params: MethodParams | Mapping[str, Any] | None = field(default=None, compare=True)
     epsilon: float = 16
     steps: int = 100
     step_size: float = 1
     input_size: int = 512
-    fused_weight: float = 1
     block_num: int = 1
     keep_aspect: bool = False
     mask: Path | None = None
-    target: Path | None = None
-    object_prompt: bool = False
     seed: int = 23
     precision: Precision = "auto"
-    fast: bool = False
     original_size: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mask", "target"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+        if self.mask is not None and not isinstance(self.mask, Path):
+            object.__setattr__(self, "mask", Path(self.mask))
+        method = get_method(self.method)
+        if not isinstance(self.params, method.Params):
+            given = dict(self.params or {})
+            if isinstance(self.params, MethodParams):
+                raise ValueError(f"params: {type(self.params).__name__} are not the parameters of method {self.method}")
+            names = {f.name for f in fields(method.Params)}
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise ValueError(f"{unknown[0]}: not a parameter of method {self.method} "
+                                 f"(its parameters: {', '.join(sorted(names)) or 'none'})")
+            object.__setattr__(self, "params", method.Params(**given))
         problems = list(self._problems())
         if problems:
             raise ValueError(problems[0])
 
+    @classmethod
+    def of(cls, **settings: Any) -> ProtectConfig:
+        """Settings by keyword, run settings and the method's parameters mixed: `ProtectConfig.of(method="mist",
+        steps=50, mode="textural")`."""
+        return cls().but(**settings)
+
+    def but(self, **settings: Any) -> ProtectConfig:
+        """These settings with some changed by keyword, run settings and method parameters alike; a change of method
+        starts from the new method's defaults."""
+        own = {f.name for f in fields(self)}
+        general = {name: value for name, value in settings.items() if name in own}
+        method = general.get("method", self.method)
+        if "params" in general:
+            return replace(self, **general)
+        base = self.params.record() if method == self.method else {}
+        base.update({name: value for name, value in settings.items() if name not in own})
+        return replace(self, **general, params=base)
+
     def _problems(self):
-        if self.mode not in MODES:
-            yield f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}"
         if not _is_number(self.epsilon) or not 0 <= self.epsilon <= 255:
             yield f"epsilon: must be between 0 and 255 (pixel levels), got {self.epsilon!r}"
         if not _is_int(self.steps) or self.steps < 0:
@@ -84,16 +103,12 @@ class ProtectConfig:
         elif not self.aspect_kept and self.input_size % (8 * self.block_num):
             yield (f"input_size: {self.input_size} is not divisible by 8 x block_num = {8 * self.block_num} "
                    f"(try {self.input_size // (8 * self.block_num) * 8 * self.block_num})")
-        if not _is_number(self.fused_weight) or not -3 <= self.fused_weight <= 10:
-            yield f"fused_weight: must be a number between -3 and 10, got {self.fused_weight!r}"
         if not _is_int(self.seed):
             yield f"seed: must be a whole number, got {self.seed!r}"
         if self.precision not in PRECISIONS:
             yield f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-        for name in ("mask", "target"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                yield f"{name}: {path}: no such file"
+        if self.mask is not None and not self.mask.is_file():
+            yield f"mask: {self.mask}: no such file"
 
     @property
     def aspect_kept(self) -> bool:
@@ -116,20 +131,16 @@ class ProtectConfig:
         """step_size in [-1, 1] image units."""
         return self.step_size / 255 * 2
 
-    @property
-    def semantic_weight(self) -> float:
-        """r in the fused objective textural - r * semantic: 10 ** (fused_weight + 3)."""
-        return 10.0 ** (self.fused_weight + 3)
-
-    @property
-    def prompt(self) -> str:
-        return OBJECT_PROMPT if self.object_prompt else STYLE_PROMPT
+    def files(self) -> dict[str, Path]:
+        """Every file these settings name (the mask, a method's target...) by setting name."""
+        named = {"mask": self.mask, **{name: value for name, value in vars(self.params).items()}}
+        return {name: value for name, value in named.items() if isinstance(value, Path)}
 
     def to_json(self) -> str:
-        """The settings as canonical JSON (paths as strings), recorded in every output."""
-        values = asdict(self)
-        for name in ("mask", "target"):
-            values[name] = None if values[name] is None else str(values[name])
+        """The settings as canonical JSON, the method's parameters beside the run's (paths as strings)."""
+        values = {name: value for name, value in asdict(self).items() if name != "params"}
+        values["mask"] = None if self.mask is None else str(self.mask)
+        values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
 
 

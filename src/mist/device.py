@@ -1,4 +1,4 @@
-"""Choosing the device the attack runs on."""
+"""The device a run uses, its arithmetic (precision) and its memory policy (gradient checkpointing)."""
 
 from __future__ import annotations
 
@@ -121,3 +121,27 @@ def explain_cuda_problem(torch_version: str, torch_cuda: str | None, driver: cud
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def default_low_memory(device: torch.device) -> bool:
+    """Gradient checkpointing costs about 40% more time per step and saves a quarter to a third of the peak memory
+    (benchmarks/RESULTS.md), so it is on only where memory is short: a GPU with less than 12 GiB, a CPU machine with
+    less than 8 GiB available, and Apple MPS (memory shared with the whole system)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory < 12 * 1024**3
+    if device.type == "cpu":
+        available = available_ram_bytes()
+        return available is not None and available < 8 * 1024**3
+    return True
+
+
+def available_ram_bytes() -> int | None:
+    """MemAvailable from Linux's /proc/meminfo; None where that cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

@@ -15,7 +15,7 @@ import torch
 
 from .device import cuda_problem, pick_device, resolve_precision
 from .download import KNOWN_CHECKSUMS, sha256_file
-from .pipeline import available_ram_bytes
+from .device import available_ram_bytes
 
 # Peak memory (GiB) of a 512 x 512 fused attack step with SD v1, measured by benchmarks/bench.py on the CPU (process
 # RSS, weights included); keyed by (precision, gradient checkpointing). GPU needs are lower: no Python heap on the card.

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli import configure_logging, fields_as_flags, guarded, interrupt_on_hang_up, print_skipped, run_protect
-from .config import MODE_CODES, ProtectConfig
+from .config import ProtectConfig
 from .device_names import check_device_name
+from .methods.mist import MODE_CODES
 
 if TYPE_CHECKING:
     from .batch import Job
@@ -66,8 +67,8 @@ def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
         print("Alert: the mask only applies to a single image (-img); it is ignored for a folder.", file=sys.stderr)
     with fields_as_flags(LEGACY_FLAGS):
         config = ProtectConfig(
-            mode=MODE_CODES[args.mode], epsilon=args.epsilon, steps=args.steps, input_size=args.input_size,
-            fused_weight=args.rate, block_num=args.block_num, keep_aspect=args.non_resize,
+            method="mist", params={"mode": MODE_CODES[args.mode], "fused_weight": args.rate}, epsilon=args.epsilon,
+            steps=args.steps, input_size=args.input_size, block_num=args.block_num, keep_aspect=args.non_resize,
             mask=Path(args.mask_path) if masked else None,
         )
         check_device_name(args.device)

@@ -1,13 +1,14 @@
-"""The protection pipeline: a config and a loaded model turn PIL images into protected PIL images.
+"""The protection pipeline: a config and a loaded model turn PIL images into protected PIL images, whatever the method.
 
 Per image: resize (or keep the aspect ratio), split into block_num x block_num tiles, and run masked PGD on each tile
-against the matching tile of the target pattern and of the mask; stitch the tiles back, and with `original_size` carry
-the perturbation to the input's own resolution. Tiles of the same size, from one image or several, may share an attack
-batch (`batch_size`). Each tile draws its random numbers (random start, posterior samples, t and noise, and the target's
-posterior sample) from generators seeded from the config's seed, a hash of its image's processed pixels and its tile
-index: an image's result depends on its pixels and the settings only, not on its file name, the face that protects it,
-or the other images of the run (though batched arithmetic can change its last bits: see `batch_size`); and different
-images get unrelated perturbations.
+with the method's loss, prepared from the tile and the matching tile of the method's target image, within the matching
+tile of the mask; stitch the tiles back, and with `original_size` carry the perturbation to the input's own
+resolution. Tiles of the same size, from one image or several, may share an attack batch (`batch_size`). Each tile
+draws its random numbers (the random start, the loss's draws, and the method's own streams such as a target's posterior
+sample) from generators seeded from the config's seed, a hash of its image's processed pixels and its tile index: an
+image's result depends on its pixels and the settings only, not on its file name, the face that protects it, or the
+other images of the run (though batched arithmetic can change its last bits: see `batch_size`); and different images
+get unrelated perturbations.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from importlib import resources
 from typing import Callable, Iterable, Sequence
 
@@ -25,36 +27,35 @@ from PIL import Image
 from . import images
 from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
-from .device import resolve_precision
+from .device import default_low_memory, resolve_precision
+from .methods import TileInputs, get_method
 from .models import StableDiffusion
-from .objectives import PRECISION_DTYPES, MistObjective, loss_scale, target_latent
+from .objectives import PRECISION_DTYPES
 
 
 @dataclass(frozen=True)
 class Progress:
     """One finished PGD step of a `protect_many` call: `step` of `total` counts across its attack batches.
-    Loss values are summed over the tiles of the current batch."""
+    The objective and the method's named terms are summed over the tiles of the current batch."""
 
     step: int
     total: int
     batch: int  # 0-based attack batch
     batches: int
     images: tuple[int, ...]  # indices (into the call's image list) of the images in this batch
-    textural: float | None
-    semantic: float | None
     objective: float
+    terms: dict[str, float]
 
 
 @dataclass(frozen=True)
 class ProtectedImage:
-    """A protected image and what the attack measured (losses summed over tiles; None where not computed)."""
+    """A protected image and what the attack measured: the objective and the method's named terms at the first and
+    the last step, summed over tiles."""
 
     image: Image.Image  # at the processed size, or at the input's own size with original_size
     size: tuple[int, int]  # (width, height) processed
-    textural_start: float | None
-    textural_end: float | None
-    semantic_start: float | None
-    semantic_end: float | None
+    start: dict[str, float]  # "objective" and each term
+    end: dict[str, float]
     seconds: float
     random_weights: bool
 
@@ -66,11 +67,14 @@ class _Tile:
     digest: str  # `pixel_digest` of its image's processed pixels
     pixels: torch.Tensor
     mask: torch.Tensor | None
-    target: torch.Tensor | None  # its tile of the target pattern (None in semantic mode)
+    target: torch.Tensor | None  # its tile of the method's target image (None: the method has none)
     size: tuple[int, int]  # processed size of its image
-    start: tuple[float | None, float | None] = (None, None)  # (textural, semantic) at the first step
-    end: tuple[float | None, float | None] = (None, None)  # and at the last step
+    start: dict[str, float] = field(default_factory=dict)  # objective and terms at the first step
+    end: dict[str, float] = field(default_factory=dict)  # and at the last step
     result: torch.Tensor | None = None
+
+    def seed(self, seed: int, stream: str) -> int:
+        return tile_seed(seed, self.digest, self.index, stream)
 
 
 def default_target() -> Image.Image:
@@ -89,7 +93,8 @@ def pixel_digest(x: torch.Tensor) -> str:
 
 def tile_seed(seed: int, digest: str, tile: int, stream: str = "attack") -> int:
     """The generator seed (0 .. 2**63 - 1) of tile `tile` of the image whose `pixel_digest` is `digest`; `stream`
-    separates the attack's draws ("attack") from the target's posterior sample ("target")."""
+    separates the attack's draws ("attack": the random start and the loss's draws) from a method's own streams (such as
+    "target", the target's posterior sample)."""
     text = f"mist tile seed|{stream}|{seed}|{digest}|{tile}".encode("ascii")
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
@@ -109,7 +114,7 @@ def flush_denormals(device: torch.device):
 
 
 class Protector:
-    """A model placed on a device, in the config's precision, with the target and prompt prepared.
+    """A model placed on a device, in the config's precision, with the config's method ready to prepare its losses.
 
     The Protector works on its own placement of `model` (`StableDiffusion.placed`) and never changes the caller's:
     weights already on the device in the precision asked for are shared, the others are converted into a copy (SD v1
@@ -133,9 +138,13 @@ class Protector:
         self.batch_size = batch_size
         self.model = model.placed(self.device, PRECISION_DTYPES[self.precision], in_place=hand_over)
         self.model.set_gradient_checkpointing(self.low_memory)
-        self.target = images.read_image(config.target) if config.target else default_target()
-        self.mask = images.read_image(config.mask) if config.mask else None
-        self.text = self.model.text_embedding(config.prompt) if config.mode != "textural" else None
+        self.method = get_method(config.method)(config.params, self.model, self.precision)
+        self.target = self.method.target_image()
+
+    @cached_property
+    def mask(self) -> Image.Image | None:
+        """The config's mask image (read when first needed: callers that give every image its mask never read it)."""
+        return images.read_image(self.config.mask) if self.config.mask else None
 
     def processed_size(self, image: Image.Image) -> tuple[int, int]:
         return self.config.processed_size(image.width, image.height)
@@ -153,8 +162,9 @@ class Protector:
         v1.2); where `masks` or an entry of it is None, the config's mask applies (none: the whole image)."""
         c = self.config
         started = time.perf_counter()
-        masks = [self.mask if m is None else m for m in (masks if masks is not None else [None] * len(pictures))]
-        uses_target = c.mode != "semantic"
+        masks = list(masks) if masks is not None else [None] * len(pictures)
+        masks = [self.mask if m is None else m for m in masks]
+        uses_target = self.target is not None
         tiles: list[_Tile] = []
         processed: list[torch.Tensor] = []
         for number, (picture, mask) in enumerate(zip(pictures, masks, strict=True)):
@@ -178,12 +188,9 @@ class Protector:
                 output = carry_to_original(picture, processed[number], stitched, masks[number], c.radius)
             else:
                 output = images.tensor_to_image(stitched)
-            results.append(ProtectedImage(
-                image=output, size=own[0].size,
-                textural_start=_sum(t.start[0] for t in own), textural_end=_sum(t.end[0] for t in own),
-                semantic_start=_sum(t.start[1] for t in own), semantic_end=_sum(t.end[1] for t in own),
-                seconds=seconds, random_weights=self.model.random_weights,
-            ))
+            results.append(ProtectedImage(image=output, size=own[0].size, start=_summed(t.start for t in own),
+                                          end=_summed(t.end for t in own), seconds=seconds,
+                                          random_weights=self.model.random_weights))
         return results
 
     def _attack(self, batch: list[_Tile], number: int, batches: int,
@@ -193,33 +200,30 @@ class Protector:
         mask = None
         if any(t.mask is not None for t in batch):
             mask = torch.cat([t.mask if t.mask is not None else torch.ones_like(t.pixels[:, :1]) for t in batch])
-        target = torch.cat([self._target_latent(t) for t in batch]) if c.mode != "semantic" else None
-        objective = MistObjective(self.model, c.mode, c.semantic_weight, target, self.text, self.precision, c.fast)
-        generators = [torch.Generator().manual_seed(tile_seed(c.seed, t.digest, t.index)) for t in batch]
+        loss = self.method.prepare([
+            TileInputs(clean=t.pixels.to(self.device), target=None if t.target is None else t.target.to(self.device),
+                       seed=partial(t.seed, c.seed)) for t in batch])
+        generators = [torch.Generator().manual_seed(t.seed(c.seed, "attack")) for t in batch]
         members = tuple(sorted({t.image for t in batch}))
 
         def on_step(info: StepInfo) -> None:
             for position, tile in enumerate(batch):
+                values = {"objective": info.objective[position]}
+                values.update({name: per_tile[position] for name, per_tile in info.terms.items()})
                 if info.step == 1:
-                    tile.start = _losses(info, position)
+                    tile.start = values
                 if info.step == info.steps:
-                    tile.end = _losses(info, position)
+                    tile.end = values
             if callback is not None:
                 callback(Progress(number * c.steps + info.step, batches * c.steps, number, batches, members,
-                                  _sum(info.textural or ()), _sum(info.semantic or ()), sum(info.objective)))
+                                  sum(info.objective), {name: sum(v) for name, v in info.terms.items()}))
 
         with flush_denormals(self.device):
-            out = masked_linf_pgd(x, objective, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
+            out = masked_linf_pgd(x, loss, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
                                   mask=None if mask is None else mask.to(self.device), callback=on_step,
-                                  loss_scale=loss_scale(self.precision, c.mode))
+                                  loss_scale=self.method.loss_scale())
         for position, tile in enumerate(batch):
             tile.result = out[position : position + 1].cpu()
-
-    def _target_latent(self, tile: _Tile) -> torch.Tensor:
-        """E(y) of the tile's target, with a posterior sample of its own stream (one encoder pass per tile: the draw
-        depends on the image, so latents are not shared between images)."""
-        generator = torch.Generator().manual_seed(tile_seed(self.config.seed, tile.digest, tile.index, "target"))
-        return target_latent(self.model, tile.target.to(self.device), [generator], self.precision)
 
 
 def carry_to_original(picture: Image.Image, processed: torch.Tensor, protected: torch.Tensor,
@@ -234,30 +238,6 @@ def carry_to_original(picture: Image.Image, processed: torch.Tensor, protected: 
     return images.tensor_to_image((images.image_to_tensor(picture, picture.size) + delta).clamp(-1, 1))
 
 
-def default_low_memory(device: torch.device) -> bool:
-    """Gradient checkpointing costs about 40% more time per step and saves a quarter to a third of the peak memory
-    (benchmarks/RESULTS.md), so it is on only where memory is short: a GPU with less than 12 GiB, a CPU machine with
-    less than 8 GiB available, and Apple MPS (memory shared with the whole system)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory < 12 * 1024**3
-    if device.type == "cpu":
-        available = available_ram_bytes()
-        return available is not None and available < 8 * 1024**3
-    return True
-
-
-def available_ram_bytes() -> int | None:
-    """MemAvailable from Linux's /proc/meminfo; None where that cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _batches(tiles: list[_Tile], batch_size: int) -> list[list[_Tile]]:
     """Consecutive groups of at most batch_size tiles of the same shape, in order of appearance."""
     groups: dict[tuple[int, ...], list[_Tile]] = {}
@@ -266,12 +246,10 @@ def _batches(tiles: list[_Tile], batch_size: int) -> list[list[_Tile]]:
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def _losses(info: StepInfo, position: int) -> tuple[float | None, float | None]:
-    """The (textural, semantic) losses of the tile at `position` of a batch's step."""
-    return tuple(None if values is None else values[position] for values in (info.textural, info.semantic))
-
-
-def _sum(values: Iterable[float | None]) -> float | None:
-    """The sum of the values present; None when none is."""
-    present = [v for v in values if v is not None]
-    return sum(present) if present else None
+def _summed(values: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Per name, the sum over tiles of their values."""
+    total: dict[str, float] = {}
+    for tile in values:
+        for name, value in tile.items():
+            total[name] = total.get(name, 0.0) + value
+    return total

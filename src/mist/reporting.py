@@ -43,8 +43,7 @@ class ConsoleReporter:
             self.steps.reset(total=progress.total)
             self.steps.update(progress.step - 1)
         self.steps.update(1)
-        loss = {"tex": progress.textural, "sem": progress.semantic}
-        self.steps.set_postfix({k: f"{v:.4g}" for k, v in loss.items() if v is not None}, refresh=False)
+        self.steps.set_postfix({name[:4]: f"{value:.4g}" for name, value in progress.terms.items()}, refresh=False)
 
     def _close_steps(self) -> None:
         if self.steps is not None:

@@ -100,15 +100,15 @@ def compute(workdir: Path) -> dict:
     from mist.attack import masked_linf_pgd
     from mist.config import ProtectConfig
     from mist.models.loading import build_random
-    from mist.objectives import MistObjective, target_latent
+    from mist.methods import TileInputs, get_method
     from mist.pipeline import default_target
 
     model = build_random()
     config = ProtectConfig(precision="fp32")
     x = images.image_to_tensor(source_image(), (SIZE, SIZE))
     y = images.image_to_tensor(default_target(), (SIZE, SIZE))
-    target = target_latent(model, y, [torch.Generator().manual_seed(11)])
-    objective = MistObjective(model, "fused", config.semantic_weight, target, model.text_embedding("a painting"))
+    method = get_method(config.method)(config.params, model, "fp32")
+    objective = method.prepare([TileInputs(clean=x, target=y, seed=lambda stream: 11)])  # 11: the target's draw
 
     pixels = x.clone().requires_grad_(True)
     terms = objective(pixels, [torch.Generator().manual_seed(12)])
@@ -118,7 +118,7 @@ def compute(workdir: Path) -> dict:
 
     png = run_cli(workdir, "out", [])
     return {
-        "losses": {name: getattr(terms, name).item() for name in ("textural", "semantic", "objective")},
+        "losses": {"objective": terms.objective.item(), **{name: value.item() for name, value in terms.terms.items()}},
         "gradient": gradient.numpy(),
         "pgd_step": step.numpy(),
         "png": png.read_bytes(),

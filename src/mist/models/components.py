@@ -161,13 +161,19 @@ class StableDiffusion:
         self.encoder.encoder.gradient_checkpointing = enabled
         self.encoder.encoder._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
-    def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding);
-        image i's sample noise comes from generators[i]."""
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and log-variance (float32, unscaled, log-variance clamped to [-30, 20] as LDM does) of the encoder's
+        diagonal-Gaussian posterior for images `x` in [-1, 1]."""
         pixels = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         moments = self.encoder.quant_conv(self.encoder.encoder(pixels))
         mean, logvar = moments.float().chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding);
+        image i's sample noise comes from generators[i]."""
+        mean, logvar = self.posterior(x)
+        std = torch.exp(0.5 * logvar)
         noise = standard_normal(mean.shape, generators, like=mean)
         return (mean + std * noise) * self.arch.latent_scale
 

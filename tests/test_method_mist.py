@@ -1,12 +1,15 @@
-"""The losses against an independent re-computation of Mist v1.2's formulas on the same tiny weights."""
+"""Mist v1.2's losses (the `mist` method) against an independent re-computation of its formulas on the same tiny
+weights."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler
 
+from mist.methods import TileInputs
+from mist.methods.mist import Mist, MistParams
 from mist.models.components import scaled_linear_alphas_cumprod
-from mist.objectives import MistObjective, target_latent
+from mist.objectives import target_latent
 
 
 def test_schedule_is_sd_v1_scaled_linear():
@@ -17,6 +20,15 @@ def test_schedule_is_sd_v1_scaled_linear():
 
 def _images(seed: int = 0, count: int = 1, size: int = 32) -> torch.Tensor:
     return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def mist_loss(model, mode: str, target: torch.Tensor | None = None, *, target_seed: int = 0, count: int = 1,
+              fast: bool = False, object_prompt: bool = False, precision: str = "fp32"):
+    """The `mist` method's loss for `count` tiles whose target image is `target`; the target's posterior sample is
+    drawn from a generator seeded with `target_seed` (as `target_latent(model, target, [seed])` draws it)."""
+    method = Mist(MistParams(mode=mode, fast=fast, object_prompt=object_prompt), model, precision)
+    tile = TileInputs(clean=torch.zeros(1, 3, 8, 8), target=target, seed=lambda stream: target_seed)
+    return method.prepare([tile] * count)
 
 
 def _reference_terms(model, x, target_z, text, seed):
@@ -41,11 +53,11 @@ def test_losses_and_fused_objective_match_the_formulas(tiny_model):
     target_z = target_latent(tiny_model, y, [torch.Generator().manual_seed(5)])
     textural, semantic = _reference_terms(tiny_model, x, target_z, text, seed=7)
     for mode, expected in (("textural", textural), ("semantic", -semantic), ("fused", textural - 1e4 * semantic)):
-        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, [torch.Generator().manual_seed(7)])
+        terms = mist_loss(tiny_model, mode, y, target_seed=5)(x, [torch.Generator().manual_seed(7)])
         assert torch.allclose(terms.objective, expected.reshape(1), rtol=1e-5), mode
-    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(7)])
-    assert torch.allclose(fused.textural, textural.reshape(1), rtol=1e-5)
-    assert torch.allclose(fused.semantic, semantic.reshape(1), rtol=1e-5)
+    fused = mist_loss(tiny_model, "fused", y, target_seed=5)(x, [torch.Generator().manual_seed(7)])
+    assert torch.allclose(fused.terms["textural"], textural.reshape(1), rtol=1e-5)
+    assert torch.allclose(fused.terms["semantic"], semantic.reshape(1), rtol=1e-5)
 
 
 def test_textural_mode_skips_the_unet(tiny_model, monkeypatch):
@@ -54,45 +66,40 @@ def test_textural_mode_skips_the_unet(tiny_model, monkeypatch):
 
     monkeypatch.setattr(tiny_model, "predict_noise", forbidden)
     target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
-    terms = MistObjective(tiny_model, "textural", 1e4, target_z, None)(_images(1), [torch.Generator().manual_seed(0)])
+    terms = mist_loss(tiny_model, "textural", _images(2))(_images(1), [torch.Generator().manual_seed(0)])
     textural, _ = _reference_terms(tiny_model, _images(1), target_z, tiny_model.text_embedding("a painting"), seed=0)
-    assert terms.semantic is None and torch.allclose(terms.textural, textural.reshape(1), rtol=1e-5)
+    assert list(terms.terms) == ["textural"] and torch.allclose(terms.terms["textural"], textural.reshape(1), rtol=1e-5)
 
 
 def test_one_encoder_pass_per_evaluation(tiny_model, monkeypatch):
     calls = []
     original = tiny_model.encode
     monkeypatch.setattr(tiny_model, "encode", lambda *a, **k: calls.append(1) or original(*a, **k))
-    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
+    objective = mist_loss(tiny_model, "fused", _images(2))
     calls.clear()
-    objective = MistObjective(tiny_model, "fused", 1e4, target_z, tiny_model.text_embedding("a painting"))
     objective(_images(1), [torch.Generator().manual_seed(0)])
     assert len(calls) == 1
 
 
 def test_semantic_and_fused_gradients_reach_the_image(tiny_model):
-    text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     for mode in ("semantic", "fused"):
         x = _images(1).requires_grad_(True)
-        terms = MistObjective(tiny_model, mode, 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
+        terms = mist_loss(tiny_model, mode, _images(2))(x, [torch.Generator().manual_seed(0)])
         (grad,) = torch.autograd.grad(terms.objective.sum(), x)
         assert grad.abs().sum() > 0 and torch.isfinite(grad).all(), mode
     # The fused gradient carries the semantic part, not only the textural one.
     x = _images(1).requires_grad_(True)
-    fused = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
+    fused = mist_loss(tiny_model, "fused", _images(2))(x, [torch.Generator().manual_seed(0)])
     (g_fused,) = torch.autograd.grad(fused.objective.sum(), x)
     x = _images(1).requires_grad_(True)
-    tex = MistObjective(tiny_model, "textural", 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
+    tex = mist_loss(tiny_model, "textural", _images(2))(x, [torch.Generator().manual_seed(0)])
     (g_tex,) = torch.autograd.grad(tex.objective.sum(), x)
     assert not torch.allclose(g_fused, g_tex)
 
 
 def test_no_weight_gradients_are_computed(tiny_model):
-    text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     x = _images(1).requires_grad_(True)
-    terms = MistObjective(tiny_model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(0)])
+    terms = mist_loss(tiny_model, "fused", _images(2))(x, [torch.Generator().manual_seed(0)])
     terms.objective.sum().backward()
     modules = (tiny_model.unet, tiny_model.encoder)
     assert all(p.grad is None and not p.requires_grad for m in modules for p in m.parameters())
@@ -100,18 +107,17 @@ def test_no_weight_gradients_are_computed(tiny_model):
 
 def test_batched_losses_are_per_image(tiny_model):
     """Each image's losses and gradient depend only on itself and its generator: a batch gives what one-by-one gives."""
-    text = tiny_model.text_embedding("a painting")
-    target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
-    objective = MistObjective(tiny_model, "fused", 1e4, target_z, text)
+    objective = mist_loss(tiny_model, "fused", _images(2), count=2)
     x = _images(1, count=2).requires_grad_(True)
     together = objective(x, [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)])
     (gradient,) = torch.autograd.grad(together.objective.sum(), x)
     for i, seed in enumerate((3, 4)):
         alone_x = x[i : i + 1].detach().clone().requires_grad_(True)
-        alone = objective(alone_x, [torch.Generator().manual_seed(seed)])
+        alone = mist_loss(tiny_model, "fused", _images(2))(alone_x, [torch.Generator().manual_seed(seed)])
         (alone_gradient,) = torch.autograd.grad(alone.objective.sum(), alone_x)
-        for name in ("textural", "semantic", "objective"):
-            assert torch.allclose(getattr(together, name)[i], getattr(alone, name)[0], rtol=1e-5, atol=0), (i, name)
+        for name in ("textural", "semantic"):
+            assert torch.allclose(together.terms[name][i], alone.terms[name][0], rtol=1e-5, atol=0), (i, name)
+        assert torch.allclose(together.objective[i], alone.objective[0], rtol=1e-5, atol=0), i
         assert torch.allclose(gradient[i], alone_gradient[0], rtol=1e-4, atol=1e-4 * alone_gradient.abs().max())
     assert not torch.allclose(together.objective[0], together.objective[1])
 
@@ -120,7 +126,7 @@ def test_fast_mode_gradient_is_score_distillation(tiny_model, monkeypatch):
     """Fast mode keeps the semantic loss value and replaces its latent gradient by (2/N) sqrt(a_t) (eps - n)."""
     text = tiny_model.text_embedding("a painting")
     x = _images(1).requires_grad_(True)
-    exact = MistObjective(tiny_model, "semantic", 1e4, None, text)(x, [torch.Generator().manual_seed(4)])
+    exact = mist_loss(tiny_model, "semantic")(x, [torch.Generator().manual_seed(4)])
     latent = None
 
     def capture(original):
@@ -132,9 +138,9 @@ def test_fast_mode_gradient_is_score_distillation(tiny_model, monkeypatch):
         return encode
 
     monkeypatch.setattr(tiny_model, "encode", capture(tiny_model.encode))
-    fast = MistObjective(tiny_model, "semantic", 1e4, None, text, fast=True)(x, [torch.Generator().manual_seed(4)])
-    assert torch.allclose(fast.semantic, exact.semantic, rtol=1e-5)
-    fast.semantic.sum().backward()
+    fast = mist_loss(tiny_model, "semantic", fast=True)(x, [torch.Generator().manual_seed(4)])
+    assert torch.allclose(fast.terms["semantic"], exact.terms["semantic"], rtol=1e-5)
+    fast.terms["semantic"].sum().backward()
     g = torch.Generator().manual_seed(4)
     torch.randn(latent.shape, generator=g)  # the posterior sample's draw
     t = torch.randint(0, 1000, (1,), generator=g)
@@ -152,8 +158,7 @@ def test_fast_mode_runs_the_unet_without_a_graph(tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_model, "predict_noise",
                         lambda *a, **k: seen.append(torch.is_grad_enabled()) or original(*a, **k))
     x = _images(1).requires_grad_(True)
-    terms = MistObjective(tiny_model, "fused", 1e4, torch.zeros(1, 4, 4, 4), tiny_model.text_embedding("a photo"),
-                          fast=True)(x, [torch.Generator()])
+    terms = mist_loss(tiny_model, "fused", _images(2), fast=True, object_prompt=True)(x, [torch.Generator()])
     terms.objective.sum().backward()
     assert seen == [False] and x.grad.abs().sum() > 0
 
@@ -179,7 +184,8 @@ def test_fp32_gradient_is_as_exact_as_float64_allows(tiny_model):
     target_z = target_latent(model, _images(2, size=64), [torch.Generator().manual_seed(5)])
 
     x = _images(1, size=64).requires_grad_(True)
-    objective = MistObjective(model, "fused", 1e4, target_z, text)(x, [torch.Generator().manual_seed(7)]).objective
+    loss = mist_loss(model, "fused", _images(2, size=64), target_seed=5)
+    objective = loss(x, [torch.Generator().manual_seed(7)]).objective
     (gradient,) = torch.autograd.grad(objective.sum(), x)
     x64 = _images(1, size=64).double().requires_grad_(True)
     textural, semantic = _reference_terms(reference, x64, target_z.double(), text.double(), seed=7)
