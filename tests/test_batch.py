@@ -17,14 +17,15 @@ import pytest
 from PIL import Image
 
 import mist
-import mist.batch
+import mist.jobs
 import mist.cli
 import mist.files
 import mist.legacy
 import mist.models
 import mist.pipeline
 from mist import manifest
-from mist.batch import Job, collect_jobs, run_batch
+from mist.inputs import collect_jobs
+from mist.jobs import Job, ModelCache, run_jobs
 from mist.config import ProtectConfig
 from mist.model_identity import ModelIdentity
 from mist.preflight import input_problem, output_folder_problem
@@ -369,11 +370,12 @@ class Quiet:
         self.failed: list[str] = []
 
     def batch_started(self, jobs, to_do): ...
+    def model_loading(self, where, device): ...
     def images_started(self, jobs, first, to_do): ...
     def step(self, jobs, progress): ...
     def image_done(self, job, result): ...
     def image_skipped(self, job, reason): self.skipped.append(job.source)
-    def image_failed(self, job, message): self.failed.append(message)
+    def image_failed(self, job, message, stage): self.failed.append(message)
 
 
 @pytest.fixture
@@ -393,8 +395,9 @@ def _run(tmp_path, tiny_model, model: ModelIdentity, **options) -> Quiet:
     if not source.exists():
         make_image(source)
     reporter = Quiet()
-    summary = run_batch([Job(source, tmp_path / "out" / "a.png")], config,
-                        lambda: mist.pipeline.Protector(tiny_model, config), reporter, model, **options)
+    models = ModelCache(tiny_model)
+    models.identity = lambda: model  # the tiny model computes; the outputs name the model file given
+    summary = run_jobs([Job(source, tmp_path / "out" / "a.png")], config, models, reporter, **options)
     assert summary.ok, reporter.failed
     return reporter
 
@@ -423,7 +426,7 @@ def test_the_cached_model_checksum_is_used(tmp_path, tiny_model, model_files):
 
 def test_resume_compares_the_mist_version(tmp_path, tiny_model, monkeypatch):
     _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))
-    monkeypatch.setattr(mist.batch, "__version__", "99.0")
+    monkeypatch.setattr(mist.jobs, "__version__", "99.0")
 
     with pytest.raises(AssertionError, match=f"was made by Mist {mist.__version__} \\(this is Mist 99.0\\)"):
         _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))

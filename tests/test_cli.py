@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 import mist
 import mist.cli
 import mist.legacy
-from mist.batch import Job
+from mist.jobs import Job
 from mist.config import ProtectConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -214,6 +214,39 @@ def test_diffusers_folder_loads_with_same_numbers(tiny, diffusers_folder):
     tiny.assert_reproduced_by(model)
 
 
+@pytest.mark.parametrize("source", ["ckpt", "safetensors", "diffusers"])
+def test_only_the_parts_a_method_needs_are_loaded(tiny, ckpt_file, diffusers_folder, tmp_path, original_state,
+                                                    source):
+    """A method that runs through the encoder alone gets a model without the UNet (3.4 GB in float32) and the text
+    encoder; its encoder is exactly the full model's."""
+    if source == "safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in original_state.items()}, str(path))
+    else:
+        path = ckpt_file if source == "ckpt" else diffusers_folder
+    model = load_model(str(path), TINY, parts=frozenset({"encoder"}))
+    assert model.unet is None and model.text_embeddings == {} and model.parts == {"encoder"}
+    with torch.no_grad():
+        mean, logvar = model.posterior(tiny.image)
+    torch.testing.assert_close(mean, tiny.mean)
+    torch.testing.assert_close(logvar, tiny.logvar.clamp(-30, 20))
+    with pytest.raises(ValueError, match="without its UNet"):
+        model.predict_noise(tiny.latent, tiny.timesteps, tiny.hidden)
+    with pytest.raises(ValueError, match="without its text encoder"):
+        model.text_embedding("a painting")
+    assert load_model(str(path), TINY, parts=frozenset({"encoder", "unet"})).parts == {"encoder", "unet"}
+
+
+def test_a_partial_checkpoint_is_still_checked_as_a_whole(tmp_path, original_state):
+    """The layout check reads the UNet's shapes also when the UNet is not loaded: an inpainting model is refused."""
+    inpainting = dict(original_state)
+    first = "model.diffusion_model.input_blocks.0.0.weight"
+    inpainting[first] = torch.zeros(inpainting[first].shape[0], 9, *inpainting[first].shape[2:])
+    path = _save_ckpt(tmp_path / "inpainting.ckpt", {"state_dict": inpainting})
+    with pytest.raises(ValueError, match="9 input channels"):
+        load_model(str(path), TINY, parts=frozenset({"encoder"}))
+
+
 def test_diffusers_folder_with_v_prediction_scheduler_is_refused(folder_copy):
     (folder_copy / "scheduler").mkdir()
     (folder_copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))

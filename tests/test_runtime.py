@@ -179,7 +179,7 @@ def test_checkpointing_is_on_by_default_only_where_memory_is_short(monkeypatch):
 
 
 def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):
-    from mist.batch import output_metadata
+    from mist.jobs import output_metadata
 
     protector = Protector(tiny_model, ProtectConfig.of(input_size=64, fast=True))
     text = output_metadata("{}", "tiny-random", protector, tmp_path / "a.png", "0" * 64)

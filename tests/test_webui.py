@@ -20,14 +20,15 @@ from PIL import Image
 
 import mist.cli
 from mist import webui, webui_app, webui_text
-from mist.batch import NO_PROTECTION_WARNING, settings_text
+from mist.jobs import NO_PROTECTION_WARNING, settings_text
 from mist.config import ProtectConfig
 from mist.images import read_png_text
-from mist.webui import Engine, Settings, Upload, WebUI, run_job
+from mist.jobs import ModelCache
+from mist.webui import Settings, Upload, WebUI, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 # The handler takes sizes the page does not offer; the output at the processing size keeps the tests small.
-FAST = dict(steps=2, size=64, epsilon=8, mode="fused", original_size=False)
+FAST = dict(steps=2, size=64, epsilon=8, params={"mode": "fused"}, original_size=False)
 HANG_GUARD_S = 600  # waits end on events; this only turns a hang into a failure
 
 
@@ -45,7 +46,7 @@ def pixels(path_or_image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def engine():
     """One engine (one tiny model) shared by the tests that do not count loads."""
-    return Engine("tiny-random")
+    return ModelCache("tiny-random")
 
 
 # --------------------------------------------------------------------------
@@ -55,10 +56,10 @@ def engine():
 def test_settings_map_to_the_engine_config():
     # The page's defaults are the engine's (Mist v1.2's), except the output at the artwork's own size.
     assert Settings().config() == ProtectConfig(original_size=True)
-    page = Settings(epsilon=8.0, steps=2.0, size=256, mode="semantic", fused_weight=2.5, low_vram=True,
-                    no_resize=True, seed=5.0, precision="fp32", fast=True, original_size=False)
-    assert page.config() == ProtectConfig(mode="semantic", epsilon=8, steps=2, input_size=256, fused_weight=2.5,
-                                          block_num=2, keep_aspect=True, seed=5, precision="fp32", fast=True)
+    page = Settings(epsilon=8.0, steps=2.0, size=256, params={"mode": "semantic", "fused_weight": 2.5, "fast": True},
+                    low_vram=True, no_resize=True, seed=5.0, precision="fp32", original_size=False)
+    assert page.config() == ProtectConfig.of(mode="semantic", epsilon=8, steps=2, input_size=256, fused_weight=2.5,
+                                             block_num=2, keep_aspect=True, seed=5, precision="fp32", fast=True)
     assert isinstance(page.config().steps, int) and isinstance(page.config().seed, int)
     with pytest.raises(ValueError, match="seed"):
         Settings(seed=None).config()
@@ -66,7 +67,7 @@ def test_settings_map_to_the_engine_config():
 
 def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
     pytest.importorskip("gradio")
-    demo = webui_app.build_app(WebUI(Engine("tiny-random"), tmp_path))
+    demo = webui_app.build_app(WebUI(ModelCache("tiny-random"), tmp_path))
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     strength, steps, weight = by_id["mist-strength"], by_id["mist-steps"], by_id["mist-fused-weight"]
     assert (strength.minimum, strength.maximum, strength.value) == (0, 32, 16)
@@ -74,29 +75,30 @@ def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
     assert (weight.minimum, weight.maximum, weight.value) == (0, 5, 1)
     assert [value for _, value in by_id["mist-size"].choices] == [256, 512, 768] and by_id["mist-size"].value == 512
     assert [value for _, value in by_id["mist-mode"].choices] == ["textural", "semantic", "fused"]
-    assert by_id["mist-mode"].value == "fused"
+    assert by_id["mist-mode"].value == "fused" and by_id["mist-method"].value == "mist"
     assert by_id["mist-seed"].value == 23 and by_id["mist-precision"].value == "auto"
     assert [by_id[k].value for k in ("mist-low-vram", "mist-no-resize", "mist-fast")] == [False, False, False]
     assert by_id["mist-original-size"].value is True  # the artwork's own size is offered, and on by default
-    for key in ("mist-strength", "mist-steps", "mist-size", "mist-mode", "mist-fused-weight", "mist-low-vram",
-                "mist-no-resize", "mist-seed", "mist-precision", "mist-fast", "mist-original-size"):
+    for key in ("mist-strength", "mist-steps", "mist-size", "mist-method", "mist-mode", "mist-fused-weight",
+                "mist-low-vram", "mist-no-resize", "mist-seed", "mist-precision", "mist-fast", "mist-original-size"):
         assert by_id[key].info, f"{key} has no help text"
 
 
 def test_words_an_artist_does_not_know_are_only_under_advanced(tmp_path):
     pytest.importorskip("gradio")
-    demo = webui_app.build_app(WebUI(Engine("tiny-random"), tmp_path))
+    demo = webui_app.build_app(WebUI(ModelCache("tiny-random"), tmp_path))
     [advanced] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "mist-advanced"]
     inside = {id(b) for b in _descendants(advanced)}
-    jargon = re.compile(r"epsilon|10\^|block_num|bf16|fp16|fp32", re.IGNORECASE)
+    jargon = re.compile(r"epsilon|10\^|10\*\*|block_num|bf16|fp16|fp32", re.IGNORECASE)
+    methods_en, methods_zh = webui_app.method_labels()
+    words = {"en": {**webui_text.EN, **methods_en}, "zh": {**webui_text.TEXTS["zh"], **methods_zh}}
     for block in demo.blocks.values():
-        for key in _label_keys(block):
+        for key in _label_keys(block, words["en"]):
             for lang in ("en", "zh"):
-                if jargon.search(webui_text.text(lang, key)) and id(block) not in inside:
-                    pytest.fail(f"{key!r} ({lang}) says {jargon.search(webui_text.text(lang, key))[0]!r} outside "
-                                "Advanced")
-    for key in ("fused_weight", "low_vram", "precision"):  # jargon in the help text, a plain label in front
-        assert not jargon.search(webui_text.text("en", key)), key
+                if jargon.search(words[lang][key]) and id(block) not in inside:
+                    pytest.fail(f"{key!r} ({lang}) says {jargon.search(words[lang][key])[0]!r} outside Advanced")
+    for key in ("param_fused_weight", "low_vram", "precision"):  # jargon in the help text, a plain label in front
+        assert not jargon.search(words["en"][key]), key
 
 
 def _descendants(block):
@@ -105,8 +107,14 @@ def _descendants(block):
         yield from _descendants(child)
 
 
-def _label_keys(block):
-    """The webui_text keys a component shows (its label, help text, value or choices)."""
+def _label_keys(block, known: dict[str, str]):
+    """The text keys a component shows (its label, help text, value or choices); every one must be in `known`."""
+    for key in _marked_keys(block):
+        assert key in known, f"the page shows the text key {key!r}, which has no text"
+        yield key
+
+
+def _marked_keys(block):
     for name in ("label", "info", "value"):
         value = getattr(block, name, None)
         if isinstance(value, str) and value.startswith("__i18n__"):  # gradio keeps some as marked strings
@@ -120,7 +128,7 @@ def _label_keys(block):
 
 def test_server_listens_locally_limits_uploads_and_runs_one_attack_at_a_time(tmp_path):
     pytest.importorskip("gradio")
-    ui = WebUI(Engine("tiny-random"), tmp_path, max_upload_mb=5)
+    ui = WebUI(ModelCache("tiny-random"), tmp_path, max_upload_mb=5)
     demo = webui_app.build_app(ui)
     options = webui_app.launch_options(ui, demo, host=webui.DEFAULT_HOST, port=7860, share=False, auth=("a", "b"))
     assert options["server_name"] == "127.0.0.1" and options["max_file_size"] == "5mb"
@@ -133,7 +141,7 @@ def test_server_listens_locally_limits_uploads_and_runs_one_attack_at_a_time(tmp
 
 def test_gradio_strings_the_page_shows_are_translated_and_no_share_button(tmp_path):
     gr = pytest.importorskip("gradio")
-    demo = webui_app.build_app(WebUI(Engine("tiny-random"), tmp_path))
+    demo = webui_app.build_app(WebUI(ModelCache("tiny-random"), tmp_path))
     translations = demo.mist_i18n.translations
     for locale in webui_text.CHINESE_LOCALES:  # gradio's Chinese table lacks it: a screen reader read the raw key
         assert translations[locale]["common.complete"] == webui_text.GRADIO_ZH["common.complete"]
@@ -144,7 +152,7 @@ def test_gradio_strings_the_page_shows_are_translated_and_no_share_button(tmp_pa
 @pytest.mark.parametrize("served, key", [(False, "intro"), (True, "intro_served")])
 def test_intro_says_where_images_are_processed(tmp_path, served, key):
     pytest.importorskip("gradio")
-    demo = webui_app.build_app(WebUI(Engine("tiny-random"), tmp_path, served_to_others=served))
+    demo = webui_app.build_app(WebUI(ModelCache("tiny-random"), tmp_path, served_to_others=served))
     [intro] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "mist-intro"]
     assert key in str(intro.value)
     assert ("runs on this computer" in webui_text.EN[key]) is not served
@@ -279,7 +287,7 @@ def test_one_image_tab_says_why_it_refuses_a_file_and_takes_a_large_jpeg_as_it_i
     """The one-image tab takes the file itself (a large JPEG is no longer re-encoded by the browser into a PNG many
     times larger than the upload limit) and names the problem of a file it cannot use."""
     uploads = tmp_path / "uploads"
-    ui = WebUI(Engine("tiny-random"), tmp_path / "work", max_upload_mb=1, upload_root=uploads)
+    ui = WebUI(ModelCache("tiny-random"), tmp_path / "work", max_upload_mb=1, upload_root=uploads)
 
     def upload(name: str, write) -> Path:
         folder = uploads / name.replace(".", "-")  # gradio keeps each upload in a folder of its own
@@ -431,7 +439,7 @@ def test_uploads_of_a_job_are_deleted_when_it_ends(engine, tmp_path):
 
 
 def test_model_is_loaded_once_on_the_first_job(tmp_path):
-    engine = Engine("tiny-random")
+    engine = ModelCache("tiny-random")
     ui = WebUI(engine, tmp_path / "work")
     assert engine.loads == 0
     upload = [noise(tmp_path / "a.png")]
@@ -450,12 +458,12 @@ def test_no_model_found_shows_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.delenv("MIST_HOME", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
-    ui = WebUI(Engine(None), tmp_path / "work")
+    ui = WebUI(ModelCache(None), tmp_path / "work")
     result = protect(ui, "batch", files=[noise(tmp_path / "a.png")])
     assert not result.outputs and result.status.startswith(webui_text.text("en", "no_model"))
     assert "mist download-model" in result.status
     assert webui_text.text("zh", "no_model") in ui.banner("zh") and "mist download-model" in ui.banner("zh")
-    assert webui_text.text("en", "no_protection") in WebUI(Engine("tiny-random"), tmp_path).banner("en")
+    assert webui_text.text("en", "no_protection") in WebUI(ModelCache("tiny-random"), tmp_path).banner("en")
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The Python API: `protect(images, ...)` returns protected PIL images with what the attack measured."""
+"""The Python API: `protect(images, ...)` returns protected PIL images with what the attack measured; the model comes
+from the job runner's `ModelCache`, as for the other faces."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from PIL import Image
 
 from . import images as image_io
 from .config import ProtectConfig
-from .device import pick_device
-from .models import StableDiffusion, load_model
-from .pipeline import Progress, ProtectedImage, Protector
+from .jobs import ModelCache
+from .models import StableDiffusion
+from .pipeline import Progress, ProtectedImage
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -47,11 +48,7 @@ def protect(
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]
     mask_image = _as_image(mask) if mask is not None else None  # None: the Protector applies config.mask
-    loaded_here = not isinstance(model, StableDiffusion)  # then no one else holds it: convert it without a copy
-    if loaded_here:
-        model = load_model(model)
-    protector = Protector(model, config, pick_device(device), low_memory=low_memory, batch_size=batch_size,
-                          hand_over=loaded_here)
+    protector = ModelCache(model, device, low_memory).protector(config, batch_size=batch_size)
     return protector.protect_many(pictures, [mask_image] * len(pictures), callback)
 
 

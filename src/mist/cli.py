@@ -153,34 +153,22 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
     """
-    from .batch import run_batch
-    from .device import cuda_problem, pick_device, resolve_precision
-    from .model_identity import ModelIdentity
-    from .models import load_model, resolve_model
-    from .pipeline import Protector
+    from .device import cuda_problem, resolve_precision
+    from .jobs import ModelCache, run_jobs
     from .reporting import ConsoleReporter
 
+    models = ModelCache(model_spec, device_name, low_memory)
     with fields_as_flags(flags or protect_flags()):
-        device = pick_device(device_name)
+        device = models.device()
         resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
-    where = resolve_model(model_spec)  # a missing model is reported before any image is touched
+    models.where()  # a missing model is reported before any image is touched
     if device.type != "cuda" and (problem := cuda_problem()):
         print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
-
-    def load() -> Protector:
-        if not quiet:
-            print(f"loading model {where} onto {device} ...", flush=True)
-        quiet_model_libraries()
-        model = load_model(where)
-        if model.random_weights:
-            print(f"WARNING: {where} has random weights: its outputs have NO protection", file=sys.stderr)
-        return Protector(model, config, device, low_memory=low_memory, batch_size=batch_size, hand_over=True)
-
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
     try:
-        summary = run_batch(jobs, config, load, reporter, ModelIdentity(where), overwrite, batch_size=batch_size,
-                            metadata=metadata)
+        summary = run_jobs(jobs, config, models, reporter, overwrite=overwrite, batch_size=batch_size,
+                           metadata=metadata)
     except KeyboardInterrupt as exc:
         reporter.interrupted()
         hang_up = isinstance(exc, HangUp)
@@ -342,7 +330,7 @@ def _protect(args: argparse.Namespace) -> int:
         check_device_name(args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
-    from .batch import collect_jobs
+    from .inputs import collect_jobs
 
     jobs = collect_jobs(args.paths, args.output, args.recursive, on_skip=print_skipped)
     if not jobs:

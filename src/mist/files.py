@@ -134,3 +134,11 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def resolved(path: Path) -> Path:
+    """`path` made absolute with symbolic links resolved, as far as they resolve (a link loop stays as it is)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop, before Python 3.13
+        return path.absolute()

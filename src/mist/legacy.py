@@ -20,7 +20,7 @@ from .device_names import check_device_name
 from .methods.mist import MODE_CODES
 
 if TYPE_CHECKING:
-    from .batch import Job
+    from .jobs import Job
 
 # The flag of each setting mist_v3.py takes, to name it in error messages.
 LEGACY_FLAGS: dict[str, str] = {
@@ -72,7 +72,7 @@ def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
             mask=Path(args.mask_path) if masked else None,
         )
         check_device_name(args.device)
-    from .batch import Job  # the options are valid: from here on the engine's modules are needed
+    from .jobs import Job  # the options are valid: from here on the engine's modules are needed
 
     if args.input_dir_path:
         folder = Path(args.input_dir_path)
@@ -88,7 +88,7 @@ def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
 def folder_jobs(folder: Path, output: Path) -> list[Job]:
     """A job for each image file directly in `folder` (the image types `mist protect` reads), and one line on stderr
     for every other entry: v1.2 tried to open every entry as an image (and stopped at the first it could not read)."""
-    from .batch import collect_jobs
+    from .inputs import collect_jobs
     from .images import IMAGE_SUFFIXES
 
     reasons: dict[Path, str] = {}

@@ -138,7 +138,11 @@ class Protector:
         self.batch_size = batch_size
         self.model = model.placed(self.device, PRECISION_DTYPES[self.precision], in_place=hand_over)
         self.model.set_gradient_checkpointing(self.low_memory)
-        self.method = get_method(config.method)(config.params, self.model, self.precision)
+        method = get_method(config.method)
+        if not method.parts <= self.model.parts:
+            raise ValueError(f"method: {method.name} needs the model's {', '.join(sorted(method.parts - model.parts))}, "
+                             "which this model was loaded without")
+        self.method = method(config.params, self.model, self.precision)
         self.target = self.method.target_image()
 
     @cached_property

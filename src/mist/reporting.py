@@ -8,7 +8,8 @@ import time
 
 from tqdm import tqdm
 
-from .batch import NO_PROTECTION_WARNING, BatchSummary, Job
+from .jobs import NO_PROTECTION_WARNING, BatchSummary, Job
+from .models import TINY_RANDOM
 from .pipeline import Progress, ProtectedImage
 
 
@@ -29,6 +30,14 @@ class ConsoleReporter:
         self._say(f"{len(jobs)} image(s) found, {to_do} to protect")
         if to_do > 1 and not self.quiet:
             self.images = tqdm(total=to_do, unit="img", desc="images", position=0, dynamic_ncols=True)
+
+    def model_loading(self, where, device) -> None:
+        from .cli import quiet_model_libraries
+
+        self._say(f"loading model {where} onto {device} ...")
+        quiet_model_libraries()
+        if where == TINY_RANDOM:
+            self._say(f"WARNING: {where} has random weights: its outputs have NO protection", error=True)
 
     def images_started(self, jobs: list[Job], first: int, to_do: int) -> None:
         if not self.quiet:
@@ -66,7 +75,7 @@ class ConsoleReporter:
     def image_skipped(self, job: Job, reason: str) -> None:
         self._say(f"skipped {job.source}: {reason}")
 
-    def image_failed(self, job: Job, message: str) -> None:
+    def image_failed(self, job: Job, message: str, stage: str) -> None:
         self._close_steps()
         self._say(f"error: {message}", error=True)
 

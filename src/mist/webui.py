@@ -1,8 +1,8 @@
 """The web UI's handlers: what happens when a user presses Protect, apart from the page itself (`mist.webui_app`).
 
 `mist webui` (or `python mist-webui.py`) serves the page on http://127.0.0.1:7860. The page only builds a
-`ProtectConfig` and calls the engine (`Protector.protect_many`); reading uploads and masks and writing PNG metadata go
-through `mist.images` and `mist.batch`, exactly as for the command line's outputs. The handlers are plain functions
+`ProtectConfig` (the method and its parameters included) and hands the uploads to the job runner the command line
+uses (`mist.jobs.run_jobs`): the same checks of each file, the same model cache, the same outputs and metadata. The handlers are plain functions
 (`run_job`, `artwork_upload`, `file_uploads`, `Settings.config`, the methods of `WebUI`) that the tests call without a
 browser. Importing this module loads no model and imports no gradio: the model is loaded on the first job (then kept).
 
@@ -27,25 +27,20 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from . import images as image_io
-from .attack import Cancelled
-from .batch import output_metadata, settings_text
 from .config import ProtectConfig
-from .download import sha256_file
-from .preflight import input_problem
+from .methods import get_method, param_specs
 from .webui_text import duration, text
 
 if TYPE_CHECKING:
-    from .model_identity import ModelIdentity
-    from .models import StableDiffusion
-    from .pipeline import Protector
+    from .jobs import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +65,31 @@ _DEFAULTS = ProtectConfig()
 
 @dataclass(frozen=True)
 class Settings:
-    """The page's controls, in the page's units; `config()` turns them into the engine's ProtectConfig."""
+    """The page's controls, in the page's units; `config()` turns them into the engine's ProtectConfig.
+
+    params: the values of the method parameters' controls by parameter name (the page has one control per name,
+    shared by the methods that take it); only the chosen method's are used, missing ones keep its defaults."""
 
     epsilon: float = _DEFAULTS.epsilon
     steps: int = _DEFAULTS.steps
     size: int = _DEFAULTS.input_size
-    mode: str = _DEFAULTS.mode
-    fused_weight: float = _DEFAULTS.fused_weight
+    method: str = _DEFAULTS.method
+    params: Mapping[str, Any] = field(default_factory=dict)
     low_vram: bool = False  # block_num 2, the original's low-VRAM mode
     no_resize: bool = _DEFAULTS.keep_aspect
     seed: int = _DEFAULTS.seed
     precision: str = _DEFAULTS.precision
-    fast: bool = _DEFAULTS.fast
     original_size: bool = True  # unlike the command line, the page gives the artwork's own size by default
 
     def config(self) -> ProtectConfig:
         """The engine's settings; raises ValueError (one line, naming the setting) for an invalid value."""
+        specs = {spec.name: spec for spec in param_specs(get_method(self.method).Params)}
+        params = {name: _whole(value) if specs[name].kind in ("int", "float") else value
+                  for name, value in self.params.items() if name in specs and value is not None}
         return ProtectConfig(
-            mode=self.mode, epsilon=_whole(self.epsilon), steps=_whole(self.steps), input_size=_whole(self.size),
-            fused_weight=_whole(self.fused_weight), block_num=2 if self.low_vram else 1,
-            keep_aspect=bool(self.no_resize), seed=_whole(self.seed), precision=self.precision, fast=bool(self.fast),
-            original_size=bool(self.original_size),
+            method=self.method, params=params, epsilon=_whole(self.epsilon), steps=_whole(self.steps),
+            input_size=_whole(self.size), block_num=2 if self.low_vram else 1, keep_aspect=bool(self.no_resize),
+            seed=_whole(self.seed), precision=self.precision, original_size=bool(self.original_size),
         )
 
 
@@ -190,63 +189,6 @@ def _as_pil(item: Any) -> Image.Image:
 
 
 # --------------------------------------------------------------------------
-# The engine: one model, loaded on the first job
-
-
-class Engine:
-    """The model (loaded on the first job, kept for the next ones, one at a time) and the lock that lets one attack at
-    a time use the device."""
-
-    def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
-                 low_memory: bool | None = None) -> None:
-        self.model_spec = model
-        self.device_name = device
-        self.low_memory = low_memory
-        self.attack_lock = threading.Lock()
-        self._load_lock = threading.Lock()
-        self._models: dict[str, StableDiffusion] = {}
-        self.loads = 0  # how many times a model was read (tests check it is once)
-
-    def where(self):
-        """Where the model is (`tiny-random` or a path), without loading it; raises ModelNotFoundError."""
-        from .models import resolve_model
-
-        return resolve_model(self.model_spec)
-
-    def protector(self, config: ProtectConfig,
-                  on_load: Callable[[], None] | None = None) -> tuple[Protector, ModelIdentity]:
-        """A Protector for `config` on the cached model (loaded now if it is not yet) and the model's identity that
-        outputs record (name and, for a file, SHA-256).
-        Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
-        import torch
-
-        from .device import pick_device, resolve_precision
-        from .model_identity import ModelIdentity
-        from .models import load_model
-        from .objectives import PRECISION_DTYPES
-        from .pipeline import Protector
-
-        with self._load_lock:
-            where = self.where()
-            device = pick_device(self.device_name)
-            precision = resolve_precision(config.precision, device)
-            key = str(where)
-            model = self._models.get(key)
-            if model is not None and model.dtype not in (torch.float32, PRECISION_DTYPES[precision]):
-                # The cache's model is handed to each Protector to convert in place (no second copy in memory); once
-                # half precision, it cannot be cast back exactly.
-                model = None
-            if model is None:
-                if on_load is not None:
-                    on_load()
-                self._models.clear()  # one model in memory at a time
-                model = load_model(where)
-                self.loads += 1
-                self._models[key] = model
-            return Protector(model, config, device, low_memory=self.low_memory, hand_over=True), ModelIdentity(where)
-
-
-# --------------------------------------------------------------------------
 # A job
 
 
@@ -278,63 +220,47 @@ class JobResult:
 Progress = Callable[[float, str], None]
 
 
-def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engine: Engine, workdir: Path, *,
+def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engine: ModelCache, workdir: Path, *,
             lang: str = "en", cancel: threading.Event | None = None, progress: Progress | None = None,
             max_upload_bytes: int | None = None) -> JobResult:
-    """Protect `uploads` into a new folder under `workdir` and say how it went; never raises for a bad input, a
-    missing model, a bad setting or a cancel (each gives a message in the result). `progress(fraction, text)` hears
-    every step; setting `cancel` stops the attack after the current step (finished images are kept)."""
+    """Protect `uploads` into a new folder under `workdir` through the job runner (`mist.jobs.run_jobs`, as the
+    command line does) and say how it went; never raises for a bad input, a missing model, a bad setting or a cancel
+    (each gives a message in the result). `progress(fraction, text)` hears every step; setting `cancel` stops the
+    attack after the current step (finished images are kept)."""
+    from .jobs import Job, run_jobs
     from .models import ModelNotFoundError
 
     started = time.perf_counter()
     result = JobResult()
-    say = progress or (lambda fraction, desc: None)
     if not uploads:
         return _finish(result, text(lang, "no_input"), started)
     try:
         config = settings if isinstance(settings, ProtectConfig) else settings.config()
     except ValueError as exc:
         return _finish(result, f"{text(lang, 'invalid_settings')} {exc}", started)
-    accepted = []  # (upload, SHA-256): files that pass the checks that need no decoding and no model
-    for upload in uploads:
-        problem = _upload_problem(upload, config, max_upload_bytes, lang)
+    accepted = []
+    for upload in uploads:  # the upload limit is the page's own; the runner checks the files themselves
+        problem = _upload_problem(upload, max_upload_bytes, lang, probe=False)
         if problem:
             result.messages.append(text(lang, "bad_file", name=upload.name, problem=problem))
         else:
-            accepted.append((upload, sha256_file(upload.path)))
+            accepted.append(upload)
     if not accepted:
         return _finish(result, text(lang, "nothing_done"), started)
-    if cancel is not None and cancel.is_set():  # cancelled while waiting in the queue
-        result.cancelled = True
-        return _finish(result, text(lang, "cancelled", done=0), started)
-
-    with engine.attack_lock:
-        try:
-            protector, model = engine.protector(config, on_load=lambda: say(0.0, text(lang, "loading_model")))
-        except ModelNotFoundError as exc:
-            return _finish(result, f"{text(lang, 'no_model')}\n\n```\n{exc}\n```", started)
-        except (ValueError, OSError, RuntimeError) as exc:
-            return _finish(result, f"{text(lang, 'model_failed')} {exc}", started)
-        result.no_protection = protector.model.random_weights
-        job = Path(tempfile.mkdtemp(prefix="job-", dir=_prepare(workdir)))
-        clock = _Clock(len(accepted))
-        names: set[str] = set()
-        for number, (upload, digest) in enumerate(accepted):
-            if cancel is not None and cancel.is_set():
-                result.cancelled = True
-                break
-            say(number / len(accepted), text(lang, "preparing", image=number + 1, images=len(accepted)))
-            try:
-                output = _protect_one(upload, digest, number, protector, config, model, job, names, clock,
-                                      lang, cancel, say)
-            except Cancelled:
-                result.cancelled = True
-                break
-            if isinstance(output, str):
-                result.messages.append(output)
-            else:
-                result.outputs.append(output)
-
+    job = Path(tempfile.mkdtemp(prefix="job-", dir=_prepare(workdir)))
+    names: set[str] = set()
+    jobs = [Job(upload.path, job / _unique_png_name(upload.name, names), label=upload.name,
+                mask=_painted_mask_file(upload.mask, job / "masks" / str(number)))
+            for number, upload in enumerate(accepted)]
+    reporter = _PageReporter(lang, progress or (lambda fraction, desc: None), dict(zip(jobs, accepted, strict=True)),
+                             config.epsilon, result)
+    try:
+        summary = run_jobs(jobs, config, engine, reporter, overwrite=True, cancel=cancel)
+    except ModelNotFoundError as exc:
+        return _finish(result, f"{text(lang, 'no_model')}\n\n```\n{exc}\n```", started)
+    except (ValueError, OSError, RuntimeError) as exc:
+        return _finish(result, f"{text(lang, 'model_failed')} {exc}", started)
+    result.cancelled = summary.cancelled
     if len(result.outputs) > 1:
         result.zip = job / ZIP_NAME
         with zipfile.ZipFile(result.zip, "w", compression=zipfile.ZIP_STORED) as archive:  # PNGs do not shrink
@@ -352,6 +278,60 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
     return _finish(result, status, started)
 
 
+class _PageReporter:
+    """What the page hears from the job runner: the status line (model loading, each step with the time left), the
+    finished images with their previews, and one message per image that failed, in the page's language."""
+
+    def __init__(self, lang: str, say: Progress, uploads: dict, epsilon: float, result: JobResult) -> None:
+        self.lang, self.say, self.uploads, self.epsilon, self.result = lang, say, uploads, epsilon, result
+        self.images = 1
+        self.image = 0
+        self.clock: _Clock | None = None
+
+    def batch_started(self, jobs, to_do: int) -> None:
+        self.images = max(to_do, 1)
+        self.clock = _Clock(self.images)
+
+    def model_loading(self, where, device) -> None:
+        self.say(0.0, text(self.lang, "loading_model"))
+
+    def images_started(self, jobs, first: int, to_do: int) -> None:
+        self.image = first - 1
+        self.say(self.image / self.images, text(self.lang, "preparing", image=first, images=self.images))
+
+    def step(self, jobs, progress) -> None:
+        eta = self.clock.eta(self.image, progress.step, progress.total)
+        self.say((self.image + progress.step / progress.total) / self.images,
+                 text(self.lang, "progress", image=self.image + 1, images=self.images, step=progress.step,
+                      steps=progress.total, eta=duration(eta, self.lang)))
+
+    def image_done(self, job, protected) -> None:
+        self.result.no_protection |= protected.random_weights
+        previews = job.output.parent / "previews"
+        try:
+            original, perturbation = _previews(image_io.read_image(job.source), protected.image, self.epsilon)
+            previews.mkdir(exist_ok=True)
+            original.save(previews / f"original-{job.output.name}")
+            perturbation.save(previews / f"perturbation-{job.output.name}")
+        except (OSError, ValueError) as exc:
+            self.image_failed(job, str(exc), "output")
+            return
+        self.result.outputs.append(Output(job.name, job.output, previews / f"original-{job.output.name}",
+                                          previews / f"perturbation-{job.output.name}"))
+
+    def image_skipped(self, job, reason: str) -> None:  # outputs are new files: nothing is ever skipped
+        pass
+
+    def image_failed(self, job, message: str, stage: str) -> None:
+        if message.endswith("not done: cancelled"):
+            return  # the status line says the job was cancelled
+        problem = _without_path(message, self.uploads[job])
+        if "out of memory" in problem:
+            problem = text(self.lang, "out_of_memory")
+        self.result.messages.append(text(self.lang, "bad_file" if stage == "input" else "failed", name=job.name,
+                                         problem=problem))
+
+
 class _Clock:
     """Steps done so far in a job, for the time-left estimate (the average step time so far)."""
 
@@ -366,55 +346,14 @@ class _Clock:
         return (time.perf_counter() - self.started) / self.steps * remaining
 
 
-def _protect_one(upload: Upload, digest: str, number: int, protector: Protector, config: ProtectConfig,
-                 model: ModelIdentity, job: Path, names: set[str], clock: _Clock, lang: str,
-                 cancel: threading.Event | None, say: Progress) -> Output | str:
-    """Read, protect and write one image; its Output, or the message that says why it failed. Raises Cancelled."""
-    try:
-        picture = image_io.read_image(upload.path)
-    except ValueError as exc:
-        return text(lang, "bad_file", name=upload.name, problem=_without_path(str(exc), upload))
-
-    def on_step(p) -> None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled
-        eta = clock.eta(number, p.step, p.total)
-        say((number + p.step / p.total) / clock.images,
-            text(lang, "progress", image=number + 1, images=clock.images, step=p.step, steps=p.total,
-                 eta=duration(eta, lang)))
-
-    try:
-        [protected] = protector.protect_many([picture], [upload.mask], on_step)
-    except (RuntimeError, ValueError) as exc:
-        problem = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        if "out of memory" in problem:
-            problem = text(lang, "out_of_memory")
-        return text(lang, "failed", name=upload.name, problem=problem)
-    name = _unique_png_name(upload.name, names)
-    png = job / name
-    original, perturbation = _previews(picture, protected.image, config.epsilon)
-    previews = job / "previews"
-    try:
-        settings = settings_text(_with_painted_mask(config, upload.mask, job / "masks" / str(number)))
-        image_io.write_png_atomic(protected.image, png,
-                                  output_metadata(settings, model.name, protector, Path(upload.name), digest,
-                                                  model_sha256=model.sha256))
-        previews.mkdir(exist_ok=True)
-        original.save(previews / f"original-{name}")
-        perturbation.save(previews / f"perturbation-{name}")
-    except (OSError, ValueError) as exc:
-        return text(lang, "failed", name=upload.name, problem=str(exc))
-    return Output(upload.name, png, previews / f"original-{name}", previews / f"perturbation-{name}")
-
-
-def _with_painted_mask(config: ProtectConfig, mask: Image.Image | None, folder: Path) -> ProtectConfig:
-    """The settings an output records: with a painted mask, that mask (saved as a PNG named PAINTED_MASK in `folder`,
-    so the metadata holds its name and SHA-256 exactly as for a mask file given to the command line)."""
+def _painted_mask_file(mask: Image.Image | None, folder: Path) -> Path | None:
+    """A mask painted in the page, saved as a PNG named PAINTED_MASK in `folder` (so the output records its name and
+    SHA-256 exactly as for a mask file given to the command line); None when nothing was painted."""
     if mask is None:
-        return config
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     mask.save(folder / PAINTED_MASK, format="PNG")
-    return replace(config, mask=folder / PAINTED_MASK)
+    return folder / PAINTED_MASK
 
 
 def _finish(result: JobResult, status: str, started: float) -> JobResult:
@@ -423,19 +362,16 @@ def _finish(result: JobResult, status: str, started: float) -> JobResult:
     return result
 
 
-def _upload_problem(upload: Upload, config: ProtectConfig | None, max_upload_bytes: int | None,
-                    lang: str) -> str | None:
-    """What is wrong with an upload that shows without decoding it (size on disk, header, image size; with `config`
-    also its processed size), without the file's name, or None. The one check of both tabs, at upload and before a
-    job."""
+def _upload_problem(upload: Upload, max_upload_bytes: int | None, lang: str, *, probe: bool = True) -> str | None:
+    """What is wrong with an upload that shows without decoding it, without the file's name, or None: over the upload
+    limit, and with `probe` not an image (its header). When the artwork is chosen the page probes it; before a job
+    only the limit is the page's own check, the job runner checks the files as it does for the command line."""
     try:
         size = upload.path.stat().st_size
         if max_upload_bytes is not None and size > max_upload_bytes:
             return text(lang, "too_large", size=f"{size / 2**20:.1f}", limit=f"{max_upload_bytes / 2**20:g}")
-        if config is None:
+        if probe:
             image_io.probe_image(upload.path)
-        elif (problem := input_problem(upload.path, config)) is not None:
-            return _without_path(problem, upload)
     except OSError as exc:
         return exc.strerror or str(exc)
     except ValueError as exc:
@@ -514,7 +450,7 @@ class WebUI:
     """The handlers the page calls: a job per click (one per page at a time), a cancel flag per page, the page's
     uploads deleted when its job ends or the page goes away."""
 
-    def __init__(self, engine: Engine, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, *,
+    def __init__(self, engine: ModelCache, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, *,
                  upload_root: Path | None = None, served_to_others: bool = False) -> None:
         """`workdir`: where jobs write (private to this server); `upload_root`: gradio's upload folder, the only
         place whose files this server deletes as uploads (None: delete none); `served_to_others`: --listen or
@@ -558,7 +494,7 @@ class WebUI:
         path = Path(path)
         self._page(session).uploads.add(path)
         upload = Upload(path, path.name)
-        problem = _upload_problem(upload, None, self.max_upload_bytes, lang)
+        problem = _upload_problem(upload, self.max_upload_bytes, lang)
         if not problem:
             try:
                 shown = preview(path, self.workdir / "previews")

@@ -15,8 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .config import MODES, PRECISIONS
-from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, SIZES, Engine, JobResult, Settings, WebUI, log,
+from .config import PRECISIONS
+from .methods import list_methods, param_specs, shared_params
+from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, SIZES, JobResult, Settings, WebUI, log,
                     parse_auth)
 from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
 
@@ -56,8 +57,9 @@ def build_app(ui: WebUI):
     except ImportError as exc:
         raise ValueError("the web UI needs gradio: pip install 'mist-protect[webui]' (or pip install gradio)") from exc
 
-    english = {k: EN[k] for k in LABEL_KEYS}
-    chinese = {**{k: TEXTS["zh"][k] for k in LABEL_KEYS}, **GRADIO_ZH}
+    methods_en, methods_zh = method_labels()
+    english = {**{k: EN[k] for k in LABEL_KEYS}, **methods_en}
+    chinese = {**{k: TEXTS["zh"][k] for k in LABEL_KEYS}, **GRADIO_ZH, **methods_zh}
     i18n = gr.I18n(en=english, **{locale: chinese for locale in CHINESE_LOCALES})
     L = i18n  # noqa: N806 - a label that the browser shows in the page's language
 
@@ -110,14 +112,18 @@ def build_app(ui: WebUI):
                 steps = control(gr.Slider, "steps", 1, 1000, value=d.steps, step=1)
                 original_size = control(gr.Checkbox, "original_size", d.original_size)
                 size = control(gr.Radio, "size", [(str(s), s) for s in SIZES], value=d.size)
-                mode = control(gr.Radio, "mode", [(L(f"mode_{m}"), m) for m in MODES], value=d.mode)
+                method = control(gr.Dropdown, "method", [(L(f"method_{m.name}"), m.name) for m in list_methods()],
+                                 value=d.method)
+                shared = shared_params()
+                params = {name: param_control(gr, L, spec, users, d.method) for name, (spec, users) in shared.items()
+                          if not spec.advanced and spec.kind != "file"}
                 with gr.Accordion(L("advanced"), open=False, elem_id="mist-advanced"):
-                    fused_weight = control(gr.Slider, "fused_weight", 0, 5, value=d.fused_weight, step=0.1)
+                    params |= {name: param_control(gr, L, spec, users, d.method)
+                               for name, (spec, users) in shared.items() if spec.advanced and spec.kind != "file"}
                     low_vram = control(gr.Checkbox, "low_vram", d.low_vram)
                     no_resize = control(gr.Checkbox, "no_resize", d.no_resize)
                     seed = control(gr.Number, "seed", d.seed, precision=0)
                     precision = control(gr.Dropdown, "precision", list(PRECISIONS), value=d.precision)
-                    fast = control(gr.Checkbox, "fast", d.fast)
                 with gr.Row():
                     run = gr.Button(L("run"), variant="primary", elem_id="mist-run")
                     cancel = gr.Button(L("cancel"), variant="stop", elem_id="mist-cancel")
@@ -134,7 +140,8 @@ def build_app(ui: WebUI):
         gallery = gr.Gallery(label=L("gallery"), columns=6, height=260, object_fit="contain", format="png",
                              visible=False, buttons=["download", "download_all", "fullscreen"], elem_id="mist-gallery")
 
-        controls = [epsilon, steps, size, mode, fused_weight, low_vram, no_resize, seed, precision, fast, original_size]
+        controls = [epsilon, steps, size, method, low_vram, no_resize, seed, precision, original_size,
+                    *params.values()]
 
         # gradio finds the request and event arguments by their annotations, which this module's postponed
         # evaluation would leave as strings it cannot resolve: `typed` sets them as the classes themselves.
@@ -161,13 +168,13 @@ def build_app(ui: WebUI):
             return None, ""
 
         @typed
-        def on_run(source_value, artwork_value, editor_value, files_value, epsilon_value, steps_value, size_value,
-                   mode_value, fused_weight_value, low_vram_value, no_resize_value, seed_value, precision_value,
-                   fast_value, original_size_value, lang, request):
+        def on_run(request, source_value, artwork_value, editor_value, files_value, lang, epsilon_value, steps_value,
+                   size_value, method_value, low_vram_value, no_resize_value, seed_value, precision_value,
+                   original_size_value, *param_values):
             """A generator: the status line follows the job (every step), then the results replace it."""
-            settings = Settings(epsilon=epsilon_value, steps=steps_value, size=size_value, mode=mode_value,
-                                fused_weight=fused_weight_value, low_vram=low_vram_value, no_resize=no_resize_value,
-                                seed=seed_value, precision=precision_value, fast=fast_value,
+            settings = Settings(epsilon=epsilon_value, steps=steps_value, size=size_value, method=method_value,
+                                params=dict(zip(params, param_values, strict=True)), low_vram=low_vram_value,
+                                no_resize=no_resize_value, seed=seed_value, precision=precision_value,
                                 original_size=original_size_value)
             session = _session(request)
             news: queue.SimpleQueue = queue.SimpleQueue()
@@ -255,11 +262,13 @@ def build_app(ui: WebUI):
                        concurrency_id="mist-preview")
         artwork.clear(on_artwork_cleared, None, [editor, status], **quiet)
         run.click(on_start, [language], [status, run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
-            .then(on_run, [source, artwork, editor, files, *controls, language],
+            .then(on_run, [source, artwork, editor, files, language, *controls],
                   [status, original, protected, perturbation, gallery, downloads, results],
                   concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
             .then(on_done, None, [artwork, editor, files, run], **quiet)
         cancel.click(on_cancel, [language], [status], **quiet)
+        method.change(lambda name: [gr.update(visible=name in shared[param][1]) for param in params], [method],
+                      list(params.values()), **quiet)
         gallery.select(on_select, [results], [original, protected, perturbation], **quiet)
         language.change(lambda lang: ui.banner(lang), [language], [banner], js=SET_GRADIO_LOCALE, **quiet)
         demo.load(on_load, None, [language, banner], **quiet)
@@ -267,6 +276,41 @@ def build_app(ui: WebUI):
     demo.queue(default_concurrency_limit=1)
     demo.mist_i18n = i18n
     return demo
+
+
+def method_labels() -> tuple[dict[str, str], dict[str, str]]:
+    """The page's labels of the methods and their parameters (from their declarations), in English and Chinese:
+    `method_<name>`, `param_<name>`, `param_<name>_info` and `param_<name>_<choice>`."""
+    english: dict[str, str] = {}
+    chinese: dict[str, str] = {}
+    for method in list_methods():
+        english[f"method_{method.name}"] = method.title
+        chinese[f"method_{method.name}"] = method.title_zh or method.title
+        for spec in param_specs(method.Params):
+            english.setdefault(f"param_{spec.name}", spec.label)
+            chinese.setdefault(f"param_{spec.name}", spec.label_zh)
+            english.setdefault(f"param_{spec.name}_info", spec.help)
+            chinese.setdefault(f"param_{spec.name}_info", spec.help_zh)
+            for choice in spec.choices or ():
+                english.setdefault(f"param_{spec.name}_{choice}", spec.choice_labels.get(choice, str(choice)))
+                chinese.setdefault(f"param_{spec.name}_{choice}", spec.choice_labels_zh.get(choice, str(choice)))
+    return english, chinese
+
+
+def param_control(gr, label, spec, users: list[str], method: str):
+    """The control of one method parameter (elem_id mist-<name>), shown while a method that takes it is chosen.
+    File parameters have none: the page offers no upload for them (the command line and the API take them)."""
+    common = dict(label=label(f"param_{spec.name}"), info=label(f"param_{spec.name}_info"), value=spec.default,
+                  elem_id="mist-" + spec.name.replace("_", "-"), visible=method in users)
+    if spec.kind == "bool":
+        return gr.Checkbox(**common)
+    if spec.kind == "choice":
+        return gr.Radio([(label(f"param_{spec.name}_{c}"), c) for c in spec.choices], **common)
+    if spec.slider or (spec.low is not None and spec.high is not None):
+        fine = 1 if spec.kind == "int" else (spec.high - spec.low) / 100
+        low, high, step = spec.slider or (spec.low, spec.high, fine)
+        return gr.Slider(low, high, step=step, **common)
+    return gr.Number(precision=0 if spec.kind == "int" else None, **common)
 
 
 def _session(request: Any) -> str | None:
@@ -316,7 +360,9 @@ def main(args) -> int:
     uploads = root / "uploads"
     gradio_temp = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # read by gradio when the page is built (gradio is imported then)
-    ui = WebUI(Engine(args.model, args.device, args.low_memory), root / "jobs", args.max_upload_mb,
+    from .jobs import ModelCache
+
+    ui = WebUI(ModelCache(args.model, args.device, args.low_memory), root / "jobs", args.max_upload_mb,
                upload_root=uploads, served_to_others=bool(args.listen or args.share))
     previous = None
     if threading.current_thread() is threading.main_thread():  # `kill`, systemd stop: leave no files behind

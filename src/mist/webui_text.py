@@ -51,13 +51,9 @@ EN: dict[str, str] = {
     "size_info": (
         "Mist works on the image at this size (a square, or the shorter side with aspect kept). Larger is slower."
     ),
-    "mode": "Mode",
-    "mode_info": "Textural pulls the image toward a target pattern; semantic confuses the denoiser; fused does both.",
-    "mode_textural": "Textural",
-    "mode_semantic": "Semantic",
-    "mode_fused": "Fused",
-    "fused_weight": "Balance of the two methods (fused weight)",
-    "fused_weight_info": "Fused mode only: higher gives the semantic part more weight (it counts 10^(w+3) times).",
+    "method": "Method",
+    "method_info": "How the protection is computed. Mist v1.2 is the default; the others are its successors and "
+                   "rivals.",
     "low_vram": "Use less GPU memory (low-VRAM mode)",
     "low_vram_info": "Protect the image as 2 x 2 tiles: much less GPU memory (the original's block_num 2).",
     "no_resize": "Keep the aspect while processing (no-resize mode)",
@@ -69,11 +65,6 @@ EN: dict[str, str] = {
     "precision": "Arithmetic precision",
     "precision_info": (
         "Network arithmetic (losses stay 32-bit). auto: bf16 where it is fast, else fp32; fp16 needs a CUDA GPU."
-    ),
-    "fast": "Fast mode (a different, faster method)",
-    "fast_info": (
-        "Score-distillation approximation of the semantic gradient (Xue et al., ICLR 2024): about twice as fast, "
-        "but not Mist's exact method."
     ),
     "run": "Protect",
     "cancel": "Cancel",
@@ -143,13 +134,8 @@ ZH: dict[str, str] = {
     "original_size_info": "保护后的图片与作品的宽、高和比例相同。关闭时输出为下方处理尺寸的正方形，与原版 Mist 相同。",
     "size": "处理尺寸",
     "size_info": "Mist 在此尺寸下处理图片（正方形，或保持比例时的短边长度）。尺寸越大越慢。",
-    "mode": "模式",
-    "mode_info": "纹理：把图片拉向目标图案；语义：干扰扩散模型的去噪；融合：两者兼顾。",
-    "mode_textural": "纹理",
-    "mode_semantic": "语义",
-    "mode_fused": "融合",
-    "fused_weight": "两种方法的平衡（融合权重）",
-    "fused_weight_info": "仅用于融合模式：数值越大，语义部分的权重越高（为 10^(w+3) 倍）。",
+    "method": "方法",
+    "method_info": "保护的计算方式。默认为 Mist v1.2，其余为其后继与同类方法。",
     "low_vram": "减少显存占用（低显存模式）",
     "low_vram_info": "把图片分成 2 x 2 块分别处理，显存占用大大减少（即原版的 block_num 2）。",
     "no_resize": "处理时保持比例（不缩放模式）",
@@ -160,8 +146,6 @@ ZH: dict[str, str] = {
     "precision_info": (
         "网络的运算精度（损失始终为 32 位）。auto：在支持的硬件上用 bf16，否则用 fp32；fp16 需要 CUDA 显卡。"
     ),
-    "fast": "快速模式（另一种更快的方法）",
-    "fast_info": "用分数蒸馏近似计算语义梯度（Xue 等，ICLR 2024）：速度约快一倍，但不是 Mist 的原始精确方法。",
     "run": "开始保护",
     "cancel": "取消",
     "original": "原图（处理尺寸）",

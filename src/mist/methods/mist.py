@@ -29,19 +29,25 @@ MODE_CODES = {0: "semantic", 1: "textural", 2: "fused"}
 class MistParams(MethodParams):
     mode: str = param("fused", "textural pulls toward the target pattern; semantic confuses the denoiser; fused: both",
                       choices=MODES, label="Mode", label_zh="模式",
+                      choice_labels={"textural": "Textural", "semantic": "Semantic", "fused": "Fused"},
+                      choice_labels_zh={"textural": "纹理", "semantic": "语义", "fused": "融合"},
                       help_zh="纹理：把图片拉向目标图案；语义：干扰扩散模型的去噪；融合：两者兼顾")
     fused_weight: float = param(1.0, "fused mode: the semantic loss counts 10**(w+3) times", short="-w", low=-3,
-                                high=10, label="Fused weight", label_zh="融合权重",
-                                help_zh="仅用于融合模式：语义损失的权重为 10^(w+3)")
+                                high=10, slider=(0, 5, 0.1), advanced=True,
+                                label="Balance of the two methods (fused weight)",
+                                label_zh="两种方法的平衡（融合权重）",
+                                help_zh="仅用于融合模式：数值越大，语义部分的权重越高（为 10^(w+3) 倍）")
     fast: bool = param(False, "score-distillation semantic gradient (Xue et al. 2024): the UNet runs forward only, "
                               "about twice as fast; a different method from Mist's exact one",
-                       label="Fast mode", label_zh="快速模式",
+                       advanced=True, label="Fast mode (a different, faster method)",
+                       label_zh="快速模式（另一种更快的方法）",
                        help_zh="用分数蒸馏近似计算语义梯度（Xue 等，ICLR 2024）：约快一倍，但不是 Mist 的原始精确方法")
     target: Path | None = param(None, "target pattern image for the textural loss (default: Mist's own)", file=True,
                                 label="Target pattern", label_zh="目标图案",
                                 help_zh="纹理损失的目标图案（默认：Mist 自带的）")
     object_prompt: bool = param(False, 'the images show an object: condition on "a photo" instead of "a painting"',
-                                flag="--object", label="Object (not a style)", label_zh="物体（而非画风）",
+                                flag="--object", advanced=True, label="The image shows an object, not a style",
+                                label_zh="图片内容是物体（而非画风）",
                                 help_zh="图片内容是物体：用“a photo”代替“a painting”作为提示词")
 
     @property

@@ -75,37 +75,50 @@ class StableDiffusion:
     uses, and where it came from.
 
     The text encoder runs once, when the model is assembled, for "a painting" and "a photo"; it is then dropped, which
-    saves its 123M parameters for the whole run. `source` names the file or folder (or `tiny-random`);
-    `random_weights` is true for the test model, whose outputs protect nothing.
+    saves its 123M parameters for the whole run. A model loaded for methods that need only the encoder has no UNet
+    (None) and no embeddings (see `parts`). `source` names the file or folder (or `tiny-random`); `random_weights` is
+    true for the test model, whose outputs protect nothing.
     """
 
     arch: Architecture
     encoder: nn.Module
-    unet: nn.Module
-    text_embeddings: dict[str, torch.Tensor]  # prompt -> (1, 77, D) float32 on the CPU
+    unet: nn.Module | None
+    text_embeddings: dict[str, torch.Tensor]  # prompt -> (1, 77, D) float32 on the CPU; empty without a text encoder
     source: str
     random_weights: bool = False
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
     memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
 
     @classmethod
-    def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module, text_encoder: nn.Module, source: str,
-                 random_weights: bool = False) -> StableDiffusion:
-        """Freeze the networks and embed the prompts; `text_encoder` is not kept."""
-        text_encoder.eval().requires_grad_(False)
-        with torch.no_grad():
-            embeddings = {p: text_encoder(tokenize(p)).last_hidden_state.float() for p in PROMPTS}
+    def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module | None, text_encoder: nn.Module | None,
+                 source: str, random_weights: bool = False) -> StableDiffusion:
+        """Freeze the networks and embed the prompts; `text_encoder` is not kept. None: a part not loaded."""
+        embeddings = {}
+        if text_encoder is not None:
+            text_encoder.eval().requires_grad_(False)
+            with torch.no_grad():
+                embeddings = {p: text_encoder(tokenize(p)).last_hidden_state.float() for p in PROMPTS}
         for module in (encoder, unet):
-            module.eval().requires_grad_(False)
+            if module is not None:
+                module.eval().requires_grad_(False)
         return cls(arch, encoder, unet, embeddings, source, random_weights)
 
     @property
+    def parts(self) -> frozenset[str]:
+        """The parts loaded ("encoder", and "unet", "text_encoder" when they were asked for)."""
+        return frozenset({"encoder"} | ({"unet"} if self.unet is not None else set())
+                         | ({"text_encoder"} if self.text_embeddings else set()))
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.encoder.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.encoder.parameters()).dtype
+
+    def _networks(self) -> list[nn.Module]:
+        return [module for module in (self.encoder, self.unet) if module is not None]
 
     def placed(self, device: torch.device | str, dtype: torch.dtype | None = None, *,
                in_place: bool = False) -> StableDiffusion:
@@ -124,7 +137,7 @@ class StableDiffusion:
             raise ValueError(f"precision: this model's weights are {self.dtype}; load it again to run in {dtype}")
         layout = memory_format_for(dtype)
         if in_place:
-            for module in (self.encoder, self.unet):
+            for module in self._networks():
                 if dtype != self.dtype:  # diffusers warns on every cast, even to the same type
                     module.to(dtype=dtype)
                 module.to(device=device, memory_format=layout)
@@ -141,7 +154,7 @@ class StableDiffusion:
         # deepcopy takes each tensor from `memo` when it is there: the module objects are copied, the weights that
         # need no conversion are shared, and no full-size copy in the old type is ever made.
         memo: dict[int, object] = {}
-        for module in (self.encoder, self.unet):
+        for module in self._networks():
             for parameter in module.parameters():
                 moved = convert(parameter)
                 memo[id(parameter)] = parameter if moved is parameter else nn.Parameter(moved, requires_grad=False)
@@ -154,9 +167,9 @@ class StableDiffusion:
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass instead of keeping them: the encoder per down block, the UNet
         per block. Costs about one more forward pass; saves most activation memory."""
-        if enabled:
+        if self.unet is not None and enabled:
             self.unet.enable_gradient_checkpointing()
-        else:
+        elif self.unet is not None:
             self.unet.disable_gradient_checkpointing()
         self.encoder.encoder.gradient_checkpointing = enabled
         self.encoder.encoder._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
@@ -179,9 +192,13 @@ class StableDiffusion:
 
     def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction eps_theta(z_t, t, c)."""
+        if self.unet is None:
+            raise ValueError("this model was loaded without its UNet (the method declared it does not need it)")
         latent = noisy_latent.to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.unet(latent, timesteps, encoder_hidden_states=text.to(self.dtype)).sample
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """CLIP's last hidden state for "a painting" or "a photo", shape (1, 77, D), on the model's device."""
+        if prompt not in self.text_embeddings:
+            raise ValueError(f"this model has no embedding of {prompt!r} (loaded without its text encoder?)")
         return self.text_embeddings[prompt].to(self.device)

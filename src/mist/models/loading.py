@@ -24,8 +24,11 @@ _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
 _TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
-# Only these parts of a checkpoint are read: the VAE decoder, EMA copies and optimiser state are never needed.
-_WANTED = (_UNET, _VAE + "encoder.", _VAE + "quant_conv.", _TEXT, _SD2_TEXT)
+# The key prefixes of each model part a method can ask for; the VAE decoder, EMA copies and optimiser state are never
+# read, and a part no method of the run needs is not read either (the UNet is 3.4 GB in float32).
+_PART_PREFIXES = {"encoder": (_VAE + "encoder.", _VAE + "quant_conv."), "unet": (_UNET,), "text_encoder": (_TEXT,)}
+_FIRST_CONV = _UNET + "input_blocks.0.0.weight"  # read whatever the parts: the layout check needs its shape
+ALL_PARTS = frozenset(_PART_PREFIXES)
 # Parts of the error `torch.load(weights_only=True)` raises for a pickle it refuses (PyTorch 2.5 to 2.13 wording).
 _PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:Please use|\n\n|$)", re.S)
@@ -59,8 +62,9 @@ def _checkpoint_metadata_globals() -> list:
     return allowed
 
 
-def build_random(arch: Architecture = TINY, seed: int = 0) -> StableDiffusion:
-    """A randomly initialised model of `arch` (the tiny one by default), reproducible from `seed`. Protects nothing."""
+def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+    """A randomly initialised model of `arch` (the tiny one by default), reproducible from `seed` (the same weights
+    whatever `parts` keeps). Protects nothing."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -69,18 +73,20 @@ def build_random(arch: Architecture = TINY, seed: int = 0) -> StableDiffusion:
         unet = UNet2DConditionModel(**arch.unet)
         encoder = latent_encoder(arch)
         text = CLIPTextModel(CLIPTextConfig(**arch.text))
-    return StableDiffusion.assemble(arch, encoder, unet, text, source=arch.name, random_weights=True)
+    return StableDiffusion.assemble(arch, encoder, unet if "unet" in parts else None,
+                                    text if "text_encoder" in parts else None, source=arch.name, random_weights=True)
 
 
-def load_single_file(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
-    """Load an original-layout SD v1 checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`), NovelAI text keys included."""
+def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+    """Load an original-layout SD v1 checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`), NovelAI text keys included;
+    only `parts` (and the VAE encoder) are read."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    state = _read_original_state_dict(path)
-    _check_original_layout(path, state, arch)
-    unet, encoder, text = _empty_modules(arch)
+    state, keys = _read_original_state_dict(path, parts)
+    _check_original_layout(path, state, keys, arch)
+    unet, encoder, text = _empty_modules(arch, parts)
     try:
-        unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config))
+        unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
         vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
     except (KeyError, IndexError) as exc:  # the converters index the weights they expect directly
         raise ValueError(f"{path}: not a Stable Diffusion v1 model: weights missing ({exc})") from exc
@@ -88,7 +94,7 @@ def load_single_file(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
     return _assemble(path, arch, unet, encoder, text, unet_state, vae_state, text_state)
 
 
-def load_diffusers_folder(folder: Path) -> StableDiffusion:
+def load_diffusers_folder(folder: Path, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
     """Load a diffusers-format SD v1 folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot)."""
     configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
     scheduler = folder / "scheduler" / "scheduler_config.json"
@@ -107,35 +113,39 @@ def load_diffusers_folder(folder: Path) -> StableDiffusion:
         raise ValueError(f"{folder}: not a Stable Diffusion v1 model: {'; '.join(problems)}")
     arch = Architecture(name=folder.name, unet=unet_cfg, vae=configs["vae"], text=text_cfg,
                         latent_scale=configs["vae"].get("scaling_factor", 0.18215))
-    unet, encoder, text = _empty_modules(arch)
+    unet, encoder, text = _empty_modules(arch, parts)
     vae_state = _read_weights(folder / "vae", ("diffusion_pytorch_model",))
     return _assemble(
         folder, arch, unet, encoder, text,
-        _read_weights(folder / "unet", ("diffusion_pytorch_model",)),
+        _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
         {k: v for k, v in vae_state.items() if k.startswith(("encoder.", "quant_conv."))},
-        _read_weights(folder / "text_encoder", ("model", "pytorch_model")),
+        _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
     )
 
 
-def _empty_modules(arch: Architecture) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """Modules with unallocated weights (meta device), so building the 860M UNet costs neither time nor memory."""
+def _empty_modules(arch: Architecture, parts: frozenset[str]) -> tuple[nn.Module | None, nn.Module, nn.Module | None]:
+    """Modules with unallocated weights (meta device), so building the 860M UNet costs neither time nor memory; None
+    for a part not in `parts` (the encoder is always built)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(arch.unet)
+        unet = UNet2DConditionModel.from_config(arch.unet) if "unet" in parts else None
         encoder = latent_encoder(arch)
     # The text encoder is built for real: it is small, and some transformers versions give it non-persistent buffers
     # (position ids) that no checkpoint holds and that would stay unallocated on the meta device.
-    text = CLIPTextModel(CLIPTextConfig(**arch.text))
+    text = CLIPTextModel(CLIPTextConfig(**arch.text)) if "text_encoder" in parts else None
     return unet, encoder, text
 
 
-def _assemble(source: Path, arch: Architecture, unet: nn.Module, encoder: nn.Module, text: nn.Module,
+def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder: nn.Module, text: nn.Module | None,
               unet_state: dict, vae_state: dict, text_state: dict) -> StableDiffusion:
-    text_state = _match_text_level(text_state, text)
+    if text is not None:
+        text_state = _match_text_level(text_state, text)
     for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
                                 ("text encoder", text, text_state)):
+        if module is None:
+            continue
         expected = set(module.state_dict())
         missing = sorted(k for k in expected if state.get(k) is None)  # converters fill gaps with None
         if missing:
@@ -162,13 +172,21 @@ def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[s
     return renamed
 
 
-def _read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of `parts` (the VAE encoder always) with the UNet weights the layout check reads, and every key
+    name of the checkpoint."""
+    prefixes = tuple(prefix for part in parts | {"encoder"} for prefix in _PART_PREFIXES[part])
+
+    def wanted(key: str, keys: list[str]) -> bool:
+        return key.startswith(prefixes) or key == _FIRST_CONV or key == _first_cross_attention(keys)
+
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
-                return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(_WANTED)}
+                keys = list(handle.keys())
+                return {k: handle.get_tensor(k) for k in keys if wanted(k, keys)}, keys
         with torch.serialization.safe_globals(_checkpoint_metadata_globals()):
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -182,8 +200,13 @@ def _read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: cannot read as a checkpoint: it holds no state dict")
-    return {k: v for k, v in checkpoint.items() if isinstance(k, str) and k.startswith(_WANTED)
-            and isinstance(v, torch.Tensor)}
+    keys = [k for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    return {k: checkpoint[k] for k in keys if wanted(k, keys)}, keys
+
+
+def _first_cross_attention(keys: list[str]) -> str | None:
+    """The first (sorted) UNet cross-attention key weight: its width tells SD v1 (768) from other models."""
+    return min((k for k in keys if k.startswith(_UNET) and k.endswith("attn2.to_k.weight")), default=None)
 
 
 def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
@@ -204,12 +227,11 @@ def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
     return ValueError(f"{path}: {problem}: {detail[:200]}")
 
 
-def _check_original_layout(path: Path, state: dict[str, torch.Tensor], arch: Architecture) -> None:
-    keys = list(state)
+def _check_original_layout(path: Path, state: dict[str, torch.Tensor], keys: list[str], arch: Architecture) -> None:
     if any(k.startswith(_SD2_TEXT) for k in keys):
         raise ValueError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); Mist needs SD v1")
-    cross = next((state[k] for k in sorted(keys) if k.startswith(_UNET) and k.endswith("attn2.to_k.weight")), None)
-    first = state.get(_UNET + "input_blocks.0.0.weight")
+    cross = state.get(_first_cross_attention(keys) or "")
+    first = state.get(_FIRST_CONV)
     if cross is None or first is None or not any(k.startswith(_TEXT) for k in keys):
         raise ValueError(f"{path}: not a Stable Diffusion v1 checkpoint (its UNet or text encoder weights are missing;"
                          " SDXL and other models are not supported)")
@@ -248,12 +270,13 @@ def _read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tenso
     raise ValueError(f"{folder}: no weights file found (looked for {stems[0]}.safetensors and .bin)")
 
 
-def load_path(path: Path, arch: Architecture = SD_V1) -> StableDiffusion:
-    """Load whatever SD v1 model `path` holds: a diffusers folder or a single checkpoint file."""
+def load_path(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+    """Load whatever SD v1 model `path` holds, its VAE encoder and `parts`: a diffusers folder or a single checkpoint
+    file."""
     if path.is_dir():
-        model = load_diffusers_folder(path)
+        model = load_diffusers_folder(path, parts)
     elif path.is_file():
-        model = load_single_file(path, arch)
+        model = load_single_file(path, arch, parts)
     else:
         raise ValueError(f"{path}: no such model file or folder")
     log.info("loaded %s", path)
