@@ -140,8 +140,8 @@ class Protector:
         self.model.set_gradient_checkpointing(self.low_memory)
         method = get_method(config.method)
         if not method.parts <= self.model.parts:
-            raise ValueError(f"method: {method.name} needs the model's {', '.join(sorted(method.parts - model.parts))}, "
-                             "which this model was loaded without")
+            missing = ", ".join(sorted(method.parts - model.parts))
+            raise ValueError(f"method: {method.name} needs the model's {missing}, which this model was loaded without")
         self.method = method(config.params, self.model, self.precision)
         self.target = self.method.target_image()
 

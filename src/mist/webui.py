@@ -2,9 +2,10 @@
 
 `mist webui` (or `python mist-webui.py`) serves the page on http://127.0.0.1:7860. The page only builds a
 `ProtectConfig` (the method and its parameters included) and hands the uploads to the job runner the command line
-uses (`mist.jobs.run_jobs`): the same checks of each file, the same model cache, the same outputs and metadata. The handlers are plain functions
-(`run_job`, `artwork_upload`, `file_uploads`, `Settings.config`, the methods of `WebUI`) that the tests call without a
-browser. Importing this module loads no model and imports no gradio: the model is loaded on the first job (then kept).
+uses (`mist.jobs.run_jobs`): the same checks of each file, the same model cache, the same outputs and metadata. The
+handlers are plain functions (`run_job`, `artwork_upload`, `file_uploads`, `Settings.config`, the methods of `WebUI`)
+that the tests call without a browser. Importing this module loads no model and imports no gradio: the model is loaded
+on the first job (then kept).
 
 The one-image tab takes the artwork as a file (its bytes as they are, so anything the command line reads works and a
 large JPEG is not re-encoded by the browser into a PNG many times larger); the editor only shows a preview of it to
