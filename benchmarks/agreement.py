@@ -24,19 +24,12 @@ from bench import build_full_size_model, machine  # noqa: E402
 
 from mist import images  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
-from mist.objectives import MistObjective, target_latent  # noqa: E402
 from mist.pipeline import Protector  # noqa: E402
 
 
-def gradient(protector: Protector, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+def gradient(protector: Protector, x: torch.Tensor) -> torch.Tensor:
     """d objective / d x at x, with fixed random draws."""
-    c = protector.config
-    target = None
-    if c.mode != "semantic":
-        y = images.image_to_tensor(protector.target, (x.shape[3], x.shape[2]))
-        target = target_latent(protector.model, y, [torch.Generator().manual_seed(0)], protector.precision)
-    objective = MistObjective(protector.model, c.mode, c.semantic_weight, target, protector.text,
-                              protector.precision, fast)
+    objective = protector.loss_for(x, seed=0)
     x = x.clone().requires_grad_(True)
     objective(x, [torch.Generator().manual_seed(1)]).objective.sum().backward()
     return x.grad
@@ -53,7 +46,7 @@ def main() -> int:
     model = build_full_size_model(torch.float32)  # each Protector places its own copy; this one stays float32
 
     def protector(precision: str, **settings) -> Protector:
-        config = ProtectConfig(precision=precision, input_size=args.size, steps=args.steps, **settings)
+        config = ProtectConfig.of(precision=precision, input_size=args.size, steps=args.steps, **settings)
         return Protector(model, config)
 
     lines = [f"Machine: {machine()}  ", f"Command: `python benchmarks/agreement.py {' '.join(sys.argv[1:])}`\n",
@@ -62,7 +55,7 @@ def main() -> int:
         reference = gradient(protector("fp32", mode=mode), x).sign()
         bf16 = (gradient(protector("bf16", mode=mode), x).sign() == reference).float().mean().item()
         fast = "n/a" if mode == "textural" else \
-            f"{(gradient(protector('fp32', mode=mode), x, fast=True).sign() == reference).float().mean().item():.4f}"
+            f"{(gradient(protector('fp32', mode=mode, fast=True), x).sign() == reference).float().mean().item():.4f}"
         lines.append(f"| {mode} | {bf16:.4f} | {fast} |")
         print(lines[-1], flush=True)
     lines += ["", f"Fused mode, {args.steps} steps, same image and seed (losses summed over the image, at the first "
@@ -74,8 +67,8 @@ def main() -> int:
         started = time.perf_counter()
         result = protector(precision, fast=fast).protect(picture)
         seconds = (time.perf_counter() - started) / args.steps
-        lines.append(f"| {name} | {result.textural_start:.2f} | {result.textural_end:.2f} | "
-                     f"{result.semantic_start:.5f} | {result.semantic_end:.5f} | {seconds:.1f} |")
+        lines.append(f"| {name} | {result.start['textural']:.2f} | {result.end['textural']:.2f} | "
+                     f"{result.start['semantic']:.5f} | {result.end['semantic']:.5f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
     return 0

@@ -28,7 +28,8 @@ from bench import build_full_size_model, machine  # noqa: E402
 
 from mist import images  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
-from mist.objectives import MistObjective, target_latent  # noqa: E402
+from mist.methods import TileInputs  # noqa: E402
+from mist.methods.mist import Mist  # noqa: E402
 from mist.pipeline import default_target  # noqa: E402
 
 LAYOUTS = ("contiguous", "channels-last")
@@ -36,10 +37,8 @@ LAYOUTS = ("contiguous", "channels-last")
 
 def gradient(model, x: torch.Tensor) -> torch.Tensor:
     """The fused objective's gradient at x, with the same random draws every time."""
-    target = target_latent(model, images.image_to_tensor(default_target(), (x.shape[3], x.shape[2])),
-                           [torch.Generator().manual_seed(2)])
-    objective = MistObjective(model, "fused", ProtectConfig().semantic_weight, target,
-                              model.text_embedding("a painting"))
+    y = images.image_to_tensor(default_target(), (x.shape[3], x.shape[2]))
+    objective = Mist(ProtectConfig().params, model, "fp32").prepare([TileInputs(x, y, seed=lambda stream: 2)])
     x = x.clone().requires_grad_(True)
     objective(x, [torch.Generator().manual_seed(1)]).objective.sum().backward()
     return x.grad.double()

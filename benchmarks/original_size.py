@@ -33,7 +33,6 @@ from bench import build_full_size_model, machine  # noqa: E402
 from mist import images  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
 from mist.models.loading import build_random  # noqa: E402
-from mist.objectives import MistObjective, target_latent  # noqa: E402
 from mist.pipeline import Protector  # noqa: E402
 
 PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vangogh"
@@ -49,22 +48,20 @@ def painting(path: Path | None, size: tuple[int, int]) -> Image.Image:
     return picture.resize(size, Image.Resampling.LANCZOS)
 
 
-def scores(protector: Protector, picture: Image.Image, draws: int) -> dict[str, float]:
-    """Textural loss, semantic loss and the config mode's objective of an 8-bit image at its own size, each the mean
+def scores(protector: Protector, picture: Image.Image, draws: int, mode: str) -> dict[str, float]:
+    """Textural loss, semantic loss and `mode`'s objective of an 8-bit image at its own size, each the mean
     over `draws` fixed random draws (posterior sample, t, noise): the same draws for every image scored."""
-    c, model = protector.config, protector.model
-    x = images.image_to_tensor(picture, picture.size).to(protector.device)
-    y = images.image_to_tensor(protector.target, picture.size).to(protector.device)
-    target = target_latent(model, y, [torch.Generator().manual_seed(0)], protector.precision)
-    both = MistObjective(model, "fused", c.semantic_weight, target, model.text_embedding(c.prompt), protector.precision)
+    c = protector.config.params
+    x = images.image_to_tensor(picture, picture.size)
+    both = protector.loss_for(x, seed=0)  # a fused scorer: both losses, whatever the mode scored
     textural = semantic = 0.0
     with torch.no_grad():
         for draw in range(draws):
-            terms = both(x, [torch.Generator().manual_seed(1000 + draw)])
-            textural += terms.textural.item() / draws
-            semantic += terms.semantic.item() / draws
+            terms = both(x.to(protector.device), [torch.Generator().manual_seed(1000 + draw)]).terms
+            textural += terms["textural"].item() / draws
+            semantic += terms["semantic"].item() / draws
     objective = {"textural": textural, "semantic": -semantic, "fused": textural - c.semantic_weight * semantic}
-    return {"textural": textural, "semantic": semantic, "objective": objective[c.mode]}
+    return {"textural": textural, "semantic": semantic, "objective": objective[mode]}
 
 
 def main() -> int:
@@ -96,19 +93,20 @@ def main() -> int:
         settings = dict(mode=mode, input_size=args.input_size, steps=args.steps, epsilon=args.epsilon,
                         precision="fp32")
         started = time.perf_counter()
-        at_processing = Protector(model, ProtectConfig(keep_aspect=True, **settings)).protect(picture)
-        noise_only = Protector(model, ProtectConfig(keep_aspect=True, **{**settings, "steps": 0})).protect(picture)
-        at_original = Protector(model, ProtectConfig(original_size=True, **settings)).protect(picture)
+        at_processing = Protector(model, ProtectConfig.of(keep_aspect=True, **settings)).protect(picture)
+        noise_only = Protector(model, ProtectConfig.of(keep_aspect=True, **{**settings, "steps": 0})).protect(picture)
+        at_original = Protector(model, ProtectConfig.of(original_size=True, **settings)).protect(picture)
         seconds = time.perf_counter() - started
         size = at_processing.size
-        scorer = Protector(model, ProtectConfig(**settings))
-        clean = scores(scorer, picture.resize(size, Image.Resampling.BICUBIC), args.draws)
-        rows = {"(a) computed at the processing size": (scores(scorer, at_processing.image, args.draws), clean),
-                "(0) its random start alone (0 steps)": (scores(scorer, noise_only.image, args.draws), clean)}
+        scorer = Protector(model, ProtectConfig.of(**{**settings, "mode": "fused"}))
+        clean = scores(scorer, picture.resize(size, Image.Resampling.BICUBIC), args.draws, mode)
+        rows = {"(a) computed at the processing size": (scores(scorer, at_processing.image, args.draws, mode), clean),
+                "(0) its random start alone (0 steps)": (scores(scorer, noise_only.image, args.draws, mode), clean)}
         for name, resample in FILTERS.items():
-            clean_here = clean if name == "bicubic" else scores(scorer, picture.resize(size, resample), args.draws)
+            resized = picture.resize(size, resample)
+            clean_here = clean if name == "bicubic" else scores(scorer, resized, args.draws, mode)
             shrunk = at_original.image.resize(size, resample)
-            rows[f"(b) original size, shrunk ({name})"] = (scores(scorer, shrunk, args.draws), clean_here)
+            rows[f"(b) original size, shrunk ({name})"] = (scores(scorer, shrunk, args.draws, mode), clean_here)
         reference = None
         for label, (values, base) in rows.items():
             textural_gain = base["textural"] - values["textural"]  # lower is the aim

@@ -28,7 +28,7 @@ from . import images
 from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
 from .device import default_low_memory, resolve_precision
-from .methods import TileInputs, get_method
+from .methods import Loss, TileInputs, get_method
 from .models import StableDiffusion
 from .objectives import PRECISION_DTYPES
 
@@ -152,6 +152,15 @@ class Protector:
 
     def processed_size(self, image: Image.Image) -> tuple[int, int]:
         return self.config.processed_size(image.width, image.height)
+
+    def loss_for(self, x: torch.Tensor, seed: int = 0) -> Loss:
+        """The method's loss for scoring the images `x` (N, 3, H, W) in [-1, 1] whole, at their own size (the target
+        image resized to it), with its prepare-time draws (such as the target's posterior sample) seeded from `seed`:
+        for measuring images (benchmarks, evaluation), not for protecting them."""
+        target = None if self.target is None else images.image_to_tensor(self.target, (x.shape[3], x.shape[2]))
+        return self.method.prepare([
+            TileInputs(clean=x[i : i + 1].to(self.device), target=None if target is None else target.to(self.device),
+                       seed=lambda stream: seed) for i in range(x.shape[0])])
 
     def protect(self, image: Image.Image, mask: Image.Image | None = None,
                 callback: Callable[[Progress], None] | None = None) -> ProtectedImage:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from .base import PARTS, LossTerms, Method, MethodParams, ParamSpec, TileInputs, param, param_specs
+from .base import PARTS, Loss, LossTerms, Method, MethodParams, ParamSpec, TileInputs, param, param_specs
 
-__all__ = ["DEFAULT_METHOD", "LossTerms", "Method", "MethodParams", "ParamSpec", "TileInputs", "get_method",
+__all__ = ["DEFAULT_METHOD", "Loss", "LossTerms", "Method", "MethodParams", "ParamSpec", "TileInputs", "get_method",
            "list_methods", "param", "param_specs", "register_method", "shared_params"]
 
 DEFAULT_METHOD = "mist"
