@@ -90,9 +90,9 @@ def loads(monkeypatch) -> list[object]:
     seen: list[object] = []
     original = mist.models.load_model
 
-    def counting(where):
+    def counting(where, **options):
         seen.append(where)
-        return original(where)
+        return original(where, **options)
 
     monkeypatch.setattr(mist.models, "load_model", counting)
     return seen
@@ -412,6 +412,20 @@ def test_resume_tells_models_by_checksum_not_by_name(tmp_path, tiny_model, model
     assert _run(tmp_path, tiny_model, ModelIdentity(first)).skipped == [tmp_path / "a.png"]
     with pytest.raises(AssertionError, match="was made with another model"):
         _run(tmp_path, tiny_model, ModelIdentity(second))
+
+
+def test_resume_compares_the_precision_auto_resolved_to(tmp_path, tiny_model, monkeypatch):
+    """`--precision auto` is bf16 on a CPU with native bf16 and fp32 on one without: the outputs differ, so an output
+    made on one is not taken as this run's on the other."""
+    from mist import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))
+    assert png_text(tmp_path / "out" / "a.png")["mist:precision"] == "bf16"
+    assert _run(tmp_path, tiny_model, ModelIdentity("tiny-random")).skipped == [tmp_path / "a.png"]
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(AssertionError, match=r"was made in bf16 arithmetic \(this run: fp32\)"):
+        _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))
 
 
 def test_the_cached_model_checksum_is_used(tmp_path, tiny_model, model_files):

@@ -303,6 +303,11 @@ def test_doctor_and_protect_say_loudly_that_the_gpu_is_unused(capsys, monkeypatc
     assert code == 1 and "cuda: an NVIDIA GPU is present but PyTorch cannot use it" in out and "problem" in out
     code, _, err = _run(capsys, "protect", _images(tmp_path / "in", 1), "-o", tmp_path / "out", *FAST, "-q")
     assert code == 0 and "WARNING: an NVIDIA GPU is present" in err and "built for CUDA 12.8" in err
+    import mist.webui_app
+
+    monkeypatch.setattr(mist.webui_app, "main", lambda args: 0)  # the page itself is not served here
+    code, _, err = _run(capsys, "webui", "--model", "tiny-random")
+    assert code == 0 and "WARNING: an NVIDIA GPU is present" in err and "built for CUDA 12.8" in err
 
 
 # ------------------------------------------------------------------------- where a cloud install's files are found

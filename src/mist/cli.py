@@ -153,7 +153,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
     """
-    from .device import cuda_problem, resolve_precision
+    from .device import resolve_precision
     from .jobs import ModelCache, run_jobs
     from .reporting import ConsoleReporter
 
@@ -162,8 +162,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         device = models.device()
         resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
     models.where()  # a missing model is reported before any image is touched
-    if device.type != "cuda" and (problem := cuda_problem()):
-        print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
+    warn_if_the_gpu_is_unused(device)
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
     try:
@@ -177,6 +176,15 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         return EXIT_HANG_UP if hang_up else EXIT_INTERRUPTED
     reporter.finish(summary, time.perf_counter() - started)
     return 0 if summary.ok else EXIT_FAILED_IMAGES
+
+
+def warn_if_the_gpu_is_unused(device) -> None:
+    """Say loudly (stderr) when this machine has an NVIDIA GPU that PyTorch cannot use, and why, unless the run is on
+    CUDA anyway: on a rented GPU server that is the difference between minutes and hours."""
+    from .device import cuda_problem
+
+    if device.type != "cuda" and (problem := cuda_problem()):
+        print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,7 +412,8 @@ def webui_command(args: argparse.Namespace) -> int:
         check_device_name(args.device)
         from .device import pick_device
 
-        pick_device(args.device)  # a device this machine lacks is refused now, not at the first job
+        device = pick_device(args.device)  # a device this machine lacks is refused now, not at the first job
+    warn_if_the_gpu_is_unused(device)
     quiet_model_libraries()
     from .webui_app import main as webui_main
 

@@ -26,6 +26,7 @@ from PIL import Image
 from . import __version__, files, images, manifest, preflight
 from .attack import Cancelled
 from .config import ProtectConfig
+from .device import resolve_precision
 from .download import sha256_file
 from .model_identity import ModelIdentity
 from .pipeline import Progress, ProtectedImage, Protector
@@ -212,6 +213,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
         raise ValueError(f"metadata: must be one of {', '.join(manifest.METADATA_LEVELS)}, got {metadata!r}")
     summary = BatchSummary()
     model = models.identity()
+    precision = resolve_precision(config.precision, models.device())  # what "auto" means here: outputs record it
     masks: dict[Path | None, Image.Image | None] = {None: None}
     pending: list[_Pending] = []
     for job in jobs:
@@ -223,7 +225,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
         problem = _preflight(job, config)
         if problem is None:
             digest = sha256_file(job.source)
-            problem = _existing_output_problem(job, _resume_record(settings, model, digest), overwrite)
+            problem = _existing_output_problem(job, _resume_record(settings, model, digest, precision), overwrite)
             if problem == "":
                 summary.skipped.append(job.source)
                 reporter.image_skipped(job, f"already protected: {job.output}")
@@ -328,7 +330,7 @@ def _write_output(item: _Pending, result: ProtectedImage, protector: Protector, 
                            metadata=metadata)
     data = images.encode_png(result.image, text, str(job.output))
     if metadata == "minimal":
-        record = _resume_record(item.settings, model, item.digest)
+        record = _resume_record(item.settings, model, item.digest, protector.precision)
         manifest.write_record(job.output, hashlib.sha256(data).hexdigest(),
                               {key: value for key, value in record.items() if value is not None})
     files.write_atomic(job.output, data)
@@ -347,11 +349,12 @@ def _fail(summary: BatchSummary, reporter: Reporter, job: Job, message: str, sta
     reporter.image_failed(job, message, stage)
 
 
-def _resume_record(settings: str, model: ModelIdentity, source_sha256: str) -> dict[str, str | None]:
+def _resume_record(settings: str, model: ModelIdentity, source_sha256: str, precision: str) -> dict[str, str | None]:
     """What a complete output of this run records; None means "recorded as absent". A model with a SHA-256 is
-    known by it alone (a renamed file is the same model), one without by its name."""
+    known by it alone (a renamed file is the same model), one without by its name. The precision is the one the run
+    resolved (`--precision auto` is bf16 on one machine and fp32 on another, with other results)."""
     record = {"mist:version": __version__, "mist:settings": settings, "mist:source-sha256": source_sha256,
-              "mist:model-sha256": model.sha256}
+              "mist:model-sha256": model.sha256, "mist:precision": precision}
     if model.sha256 is None:
         record["mist:model"] = model.name
     return record
@@ -380,6 +383,9 @@ def _difference(existing: dict[str, str], wanted: dict[str, str | None]) -> str:
         return f"was made by Mist {existing.get('mist:version')} (this is Mist {wanted['mist:version']})"
     if existing.get("mist:source-sha256") != wanted["mist:source-sha256"]:
         return "was made from another file, or from an earlier version of this one"
+    if existing.get("mist:precision") != wanted["mist:precision"]:
+        return (f"was made in {existing.get('mist:precision', 'an unrecorded precision')} arithmetic (this run: "
+                f"{wanted['mist:precision']})")
     if existing.get("mist:settings") == wanted["mist:settings"]:
         return "was made with another model"
     try:
