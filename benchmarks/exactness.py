@@ -2,8 +2,9 @@
 
 For one image and fixed random draws it computes the fused gradient d(objective)/d(image) once in float64 (the
 reference), then in float32 with the convolution weights and inputs in each layout: contiguous (what `--precision
-fp32` uses) and channels-last (what the release used). For each: the gradient's relative L2 error against float64, the fraction of pixels whose sign differs
-from float64's, and the median seconds per gradient (one PGD step's work) after a warm-up.
+fp32` uses) and channels-last (what the release used). For each: the gradient's relative L2 error against float64,
+the fraction of pixels whose sign differs from float64's, and the median seconds per gradient (one PGD step's work)
+after a warm-up.
 
     python benchmarks/exactness.py --size 256 --repeats 2 [--image painting.png]
 
