@@ -52,7 +52,7 @@ class ConsoleReporter:
             self.steps.reset(total=progress.total)
             self.steps.update(progress.step - 1)
         self.steps.update(1)
-        self.steps.set_postfix({name[:4]: f"{value:.4g}" for name, value in progress.terms.items()}, refresh=False)
+        self.steps.set_postfix({name: f"{value:.4g}" for name, value in progress.terms.items()}, refresh=False)
 
     def _close_steps(self) -> None:
         if self.steps is not None:
