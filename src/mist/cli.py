@@ -20,6 +20,8 @@ from .config import PRECISIONS, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
 from .manifest import METADATA_LEVELS
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
+from .robust import DEFAULT_TRANSFORMS, TRANSFORMS
+from .shaping import SHAPES
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -33,6 +35,7 @@ RUN_FLAGS: dict[str, str] = {
     "method": "--method", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
     "input_size": "--input-size", "block_num": "--block-num", "mask": "--mask", "keep_aspect": "--no-resize",
     "seed": "--seed", "precision": "--precision", "device": "--device", "original_size": "--original-size",
+    "robust": "--robust", "eot_samples": "--eot-samples", "shape": "--shape",
 }
 
 
@@ -68,6 +71,15 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
                         "else fp32 (default: %(default)s)")
+    g.add_argument("--robust", nargs="?", const=",".join(DEFAULT_TRANSFORMS), default="", metavar="LIST",
+                   help="robust to purification: at every step average the loss over random transforms of the image, "
+                        f"a comma list of {', '.join(TRANSFORMS)}; --robust alone: {','.join(DEFAULT_TRANSFORMS)}. "
+                        "Costs --eot-samples times the time per step (default: off)")
+    g.add_argument("--eot-samples", type=int, default=d.eot_samples, metavar="K",
+                   help="with --robust: transforms drawn and averaged per step (default: %(default)s)")
+    g.add_argument("--shape", choices=SHAPES,
+                   help="blur: reshape the finished perturbation's spectrum like the image's, per region "
+                        "(after BlurGuard), within the same epsilon and mask (default: off)")
     methods = parser.add_argument_group(
         "methods", "; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in list_methods()))
     for spec, users in shared_params().values():
@@ -121,7 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         return ProtectConfig(
             method=method.name, params=params, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
             input_size=args.input_size, block_num=args.block_num, mask=args.mask, keep_aspect=args.no_resize,
-            seed=args.seed, precision=args.precision, original_size=args.original_size,
+            seed=args.seed, precision=args.precision, original_size=args.original_size, robust=args.robust,
+            eot_samples=args.eot_samples, shape=args.shape,
         )
 
 

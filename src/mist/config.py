@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from .methods import DEFAULT_METHOD, MethodParams, get_method
+from .robust import TRANSFORMS
+from .shaping import SHAPES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -38,6 +40,11 @@ class ProtectConfig:
     original_size: return the protected image at the input's own resolution and aspect. The perturbation is computed
         at the processing size with the aspect kept (as with keep_aspect), resized bicubic to the input's size, kept
         within epsilon and the mask there, and added to the input's own pixels.
+    robust: names of the random transforms (`mist.robust.TRANSFORMS`) the loss is averaged over at every PGD step
+        (expectation over transformation, any method); empty: off. A comma-separated string is split.
+    eot_samples: transforms drawn per step and image (only with robust).
+    shape: "blur" reshapes the finished perturbation's spectrum (`mist.shaping.shape_blur`), within epsilon and the
+        mask; None: off.
     """
 
     method: str = DEFAULT_METHOD
@@ -52,10 +59,15 @@ class ProtectConfig:
     seed: int = 23
     precision: Precision = "auto"
     original_size: bool = False
+    robust: tuple[str, ...] = ()
+    eot_samples: int = 1
+    shape: str | None = None
 
     def __post_init__(self) -> None:
         if self.mask is not None and not isinstance(self.mask, Path):
             object.__setattr__(self, "mask", Path(self.mask))
+        robust = self.robust.split(",") if isinstance(self.robust, str) else self.robust
+        object.__setattr__(self, "robust", tuple(name.strip() for name in robust if name.strip()))
         method = get_method(self.method)
         if not isinstance(self.params, method.Params):
             given = dict(self.params or {})
@@ -109,6 +121,17 @@ class ProtectConfig:
             yield f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
         if self.mask is not None and not self.mask.is_file():
             yield f"mask: {self.mask}: no such file"
+        for name in self.robust:
+            if name not in TRANSFORMS:
+                yield f"robust: unknown transform {name!r} (choose from {', '.join(TRANSFORMS)})"
+        if len(set(self.robust)) < len(self.robust):
+            yield f"robust: a transform is named twice in {','.join(self.robust)}"
+        if not _is_int(self.eot_samples) or self.eot_samples < 1:
+            yield f"eot_samples: must be a whole number >= 1, got {self.eot_samples!r}"
+        elif self.eot_samples > 1 and not self.robust:
+            yield "eot_samples: needs robust transforms to average over (e.g. jpeg,resize,blur)"
+        if self.shape is not None and self.shape not in SHAPES:
+            yield f"shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}"
 
     @property
     def aspect_kept(self) -> bool:
@@ -140,6 +163,9 @@ class ProtectConfig:
         """The settings as canonical JSON, the method's parameters beside the run's (paths as strings)."""
         values = {name: value for name, value in asdict(self).items() if name != "params"}
         values["mask"] = None if self.mask is None else str(self.mask)
+        if not self.robust and self.shape is None:  # as before these settings existed: earlier outputs still resume
+            for name in ("robust", "eot_samples", "shape"):
+                del values[name]
         values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
 

@@ -31,6 +31,8 @@ from .device import default_low_memory, resolve_precision
 from .methods import Loss, TileInputs, get_method
 from .models import StableDiffusion
 from .objectives import PRECISION_DTYPES
+from .robust import robust_loss
+from .shaping import shape_blur
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,9 @@ class Protector:
             TileInputs(clean=t.pixels.to(self.device), target=None if t.target is None else t.target.to(self.device),
                        seed=partial(t.seed, c.seed)) for t in batch])
         generators = [torch.Generator().manual_seed(t.seed(c.seed, "attack")) for t in batch]
+        if c.robust:  # the transforms draw from a stream of their own: the attack's draws stay as without robust
+            loss = robust_loss(loss, c.robust, c.eot_samples,
+                               [torch.Generator().manual_seed(t.seed(c.seed, "robust")) for t in batch])
         members = tuple(sorted({t.image for t in batch}))
 
         def on_step(info: StepInfo) -> None:
@@ -235,6 +240,8 @@ class Protector:
             out = masked_linf_pgd(x, loss, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
                                   mask=None if mask is None else mask.to(self.device), callback=on_step,
                                   loss_scale=self.method.loss_scale())
+        if c.shape == "blur":  # the step values reported above are those of the attack, before the shaping
+            out = shape_blur(x, out, c.radius, None if mask is None else mask.to(self.device))
         for position, tile in enumerate(batch):
             tile.result = out[position : position + 1].cpu()
 

@@ -1,0 +1,241 @@
+"""Robust protection: the random transforms, the expectation-over-transformation loss wrapper, the BlurGuard-style
+shaping, their settings and flags, and a run end to end on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mist import images
+from mist.cli import build_parser, config_from_args, main
+from mist.config import ProtectConfig
+from mist.methods import LossTerms
+from mist.pipeline import Protector
+from mist.robust import DEFAULT_TRANSFORMS, TRANSFORMS, _APPLY, jpeg_approx, robust_loss
+from mist.shaping import CELL, SIGMAS, shape_blur, shaped_perturbation
+
+
+def _image(painting, size: int = 64) -> torch.Tensor:
+    """The painting at size x size with some fine texture added (the stand-in painting, when ../shared is missing,
+    is a smooth ramp that a blur hardly changes)."""
+    x = images.image_to_tensor(painting.resize((size, size), Image.Resampling.BICUBIC), (size, size))
+    texture = torch.rand(x.shape, generator=torch.Generator().manual_seed(size)) - 0.5
+    return (x * 0.8 + texture * 0.3).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_a_transform_is_differentiable_keeps_shape_and_range_and_changes_the_image(name, painting):
+    x = _image(painting).requires_grad_(True)
+    y = _APPLY[name](x, torch.Generator().manual_seed(3))
+    (gradient,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert -1 <= y.min().item() and y.max().item() <= 1
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+    assert (y - x).abs().mean() > 1e-3  # it does transform
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_a_transform_is_reproducible_from_its_generator(name, painting):
+    x = _image(painting)
+    first = _APPLY[name](x, torch.Generator().manual_seed(5))
+    again = _APPLY[name](x, torch.Generator().manual_seed(5))
+    other = _APPLY[name](x, torch.Generator().manual_seed(6))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("quality", [50, 75, 95])
+def test_the_jpeg_approximation_is_close_to_pillows_jpeg(painting, quality):
+    picture = images.tensor_to_image(_image(painting))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=quality)
+    real = images.image_to_tensor(Image.open(buffer).convert("RGB"), picture.size)
+    x = images.image_to_tensor(picture, picture.size)
+    approx = jpeg_approx(x, quality)
+    # far closer to the real codec's output than to the input (on this project's machine about 5x at q75)
+    assert (approx - real).abs().mean() < 0.4 * (real - x).abs().mean()
+
+
+def test_the_jpeg_approximation_is_nearly_the_identity_at_quality_100_on_grey():
+    x = images.image_to_tensor(Image.effect_noise((48, 40), 40).convert("RGB"), (48, 40))  # odd size: padded
+    assert (jpeg_approx(x, 100) - x).abs().max() < 2 / 127.5  # under 2 levels
+    assert (jpeg_approx(x, 50) - x).abs().mean() > 4 * (jpeg_approx(x, 100) - x).abs().mean()
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+def _toy_loss(x: torch.Tensor, generators) -> LossTerms:
+    """A loss that also draws from the caller's generators, as a method's loss does."""
+    shift = torch.cat([torch.rand(1, generator=g) for g in generators]).to(x)
+    mean = x.flatten(1).mean(1)
+    return LossTerms(mean + shift, {"mean": mean, "square": (x**2).flatten(1).mean(1)})
+
+
+def test_the_wrapper_averages_the_objective_and_every_term_over_its_draws(painting):
+    x = torch.cat([_image(painting), -_image(painting).flip(-1)])
+    transforms, samples = ("jpeg", "noise", "crop"), 3
+    wrapped = robust_loss(_toy_loss, transforms, samples, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    got = wrapped(x, [torch.Generator().manual_seed(s) for s in (10, 20)])
+
+    streams = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    generators = [torch.Generator().manual_seed(s) for s in (10, 20)]
+    draws = []
+    for _ in range(samples):  # the documented order: per sample, per image: the transform, then its parameters
+        rows = []
+        for row, stream in enumerate(streams):
+            name = transforms[int(torch.randint(len(transforms), (), generator=stream))]
+            rows.append(_APPLY[name](x[row : row + 1], stream))
+        draws.append(_toy_loss(torch.cat(rows), generators))
+    assert torch.allclose(got.objective, sum(d.objective for d in draws) / samples, rtol=1e-6, atol=0)
+    for name in ("mean", "square"):
+        assert torch.allclose(got.terms[name], sum(d.terms[name] for d in draws) / samples, rtol=1e-6, atol=0)
+    assert not torch.allclose(got.terms["mean"], _toy_loss(x, generators).terms["mean"])
+
+
+def test_the_wrapper_passes_gradients_to_the_image(painting):
+    x = _image(painting).requires_grad_(True)
+    wrapped = robust_loss(_toy_loss, TRANSFORMS, 2, [torch.Generator().manual_seed(0)])
+    (gradient,) = torch.autograd.grad(wrapped(x, [torch.Generator()]).terms["square"].sum(), x)
+    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- shaping
+
+
+def test_shaping_keeps_the_budget_the_mask_and_the_range(painting):
+    clean = _image(painting, 128)
+    radius = 16 / 127.5
+    delta = (torch.rand(clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * radius
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 20:100, 30:90] = 1
+    out = shape_blur(clean, (clean + delta).clamp(-1, 1), radius, mask)
+    change = out - clean
+    assert change.abs().max() <= radius + 1e-6
+    assert change[(mask == 0).expand_as(change)].abs().max() == 0
+    assert change[(mask == 1).expand_as(change)].abs().max() > radius / 2  # the amplitude is kept, not blurred away
+    assert -1 <= out.min() and out.max() <= 1
+
+
+def test_shaping_blurs_flat_regions_more_than_textured_ones():
+    textured = torch.rand(1, 3, CELL, CELL, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
+    ramp = torch.linspace(-0.5, 0.5, CELL).view(1, 1, 1, CELL).expand(1, 3, CELL, CELL)
+    clean = torch.cat([textured, ramp], dim=-1)  # left cell textured, right cell smooth
+    delta = torch.sign(torch.randn(clean.shape, generator=torch.Generator().manual_seed(2))) * 16 / 127.5
+    _, sigmas = shaped_perturbation(clean, delta, 16 / 127.5)
+    assert sigmas.shape == (1, 1, 2)
+    assert sigmas[0, 0, 0] == SIGMAS[0] and sigmas[0, 0, 1] > SIGMAS[0]
+
+
+def test_a_protector_with_shape_blur_keeps_epsilon_and_the_mask(tiny_model, painting, tmp_path):
+    mask = Image.new("RGB", (96, 96), "black")
+    mask.paste((255, 255, 255), (0, 0, 48, 96))
+    mask.save(tmp_path / "mask.png")
+    config = ProtectConfig.of(steps=2, input_size=64, precision="fp32", epsilon=8, shape="blur",
+                              mask=tmp_path / "mask.png")
+    plain = Protector(tiny_model, config.but(shape=None)).protect(painting).image
+    shaped = Protector(tiny_model, config).protect(painting).image
+    clean = np.asarray(painting.resize((64, 64), Image.Resampling.BICUBIC)).astype(int)
+    change = np.asarray(shaped).astype(int) - clean
+    assert np.abs(change).max() <= 8
+    assert np.abs(change[:, 32:]).max() == 0
+    assert shaped.tobytes() != plain.tobytes()
+
+
+# --------------------------------------------------------------------------- settings, flags, pipeline
+
+
+def test_robust_settings_are_validated_with_the_setting_named():
+    with pytest.raises(ValueError, match=r"^robust: unknown transform 'gzip' \(choose from jpeg, resize, blur, crop, "
+                                         r"noise\)$"):
+        ProtectConfig(robust=("jpeg", "gzip"))
+    with pytest.raises(ValueError, match=r"^robust: a transform is named twice"):
+        ProtectConfig(robust="jpeg,jpeg")
+    with pytest.raises(ValueError, match=r"^eot_samples: must be a whole number >= 1"):
+        ProtectConfig(robust="jpeg", eot_samples=0)
+    with pytest.raises(ValueError, match=r"^eot_samples: needs robust transforms to average over \(e\.g\. "):
+        ProtectConfig(eot_samples=2)
+    with pytest.raises(ValueError, match=r"^shape: must be one of blur"):
+        ProtectConfig(shape="sharpen")
+    assert ProtectConfig(robust="jpeg, resize").robust == ("jpeg", "resize")
+
+
+def test_the_settings_record_robust_runs_and_stay_as_before_without_them():
+    plain = json.loads(ProtectConfig().to_json())
+    assert not {"robust", "eot_samples", "shape"} & set(plain)  # outputs written before these settings still resume
+    robust = json.loads(ProtectConfig(robust="jpeg,blur", eot_samples=2).to_json())
+    assert (robust["robust"], robust["eot_samples"], robust["shape"]) == (["jpeg", "blur"], 2, None)
+    assert json.loads(ProtectConfig(shape="blur").to_json())["shape"] == "blur"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ((), 1, None)),
+    (["--robust"], (DEFAULT_TRANSFORMS, 1, None)),
+    (["--robust", "noise,crop", "--eot-samples", "3"], (("noise", "crop"), 3, None)),
+    (["--robust=jpeg", "--shape", "blur"], (("jpeg",), 1, "blur")),
+], ids=["off", "bare", "list", "with-shape"])
+def test_the_flags_reach_the_config(flags, expected):
+    args = build_parser().parse_args(["protect", "a.png", "-o", "out", *flags])
+    config = config_from_args(args)
+    assert (config.robust, config.eot_samples, config.shape) == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--robust", "jpeg,gzip"], r"^mist: error: --robust: unknown transform 'gzip' \(choose from jpeg, "),
+    (["--robust", "--eot-samples", "0"], r"^mist: error: --eot-samples: must be a whole number >= 1"),
+    (["--eot-samples", "2"], r"^mist: error: --eot-samples: needs robust transforms "),
+], ids=["unknown", "zero-samples", "samples-without-robust"])
+def test_bad_robust_flags_give_one_line_naming_the_flag(capsys, tmp_path, flags, message):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    code = main(["protect", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", "tiny-random", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_robust_changes_the_result_reproducibly_and_leaves_the_attacks_stream_alone(tiny_model, painting,
+                                                                                     monkeypatch):
+    config = ProtectConfig.of(steps=2, input_size=32, precision="fp32", robust="jpeg,resize", eot_samples=2)
+    first = Protector(tiny_model, config).protect(painting).image.tobytes()
+    assert Protector(tiny_model, config).protect(painting).image.tobytes() == first
+    assert Protector(tiny_model, config.but(robust=(), eot_samples=1)).protect(painting).image.tobytes() != first
+
+    # the transforms draw from a stream of their own: the attack's generators are left as a plain run leaves them
+    import mist.pipeline
+
+    def generator_states(config: ProtectConfig) -> list[torch.Tensor]:
+        states = []
+
+        def one_evaluation(x, loss, *, generators, **_):
+            loss(x, generators)
+            states.extend(g.get_state() for g in generators)
+            return x
+
+        monkeypatch.setattr(mist.pipeline, "masked_linf_pgd", one_evaluation)
+        Protector(tiny_model, config).protect(painting)
+        return states
+
+    plain = generator_states(config.but(robust=(), eot_samples=1))
+    robust = generator_states(config.but(eot_samples=1))
+    assert len(plain) == 1 and torch.equal(plain[0], robust[0])
+
+
+def test_protect_end_to_end_with_robust(capsys, tmp_path, painting):
+    painting.save(tmp_path / "art.png")
+    code = main(["protect", str(tmp_path / "art.png"), "-o", str(tmp_path / "out"), "--model", "tiny-random",
+                 "--robust", "jpeg,resize", "--eot-samples", "2", "--steps", "2", "--input-size", "32", "-q"])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "out" / "art.png") as output:
+        settings = json.loads(output.text["mist:settings"])
+        assert output.size == (32, 32)
+    assert settings["robust"] == ["jpeg", "resize"] and settings["eot_samples"] == 2
