@@ -251,6 +251,16 @@ def test_fp16_scales_only_objectives_that_are_a_mean_over_the_latent(tiny_model)
         assert cls(params, tiny_model, "bf16").loss_scale() == 1.0, name
 
 
+def test_outputs_record_which_variant_made_them(tiny_model):
+    def algorithm(name, **params):
+        cls = get_method(name)
+        return cls(cls.Params(**params), tiny_model, "fp32").algorithm()
+
+    assert algorithm("sds").startswith("SDS(-) ") and algorithm("sds", sign="+", textural=True).startswith("SDS(+)T ")
+    assert "target-UNet" in algorithm("mist2") and "fused" in algorithm("mist2", fused=True)
+    assert algorithm("advdm").startswith("AdvDM (") and algorithm("advdm-").startswith("AdvDM(-) (")
+
+
 @pytest.mark.parametrize(("name", "params", "named"), [
     ("sds", {"sign": "x"}, "sign"), ("sds", {"sds_weight": -1.0}, "sds_weight"),
     ("sds", {"target": "/no/such/file.png"}, "target"), ("pid", {"pid_loss": "kl"}, "pid_loss"),

@@ -93,3 +93,7 @@ class Mist2(Method):
         from ..objectives import FP16_DENOISING_LOSS_SCALE
 
         return FP16_DENOISING_LOSS_SCALE if self.precision == "fp16" and not self.params.fused else 1.0
+
+    def algorithm(self) -> str:
+        loss = "fused loss" if self.params.fused else "target-UNet loss"
+        return f"Mist-v2 {loss} (Zheng et al., 2023), masked L-inf PGD, without surrogate fine-tuning"

@@ -1,6 +1,7 @@
 """PID, prompt-independent data protection (Li, Mo, Li and Wang, "PID: Prompt-Independent Data Protection Against
-Latent Diffusion Models", ICML 2024; code: PKU-ML/Diffusion-PID-Protection): the VAE encoder alone, pushed to give the protected image a posterior whose mean and
-variance are far from the clean image's. No prompt and no UNet: the cheapest method here.
+Latent Diffusion Models", ICML 2024; code: PKU-ML/Diffusion-PID-Protection): the VAE encoder alone, pushed to give
+the protected image a posterior whose mean and variance are far from the clean image's. No prompt and no UNet: the
+cheapest method here.
 
 With mu, log sigma^2 the encoder's posterior mean and log-variance (unscaled) of x', and mu_c, log sigma_c^2 those of
 the clean image x (computed once per tile):
@@ -55,8 +56,8 @@ class PID(Method):
 
         model, precision, chosen = self.model, self.precision, TERMS[self.params.pid_loss]
         with torch.no_grad():
-            clean_mean, clean_logvar = (torch.cat(parts) for parts in zip(
-                *(objectives.posterior(model, tile.clean, precision) for tile in tiles)))
+            clean = [objectives.posterior(model, tile.clean, precision) for tile in tiles]
+        clean_mean, clean_logvar = torch.cat([m for m, _ in clean]), torch.cat([v for _, v in clean])
 
         def mse(a, b):
             return (a - b).pow(2).flatten(1).mean(1)
