@@ -251,6 +251,21 @@ def test_fp16_scales_only_objectives_that_are_a_mean_over_the_latent(tiny_model)
         assert cls(params, tiny_model, "bf16").loss_scale() == 1.0, name
 
 
+def test_mist2_and_sdst_default_to_mist_v2s_target_and_take_a_given_one(tiny_model, tmp_path):
+    from mist.methods.common import mist_v2_target
+    from mist.pipeline import default_target
+
+    ours = mist_v2_target()
+    assert ours.size == (1440, 1440) and ours.resize((64, 64)).tobytes() != default_target().resize((64, 64)).tobytes()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "green.png")
+    for name, params in (("mist2", {}), ("sds", {"textural": True})):
+        cls = get_method(name)
+        assert cls(cls.Params(**params), tiny_model, "fp32").target_image().tobytes() == ours.tobytes(), name
+        given = cls(cls.Params(**params, target=tmp_path / "green.png"), tiny_model, "fp32").target_image()
+        assert given.getpixel((0, 0)) == (10, 200, 30), name
+    assert get_method("sds")(get_method("sds").Params(), tiny_model, "fp32").target_image() is None
+
+
 def test_outputs_record_which_variant_made_them(tiny_model):
     def algorithm(name, **params):
         cls = get_method(name)

@@ -13,10 +13,10 @@ alignment with the true noise and *raises* the latent's distance from the target
 LatentAttack's loss, which is itself -L_z, and ascends).
 
 Random numbers per image, from its generator: t, then n; E(y) draws its sample from the tile's "target" stream. The
-default target is Mist's own pattern (the code's data/MIST.png). The prompt is Mist's "a painting" (the code's default
-is "a picture", a prompt Mist does not carry; `--object` gives "a photo"). The code's budget is 8/255 of the [-1, 1]
-range (4 levels) with steps of 0.005 (0.64 levels), 5 x 30 steps between fine-tuning rounds; here budget and steps are
-the run's settings.
+default target is the code's data/MIST.png (tiled "MIST" lettering, shipped as assets/mist_v2_target.png). The
+prompt is Mist's "a painting" (the code's default is "a picture", a prompt Mist does not carry; `--object` gives
+"a photo"). The code's budget is 8/255 of the [-1, 1] range (4 levels) with steps of 0.005 (0.64 levels), 5 x 30
+steps between fine-tuning rounds; here budget and steps are the run's settings.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Sequence
 
 from . import register_method
 from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
-from .common import object_prompt_param, prompt, target_or, target_param
+from .common import mist_v2_target, object_prompt_param, prompt, target_or, target_param
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Mist2Params(MethodParams):
                                  high=1e6, label="Latent weight", label_zh="潜变量权重",
                                  help_zh="仅用于融合模式：潜变量距离项的权重（Mist-v2 为 100）")
     target: Path | None = target_param("target pattern the UNet's noise prediction is pushed toward (default: "
-                                       "Mist's own)", "UNet 噪声预测被推向的目标图案（默认：Mist 自带的）")
+                                       "Mist-v2's)", "UNet 噪声预测被推向的目标图案（默认：Mist-v2 的）")
     object_prompt: bool = object_prompt_param()
 
 
@@ -60,9 +60,7 @@ class Mist2(Method):
         self.text = model.text_embedding(prompt(params.object_prompt))
 
     def target_image(self):
-        from ..pipeline import default_target
-
-        return target_or(self.params.target, default_target)
+        return target_or(self.params.target, mist_v2_target)
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
         import torch

@@ -5,8 +5,9 @@ The denoising loss L_sem = mean((eps_theta(z_t, t, c) - n)^2) (z = E(x') a poste
 n ~ N(0, I)) is raised (sign +) or lowered (sign -) with the score-distillation gradient: at the latent it is
 (eps_theta - n) itself, the UNet's Jacobian left out, so the UNet runs forward only (about half the cost of AdvDM).
 The paper found SDS(-) the stronger and cheaper protection, so `-` is the default (as in the code's base.yaml).
-SDST adds Mist's textural term L_tex = sum((z - E(y))^2), y the target pattern, with the SDS gradient weighted w times
-(the code's target_rate, default 5):
+SDST adds Mist's textural term L_tex = sum((z - E(y))^2), y the target pattern (by default the code's, the "MIST"
+lettering Mist-v2 uses too: assets/mist_v2_target.png), with the SDS gradient weighted w times (the code's
+target_rate, default 5):
     objective (minimised by PGD)  sign +: -L_sds          sign -: +L_sds
     SDST                          sign +: L_tex - w L_sds  sign -: L_tex + w L_sds
 where L_sds's value is L_sem and its latent gradient (eps_theta - n) as in the code (`objectives.score_distillation`
@@ -26,7 +27,7 @@ from typing import Sequence
 
 from . import register_method
 from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
-from .common import object_prompt_param, prompt, target_or, target_param
+from .common import mist_v2_target, object_prompt_param, prompt, target_or, target_param
 
 SIGNS = ("-", "+")
 
@@ -43,8 +44,8 @@ class SDSParams(MethodParams):
                                    "(Diff-Protect's target_rate)", low=0, high=1e6, label="SDS weight",
                               label_zh="SDS 权重", help_zh="仅用于 SDST：SDS 梯度相对纹理梯度的倍数（Diff-Protect 的 "
                                                           "target_rate）")
-    target: Path | None = target_param("SDST's target pattern (default: Mist's own)",
-                                       "SDST 的目标图案（默认：Mist 自带的）")
+    target: Path | None = target_param("SDST's target pattern (default: Mist-v2's, as Xue et al.'s code)",
+                                       "SDST 的目标图案（默认：Mist-v2 的，与 Xue 等人的代码相同）")
     object_prompt: bool = object_prompt_param()
 
 
@@ -64,11 +65,7 @@ class SDS(Method):
         self.text = model.text_embedding(prompt(params.object_prompt))
 
     def target_image(self):
-        if not self.params.textural:
-            return None
-        from ..pipeline import default_target
-
-        return target_or(self.params.target, default_target)
+        return target_or(self.params.target, mist_v2_target) if self.params.textural else None
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
         import torch
