@@ -1,7 +1,7 @@
 """PID, prompt-independent data protection (Li, Mo, Li and Wang, "PID: Prompt-Independent Data Protection Against
 Latent Diffusion Models", ICML 2024; code: PKU-ML/Diffusion-PID-Protection): the VAE encoder alone, pushed to give
-the protected image a posterior whose mean and variance are far from the clean image's. No prompt and no UNet: the
-cheapest method here.
+the protected image a posterior whose mean and variance are far from the clean image's. No prompt and no UNet: with
+PhotoGuard, the cheapest method here.
 
 With mu, log sigma^2 the encoder's posterior mean and log-variance (unscaled) of x', and mu_c, log sigma_c^2 those of
 the clean image x (computed once per tile):
