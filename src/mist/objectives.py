@@ -86,16 +86,18 @@ def denoising_loss(model: StableDiffusion, latent: torch.Tensor, text: torch.Ten
 
 
 def score_distillation(model: StableDiffusion, latent: torch.Tensor, text: torch.Tensor,
-                       generators: Sequence[torch.Generator], precision: str) -> torch.Tensor:
+                       generators: Sequence[torch.Generator], precision: str, *, unit: bool = False) -> torch.Tensor:
     """L_sem per image with the score-distillation gradient (Xue et al., "Toward effective protection against
     diffusion-based mimicry through score distillation", ICLR 2024): its value is the denoising loss, its gradient
     with respect to the latent (2 / N) * sqrt(alpha_bar_t) * (eps_theta - n), the exact gradient with the UNet's
-    Jacobian replaced by the identity. The UNet runs forward only, without a graph."""
+    Jacobian replaced by the identity. The UNet runs forward only, without a graph. `unit`: the latent gradient is
+    (eps_theta - n) itself, without the factor (2 / N) * sqrt(alpha_bar_t), as Xue et al.'s code applies it (the scale
+    matters where the term is weighted against another one, as in their SDST)."""
     noisy, timesteps, noise, alpha_bar = noised(model, latent, generators)
     with torch.no_grad():
         residual = predict_noise(model, noisy.detach(), timesteps, text, precision) - noise
     value = residual.pow(2).flatten(1).mean(1)
-    gradient = 2.0 / residual[0].numel() * alpha_bar.sqrt() * residual
+    gradient = residual if unit else 2.0 / residual[0].numel() * alpha_bar.sqrt() * residual
     # Carries `value` forward and `gradient` backward to the latent (and on through the encoder).
     surrogate = (latent * gradient).flatten(1).sum(1)
     return value + surrogate - surrogate.detach()

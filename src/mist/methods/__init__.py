@@ -20,7 +20,8 @@ __all__ = ["DEFAULT_METHOD", "Loss", "LossTerms", "Method", "MethodParams", "Par
            "list_methods", "param", "param_specs", "register_method", "shared_params"]
 
 DEFAULT_METHOD = "mist"
-BUILT_IN = ("mist",)  # modules of this package, in the order users see them
+# Modules of this package, in the order users see their methods.
+BUILT_IN = ("mist", "advdm", "photoguard", "sds", "mist2", "pid")
 # Settings of every run (ProtectConfig's own fields); a method parameter may not take one of these names.
 RESERVED = frozenset({"method", "params", "epsilon", "steps", "step_size", "input_size", "block_num", "keep_aspect",
                       "mask", "seed", "precision", "original_size", "device", "model", "batch_size"})
