@@ -82,17 +82,16 @@ def run_one(spec: dict) -> dict:
     from PIL import Image
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mist import images
     from mist.config import ProtectConfig
     from mist.device import pick_device
-    from mist.objectives import PRECISION_DTYPES, MistObjective, target_latent
+    from mist.objectives import PRECISION_DTYPES
     from mist.pipeline import Protector
 
     device = pick_device(spec["device"])
     torch.manual_seed(0)
     model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
-    config = ProtectConfig(mode=spec["mode"], steps=spec["steps"] + 1, input_size=spec["size"],
-                           block_num=spec["blocks"], precision=spec["precision"], fast=spec["fast"])
+    config = ProtectConfig.of(mode=spec["mode"], steps=spec["steps"] + 1, input_size=spec["size"],
+                              block_num=spec["blocks"], precision=spec["precision"], fast=spec["fast"])
     protector = Protector(model, config, device, low_memory=spec["low_memory"], hand_over=True)  # as the CLI does
     image = Image.new("RGB", (spec["size"], spec["size"]))
     image.putdata([((i * 7) % 256, (i * 13) % 256, (i * 29) % 256) for i in range(spec["size"] ** 2)])
@@ -112,12 +111,7 @@ def run_one(spec: dict) -> dict:
         peak = peak_rss_gb() if reset else float("nan")
     tile = spec["size"] // spec["blocks"]
     x = torch.zeros(1, 3, tile, tile, device=device).uniform_(-1, 1).requires_grad_(True)
-    target = None
-    if spec["mode"] != "semantic":
-        y = images.split_tiles(images.image_to_tensor(protector.target, (spec["size"],) * 2), spec["blocks"])[0]
-        target = target_latent(protector.model, y.to(device), [torch.Generator().manual_seed(0)], protector.precision)
-    objective = MistObjective(protector.model, config.mode, config.semantic_weight, target, protector.text,
-                              protector.precision, config.fast)
+    objective = protector.loss_for(x.detach(), seed=0)  # one tile's loss, its target resized to the tile
     with FlopCounterMode(display=False) as counter:
         objective(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops() * spec["blocks"] ** 2

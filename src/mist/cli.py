@@ -101,7 +101,12 @@ def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:
     method (the others keep the method's defaults) and a flag the chosen method does not take can be refused."""
     names = ([spec.short] if spec.short else []) + [spec.flag]
     default = "" if spec.default is None or spec.default is False else f"default: {spec.default}; "
-    help_text = f"{spec.help} ({default}method{'s' if len(users) > 1 else ''} {', '.join(users)})".replace("%", "%%")
+    helps = {name: next(s.help for s in param_specs(get_method(name).Params) if s.name == spec.name) for name in users}
+    if len(set(helps.values())) == 1:
+        help_text = f"{spec.help} ({default}method{'s' if len(users) > 1 else ''} {', '.join(users)})"
+    else:  # the methods say what it means for each of them (a target's default differs, say)
+        help_text = "; ".join(f"{name}: {text}" for name, text in helps.items())
+    help_text = help_text.replace("%", "%%")
     options: dict[str, Any] = {"dest": f"param_{spec.name}", "default": None, "help": help_text}
     if spec.kind == "bool":
         options["action"] = "store_const" if spec.default is False else argparse.BooleanOptionalAction

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..config import OBJECT_PROMPT, STYLE_PROMPT
 from . import register_method
 from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
+from .common import object_prompt_param, prompt, target_param
 
 MODES = ("textural", "semantic", "fused")
 # Mist v1.2's numeric --mode codes (its README's table swaps 0 and 1; this is what its code ran).
@@ -42,13 +42,9 @@ class MistParams(MethodParams):
                        advanced=True, label="Fast mode (a different, faster method)",
                        label_zh="快速模式（另一种更快的方法）",
                        help_zh="用分数蒸馏近似计算语义梯度（Xue 等，ICLR 2024）：约快一倍，但不是 Mist 的原始精确方法")
-    target: Path | None = param(None, "target pattern image for the textural loss (default: Mist's own)", file=True,
-                                label="Target pattern", label_zh="目标图案",
-                                help_zh="纹理损失的目标图案（默认：Mist 自带的）")
-    object_prompt: bool = param(False, 'the images show an object: condition on "a photo" instead of "a painting"',
-                                flag="--object", advanced=True, label="The image shows an object, not a style",
-                                label_zh="图片内容是物体（而非画风）",
-                                help_zh="图片内容是物体：用“a photo”代替“a painting”作为提示词")
+    target: Path | None = target_param("target pattern image for the textural loss (default: Mist's own)",
+                                       "纹理损失的目标图案（默认：Mist 自带的）")
+    object_prompt: bool = object_prompt_param()
 
     @property
     def semantic_weight(self) -> float:
@@ -57,7 +53,7 @@ class MistParams(MethodParams):
 
     @property
     def prompt(self) -> str:
-        return OBJECT_PROMPT if self.object_prompt else STYLE_PROMPT
+        return prompt(self.object_prompt)
 
 
 @register_method
