@@ -61,6 +61,7 @@ def test_settings_map_to_the_engine_config():
     assert page.config() == ProtectConfig.of(mode="semantic", epsilon=8, steps=2, input_size=256, fused_weight=2.5,
                                              block_num=2, keep_aspect=True, seed=5, precision="fp32", fast=True)
     assert isinstance(page.config().steps, int) and isinstance(page.config().seed, int)
+    assert Settings(robust=True).config().robust == ("jpeg", "resize", "blur")  # the command line's bare --robust
     with pytest.raises(ValueError, match="seed"):
         Settings(seed=None).config()
 
@@ -80,7 +81,8 @@ def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
     assert [by_id[k].value for k in ("mist-low-vram", "mist-no-resize", "mist-fast")] == [False, False, False]
     assert by_id["mist-original-size"].value is True  # the artwork's own size is offered, and on by default
     for key in ("mist-strength", "mist-steps", "mist-size", "mist-method", "mist-mode", "mist-fused-weight",
-                "mist-low-vram", "mist-no-resize", "mist-seed", "mist-precision", "mist-fast", "mist-original-size"):
+                "mist-low-vram", "mist-no-resize", "mist-robust", "mist-seed", "mist-precision", "mist-fast",
+                "mist-original-size"):
         assert by_id[key].info, f"{key} has no help text"
 
 

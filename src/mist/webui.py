@@ -38,6 +38,7 @@ from PIL import Image
 from . import images as image_io
 from .config import ProtectConfig
 from .methods import get_method, param_specs
+from .robust import DEFAULT_TRANSFORMS
 from .webui_text import duration, text
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class Settings:
     params: Mapping[str, Any] = field(default_factory=dict)
     low_vram: bool = False  # block_num 2, the original's low-VRAM mode
     no_resize: bool = _DEFAULTS.keep_aspect
+    robust: bool = False  # the command line's --robust with its default transforms
     seed: int = _DEFAULTS.seed
     precision: str = _DEFAULTS.precision
     original_size: bool = True  # unlike the command line, the page gives the artwork's own size by default
@@ -90,6 +92,7 @@ class Settings:
         return ProtectConfig(
             method=self.method, params=params, epsilon=_whole(self.epsilon), steps=_whole(self.steps),
             input_size=_whole(self.size), block_num=2 if self.low_vram else 1, keep_aspect=bool(self.no_resize),
+            robust=DEFAULT_TRANSFORMS if self.robust else (),
             seed=_whole(self.seed), precision=self.precision, original_size=bool(self.original_size),
         )
 

@@ -122,6 +122,7 @@ def build_app(ui: WebUI):
                                for name, (spec, users) in shared.items() if spec.advanced and spec.kind != "file"}
                     low_vram = control(gr.Checkbox, "low_vram", d.low_vram)
                     no_resize = control(gr.Checkbox, "no_resize", d.no_resize)
+                    robust = control(gr.Checkbox, "robust", d.robust)
                     seed = control(gr.Number, "seed", d.seed, precision=0)
                     precision = control(gr.Dropdown, "precision", list(PRECISIONS), value=d.precision)
                 with gr.Row():
@@ -140,7 +141,7 @@ def build_app(ui: WebUI):
         gallery = gr.Gallery(label=L("gallery"), columns=6, height=260, object_fit="contain", format="png",
                              visible=False, buttons=["download", "download_all", "fullscreen"], elem_id="mist-gallery")
 
-        controls = [epsilon, steps, size, method, low_vram, no_resize, seed, precision, original_size,
+        controls = [epsilon, steps, size, method, low_vram, no_resize, robust, seed, precision, original_size,
                     *params.values()]
 
         # gradio finds the request and event arguments by their annotations, which this module's postponed
@@ -169,13 +170,13 @@ def build_app(ui: WebUI):
 
         @typed
         def on_run(request, source_value, artwork_value, editor_value, files_value, lang, epsilon_value, steps_value,
-                   size_value, method_value, low_vram_value, no_resize_value, seed_value, precision_value,
-                   original_size_value, *param_values):
+                   size_value, method_value, low_vram_value, no_resize_value, robust_value, seed_value,
+                   precision_value, original_size_value, *param_values):
             """A generator: the status line follows the job (every step), then the results replace it."""
             settings = Settings(epsilon=epsilon_value, steps=steps_value, size=size_value, method=method_value,
                                 params=dict(zip(params, param_values, strict=True)), low_vram=low_vram_value,
-                                no_resize=no_resize_value, seed=seed_value, precision=precision_value,
-                                original_size=original_size_value)
+                                no_resize=no_resize_value, robust=robust_value, seed=seed_value,
+                                precision=precision_value, original_size=original_size_value)
             session = _session(request)
             news: queue.SimpleQueue = queue.SimpleQueue()
             box: dict[str, Any] = {}

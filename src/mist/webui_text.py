@@ -60,6 +60,11 @@ EN: dict[str, str] = {
     "no_resize_info": (
         "The shorter side goes to the processing size, each side down to a multiple of 8 (16 in low-VRAM mode)."
     ),
+    "robust": "Robust to JPEG and resizing",
+    "robust_info": (
+        "At every step the protection is computed through a random JPEG, resize or blur of the image, so that more "
+        "of it survives when the image is recompressed or resized (the command line's --robust)."
+    ),
     "seed": "Random seed",
     "seed_info": "Same seed and settings, same output.",
     "precision": "Arithmetic precision",
@@ -141,6 +146,9 @@ ZH: dict[str, str] = {
     "low_vram_info": "把图片分成 2 x 2 块分别处理，显存占用大大减少（即原版的 block_num 2）。",
     "no_resize": "处理时保持比例（不缩放模式）",
     "no_resize_info": "短边缩放到处理尺寸，各边向下取整为 8 的倍数（低显存模式下为 16）。",
+    "robust": "抗 JPEG 压缩与缩放",
+    "robust_info": ("每一步都通过对图片随机 JPEG 压缩、缩放或模糊后再计算保护，"
+                    "使图片被重新压缩或缩放后保护保留得更多（即命令行的 --robust）。"),
     "seed": "随机种子",
     "seed_info": "种子和参数都相同时，输出也完全相同。",
     "precision": "运算精度",
