@@ -149,9 +149,8 @@ def main() -> int:
     print("|---" * (2 * len(names)) + "|")
     for label, gains in rows:
         before = gains[names[0]]
-        kept = [gains[n] / before if before > 0 else float("nan") for n in names[1:]]
-        print(f"| {label} | " + " | ".join(f"{gains[n]:.4g}" for n in names) + " | " +
-              " | ".join(f"{k:.0%}" for k in kept) + " |")
+        kept = [f"{gains[n] / before:.0%}" if before > 0 else "n/a" for n in names[1:]]  # n/a: no gain to keep
+        print(f"| {label} | " + " | ".join(f"{gains[n]:.4g}" for n in names) + " | " + " | ".join(kept) + " |")
     return 0
 
 
