@@ -159,3 +159,11 @@ def test_a_protector_refuses_a_model_without_the_parts_its_method_needs(tiny_mod
     encoder_only = build_random(parts=frozenset({"encoder"}))
     with pytest.raises(ValueError, match="method: mist needs the model's text_encoder, unet"):
         Protector(encoder_only, ProtectConfig(precision="fp32"))
+
+
+def test_no_method_parameter_can_take_the_name_of_a_run_setting():
+    from dataclasses import fields
+
+    from mist.methods import RESERVED
+
+    assert {f.name for f in fields(ProtectConfig)} <= RESERVED

@@ -24,7 +24,8 @@ DEFAULT_METHOD = "mist"
 BUILT_IN = ("mist", "advdm", "photoguard", "sds", "mist2", "pid")
 # Settings of every run (ProtectConfig's own fields); a method parameter may not take one of these names.
 RESERVED = frozenset({"method", "params", "epsilon", "steps", "step_size", "input_size", "block_num", "keep_aspect",
-                      "mask", "seed", "precision", "original_size", "device", "model", "batch_size"})
+                      "mask", "seed", "precision", "original_size", "robust", "eot_samples", "shape", "device", "model",
+                      "batch_size"})
 
 _registry: dict[str, type[Method]] = {}
 _loaded = False
