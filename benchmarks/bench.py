@@ -168,19 +168,25 @@ def main() -> int:
         specs.append({"mode": mode, "size": size, "blocks": blocks, "precision": precision,
                       "low_memory": memory == "on", "fast": fast == "yes", "steps": args.steps,
                       "device": args.device})
+    rows = run_children(__file__, specs, _row)
+    _write(rows, " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]))
+    return 0 if len(rows) == len(specs) else 1
+
+
+def run_children(script: str, specs: list[dict], row) -> list[dict]:
+    """Measure each spec in a fresh process (`script --child SPEC`, which prints `RESULT <json>`): peak memory is per
+    process. Prints each result as `row(result)` as it comes, and each failure with the end of its error output."""
     rows = []
     for spec in specs:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             print(f"failed: {spec}\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        rows.append(result)
-        print(f"{_row(result)}  ({time.perf_counter() - started:.0f} s)", flush=True)
-    _write(rows, " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]))
-    return 0 if len(rows) == len(specs) else 1
+        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        print(f"{row(rows[-1])}  ({time.perf_counter() - started:.0f} s)", flush=True)
+    return rows
 
 
 HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | s / step | attack peak GB "

@@ -21,11 +21,10 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from bench import RESULTS, build_full_size_model, machine, peak_rss_gb, peak_rss_reset
+from bench import RESULTS, build_full_size_model, machine, peak_rss_gb, peak_rss_reset, run_children
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -50,10 +49,10 @@ def run_one(spec: dict) -> dict:
     from mist import images
     from mist.config import ProtectConfig
     from mist.device import pick_device
-    from mist.methods import TileInputs
     from mist.objectives import PRECISION_DTYPES
     from mist.pipeline import Protector
 
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())  # when this method's measurement starts
     device = pick_device(spec["device"])
     torch.manual_seed(0)
     model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
@@ -74,17 +73,14 @@ def run_one(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / 1024**3
     else:
         peak = peak_rss_gb() if reset else float("nan")
-    clean = images.image_to_tensor(image, (size, size)).to(device)
-    target = None
-    if protector.target is not None:
-        target = images.image_to_tensor(protector.target, (size, size)).to(device)
-    loss = protector.method.prepare([TileInputs(clean=clean, target=target, seed=lambda stream: 0)])
-    x = clean.clone().requires_grad_(True)
+    clean = images.image_to_tensor(image, (size, size))
+    loss = protector.loss_for(clean, seed=0)
+    x = clean.to(device).requires_grad_(True)
     with FlopCounterMode(display=False) as counter:
         loss(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops()
-    return {**spec, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12, "low_memory": protector.low_memory,
-            "precision": protector.precision}
+    return {**spec, "load": load, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12,
+            "low_memory": protector.low_memory, "precision": protector.precision}
 
 
 def main() -> int:
@@ -100,19 +96,10 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
         return 0
-    rows = []
     methods = [parse_method(text) for text in args.methods.split(",") if text.strip()]
-    for name, params in methods:
-        spec = {"method": name, "params": params, "size": args.size, "precision": args.precision,
-                "steps": args.steps, "device": args.device, "load": " ".join(f"{v:.2f}" for v in os.getloadavg())}
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            print(f"failed: {spec}\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"{_row(rows[-1])}  ({time.perf_counter() - started:.0f} s)", flush=True)
+    specs = [{"method": name, "params": params, "size": args.size, "precision": args.precision, "steps": args.steps,
+              "device": args.device} for name, params in methods]
+    rows = run_children(__file__, specs, _row)
     _write(rows, " ".join(["python", "benchmarks/methods.py", *sys.argv[1:]]))
     return 0 if len(rows) == len(methods) else 1
 

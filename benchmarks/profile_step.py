@@ -6,7 +6,8 @@ full SD v1 architecture with random weights, forward and backward, grouped into 
 One warm-up step, then one profiled step (the method's loss and its gradient to the image: a PGD step's work). For
 each class (convolution forward, convolution backward, GroupNorm, SiLU, attention, matrix products, element-wise,
 layout conversions and copies, other): the time spent in its operators (self time, so nothing is counted twice), its
-share of the step, and for convolutions and matrix products the FLOPs the profiler counts and the GFLOP/s achieved. Prints a Markdown table and the 15 costliest operators.
+share of the step, and for convolutions and matrix products the FLOPs the profiler counts and the GFLOP/s achieved.
+Prints a Markdown table and the 15 costliest operators.
 """
 
 from __future__ import annotations

@@ -54,11 +54,8 @@ class AdvDM(Method):
 
         return loss
 
-    def loss_scale(self) -> float:
-        # The objective is a denoising-loss mean alone, as Mist's semantic mode: see FP16_DENOISING_LOSS_SCALE.
-        from ..objectives import FP16_DENOISING_LOSS_SCALE
-
-        return FP16_DENOISING_LOSS_SCALE if self.precision == "fp16" else 1.0
+    def objective_is_a_mean(self) -> bool:
+        return True  # a denoising-loss mean alone, as Mist's semantic mode
 
 
 @register_method

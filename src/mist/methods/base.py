@@ -181,10 +181,17 @@ class Method:
         per tile."""
         raise NotImplementedError
 
+    def objective_is_a_mean(self) -> bool:
+        """Whether the objective is a mean over the latent's elements alone (a denoising loss, say), whose gradient
+        carries a factor 2 / N that fp16 flushes to zero (see `mist.objectives.FP16_DENOISING_LOSS_SCALE`)."""
+        return False
+
     def loss_scale(self) -> float:
-        """A constant the objective is multiplied by before it is differentiated (only its sign is used by PGD; half
-        precision can need it to keep gradients from underflowing)."""
-        return 1.0
+        """The constant the objective is multiplied by before it is differentiated (only its sign is used by PGD):
+        in fp16, FP16_DENOISING_LOSS_SCALE for an objective that is a mean (`objective_is_a_mean`), else 1."""
+        from ..objectives import FP16_DENOISING_LOSS_SCALE
+
+        return FP16_DENOISING_LOSS_SCALE if self.precision == "fp16" and self.objective_is_a_mean() else 1.0
 
     def algorithm(self) -> str:
         """What outputs record as the algorithm that made them: the method's title and paper by default."""

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import register_method
 from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
-from .common import object_prompt_param, prompt, target_param
+from .common import object_prompt_param, prompt, target_or, target_param
 
 MODES = ("textural", "semantic", "fused")
 # Mist v1.2's numeric --mode codes (its README's table swaps 0 and 1; this is what its code ran).
@@ -74,10 +74,9 @@ class Mist(Method):
     def target_image(self):
         if self.params.mode == "semantic":
             return None
-        from .. import images
         from ..pipeline import default_target
 
-        return images.read_image(self.params.target) if self.params.target else default_target()
+        return target_or(self.params.target, default_target)
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
         import torch
@@ -108,10 +107,8 @@ class Mist(Method):
 
         return loss
 
-    def loss_scale(self) -> float:
-        from ..objectives import FP16_DENOISING_LOSS_SCALE
-
-        return FP16_DENOISING_LOSS_SCALE if self.precision == "fp16" and self.params.mode == "semantic" else 1.0
+    def objective_is_a_mean(self) -> bool:
+        return self.params.mode == "semantic"  # textural and fused objectives have gradients of about 1
 
     def algorithm(self) -> str:
         if self.params.fast:

@@ -85,12 +85,8 @@ class Mist2(Method):
 
         return loss
 
-    def loss_scale(self) -> float:
-        # The target-UNet loss is a mean over the latent elements, as the denoising loss: see
-        # FP16_DENOISING_LOSS_SCALE. The fused objective's sum needs no scale.
-        from ..objectives import FP16_DENOISING_LOSS_SCALE
-
-        return FP16_DENOISING_LOSS_SCALE if self.precision == "fp16" and not self.params.fused else 1.0
+    def objective_is_a_mean(self) -> bool:
+        return not self.params.fused  # the target-UNet loss is a mean; the fused objective's sum needs no scale
 
     def algorithm(self) -> str:
         loss = "fused loss" if self.params.fused else "target-UNet loss"

@@ -75,9 +75,5 @@ class PID(Method):
 
         return loss
 
-    def loss_scale(self) -> float:
-        # Each term is a mean over the N latent elements, so its gradient carries a factor 2 / N (about 1e-4 at
-        # 512 x 512), the case FP16_DENOISING_LOSS_SCALE is made for: fp16 would flush much of it to zero.
-        from ..objectives import FP16_DENOISING_LOSS_SCALE
-
-        return FP16_DENOISING_LOSS_SCALE if self.precision == "fp16" else 1.0
+    def objective_is_a_mean(self) -> bool:
+        return True  # each term is a mean over the N latent elements
