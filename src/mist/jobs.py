@@ -215,13 +215,17 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
     model = models.identity()
     precision = resolve_precision(config.precision, models.device())  # what "auto" means here: outputs record it
     masks: dict[Path | None, Image.Image | None] = {None: None}
+    settings_of: dict[Path | None, str] = {}  # by the job's own mask (None: the run's)
     pending: list[_Pending] = []
     for job in jobs:
         files.remove_stale_temporaries(job.output)  # left by a killed run; a live writer's are locked and kept
         mask_file = job.mask or config.mask
         if mask_file not in masks:  # each mask file read once; a bad one stops the run before it starts
             masks[mask_file] = images.read_image(mask_file)
-        settings = settings_text(config if job.mask is None else config.but(mask=job.mask), batch_size, metadata)
+        if job.mask not in settings_of:  # the settings hash the files they name: once per distinct mask
+            settings_of[job.mask] = settings_text(config if job.mask is None else config.but(mask=job.mask),
+                                                  batch_size, metadata)
+        settings = settings_of[job.mask]
         problem = _preflight(job, config)
         if problem is None:
             digest = sha256_file(job.source)
