@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     webui.add_argument("--auth", metavar="USER:PASSWORD",
                        help="require this login (default: $MIST_WEBUI_AUTH; none: anyone who reaches the page)")
     webui.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default: %(default)s)")
+
+    from .service.options import add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         configure_logging(args.verbose)
         command = {"protect": protect_command, "download-model": download_command, "doctor": doctor_command,
-                   "webui": webui_command}
+                   "webui": webui_command, "serve": serve_command}
         return command[args.command](args)
 
     return guarded("mist", run)
@@ -436,6 +440,12 @@ def webui_command(args: argparse.Namespace) -> int:
     from .webui_app import main as webui_main
 
     return webui_main(args)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .service.options import run_serve
+
+    return run_serve(args)
 
 
 def configure_logging(verbose: bool) -> None:

@@ -1,0 +1,245 @@
+"""The HTTP API (FastAPI): submit jobs, follow them, download results, cancel; health and Prometheus metrics. A thin
+layer over the store and the worker; the job runner is the one every face uses.
+
+Every error is JSON `{"error": "one line"}` with a 4xx status naming the field or the file. Jobs are visible only to
+the token that created them (another token's job is "not found", as if it did not exist).
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import shutil
+import tempfile
+import zipfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from .. import __version__
+from .metrics import metrics_text
+from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, new_job_id
+from .submit import SubmitError, parse_settings, save_submission, uploads_by_field
+from .worker import OUTPUT_FOLDER, Worker, job_folder
+
+_MAX_KEY = 200  # characters of an Idempotency-Key
+_FORM_FIELDS = 64  # text fields a submission may have
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Service:
+    """What the API serves from: the store, the data folder, the worker, and the access policy. `require_tokens`:
+    every request needs a token (always so when the server listens beyond loopback); otherwise requests without one
+    act as the local user, with `local_limits`."""
+
+    store: JobStore
+    data: Path
+    worker: Worker
+    require_tokens: bool
+    local_limits: Limits
+    retention_seconds: float
+    model_name: str = ""
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str
+    limits: Limits
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (what the server binds to) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
+    """The API over `service`; with `manage_worker` the worker starts and stops with the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_worker:
+            service.worker.start()
+        yield
+        if manage_worker:
+            await run_in_threadpool(service.worker.stop)
+
+    app = FastAPI(title="Mist", version=__version__, lifespan=lifespan,
+                  description="Protect artworks from AI mimicry: submit images, follow the job, download the "
+                              "protected PNGs. Authenticate with `Authorization: Bearer <token>`.")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    def caller(request: Request) -> Caller:
+        header = request.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if header:
+            token = service.store.token_for_secret(secret.strip()) if scheme.lower() == "bearer" else None
+            if token is None:
+                raise ApiError(401, "invalid or revoked token")
+            return Caller(token.id, token.limits)
+        if service.require_tokens:
+            raise ApiError(401, "a token is required: send 'Authorization: Bearer <token>' (mist serve token create)")
+        return Caller(LOCAL_OWNER, service.local_limits)
+
+    def own_job(job_id: str, who: Caller) -> JobRecord:
+        job = service.store.job(job_id) if job_id.isalnum() else None
+        if job is None or job.owner != who.owner:
+            raise ApiError(404, f"no job {job_id}")
+        return job
+
+    @app.post("/v1/jobs", status_code=201, summary="Submit images to protect")
+    async def submit(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 0 < len(key) <= _MAX_KEY:
+            raise ApiError(400, f"Idempotency-Key: must be 1 to {_MAX_KEY} characters")
+        if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
+            return JSONResponse(job_status(service, own_job(existing, who)), status_code=200)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > who.limits.max_upload_bytes):
+            raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
+        if service.store.count_jobs(who.owner) >= who.limits.max_queued:
+            raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
+        try:
+            async with request.form(max_files=2 * who.limits.max_images + 8, max_fields=_FORM_FIELDS,
+                                    max_part_size=64 * 1024) as form:
+                texts, uploads = uploads_by_field(form.multi_items())
+                if sum(_size(upload.file) for group in uploads.values() for upload in group) \
+                        > who.limits.max_upload_bytes:
+                    raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
+                settings, metadata = parse_settings(texts)
+                job_id = new_job_id()
+                folder = job_folder(service.data, job_id)
+                submission = await run_in_threadpool(save_submission, folder, settings, metadata, uploads,
+                                                     who.limits.max_images)
+        except MultiPartException as exc:
+            raise ApiError(400, f"upload: {exc.message}") from None
+        except SubmitError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        try:
+            service.store.add_job(job_id, who.owner, submission.settings, submission.metadata_level,
+                                  submission.images, idempotency_key=key)
+        except DuplicateKey as exc:  # the same key raced in from another request: that job stands
+            await run_in_threadpool(_remove, folder)
+            return JSONResponse(job_status(service, own_job(exc.job_id, who)), status_code=200)
+        service.worker.wake()
+        return JSONResponse(job_status(service, own_job(job_id, who)), status_code=201,
+                            headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @app.get("/v1/jobs/{job_id}", summary="A job's state, per-image progress and ETA")
+    def status(job_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        return job_status(service, own_job(job_id, who))
+
+    @app.get("/v1/jobs/{job_id}/results", summary="Every protected PNG of a finished job, as a ZIP file")
+    def results(job_id: str, who: Caller = Depends(caller)) -> StreamingResponse:
+        job = own_job(job_id, who)
+        if job.state not in FINISHED:
+            raise ApiError(409, f"job {job_id} is {job.state}: its results are ready when it is done")
+        folder = job_folder(service.data, job_id)
+        done = [image for image in job.images if image.state == "done" and (folder / image.output).is_file()]
+        if not done:
+            raise ApiError(404, f"job {job_id} has no protected image")
+        spool = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
+        with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:  # PNG is compressed already
+            for image in done:
+                archive.write(folder / image.output, Path(image.output).relative_to(OUTPUT_FOLDER).as_posix())
+        spool.seek(0)
+        return StreamingResponse(_chunks(spool), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="mist-{job_id}.zip"'})
+
+    @app.get("/v1/jobs/{job_id}/results/{name}", summary="One protected PNG")
+    def result(job_id: str, name: str, who: Caller = Depends(caller)) -> FileResponse:
+        job = own_job(job_id, who)
+        for image in job.images:
+            path = job_folder(service.data, job_id) / image.output
+            if Path(image.output).name == name and image.state == "done" and path.is_file():
+                return FileResponse(path, media_type="image/png", filename=name)
+        raise ApiError(404, f"job {job_id} has no protected image {name!r}")
+
+    @app.delete("/v1/jobs/{job_id}", summary="Cancel an unfinished job, or delete a finished one and its files")
+    def delete(job_id: str, who: Caller = Depends(caller)) -> Response:
+        job = own_job(job_id, who)
+        if job.state in FINISHED:
+            service.store.delete_job(job_id)
+            _remove(job_folder(service.data, job_id))
+            return Response(status_code=204)
+        state = service.store.request_cancel(job_id, service.retention_seconds)
+        service.worker.cancel_now(job_id)
+        return JSONResponse({"id": job_id, "state": state, "cancel": True}, status_code=202)
+
+    @app.get("/v1/health", summary="Whether the server is up")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "model": service.model_name,
+                "queued": service.store.count_jobs(states=("queued",))}
+
+    @app.get("/v1/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    def metrics(who: Caller = Depends(caller)) -> PlainTextResponse:
+        return PlainTextResponse(metrics_text(service.store, service.worker.stats),
+                                 media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def job_status(service: Service, job: JobRecord) -> dict[str, Any]:
+    """What GET /v1/jobs/{id} answers: the job's state, each image's progress, and the time left."""
+    steps = int(job.settings.get("steps", 100))
+    left = sum(max(0, (image.steps or steps) - image.step) for image in job.images if image.state in
+               ("queued", "running"))
+    eta = None if job.state in FINISHED or job.seconds_per_step is None else round(left * job.seconds_per_step, 1)
+    done_steps = sum((image.steps or steps) if image.state in ("done", "failed") else image.step
+                     for image in job.images)
+    total_steps = max(1, steps * len(job.images))
+    status: dict[str, Any] = {
+        "id": job.id, "state": job.state, "created": job.created, "started": job.started, "finished": job.finished,
+        "expires": job.expires, "error": job.error, "progress": round(min(1.0, done_steps / total_steps), 4),
+        "eta_seconds": eta, "seconds_per_step": job.seconds_per_step,
+        "settings": {name: value for name, value in job.settings.items() if not name.startswith("_")},
+        "images": [{"name": image.name, "state": image.state, "step": image.step, "steps": image.steps or steps,
+                    "message": image.message, "output": Path(image.output).name,
+                    "url": f"/v1/jobs/{job.id}/results/{Path(image.output).name}" if image.state == "done" else None}
+                   for image in job.images],
+        "results_url": f"/v1/jobs/{job.id}/results",
+    }
+    if job.state == "queued":
+        status["queue_position"] = service.store.queue_position(job.id, job.created)
+    return status
+
+
+def _size(file: Any) -> int:
+    file.seek(0, io.SEEK_END)
+    size = file.tell()
+    file.seek(0)
+    return size
+
+
+def _chunks(file: Any, size: int = 1024 * 1024):
+    with file:
+        while chunk := file.read(size):
+            yield chunk
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""`mist serve`: put the store, the worker and the API together and serve them with uvicorn; and the token commands.
+
+With SQLite (the default) one server owns a data folder: a lock file says so, and at start-up the jobs that were
+running when the last server died are made claimable at once. With a shared PostgreSQL queue several servers run side by
+side (their data folder shared too, e.g. over NFS), and a dead server's job is taken over when its lease runs out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .app import Service, create_app, is_loopback
+from .store import JobStore, Limits, sqlite_url
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    data: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database: str | None = None  # a SQLAlchemy URL; None: SQLite in the data folder
+    retention_hours: float = 24.0
+    model: str | None = None
+    device: str | None = None
+    low_memory: bool | None = None
+    ray: str | None = None
+    require_token: bool = False
+    local_limits: Limits = Limits()
+    lease_seconds: float = 60.0
+
+
+def open_store(data: Path, database: str | None) -> JobStore:
+    data.mkdir(parents=True, exist_ok=True)
+    return JobStore(database or sqlite_url(data))
+
+
+@contextmanager
+def sole_server(data: Path) -> Iterator[None]:
+    """Hold the data folder's server lock (SQLite: one server per folder); ValueError if another server holds it."""
+    fd = os.open(data / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{data}: another mist serve is using this data folder") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def models_for(options: ServeOptions) -> Any:
+    """What the worker runs jobs on: one model in this process, or a pool of Ray workers."""
+    if options.ray:
+        from ..ray_pool import RayModels
+
+        return RayModels(options.ray, options.model, options.device, options.low_memory)
+    from ..jobs import ModelCache
+
+    return ModelCache(options.model, options.device, options.low_memory)
+
+
+def build_service(options: ServeOptions, store: JobStore) -> Service:
+    models = models_for(options)
+    retention = options.retention_hours * 3600
+    worker = Worker(store, options.data, models, retention_seconds=retention, lease_seconds=options.lease_seconds)
+    return Service(store=store, data=options.data, worker=worker,
+                   require_tokens=options.require_token or not is_loopback(options.host),
+                   local_limits=options.local_limits, retention_seconds=retention, model_name=str(models.where()))
+
+
+def serve(options: ServeOptions) -> int:
+    """Serve until interrupted (Ctrl-C or SIGTERM: the running job stops at its next step and resumes next time)."""
+    import uvicorn
+
+    store = open_store(options.data, options.database)
+    listening_beyond_loopback = not is_loopback(options.host)
+    if listening_beyond_loopback and not any(token.revoked is None for token in store.tokens()):
+        raise ValueError(f"--host {options.host}: listening beyond this machine needs API tokens; create one first "
+                         f"with: mist serve token create NAME --data {options.data}")
+    with sole_server(options.data) if store.is_sqlite else _nothing():
+        if store.is_sqlite:
+            released = store.release_leases()
+            if released:
+                log.warning("%d job(s) interrupted by the last server resume now", released)
+        service = build_service(options, store)
+        print(f"mist serve: http://{options.host}:{options.port}/docs  (data: {options.data}, model: "
+              f"{service.model_name}{', tokens required' if service.require_tokens else ''})", flush=True)
+        uvicorn.run(create_app(service), host=options.host, port=options.port, log_level="warning")
+    store.close()
+    return 0
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def token_command(action: str, data: Path, database: str | None, name: str | None, limits: Limits) -> int:
+    """`mist serve token create NAME | list | revoke NAME`."""
+    store = open_store(data, database)
+    try:
+        if action == "create":
+            token, secret = store.create_token(name or "", limits)
+            print(f"token {token.name} ({token.id}) created; it is shown only now, keep it safe:\n{secret}")
+        elif action == "list":
+            for token in store.tokens():
+                state = "revoked" if token.revoked else "active"
+                print(f"{token.id}  {token.name:<24} {state:<8} max {token.limits.max_upload_bytes // MB} MB per "
+                      f"upload, {token.limits.max_images} images per job, {token.limits.max_queued} jobs queued")
+        else:
+            token = store.revoke_token(name or "")
+            print(f"token {token.name} ({token.id}) revoked")
+    finally:
+        store.close()
+    return 0

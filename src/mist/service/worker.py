@@ -1,0 +1,237 @@
+"""The service's worker: a thread that claims queued jobs from the store, one at a time, runs each through the one job
+runner (`mist.jobs.run_jobs`), records progress in the store, and deletes results whose retention time is over.
+
+While a job runs, a heartbeat renews its lease and looks for a cancel request (which may come from another server
+sharing the queue). If the lease is lost (this server was presumed dead and another took the job), the run stops
+without marking the job. Resume is the job runner's: outputs already complete on disk are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import ProtectConfig
+from ..jobs import Job, run_jobs
+from ..pipeline import Progress, ProtectedImage
+from .store import JobRecord, JobStore
+
+if TYPE_CHECKING:
+    from ..jobs import ModelCache
+
+log = logging.getLogger(__name__)
+
+INPUT_FOLDERS = ("in", "masks", "files")  # removed once a job is finished; "out" is kept until the job expires
+OUTPUT_FOLDER = "out"
+_ORPHAN_AGE = 3600.0  # seconds: a job folder without a job (an upload that never became one) is removed after this
+
+
+@dataclass
+class WorkerStats:
+    """What the worker did since it started, for /v1/metrics."""
+
+    images_done: int = 0
+    images_failed: int = 0
+    jobs_finished: dict[str, int] = field(default_factory=dict)
+    seconds_per_step: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def job_folder(data: Path, job_id: str) -> Path:
+    return data / "jobs" / job_id
+
+
+def job_config(job: JobRecord, folder: Path) -> ProtectConfig:
+    """The job's settings, with the files it names (a mask, a target) resolved in its folder."""
+    settings = dict(job.settings)
+    for name in settings.pop("_files", []):
+        settings[name] = folder / settings[name]
+    return ProtectConfig.of(**settings)
+
+
+class Worker:
+    """Runs the store's jobs on `models` (a `ModelCache`, or the Ray pool), one job at a time, in a thread."""
+
+    def __init__(self, store: JobStore, data: Path, models: ModelCache | Any, *, retention_seconds: float,
+                 lease_seconds: float = 60.0, poll_seconds: float = 1.0, sweep_seconds: float = 60.0,
+                 batch_size: int = 1) -> None:
+        self.store = store
+        self.data = data
+        self.models = models
+        self.retention_seconds = retention_seconds
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.sweep_seconds = sweep_seconds
+        self.batch_size = batch_size
+        self.name = f"worker-{time.time_ns():x}"
+        self.stats = WorkerStats()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cancels: dict[str, threading.Event] = {}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mist-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the current step: a running job is left to be resumed (its lease is released)."""
+        self._stop.set()
+        self._wake.set()
+        for cancel in list(self._cancels.values()):
+            cancel.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.store.release_leases(self.name)
+
+    def wake(self) -> None:
+        """A job was queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    def cancel_now(self, job_id: str) -> None:
+        """This server's own cancel request: stop at the next step without waiting for the heartbeat."""
+        cancel = self._cancels.get(job_id)
+        if cancel is not None:
+            cancel.set()
+
+    def _loop(self) -> None:
+        last_sweep = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() - last_sweep >= self.sweep_seconds:
+                last_sweep = time.monotonic()
+                self.sweep()
+            try:
+                job = self.store.claim(self.name, self.lease_seconds)
+            except Exception:  # a database that is briefly unreachable must not end the worker
+                log.exception("could not claim a job")
+                job = None
+            if job is None:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+                continue
+            self.run(job)
+
+    def run(self, job: JobRecord) -> None:
+        """Run one claimed job to its end (or until cancelled, stopped or its lease is lost) and record the end."""
+        folder = job_folder(self.data, job.id)
+        cancel = threading.Event()
+        self._cancels[job.id] = cancel
+        lost = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, cancel, lost), daemon=True)
+        beat.start()
+        state, error = "failed", None
+        try:
+            config = job_config(job, folder)
+            jobs = [Job(folder / image.source, folder / image.output, label=image.name,
+                        mask=folder / image.mask if image.mask else None) for image in job.images]
+            reporter = StoreReporter(self.store, job.id, {j.source: image.idx for j, image in zip(jobs, job.images)},
+                                     self.stats)
+            summary = run_jobs(jobs, config, self.models, reporter, batch_size=self.batch_size,
+                               metadata=job.metadata_level, cancel=cancel)
+            state = "cancelled" if summary.cancelled else "failed" if summary.failed else "done"
+        except (ValueError, OSError) as exc:
+            error = str(exc)
+        except Exception as exc:  # the job fails, the server goes on
+            log.exception("job %s failed", job.id)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            self._cancels.pop(job.id, None)
+            cancel.set()  # ends the heartbeat
+            beat.join()
+        if lost.is_set() or (self._stop.is_set() and state == "cancelled" and not self.store.cancel_requested(job.id)):
+            return  # another server owns it now, or this one is stopping: the job resumes later
+        if self.store.finish(job.id, self.name, state, self.retention_seconds, error):
+            with self.stats.lock:
+                self.stats.jobs_finished[state] = self.stats.jobs_finished.get(state, 0) + 1
+            for name in INPUT_FOLDERS:
+                shutil.rmtree(folder / name, ignore_errors=True)
+
+    def _heartbeat(self, job_id: str, cancel: threading.Event, lost: threading.Event) -> None:
+        while not cancel.wait(self.lease_seconds / 4):
+            try:
+                if not self.store.renew(job_id, self.name, self.lease_seconds):
+                    lost.set()
+                    cancel.set()
+                elif self.store.cancel_requested(job_id):
+                    cancel.set()
+            except Exception:
+                log.exception("heartbeat of job %s", job_id)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Delete the jobs whose retention time is over, and job folders no job owns (an interrupted upload)."""
+        now = time.time() if now is None else now
+        try:
+            for job_id in self.store.expired_jobs(now):
+                shutil.rmtree(job_folder(self.data, job_id), ignore_errors=True)
+                self.store.delete_job(job_id)
+            known = self.store.job_ids()
+            jobs = self.data / "jobs"
+            for folder in jobs.iterdir() if jobs.is_dir() else ():
+                if folder.name not in known and now - folder.stat().st_mtime > _ORPHAN_AGE:
+                    shutil.rmtree(folder, ignore_errors=True)
+        except Exception:
+            log.exception("retention sweep")
+
+
+class StoreReporter:
+    """Hears a job's run and writes it to the store: each image's state, its step (at most once a second) and the
+    job's seconds per step."""
+
+    def __init__(self, store: JobStore, job_id: str, index_of: dict[Path, int], stats: WorkerStats,
+                 min_interval: float = 1.0) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.index_of = index_of
+        self.stats = stats
+        self.min_interval = min_interval
+        self._last_write = 0.0
+        self._last_step: float | None = None
+
+    def _indices(self, jobs: list[Job]) -> list[int]:
+        return [self.index_of[job.source] for job in jobs]
+
+    def batch_started(self, jobs: list[Job], to_do: int) -> None:
+        pass
+
+    def model_loading(self, where: Any, device: Any) -> None:
+        log.info("loading model %s onto %s", where, device)
+
+    def images_started(self, jobs: list[Job], first: int, to_do: int) -> None:
+        self.store.set_images(self.job_id, self._indices(jobs), state="running", step=0)
+        self._last_step = time.monotonic()
+
+    def step(self, jobs: list[Job], progress: Progress) -> None:
+        now = time.monotonic()
+        if self._last_step is not None:
+            seconds = now - self._last_step
+            with self.stats.lock:
+                self.stats.seconds_per_step = seconds
+        self._last_step = now
+        if now - self._last_write >= self.min_interval or progress.step == progress.total:
+            self._last_write = now
+            self.store.set_images(self.job_id, self._indices(jobs), step=progress.step, steps=progress.total)
+            if self.stats.seconds_per_step is not None:
+                self.store.set_seconds_per_step(self.job_id, self.stats.seconds_per_step)
+
+    def image_done(self, job: Job, result: ProtectedImage) -> None:
+        self.store.set_images(self.job_id, self._indices([job]), state="done", message=None)
+        with self.stats.lock:
+            self.stats.images_done += 1
+
+    def image_skipped(self, job: Job, reason: str) -> None:  # complete from an earlier run of this job
+        self.store.set_images(self.job_id, self._indices([job]), state="done", message=None)
+
+    def image_failed(self, job: Job, message: str, stage: str) -> None:
+        if stage == "not done":  # cancelled or stopped before it: queued again (a resumed run does it)
+            self.store.set_images(self.job_id, self._indices([job]), state="queued", step=0)
+            return
+        # Messages name files by their place in the job's folder, never by the server's paths.
+        self.store.set_images(self.job_id, self._indices([job]), state="failed",
+                              message=message.replace(f"{job.source.parent.parent}/", ""))
+        with self.stats.lock:
+            self.stats.images_failed += 1
