@@ -15,7 +15,7 @@ import zipfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -105,6 +105,8 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
             raise ApiError(401, "a token is required: send 'Authorization: Bearer <token>' (mist serve token create)")
         return Caller(LOCAL_OWNER, service.local_limits)
 
+    Who = Annotated[Caller, Depends(caller)]
+
     def own_job(job_id: str, who: Caller) -> JobRecord:
         job = service.store.job(job_id) if job_id.isalnum() else None
         if job is None or job.owner != who.owner:
@@ -112,7 +114,7 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
         return job
 
     @app.post("/v1/jobs", status_code=201, summary="Submit images to protect")
-    async def submit(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    async def submit(request: Request, who: Who) -> JSONResponse:
         key = request.headers.get("idempotency-key")
         if key is not None and not 0 < len(key) <= _MAX_KEY:
             raise ApiError(400, f"Idempotency-Key: must be 1 to {_MAX_KEY} characters")
@@ -150,11 +152,11 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
                             headers={"Location": f"/v1/jobs/{job_id}"})
 
     @app.get("/v1/jobs/{job_id}", summary="A job's state, per-image progress and ETA")
-    def status(job_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+    def status(job_id: str, who: Who) -> dict[str, Any]:
         return job_status(service, own_job(job_id, who))
 
     @app.get("/v1/jobs/{job_id}/results", summary="Every protected PNG of a finished job, as a ZIP file")
-    def results(job_id: str, who: Caller = Depends(caller)) -> StreamingResponse:
+    def results(job_id: str, who: Who) -> StreamingResponse:
         job = own_job(job_id, who)
         if job.state not in FINISHED:
             raise ApiError(409, f"job {job_id} is {job.state}: its results are ready when it is done")
@@ -171,7 +173,7 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
                                  headers={"Content-Disposition": f'attachment; filename="mist-{job_id}.zip"'})
 
     @app.get("/v1/jobs/{job_id}/results/{name}", summary="One protected PNG")
-    def result(job_id: str, name: str, who: Caller = Depends(caller)) -> FileResponse:
+    def result(job_id: str, name: str, who: Who) -> FileResponse:
         job = own_job(job_id, who)
         for image in job.images:
             path = job_folder(service.data, job_id) / image.output
@@ -180,7 +182,7 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
         raise ApiError(404, f"job {job_id} has no protected image {name!r}")
 
     @app.delete("/v1/jobs/{job_id}", summary="Cancel an unfinished job, or delete a finished one and its files")
-    def delete(job_id: str, who: Caller = Depends(caller)) -> Response:
+    def delete(job_id: str, who: Who) -> Response:
         job = own_job(job_id, who)
         if job.state in FINISHED:
             service.store.delete_job(job_id)
@@ -196,7 +198,7 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
                 "queued": service.store.count_jobs(states=("queued",))}
 
     @app.get("/v1/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    def metrics(who: Caller = Depends(caller)) -> PlainTextResponse:
+    def metrics(who: Who) -> PlainTextResponse:
         return PlainTextResponse(metrics_text(service.store, service.worker.stats),
                                  media_type="text/plain; version=0.0.4")
 
@@ -217,7 +219,8 @@ def job_status(service: Service, job: JobRecord) -> dict[str, Any]:
         "expires": job.expires, "error": job.error, "progress": round(min(1.0, done_steps / total_steps), 4),
         "eta_seconds": eta, "seconds_per_step": job.seconds_per_step,
         "settings": {name: value for name, value in job.settings.items() if not name.startswith("_")},
-        "images": [{"name": image.name, "state": image.state, "step": image.step, "steps": image.steps or steps,
+        "images": [{"name": image.name, "state": image.state, "steps": image.steps or steps,
+                    "step": image.steps or steps if image.state == "done" else image.step,
                     "message": image.message, "output": Path(image.output).name,
                     "url": f"/v1/jobs/{job.id}/results/{Path(image.output).name}" if image.state == "done" else None}
                    for image in job.images],

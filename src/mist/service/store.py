@@ -258,7 +258,8 @@ class JobStore:
             jobs = dict(db.execute(sa.select(jobs_table.c.state, sa.func.count()).group_by(jobs_table.c.state)).all())
             imgs = dict(db.execute(sa.select(images_table.c.state, sa.func.count())
                                    .group_by(images_table.c.state)).all())
-        return ({state: jobs.get(state, 0) for state in JOB_STATES}, {state: imgs.get(state, 0) for state in IMAGE_STATES})
+        return ({state: jobs.get(state, 0) for state in JOB_STATES},
+                {state: imgs.get(state, 0) for state in IMAGE_STATES})
 
     def queue_position(self, job_id: str, created: float) -> int:
         """How many queued or running jobs were created before this one."""

@@ -226,7 +226,7 @@ def _check_image(field: str, upload: Upload, path: Path, config: ProtectConfig |
         problem = str(exc)
     if problem:
         detail = problem.split(": ", 1)[1] if problem.startswith(f"{path}: ") else problem
-        status = 413 if "over the limit" in detail or "pixels" in detail and "limit" in detail else 400
+        status = 413 if "too large" in detail or "over the limit" in detail else 400
         raise SubmitError(status, f"{field}: {upload.filename}: {detail}")
 
 

@@ -59,7 +59,7 @@ class Worker:
 
     def __init__(self, store: JobStore, data: Path, models: ModelCache | Any, *, retention_seconds: float,
                  lease_seconds: float = 60.0, poll_seconds: float = 1.0, sweep_seconds: float = 60.0,
-                 batch_size: int = 1) -> None:
+                 progress_seconds: float = 1.0, batch_size: int = 1) -> None:
         self.store = store
         self.data = data
         self.models = models
@@ -67,6 +67,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.sweep_seconds = sweep_seconds
+        self.progress_seconds = progress_seconds
         self.batch_size = batch_size
         self.name = f"worker-{time.time_ns():x}"
         self.stats = WorkerStats()
@@ -122,15 +123,15 @@ class Worker:
         cancel = threading.Event()
         self._cancels[job.id] = cancel
         lost = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, cancel, lost), daemon=True)
+        jobs = [Job(folder / image.source, folder / image.output, label=image.name,
+                    mask=folder / image.mask if image.mask else None) for image in job.images]
+        index_of = {j.source: image.idx for j, image in zip(jobs, job.images, strict=True)}
+        reporter = StoreReporter(self.store, job.id, index_of, self.stats)
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, cancel, lost, reporter), daemon=True)
         beat.start()
         state, error = "failed", None
         try:
             config = job_config(job, folder)
-            jobs = [Job(folder / image.source, folder / image.output, label=image.name,
-                        mask=folder / image.mask if image.mask else None) for image in job.images]
-            reporter = StoreReporter(self.store, job.id, {j.source: image.idx for j, image in zip(jobs, job.images)},
-                                     self.stats)
             summary = run_jobs(jobs, config, self.models, reporter, batch_size=self.batch_size,
                                metadata=job.metadata_level, cancel=cancel)
             state = "cancelled" if summary.cancelled else "failed" if summary.failed else "done"
@@ -151,9 +152,17 @@ class Worker:
             for name in INPUT_FOLDERS:
                 shutil.rmtree(folder / name, ignore_errors=True)
 
-    def _heartbeat(self, job_id: str, cancel: threading.Event, lost: threading.Event) -> None:
-        while not cancel.wait(self.lease_seconds / 4):
+    def _heartbeat(self, job_id: str, cancel: threading.Event, lost: threading.Event,
+                   reporter: StoreReporter) -> None:
+        """Beside the attack: write its progress each second, renew the lease and look for a cancel request four
+        times per lease (database writes wait for the disk, so the attack never waits for them)."""
+        last_renewal = time.monotonic()
+        while not cancel.wait(min(self.progress_seconds, self.lease_seconds / 4)):
             try:
+                reporter.flush()
+                if time.monotonic() - last_renewal < self.lease_seconds / 4:
+                    continue
+                last_renewal = time.monotonic()
                 if not self.store.renew(job_id, self.name, self.lease_seconds):
                     lost.set()
                     cancel.set()
@@ -179,21 +188,29 @@ class Worker:
 
 
 class StoreReporter:
-    """Hears a job's run and writes it to the store: each image's state, its step (at most once a second) and the
-    job's seconds per step."""
+    """Hears a job's run and writes it to the store: each image's state at once, its step and the job's seconds per
+    step when `flush` is called (the worker's heartbeat does, each second)."""
 
-    def __init__(self, store: JobStore, job_id: str, index_of: dict[Path, int], stats: WorkerStats,
-                 min_interval: float = 1.0) -> None:
+    def __init__(self, store: JobStore, job_id: str, index_of: dict[Path, int], stats: WorkerStats) -> None:
         self.store = store
         self.job_id = job_id
         self.index_of = index_of
         self.stats = stats
-        self.min_interval = min_interval
-        self._last_write = 0.0
         self._last_step: float | None = None
+        self._progress: tuple[list[int], int, int] | None = None  # not yet written: (images, step, steps)
+        self._lock = threading.Lock()
 
     def _indices(self, jobs: list[Job]) -> list[int]:
         return [self.index_of[job.source] for job in jobs]
+
+    def flush(self) -> None:
+        with self._lock:
+            progress, self._progress = self._progress, None
+        if progress is not None:
+            indices, step, steps = progress
+            self.store.set_images(self.job_id, indices, step=step, steps=steps)
+            if self.stats.seconds_per_step is not None:
+                self.store.set_seconds_per_step(self.job_id, self.stats.seconds_per_step)
 
     def batch_started(self, jobs: list[Job], to_do: int) -> None:
         pass
@@ -208,17 +225,15 @@ class StoreReporter:
     def step(self, jobs: list[Job], progress: Progress) -> None:
         now = time.monotonic()
         if self._last_step is not None:
-            seconds = now - self._last_step
             with self.stats.lock:
-                self.stats.seconds_per_step = seconds
+                self.stats.seconds_per_step = now - self._last_step
         self._last_step = now
-        if now - self._last_write >= self.min_interval or progress.step == progress.total:
-            self._last_write = now
-            self.store.set_images(self.job_id, self._indices(jobs), step=progress.step, steps=progress.total)
-            if self.stats.seconds_per_step is not None:
-                self.store.set_seconds_per_step(self.job_id, self.stats.seconds_per_step)
+        with self._lock:
+            self._progress = (self._indices(jobs), progress.step, progress.total)
 
     def image_done(self, job: Job, result: ProtectedImage) -> None:
+        with self._lock:
+            self._progress = None
         self.store.set_images(self.job_id, self._indices([job]), state="done", message=None)
         with self.stats.lock:
             self.stats.images_done += 1

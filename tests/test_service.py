@@ -1,0 +1,279 @@
+"""`mist serve` in-process: the API over the job store and the worker, on the tiny random model. Submissions, their
+checks, tokens and limits tried as an attacker would, idempotency, cancel, delete, retention and metrics. (A real
+server killed with -9, and the Python client, are in test_service_process.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from mist.config import ProtectConfig  # noqa: E402
+from mist.images import read_png_text  # noqa: E402
+from mist.jobs import Job, ModelCache, run_jobs  # noqa: E402
+from mist.service.app import Service, create_app  # noqa: E402
+from mist.service.store import JobStore, Limits, sqlite_url  # noqa: E402
+from mist.service.worker import Worker  # noqa: E402
+
+FAST = {"steps": "2", "input-size": "32"}
+
+
+class Quiet:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture(scope="module")
+def models() -> ModelCache:
+    return ModelCache("tiny-random", "cpu")
+
+
+def png_bytes(painting: Image.Image, size: int = 40, shift: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    picture = painting.resize((size, size))
+    if shift:
+        picture = picture.rotate(shift)
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_service(tmp_path: Path, models: ModelCache, *, require_tokens: bool = False,
+                 local_limits: Limits | None = None, retention: float = 3600.0) -> Service:
+    data = tmp_path / "data"
+    data.mkdir()
+    store = JobStore(sqlite_url(data))
+    worker = Worker(store, data, models, retention_seconds=retention, lease_seconds=30, poll_seconds=0.05)
+    return Service(store, data, worker, require_tokens, local_limits or Limits(), retention, "tiny-random")
+
+
+@pytest.fixture
+def service(tmp_path, models):
+    service = make_service(tmp_path, models)
+    yield service
+    service.store.close()
+
+
+def wait_finished(http: TestClient, job_id: str, headers: dict | None = None, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = http.get(f"/v1/jobs/{job_id}", headers=headers or {}).json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        assert time.monotonic() < deadline, f"job still {status['state']}: {status}"
+        time.sleep(0.05)
+
+
+def submit(http: TestClient, files: list, data: dict | None = None, headers: dict | None = None):
+    return http.post("/v1/jobs", files=files, data={**FAST, **(data or {})}, headers=headers or {})
+
+
+def test_a_job_gives_the_same_png_as_the_command_line_runner(service, models, painting, tmp_path):
+    picture = png_bytes(painting)
+    with TestClient(create_app(service)) as http:
+        created = submit(http, [("images", ("art.png", picture, "image/png"))], {"mode": "textural", "seed": "5"})
+        assert created.status_code == 201, created.text
+        status = wait_finished(http, created.json()["id"])
+        assert status["state"] == "done" and status["progress"] == 1.0
+        assert status["images"][0]["state"] == "done" and status["images"][0]["output"] == "art.png"
+        single = http.get(status["images"][0]["url"])
+        archive = zipfile.ZipFile(io.BytesIO(http.get(status["results_url"]).content))
+        assert archive.namelist() == ["art.png"]
+        served = archive.read("art.png")
+    assert single.content == served
+    # The same job through the runner the command line uses: byte for byte the same file.
+    (tmp_path / "cli").mkdir()
+    source = tmp_path / "cli" / "art.png"
+    source.write_bytes(picture)
+    config = ProtectConfig.of(steps=2, input_size=32, mode="textural", seed=5)
+    summary = run_jobs([Job(source, tmp_path / "out" / "art.png")], config, models, Quiet())
+    assert summary.ok
+    assert (tmp_path / "out" / "art.png").read_bytes() == served
+    assert json.loads(read_png_text(tmp_path / "out" / "art.png")["mist:settings"])["mode"] == "textural"
+    # Inputs are removed once the job is finished; the outputs stay until the job expires.
+    folder = service.data / "jobs" / status["id"]
+    assert not (folder / "in").exists() and (folder / "out" / "art.png").is_file()
+
+
+def test_settings_take_the_command_lines_names_and_are_checked(service, painting):
+    picture = ("images", ("a.png", png_bytes(painting), "image/png"))
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        ok = submit(http, [picture], {"step-size": "2", "no-resize": "true", "fused_weight": "0.5",
+                                      "settings": json.dumps({"epsilon": 8})})
+        assert ok.status_code == 201, ok.text
+        assert ok.json()["settings"] == {"epsilon": 8, "fused_weight": 0.5, "input_size": 32, "keep_aspect": True,
+                                         "step_size": 2.0, "steps": 2}
+        for fields, words in [({"epsilon": "300"}, "epsilon: must be between 0 and 255"),
+                              ({"steps": "many"}, "steps: must be a number"),
+                              ({"method": "nope"}, "method:"),
+                              ({"device": "cuda"}, "device: not a setting"),
+                              ({"mode": "loud"}, "mode"),
+                              ({"no-resize": "maybe"}, "no-resize: must be true or false"),
+                              ({"settings": "[1]"}, "settings: must be a JSON object"),
+                              ({"target": "x.png"}, "target: is a file")]:
+            refused = submit(http, [picture], fields)
+            assert refused.status_code == 400, (fields, refused.text)
+            assert words in refused.json()["error"], (fields, refused.json())
+    assert len(list((service.data / "jobs").iterdir())) == 1  # refused submissions leave no folder behind
+
+
+def test_uploads_are_checked_and_named_as_the_client_named_them(service, painting):
+    good = png_bytes(painting)
+    truncated = good[: len(good) // 2]
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, "PNG")  # 400 megapixels in a few kB
+    cases = [
+        ([("images", ("notes.png", b"hello, not an image", "image/png"))], 400, "images: notes.png:"),
+        ([("images", ("half.png", truncated, "image/png"))], 400, "images: half.png:"),
+        ([("images", ("bomb.png", bomb.getvalue(), "image/png"))], 413, "images: bomb.png: image is too large"),
+        ([("images", ("../../etc/evil.png", good, "image/png"))], 400, "is not a plain file name"),
+        ([("images", ("..\\evil.png", good, "image/png"))], 400, "is not a plain file name"),
+        ([("images", (".hidden.png", good, "image/png"))], 400, "is not a plain file name"),
+        ([("images", ("a.png", good, "image/png")), ("images", ("a.png", good, "image/png"))], 400, "two files"),
+        ([("mask", ("m.png", good, "image/png"))], 400, "images: no image uploaded"),
+        ([("images", ("a.png", good, "image/png")), ("masks", ("b.png", good, "image/png"))], 400,
+         "named like none of the images"),
+        ([("images", ("a.png", good, "image/png")), ("extra", ("b.png", good, "image/png"))], 400,
+         "extra: not a file field"),
+    ]
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        for files, status, words in cases:
+            refused = submit(http, files)
+            assert refused.status_code == status, (files[0][1][0], refused.text)
+            assert words in refused.json()["error"], refused.json()
+        # A mask per image, matched by name, and a method's file parameter under its own name.
+        accepted = submit(http, [("images", ("a.jpg", good, "image/png")), ("masks", ("a.png", good, "image/png")),
+                                 ("target", ("pattern.png", png_bytes(painting, 32, 90), "image/png"))])
+        assert accepted.status_code == 201, accepted.text
+    folder = service.data / "jobs" / accepted.json()["id"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "files/target.png", "in/a.jpg", "masks/a.png"]
+    assert not (service.data.parent / "etc").exists()
+    assert len(list((service.data / "jobs").iterdir())) == 1
+
+
+def test_tokens_guard_every_job(tmp_path, models, painting):
+    service = make_service(tmp_path, models, require_tokens=True)
+    _, alice = service.store.create_token("alice", Limits())
+    bob_token, bob = service.store.create_token("bob", Limits())
+    as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        assert submit(http, picture).status_code == 401  # no token
+        assert submit(http, picture, headers={"Authorization": "Bearer mist_guessed"}).status_code == 401
+        assert submit(http, picture, headers={"Authorization": alice}).status_code == 401  # not "Bearer ..."
+        assert http.get("/v1/metrics").status_code == 401
+        job = submit(http, picture, headers=as_alice).json()["id"]
+        for method, path in [("GET", f"/v1/jobs/{job}"), ("GET", f"/v1/jobs/{job}/results"),
+                             ("GET", f"/v1/jobs/{job}/results/a.png"), ("DELETE", f"/v1/jobs/{job}")]:
+            stolen = http.request(method, path, headers=as_bob)
+            assert stolen.status_code == 404 and stolen.json() == {"error": f"no job {job}"}, (method, path)
+        assert http.get(f"/v1/jobs/{job}", headers=as_alice).json()["state"] == "queued"
+        assert http.get("/v1/jobs/..%2F..%2Fmist.db", headers=as_alice).status_code == 404
+        service.store.revoke_token(bob_token.name)
+        assert http.get("/v1/health").status_code == 200  # health needs no token
+        assert submit(http, picture, headers=as_bob).status_code == 401
+    stored = (service.data / "mist.db").read_bytes()
+    assert alice.encode() not in stored and bob.encode() not in stored  # only hashes are kept
+    service.store.close()
+
+
+def test_limits_refuse_what_is_too_much(tmp_path, models, painting):
+    service = make_service(tmp_path, models, local_limits=Limits(max_upload_bytes=60_000, max_images=2,
+                                                                 max_queued=1))
+    small = png_bytes(painting, 24)
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        three = [("images", (f"{n}.png", small, "image/png")) for n in range(3)]
+        refused = submit(http, three)
+        assert refused.status_code == 413 and "limit of 2 per job" in refused.json()["error"]
+        big = submit(http, [("images", ("big.png", bytes(70_000), "image/png"))])
+        assert big.status_code == 413 and "60000 bytes" in big.json()["error"]
+        assert submit(http, three[:1]).status_code == 201
+        queued = submit(http, three[:1])
+        assert queued.status_code == 429 and "limit is 1" in queued.json()["error"]
+
+
+def test_an_idempotency_key_gives_back_the_first_job(service, painting):
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        first = submit(http, picture, headers={"Idempotency-Key": "upload-42"})
+        again = submit(http, picture, headers={"Idempotency-Key": "upload-42"})
+        other = submit(http, picture, headers={"Idempotency-Key": "upload-43"})
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 201)
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    assert service.store.count_jobs() == 2
+
+
+def test_cancel_delete_and_retention(tmp_path, models, painting):
+    service = make_service(tmp_path, models, retention=60)
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        queued = submit(http, picture).json()["id"]
+        assert http.delete(f"/v1/jobs/{queued}").json() == {"id": queued, "state": "cancelled", "cancel": True}
+        assert http.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
+        assert http.get(f"/v1/jobs/{queued}/results").status_code == 404  # nothing was protected
+        kept = submit(http, picture).json()["id"]
+    with TestClient(create_app(service)) as http:
+        assert wait_finished(http, kept)["state"] == "done"
+        assert http.delete(f"/v1/jobs/{queued}").status_code == 204  # a finished job is deleted with its files
+        assert http.get(f"/v1/jobs/{queued}").status_code == 404
+        assert not (service.data / "jobs" / queued).exists()
+        metrics = http.get("/v1/metrics").text
+    assert 'mist_jobs{state="done"} 1' in metrics and "mist_images_done_total 1" in metrics
+    assert "mist_seconds_per_step " in metrics
+    service.worker.sweep(now=time.time() + 30)  # within the retention time: kept
+    assert service.store.job(kept) is not None and (service.data / "jobs" / kept / "out" / "a.png").is_file()
+    service.worker.sweep(now=time.time() + 120)
+    assert service.store.job(kept) is None and not (service.data / "jobs" / kept).exists()
+    service.store.close()
+
+
+def test_a_running_job_cancels_at_its_next_step(tmp_path, models, painting):
+    service = make_service(tmp_path, models)
+    pictures = [("images", (f"{n}.png", png_bytes(painting, 32, n), "image/png")) for n in range(3)]
+    with TestClient(create_app(service)) as http:
+        job = submit(http, pictures, {"steps": "400"}).json()["id"]
+        deadline = time.monotonic() + 120
+        while http.get(f"/v1/jobs/{job}").json()["images"][0]["step"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert http.delete(f"/v1/jobs/{job}").status_code == 202
+        status = wait_finished(http, job)
+    assert status["state"] == "cancelled"
+    assert [image["state"] for image in status["images"]] == ["queued"] * 3
+    service.store.close()
+
+
+def test_claims_are_exclusive_and_a_dead_servers_lease_runs_out(tmp_path):
+    store = JobStore(sqlite_url(tmp_path))
+    store.add_job("j1", "local", {"steps": 1}, "full", [("a.png", "in/a.png", None, "out/a.png")])
+    first = store.claim("server-a", lease_seconds=1000)
+    assert first is not None and first.id == "j1" and first.attempts == 1
+    assert store.claim("server-b", lease_seconds=1000) is None  # leased
+    assert store.release_leases("server-a") == 1  # as if its lease ran out
+    second = store.claim("server-b", lease_seconds=1000)
+    assert second is not None and second.attempts == 2
+    assert not store.renew("j1", "server-a", 1000) and store.renew("j1", "server-b", 1000)
+    assert not store.finish("j1", "server-a", "done", 60)  # only the lease owner may finish it
+    assert store.finish("j1", "server-b", "done", 60) and store.job("j1").state == "done"
+    store.close()
+
+
+def test_serving_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
+    import uvicorn
+
+    from mist.service.server import ServeOptions, serve
+
+    def must_not_listen(*args, **kwargs):
+        raise AssertionError("the server started listening")
+
+    monkeypatch.setattr(uvicorn, "run", must_not_listen)
+    with pytest.raises(ValueError, match="listening beyond this machine needs API tokens"):
+        serve(ServeOptions(data=tmp_path, host="0.0.0.0", model="tiny-random"))

@@ -1,0 +1,142 @@
+"""`mist serve` as users start it, in its own process on 127.0.0.1: the Python client against it, and the server
+killed with -9 in the middle of a job and started again (nothing accepted is lost, nothing finished is redone)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from mist.client import Client, ServiceError  # noqa: E402
+
+MIST = [sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`mist serve` on a free loopback port, stopped (killed if need be) by the test."""
+
+    def __init__(self, data: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data.parent / f"server-{self.port}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [*MIST, "serve", "--data", str(data), "--port", str(self.port), "--model", "tiny-random",
+                 "--device", "cpu", *extra], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        with Client(self.url) as client:
+            while True:
+                try:
+                    client.health()
+                    return
+                except Exception:
+                    assert self.process.poll() is None, self.log.read_text()
+                    assert time.monotonic() < deadline, self.log.read_text()
+                    time.sleep(0.1)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def images(tmp_path, painting) -> list[Path]:
+    folder = tmp_path / "art"
+    folder.mkdir()
+    paths = []
+    for n in range(3):
+        path = folder / f"picture{n}.png"
+        painting.rotate(30 * n).resize((32, 32)).save(path)
+        paths.append(path)
+    return paths
+
+
+def wait_for(check, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_killed_with_minus_9_the_server_loses_no_job_and_redoes_no_image(tmp_path, images):
+    data = tmp_path / "data"
+    server = Server(data)
+    try:
+        with Client(server.url) as client:
+            job = client.submit(images, steps=12, input_size=32)["id"]
+            wait_for(lambda: client.status(job)["images"][0]["state"] == "done", what="the first image done")
+            assert client.status(job)["images"][-1]["state"] != "done"
+        finished = data / "jobs" / job / "out" / "picture0.png"
+        before = finished.stat()
+        server.kill()
+        assert not server.process.returncode == 0
+        server = Server(data)
+        with Client(server.url) as client:
+            status = client.wait(job, poll_seconds=0.1, timeout=300)
+            assert status["state"] == "done", status
+            assert [image["state"] for image in status["images"]] == ["done"] * 3
+            written = client.download(job, tmp_path / "results")
+        after = finished.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not redone
+        assert sorted(path.name for path in written) == [f"picture{n}.png" for n in range(3)]
+        for path in written:
+            assert Image.open(path).size == (32, 32)
+    finally:
+        server.stop()
+
+
+def test_the_python_client(tmp_path, images):
+    data = tmp_path / "data"
+    server = Server(data, "--require-token")
+    try:
+        token = subprocess.run([*MIST, "serve", "token", "create", "tester", "--data", str(data)],
+                               capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        with Client(server.url) as anonymous, pytest.raises(ServiceError) as refused:
+            anonymous.submit(images[:1], steps=1)
+        assert refused.value.status == 401
+        with Client(server.url, token=token) as client:
+            target = tmp_path / "pattern.png"
+            Image.new("RGB", (32, 32), (200, 30, 30)).save(target)
+            paths = client.protect(images[:2], tmp_path / "out", steps=2, input_size=32, mode="textural",
+                                   target=target, timeout=300)
+            assert sorted(path.name for path in paths) == ["picture0.png", "picture1.png"]
+            again = client.submit(images[:1], steps=2, idempotency_key="k1")
+            assert client.submit(images[:1], steps=2, idempotency_key="k1")["id"] == again["id"]
+            with pytest.raises(ServiceError) as bad:
+                client.submit(images[:1], epsilon=999)
+            assert bad.value.status == 400 and "epsilon" in bad.value.message
+            assert "mist_images_done_total" in client.metrics()
+        listed = subprocess.run([*MIST, "serve", "token", "list", "--data", str(data)], capture_output=True,
+                                text=True, check=True).stdout
+        assert "tester" in listed and token not in listed
+        blocked = subprocess.run([*MIST, "serve", "--data", str(data), "--port", str(free_port()), "--model",
+                                  "tiny-random"], capture_output=True, text=True, timeout=120)
+        assert blocked.returncode != 0 and "another mist serve is using this data folder" in blocked.stderr
+    finally:
+        server.stop()
+    with Image.open(io.BytesIO((tmp_path / "out" / "picture0.png").read_bytes())) as png:
+        assert png.text["mist:method"] == "mist" and "target" in png.text["mist:settings"]
+    assert os.path.getsize(tmp_path / "out" / "picture1.png") > 0
