@@ -70,6 +70,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _caller(request: Request) -> Caller:
+    """Who sends the request: the token in its Authorization header, or the local user where that is allowed."""
+    service: Service = request.app.state.service
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if header:
+        token = service.store.token_for_secret(secret.strip()) if scheme.lower() == "bearer" else None
+        if token is None:
+            raise ApiError(401, "invalid or revoked token")
+        return Caller(token.id, token.limits)
+    if service.require_tokens:
+        raise ApiError(401, "a token is required: send 'Authorization: Bearer <token>' (mist serve token create)")
+    return Caller(LOCAL_OWNER, service.local_limits)
+
+
+Who = Annotated[Caller, Depends(_caller)]
+
+
 def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
     """The API over `service`; with `manage_worker` the worker starts and stops with the app."""
 
@@ -84,6 +102,7 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
     app = FastAPI(title="Mist", version=__version__, lifespan=lifespan,
                   description="Protect artworks from AI mimicry: submit images, follow the job, download the "
                               "protected PNGs. Authenticate with `Authorization: Bearer <token>`.")
+    app.state.service = service
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -92,20 +111,6 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    def caller(request: Request) -> Caller:
-        header = request.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
-        if header:
-            token = service.store.token_for_secret(secret.strip()) if scheme.lower() == "bearer" else None
-            if token is None:
-                raise ApiError(401, "invalid or revoked token")
-            return Caller(token.id, token.limits)
-        if service.require_tokens:
-            raise ApiError(401, "a token is required: send 'Authorization: Bearer <token>' (mist serve token create)")
-        return Caller(LOCAL_OWNER, service.local_limits)
-
-    Who = Annotated[Caller, Depends(caller)]
 
     def own_job(job_id: str, who: Caller) -> JobRecord:
         job = service.store.job(job_id) if job_id.isalnum() else None
