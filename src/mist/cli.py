@@ -94,6 +94,11 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                         "(default: on where memory is short: GPUs under 12 GiB, under 8 GiB of free RAM)")
     r.add_argument("--batch-size", type=int, default=1,
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
+    r.add_argument("--ray", metavar="ADDRESS",
+                   help="spread the images over a Ray cluster's GPU workers, e.g. 10.0.0.5:6379 or auto (pip install "
+                        "'mist-protect[ray]'; every worker node needs Mist and the model)")
+    r.add_argument("--ray-resource", default="GPU", metavar="NAME",
+                   help="with --ray: one worker per unit of this resource (default: %(default)s)")
 
 
 def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:
@@ -166,21 +171,26 @@ def flag_message(message: str, flags: Mapping[str, str]) -> str:
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
-                batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] | None = None) -> int:
+                batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] | None = None,
+                ray: str | None = None, ray_resource: str = "GPU") -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`.
+    With `ray` (a cluster's address) the attacks run on the cluster's workers (`mist.ray_pool`).
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
     """
-    from .device import resolve_precision
     from .jobs import ModelCache, run_jobs
     from .reporting import ConsoleReporter
 
-    models = ModelCache(model_spec, device_name, low_memory)
-    with fields_as_flags(flags or protect_flags()):
-        device = models.device()
-        resolve_precision(config.precision, device)  # fp16 without a GPU is refused before loading
-    models.where()  # a missing model is reported before any image is touched
-    warn_if_the_gpu_is_unused(device)
+    if ray:
+        from .ray_pool import RayModels
+
+        models = RayModels(ray, model_spec, device_name, low_memory, ray_resource)
+    else:
+        models = ModelCache(model_spec, device_name, low_memory)
+        with fields_as_flags(flags or protect_flags()):
+            models.precision(config.precision)  # fp16 without a GPU is refused before loading
+        models.where()  # a missing model is reported before any image is touched
+        warn_if_the_gpu_is_unused(models.device())
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
     try:
@@ -366,7 +376,7 @@ def _protect(args: argparse.Namespace) -> int:
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
     return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
-                       args.batch_size, args.metadata)
+                       args.batch_size, args.metadata, ray=args.ray, ray_resource=args.ray_resource)
 
 
 def run_then(command: str, always: bool, code: int) -> int:

@@ -145,6 +145,8 @@ class ModelCache:
         self._models: dict[str, StableDiffusion] = {}
         self.loads = 0  # how many times a model was read (tests check it is once)
 
+    images_at_once = 1  # images the job runner hands `protector().protect_many` per attack batch (a Ray pool: more)
+
     def where(self) -> str | Path:
         """Where the model is (`tiny-random`, a path, or the given model's source), without loading it; raises
         ModelNotFoundError."""
@@ -162,6 +164,10 @@ class ModelCache:
 
         return pick_device(self.device_name)
 
+    def precision(self, precision: str) -> str:
+        """What `precision` ("auto" too) is on this cache's device; ValueError for one the device cannot run."""
+        return resolve_precision(precision, self.device())
+
     def protector(self, config: ProtectConfig, *, batch_size: int = 1,
                   on_load: Callable[[str | Path, torch.device], None] | None = None) -> Protector:
         """A Protector for `config` on the cached model, loaded now (`on_load(where, device)` hears of it first) if it
@@ -169,7 +175,6 @@ class ModelCache:
         precision. Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
         import torch
 
-        from .device import resolve_precision
         from .methods import get_method
         from .models import load_model
         from .objectives import PRECISION_DTYPES
@@ -213,7 +218,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
         raise ValueError(f"metadata: must be one of {', '.join(manifest.METADATA_LEVELS)}, got {metadata!r}")
     summary = BatchSummary()
     model = models.identity()
-    precision = resolve_precision(config.precision, models.device())  # what "auto" means here: outputs record it
+    precision = models.precision(config.precision)  # what "auto" means here: outputs record it
     masks: dict[Path | None, Image.Image | None] = {None: None}
     settings_of: dict[Path | None, str] = {}  # by the job's own mask (None: the run's)
     pending: list[_Pending] = []
@@ -250,7 +255,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
             _cancel(summary, reporter, pending)
             return summary
         protector = models.protector(config, batch_size=batch_size, on_load=reporter.model_loading)
-        per_chunk = max(1, batch_size // config.block_num**2)
+        per_chunk = max(1, batch_size // config.block_num**2) * models.images_at_once
         stopped: str | None = None
         for first in range(0, len(pending), per_chunk):
             chunk = pending[first : first + per_chunk]
@@ -310,6 +315,9 @@ def _protect_chunk(chunk: list[_Pending], protector: Protector, model: ModelIden
     stopped = None
     for (item, _), result in zip(readable, results, strict=True):
         job = item.job
+        if isinstance(result, Exception):  # a remote worker's failure costs only its own image
+            _fail(summary, reporter, job, f"{job.source}: {str(result).splitlines()[0][:300]}", "attack")
+            continue
         try:
             _write_output(item, result, protector, model, metadata)
         except (ValueError, OSError) as exc:

@@ -32,6 +32,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--ray", metavar="ADDRESS",
                        help="spread images over a Ray cluster's GPU workers (pip install 'mist-protect[ray]'), e.g. "
                             "127.0.0.1:6379 or auto")
+    serve.add_argument("--ray-resource", default="GPU", metavar="NAME",
+                       help="with --ray: one worker per unit of this resource (default: %(default)s)")
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
     token = actions.add_parser("token", help="create, list or revoke API tokens",
@@ -87,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--retention-hours: must be above 0, got {args.retention_hours}")
     options = ServeOptions(
         data=args.data, host=args.host, port=args.port, database=args.database, retention_hours=args.retention_hours,
-        model=args.model, device=args.device, low_memory=args.low_memory, ray=args.ray,
+        model=args.model, device=args.device, low_memory=args.low_memory, ray=args.ray, ray_resource=args.ray_resource,
         require_token=args.require_token,
         local_limits=Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued))
     return serve(options)

@@ -35,6 +35,7 @@ class ServeOptions:
     device: str | None = None
     low_memory: bool | None = None
     ray: str | None = None
+    ray_resource: str = "GPU"
     require_token: bool = False
     local_limits: Limits = Limits()
     lease_seconds: float = 60.0
@@ -64,7 +65,7 @@ def models_for(options: ServeOptions) -> Any:
     if options.ray:
         from ..ray_pool import RayModels
 
-        return RayModels(options.ray, options.model, options.device, options.low_memory)
+        return RayModels(options.ray, options.model, options.device, options.low_memory, options.ray_resource)
     from ..jobs import ModelCache
 
     return ModelCache(options.model, options.device, options.low_memory)

@@ -197,6 +197,7 @@ class StoreReporter:
         self.index_of = index_of
         self.stats = stats
         self._last_step: float | None = None
+        self._last_value = 0
         self._progress: tuple[list[int], int, int] | None = None  # not yet written: (images, step, steps)
         self._lock = threading.Lock()
 
@@ -220,16 +221,19 @@ class StoreReporter:
 
     def images_started(self, jobs: list[Job], first: int, to_do: int) -> None:
         self.store.set_images(self.job_id, self._indices(jobs), state="running", step=0)
-        self._last_step = time.monotonic()
+        self._last_step, self._last_value = time.monotonic(), 0
 
     def step(self, jobs: list[Job], progress: Progress) -> None:
         now = time.monotonic()
-        if self._last_step is not None:
+        # Steps done since the last event: one, in a local run; a whole image's, when a Ray worker reports one
+        # image finished (several in parallel, so the time per step is the pool's).
+        advanced = progress.step - self._last_value if progress.step > self._last_value else progress.step
+        if self._last_step is not None and advanced > 0:
             with self.stats.lock:
-                self.stats.seconds_per_step = now - self._last_step
-        self._last_step = now
+                self.stats.seconds_per_step = (now - self._last_step) / advanced
+        self._last_step, self._last_value = now, progress.step
         with self._lock:
-            self._progress = (self._indices(jobs), progress.step, progress.total)
+            self._progress = (self._indices([jobs[i] for i in progress.images]), progress.step, progress.total)
 
     def image_done(self, job: Job, result: ProtectedImage) -> None:
         with self._lock:
