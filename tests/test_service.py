@@ -251,21 +251,6 @@ def test_a_running_job_cancels_at_its_next_step(tmp_path, models, painting):
     service.store.close()
 
 
-def test_claims_are_exclusive_and_a_dead_servers_lease_runs_out(tmp_path):
-    store = JobStore(sqlite_url(tmp_path))
-    store.add_job("j1", "local", {"steps": 1}, "full", [("a.png", "in/a.png", None, "out/a.png")])
-    first = store.claim("server-a", lease_seconds=1000)
-    assert first is not None and first.id == "j1" and first.attempts == 1
-    assert store.claim("server-b", lease_seconds=1000) is None  # leased
-    assert store.release_leases("server-a") == 1  # as if its lease ran out
-    second = store.claim("server-b", lease_seconds=1000)
-    assert second is not None and second.attempts == 2
-    assert not store.renew("j1", "server-a", 1000) and store.renew("j1", "server-b", 1000)
-    assert not store.finish("j1", "server-a", "done", 60)  # only the lease owner may finish it
-    assert store.finish("j1", "server-b", "done", 60) and store.job("j1").state == "done"
-    store.close()
-
-
 def test_serving_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
     import uvicorn
 
