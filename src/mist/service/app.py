@@ -30,6 +30,13 @@ from .submit import SubmitError, parse_settings, save_submission, uploads_by_fie
 from .worker import OUTPUT_FOLDER, Worker, job_folder
 
 _MAX_KEY = 200  # characters of an Idempotency-Key
+SUBMIT_HELP = """A multipart form. Files: `images` (one or more), `mask` (one mask for every image: protection where
+its red channel is 255), `masks` (a mask per image, named like its image), and a method's file parameter under its own
+name (`target`). Settings: fields named like `mist protect`'s flags (`method`, `epsilon`, `steps`, `step-size`,
+`input-size`, `block-num`, `no-resize`, `original-size`, `seed`, `precision`, `robust`, `eot-samples`, `shape`, and the
+method's parameters such as `mode`, `fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`:
+`full` or `minimal`. Header `Idempotency-Key`: a retried submission with the same key returns the first job (200).
+Answers 201 with the job's status; 400 / 413 / 429 with `{"error": "..."}` naming the field or file."""
 _FORM_FIELDS = 64  # text fields a submission may have
 
 
@@ -118,7 +125,7 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
             raise ApiError(404, f"no job {job_id}")
         return job
 
-    @app.post("/v1/jobs", status_code=201, summary="Submit images to protect")
+    @app.post("/v1/jobs", status_code=201, summary="Submit images to protect", description=SUBMIT_HELP)
     async def submit(request: Request, who: Who) -> JSONResponse:
         key = request.headers.get("idempotency-key")
         if key is not None and not 0 < len(key) <= _MAX_KEY:
