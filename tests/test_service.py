@@ -195,6 +195,9 @@ def test_limits_refuse_what_is_too_much(tmp_path, models, painting):
         assert refused.status_code == 413 and "limit of 2 per job" in refused.json()["error"]
         big = submit(http, [("images", ("big.png", bytes(70_000), "image/png"))])
         assert big.status_code == 413 and "60000 bytes" in big.json()["error"]
+        chunked = http.post("/v1/jobs", content=iter([b"--x\r\n"]),
+                            headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
         assert submit(http, three[:1]).status_code == 201
         queued = submit(http, three[:1])
         assert queued.status_code == 429 and "limit is 1" in queued.json()["error"]

@@ -133,7 +133,9 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
         if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
             return JSONResponse(job_status(service, own_job(existing, who)), status_code=200)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > who.limits.max_upload_bytes):
+        if length is None:  # a chunked upload's size is known only once it has filled the disk
+            raise ApiError(411, "upload: send a Content-Length header")
+        if not length.isdigit() or int(length) > who.limits.max_upload_bytes:
             raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
         if service.store.count_jobs(who.owner) >= who.limits.max_queued:
             raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
