@@ -136,7 +136,7 @@ class Worker:
                                metadata=job.metadata_level, cancel=cancel)
             state = "cancelled" if summary.cancelled else "failed" if summary.failed else "done"
         except (ValueError, OSError) as exc:
-            error = str(exc)
+            error = str(exc).replace(f"{folder}/", "")  # files named by their place in the job, not the server's path
         except Exception as exc:  # the job fails, the server goes on
             log.exception("job %s failed", job.id)
             error = f"internal error: {type(exc).__name__}: {exc}"
