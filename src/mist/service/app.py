@@ -26,7 +26,7 @@ from starlette.formparsers import MultiPartException
 from .. import __version__
 from .metrics import metrics_text
 from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, new_job_id
-from .submit import SubmitError, parse_settings, save_submission, uploads_by_field
+from .submit import SubmitError, Upload, parse_settings, save_submission, uploads_by_field
 from .worker import OUTPUT_FOLDER, Worker, job_folder
 
 _MAX_KEY = 200  # characters of an Idempotency-Key
@@ -127,43 +127,58 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=201, summary="Submit images to protect", description=SUBMIT_HELP)
     async def submit(request: Request, who: Who) -> JSONResponse:
+        # Only the upload is read on the event loop; the checks, files and database work run in worker threads.
         key = request.headers.get("idempotency-key")
         if key is not None and not 0 < len(key) <= _MAX_KEY:
             raise ApiError(400, f"Idempotency-Key: must be 1 to {_MAX_KEY} characters")
-        if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
-            return JSONResponse(job_status(service, own_job(existing, who)), status_code=200)
         length = request.headers.get("content-length")
         if length is None:  # a chunked upload's size is known only once it has filled the disk
             raise ApiError(411, "upload: send a Content-Length header")
         if not length.isdigit() or int(length) > who.limits.max_upload_bytes:
             raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
-        if service.store.count_jobs(who.owner) >= who.limits.max_queued:
-            raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
+        earlier = await run_in_threadpool(admit, who, key)
+        if earlier is not None:
+            return JSONResponse(earlier, status_code=200)
         try:
             async with request.form(max_files=2 * who.limits.max_images + 8, max_fields=_FORM_FIELDS,
                                     max_part_size=64 * 1024) as form:
                 texts, uploads = uploads_by_field(form.multi_items())
-                if sum(_size(upload.file) for group in uploads.values() for upload in group) \
-                        > who.limits.max_upload_bytes:
-                    raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
-                settings, metadata = parse_settings(texts)
-                job_id = new_job_id()
-                folder = job_folder(service.data, job_id)
-                submission = await run_in_threadpool(save_submission, folder, settings, metadata, uploads,
-                                                     who.limits.max_images)
+                status, created = await run_in_threadpool(accept, who, key, texts, uploads)
         except MultiPartException as exc:
             raise ApiError(400, f"upload: {exc.message}") from None
         except SubmitError as exc:
             raise ApiError(exc.status, str(exc)) from None
+        if not created:
+            return JSONResponse(status, status_code=200)
+        service.worker.wake()
+        return JSONResponse(status, status_code=201, headers={"Location": f"/v1/jobs/{status['id']}"})
+
+    def admit(who: Caller, key: str | None) -> dict[str, Any] | None:
+        """The job this idempotency key already made (its status), or None if a new job may be queued; 429 when
+        the caller has too many jobs queued or running."""
+        if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
+            return job_status(service, own_job(existing, who))
+        if service.store.count_jobs(who.owner) >= who.limits.max_queued:
+            raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
+        return None
+
+    def accept(who: Caller, key: str | None, texts: dict[str, str],
+               uploads: dict[str, list[Upload]]) -> tuple[dict[str, Any], bool]:
+        """Check and store a submission and queue its job; returns its status and whether it is new (the same key
+        may have raced in from another request: that job stands)."""
+        if sum(_size(upload.file) for group in uploads.values() for upload in group) > who.limits.max_upload_bytes:
+            raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
+        settings, metadata = parse_settings(texts)
+        job_id = new_job_id()
+        folder = job_folder(service.data, job_id)
+        submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
         try:
             service.store.add_job(job_id, who.owner, submission.settings, submission.metadata_level,
                                   submission.images, idempotency_key=key)
-        except DuplicateKey as exc:  # the same key raced in from another request: that job stands
-            await run_in_threadpool(_remove, folder)
-            return JSONResponse(job_status(service, own_job(exc.job_id, who)), status_code=200)
-        service.worker.wake()
-        return JSONResponse(job_status(service, own_job(job_id, who)), status_code=201,
-                            headers={"Location": f"/v1/jobs/{job_id}"})
+        except DuplicateKey as exc:
+            _remove(folder)
+            return job_status(service, own_job(exc.job_id, who)), False
+        return job_status(service, own_job(job_id, who)), True
 
     @app.get("/v1/jobs/{job_id}", summary="A job's state, per-image progress and ETA")
     def status(job_id: str, who: Who) -> dict[str, Any]:
