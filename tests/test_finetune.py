@@ -121,3 +121,22 @@ def test_bad_images_and_a_model_without_unet_are_refused(tiny_model):
 
     with pytest.raises(ValueError, match="without its UNet"):
         Surrogate(replace(tiny_model, unet=None))
+
+
+def test_diffusers_reads_the_saved_adapters(tiny_model, tmp_path):
+    """The safetensors file is in the layout diffusers loads LoRA from: the same UNet outputs as the surrogate's."""
+    import copy
+
+    x, text = _images(3, count=1), tiny_model.text_embedding("a painting")
+    result = train_lora(tiny_model, x, text, FinetuneOptions(steps=2, learning_rate=1e-2))
+    result.save(tmp_path / "lora.safetensors")
+    unet = copy.deepcopy(tiny_model.unet)
+    unet.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="unet", adapter_name="mimic")
+    surrogate = Surrogate(tiny_model)
+    surrogate.load_trainable_state(result.state)
+    z, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+    with torch.no_grad():
+        theirs = unet(z, t, encoder_hidden_states=text).sample
+        ours = surrogate.unet(z, t, encoder_hidden_states=text).sample
+        base = tiny_model.unet(z, t, encoder_hidden_states=text).sample
+    assert torch.allclose(theirs, ours, atol=1e-6) and not torch.allclose(theirs, base, atol=1e-3)
