@@ -121,6 +121,18 @@ class Surrogate:
         self.model = replace(model, unet=unet)
         self._trainable = [p for p in unet.parameters() if p.requires_grad]
 
+    def clone(self) -> Surrogate:
+        """An independent Surrogate with the same trained weights, trained apart from this one from now on (LoRA: new
+        adapters on the same shared base weights; full: another float32 copy of the UNet)."""
+        shared = {} if self.options.kind == "full" else {
+            id(tensor): tensor for name, tensor in (*self.unet.named_parameters(), *self.unet.named_buffers())
+            if "lora_" not in name}
+        twin = copy.copy(self)
+        twin.unet = copy.deepcopy(self.unet, shared)
+        twin.model = replace(self.model, unet=twin.unet)
+        twin._trainable = [p for p in twin.unet.parameters() if p.requires_grad]
+        return twin
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained weights by name, copied to the CPU: the adapters' (peft's names, e.g.
         `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`) or the whole UNet's."""
