@@ -31,6 +31,7 @@ images each step takes, and each image's posterior sample, t and n, in that orde
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -71,19 +72,19 @@ class FinetuneOptions:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in ("steps", "rank", "batch_size", "seed"):
+        for name, low in (("steps", 0), ("seed", 0), ("rank", 1), ("batch_size", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("steps", "seed") else 1):
-                low = 0 if name in ("steps", "seed") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}: must be a whole number of at least {low}, got {value!r}")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm", "alpha"):
+        for name in ("learning_rate", "alpha", "max_grad_norm", "weight_decay"):
             value = getattr(self, name)
             if name == "alpha" and value is None:
                 continue
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not value == value or value in (float("inf"), float("-inf")) or value < 0 or (
-                    value == 0 and name in ("learning_rate", "alpha", "max_grad_norm")):
-                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+            zero_allowed = name == "weight_decay"
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (value == 0 and not zero_allowed):
+                kind = "non-negative" if zero_allowed else "positive"
+                raise ValueError(f"{name}: must be a {kind} finite number, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ from typing import Sequence
 from . import register_method
 from .base import LossTerms, Method, MethodParams, SurrogateLoss, TileInputs, param
 from .common import object_prompt_param, prompt
-from .surrogate import generator, lora_rank_param, options, round_steps_param, surrogate_lr_param, \
-    surrogate_steps_param
+from .surrogate import (generator, lora_rank_param, options, round_steps_param, surrogate_lr_param,
+                        surrogate_steps_param)
 
 SOURCE = "Anti-DreamBooth's LoRA code"
 

@@ -23,8 +23,8 @@ from typing import Sequence
 from . import register_method
 from .base import Loss, LossTerms, SurrogateLoss, TileInputs
 from .mist2 import Mist2, Mist2Params
-from .surrogate import generator, lora_rank_param, options, round_steps_param, surrogate_lr_param, \
-    surrogate_steps_param
+from .surrogate import (generator, lora_rank_param, options, round_steps_param, surrogate_lr_param,
+                        surrogate_steps_param)
 
 SOURCE = "Mist-v2"
 
