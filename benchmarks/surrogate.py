@@ -111,7 +111,8 @@ def main() -> int:
 
 
 HEADER = ("| method | size | precision | checkpointing | s / PGD step | s / fine-tuning step | round at defaults "
-          "| s / round at defaults | attack peak GB | load average at start |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| s / round at defaults | attack peak GB | load average at start |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: dict) -> str:
