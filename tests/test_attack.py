@@ -133,3 +133,27 @@ def test_zero_gradients_outside_the_mask_are_not_reported(caplog):
     with caplog.at_level("WARNING", logger="mist.attack"):
         masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=2, generators=[torch.Generator()], mask=mask)
     assert not caplog.records
+
+
+def test_before_step_sees_each_step_the_images_the_loss_is_then_evaluated_on():
+    """The hook of surrogate-training methods: called before every step, with x + delta * mask as it stands and no
+    graph; the loss then runs on exactly those images, and the result is as without the hook."""
+    x, goal, mask = _setup(3)
+    seen, evaluated = [], []
+    quadratic = _quadratic(goal)
+
+    def loss(images, generators):
+        evaluated.append(images.detach().clone())
+        return quadratic(images, generators)
+
+    def before_step(index, images):
+        assert not images.requires_grad
+        seen.append((index, images.clone()))
+
+    out = masked_linf_pgd(x, loss, radius=0.1, step=0.02, steps=3, generators=[torch.Generator().manual_seed(5)],
+                          mask=mask, before_step=before_step)
+    assert [index for index, _ in seen] == [0, 1, 2]
+    assert all(torch.equal(images, after) for (_, images), after in zip(seen, evaluated, strict=True))
+    plain = masked_linf_pgd(x, quadratic, radius=0.1, step=0.02, steps=3,
+                            generators=[torch.Generator().manual_seed(5)], mask=mask)
+    assert torch.equal(out, plain)

@@ -51,11 +51,13 @@ def masked_linf_pgd(
     mask: torch.Tensor | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     loss_scale: float = 1.0,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Protected images for `x` (N, 3, H, W) in [-1, 1]; `mask` (N or 1, 1, H, W) is 1 where pixels may change.
     Image i draws its random start, and the loss its random numbers, from generators[i]. The objective is multiplied
     by `loss_scale` before differentiating (the signs, all PGD uses, do not change; half-precision gradients can be
-    kept clear of underflow)."""
+    kept clear of underflow). `before_step(index, x')`, if given, runs before step `index` (0-based) with the current
+    images x + delta * mask, detached: where a method trains a surrogate between steps (`SurrogateLoss`)."""
     x = x.detach()
     mask = torch.ones_like(x[:, :1]) if mask is None else mask.to(x)
     start = torch.cat([torch.rand((1, *x.shape[1:]), generator=g) for g in generators])
@@ -64,6 +66,8 @@ def masked_linf_pgd(
     inside = (mask > 0).expand_as(x)
     warned = False
     for index in range(steps):
+        if before_step is not None:
+            before_step(index, (x + delta * mask).detach())
         delta.requires_grad_(True)
         terms = loss(x + delta * mask, generators)
         (gradient,) = torch.autograd.grad(terms.objective.sum() * loss_scale, delta)

@@ -28,7 +28,7 @@ from . import images
 from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
 from .device import default_low_memory, resolve_precision
-from .methods import Loss, TileInputs, get_method
+from .methods import Loss, SurrogateLoss, TileInputs, get_method
 from .models import StableDiffusion
 from .objectives import PRECISION_DTYPES
 from .robust import robust_loss
@@ -219,6 +219,7 @@ class Protector:
             TileInputs(clean=t.pixels.to(self.device), target=None if t.target is None else t.target.to(self.device),
                        seed=partial(t.seed, c.seed)) for t in batch])
         generators = [torch.Generator().manual_seed(t.seed(c.seed, "attack")) for t in batch]
+        before_step = loss.before_step if isinstance(loss, SurrogateLoss) else None
         if c.robust:  # the transforms draw from a stream of their own: the attack's draws stay as without robust
             loss = robust_loss(loss, c.robust, c.eot_samples,
                                [torch.Generator().manual_seed(t.seed(c.seed, "robust")) for t in batch])
@@ -239,7 +240,7 @@ class Protector:
         with flush_denormals(self.device):
             out = masked_linf_pgd(x, loss, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
                                   mask=None if mask is None else mask.to(self.device), callback=on_step,
-                                  loss_scale=self.method.loss_scale())
+                                  loss_scale=self.method.loss_scale(), before_step=before_step)
         if c.shape == "blur":  # the step values reported above are those of the attack, before the shaping
             out = shape_blur(x, out, c.radius, None if mask is None else mask.to(self.device))
         for position, tile in enumerate(batch):

@@ -14,14 +14,15 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from .base import PARTS, Loss, LossTerms, Method, MethodParams, ParamSpec, TileInputs, param, param_specs
+from .base import (PARTS, Loss, LossTerms, Method, MethodParams, ParamSpec, SurrogateLoss, TileInputs, param,
+                   param_specs)
 
-__all__ = ["DEFAULT_METHOD", "Loss", "LossTerms", "Method", "MethodParams", "ParamSpec", "TileInputs", "get_method",
-           "list_methods", "param", "param_specs", "register_method", "shared_params"]
+__all__ = ["DEFAULT_METHOD", "Loss", "LossTerms", "Method", "MethodParams", "ParamSpec", "SurrogateLoss", "TileInputs",
+           "get_method", "list_methods", "param", "param_specs", "register_method", "shared_params"]
 
 DEFAULT_METHOD = "mist"
 # Modules of this package, in the order users see their methods.
-BUILT_IN = ("mist", "advdm", "photoguard", "sds", "mist2", "pid")
+BUILT_IN = ("mist", "advdm", "photoguard", "sds", "mist2", "pid", "aspl", "mist2_lora")
 # Settings of every run (ProtectConfig's own fields); a method parameter may not take one of these names.
 RESERVED = frozenset({"method", "params", "epsilon", "steps", "step_size", "input_size", "block_num", "keep_aspect",
                       "mask", "seed", "precision", "original_size", "robust", "eot_samples", "shape", "device", "model",

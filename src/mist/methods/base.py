@@ -46,6 +46,19 @@ class TileInputs:
     seed: Callable[[str], int]
 
 
+class SurrogateLoss:
+    """A loss whose networks are trained while the attack runs (a surrogate fine-tuned between rounds of PGD steps,
+    as in Anti-DreamBooth's ASPL). `prepare` returns one where a method needs it; the pipeline then calls
+    `before_step(step, x)` before each PGD step `step` (0-based), with the images being protected as they stand, x'
+    (N, 3, H, W) in [-1, 1] without a graph, and the method trains there. Plain loss functions never see the hook."""
+
+    def __call__(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> LossTerms:
+        raise NotImplementedError
+
+    def before_step(self, step: int, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
 def param(default: Any, help: str, *, label: str | None = None, help_zh: str | None = None,
           label_zh: str | None = None, flag: str | None = None, short: str | None = None,
           choices: Sequence[Any] | None = None, choice_labels: Mapping[Any, str] | None = None,

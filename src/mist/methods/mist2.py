@@ -23,11 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import register_method
 from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
 from .common import mist_v2_target, object_prompt_param, prompt, target_or, target_param
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models import StableDiffusion
 
 
 @dataclass(frozen=True)
@@ -63,18 +68,28 @@ class Mist2(Method):
         return target_or(self.params.target, mist_v2_target)
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
+        return self.loss_through(self.model, self.target_latents(tiles))
+
+    def target_latents(self, tiles: Sequence[TileInputs]) -> torch.Tensor:
+        """E(y) of each tile's target (N, 4, h, w), a posterior sample drawn from the tile's "target" stream."""
         import torch
 
         from .. import objectives
 
+        return torch.cat([objectives.target_latent(self.model, tile.target, [torch.Generator().manual_seed(
+            tile.seed("target"))], self.precision) for tile in tiles])
+
+    def loss_through(self, denoiser: StableDiffusion, targets: torch.Tensor) -> Loss:
+        """The loss with the noise predicted by `denoiser`'s UNet (this method's model, or a surrogate of it), the
+        image encoded by this method's model."""
+        from .. import objectives
+
         p, model, precision, text = self.params, self.model, self.precision, self.text
-        targets = torch.cat([objectives.target_latent(model, tile.target, [torch.Generator().manual_seed(
-            tile.seed("target"))], precision) for tile in tiles])
 
         def loss(x, generators) -> LossTerms:
             latent = objectives.posterior(model, x, precision)[0] * model.arch.latent_scale
             noisy, timesteps, noise, _ = objectives.noised(model, latent, generators)
-            prediction = objectives.predict_noise(model, noisy, timesteps, text, precision)
+            prediction = objectives.predict_noise(denoiser, noisy, timesteps, text, precision)
             if not p.fused:
                 target_unet = (prediction - targets).pow(2).flatten(1).mean(1)
                 return LossTerms(target_unet, {"target_unet": target_unet})
