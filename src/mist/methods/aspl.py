@@ -48,7 +48,8 @@ class ASPLParams(MethodParams):
                                    "more memory on SD v1)", choices=("lora", "full"), advanced=True,
                            choice_labels={"lora": "LoRA adapters", "full": "Whole UNet"},
                            choice_labels_zh={"lora": "LoRA 适配器", "full": "整个 UNet"}, label="Surrogate",
-                           label_zh="代理模型", help_zh="代理模型微调的部分：LoRA 适配器，或整个 UNet（SD v1 上多用约 17 GB 内存）")
+                           label_zh="代理模型",
+                           help_zh="代理模型微调的部分：LoRA 适配器，或整个 UNet（SD v1 上多用约 17 GB 内存）")
     round_steps: int = round_steps_param(10, SOURCE)
     surrogate_steps: int = surrogate_steps_param(10, SOURCE)
     surrogate_lr: float = surrogate_lr_param(5e-6, "Anti-DreamBooth: 5e-6 for LoRA, 5e-7 for the whole UNet")
