@@ -64,7 +64,7 @@ def protected(tmp_path_factory, originals) -> Path:
 
 def test_identical_images_score_as_no_change(tmp_path, originals, evaluation_model):
     copies = Path(shutil.copytree(originals, tmp_path / "copies"))
-    result = mist.evaluate(originals, copies, model=evaluation_model, **FAST)
+    result = mist.evaluate(originals, copies, tmp_path / "report", model=evaluation_model, **FAST)
     assert len(result.scores) == 2 * 2  # 2 images x (none + jpeg:75) x 1 strength
     for s in result.scores:
         assert s.rmse_levels == 0 and s.latent_mse == 0 and s.ssim == pytest.approx(1, abs=1e-6)
@@ -73,6 +73,8 @@ def test_identical_images_score_as_no_change(tmp_path, originals, evaluation_mod
         assert image.verdict.startswith("no change")
         assert image.invisibility["linf_levels"] == 0 and image.invisibility["psnr_db"] == float("inf")
         assert image.pair.matched_by == "name"
+    record = json.loads((tmp_path / "report" / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert [image["invisibility"]["psnr_db"] for image in record["images"]] == [None, None]
 
 
 def test_protected_replaced_by_the_target_scores_at_the_target(tmp_path, originals, evaluation_model):
@@ -109,7 +111,8 @@ def test_evaluation_with_a_local_model_opens_no_network(tmp_path, monkeypatch, o
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = ModelCache(str(folder))
-    from mist.evaluation.run import EvaluationSettings, evaluate_folders
+    from mist.evaluation.run import evaluate_folders
+    from mist.evaluation.settings import EvaluationSettings
 
     result = evaluate_folders(originals, protected, EvaluationSettings(**FAST), models)
     assert models.loads == 1 and not result.random_weights and result.images

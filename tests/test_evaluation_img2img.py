@@ -1,4 +1,4 @@
-"""`mist.evaluation.img2img` against diffusers' own StableDiffusionImg2ImgPipeline on identical tiny weights and seeds."""
+"""`mist.evaluation.img2img` against diffusers' StableDiffusionImg2ImgPipeline on identical tiny weights and seeds."""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def evaluate(
     img2img mimicry, comparing with their originals in `originals` (matched by file name or by the source SHA-256 a
     Mist output records); with `report_dir`, write index.html, results.json and results.csv there.
 
-    Settings are `mist.evaluation.run.EvaluationSettings` fields by keyword (`purify="jpeg:75,resize:0.5"`,
+    Settings are `mist.evaluation.settings.EvaluationSettings` fields by keyword (`purify="jpeg:75,resize:0.5"`,
     `strengths=(0.35,)`, `steps=50`, `seed=0`, ...). `model`: a loaded `StableDiffusion` with its "decoder" part, or
     what `mist evaluate --model` accepts. Returns the `Evaluation` (its `scores`, `images` with their verdicts).
 
@@ -84,7 +84,8 @@ def evaluate(
         >>> [image.verdict for image in result.images]
     """
     from .evaluation.report import write_report
-    from .evaluation.run import EvaluationSettings, evaluate_folders
+    from .evaluation.run import evaluate_folders
+    from .evaluation.settings import EvaluationSettings
 
     if "strengths" in settings:
         settings["strengths"] = tuple(settings["strengths"])  # type: ignore[arg-type]

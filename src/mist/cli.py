@@ -211,7 +211,7 @@ EVALUATE_FLAGS = {"purify": "--purify", "strengths": "--strengths", "steps": "--
 
 
 def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
-    """The settings of `mist evaluate` (see `mist.evaluation.run.EvaluationSettings`)."""
+    """The settings of `mist evaluate` (see `mist.evaluation.settings.EvaluationSettings`)."""
     from .evaluation.purify import DEFAULT_PURIFY, KINDS
 
     g = parser.add_argument_group("evaluation")
@@ -236,7 +236,7 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
 
 def evaluation_settings_from_args(args: argparse.Namespace):
     """The `EvaluationSettings` `mist evaluate` was given; ValueError naming the flag when one is invalid."""
-    from .evaluation.run import EvaluationSettings
+    from .evaluation.settings import EvaluationSettings
 
     with fields_as_flags(EVALUATE_FLAGS):
         try:

@@ -89,7 +89,8 @@ def invisibility(clean: torch.Tensor, protected: torch.Tensor, lpips: Lpips | No
     """How visible the protection of one image (1, 3, H, W) is: PSNR (dB), SSIM, L-infinity and L2 (0..255 levels),
     and LPIPS when given."""
     scores = {"psnr_db": psnr(clean, protected)[0].item(), "ssim": ssim(clean, protected)[0].item(),
-              "linf_levels": linf_levels(clean, protected)[0].item(), "l2_levels": l2_levels(clean, protected)[0].item()}
+              "linf_levels": linf_levels(clean, protected)[0].item(),
+              "l2_levels": l2_levels(clean, protected)[0].item()}
     if lpips is not None:
         scores["lpips"] = lpips(clean, protected)[0].item()
     return scores

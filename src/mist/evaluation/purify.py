@@ -247,7 +247,7 @@ def _upscaler_unavailable() -> str | None:
 
 
 KINDS: dict[str, Kind] = {
-    "none": Kind(None, 0, 0, lambda image, value, context: image, "none"),
+    "none": Kind(None, 0, 0, lambda image, value, context: image, "no purification"),
     "jpeg": Kind(75, 1, 100, jpeg, "JPEG q{value}"),
     "resize": Kind(0.5, 0.05, 1, rescale, "resize {value}x and back"),
     "jpeg-resize": Kind(75, 1, 100, jpeg_then_rescale, "JPEG q{value} + resize 0.5x"),

@@ -41,7 +41,8 @@ def write_report(evaluation: Evaluation, folder: Path) -> Path:
         if data is not None:
             files.write_atomic(folder / f"plots/{name}.png", data)
             plots[name] = f"plots/{name}.png"
-    files.write_atomic(folder / "results.json", json.dumps(results_record(evaluation), indent=2).encode("utf-8"))
+    record = json.dumps(results_record(evaluation), indent=2, allow_nan=False)
+    files.write_atomic(folder / "results.json", record.encode("utf-8"))
     files.write_atomic(folder / "results.csv", _csv(evaluation.scores).encode("utf-8"))
     index = folder / "index.html"
     files.write_atomic(index, _html(evaluation, pictures, plots).encode("utf-8"))
@@ -65,7 +66,7 @@ def results_record(evaluation: Evaluation) -> dict:
         "skipped": evaluation.skipped,
         "unmatched": evaluation.unmatched,
         "images": [{"name": r.pair.name, "original": str(r.pair.original), "protected": str(r.pair.protected),
-                    "matched_by": r.pair.matched_by, "size": list(r.size), "invisibility": r.invisibility,
+                    "matched_by": r.pair.matched_by, "size": list(r.size), "invisibility": _finite(r.invisibility),
                     "verdict": r.verdict} for r in evaluation.images],
         "scores": [_finite(s.as_dict()) for s in evaluation.scores],
         "worst_case": [_finite(s.as_dict()) for s in evaluation.worst],
@@ -80,7 +81,7 @@ def verdict_rule(evaluation: Evaluation) -> str:
 
 
 def _finite(record: dict) -> dict:
-    """JSON has no infinity or NaN: such values become null."""
+    """JSON has no infinity or NaN: such values (the PSNR of identical images) become null."""
     return {k: (None if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))) else v)
             for k, v in record.items()}
 
@@ -152,8 +153,8 @@ def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
     figure = _figure()
     axes = figure.subplots(1, 1)
     for name, label, _ in evaluation.mimicries:
-        points = [(q, _mean([s.ssim for s in evaluation.scores if s.mimicry == name and s.purification == f"jpeg:{q:g}"]))
-                  for q in qualities]
+        points = [(q, _mean([s.ssim for s in evaluation.scores
+                             if s.mimicry == name and s.purification == f"jpeg:{q:g}"])) for q in qualities]
         points.append((100.0, _mean([s.ssim for s in evaluation.scores
                                      if s.mimicry == name and s.purification == "none"])))
         points.sort()

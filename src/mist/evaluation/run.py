@@ -8,7 +8,6 @@ has been read and every option checked.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from PIL import Image
 
 from .. import images
-from ..config import OBJECT_PROMPT, STYLE_PROMPT
-from .mimicry import DEFAULT_STRENGTHS
 from .pairs import Pair, match_pairs
-from .purify import DEFAULT_PURIFY, NONE, Context, Purification, parse_purifications
-from .scores import SSIM_THRESHOLD, Score, score, verdict, worst_cases
+from .purify import NONE, Context, Purification, parse_purifications
+from .scores import Score, score, verdict, worst_cases
+from .settings import EvaluationSettings
 
 if TYPE_CHECKING:
     import torch
@@ -34,41 +32,6 @@ log = logging.getLogger(__name__)
 
 EVALUATION_PARTS = frozenset({"encoder", "unet", "text_encoder", "decoder"})
 THUMBNAIL = 256  # longest side, in pixels, of the images the report shows
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """How `mist evaluate` runs. purify: comma list of purifications (`mist.evaluation.purify`); strengths: img2img
-    strengths (0..1); steps: DDIM steps of the full schedule; guidance: classifier-free guidance scale; prompt: "a
-    painting" or "a photo"; seed: of every random draw (the same for clean and protected images); method: whose loss
-    scores the purified images (None: the method the protected images record, else Mist's); ssim_threshold: below
-    it, the mimicry outputs of protected and clean images count as different (the protection holds)."""
-
-    purify: str = DEFAULT_PURIFY
-    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
-    steps: int = 50
-    guidance: float = 7.5
-    prompt: str = STYLE_PROMPT
-    seed: int = 0
-    method: str | None = None
-    ssim_threshold: float = SSIM_THRESHOLD
-
-    def __post_init__(self) -> None:
-        parse_purifications(self.purify)
-        if not all(0 < s <= 1 for s in self.strengths):
-            raise ValueError(f"strengths: each must be above 0 and at most 1, got {list(self.strengths)}")
-        if self.steps < 1:
-            raise ValueError(f"steps: must be at least 1, got {self.steps}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 1):
-            raise ValueError(f"guidance: must be at least 1, got {self.guidance}")
-        if self.prompt not in (STYLE_PROMPT, OBJECT_PROMPT):
-            raise ValueError(f"prompt: must be {STYLE_PROMPT!r} or {OBJECT_PROMPT!r}, got {self.prompt!r}")
-        if not 0 < self.ssim_threshold <= 1:
-            raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
-        if self.method is not None:
-            from ..methods import get_method
-
-            get_method(self.method)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
-
-SSIM_THRESHOLD = 0.8  # protection holds where the two mimicry outputs are less alike than this
+from .settings import SSIM_THRESHOLD
 _TINY = 1e-12
 
 

@@ -9,8 +9,8 @@ from .components import StableDiffusion
 from .loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
 from .locate import TINY_RANDOM, ModelNotFoundError, model_label, resolve_model
 
-__all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY", "TINY_RANDOM",
-           "load_model", "model_label", "resolve_model"]
+__all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY",
+           "TINY_RANDOM", "load_model", "model_label", "resolve_model"]
 
 
 def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1,
