@@ -172,6 +172,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f2f2f2; } td.l, th.l { text-align: left; }
+.scroll { overflow-x: auto; }
 .grid { display: grid; gap: 6px; margin-bottom: 1em; }
 .grid figure { margin: 0; } .grid img { width: 100%; image-rendering: auto; display: block; }
 .grid figcaption { font-size: 11px; text-align: center; }
@@ -245,4 +246,4 @@ def _score_table(scores: list[Score], evaluation: Evaluation) -> str:
             else:
                 cells.append(f"<td>{'' if value is None else f'{value:.4g}'}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>"
