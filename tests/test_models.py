@@ -237,6 +237,42 @@ def test_only_the_parts_a_method_needs_are_loaded(tiny, ckpt_file, diffusers_fol
     assert load_model(str(path), TINY, parts=frozenset({"encoder", "unet"})).parts == {"encoder", "unet"}
 
 
+@pytest.mark.parametrize("source", ["ckpt", "safetensors", "diffusers", "tiny-random"])
+def test_the_vae_decoder_loads_only_when_asked_with_same_numbers(tiny, ckpt_file, diffusers_folder, tmp_path,
+                                                                 original_state, source):
+    """The decoder (evaluation's part) is never read unless asked for; asked for, it decodes as the saved VAE does.
+    tiny-random has no saved VAE: its decoder is checked against diffusers' AutoencoderKL given the same weights, and
+    its other parts must not change when the decoder is added (they are drawn first)."""
+    if source == "safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in original_state.items()}, str(path))
+    else:
+        path = {"ckpt": ckpt_file, "diffusers": diffusers_folder, "tiny-random": TINY_RANDOM}[source]
+    plain = load_model(str(path), TINY)
+    assert plain.decoder is None and "decoder" not in plain.parts
+    with pytest.raises(ValueError, match="without its VAE decoder"):
+        plain.decode(tiny.latent)
+    model = load_model(str(path), TINY, parts=frozenset({"encoder", "decoder"}))
+    assert model.parts == {"encoder", "decoder"} and model.unet is None
+    vae = tiny.vae
+    if source == "tiny-random":
+        vae = AutoencoderKL(**TINY.vae)
+        vae.load_state_dict({**model.encoder.state_dict(), **model.decoder.state_dict()})
+        torch.testing.assert_close(plain.encoder.state_dict(), model.encoder.state_dict(), rtol=0, atol=0)
+    with torch.no_grad():
+        expected = vae.decode(tiny.latent).sample
+        torch.testing.assert_close(model.decode(tiny.latent * TINY.latent_scale), expected)
+    assert not any(p.requires_grad for p in model.decoder.parameters())
+    half = model.placed("cpu", torch.bfloat16)
+    assert half.decoder.post_quant_conv.weight.dtype == torch.bfloat16
+    assert model.decoder.post_quant_conv.weight.dtype == torch.float32  # placed() leaves the original alone
+
+
+def test_an_unknown_model_part_is_refused():
+    with pytest.raises(ValueError, match="unknown model parts"):
+        load_model(TINY_RANDOM, parts=frozenset({"encoder", "vae"}))
+
+
 def test_a_partial_checkpoint_is_still_checked_as_a_whole(tmp_path, original_state):
     """The layout check reads the UNet's shapes also when the UNet is not loaded: an inpainting model is refused."""
     inpainting = dict(original_state)

@@ -1,8 +1,8 @@
 """Mist: protect artworks from AI mimicry with Mist v1.2's adversarial perturbation against Stable Diffusion.
 
-The Python API is `mist.protect` (see `mist.api`); importing this package loads no model, changes no settings and
-imports neither PyTorch nor diffusers: `mist.protect` brings them in on first use, so the command line can check its
-options (and print its help) at once.
+The Python API is `mist.protect` and `mist.evaluate` (see `mist.api`); importing this package loads no model, changes
+no settings and imports neither PyTorch nor diffusers: `mist.protect` brings them in on first use, so the command line
+can check its options (and print its help) at once.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["ProtectConfig", "__version__", "protect"]
+__all__ = ["ProtectConfig", "__version__", "evaluate", "protect"]
 
 
 def __getattr__(name: str) -> Any:
-    """`mist.protect`, imported on first use (module-level __getattr__, PEP 562)."""
-    if name == "protect":
-        from .api import protect
+    """`mist.protect` and `mist.evaluate`, imported on first use (module-level __getattr__, PEP 562)."""
+    if name in ("protect", "evaluate"):
+        from . import api
 
-        return protect
+        return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,12 @@
-"""The Python API: `protect(images, ...)` returns protected PIL images with what the attack measured; the model comes
-from the job runner's `ModelCache`, as for the other faces."""
+"""The Python API: `protect(images, ...)` returns protected PIL images with what the attack measured, and
+`evaluate(originals, protected, report_dir)` measures whether the protection holds; the model comes from the job
+runner's `ModelCache`, as for the other faces."""
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from PIL import Image
 
@@ -13,6 +15,9 @@ from .config import ProtectConfig
 from .jobs import ModelCache
 from .models import StableDiffusion
 from .pipeline import Progress, ProtectedImage
+
+if TYPE_CHECKING:
+    from .evaluation.run import Evaluation, EvaluationProgress
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -54,3 +59,38 @@ def protect(
 
 def _as_image(item: ImageInput) -> Image.Image:
     return item.convert("RGB") if isinstance(item, Image.Image) else image_io.read_image(item)
+
+
+def evaluate(
+    originals: str | os.PathLike,
+    protected: str | os.PathLike,
+    report_dir: str | os.PathLike | None = None,
+    *,
+    model: StableDiffusion | str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: Callable[[EvaluationProgress], None] | None = None,
+    **settings: object,
+) -> Evaluation:
+    """Measure whether the protection of the images in `protected` (a file or folder) holds against purification and
+    img2img mimicry, comparing with their originals in `originals` (matched by file name or by the source SHA-256 a
+    Mist output records); with `report_dir`, write index.html, results.json and results.csv there.
+
+    Settings are `mist.evaluation.settings.EvaluationSettings` fields by keyword (`purify="jpeg:75,resize:0.5"`,
+    `strengths=(0.35,)`, `steps=50`, `seed=0`, ...). `model`: a loaded `StableDiffusion` with its "decoder" part, or
+    what `mist evaluate --model` accepts. Returns the `Evaluation` (its `scores`, `images` with their verdicts).
+
+        >>> import mist
+        >>> result = mist.evaluate("art/", "protected/", "report/", model="models/ldm/stable-diffusion-v1/model.ckpt")
+        >>> [image.verdict for image in result.images]
+    """
+    from .evaluation.report import write_report
+    from .evaluation.run import evaluate_folders
+    from .evaluation.settings import EvaluationSettings
+
+    if "strengths" in settings:
+        settings["strengths"] = tuple(settings["strengths"])  # type: ignore[arg-type]
+    chosen = EvaluationSettings(**settings)  # type: ignore[arg-type]
+    evaluation = evaluate_folders(Path(originals), Path(protected), chosen, ModelCache(model, device), progress)
+    if report_dir is not None:
+        write_report(evaluation, Path(report_dir))
+    return evaluation

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
-from .config import PRECISIONS, ProtectConfig
+from .config import OBJECT_PROMPT, PRECISIONS, STYLE_PROMPT, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
 from .manifest import METADATA_LEVELS
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
@@ -215,6 +215,49 @@ def warn_if_the_gpu_is_unused(device) -> None:
         print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
 
 
+EVALUATE_FLAGS = {"purify": "--purify", "strengths": "--strengths", "steps": "--steps", "guidance": "--guidance",
+                  "prompt": "--prompt", "seed": "--seed", "method": "--method", "ssim_threshold": "--ssim-threshold",
+                  "device": "--device"}
+
+
+def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
+    """The settings of `mist evaluate` (see `mist.evaluation.settings.EvaluationSettings`)."""
+    from .evaluation.purify import DEFAULT_PURIFY, KINDS
+
+    g = parser.add_argument_group("evaluation")
+    kinds = ", ".join(f"{name}" + (f":{kind.default:g}" if kind.default is not None else "")
+                      for name, kind in KINDS.items() if name != "none")
+    g.add_argument("--purify", default=DEFAULT_PURIFY, metavar="LIST",
+                   help=f"comma list of purifications KIND[:VALUE] among {kinds}; '' for none "
+                        "(default: %(default)s)")
+    g.add_argument("--strengths", default="0.25,0.35,0.5", metavar="LIST",
+                   help="img2img strengths, comma list of numbers in (0, 1] (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps of the full schedule (default: %(default)s)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    g.add_argument("--prompt", choices=(STYLE_PROMPT, OBJECT_PROMPT), default=STYLE_PROMPT,
+                   help="img2img prompt (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
+    g.add_argument("--method", choices=[m.name for m in list_methods()],
+                   help="method whose loss scores the purified images (default: the one the protected images record)")
+    g.add_argument("--ssim-threshold", type=float, default=0.8,
+                   help="protection holds where the SSIM of the protected and clean mimicry outputs is below this "
+                        "(default: %(default)s)")
+
+
+def evaluation_settings_from_args(args: argparse.Namespace):
+    """The `EvaluationSettings` `mist evaluate` was given; ValueError naming the flag when one is invalid."""
+    from .evaluation.settings import EvaluationSettings
+
+    with fields_as_flags(EVALUATE_FLAGS):
+        try:
+            strengths = tuple(float(part) for part in args.strengths.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"strengths: not a comma list of numbers: {args.strengths!r}") from None
+        return EvaluationSettings(purify=args.purify, strengths=strengths, steps=args.steps, guidance=args.guidance,
+                                  prompt=args.prompt, seed=args.seed, method=args.method,
+                                  ssim_threshold=args.ssim_threshold)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -239,6 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
                               "shutdown command; not run after a failed or interrupted batch unless --then-always")
     protect.add_argument("--then-always", action="store_true", help="run --then even if the batch failed")
     add_protect_options(protect)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="check whether protected images resist purification and img2img mimicry",
+        description="Purify the protected images as a mimic would (JPEG, resizing, blur, noise, AdverseCleaner, "
+                    "SDEdit, ...), run img2img with your SD checkpoint on them and on the originals with the same "
+                    "seeds, and write REPORT_DIR/index.html, results.json and results.csv. Pairs are matched by the "
+                    "source SHA-256 Mist records in its outputs, else by file name. Nothing is downloaded.")
+    evaluate.add_argument("originals", type=Path, metavar="ORIGINALS", help="the original image file or folder")
+    evaluate.add_argument("protected", type=Path, metavar="PROTECTED", help="the protected image file or folder")
+    evaluate.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT_DIR",
+                          help="folder for the report (created; its report files are replaced)")
+    add_evaluate_options(evaluate)
+    evaluate.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder, as for protect "
+                                          "('tiny-random': a test model whose numbers mean nothing)")
+    evaluate.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     download = commands.add_parser("download-model", help="download the Stable Diffusion checkpoint",
                                    description="Download SD v1.4 (or v1.5) to where Mist looks for it, resuming an "
@@ -285,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         configure_logging(args.verbose)
         command = {"protect": protect_command, "download-model": download_command, "doctor": doctor_command,
-                   "webui": webui_command, "serve": serve_command}
+                   "webui": webui_command, "serve": serve_command, "evaluate": evaluate_command}
         return command[args.command](args)
 
     return guarded("mist", run)
@@ -407,6 +466,33 @@ def run_then(command: str, always: bool, code: int) -> int:
 def print_skipped(path: Path, reason: str) -> None:
     """One line for an entry found while scanning a folder that is not an image file."""
     print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Check every option and find the model before anything heavy, then evaluate with a progress bar and write the
+    report."""
+    settings = evaluation_settings_from_args(args)
+    with fields_as_flags(RUN_FLAGS):
+        check_device_name(args.device)
+    from .evaluation.report import write_report
+    from .evaluation.run import evaluate_folders
+    from .jobs import ModelCache
+    from .reporting import EvaluationConsole
+
+    models = ModelCache(args.model, args.device)
+    with fields_as_flags(RUN_FLAGS):
+        device = models.device()
+    models.where()  # a missing model is reported before any image is read
+    warn_if_the_gpu_is_unused(device)
+    console = EvaluationConsole(args.quiet)
+    try:
+        evaluation = evaluate_folders(args.originals, args.protected, settings, models, console.progress,
+                                      console.model_loading)
+    finally:
+        console.close()
+    index = write_report(evaluation, args.output)
+    console.finish(evaluation, index)
+    return 0
 
 
 def download_command(args: argparse.Namespace) -> int:

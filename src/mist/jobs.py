@@ -173,10 +173,7 @@ class ModelCache:
         """A Protector for `config` on the cached model, loaded now (`on_load(where, device)` hears of it first) if it
         is not loaded yet, lacks a part `config`'s method needs (only those are loaded), or cannot serve `config`'s
         precision. Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
-        import torch
-
         from .methods import get_method
-        from .models import load_model
         from .objectives import PRECISION_DTYPES
 
         with self._load_lock:
@@ -184,24 +181,51 @@ class ModelCache:
             precision = resolve_precision(config.precision, device)
             if self._given is not None:
                 return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size)
-            where = self.where()
-            parts = get_method(config.method).parts
-            model = self._models.get(str(where))
-            if model is not None and model.dtype not in (torch.float32, PRECISION_DTYPES[precision]):
-                # The cached model is handed to each Protector to convert in place (no second copy in memory); once
-                # half precision, it cannot be cast back exactly.
-                model = None
-            if model is not None and not parts <= model.parts:
-                model = None
-            if model is None:
-                if on_load is not None:
-                    on_load(where, device)
-                self._models.clear()  # one model in memory at a time
-                model = load_model(where, parts=frozenset(parts))
-                self.loads += 1
-                self._models[str(where)] = model
+            model = self._cached(frozenset(get_method(config.method).parts), PRECISION_DTYPES[precision], device,
+                                 on_load)
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
                              hand_over=True)
+
+    def model(self, parts: frozenset[str],
+              on_load: Callable[[str | Path, torch.device], None] | None = None) -> StableDiffusion:
+        """The model with at least `parts` (see `mist.models.load_model`; "decoder" for evaluation) in float32, for
+        callers that only read it (they place it with `StableDiffusion.placed`, never in place): the given model, or
+        the cached one, loaded now if it is not loaded yet, lacks a part, or was converted to half precision.
+        Raises ModelNotFoundError, or ValueError when a given model lacks a part."""
+        import torch
+
+        with self._load_lock:
+            if self._given is not None:
+                missing = parts - self._given.parts
+                if missing:
+                    raise ValueError(f"model: this model was loaded without its {', '.join(sorted(missing))}")
+                return self._given
+            return self._cached(parts, torch.float32, self.device(), on_load)
+
+    def _cached(self, parts: frozenset[str], dtype: torch.dtype, device: torch.device,
+                on_load: Callable[[str | Path, torch.device], None] | None) -> StableDiffusion:
+        """The cached model if it has `parts` and float32 or `dtype` weights, else a new one with `parts` (and the
+        parts the cached one had). The caller holds the load lock."""
+        import torch
+
+        from .models import load_model
+
+        where = self.where()
+        model = self._models.get(str(where))
+        if model is not None and model.dtype not in (torch.float32, dtype):
+            # The cached model is handed to each Protector to convert in place (no second copy in memory); once
+            # half precision, it cannot be cast back exactly.
+            model = None
+        if model is not None and not parts <= model.parts:
+            parts, model = parts | model.parts, None
+        if model is None:
+            if on_load is not None:
+                on_load(where, device)
+            self._models.clear()  # one model in memory at a time
+            model = load_model(where, parts=parts)
+            self.loads += 1
+            self._models[str(where)] = model
+        return model
 
 
 def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporter: Reporter, *,

@@ -108,3 +108,45 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+class EvaluationConsole:
+    """Console progress for `mist evaluate`: a bar over its units of work (tqdm shows the ETA), the model loading
+    line, and the verdicts at the end."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bar: tqdm | None = None
+
+    def model_loading(self, where, device) -> None:
+        from .cli import quiet_model_libraries
+
+        if not self.quiet:
+            tqdm.write(f"loading model {where} (with its VAE decoder) onto {device} ...")
+        quiet_model_libraries()
+
+    def progress(self, progress) -> None:
+        """One `mist.evaluation.run.EvaluationProgress`."""
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=progress.total, unit="run", desc="evaluating", dynamic_ncols=True)
+        self.bar.set_postfix_str(progress.doing[:50], refresh=False)
+        self.bar.update(progress.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self, evaluation, index) -> None:
+        """The verdict of each image and where the report is."""
+        from .evaluation.report import RANDOM_WEIGHTS_WARNING
+
+        for line in evaluation.skipped + evaluation.unmatched:
+            print(line, file=sys.stderr)
+        for result in evaluation.images:
+            print(f"{result.pair.protected}: {result.verdict}")
+        print(f"report: {index} ({evaluation.seconds:.0f} s)")
+        if evaluation.random_weights:
+            print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)

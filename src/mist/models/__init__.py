@@ -6,21 +6,24 @@ import os
 
 from .architectures import SD_V1, TINY, Architecture
 from .components import StableDiffusion
-from .loading import ALL_PARTS, build_random, load_path
+from .loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
 from .locate import TINY_RANDOM, ModelNotFoundError, model_label, resolve_model
 
-__all__ = ["ALL_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY", "TINY_RANDOM",
-           "load_model", "model_label", "resolve_model"]
+__all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY",
+           "TINY_RANDOM", "load_model", "model_label", "resolve_model"]
 
 
 def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1,
-               parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+               parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load the model `spec` names (a path or `tiny-random`), or the first one found where Mist looks by default.
 
     `architecture` gives the shape of single-file checkpoints (SD v1 unless a test saves a smaller one). `parts`:
-    which of "unet" and "text_encoder" to load besides the VAE encoder (a method's `parts`; the others are not read).
-    Weights arrive in float32 on the CPU; `StableDiffusion.placed` moves and casts them.
+    which of "unet", "text_encoder" and "decoder" (the VAE decoder, for evaluation) to load besides the VAE encoder
+    (for protection, a method's `parts`; the others are not read). Weights arrive in float32 on the CPU;
+    `StableDiffusion.placed` moves and casts them.
     """
+    if not parts <= KNOWN_PARTS:
+        raise ValueError(f"parts: unknown model parts {sorted(parts - KNOWN_PARTS)} (known: {sorted(KNOWN_PARTS)})")
     where = resolve_model(spec)
     if where == TINY_RANDOM:
         return build_random(TINY, parts=parts)

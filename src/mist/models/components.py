@@ -1,7 +1,8 @@
 """The parts of Stable Diffusion v1 that Mist differentiates through, behind a small interface.
 
-Only the VAE *encoder* is kept (the decoder plays no part in the attack), the UNet predicts noise, and the text encoder
-is only used to embed Mist's two prompts when the model is assembled.
+The VAE *encoder* is always kept; the VAE *decoder* plays no part in the attack and is loaded only when asked for (the
+mimicry check of `mist evaluate` turns latents back into pictures); the UNet predicts noise, and the text encoder is
+only used to embed Mist's prompts when the model is assembled.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .architectures import Architecture
 from .tokenizer import tokenize
 
 TRAIN_TIMESTEPS = 1000
-PROMPTS = (STYLE_PROMPT, OBJECT_PROMPT)
+UNCONDITIONAL_PROMPT = ""  # the empty prompt: classifier-free guidance's unconditional branch (mimicry check)
+PROMPTS = (STYLE_PROMPT, OBJECT_PROMPT, UNCONDITIONAL_PROMPT)
 
 
 def latent_encoder(arch: Architecture) -> nn.Module:
@@ -40,6 +42,25 @@ def latent_encoder(arch: Architecture) -> nn.Module:
         double_z=True,
     )
     module.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+    return module
+
+
+def latent_decoder(arch: Architecture) -> nn.Module:
+    """SD's 1x1 `post_quant_conv` plus its VAE decoder, which together turn an unscaled latent into an image."""
+    from diffusers.models.autoencoders.vae import Decoder
+
+    vae = arch.vae
+    latent = vae["latent_channels"]
+    module = nn.Module()
+    module.post_quant_conv = nn.Conv2d(latent, latent, 1)
+    module.decoder = Decoder(
+        in_channels=latent,
+        out_channels=vae["out_channels"],
+        up_block_types=tuple(vae["up_block_types"]),
+        block_out_channels=tuple(vae["block_out_channels"]),
+        layers_per_block=vae["layers_per_block"],
+        norm_num_groups=vae.get("norm_num_groups", 32),
+    )
     return module
 
 
@@ -71,13 +92,14 @@ def scaled_linear_alphas_cumprod() -> torch.Tensor:
 
 @dataclass
 class StableDiffusion:
-    """A loaded SD v1 model: VAE encoder and UNet with frozen weights, the CLIP embeddings of the two prompts Mist
+    """A loaded SD v1 model: VAE encoder and UNet with frozen weights, the CLIP embeddings of the prompts Mist
     uses, and where it came from.
 
-    The text encoder runs once, when the model is assembled, for "a painting" and "a photo"; it is then dropped, which
-    saves its 123M parameters for the whole run. A model loaded for methods that need only the encoder has no UNet
-    (None) and no embeddings (see `parts`). `source` names the file or folder (or `tiny-random`); `random_weights` is
-    true for the test model, whose outputs protect nothing.
+    The text encoder runs once, when the model is assembled, for "a painting", "a photo" and the empty prompt; it is
+    then dropped, which saves its 123M parameters for the whole run. A model loaded for methods that need only the
+    encoder has no UNet (None) and no embeddings (see `parts`); the VAE decoder is None unless "decoder" was asked for
+    (evaluation asks, protection never does). `source` names the file or folder (or `tiny-random`); `random_weights`
+    is true for the test model, whose outputs protect nothing.
     """
 
     arch: Architecture
@@ -88,26 +110,28 @@ class StableDiffusion:
     random_weights: bool = False
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
     memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
+    decoder: nn.Module | None = None  # `latent_decoder`; None unless the "decoder" part was loaded
 
     @classmethod
     def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module | None, text_encoder: nn.Module | None,
-                 source: str, random_weights: bool = False) -> StableDiffusion:
+                 source: str, random_weights: bool = False, decoder: nn.Module | None = None) -> StableDiffusion:
         """Freeze the networks and embed the prompts; `text_encoder` is not kept. None: a part not loaded."""
         embeddings = {}
         if text_encoder is not None:
             text_encoder.eval().requires_grad_(False)
             with torch.no_grad():
                 embeddings = {p: text_encoder(tokenize(p)).last_hidden_state.float() for p in PROMPTS}
-        for module in (encoder, unet):
+        for module in (encoder, unet, decoder):
             if module is not None:
                 module.eval().requires_grad_(False)
-        return cls(arch, encoder, unet, embeddings, source, random_weights)
+        return cls(arch, encoder, unet, embeddings, source, random_weights, decoder=decoder)
 
     @property
     def parts(self) -> frozenset[str]:
-        """The parts loaded ("encoder", and "unet", "text_encoder" when they were asked for)."""
+        """The parts loaded ("encoder", and "unet", "text_encoder", "decoder" when they were asked for)."""
         return frozenset({"encoder"} | ({"unet"} if self.unet is not None else set())
-                         | ({"text_encoder"} if self.text_embeddings else set()))
+                         | ({"text_encoder"} if self.text_embeddings else set())
+                         | ({"decoder"} if self.decoder is not None else set()))
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +142,7 @@ class StableDiffusion:
         return next(self.encoder.parameters()).dtype
 
     def _networks(self) -> list[nn.Module]:
-        return [module for module in (self.encoder, self.unet) if module is not None]
+        return [module for module in (self.encoder, self.unet, self.decoder) if module is not None]
 
     def placed(self, device: torch.device | str, dtype: torch.dtype | None = None, *,
                in_place: bool = False) -> StableDiffusion:
@@ -161,8 +185,8 @@ class StableDiffusion:
             for buffer in module.buffers():
                 memo[id(buffer)] = convert(buffer)
         return replace(self, encoder=copy.deepcopy(self.encoder, memo), unet=copy.deepcopy(self.unet, memo),
-                       text_embeddings=dict(self.text_embeddings), alphas_cumprod=self.alphas_cumprod.to(device),
-                       memory_format=layout)
+                       decoder=copy.deepcopy(self.decoder, memo), text_embeddings=dict(self.text_embeddings),
+                       alphas_cumprod=self.alphas_cumprod.to(device), memory_format=layout)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass instead of keeping them: the encoder per down block, the UNet
@@ -189,6 +213,14 @@ class StableDiffusion:
         std = torch.exp(0.5 * logvar)
         noise = standard_normal(mean.shape, generators, like=mean)
         return (mean + std * noise) * self.arch.latent_scale
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (float32, not clipped) that the VAE decoder makes of scaled latents (LDM's decoding:
+        divide by the scale factor, `post_quant_conv`, decoder)."""
+        if self.decoder is None:
+            raise ValueError("this model was loaded without its VAE decoder (load it with the \"decoder\" part)")
+        unscaled = (latent / self.arch.latent_scale).to(self.dtype).contiguous(memory_format=self.memory_format)
+        return self.decoder.decoder(self.decoder.post_quant_conv(unscaled)).float()
 
     def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction eps_theta(z_t, t, c)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import SD_V1, TINY, Architecture
-from .components import StableDiffusion, latent_encoder
+from .components import StableDiffusion, latent_decoder, latent_encoder
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,14 @@ _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
 _TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
-# The key prefixes of each model part a method can ask for; the VAE decoder, EMA copies and optimiser state are never
-# read, and a part no method of the run needs is not read either (the UNet is 3.4 GB in float32).
-_PART_PREFIXES = {"encoder": (_VAE + "encoder.", _VAE + "quant_conv."), "unet": (_UNET,), "text_encoder": (_TEXT,)}
+# The key prefixes of each model part a caller can ask for; EMA copies and optimiser state are never read, and a part
+# the run does not need is not read either (the UNet is 3.4 GB in float32). The VAE decoder only serves evaluation.
+_PART_PREFIXES = {"encoder": (_VAE + "encoder.", _VAE + "quant_conv."), "unet": (_UNET,), "text_encoder": (_TEXT,),
+                  "decoder": (_VAE + "decoder.", _VAE + "post_quant_conv.")}
 _FIRST_CONV = _UNET + "input_blocks.0.0.weight"  # read whatever the parts: the layout check needs its shape
-ALL_PARTS = frozenset(_PART_PREFIXES)
+KNOWN_PARTS = frozenset(_PART_PREFIXES)
+# What is loaded when no parts are named: every part a protection method can use; never the decoder.
+DEFAULT_PARTS = KNOWN_PARTS - {"decoder"}
 # Parts of the error `torch.load(weights_only=True)` raises for a pickle it refuses (PyTorch 2.5 to 2.13 wording).
 _PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:Please use|\n\n|$)", re.S)
@@ -62,7 +65,7 @@ def _checkpoint_metadata_globals() -> list:
     return allowed
 
 
-def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """A randomly initialised model of `arch` (the tiny one by default), reproducible from `seed` (the same weights
     whatever `parts` keeps). Protects nothing."""
     from diffusers import UNet2DConditionModel
@@ -73,28 +76,30 @@ def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str]
         unet = UNet2DConditionModel(**arch.unet)
         encoder = latent_encoder(arch)
         text = CLIPTextModel(CLIPTextConfig(**arch.text))
+        decoder = latent_decoder(arch)  # drawn last, so the other parts' weights are those of earlier releases
     return StableDiffusion.assemble(arch, encoder, unet if "unet" in parts else None,
-                                    text if "text_encoder" in parts else None, source=arch.name, random_weights=True)
+                                    text if "text_encoder" in parts else None, source=arch.name, random_weights=True,
+                                    decoder=decoder if "decoder" in parts else None)
 
 
-def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load an original-layout SD v1 checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`), NovelAI text keys included;
     only `parts` (and the VAE encoder) are read."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     state, keys = _read_original_state_dict(path, parts)
     _check_original_layout(path, state, keys, arch)
-    unet, encoder, text = _empty_modules(arch, parts)
+    unet, encoder, text, decoder = _empty_modules(arch, parts)
     try:
         unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
         vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
     except (KeyError, IndexError) as exc:  # the converters index the weights they expect directly
         raise ValueError(f"{path}: not a Stable Diffusion v1 model: weights missing ({exc})") from exc
     text_state = {key[len(_TEXT) :]: tensor for key, tensor in state.items() if key.startswith(_TEXT)}
-    return _assemble(path, arch, unet, encoder, text, unet_state, vae_state, text_state)
+    return _assemble(path, arch, unet, encoder, text, decoder, unet_state, vae_state, text_state)
 
 
-def load_diffusers_folder(folder: Path, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load a diffusers-format SD v1 folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot)."""
     configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
     scheduler = folder / "scheduler" / "scheduler_config.json"
@@ -113,37 +118,41 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = ALL_PARTS) -> St
         raise ValueError(f"{folder}: not a Stable Diffusion v1 model: {'; '.join(problems)}")
     arch = Architecture(name=folder.name, unet=unet_cfg, vae=configs["vae"], text=text_cfg,
                         latent_scale=configs["vae"].get("scaling_factor", 0.18215))
-    unet, encoder, text = _empty_modules(arch, parts)
+    unet, encoder, text, decoder = _empty_modules(arch, parts)
     vae_state = _read_weights(folder / "vae", ("diffusion_pytorch_model",))
+    vae_parts = ("encoder.", "quant_conv.") + (("decoder.", "post_quant_conv.") if decoder is not None else ())
     return _assemble(
-        folder, arch, unet, encoder, text,
+        folder, arch, unet, encoder, text, decoder,
         _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
-        {k: v for k, v in vae_state.items() if k.startswith(("encoder.", "quant_conv."))},
+        {k: v for k, v in vae_state.items() if k.startswith(vae_parts)},
         _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
     )
 
 
-def _empty_modules(arch: Architecture, parts: frozenset[str]) -> tuple[nn.Module | None, nn.Module, nn.Module | None]:
-    """Modules with unallocated weights (meta device), so building the 860M UNet costs neither time nor memory; None
-    for a part not in `parts` (the encoder is always built)."""
+def _empty_modules(arch: Architecture, parts: frozenset[str]
+                   ) -> tuple[nn.Module | None, nn.Module, nn.Module | None, nn.Module | None]:
+    """The UNet, VAE encoder, text encoder and VAE decoder, with unallocated weights (meta device) where that is safe,
+    so building the 860M UNet costs neither time nor memory; None for a part not in `parts` (the encoder is always
+    built)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(arch.unet) if "unet" in parts else None
         encoder = latent_encoder(arch)
+        decoder = latent_decoder(arch) if "decoder" in parts else None
     # The text encoder is built for real: it is small, and some transformers versions give it non-persistent buffers
     # (position ids) that no checkpoint holds and that would stay unallocated on the meta device.
     text = CLIPTextModel(CLIPTextConfig(**arch.text)) if "text_encoder" in parts else None
-    return unet, encoder, text
+    return unet, encoder, text, decoder
 
 
 def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder: nn.Module, text: nn.Module | None,
-              unet_state: dict, vae_state: dict, text_state: dict) -> StableDiffusion:
+              decoder: nn.Module | None, unet_state: dict, vae_state: dict, text_state: dict) -> StableDiffusion:
     if text is not None:
         text_state = _match_text_level(text_state, text)
     for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
-                                ("text encoder", text, text_state)):
+                                ("text encoder", text, text_state), ("VAE decoder", decoder, vae_state)):
         if module is None:
             continue
         expected = set(module.state_dict())
@@ -157,7 +166,7 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder:
             first_line = str(exc).strip().splitlines()[-1].strip()
             raise ValueError(
                 f"{source}: not a Stable Diffusion v1 model: {name} weights do not fit ({first_line})") from exc
-    return StableDiffusion.assemble(arch, encoder, unet, text, source=str(source))
+    return StableDiffusion.assemble(arch, encoder, unet, text, source=str(source), decoder=decoder)
 
 
 def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:
@@ -270,7 +279,7 @@ def _read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tenso
     raise ValueError(f"{folder}: no weights file found (looked for {stems[0]}.safetensors and .bin)")
 
 
-def load_path(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = ALL_PARTS) -> StableDiffusion:
+def load_path(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load whatever SD v1 model `path` holds, its VAE encoder and `parts`: a diffusers folder or a single checkpoint
     file."""
     if path.is_dir():

@@ -1,0 +1,71 @@
+"""Mimicries: what a mimic does with a set of images to copy them. `mist evaluate` runs every mimicry of its list on
+the clean set and on the protected set, each after each purification, with the same seed, and compares the outputs.
+
+A mimicry takes a set of images and returns one generated image (with its latent) per input image. Img2img (SDEdit)
+works image by image; a fine-tuning mimicry (LoRA, textual inversion) would train on the whole set and sample one
+output per image: any object with `name`, `label`, `strength` and `generate` fits (see `Mimicry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+from ..config import STYLE_PROMPT
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models import StableDiffusion
+    from .img2img import Generated
+
+# Mist's documented protocol: NovelAI-style img2img at these strengths.
+DEFAULT_STRENGTHS = (0.25, 0.35, 0.5)
+
+
+class Mimicry(Protocol):
+    """name: how results name it (`img2img:0.35`); label: for people; strength: the img2img strength plotted on the
+    x axis (None for mimicries without one)."""
+
+    name: str
+    label: str
+    strength: float | None
+
+    def generate(self, pictures: Sequence[torch.Tensor], seed: int) -> list[Generated]:
+        """One output per picture ((1, 3, H, W) in [-1, 1]); the same seed gives the same random draws to the same
+        position in any set of the same shapes."""
+        ...
+
+
+@dataclass(frozen=True)
+class Img2ImgMimicry:
+    """NovelAI-style img2img (SDEdit) with the user's SD checkpoint at `strength`, `steps` DDIM steps, guidance
+    `guidance`, conditioned on `prompt` ("a painting" or "a photo")."""
+
+    model: StableDiffusion
+    strength: float
+    steps: int = 50
+    guidance: float = 7.5
+    prompt: str = STYLE_PROMPT
+
+    @property
+    def name(self) -> str:
+        return f"img2img:{self.strength:g}"
+
+    @property
+    def label(self) -> str:
+        return f"img2img strength {self.strength:g}"
+
+    def generate(self, pictures: Sequence[torch.Tensor], seed: int) -> list[Generated]:
+        import torch
+
+        from .img2img import img2img
+
+        return [img2img(self.model, picture, self.strength, [torch.Generator().manual_seed(seed)], steps=self.steps,
+                        guidance=self.guidance, prompt=self.prompt) for picture in pictures]
+
+
+def img2img_mimicries(model: StableDiffusion, strengths: Sequence[float], steps: int, guidance: float,
+                      prompt: str) -> list[Mimicry]:
+    """The img2img mimicries of the documented protocol, one per strength."""
+    return [Img2ImgMimicry(model, strength, steps, guidance, prompt) for strength in strengths]

@@ -1,0 +1,259 @@
+"""The evaluation run: pair the originals with their protected versions, measure how visible the protection is, purify
+both, run every mimicry on both with the same seed, score, and hand everything to the report.
+
+The model is loaded once, offline, through the job runner's `ModelCache` (with its VAE decoder), after every input
+has been read and every option checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from PIL import Image
+
+from .. import images
+from .pairs import Pair, match_pairs
+from .purify import NONE, Context, Purification, parse_purifications
+from .scores import Score, score, verdict, worst_cases
+from .settings import EvaluationSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..jobs import ModelCache
+    from ..models import StableDiffusion
+    from .mimicry import Mimicry
+
+log = logging.getLogger(__name__)
+
+EVALUATION_PARTS = frozenset({"encoder", "unet", "text_encoder", "decoder"})
+THUMBNAIL = 256  # longest side, in pixels, of the images the report shows
+
+
+@dataclass(frozen=True)
+class EvaluationProgress:
+    """`done` of `total` units of work (a purification or a mimicry of the whole set), and what is running."""
+
+    done: int
+    total: int
+    doing: str
+
+
+@dataclass
+class ImageResult:
+    """What was measured for one pair, and the pictures the report shows (thumbnails, by column name)."""
+
+    pair: Pair
+    size: tuple[int, int]  # (width, height) at which it was evaluated
+    invisibility: dict[str, float]
+    verdict: str = ""
+    pictures: dict[str, Image.Image] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """Everything a report shows."""
+
+    settings: EvaluationSettings
+    model: str
+    random_weights: bool
+    method: str
+    purifications: list[Purification]  # those that ran, "none" first
+    skipped: list[str]  # one line each: a purification or metric not run, and why
+    unmatched: list[str]
+    mimicries: list[tuple[str, str, float | None]]  # (name, label, strength)
+    images: list[ImageResult]
+    scores: list[Score]
+    seconds: float
+
+    @property
+    def worst(self) -> list[Score]:
+        return worst_cases(self.scores)
+
+
+def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSettings, models: ModelCache,
+                     progress: Callable[[EvaluationProgress], None] | None = None,
+                     on_load: Callable[[str | Path, torch.device], None] | None = None,
+                     extra_mimicries: Callable[[StableDiffusion], Sequence[Mimicry]] | None = None) -> Evaluation:
+    """Evaluate the protected images in `protected` against their originals in `originals` (files or folders).
+
+    Raises ValueError naming the file for an unreadable image, and for options;
+    ModelNotFoundError when there is no model. `extra_mimicries(model)` adds mimicries to the img2img ones (the seam
+    for fine-tuning mimicry)."""
+    import torch
+
+    from ..methods import get_method
+    from .metrics import Lpips, invisibility, lpips_problem
+    from .mimicry import img2img_mimicries
+
+    started = time.perf_counter()
+    require_extras()
+    pairs, unmatched = match_pairs(originals, protected)
+    # Read every image before the model loads: a bad file stops the run at once, naming it. An original of another
+    # size or aspect is resized to its protected image's size, as the protection resized it (bicubic).
+    loaded = [(pair, images.read_image(pair.original), images.read_image(pair.protected)) for pair in pairs]
+    requested = parse_purifications(settings.purify)
+    skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
+    purifications = [NONE] + [p for p in requested if not p.problem()]
+    lpips_reason = lpips_problem()
+    if lpips_reason:
+        skipped.append(f"LPIPS: skipped: {lpips_reason}")
+    skipped += ["BRISQUE / NIQE: skipped: their models are trained weights Mist does not ship or download",
+                "FID / CLIP score: skipped: they need Inception / CLIP weights Mist does not ship or download"]
+    method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
+                                          "mist")
+    method = get_method(method_name)
+
+    device = models.device()
+    model = models.model(EVALUATION_PARTS | method.parts, on_load).placed(device)
+    mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
+                                                 settings.prompt)
+    if extra_mimicries is not None:
+        mimicries += list(extra_mimicries(model))
+    lpips = Lpips() if lpips_reason is None else None
+    scorer = _MethodScorer(model, method_name, device)
+    context = Context(model, settings.seed)
+
+    results: list[ImageResult] = []
+    cleans: list[torch.Tensor] = []
+    shields: list[torch.Tensor] = []
+    for pair, clean, shielded in loaded:
+        size = (max(8, shielded.width // 8 * 8), max(8, shielded.height // 8 * 8))
+        x, y = images.image_to_tensor(clean, size), images.image_to_tensor(shielded, size)
+        cleans.append(x)
+        shields.append(y)
+        result = ImageResult(pair, size, invisibility(x, y, lpips))
+        result.pictures["clean"] = _thumbnail(images.tensor_to_image(x))
+        result.pictures["protected"] = _thumbnail(images.tensor_to_image(y))
+        results.append(result)
+
+    total = len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries)
+    done = 0
+
+    def tick(doing: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(EvaluationProgress(done, total, doing))
+
+    targets = scorer.targets([tuple(x.shape[-2:]) for x in cleans])
+    references: dict[str, list[torch.Tensor | None]] = {}
+    for mimicry in mimicries:
+        references[mimicry.name] = _reference_latents(mimicry, targets, settings.seed)
+        tick(f"target reference, {mimicry.label}")
+
+    scores: list[Score] = []
+    for purification in purifications:
+        if purification is NONE:
+            purified_clean, purified_protected = cleans, shields
+        else:
+            purified_clean = [_purified(purification, x, context) for x in cleans]
+            purified_protected = [_purified(purification, y, context) for y in shields]
+            for result, y in zip(results, purified_protected, strict=True):
+                result.pictures[purification.name] = _thumbnail(images.tensor_to_image(y))
+        losses = [scorer.losses(x, c, p) for x, c, p in zip(cleans, purified_clean, purified_protected, strict=True)]
+        tick(purification.label)
+        for mimicry in mimicries:
+            clean_out = mimicry.generate(purified_clean, settings.seed)
+            tick(f"{purification.label}, {mimicry.label} (clean)")
+            protected_out = mimicry.generate(purified_protected, settings.seed)
+            tick(f"{purification.label}, {mimicry.label} (protected)")
+            for index, result in enumerate(results):
+                c, p = clean_out[index], protected_out[index]
+                target = targets[index][1] if targets[index] is not None else None
+                scores.append(score(result.pair.name, purification.name, mimicry.name, mimicry.strength, c.images,
+                                    p.images, c.latents, p.latents, target, references[mimicry.name][index],
+                                    losses[index], settings.ssim_threshold))
+                if purification is NONE:
+                    result.pictures[f"{mimicry.name} clean"] = _thumbnail(images.tensor_to_image(c.images))
+                result.pictures[f"{mimicry.name} {purification.name}"] = _thumbnail(images.tensor_to_image(p.images))
+    labels = {p.name: p.label for p in purifications}
+    for index, result in enumerate(results):
+        own = [s for s in scores if s.image == result.pair.name]
+        result.verdict = verdict(own, labels, bool(torch.equal(cleans[index], shields[index])),
+                                 settings.ssim_threshold)
+    return Evaluation(settings=settings, model=str(models.identity().name), random_weights=model.random_weights,
+                      method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
+                      mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
+                      seconds=time.perf_counter() - started)
+
+
+def require_extras() -> None:
+    """Raise ValueError in one line when a package of the `evaluate` extra is missing."""
+    import importlib.util
+
+    missing = [package for module, package in (("torchmetrics", "torchmetrics"), ("cv2", "opencv-python-headless"),
+                                                ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"evaluation needs {', '.join(missing)}: pip install 'mist-protect[evaluate]'")
+
+
+class _MethodScorer:
+    """The protection method's loss on purified images, and its target pattern's latents, through `Protector`'s
+    scoring entry (`loss_for`) in float32."""
+
+    def __init__(self, model: StableDiffusion, method: str, device: torch.device) -> None:
+        from ..config import ProtectConfig
+        from ..pipeline import Protector
+
+        self.model = model
+        self.protector = Protector(model, ProtectConfig(method=method, precision="fp32"), device)
+        self.seed = 0
+
+    def losses(self, clean: torch.Tensor, purified_clean: torch.Tensor,
+               purified_protected: torch.Tensor) -> tuple[float, float]:
+        """The method's objective, prepared from `clean`, on the purified clean and the purified protected image."""
+        import torch
+
+        loss = self.protector.loss_for(clean, seed=self.seed)
+        with torch.no_grad():
+            values = [loss(x.to(self.protector.device), [torch.Generator().manual_seed(self.seed)]).objective
+                      for x in (purified_clean, purified_protected)]
+        return values[0].sum().item(), values[1].sum().item()
+
+    def targets(self, shapes: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per image shape (H, W): the method's target pattern resized to it and its scaled latent (posterior mean);
+        None for a method without a target."""
+        import torch
+
+        target = self.protector.target
+        if target is None:
+            return [None] * len(shapes)
+        out = []
+        for height, width in shapes:
+            picture = images.image_to_tensor(target, (width, height))
+            with torch.no_grad():
+                mean, _ = self.model.posterior(picture.to(self.model.device))
+            out.append((picture, (mean * self.model.arch.latent_scale).cpu()))
+        return out
+
+
+def _reference_latents(mimicry: Mimicry, targets: list, seed: int) -> list:
+    """The final latents of `mimicry` run on the target pattern itself, once per distinct shape."""
+    by_shape: dict[tuple[int, ...], object] = {}
+    out = []
+    for target in targets:
+        if target is None:
+            out.append(None)
+            continue
+        shape = tuple(target[0].shape)
+        if shape not in by_shape:
+            by_shape[shape] = mimicry.generate([target[0]], seed)[0].latents
+        out.append(by_shape[shape])
+    return out
+
+
+def _purified(purification: Purification, x: torch.Tensor, context: Context) -> torch.Tensor:
+    picture = purification(images.tensor_to_image(x), context)
+    return images.image_to_tensor(picture, (x.shape[3], x.shape[2]))
+
+
+def _thumbnail(picture: Image.Image) -> Image.Image:
+    copy = picture.copy()
+    copy.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    return copy

@@ -1,0 +1,247 @@
+"""`mist evaluate` on the tiny model (CPU, small images): constructed cases with known answers, the command end to
+end, offline use with a local model, bad inputs, the purifications and the metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import mist
+from mist import cli
+from mist.evaluation import metrics
+from mist.evaluation.purify import Context, guided_filter, parse_purifications
+from mist.jobs import ModelCache
+from mist.models import TINY
+from mist.models.loading import build_random
+from mist.pipeline import default_target
+
+SIZE = 64
+FAST = dict(purify="jpeg:75", strengths=(0.35,), steps=4)
+
+
+def _painting(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    rgb = np.stack([x * 3 + seed * 40, y * 3, (x + y) * 2], axis=-1) + rng.normal(0, 12, (SIZE, SIZE, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("originals")
+    for i in range(2):
+        _painting(i).save(folder / f"art{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluation_model():
+    return build_random(parts=frozenset({"encoder", "unet", "text_encoder", "decoder"}))
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory, originals) -> Path:
+    """The originals protected by `mist protect` with the tiny model (a few steps): real Mist outputs with metadata."""
+    folder = tmp_path_factory.mktemp("protected")
+    code = cli.main(["protect", str(originals), "-o", str(folder), "--model", "tiny-random", "--steps", "2",
+                     "--input-size", str(SIZE), "-q"])
+    assert code == 0
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------- known answers
+
+
+def test_identical_images_score_as_no_change(tmp_path, originals, evaluation_model):
+    copies = Path(shutil.copytree(originals, tmp_path / "copies"))
+    result = mist.evaluate(originals, copies, tmp_path / "report", model=evaluation_model, **FAST)
+    assert len(result.scores) == 2 * 2  # 2 images x (none + jpeg:75) x 1 strength
+    for s in result.scores:
+        assert s.rmse_levels == 0 and s.latent_mse == 0 and s.ssim == pytest.approx(1, abs=1e-6)
+        assert s.target_pull == 0 and s.loss_clean == s.loss_protected and not s.holds
+    for image in result.images:
+        assert image.verdict.startswith("no change")
+        assert image.invisibility["linf_levels"] == 0 and image.invisibility["psnr_db"] == float("inf")
+        assert image.pair.matched_by == "name"
+    record = json.loads((tmp_path / "report" / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert [image["invisibility"]["psnr_db"] for image in record["images"]] == [None, None]
+
+
+def test_protected_replaced_by_the_target_scores_at_the_target(tmp_path, originals, evaluation_model):
+    """A 'protected' image that is the target pattern itself pulls the mimicry all the way to the target: the pull is
+    1 without purification, and its outputs sit at the target reference distance."""
+    fake = tmp_path / "target"
+    fake.mkdir()
+    for source in originals.iterdir():
+        default_target().resize((SIZE, SIZE), Image.Resampling.BICUBIC).save(fake / source.name)
+    result = mist.evaluate(originals, fake, model=evaluation_model, purify="", strengths=(0.25, 0.5), steps=4)
+    assert {s.purification for s in result.scores} == {"none"} and len(result.scores) == 4
+    for s in result.scores:
+        assert s.target_pull == pytest.approx(1.0, abs=1e-5)
+        assert s.target_mse_protected == pytest.approx(s.target_mse_reference, rel=1e-5)
+        assert s.target_mse_clean > s.target_mse_protected
+
+
+def test_evaluation_with_a_local_model_opens_no_network(tmp_path, monkeypatch, originals, protected):
+    """A diffusers folder on disk, LPIPS weights absent: everything runs (the decoder read from the folder), LPIPS is
+    skipped with the place it looked, and no socket is ever connected."""
+    torch.manual_seed(0)
+    folder = tmp_path / "sd"
+    UNet2DConditionModel(**TINY.unet).save_pretrained(folder / "unet")
+    AutoencoderKL(**TINY.vae).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(**TINY.text)).save_pretrained(folder / "text_encoder")
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = ModelCache(str(folder))
+    from mist.evaluation.run import evaluate_folders
+    from mist.evaluation.settings import EvaluationSettings
+
+    result = evaluate_folders(originals, protected, EvaluationSettings(**FAST), models)
+    assert models.loads == 1 and not result.random_weights and result.images
+    lpips_line = next(line for line in result.skipped if line.startswith("LPIPS"))
+    assert str(tmp_path / "torch-home" / "hub" / "checkpoints" / metrics.LPIPS_BACKBONE) in lpips_line
+    assert attempts == []
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_cli_writes_the_report(tmp_path, originals, protected, capsys):
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, output in enumerate(sorted(protected.iterdir())):  # other names: matched by the recorded SHA-256
+        shutil.copy(output, renamed / f"shared-{i}.png")
+    report = tmp_path / "report"
+    code = cli.main(["evaluate", str(originals), str(renamed), "-o", str(report), "--model", "tiny-random",
+                     "--purify", "jpeg:75,resize:0.5", "--strengths", "0.25,0.5", "--steps", "4", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "meaningless for protection" in err and f"report: {report / 'index.html'}" in out
+    record = json.loads((report / "results.json").read_text())
+    assert record["random_weights"] and "meaningless" in record["warning"] and record["method"] == "mist"
+    assert [image["matched_by"] for image in record["images"]] == ["sha256", "sha256"]
+    assert "below 0.80" in record["verdict_rule"]
+    rows = list(csv.DictReader((report / "results.csv").open()))
+    assert len(rows) == 2 * 3 * 2  # images x (none, jpeg:75, resize:0.5) x strengths
+    assert {row["purification"] for row in rows} == {"none", "jpeg:75", "resize:0.5"}
+    assert len(record["worst_case"]) == 2 * 2
+    page = (report / "index.html").read_text()
+    assert "meaningless for protection" in page and "plots/strength.png" in page and "plots/jpeg.png" in page
+    for source in __import__("re").findall(r"src='([^']+)'", page):
+        assert (report / source).is_file(), source
+    assert not list(report.rglob("*.tmp"))
+
+
+def test_cli_refuses_an_unknown_purification_in_one_line(tmp_path, originals, protected, capsys):
+    code = cli.main(["evaluate", str(originals), str(protected), "-o", str(tmp_path / "r"), "--model",
+                     "tiny-random", "--purify", "jpeg:75,sharpen"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1
+    assert "--purify: unknown purification 'sharpen'" in err and not (tmp_path / "r").exists()
+
+
+def test_an_unreadable_protected_image_is_named_in_one_line(tmp_path, originals, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "art0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code = cli.main(["evaluate", str(originals), str(broken), "-o", str(tmp_path / "r"), "--model", "tiny-random"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and str(broken / "art0.png") in err
+
+
+def test_no_matching_pair_is_an_error_naming_the_folders(tmp_path, originals):
+    other = tmp_path / "other"
+    other.mkdir()
+    _painting(5).save(other / "unrelated.png")
+    with pytest.raises(ValueError, match="none of its images matches") as caught:
+        mist.evaluate(originals, other, model="tiny-random", **FAST)
+    assert str(other) in str(caught.value) and str(originals) in str(caught.value)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--strengths", "0.3,x", "--strengths: not a comma list"), ("--strengths", "0,0.5", "--strengths: each must"),
+    ("--steps", "0", "--steps: must be at least 1"), ("--ssim-threshold", "2", "--ssim-threshold: must be"),
+])
+def test_bad_options_are_named(tmp_path, originals, capsys, option, value, message):
+    code = cli.main(["evaluate", str(originals), str(originals), "-o", str(tmp_path / "r"), option, value])
+    assert code == cli.EXIT_USAGE and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ purifications
+
+
+def test_purifications_parse_with_defaults_and_refuse_bad_values():
+    names = [p.name for p in parse_purifications("jpeg,resize:0.25,adverse,impress,jpeg:75")]
+    assert names == ["jpeg:75", "resize:0.25", "adverse:64", "impress"]
+    for text, fragment in (("jpeg:0", "between 1 and 100"), ("blur:x", "must be a number"),
+                           ("impress:3", "takes no value"), ("nothing", "unknown purification")):
+        with pytest.raises(ValueError, match=fragment):
+            parse_purifications(text)
+
+
+def test_each_purification_keeps_the_size_and_changes_the_image(evaluation_model):
+    picture = _painting(1)
+    context = Context(evaluation_model, seed=0)
+    for purification in parse_purifications("jpeg:50,resize:0.5,jpeg-resize:75,blur:1.5,noise:8,crop:0.8,adverse:8,"
+                                            "sdedit:0.3"):
+        out = purification(picture, context)
+        assert out.size == picture.size and out.mode == "RGB", purification.name
+        assert not np.array_equal(np.asarray(out), np.asarray(picture)), purification.name
+    noise = parse_purifications("noise:8")[0]
+    assert np.array_equal(np.asarray(noise(picture, context)), np.asarray(noise(picture, context)))
+
+
+def test_weights_that_are_absent_skip_with_a_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    impress, upscale = parse_purifications("impress,upscale")
+    assert "LPIPS" in impress.problem() and str(tmp_path / "torch") in impress.problem()
+    assert "x4 upscaler" in upscale.problem() and str(tmp_path / "hub") in upscale.problem()
+
+
+def test_guided_filter_keeps_an_image_that_guides_itself_and_flattens_a_constant_guide():
+    rng = np.random.default_rng(0)
+    picture = rng.uniform(0, 255, (24, 24, 3))
+    np.testing.assert_allclose(guided_filter(picture, picture, 2, 1e-6), picture, atol=1e-2)
+    flat = guided_filter(np.full((24, 24, 3), 100.0), picture, 2, 16)  # no edges to keep: a box smoothing
+    assert flat.std() < picture.std() / 3
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def test_perturbation_sizes_are_in_levels():
+    clean = torch.zeros(1, 3, 8, 8)
+    shifted = clean.clone()
+    shifted[0, 0, 0, 0] = 4 / 127.5  # one channel of one pixel up by 4 levels
+    assert metrics.linf_levels(clean, shifted).item() == pytest.approx(4)
+    assert metrics.l2_levels(clean, shifted).item() == pytest.approx(4)
+    assert metrics.psnr(clean, clean).item() == float("inf") and metrics.ssim(clean, clean).item() == pytest.approx(1)
+    assert metrics.psnr(clean, shifted).item() == pytest.approx(10 * np.log10(192 / (4 / 255) ** 2), rel=1e-4)
+
+
+def test_model_cache_loads_the_decoder_once_and_refuses_a_given_model_without_it(tiny_model):
+    cache = ModelCache("tiny-random")
+    parts = frozenset({"encoder", "unet", "text_encoder", "decoder"})
+    first = cache.model(parts)
+    assert first.decoder is not None and cache.model(parts) is first and cache.loads == 1
+    with pytest.raises(ValueError, match="without its decoder"):
+        ModelCache(tiny_model).model(parts)
