@@ -77,6 +77,24 @@ def test_identical_images_score_as_no_change(tmp_path, originals, evaluation_mod
     assert [image["invisibility"]["psnr_db"] for image in record["images"]] == [None, None]
 
 
+def test_lora_mimicry_trains_on_each_set_and_identical_sets_match(tmp_path, originals, protected, evaluation_model):
+    """LoRA mimicry (the trainer of mist.finetune) joins img2img in the scores: identical sets give identical
+    outputs (same seeds), the protected set gives other ones, and the loaded model's UNet is left as it was."""
+    pytest.importorskip("peft")
+    before = {name: value.clone() for name, value in evaluation_model.unet.state_dict().items()}
+    lora = dict(purify="", strengths=(0.35,), steps=2, lora=True, lora_steps=2)
+    copies = Path(shutil.copytree(originals, tmp_path / "copies"))
+    same = mist.evaluate(originals, copies, model=evaluation_model, **lora)
+    assert sorted({s.mimicry for s in same.scores}) == ["img2img:0.35", "lora"]
+    for s in same.scores:
+        assert s.rmse_levels == 0 and s.latent_mse == 0
+    differs = mist.evaluate(originals, protected, tmp_path / "report", model=evaluation_model, **lora)
+    assert all(s.latent_mse > 0 for s in differs.scores if s.mimicry == "lora")
+    assert "LoRA (2 steps, rank 4)" in (tmp_path / "report" / "index.html").read_text()
+    after = evaluation_model.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+
+
 def test_protected_replaced_by_the_target_scores_at_the_target(tmp_path, originals, evaluation_model):
     """A 'protected' image that is the target pattern itself pulls the mimicry all the way to the target: the pull is
     1 without purification, and its outputs sit at the target reference distance."""
@@ -179,6 +197,7 @@ def test_no_matching_pair_is_an_error_naming_the_folders(tmp_path, originals):
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--strengths", "0.3,x", "--strengths: not a comma list"), ("--strengths", "0,0.5", "--strengths: each must"),
     ("--steps", "0", "--steps: must be at least 1"), ("--ssim-threshold", "2", "--ssim-threshold: must be"),
+    ("--lora-steps", "0", "--lora-steps, --lora-rank: must be at least 1"), ("--lora-lr", "-1", "--lora-lr: must be"),
 ])
 def test_bad_options_are_named(tmp_path, originals, capsys, option, value, message):
     code = cli.main(["evaluate", str(originals), str(originals), "-o", str(tmp_path / "r"), option, value])

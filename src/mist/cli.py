@@ -217,6 +217,7 @@ def warn_if_the_gpu_is_unused(device) -> None:
 
 EVALUATE_FLAGS = {"purify": "--purify", "strengths": "--strengths", "steps": "--steps", "guidance": "--guidance",
                   "prompt": "--prompt", "seed": "--seed", "method": "--method", "ssim_threshold": "--ssim-threshold",
+                  "lora_steps": "--lora-steps", "lora_rank": "--lora-rank", "lora_learning_rate": "--lora-lr",
                   "device": "--device"}
 
 
@@ -239,6 +240,12 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
     g.add_argument("--method", choices=[m.name for m in list_methods()],
                    help="method whose loss scores the purified images (default: the one the protected images record)")
+    g.add_argument("--lora", action="store_true",
+                   help="also run LoRA fine-tuning mimicry: adapters trained on the clean set and on the protected "
+                        "set, then images sampled from the prompt with the same seeds (needs peft; slow: see README)")
+    g.add_argument("--lora-steps", type=int, default=500, help="LoRA training steps (default: %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA learning rate (default: %(default)s)")
     g.add_argument("--ssim-threshold", type=float, default=0.8,
                    help="protection holds where the SSIM of the protected and clean mimicry outputs is below this "
                         "(default: %(default)s)")
@@ -255,7 +262,8 @@ def evaluation_settings_from_args(args: argparse.Namespace):
             raise ValueError(f"strengths: not a comma list of numbers: {args.strengths!r}") from None
         return EvaluationSettings(purify=args.purify, strengths=strengths, steps=args.steps, guidance=args.guidance,
                                   prompt=args.prompt, seed=args.seed, method=args.method,
-                                  ssim_threshold=args.ssim_threshold)
+                                  ssim_threshold=args.ssim_threshold, lora=args.lora, lora_steps=args.lora_steps,
+                                  lora_rank=args.lora_rank, lora_learning_rate=args.lora_lr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,3 +69,48 @@ def img2img_mimicries(model: StableDiffusion, strengths: Sequence[float], steps:
                       prompt: str) -> list[Mimicry]:
     """The img2img mimicries of the documented protocol, one per strength."""
     return [Img2ImgMimicry(model, strength, steps, guidance, prompt) for strength in strengths]
+
+
+@dataclass(frozen=True)
+class LoraMimicry:
+    """LoRA fine-tuning mimicry: LoRA adapters trained on the whole set (`mist.finetune`, the trainer the `aspl` and
+    `mist2-lora` methods use) conditioned on `prompt`, then one image sampled per input from the prompt with the
+    adapted UNet (`steps` DDIM steps, guidance `guidance`), from the input's shape and the same seed for the clean and
+    the protected set. Sampling is img2img at strength 1: the start is noise, in which SD's schedule leaves
+    sqrt(alpha_bar_T), about 7%, of the input's latent, as diffusers' img2img does at strength 1. A set of several
+    shapes trains at the first image's shape (the others resized bicubic for training only)."""
+
+    model: StableDiffusion
+    train_steps: int = 500
+    rank: int = 4
+    learning_rate: float = 1e-4
+    steps: int = 50
+    guidance: float = 7.5
+    prompt: str = STYLE_PROMPT
+    strength: None = None
+
+    @property
+    def name(self) -> str:
+        return "lora"
+
+    @property
+    def label(self) -> str:
+        return f"LoRA ({self.train_steps} steps, rank {self.rank})"
+
+    def generate(self, pictures: Sequence[torch.Tensor], seed: int) -> list[Generated]:
+        import torch
+        import torch.nn.functional as F
+
+        from ..finetune import FinetuneOptions, Surrogate
+        from .img2img import img2img
+
+        height, width = pictures[0].shape[-2:]
+        training = torch.cat([picture if picture.shape[-2:] == (height, width) else
+                              F.interpolate(picture, size=(height, width), mode="bicubic").clamp(-1, 1)
+                              for picture in pictures])
+        options = FinetuneOptions(kind="lora", steps=self.train_steps, rank=self.rank,
+                                  learning_rate=self.learning_rate, seed=seed)
+        surrogate = Surrogate(self.model, options, generator=torch.Generator().manual_seed(seed))
+        surrogate.train(training, self.model.text_embedding(self.prompt))
+        return [img2img(surrogate.model, picture, 1.0, [torch.Generator().manual_seed(seed)], steps=self.steps,
+                        guidance=self.guidance, prompt=self.prompt) for picture in pictures]

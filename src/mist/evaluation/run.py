@@ -88,7 +88,7 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
 
     from ..methods import get_method
     from .metrics import Lpips, invisibility, lpips_problem
-    from .mimicry import img2img_mimicries
+    from .mimicry import LoraMimicry, img2img_mimicries
 
     started = time.perf_counter()
     require_extras()
@@ -112,6 +112,9 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     model = models.model(EVALUATION_PARTS | method.parts, on_load).placed(device)
     mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
                                                  settings.prompt)
+    if settings.lora:
+        mimicries.append(LoraMimicry(model, settings.lora_steps, settings.lora_rank, settings.lora_learning_rate,
+                                     settings.steps, settings.guidance, settings.prompt))
     if extra_mimicries is not None:
         mimicries += list(extra_mimicries(model))
     lpips = Lpips() if lpips_reason is None else None

@@ -19,7 +19,9 @@ class EvaluationSettings:
     strengths (0..1); steps: DDIM steps of the full schedule; guidance: classifier-free guidance scale; prompt: "a
     painting" or "a photo"; seed: of every random draw (the same for clean and protected images); method: whose loss
     scores the purified images (None: the method the protected images record, else Mist's); ssim_threshold: below
-    it, the mimicry outputs of protected and clean images count as different (the protection holds)."""
+    it, the mimicry outputs of protected and clean images count as different (the protection holds). lora: also run
+    LoRA fine-tuning mimicry (`mimicry.LoraMimicry`) with `lora_steps` training steps of rank `lora_rank` at
+    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps)."""
 
     purify: str = DEFAULT_PURIFY
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
@@ -29,6 +31,10 @@ class EvaluationSettings:
     seed: int = 0
     method: str | None = None
     ssim_threshold: float = SSIM_THRESHOLD
+    lora: bool = False
+    lora_steps: int = 500
+    lora_rank: int = 4
+    lora_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
         parse_purifications(self.purify)
@@ -40,6 +46,10 @@ class EvaluationSettings:
             raise ValueError(f"guidance: must be at least 1, got {self.guidance}")
         if self.prompt not in (STYLE_PROMPT, OBJECT_PROMPT):
             raise ValueError(f"prompt: must be {STYLE_PROMPT!r} or {OBJECT_PROMPT!r}, got {self.prompt!r}")
+        if self.lora_steps < 1 or self.lora_rank < 1:
+            raise ValueError(f"lora_steps, lora_rank: must be at least 1, got {self.lora_steps}, {self.lora_rank}")
+        if not (math.isfinite(self.lora_learning_rate) and self.lora_learning_rate > 0):
+            raise ValueError(f"lora_learning_rate: must be above 0, got {self.lora_learning_rate}")
         if not 0 < self.ssim_threshold <= 1:
             raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
         if self.method is not None:
