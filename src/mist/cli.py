@@ -94,11 +94,9 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                         "(default: on where memory is short: GPUs under 12 GiB, under 8 GiB of free RAM)")
     r.add_argument("--batch-size", type=int, default=1,
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
-    r.add_argument("--ray", metavar="ADDRESS",
-                   help="spread the images over a Ray cluster's GPU workers, e.g. 10.0.0.5:6379 or auto (pip install "
-                        "'mist-protect[ray]'; every worker node needs Mist and the model)")
-    r.add_argument("--ray-resource", default="GPU", metavar="NAME",
-                   help="with --ray: one worker per unit of this resource (default: %(default)s)")
+    from .service.options import add_ray_options
+
+    add_ray_options(r)
 
 
 def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:

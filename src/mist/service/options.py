@@ -29,11 +29,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
     serve.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                        help="gradient checkpointing (default: on where memory is short)")
-    serve.add_argument("--ray", metavar="ADDRESS",
-                       help="spread images over a Ray cluster's GPU workers (pip install 'mist-protect[ray]'), e.g. "
-                            "127.0.0.1:6379 or auto")
-    serve.add_argument("--ray-resource", default="GPU", metavar="NAME",
-                       help="with --ray: one worker per unit of this resource (default: %(default)s)")
+    add_ray_options(serve)
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
     token = actions.add_parser("token", help="create, list or revoke API tokens",
@@ -48,6 +44,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     revoke = token_actions.add_parser("revoke", help="revoke a token by name or id")
     revoke.add_argument("name", help="the token's name or id")
     _data_options(revoke)
+
+
+def add_ray_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--ray and --ray-resource, as `mist protect` and `mist serve` take them."""
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="spread the images over a Ray cluster's GPU workers, e.g. 10.0.0.5:6379 or auto (pip "
+                             "install 'mist-protect[ray]'; every worker node needs Mist and the model)")
+    parser.add_argument("--ray-resource", default="GPU", metavar="NAME",
+                        help="with --ray: one worker per unit of this resource (default: %(default)s)")
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
