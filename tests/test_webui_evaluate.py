@@ -42,6 +42,7 @@ def protected_page(engine, tmp_path: Path, session: str = "page", seed: int = 0)
 
 def test_evaluate_shows_the_grid_scores_and_verdict_of_the_last_job_then_deletes_the_originals(engine, tmp_path):
     ui, result = protected_page(engine, tmp_path)
+    assert result.originals_kept and text("en", "originals_kept") in webui_app._status_markdown(result, "en")
     kept = ui._page("page").kept
     assert kept is not None and [p.name for p in kept.iterdir()] == ["art.png"]
     locked: list[bool] = []
@@ -71,7 +72,8 @@ def test_kept_originals_are_deleted_by_the_next_job_and_when_the_page_goes_away(
     kept = ui._page("page").kept
     assert kept.is_dir()
     ui.start("en", "page")
-    ui.run("single", None, None, None, Settings(**FAST), "en", "page")  # a job with nothing to protect
+    empty = ui.run("single", None, None, None, Settings(**FAST), "en", "page")  # a job with nothing to protect
+    assert not empty.originals_kept
     assert not kept.exists() and ui._page("page").kept is None  # only the last job is ever evaluated
 
     ui, second = protected_page(engine, tmp_path, seed=2)

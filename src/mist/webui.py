@@ -220,6 +220,7 @@ class JobResult:
     no_protection: bool = False  # made with the random-weight test model
     seconds: float = 0.0
     uploads_removed: bool = False  # the job's uploaded originals were deleted from the server
+    originals_kept: bool = False  # a copy of them stays for the Evaluate tab (`WebUI.evaluate`)
 
     @property
     def files(self) -> list[Path]:
@@ -582,6 +583,7 @@ class WebUI:
                     _drop_kept(page)
                     self._pages.pop(session or "", None)
         result.uploads_removed = removed
+        result.originals_kept = page.kept is not None
         return result
 
     def evaluate(self, strength: float, jpeg: bool, lang: str, session: str | None,

@@ -25,7 +25,8 @@ from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, T
 def _status_markdown(result: JobResult, lang: str) -> str:
     lines = [result.status] + [f"- {message}" for message in result.messages]
     status = "\n\n".join(lines[:1]) + ("\n\n" + "\n".join(lines[1:]) if len(lines) > 1 else "")
-    return status + (f"\n\n{text(lang, 'uploads_removed')}" if result.uploads_removed else "")
+    return (status + (f"\n\n{text(lang, 'uploads_removed')}" if result.uploads_removed else "")
+            + (f" {text(lang, 'originals_kept')}" if result.originals_kept else ""))
 
 
 # The page's labels are rendered by gradio's i18n in gradio's locale, which it takes from the browser (its own strings
