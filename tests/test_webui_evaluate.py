@@ -89,3 +89,14 @@ def test_the_page_has_an_evaluate_tab(tmp_path):
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     assert by_id["mist-evaluate-strength"].value == EVALUATE_STRENGTH and by_id["mist-evaluate-jpeg"].value is False
     assert {"mist-evaluate-run", "mist-evaluate-summary", "mist-evaluate-grid"} <= set(by_id)
+
+
+def test_a_failed_copy_leaves_the_job_intact_and_nothing_to_evaluate(engine, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mist.webui.shutil.copyfile", full_disk)
+    ui, result = protected_page(engine, tmp_path)
+    assert result.outputs[0].png.is_file() and not result.originals_kept
+    assert not (result.outputs[0].png.parent / "originals").exists()
+    assert ui.evaluate(EVALUATE_STRENGTH, False, "en", "page").summary == text("en", "evaluate_nothing")

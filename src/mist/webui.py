@@ -702,14 +702,20 @@ def evaluation_view(evaluation: Evaluation, folder: Path, lang: str) -> Evaluati
 
 def _keep_originals(outputs: Sequence[Output]) -> Path | None:
     """Copies of the uploaded originals of `outputs`, for the Evaluate tab, in an `originals` folder beside the
-    protected PNGs (each named after its PNG, so the evaluation pairs them); None when there is no output."""
+    protected PNGs (each named after its PNG, so the evaluation pairs them); None when there is no output or the
+    copy failed (the page then has nothing to evaluate; the job's outputs are unaffected)."""
     if not outputs:
         return None
     folder = outputs[0].png.parent / "originals"
-    folder.mkdir(exist_ok=True)
-    for output in outputs:
-        if output.source is not None:
-            shutil.copyfile(output.source, folder / f"{output.png.stem}{output.source.suffix.lower()}")
+    try:
+        folder.mkdir(exist_ok=True)
+        for output in outputs:
+            if output.source is not None:
+                shutil.copyfile(output.source, folder / f"{output.png.stem}{output.source.suffix.lower()}")
+    except OSError as exc:
+        log.warning("the originals could not be kept for the Evaluate tab: %s", exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     return folder
 
 
