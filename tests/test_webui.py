@@ -148,7 +148,7 @@ def test_gradio_strings_the_page_shows_are_translated_and_no_share_button(tmp_pa
     for locale in webui_text.CHINESE_LOCALES:  # gradio's Chinese table lacks it: a screen reader read the raw key
         assert translations[locale]["common.complete"] == webui_text.GRADIO_ZH["common.complete"]
     outputs = [b for b in demo.blocks.values() if isinstance(b, (gr.Image, gr.Gallery, gr.ImageEditor))]
-    assert len(outputs) == 5 and all("share" not in (b.buttons or []) for b in outputs)  # "Must be on Spaces"
+    assert len(outputs) == 6 and all("share" not in (b.buttons or []) for b in outputs)  # "Must be on Spaces"
 
 
 @pytest.mark.parametrize("served, key", [(False, "intro"), (True, "intro_served")])

@@ -175,15 +175,24 @@ def test_desktop_paint_protect_download(server, browser, tmp_path):
         download.value.save_as(output)
         status = page.locator("#mist-status").inner_text()
         expect(page.locator("#mist-run")).to_be_enabled()
-        assert holding(server, source) == []  # the uploaded original was deleted with the job
+        # The upload was deleted with the job; only the copy kept for the Evaluate tab remains...
+        assert [p.parent.name for p in holding(server, source)] == ["originals"]
         expect(page.locator("#mist-artwork a[download]")).to_have_count(0)  # and the page asks for it again
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-desktop.png"), full_page=True)
+        page.get_by_role("tab", name="Evaluate").click()
+        page.locator("#mist-evaluate-run").click()
+        page.locator("#mist-evaluate-summary", has_text="Checked 1 image").wait_for()
+        expect(page.locator("#mist-evaluate-grid img").first).to_be_visible()
+        verdict = page.locator("#mist-evaluate-summary").inner_text()
+        assert holding(server, source) == []  # ...until the check ran
+        page.screenshot(path=str(SCREENSHOTS / "mist-webui-evaluate.png"), full_page=True)
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-desktop.png"), full_page=True)
         print(f"page at the failure: {SCREENSHOTS / 'mist-webui-desktop.png'}; server log:\n{server.log.read_text()}")
         raise
 
-    assert "NO protection" in status and "1 of 1" in status and "deleted" in status
+    assert "NO protection" in status and "1 of 1" in status and "deleted" in status and "Evaluate tab" in status
+    assert "NO protection" in verdict and "art: protection" in verdict and "SSIM" in verdict
     protected = Image.open(output)
     assert protected.size == (256, 256)
     text = protected.text
@@ -242,7 +251,8 @@ def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, brow
         expect(status).to_contain_text("1 of 1 image(s) protected")
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-phone-done.png"))
         assert len(list((server.private() / "jobs").glob("job-*"))) == 2  # the cancelled job and this one
-        assert holding(server, source) == []
+        # The uploads are gone; the finished job's originals stay, as a copy, for the Evaluate tab.
+        assert [p.parent.name for p in holding(server, source)] == ["originals"]
 
         page.locator("#mist-language").get_by_text("中文", exact=True).tap()  # labels through gradio's i18n
         page.locator("#mist-run", has_text="开始保护").wait_for()

@@ -14,7 +14,8 @@ paint the mask on, and the painted mask is scaled to the artwork's own size.
 Safety: the server listens on 127.0.0.1 unless `--listen` or `--share` is given (with a warning when there is no
 `--auth`); uploads are size-limited; one attack runs at a time, later jobs wait in gradio's queue; a bad upload gets a
 message in the page. A job's uploaded originals are deleted when the job ends, and a page that goes away (closed or
-reloaded) cancels its job and deletes its uploads.
+reloaded) cancels its job and deletes its uploads. The Evaluate tab needs the originals of the page's last job: a copy
+of them stays in that job's folder until the evaluation ran, the page's next job starts or the page goes away.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .robust import DEFAULT_TRANSFORMS
 from .webui_text import duration, text
 
 if TYPE_CHECKING:
+    from .evaluation.run import Evaluation
     from .jobs import ModelCache
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ PREVIEW_SIDE = 1280  # longest side in pixels of the preview the mask is painted
 PREVIEW_PREFIX = "mist-preview-"
 EDITOR_FILES = ("background.png", "composite.png")  # what the browser's image editor uploads (and layer_N.png)
 JOB_MAX_AGE_S = 24 * 3600  # job folders older than this are removed when a new job starts
+EVALUATE_STRENGTH = 0.35  # the Evaluate tab's img2img strength by default (the middle one of Mist's protocol)
+EVALUATE_STEPS = 20  # DDIM steps of the full schedule there (strength x steps of them run): usable on a CPU
+EVALUATE_PURIFY = "jpeg:75"  # the purification its checkbox adds
 
 _DEFAULTS = ProtectConfig()
 
@@ -202,6 +207,7 @@ class Output:
     png: Path  # the protected PNG, with Mist's metadata
     original: Path  # preview: the input resized as the engine processed it
     perturbation: Path  # preview: |protected - original|, scaled so that epsilon is white
+    source: Path | None = None  # the uploaded original (deleted when the job ends, or kept for the Evaluate tab)
 
 
 @dataclass
@@ -214,6 +220,7 @@ class JobResult:
     no_protection: bool = False  # made with the random-weight test model
     seconds: float = 0.0
     uploads_removed: bool = False  # the job's uploaded originals were deleted from the server
+    originals_kept: bool = False  # a copy of them stays for the Evaluate tab (`WebUI.evaluate`)
 
     @property
     def files(self) -> list[Path]:
@@ -321,7 +328,7 @@ class _PageReporter:
             self.image_failed(job, str(exc), "output")
             return
         self.result.outputs.append(Output(job.name, job.output, previews / f"original-{job.output.name}",
-                                          previews / f"perturbation-{job.output.name}"))
+                                          previews / f"perturbation-{job.output.name}", job.source))
 
     def image_skipped(self, job, reason: str) -> None:  # outputs are new files: nothing is ever skipped
         pass
@@ -448,6 +455,7 @@ class _Page:
     uploads: set[Path] = field(default_factory=set)
     closed: bool = False  # the page went away; forgotten once its job ends
     served: set[Path] = field(default_factory=set)  # gradio's folders holding what it served of this page's previews
+    kept: Path | None = None  # copies of the last job's originals, for the Evaluate tab (see `WebUI.evaluate`)
 
 
 class WebUI:
@@ -536,6 +544,7 @@ class WebUI:
             if page.phase == "idle":
                 self._pages.pop(session or "", None)
                 self._discard(page)
+                _drop_kept(page)
 
     def forget_uploads(self, session: str | None) -> None:
         """The page cleared its artwork: delete what it uploaded (unless its job is running; that job deletes them)."""
@@ -553,6 +562,7 @@ class WebUI:
             if page.phase != "pending":
                 return None
             page.phase = "running"
+        _drop_kept(page)  # the Evaluate tab only ever checks the page's last job
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             if source == "batch":
@@ -564,14 +574,64 @@ class WebUI:
             page.uploads.update(Path(path) for path in (editor or {}).get("uploaded", []))  # the editor's files
             result = run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=page.cancel,
                              progress=progress, max_upload_bytes=self.max_upload_bytes)
+            page.kept = _keep_originals(result.outputs)
         finally:
             with self._pages_lock:
                 page.phase = "idle"
                 removed = self._discard(page)
                 if page.closed:
+                    _drop_kept(page)
                     self._pages.pop(session or "", None)
         result.uploads_removed = removed
+        result.originals_kept = page.kept is not None
         return result
+
+    def evaluate(self, strength: float, jpeg: bool, lang: str, session: str | None,
+                 progress: Progress | None = None) -> EvaluationView:
+        """One click of Evaluate: the img2img check (`mist.evaluation.evaluate_folders`, one `strength`, EVALUATE_STEPS
+        DDIM steps, after JPEG q75 too when `jpeg`) of the page's last job, holding the engine's attack lock; then
+        the copy of that job's originals is deleted. Never raises: a problem is the view's summary."""
+        from .evaluation.run import evaluate_folders
+        from .evaluation.settings import EvaluationSettings
+        from .models import ModelNotFoundError
+
+        page = self._page(session)
+        with self._pages_lock:
+            if page.phase != "idle":
+                return EvaluationView([], text(lang, "busy"))
+            if page.kept is None:
+                return EvaluationView([], text(lang, "evaluate_nothing"))
+            page.phase = "running"
+        started = time.perf_counter()
+        say = progress or (lambda fraction, desc: None)
+        try:
+            settings = EvaluationSettings(purify=EVALUATE_PURIFY if jpeg else "", strengths=(float(strength),),
+                                          steps=EVALUATE_STEPS)
+            with self.engine.attack_lock:
+                evaluation = evaluate_folders(
+                    page.kept, page.kept.parent, settings, self.engine,
+                    lambda news: say(news.done / news.total, text(lang, "evaluate_progress", doing=news.doing,
+                                                                   done=news.done, total=news.total)),
+                    lambda where, device: say(0.0, text(lang, "loading_model")))
+        except ModelNotFoundError as exc:
+            return EvaluationView([], f"{text(lang, 'no_model')}\n\n```\n{exc}\n```")
+        except (ValueError, OSError, RuntimeError) as exc:
+            return EvaluationView([], f"{text(lang, 'evaluate_failed')} {exc}")
+        finally:
+            with self._pages_lock:
+                page.phase = "idle"
+                folder = page.kept.parent if page.kept is not None else None
+                removed = _drop_kept(page)
+                if page.closed:
+                    self._pages.pop(session or "", None)
+        view = evaluation_view(evaluation, folder / "evaluation", lang)
+        view.summary = "\n\n".join(
+            [view.summary, text(lang, "evaluate_done", images=len(evaluation.images),
+                                time=duration(time.perf_counter() - started, lang),
+                                threshold=f"{settings.ssim_threshold:g}")]
+            + ([text(lang, "evaluate_removed")] if removed else []))
+        view.originals_removed = removed
+        return view
 
     def _discard(self, page: _Page) -> bool:
         """Delete the page's uploads (files under `upload_root` or `workdir`), each with its folder when that is
@@ -603,6 +663,69 @@ class WebUI:
                 pass
         page.uploads.clear()
         return removed
+
+
+@dataclass
+class EvaluationView:
+    """What the Evaluate tab shows: the grid (picture file, caption), `columns` pictures per image, and the summary
+    (markdown: the random-weights warning, one verdict line per image, how it went)."""
+
+    grid: list[tuple[Path, str]]
+    summary: str
+    columns: int = 4
+    originals_removed: bool = False  # the copy of the job's originals was deleted from the server
+
+
+def evaluation_view(evaluation: Evaluation, folder: Path, lang: str) -> EvaluationView:
+    """The grid and verdicts of `evaluation` (one img2img strength), its pictures saved as PNGs in `folder`."""
+    (name, _, _), = evaluation.mimicries
+    purified = [p for p in evaluation.purifications if p.name != "none"]
+    folder.mkdir(parents=True, exist_ok=True)
+    grid: list[tuple[Path, str]] = []
+    lines = [f"**{text(lang, 'no_protection')}**"] if evaluation.random_weights else []
+    for number, result in enumerate(evaluation.images):
+        ssim = {s.purification: f"{s.ssim:.2f}" for s in evaluation.scores
+                if s.image == result.pair.name and s.mimicry == name}
+        cells = [("clean", text(lang, "col_clean")), ("protected", text(lang, "col_protected")),
+                 (f"{name} clean", text(lang, "col_mimic_clean")),
+                 (f"{name} none", text(lang, "col_mimic_protected", ssim=ssim["none"]))]
+        for p in purified:
+            cells += [(p.name, text(lang, "col_purified", purification=p.label)),
+                      (f"{name} {p.name}", text(lang, "col_mimic_purified", purification=p.label, ssim=ssim[p.name]))]
+        for column, (key, caption) in enumerate(cells):
+            path = folder / f"{number}-{column}.png"
+            result.pictures[key].save(path, format="PNG")
+            grid.append((path, f"{result.pair.name}: {caption}"))
+        lines.append(f"- {result.pair.name}: {result.verdict}")
+    return EvaluationView(grid, "\n".join(lines), columns=4 + 2 * len(purified))
+
+
+def _keep_originals(outputs: Sequence[Output]) -> Path | None:
+    """Copies of the uploaded originals of `outputs`, for the Evaluate tab, in an `originals` folder beside the
+    protected PNGs (each named after its PNG, so the evaluation pairs them); None when there is no output or the
+    copy failed (the page then has nothing to evaluate; the job's outputs are unaffected)."""
+    if not outputs:
+        return None
+    folder = outputs[0].png.parent / "originals"
+    try:
+        folder.mkdir(exist_ok=True)
+        for output in outputs:
+            if output.source is not None:
+                shutil.copyfile(output.source, folder / f"{output.png.stem}{output.source.suffix.lower()}")
+    except OSError as exc:
+        log.warning("the originals could not be kept for the Evaluate tab: %s", exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return folder
+
+
+def _drop_kept(page: _Page) -> bool:
+    """Delete the page's copy of its last job's originals; True when there was one."""
+    if page.kept is None:
+        return False
+    shutil.rmtree(page.kept, ignore_errors=True)
+    page.kept = None
+    return True
 
 
 def _inside(path: Path, folder: Path | None) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import PRECISIONS
 from .methods import list_methods, param_specs, shared_params
-from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, SIZES, JobResult, Settings, WebUI, log,
+from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, EVALUATE_STRENGTH, SIZES, JobResult, Settings, WebUI, log,
                     parse_auth)
 from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
 
@@ -25,7 +25,8 @@ from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, T
 def _status_markdown(result: JobResult, lang: str) -> str:
     lines = [result.status] + [f"- {message}" for message in result.messages]
     status = "\n\n".join(lines[:1]) + ("\n\n" + "\n".join(lines[1:]) if len(lines) > 1 else "")
-    return status + (f"\n\n{text(lang, 'uploads_removed')}" if result.uploads_removed else "")
+    return (status + (f"\n\n{text(lang, 'uploads_removed')}" if result.uploads_removed else "")
+            + (f" {text(lang, 'originals_kept')}" if result.originals_kept else ""))
 
 
 # The page's labels are rendered by gradio's i18n in gradio's locale, which it takes from the browser (its own strings
@@ -107,6 +108,15 @@ def build_app(ui: WebUI):
                     with gr.Tab(L("tab_batch"), id="batch") as tab_batch:
                         files = gr.File(label=L("files"), file_count="multiple", type="filepath", elem_id="mist-files")
                         gr.Markdown(L("files_hint"))
+                    with gr.Tab(L("tab_evaluate"), id="evaluate"):
+                        gr.Markdown(L("evaluate_intro"))
+                        evaluate_strength = gr.Slider(0.05, 1.0, value=EVALUATE_STRENGTH, step=0.05,
+                                                      label=L("evaluate_strength"), elem_id="mist-evaluate-strength")
+                        evaluate_jpeg = gr.Checkbox(False, label=L("evaluate_jpeg"), elem_id="mist-evaluate-jpeg")
+                        evaluate_run = gr.Button(L("evaluate_run"), elem_id="mist-evaluate-run")
+                        evaluate_summary = gr.Markdown("", elem_id="mist-evaluate-summary")
+                        evaluate_grid = gr.Gallery(label=L("evaluate_grid"), columns=4, object_fit="contain",
+                                                   format="png", buttons=no_share, elem_id="mist-evaluate-grid")
             with gr.Column(scale=2, min_width=320):
                 epsilon = control(gr.Slider, "strength", 0, 32, value=d.epsilon, step=1)
                 steps = control(gr.Slider, "steps", 1, 1000, value=d.steps, step=1)
@@ -249,6 +259,12 @@ def build_app(ui: WebUI):
             return None, None, None, gr.update(interactive=True)
 
         @typed
+        def on_evaluate(request, strength_value, jpeg_value, lang):
+            view = ui.evaluate(strength_value, jpeg_value, lang, _session(request))
+            return view.summary, gr.update(value=[(str(path), caption) for path, caption in view.grid] or None,
+                                           columns=view.columns)
+
+        @typed
         def on_cancel(lang, request):
             return ui.cancel(lang, _session(request))
 
@@ -268,6 +284,8 @@ def build_app(ui: WebUI):
                   concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
             .then(on_done, None, [artwork, editor, files, run], **quiet)
         cancel.click(on_cancel, [language], [status], **quiet)
+        evaluate_run.click(on_evaluate, [evaluate_strength, evaluate_jpeg, language], [evaluate_summary, evaluate_grid],
+                           concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private")
         method.change(lambda name: [gr.update(visible=name in shared[param][1]) for param in params], [method],
                       list(params.values()), **quiet)
         gallery.select(on_select, [results], [original, protected, perturbation], **quiet)

@@ -18,13 +18,15 @@ EN: dict[str, str] = {
         "Mist adds a small, hard-to-see perturbation to an image so that AI models trained on it or editing it "
         "(img2img, textual inversion, DreamBooth, LoRA) produce scrambled results. Upload an image, optionally paint "
         "the region to protect, and press **Protect**. Everything runs on this computer: your images go nowhere else, "
-        "and the uploaded original is deleted when its job ends."
+        "and the uploaded original is deleted when its job ends (a copy for the Evaluate tab, when the check ran or "
+        "the page is closed)."
     ),
     "intro_served": (
         "Mist adds a small, hard-to-see perturbation to an image so that AI models trained on it or editing it "
         "(img2img, textual inversion, DreamBooth, LoRA) produce scrambled results. Upload an image, optionally paint "
         "the region to protect, and press **Protect**. Your images are sent to the computer that serves this page and "
-        "processed there; the uploaded original is deleted from it when its job ends."
+        "processed there; the uploaded original is deleted from it when its job ends (a copy for the Evaluate tab, "
+        "when the check ran or the page is closed)."
     ),
     "language": "Language",
     "tab_single": "One image",
@@ -77,6 +79,16 @@ EN: dict[str, str] = {
     "protected": "Protected",
     "perturbation": "Perturbation (amplified)",
     "gallery": "Protected images (click one to compare)",
+    "tab_evaluate": "Evaluate",
+    "evaluate_intro": (
+        "Does the protection hold? After a job, this runs img2img (what a mimic does) on each original and on its "
+        "protected image with the same seed and compares the two results. The page keeps a copy of the last job's "
+        "originals for this until the check ran, the next job starts or the page is closed or reloaded."
+    ),
+    "evaluate_strength": "img2img strength",
+    "evaluate_jpeg": "Also after JPEG q75 (a mimic's first purification)",
+    "evaluate_run": "Evaluate the last job",
+    "evaluate_grid": "Original | protected | img2img of the original | img2img of the protected image",
     "downloads": "Downloads (PNG with settings in its metadata; ZIP for several)",
     # --- messages (str.format) ---
     "waiting": "Waiting: {ahead} job(s) of other pages run first (one at a time), then this one starts.",
@@ -107,6 +119,19 @@ EN: dict[str, str] = {
     "duration_s": "{s} s",
     "duration_m": "{m} min {s} s",
     "duration_h": "{h} h {m} min",
+    "originals_kept": "A copy stays for the Evaluate tab until the check ran, the next job starts or the page closes.",
+    "evaluate_nothing": "Protect an image first: the check runs on the page's last finished job.",
+    "evaluate_progress": "Evaluating: {doing} ({done} of {total})",
+    "evaluate_failed": "The evaluation could not run:",
+    "evaluate_done": "Checked {images} image(s) in {time} (SSIM of the two img2img results: 1 means identical; the "
+                     "protection holds below {threshold}).",
+    "evaluate_removed": "The copy of the originals was deleted from the server; protect again to evaluate once more.",
+    "col_clean": "original",
+    "col_protected": "protected",
+    "col_mimic_clean": "img2img of the original",
+    "col_mimic_protected": "img2img of the protected image, SSIM {ssim}",
+    "col_purified": "protected after {purification}",
+    "col_mimic_purified": "img2img after {purification}, SSIM {ssim}",
 }
 
 ZH: dict[str, str] = {
@@ -115,12 +140,12 @@ ZH: dict[str, str] = {
     "intro": (
         "Mist 会在图片上加入细微、难以察觉的扰动，使基于它训练或对它进行编辑的 AI 模型（img2img、文本反演、"
         "DreamBooth、LoRA）只能得到混乱的结果。上传图片，（可选）涂抹需要保护的区域，然后点击**开始保护**。"
-        "所有计算都在本机完成：图片不会被发送到其他地方，上传的原图在任务结束后即被删除。"
+        "所有计算都在本机完成：图片不会被发送到其他地方，上传的原图在任务结束后即被删除（供效果检验用的副本在检验完成或页面关闭后删除）。"
     ),
     "intro_served": (
         "Mist 会在图片上加入细微、难以察觉的扰动，使基于它训练或对它进行编辑的 AI 模型（img2img、文本反演、"
         "DreamBooth、LoRA）只能得到混乱的结果。上传图片，（可选）涂抹需要保护的区域，然后点击**开始保护**。"
-        "图片会被发送到提供本页面的计算机上处理；任务结束后，上传的原图即从该计算机上删除。"
+        "图片会被发送到提供本页面的计算机上处理；任务结束后，上传的原图即从该计算机上删除（供效果检验用的副本在检验完成或页面关闭后删除）。"
     ),
     "language": "语言",
     "tab_single": "单张图片",
@@ -161,6 +186,15 @@ ZH: dict[str, str] = {
     "protected": "保护后",
     "perturbation": "扰动（放大显示）",
     "gallery": "已保护的图片（点击可对比）",
+    "tab_evaluate": "效果检验",
+    "evaluate_intro": (
+        "保护是否有效？任务完成后，这里用相同的随机种子分别对每张原图和保护后的图片运行 img2img（模仿者的做法），"
+        "并比较两个结果。为此，本页面会保留上一个任务原图的副本，直到检验运行完、下一个任务开始或页面被关闭、刷新。"
+    ),
+    "evaluate_strength": "img2img 强度",
+    "evaluate_jpeg": "同时检验 JPEG q75 压缩之后（模仿者最常用的净化手段）",
+    "evaluate_run": "检验上一个任务",
+    "evaluate_grid": "原图 | 保护后 | 原图的 img2img | 保护后图片的 img2img",
     "downloads": "下载（PNG 的元数据中记录了参数；多张图片另有 ZIP 压缩包）",
     "waiting": "排队中：先运行其他页面的 {ahead} 个任务（逐个运行），然后开始本任务。",
     "starting": "正在开始……",
@@ -187,6 +221,19 @@ ZH: dict[str, str] = {
     "duration_s": "{s} 秒",
     "duration_m": "{m} 分 {s} 秒",
     "duration_h": "{h} 小时 {m} 分",
+    "originals_kept": "供效果检验用的副本会保留到检验完成、下一个任务开始或页面关闭为止。",
+    "evaluate_nothing": "请先保护一张图片：检验针对本页面上一个已完成的任务。",
+    "evaluate_progress": "检验中：{doing}（{done}/{total}）",
+    "evaluate_failed": "无法进行检验：",
+    "evaluate_done": "已检验 {images} 张图片，用时 {time}（两个 img2img 结果的 SSIM：1 表示完全相同；低于 {threshold} "
+                     "表示保护有效）。",
+    "evaluate_removed": "原图副本已从服务器删除；如需再次检验，请重新保护。",
+    "col_clean": "原图",
+    "col_protected": "保护后",
+    "col_mimic_clean": "原图的 img2img",
+    "col_mimic_protected": "保护后图片的 img2img，SSIM {ssim}",
+    "col_purified": "{purification} 之后的保护图片",
+    "col_mimic_purified": "{purification} 之后的 img2img，SSIM {ssim}",
 }
 
 TEXTS: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}
