@@ -3,7 +3,7 @@ worker node declaring one unit of a custom resource that stands in for a GPU.
 
 Ray's servers listen on every interface of the machine, so the cluster must run inside a private network namespace
 whose only interface is loopback (`in_private_network` re-runs a command under `unshare --net`): nothing it starts can
-reach, or be reached from, any other address.
+reach, or be reached from, any other address. Stopping it kills the namespace's processes, never another Ray's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 RESOURCE = "mist_slot"
+HOST_NETWORK = "MIST_TEST_HOST_NETNS"  # the network namespace a private one was made from
 BIN = Path(sys.executable).parent
 
 
@@ -34,14 +35,17 @@ def private_network_problem() -> str | None:
 def in_private_network(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """Run `command` in a new network namespace with only loopback (brought up first)."""
     script = 'ip link set lo up && exec "$@"'
+    env = {**kwargs.pop("env", os.environ), HOST_NETWORK: os.readlink("/proc/self/ns/net")}
     return subprocess.run(["unshare", "--net", "--map-root-user", "sh", "-c", script, "sh", *command],
-                          timeout=timeout, **kwargs)
+                          timeout=timeout, env=env, **kwargs)
 
 
 class Cluster:
     """`ray start` head (no slot) plus `workers` nodes with one slot each, on 127.0.0.1; `stop()` ends them all."""
 
     def __init__(self, workers: int, port: int = 6379) -> None:
+        if not in_own_network():
+            raise RuntimeError("start the cluster in a private network namespace (see in_private_network)")
         self.address = f"127.0.0.1:{port}"
         self.temp = tempfile.mkdtemp(prefix="mr", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -56,8 +60,34 @@ class Cluster:
         subprocess.run([str(BIN / "ray"), *args], env=self.env, check=True, capture_output=True, timeout=300)
 
     def stop(self) -> None:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        """Kill every other process of this private network namespace: the cluster's, and nothing else on the machine
+        (`ray stop` would stop every Ray process of the machine, another cluster's too)."""
+        for pid in processes_in_this_network():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def in_own_network() -> bool:
+    """Whether this process runs in the private network namespace `in_private_network` made (not the one it was
+    called from, which it records in HOST_NETWORK)."""
+    host = os.environ.get(HOST_NETWORK)
+    return host is not None and os.readlink("/proc/self/ns/net") != host
+
+
+def processes_in_this_network() -> list[int]:
+    """The other processes in this process's network namespace (only meaningful in a private one)."""
+    own, pids = os.readlink("/proc/self/ns/net"), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if os.readlink(entry / "ns" / "net") == own:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
 
 def actor_pids(busy_only: bool = False) -> list[int]:
