@@ -102,3 +102,19 @@ def test_two_servers_share_one_queue(store, tmp_path, painting):
     assert [store.job(f"shared{n}").state for n in range(4)] == ["done"] * 4
     assert len(runs) == 4  # each job ran once
     assert all((data / "jobs" / f"shared{n}" / "out" / "a.png").is_file() for n in range(4))
+
+
+def test_an_image_left_undone_is_queued_again_only_when_the_run_was_cancelled(store, tmp_path):
+    from mist.jobs import Job
+    from mist.service.worker import StoreReporter, WorkerStats
+
+    one_image_job(store, "j1")
+    job = Job(tmp_path / "jobs" / "j1" / "in" / "a.png", tmp_path / "jobs" / "j1" / "out" / "a.png")
+    cancel = threading.Event()
+    reporter = StoreReporter(store, "j1", {job.source: 0}, WorkerStats(), cancel)
+    reporter.image_failed(job, f"{job.source}: not done: the batch stopped because the disk is full", "not done")
+    image = store.job("j1").images[0]
+    assert (image.state, image.message) == ("failed", "in/a.png: not done: the batch stopped because the disk is full")
+    cancel.set()
+    reporter.image_failed(job, f"{job.source}: not done: cancelled", "not done")
+    assert store.job("j1").images[0].state == "queued"

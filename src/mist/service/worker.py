@@ -126,7 +126,7 @@ class Worker:
         jobs = [Job(folder / image.source, folder / image.output, label=image.name,
                     mask=folder / image.mask if image.mask else None) for image in job.images]
         index_of = {j.source: image.idx for j, image in zip(jobs, job.images, strict=True)}
-        reporter = StoreReporter(self.store, job.id, index_of, self.stats)
+        reporter = StoreReporter(self.store, job.id, index_of, self.stats, cancel)
         beat = threading.Thread(target=self._heartbeat, args=(job.id, cancel, lost, reporter), daemon=True)
         beat.start()
         state, error = "failed", None
@@ -191,8 +191,10 @@ class StoreReporter:
     """Hears a job's run and writes it to the store: each image's state at once, its step and the job's seconds per
     step when `flush` is called (the worker's heartbeat does, each second)."""
 
-    def __init__(self, store: JobStore, job_id: str, index_of: dict[Path, int], stats: WorkerStats) -> None:
+    def __init__(self, store: JobStore, job_id: str, index_of: dict[Path, int], stats: WorkerStats,
+                 cancel: threading.Event | None = None) -> None:
         self.store = store
+        self.cancel = cancel
         self.job_id = job_id
         self.index_of = index_of
         self.stats = stats
@@ -246,7 +248,8 @@ class StoreReporter:
         self.store.set_images(self.job_id, self._indices([job]), state="done", message=None)
 
     def image_failed(self, job: Job, message: str, stage: str) -> None:
-        if stage == "not done":  # cancelled or stopped before it: queued again (a resumed run does it)
+        if stage == "not done" and self.cancel is not None and self.cancel.is_set():
+            # Cancelled, or this server is stopping, before the image: queued again (a resumed run does it).
             self.store.set_images(self.job_id, self._indices([job]), state="queued", step=0)
             return
         # Messages name files by their place in the job's folder, never by the server's paths.
