@@ -169,7 +169,7 @@ def main() -> int:
                       "low_memory": memory == "on", "fast": fast == "yes", "steps": args.steps,
                       "device": args.device})
     rows = run_children(__file__, specs, _row)
-    _write(rows, " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]))
+    append_results("Run of ", HEADER, [_row(r) for r in rows])
     return 0 if len(rows) == len(specs) else 1
 
 
@@ -199,12 +199,13 @@ def _row(r: dict) -> str:
             f"| {r['process_peak_gb']:.2f} | {r['tflop']:.3f} | {r['tflops_per_s']:.3f} |")
 
 
-def _write(rows: list[dict], command: str) -> None:
+def append_results(title: str, header: str, rows: list[str]) -> None:
+    """Append a table to RESULTS.md: `title` with the time, the machine and the command that ran, then the rows."""
     if not rows:
         return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = [f"\n## Run of {stamp}\n", f"Machine: {machine()}  ", f"Command: `{command}`\n", HEADER,
-             *map(_row, rows), ""]
+    command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    block = [f"\n## {title}{stamp}\n", f"Machine: {machine()}  ", f"Command: `{command}`\n", header, *rows, ""]
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nWritten by `benchmarks/bench.py`; see its docstring for what is "
                            "measured and how.\n", encoding="utf-8")

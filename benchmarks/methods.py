@@ -17,14 +17,13 @@ the date).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
 import time
 
-from bench import RESULTS, build_full_size_model, machine, peak_rss_gb, peak_rss_reset, run_children
+from bench import append_results, build_full_size_model, peak_rss_gb, peak_rss_reset, run_children
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -100,7 +99,7 @@ def main() -> int:
     specs = [{"method": name, "params": params, "size": args.size, "precision": args.precision, "steps": args.steps,
               "device": args.device} for name, params in methods]
     rows = run_children(__file__, specs, _row)
-    _write(rows, " ".join(["python", "benchmarks/methods.py", *sys.argv[1:]]))
+    append_results("Methods, run of ", HEADER, [_row(r) for r in rows])
     return 0 if len(rows) == len(methods) else 1
 
 
@@ -112,16 +111,6 @@ def _row(r: dict) -> str:
     params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
     return (f"| {r['method']} | {params} | {r['size']} | {r['precision']} | {'on' if r['low_memory'] else 'off'} "
             f"| {r['seconds']:.2f} | {r['peak_gb']:.2f} | {r['tflop']:.3f} | {r['load']} |")
-
-
-def _write(rows: list[dict], command: str) -> None:
-    if not rows:
-        return
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = [f"\n## Methods, run of {stamp} (methods.py)\n", f"Machine: {machine()}  ", f"Command: `{command}`\n",
-             HEADER, *map(_row, rows), ""]
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write("\n".join(block))
 
 
 if __name__ == "__main__":

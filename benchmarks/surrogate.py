@@ -22,13 +22,12 @@ Results are appended to benchmarks/RESULTS.md with the machine, the load average
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 import time
 
-from bench import RESULTS, build_full_size_model, machine, peak_rss_gb, peak_rss_reset, run_children
+from bench import append_results, build_full_size_model, peak_rss_gb, peak_rss_reset, run_children
 
 PGD_STEPS = {"aspl": 1, "mist2-lora": 2}  # the fewest PGD steps that include one fine-tuning call
 
@@ -106,7 +105,7 @@ def main() -> int:
     specs = [{"method": name, "size": args.size, "precision": args.precision, "device": args.device,
               "surrogate_steps": args.surrogate_steps} for name in names]
     rows = run_children(__file__, specs, _row)
-    _write(rows, " ".join(["python", "benchmarks/surrogate.py", *sys.argv[1:]]))
+    append_results("Surrogate-training methods, run of ", HEADER, [_row(r) for r in rows])
     return 0 if len(rows) == len(names) else 1
 
 
@@ -119,16 +118,6 @@ def _row(r: dict) -> str:
     return (f"| {r['method']} | {r['size']} | {r['precision']} | {'on' if r['low_memory'] else 'off'} "
             f"| {r['pgd_seconds']:.1f} | {r['train_seconds']:.1f} | {r['round']} | {r['round_seconds']:.0f} "
             f"| {r['peak_gb']:.2f} | {r['load']} |")
-
-
-def _write(rows: list[dict], command: str) -> None:
-    if not rows:
-        return
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = [f"\n## Surrogate-training methods, run of {stamp} (surrogate.py)\n", f"Machine: {machine()}  ",
-             f"Command: `{command}`\n", HEADER, *map(_row, rows), ""]
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write("\n".join(block))
 
 
 if __name__ == "__main__":
