@@ -20,23 +20,18 @@ import datetime
 import io
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.serve import Server  # noqa: E402  (mist serve in its own process, as the tests start it)
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SETTINGS = {"steps": 2, "input_size": 32}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def picture_bytes(n: int) -> bytes:
@@ -45,27 +40,6 @@ def picture_bytes(n: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (n % 256, (7 * n) % 256, 90)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def start_server(data: Path) -> tuple[subprocess.Popen, str]:
-    from mist.client import Client
-
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())", "serve", "--data", str(data),
-         "--port", str(port), "--model", "tiny-random", "--device", "cpu", "--max-queued", "1000",
-         "--max-images", "10"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    with Client(url) as client:
-        while True:
-            try:
-                client.health()
-                return server, url
-            except Exception:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.1)
 
 
 def api_job(http, image: bytes) -> float:
@@ -173,15 +147,15 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server, url = start_server(work / "data")
+        server = Server(work / "data", "--max-queued", "1000", "--max-images", "10")
+        url = server.url
         try:
             cost = overhead(url, args.repeats, work)
             print(f"per job: API {cost['api']:.3f} s, job runner in-process {cost['runner']:.3f} s", flush=True)
             load = load_test(url, args.jobs, args.deadline)
             print(load, flush=True)
         finally:
-            server.terminate()
-            server.wait(60)
+            server.stop()
     load_after = os.getloadavg()[0]
     with RESULTS.open("a") as out:
         out.write(f"""

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,50 +14,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from mist.client import Client, ServiceError  # noqa: E402
-
-MIST = [sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """`mist serve` on a free loopback port, stopped (killed if need be) by the test."""
-
-    def __init__(self, data: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data.parent / f"server-{self.port}.log"
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [*MIST, "serve", "--data", str(data), "--port", str(self.port), "--model", "tiny-random",
-                 "--device", "cpu", *extra], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        with Client(self.url) as client:
-            while True:
-                try:
-                    client.health()
-                    return
-                except Exception:
-                    assert self.process.poll() is None, self.log.read_text()
-                    assert time.monotonic() < deadline, self.log.read_text()
-                    time.sleep(0.1)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
+from support.serve import MIST, Server, free_port  # noqa: E402
 
 @pytest.fixture
 def images(tmp_path, painting) -> list[Path]:

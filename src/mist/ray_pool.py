@@ -9,7 +9,6 @@ runner, from the result that arrives, so a retry never duplicates or loses an ou
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -47,8 +46,7 @@ class _ProtectActor:
         from .model_identity import ModelIdentity
 
         identity = ModelIdentity(self.models.where())
-        return {"name": identity.name, "sha256": identity.sha256, "device": str(self.models.device()),
-                "pid": os.getpid()}
+        return {"name": identity.name, "sha256": identity.sha256, "device": str(self.models.device())}
 
     def precision(self, precision: str) -> str:
         return self.models.precision(precision)
@@ -76,9 +74,6 @@ class _ProtectActor:
 
     def protect(self, setup: Setup, picture: Any, mask: Any) -> ProtectedImage:
         return self._protector(setup).protect_many([picture], [mask])[0]
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 @dataclass(frozen=True)
@@ -209,11 +204,6 @@ class RayModels:
         answers = ray.get([actor.prepare.remote(setup) for actor in self.actors()])
         algorithm, precision, random_weights = answers[0]
         return RemoteProtector(self.actors(), setup, config, algorithm, precision, random_weights)
-
-    def worker_pids(self) -> list[int]:
-        import ray
-
-        return ray.get([actor.pid.remote() for actor in self.actors()])
 
 
 @dataclass(frozen=True)

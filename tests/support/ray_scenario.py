@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.ray_cluster import RESOURCE, Cluster, kill_a_busy_actor  # noqa: E402
-
-MIST = [sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())"]
+from support.serve import MIST, Server  # noqa: E402
 SETTINGS = ["--model", "tiny-random", "--steps", "30", "--input-size", "32", "--device", "cpu"]
 
 
@@ -31,31 +29,17 @@ def main(report_path: str, images: str, work: str) -> None:
 
         from mist.client import Client
 
-        port = 8765
-        with open(work_dir / "serve.log", "w") as log:
-            server = subprocess.Popen([*MIST, "serve", "--data", str(work_dir / "data"), "--port", str(port),
-                                       *SETTINGS[:2], "--device", "cpu", "--ray", cluster.address,
-                                       "--ray-resource", RESOURCE], stdout=log, stderr=subprocess.STDOUT)
+        server = Server(work_dir / "data", "--ray", cluster.address, "--ray-resource", RESOURCE)
         try:
-            with Client(f"http://127.0.0.1:{port}") as client:
-                deadline = time.monotonic() + 300
-                while True:
-                    try:
-                        client.health()
-                        break
-                    except Exception:
-                        if time.monotonic() > deadline or server.poll() is not None:
-                            raise
-                        time.sleep(0.2)
+            with Client(server.url) as client:
                 pictures = sorted(Path(images).glob("*.png"))
                 status = client.wait(client.submit(pictures, steps=30, input_size=32)["id"], poll_seconds=0.2,
                                      timeout=600)
                 report["serve"] = {"state": status["state"], "images": [i["state"] for i in status["images"]],
                                    "files": [str(p) for p in client.download(status["id"], work_dir / "serve-out")]}
         finally:
-            server.terminate()
-            server.wait(60)
-            report["serve_log"] = (work_dir / "serve.log").read_text()[-3000:]
+            server.stop()
+            report["serve_log"] = server.log.read_text()[-3000:]
     finally:
         cluster.stop()
         Path(report_path).write_text(json.dumps(report))

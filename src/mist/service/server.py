@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,7 +89,7 @@ def serve(options: ServeOptions) -> int:
     if listening_beyond_loopback and not any(token.revoked is None for token in store.tokens()):
         raise ValueError(f"--host {options.host}: listening beyond this machine needs API tokens; create one first "
                          f"with: mist serve token create NAME --data {options.data}")
-    with sole_server(options.data) if store.is_sqlite else _nothing():
+    with sole_server(options.data) if store.is_sqlite else nullcontext():
         if store.is_sqlite:
             released = store.release_leases()
             if released:
@@ -100,11 +100,6 @@ def serve(options: ServeOptions) -> int:
         uvicorn.run(create_app(service), host=options.host, port=options.port, log_level="warning")
     store.close()
     return 0
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def token_command(action: str, data: Path, database: str | None, name: str | None, limits: Limits) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 from .. import images, preflight
+from ..cli import protect_flags
 from ..config import ProtectConfig
 from ..inputs import collect_jobs
 from ..manifest import METADATA_LEVELS
@@ -26,7 +27,6 @@ from .worker import OUTPUT_FOLDER
 FILE_FIELDS = ("images", "mask", "masks")
 # Run settings a client may set (device, batch size and the model are the server's).
 _RUN_SETTINGS = {f.name: f for f in fields(ProtectConfig) if f.name not in ("params", "mask")}
-_FLAG_NAMES = {"no_resize": "keep_aspect"}  # command-line spellings of settings named otherwise
 _COPY_CHUNK = 1024 * 1024
 
 
@@ -79,9 +79,9 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
         raise SubmitError(400, f"method: {exc}") from None
     kinds = {spec.name: spec.kind for spec in param_specs(method.Params)}
     settings: dict[str, Any] = {}
+    setting_of_flag = {flag: name for name, flag in protect_flags().items()}  # --no-resize: keep_aspect...
     for raw_name, value in given.items():
-        name = raw_name.replace("-", "_")
-        name = _FLAG_NAMES.get(name, name)
+        name = setting_of_flag.get("--" + raw_name.replace("_", "-"), raw_name.replace("-", "_"))
         if name in _RUN_SETTINGS:
             kind = {"int": "int", "float": "float", "bool": "bool"}.get(str(_RUN_SETTINGS[name].type), "str")
         elif name in kinds:
@@ -162,12 +162,12 @@ def _save(folder: Path, settings: dict[str, Any], metadata: str, uploads: dict[s
     for name in sorted(file_params & set(uploads)):
         upload = uploads[name][0]
         stored[name] = f"files/{name}{_suffix(safe_name(name, upload.filename))}"
-        _check_image(name, upload, _write(upload, folder / stored[name]))
+        _check_image(name, upload.filename, _write(upload, folder / stored[name]))
         file_settings.append(name)
     if "mask" in uploads:
         upload = uploads["mask"][0]
         shared_mask = f"files/mask{_suffix(safe_name('mask', upload.filename))}"
-        _check_image("mask", upload, _write(upload, folder / shared_mask))
+        _check_image("mask", upload.filename, _write(upload, folder / shared_mask))
     else:
         shared_mask = None
     sources: list[Path] = []
@@ -189,13 +189,13 @@ def _save(folder: Path, settings: dict[str, Any], metadata: str, uploads: dict[s
         if image in masks:
             raise SubmitError(400, f"masks: two masks for {image!r}")
         masks[image] = f"masks/{Path(image).stem}{_suffix(name)}"
-        _check_image("masks", upload, _write(upload, folder / masks[image]))
+        _check_image("masks", name, _write(upload, folder / masks[image]))
     try:
         config = ProtectConfig.of(**{**settings, **{name: folder / stored[name] for name in file_settings}})
     except ValueError as exc:
         raise SubmitError(400, str(exc)) from None
     for name, path in zip(names, sources, strict=True):
-        _check_image("images", Upload(name, None), path, config)  # type: ignore[arg-type]
+        _check_image("images", name, path, config)
     if file_settings:
         stored["_files"] = file_settings
     jobs = collect_jobs(sources, folder / OUTPUT_FOLDER)
@@ -216,7 +216,7 @@ def _write(upload: Upload, path: Path) -> Path:
     return path
 
 
-def _check_image(field: str, upload: Upload, path: Path, config: ProtectConfig | None = None) -> None:
+def _check_image(field: str, filename: str | None, path: Path, config: ProtectConfig | None = None) -> None:
     """Decode the file fully (a non-image, a truncated file or a decompression bomb is refused) and, for an image to
     protect, run the command line's pre-flight check; errors name the file as the client named it."""
     try:
@@ -227,7 +227,7 @@ def _check_image(field: str, upload: Upload, path: Path, config: ProtectConfig |
     if problem:
         detail = problem.split(": ", 1)[1] if problem.startswith(f"{path}: ") else problem
         status = 413 if "too large" in detail or "over the limit" in detail else 400
-        raise SubmitError(status, f"{field}: {upload.filename}: {detail}")
+        raise SubmitError(status, f"{field}: {filename}: {detail}")
 
 
 def uploads_by_field(items: Iterable[tuple[str, Any]]) -> tuple[dict[str, str], dict[str, list[Upload]]]:
