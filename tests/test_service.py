@@ -265,3 +265,14 @@ def test_serving_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", must_not_listen)
     with pytest.raises(ValueError, match="listening beyond this machine needs API tokens"):
         serve(ServeOptions(data=tmp_path, host="0.0.0.0", model="tiny-random"))
+
+
+def test_a_data_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from mist import cli
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for command in (["serve", "token", "list"], ["serve", "--model", "tiny-random"]):
+        assert cli.main([*command, "--data", str(taken)]) == cli.EXIT_USAGE
+        assert capsys.readouterr().err.strip() == f"mist: error: --data {taken}: is a file, not a folder"
+    assert taken.read_text() == "mine"

@@ -42,7 +42,14 @@ class ServeOptions:
 
 
 def open_store(data: Path, database: str | None) -> JobStore:
-    data.mkdir(parents=True, exist_ok=True)
+    """The store, in the data folder (created if missing) unless `database` names another; ValueError naming --data
+    when the folder cannot be used."""
+    if data.exists() and not data.is_dir():
+        raise ValueError(f"--data {data}: is a file, not a folder")
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--data {data}: cannot create the folder ({exc.strerror or exc})") from None
     return JobStore(database or sqlite_url(data))
 
 
