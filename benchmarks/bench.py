@@ -4,9 +4,14 @@ Weight values do not change the cost, so no checkpoint is needed. Each configura
 memory is per process): it builds the networks directly in the precision under test, protects one image for
 warm-up + `--steps` PGD steps through the real engine (`mist.pipeline.Protector`), and reports the median seconds per
 step after the warm-up, the peak memory of the attack (process RSS on the CPU, read as VmHWM after resetting it once
-the model is built; max allocated on CUDA), the FLOPs of one step (torch.utils.flop_counter) and the FLOP/s achieved.
+the model is built; max allocated on CUDA), the FLOPs of one step (torch.utils.flop_counter), the GFLOP/s achieved,
+and on the CPU that rate as a fraction of the machine's practical peak in the same precision (`peak.py`: the fastest
+of a large matrix product and a SD-sized convolution, measured at the start of the run).
 
     python benchmarks/bench.py --steps 2 --modes fused --sizes 512 --precisions fp32,bf16 --memory off,on
+
+`--ablate none,heap-reuse` measures each configuration as it is and with one of the engine's speed levers switched
+off (see ABLATIONS), so that a lever's gain is read from one run.
 
 Results are appended to benchmarks/RESULTS.md (a table per run, with the machine, the command and the date).
 """
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -76,6 +82,22 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
+def _without_heap_reuse() -> None:
+    from mist import cpu_tuning
+
+    cpu_tuning._KEPT = ()  # the attack leaves glibc's malloc as it is
+
+
+def _without_input_free_convolutions() -> None:
+    from mist.models import components
+
+    components.keep_no_convolution_inputs = lambda network: None  # convolutions keep their inputs, as nn.Conv2d does
+
+
+# Speed and memory levers of the engine that `--ablate` can switch off in a measuring process.
+ABLATIONS = {"none": lambda: None, "heap-reuse": _without_heap_reuse, "frozen-conv": _without_input_free_convolutions}
+
+
 def run_one(spec: dict) -> dict:
     """Measure one configuration in this process; returns the figures."""
     import torch
@@ -87,6 +109,7 @@ def run_one(spec: dict) -> dict:
     from mist.objectives import PRECISION_DTYPES
     from mist.pipeline import Protector
 
+    ABLATIONS[spec["ablate"]]()
     device = pick_device(spec["device"])
     torch.manual_seed(0)
     model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
@@ -115,8 +138,8 @@ def run_one(spec: dict) -> dict:
     with FlopCounterMode(display=False) as counter:
         objective(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops() * spec["blocks"] ** 2
-    return {**spec, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12,
-            "tflops_per_s": flops / 1e12 / seconds, "process_peak_gb": _process_peak_gb()}
+    return {**spec, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12, "gflops": flops / 1e9 / seconds,
+            "process_peak_gb": _process_peak_gb(), "device_type": device.type}
 
 
 def _process_peak_gb() -> float:
@@ -149,6 +172,8 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--memory", default="off,on", help="gradient checkpointing off and/or on")
     parser.add_argument("--fast", default="no", help="exact and/or score-distillation semantic gradient: no,yes")
+    parser.add_argument("--ablate", default="none",
+                        help=f"speed levers to switch off, one configuration each: {', '.join(ABLATIONS)}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,18 +184,36 @@ def main() -> int:
     def split(text):
         return [v.strip() for v in text.split(",") if v.strip()]
 
+    unknown = set(split(args.ablate)) - set(ABLATIONS)
+    if unknown:
+        parser.error(f"--ablate: unknown lever {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
     specs = []
-    for mode, size, blocks, precision, memory, fast in itertools.product(
+    for mode, size, blocks, precision, memory, fast, ablate in itertools.product(
             split(args.modes), map(int, split(args.sizes)), map(int, split(args.blocks)), split(args.precisions),
-            split(args.memory), split(args.fast)):
+            split(args.memory), split(args.fast), split(args.ablate)):
         if fast == "yes" and mode == "textural":
             continue  # fast mode only changes the semantic gradient
         specs.append({"mode": mode, "size": size, "blocks": blocks, "precision": precision,
                       "low_memory": memory == "on", "fast": fast == "yes", "steps": args.steps,
-                      "device": args.device})
-    rows = run_children(__file__, specs, _row)
-    append_results("Run of ", HEADER, [_row(r) for r in rows])
+                      "device": args.device, "ablate": ablate})
+    peaks = cpu_peaks(sorted({spec["precision"] for spec in specs}))
+    rows = run_children(__file__, specs, partial(_row, peaks=peaks))
+    append_results("Run of ", HEADER, [_row(r, peaks) for r in rows])
     return 0 if len(rows) == len(specs) else 1
+
+
+def cpu_peaks(precisions: list[str]) -> dict[str, float]:
+    """This CPU's practical peak GFLOP/s per precision (`peak.peak_gflops`), printed as measured."""
+    import torch
+
+    from mist.objectives import PRECISION_DTYPES
+    from peak import peak_gflops
+
+    peaks = {}
+    for precision in precisions:
+        peaks[precision] = peak_gflops(PRECISION_DTYPES[precision])
+        print(f"CPU peak, {precision}: {peaks[precision]:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    return peaks
 
 
 def run_children(script: str, specs: list[dict], row) -> list[dict]:
@@ -189,14 +232,17 @@ def run_children(script: str, specs: list[dict], row) -> list[dict]:
     return rows
 
 
-HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | s / step | attack peak GB "
-          "| process peak GB | TFLOP / step | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | lever off | s / step "
+          "| attack peak GB | process peak GB | TFLOP / step | GFLOP/s | of CPU peak |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def _row(r: dict) -> str:
+def _row(r: dict, peaks: dict[str, float]) -> str:
+    peak = peaks.get(r["precision"]) if r["device_type"] == "cpu" else None
+    share = f"{r['gflops'] / peak:.0%} of {peak:.0f}" if peak else "n/a"
     return (f"| {r['mode']} | {r['size']} | {r['blocks']} | {r['precision']} | {'on' if r['low_memory'] else 'off'} "
-            f"| {'fast (SDS)' if r['fast'] else 'exact'} | {r['seconds']:.2f} | {r['peak_gb']:.2f} "
-            f"| {r['process_peak_gb']:.2f} | {r['tflop']:.3f} | {r['tflops_per_s']:.3f} |")
+            f"| {'fast (SDS)' if r['fast'] else 'exact'} | {r['ablate']} | {r['seconds']:.2f} | {r['peak_gb']:.2f} "
+            f"| {r['process_peak_gb']:.2f} | {r['tflop']:.3f} | {r['gflops']:.1f} | {share} |")
 
 
 def append_results(title: str, header: str, rows: list[str]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from importlib import resources
@@ -27,6 +26,7 @@ from PIL import Image
 from . import images
 from .attack import StepInfo, masked_linf_pgd
 from .config import ProtectConfig
+from .cpu_tuning import attack_settings
 from .device import default_low_memory, resolve_precision
 from .methods import Loss, SurrogateLoss, TileInputs, get_method
 from .models import StableDiffusion
@@ -99,20 +99,6 @@ def tile_seed(seed: int, digest: str, tile: int, stream: str = "attack") -> int:
     "target", the target's posterior sample)."""
     text = f"mist tile seed|{stream}|{seed}|{digest}|{tile}".encode("ascii")
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
-
-
-@contextmanager
-def flush_denormals(device: torch.device):
-    """Treat denormal floats as zero on the CPU while attacking. Gradients only matter through their signs, and
-    denormal arithmetic can slow a CPU step a hundredfold (seen with random-weight models in fused mode)."""
-    if device.type != "cpu":
-        yield
-        return
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)  # PyTorch's default; it offers no way to read the previous setting
 
 
 class Protector:
@@ -237,7 +223,7 @@ class Protector:
                 callback(Progress(number * c.steps + info.step, batches * c.steps, number, batches, members,
                                   sum(info.objective), {name: sum(v) for name, v in info.terms.items()}))
 
-        with flush_denormals(self.device):
+        with attack_settings(self.device):
             out = masked_linf_pgd(x, loss, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
                                   mask=None if mask is None else mask.to(self.device), callback=on_step,
                                   loss_scale=self.method.loss_scale(), before_step=before_step)

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import OBJECT_PROMPT, STYLE_PROMPT
 from .architectures import Architecture
+from .frozen_conv import keep_no_convolution_inputs
 from .tokenizer import tokenize
 
 TRAIN_TIMESTEPS = 1000
@@ -111,6 +112,10 @@ class StableDiffusion:
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
     memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
     decoder: nn.Module | None = None  # `latent_decoder`; None unless the "decoder" part was loaded
+
+    def __post_init__(self) -> None:
+        for module in self._networks():
+            keep_no_convolution_inputs(module)  # gradients go to the image only: see frozen_conv
 
     @classmethod
     def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module | None, text_encoder: nn.Module | None,
