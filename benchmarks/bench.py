@@ -10,8 +10,9 @@ of a large matrix product and a SD-sized convolution, measured at the start of t
 
     python benchmarks/bench.py --steps 2 --modes fused --sizes 512 --precisions fp32,bf16 --memory off,on
 
-`--ablate none,heap-reuse` measures each configuration as it is and with one of the engine's speed levers switched
-off (see ABLATIONS), so that a lever's gain is read from one run.
+`--variants as-is,no-heap-reuse` measures each configuration as the engine runs it and with one of its levers
+switched off, or with a layout or compiler tried instead (see VARIANTS), so that each lever's gain is read from one
+run. The warm-up step's time is reported too: it includes one-time costs such as torch.compile's.
 
 Results are appended to benchmarks/RESULTS.md (a table per run, with the machine, the command and the date).
 """
@@ -64,6 +65,25 @@ def build_full_size_model(dtype):
     return model
 
 
+def count_cpu_attention_flops() -> None:
+    """Give torch.utils.flop_counter formulas for PyTorch's CPU flash-attention kernels, which it does not count (it has
+    them for the CUDA kernels only): the same ones it uses for scaled-dot-product attention elsewhere."""
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 def peak_rss_reset() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux), so VmHWM then measures only what follows."""
     try:
@@ -82,20 +102,37 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
-def _without_heap_reuse() -> None:
+def _without_heap_reuse(protector) -> None:
     from mist import cpu_tuning
 
     cpu_tuning._KEPT = ()  # the attack leaves glibc's malloc as it is
 
 
-def _without_input_free_convolutions() -> None:
+def _without_input_free_convolutions(protector) -> None:
     from mist.models import components
 
     components.keep_no_convolution_inputs = lambda network: None  # convolutions keep their inputs, as nn.Conv2d does
 
 
-# Speed and memory levers of the engine that `--ablate` can switch off in a measuring process.
-ABLATIONS = {"none": lambda: None, "heap-reuse": _without_heap_reuse, "frozen-conv": _without_input_free_convolutions}
+def _channels_last(protector) -> None:
+    import torch
+
+    from mist.models import components
+
+    components.memory_format_for = lambda dtype: torch.channels_last  # every precision, float32 included
+
+
+def _compiled(protector) -> None:
+    if protector is not None:  # torch.compile (inductor) of the encoder and the UNet, once the model is placed
+        protector.model.encoder.encoder.compile()
+        protector.model.unet.compile()
+
+
+# Variants of the engine a measuring process can run: each is called before the model is built (protector None) and
+# again once the Protector has placed it.
+VARIANTS = {"as-is": lambda protector: None, "no-heap-reuse": _without_heap_reuse,
+            "no-frozen-conv": _without_input_free_convolutions, "channels-last": _channels_last,
+            "compiled": _compiled}
 
 
 def run_one(spec: dict) -> dict:
@@ -109,13 +146,15 @@ def run_one(spec: dict) -> dict:
     from mist.objectives import PRECISION_DTYPES
     from mist.pipeline import Protector
 
-    ABLATIONS[spec["ablate"]]()
+    variant = VARIANTS[spec["variant"]]
+    variant(None)
     device = pick_device(spec["device"])
     torch.manual_seed(0)
     model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
     config = ProtectConfig.of(mode=spec["mode"], steps=spec["steps"] + 1, input_size=spec["size"],
                               block_num=spec["blocks"], precision=spec["precision"], fast=spec["fast"])
     protector = Protector(model, config, device, low_memory=spec["low_memory"], hand_over=True)  # as the CLI does
+    variant(protector)
     image = Image.new("RGB", (spec["size"], spec["size"]))
     image.putdata([((i * 7) % 256, (i * 13) % 256, (i * 29) % 256) for i in range(spec["size"] ** 2)])
     if device.type == "cuda":
@@ -128,18 +167,20 @@ def run_one(spec: dict) -> dict:
     # Each tile's first step includes its warm-up (and the first tile's, the target latent): drop them.
     timed = [d for i, d in enumerate(durations) if i % steps_per_tile != 0]
     seconds = statistics.median(timed) * spec["blocks"] ** 2
+    first = durations[0]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 1024**3
     else:
         peak = peak_rss_gb() if reset else float("nan")
     tile = spec["size"] // spec["blocks"]
     x = torch.zeros(1, 3, tile, tile, device=device).uniform_(-1, 1).requires_grad_(True)
-    objective = protector.loss_for(x.detach(), seed=0)  # one tile's loss, its target resized to the tile
+    objective = protector.loss_for(x.detach(), seed=0)
+    count_cpu_attention_flops()  # one tile's loss, its target resized to the tile
     with FlopCounterMode(display=False) as counter:
         objective(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops() * spec["blocks"] ** 2
     return {**spec, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12, "gflops": flops / 1e9 / seconds,
-            "process_peak_gb": _process_peak_gb(), "device_type": device.type}
+            "process_peak_gb": _process_peak_gb(), "device_type": device.type, "first_seconds": first}
 
 
 def _process_peak_gb() -> float:
@@ -172,8 +213,7 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--memory", default="off,on", help="gradient checkpointing off and/or on")
     parser.add_argument("--fast", default="no", help="exact and/or score-distillation semantic gradient: no,yes")
-    parser.add_argument("--ablate", default="none",
-                        help=f"speed levers to switch off, one configuration each: {', '.join(ABLATIONS)}")
+    parser.add_argument("--variants", default="as-is", help=f"one configuration each: {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,18 +224,18 @@ def main() -> int:
     def split(text):
         return [v.strip() for v in text.split(",") if v.strip()]
 
-    unknown = set(split(args.ablate)) - set(ABLATIONS)
+    unknown = set(split(args.variants)) - set(VARIANTS)
     if unknown:
-        parser.error(f"--ablate: unknown lever {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (known: {', '.join(VARIANTS)})")
     specs = []
-    for mode, size, blocks, precision, memory, fast, ablate in itertools.product(
+    for mode, size, blocks, precision, memory, fast, variant in itertools.product(
             split(args.modes), map(int, split(args.sizes)), map(int, split(args.blocks)), split(args.precisions),
-            split(args.memory), split(args.fast), split(args.ablate)):
+            split(args.memory), split(args.fast), split(args.variants)):
         if fast == "yes" and mode == "textural":
             continue  # fast mode only changes the semantic gradient
         specs.append({"mode": mode, "size": size, "blocks": blocks, "precision": precision,
                       "low_memory": memory == "on", "fast": fast == "yes", "steps": args.steps,
-                      "device": args.device, "ablate": ablate})
+                      "device": args.device, "variant": variant})
     peaks = cpu_peaks(sorted({spec["precision"] for spec in specs}))
     rows = run_children(__file__, specs, partial(_row, peaks=peaks))
     append_results("Run of ", HEADER, [_row(r, peaks) for r in rows])
@@ -232,17 +272,18 @@ def run_children(script: str, specs: list[dict], row) -> list[dict]:
     return rows
 
 
-HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | lever off | s / step "
-          "| attack peak GB | process peak GB | TFLOP / step | GFLOP/s | of CPU peak |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | variant | s / step "
+          "| warm-up step s | attack peak GB | process peak GB | TFLOP / step | GFLOP/s | of CPU peak |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: dict, peaks: dict[str, float]) -> str:
     peak = peaks.get(r["precision"]) if r["device_type"] == "cpu" else None
     share = f"{r['gflops'] / peak:.0%} of {peak:.0f}" if peak else "n/a"
     return (f"| {r['mode']} | {r['size']} | {r['blocks']} | {r['precision']} | {'on' if r['low_memory'] else 'off'} "
-            f"| {'fast (SDS)' if r['fast'] else 'exact'} | {r['ablate']} | {r['seconds']:.2f} | {r['peak_gb']:.2f} "
-            f"| {r['process_peak_gb']:.2f} | {r['tflop']:.3f} | {r['gflops']:.1f} | {share} |")
+            f"| {'fast (SDS)' if r['fast'] else 'exact'} | {r['variant']} | {r['seconds']:.2f} "
+            f"| {r['first_seconds']:.1f} | {r['peak_gb']:.2f} | {r['process_peak_gb']:.2f} | {r['tflop']:.3f} "
+            f"| {r['gflops']:.1f} | {share} |")
 
 
 def append_results(title: str, header: str, rows: list[str]) -> None:

@@ -52,7 +52,7 @@ def measure(dtype, repeats: int = 5, size: int = 4096) -> list[tuple[str, str, f
     return rows
 
 
-def peak_gflops(dtype, repeats: int = 3) -> float:
+def peak_gflops(dtype, repeats: int = 5) -> float:
     """The practical peak in `dtype`: the fastest of the kernels `measure` runs."""
     return max(gflops for _, _, gflops in measure(dtype, repeats))
 

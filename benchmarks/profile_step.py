@@ -3,11 +3,13 @@ full SD v1 architecture with random weights, forward and backward, grouped into 
 
     python benchmarks/profile_step.py --size 512 --precision fp32 [--method mist] [--mode fused]
 
-One warm-up step, then one profiled step (the method's loss and its gradient to the image: a PGD step's work). For
-each class (convolution forward, convolution backward, GroupNorm, SiLU, attention, matrix products, element-wise,
-layout conversions and copies, other): the time spent in its operators (self time, so nothing is counted twice), its
-share of the step, and for convolutions and matrix products the FLOPs the profiler counts and the GFLOP/s achieved.
-Prints a Markdown table and the 15 costliest operators.
+One warm-up step, then one step counted by torch.utils.flop_counter and one profiled step (the method's loss and its
+gradient to the image: a PGD step's work), all under the settings an attack holds on the CPU (mist.cpu_tuning). For
+each class (convolution forward, convolution backward (the gradient to the input, a transposed convolution: see
+mist.models.frozen_conv), GroupNorm, SiLU, attention, matrix products, element-wise, layout conversions and copies,
+other): the time spent in its operators (self time, so nothing is counted twice) and its share of the step. FLOPs come
+from the flop counter, forward and backward together, per family (convolutions, attention, matrix products), with the
+GFLOP/s each family achieved. Prints Markdown tables and the 15 costliest operators.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import build_full_size_model, machine  # noqa: E402
+from bench import build_full_size_model, count_cpu_attention_flops, machine  # noqa: E402
 
 # Operator classes, matched in this order against the profiler's operator names.
 CLASSES: tuple[tuple[str, str], ...] = (
-    ("convolution backward", r"convolution_backward|conv.*backward"),
+    ("convolution backward", r"convolution_backward|conv.*backward|^aten::_convolution$|conv_transpose"),
     ("convolution forward", r"convolution|conv2d|mkldnn_convolution"),
     ("GroupNorm", r"group_norm"),
     ("SiLU", r"silu"),
@@ -31,6 +33,14 @@ CLASSES: tuple[tuple[str, str], ...] = (
     ("matrix products", r"addmm|^aten::mm$|matmul|linear"),
     ("layout conversions and copies", r"copy_|contiguous|_to_copy|clone|to_dense|reorder|^aten::to$"),
     ("element-wise", r"add|mul|sub|div|pow|exp|sqrt|clamp|neg|sum|mean|fill_|zero_|where|sign"),
+)
+
+
+# Families whose FLOPs the flop counter reports, and the classes whose time they take.
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("convolutions", ("convolution forward", "convolution backward")),
+    ("attention", ("attention",)),
+    ("matrix products", ("matrix products",)),
 )
 
 
@@ -46,8 +56,11 @@ def main() -> int:
     from PIL import Image
     from torch.profiler import ProfilerActivity, profile
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     from mist import images
     from mist.config import ProtectConfig
+    from mist.cpu_tuning import attack_settings
     from mist.objectives import PRECISION_DTYPES
     from mist.pipeline import Protector
 
@@ -68,31 +81,41 @@ def main() -> int:
 
     def step() -> None:
         pixels = x.clone().requires_grad_(True)
-        torch.autograd.grad(loss(pixels, [torch.Generator().manual_seed(0)]).objective.sum(), pixels)
+        loss(pixels, [torch.Generator().manual_seed(0)]).objective.sum().backward()  # the flop counter needs backward()
 
-    step()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        step()
+    count_cpu_attention_flops()
+    with attack_settings(protector.device):
+        step()  # warm-up
+        with FlopCounterMode(display=False) as counter:
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
     events = [e for e in prof.key_averages() if e.key != "ProfilerStep*"]
     total = sum(e.self_cpu_time_total for e in events)
-    classes: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
     for event in events:
-        entry = classes.setdefault(operator_class(event.key), [0.0, 0.0])
-        entry[0] += event.self_cpu_time_total
-        entry[1] += event.flops or 0
+        label = operator_class(event.key)
+        seconds[label] = seconds.get(label, 0.0) + event.self_cpu_time_total / 1e6
+    flops: dict[str, float] = {}
+    for op, count in counter.get_flop_counts().get("Global", {}).items():
+        label = operator_class("aten::" + str(op).split(".")[-1])
+        family = next((name for name, members in FAMILIES if label in members), "other")
+        flops[family] = flops.get(family, 0.0) + count
     print(f"Machine: {machine()}; {torch.get_num_threads()} threads  ")
     print(f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`  ")
-    print(f"One profiled step (the loss and its gradient to the image), {total / 1e6:.1f} s of operator self time. "
-          "GFLOP as torch.profiler counts them: forward convolutions and matrix products only (its backward kernels "
-          "report none).\n")
-    print("| operator class | s | share | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
-    for label, (micros, flops) in sorted(classes.items(), key=lambda item: -item[1][0]):
-        rate = f"{flops / 1e9 / (micros / 1e6):.1f}" if flops and micros else ""
-        print(f"| {label} | {micros / 1e6:.2f} | {100 * micros / total:.1f}% | {flops / 1e9:.1f} | {rate} |")
-    print("\n| operator | class | calls | self s | GFLOP |\n|---|---|---|---|---|")
+    print(f"One profiled step (the loss and its gradient to the image), {total / 1e6:.1f} s of operator self time "
+          f"(the profiler's own overhead included); {counter.get_total_flops() / 1e12:.3f} TFLOP counted.\n")
+    print("| operator class | s | share |\n|---|---|---|")
+    for label, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"| {label} | {spent:.2f} | {100 * spent / (total / 1e6):.1f}% |")
+    print("\n| family | GFLOP (forward and backward) | s | GFLOP/s |\n|---|---|---|---|")
+    for family, members in FAMILIES:
+        spent = sum(seconds.get(label, 0.0) for label in members)
+        rate = f"{flops.get(family, 0.0) / 1e9 / spent:.1f}" if spent else ""
+        print(f"| {family} | {flops.get(family, 0.0) / 1e9:.1f} | {spent:.2f} | {rate} |")
+    print("\n| operator | class | calls | self s |\n|---|---|---|---|")
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
-        print(f"| {event.key} | {operator_class(event.key)} | {event.count} | {event.self_cpu_time_total / 1e6:.2f} "
-              f"| {(event.flops or 0) / 1e9:.1f} |")
+        print(f"| {event.key} | {operator_class(event.key)} | {event.count} | {event.self_cpu_time_total / 1e6:.2f} |")
     return 0
 
 

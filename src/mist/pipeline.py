@@ -223,7 +223,7 @@ class Protector:
                 callback(Progress(number * c.steps + info.step, batches * c.steps, number, batches, members,
                                   sum(info.objective), {name: sum(v) for name, v in info.terms.items()}))
 
-        with attack_settings(self.device):
+        with attack_settings(self.device, reuse_heap=not self.low_memory):
             out = masked_linf_pgd(x, loss, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
                                   mask=None if mask is None else mask.to(self.device), callback=on_step,
                                   loss_scale=self.method.loss_scale(), before_step=before_step)
