@@ -23,7 +23,8 @@ import statistics
 import sys
 import time
 
-from bench import append_results, build_full_size_model, peak_rss_gb, peak_rss_reset, run_children
+from bench import (append_results, build_full_size_model, count_cpu_attention_flops, peak_rss_gb, peak_rss_reset,
+                   run_children)
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -75,6 +76,7 @@ def run_one(spec: dict) -> dict:
     clean = images.image_to_tensor(image, (size, size))
     loss = protector.loss_for(clean, seed=0)
     x = clean.to(device).requires_grad_(True)
+    count_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         loss(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops()
