@@ -218,8 +218,7 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
-        return 0
+        return answer_child(args.child, run_one)
 
     def split(text):
         return [v.strip() for v in text.split(",") if v.strip()]
@@ -256,18 +255,27 @@ def cpu_peaks(precisions: list[str]) -> dict[str, float]:
     return peaks
 
 
+RESULT = "RESULT "  # how a measuring process's line with its figures begins
+
+
+def answer_child(spec: str, run_one) -> int:
+    """The measuring process's side of `run_children`: print `run_one(spec)`'s figures for the parent to read."""
+    print(RESULT + json.dumps(run_one(json.loads(spec))), flush=True)
+    return 0
+
+
 def run_children(script: str, specs: list[dict], row) -> list[dict]:
-    """Measure each spec in a fresh process (`script --child SPEC`, which prints `RESULT <json>`): peak memory is per
-    process. Prints each result as `row(result)` as it comes, and each failure with the end of its error output."""
+    """Measure each spec in a fresh process (`script --child SPEC`, which answers with `answer_child`): peak memory is
+    per process. Prints each result as `row(result)` as it comes, and each failure with the end of its error output."""
     rows = []
     for spec in specs:
         started = time.perf_counter()
         done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
         if done.returncode or not lines:
             print(f"failed: {spec}\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        rows.append(json.loads(lines[-1][len(RESULT):]))
         print(f"{row(rows[-1])}  ({time.perf_counter() - started:.0f} s)", flush=True)
     return rows
 

@@ -23,8 +23,8 @@ import statistics
 import sys
 import time
 
-from bench import (append_results, build_full_size_model, count_cpu_attention_flops, peak_rss_gb, peak_rss_reset,
-                   run_children)
+from bench import (answer_child, append_results, build_full_size_model, count_cpu_attention_flops, peak_rss_gb,
+                   peak_rss_reset, run_children)
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -95,8 +95,7 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
-        return 0
+        return answer_child(args.child, run_one)
     methods = [parse_method(text) for text in args.methods.split(",") if text.strip()]
     specs = [{"method": name, "params": params, "size": args.size, "precision": args.precision, "steps": args.steps,
               "device": args.device} for name, params in methods]

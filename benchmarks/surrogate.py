@@ -22,12 +22,12 @@ Results are appended to benchmarks/RESULTS.md with the machine, the load average
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-from bench import append_results, build_full_size_model, peak_rss_gb, peak_rss_reset, run_children
+from bench import (answer_child, append_results, build_full_size_model, peak_rss_gb, peak_rss_reset,
+                   run_children)
 
 PGD_STEPS = {"aspl": 1, "mist2-lora": 2}  # the fewest PGD steps that include one fine-tuning call
 
@@ -96,8 +96,7 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
-        return 0
+        return answer_child(args.child, run_one)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = [name for name in names if name not in PGD_STEPS]
     if unknown:
