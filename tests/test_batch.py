@@ -29,6 +29,7 @@ from mist.jobs import Job, ModelCache, run_jobs
 from mist.config import ProtectConfig
 from mist.model_identity import ModelIdentity
 from mist.preflight import input_problem, output_folder_problem
+from support.cli import run_cli
 
 FAST = ["--model", "tiny-random", "--steps", "2", "--input-size", "64"]
 
@@ -38,13 +39,6 @@ def make_image(path: Path, size: tuple[int, int] = (80, 60), seed: int = 0) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
     return path
-
-
-def run_cli(capsys, *args: object, main=mist.cli.main) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def protect(capsys, *args: object) -> tuple[int, str, str]:

@@ -20,6 +20,7 @@ import mist.cli
 import mist.legacy
 from mist.jobs import Job
 from mist.config import ProtectConfig
+from support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny-random", "--steps", "2", "--input-size", "64"]
@@ -45,17 +46,6 @@ def make_image(path: Path, size: tuple[int, int] = (80, 60), seed: int = 0, mode
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, **save)
     return path
-
-
-def run_cli(capsys, *args: object, main=mist.cli.main) -> tuple[int, str, str]:
-    """Run a command line in-process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def protect(capsys, *args: object) -> tuple[int, str, str]:
