@@ -122,17 +122,11 @@ def _channels_last(protector) -> None:
     components.memory_format_for = lambda dtype: torch.channels_last  # every precision, float32 included
 
 
-def _compiled(protector) -> None:
-    if protector is not None:  # torch.compile (inductor) of the encoder and the UNet, once the model is placed
-        protector.model.encoder.encoder.compile()
-        protector.model.unet.compile()
-
-
 # Variants of the engine a measuring process can run: each is called before the model is built (protector None) and
-# again once the Protector has placed it.
+# again once the Protector has placed it. "compiled" is the engine's own option (`--compile`), passed to the Protector.
 VARIANTS = {"as-is": lambda protector: None, "no-heap-reuse": _without_heap_reuse,
             "no-frozen-conv": _without_input_free_convolutions, "channels-last": _channels_last,
-            "compiled": _compiled}
+            "compiled": lambda protector: None}
 
 
 def run_one(spec: dict) -> dict:
@@ -153,7 +147,8 @@ def run_one(spec: dict) -> dict:
     model = build_full_size_model(PRECISION_DTYPES[spec["precision"]])
     config = ProtectConfig.of(mode=spec["mode"], steps=spec["steps"] + 1, input_size=spec["size"],
                               block_num=spec["blocks"], precision=spec["precision"], fast=spec["fast"])
-    protector = Protector(model, config, device, low_memory=spec["low_memory"], hand_over=True)  # as the CLI does
+    protector = Protector(model, config, device, low_memory=spec["low_memory"], hand_over=True,  # as the CLI does
+                          compile=spec["variant"] == "compiled")
     variant(protector)
     image = Image.new("RGB", (spec["size"], spec["size"]))
     image.putdata([((i * 7) % 256, (i * 13) % 256, (i * 29) % 256) for i in range(spec["size"] ** 2)])
@@ -161,7 +156,7 @@ def run_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     reset = peak_rss_reset()
     stamps = [time.perf_counter()]
-    protector.protect(image, callback=lambda progress: stamps.append(time.perf_counter()))
+    result = protector.protect(image, callback=lambda progress: stamps.append(time.perf_counter()))
     steps_per_tile = config.steps
     durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     # Each tile's first step includes its warm-up (and the first tile's, the target latent): drop them.
@@ -180,7 +175,8 @@ def run_one(spec: dict) -> dict:
         objective(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops() * spec["blocks"] ** 2
     return {**spec, "seconds": seconds, "peak_gb": peak, "tflop": flops / 1e12, "gflops": flops / 1e9 / seconds,
-            "process_peak_gb": _process_peak_gb(), "device_type": device.type, "first_seconds": first}
+            "process_peak_gb": _process_peak_gb(), "device_type": device.type, "first_seconds": first,
+            "compile_seconds": result.compile_seconds}
 
 
 def _process_peak_gb() -> float:
@@ -281,8 +277,8 @@ def run_children(script: str, specs: list[dict], row) -> list[dict]:
 
 
 HEADER = ("| mode | size | blocks | precision | checkpointing | semantic gradient | variant | s / step "
-          "| warm-up step s | attack peak GB | process peak GB | TFLOP / step | GFLOP/s | of CPU peak |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| warm-up step s | compile s | attack peak GB | process peak GB | TFLOP / step | GFLOP/s | of CPU peak |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: dict, peaks: dict[str, float]) -> str:
@@ -290,8 +286,8 @@ def _row(r: dict, peaks: dict[str, float]) -> str:
     share = f"{r['gflops'] / peak:.0%} of {peak:.0f}" if peak else "n/a"
     return (f"| {r['mode']} | {r['size']} | {r['blocks']} | {r['precision']} | {'on' if r['low_memory'] else 'off'} "
             f"| {'fast (SDS)' if r['fast'] else 'exact'} | {r['variant']} | {r['seconds']:.2f} "
-            f"| {r['first_seconds']:.1f} | {r['peak_gb']:.2f} | {r['process_peak_gb']:.2f} | {r['tflop']:.3f} "
-            f"| {r['gflops']:.1f} | {share} |")
+            f"| {r['first_seconds']:.1f} | {r['compile_seconds']:.1f} | {r['peak_gb']:.2f} "
+            f"| {r['process_peak_gb']:.2f} | {r['tflop']:.3f} | {r['gflops']:.1f} | {share} |")
 
 
 def append_results(title: str, header: str, rows: list[str]) -> None:

@@ -32,6 +32,7 @@ def protect(
     callback: Callable[[Progress], None] | None = None,
     low_memory: bool | None = None,
     batch_size: int = 1,
+    compile: bool = False,
     **settings: object,
 ) -> list[ProtectedImage]:
     """Protect one image or several (file paths or PIL images) and return a `ProtectedImage` for each, in order.
@@ -43,7 +44,8 @@ def protect(
     = protect) overrides config.mask. `callback(progress)` is called after every PGD step (`progress.images` says
     which images it concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
     `batch_size` (tiles per attack batch) draws the same random numbers, but batched arithmetic can differ in the
-    last bits and flip a rare sign step.
+    last bits and flip a rare sign step. `compile` runs the networks through torch.compile (`mist.compiling`): minutes
+    the first time a size is met, then faster steps; `ProtectedImage.compile_seconds` says how long it took.
 
         >>> import mist
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")
@@ -53,7 +55,7 @@ def protect(
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]
     mask_image = _as_image(mask) if mask is not None else None  # None: the Protector applies config.mask
-    protector = ModelCache(model, device, low_memory).protector(config, batch_size=batch_size)
+    protector = ModelCache(model, device, low_memory, compile).protector(config, batch_size=batch_size)
     return protector.protect_many(pictures, [mask_image] * len(pictures), callback)
 
 

@@ -35,7 +35,7 @@ RUN_FLAGS: dict[str, str] = {
     "method": "--method", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
     "input_size": "--input-size", "block_num": "--block-num", "mask": "--mask", "keep_aspect": "--no-resize",
     "seed": "--seed", "precision": "--precision", "device": "--device", "original_size": "--original-size",
-    "robust": "--robust", "eot_samples": "--eot-samples", "shape": "--shape",
+    "robust": "--robust", "eot_samples": "--eot-samples", "shape": "--shape", "compile": "--compile",
 }
 
 
@@ -94,6 +94,9 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                         "(default: on where memory is short: GPUs under 12 GiB, under 8 GiB of free RAM)")
     r.add_argument("--batch-size", type=int, default=1,
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
+    r.add_argument("--compile", action="store_true",
+                   help="compile the networks with torch.compile: minutes the first time an image size is met "
+                        "(cached in Mist's home), faster steps after; needs a C++ compiler on a CPU (default: off)")
     from .service.options import add_ray_options
 
     add_ray_options(r)
@@ -170,25 +173,28 @@ def flag_message(message: str, flags: Mapping[str, str]) -> str:
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
                 batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] | None = None,
-                ray: str | None = None, ray_resource: str = "GPU") -> int:
+                ray: str | None = None, ray_resource: str = "GPU", compile: bool = False) -> int:
     """Run a batch of file jobs with console progress; returns the exit code. Shared by `mist` and `mist_v3.py`.
     With `ray` (a cluster's address) the attacks run on the cluster's workers (`mist.ray_pool`).
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
     """
-    from .jobs import ModelCache, run_jobs
+    from .jobs import model_source, run_jobs
     from .reporting import ConsoleReporter
 
-    if ray:
-        from .ray_pool import RayModels
-
-        models = RayModels(ray, model_spec, device_name, low_memory, ray_resource)
-    else:
-        models = ModelCache(model_spec, device_name, low_memory)
+    with fields_as_flags(flags or protect_flags()):
+        models = model_source(model_spec, device_name, low_memory, compile, ray, ray_resource)
+    if not ray:
         with fields_as_flags(flags or protect_flags()):
             models.precision(config.precision)  # fp16 without a GPU is refused before loading
+            models.check_compile()
         models.where()  # a missing model is reported before any image is touched
         warn_if_the_gpu_is_unused(models.device())
+        if compile and not quiet:
+            from .compiling import cache_folder
+
+            print(f"--compile: each new image size is compiled first (minutes on a CPU; less once cached in "
+                  f"{cache_folder() or 'the system temporary folder'})")
     reporter = ConsoleReporter(quiet)
     started = time.perf_counter()
     try:
@@ -441,7 +447,8 @@ def _protect(args: argparse.Namespace) -> int:
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, args.paths))}")
     return run_protect(jobs, config, args.model, args.device, args.overwrite, args.quiet, args.low_memory,
-                       args.batch_size, args.metadata, ray=args.ray, ray_resource=args.ray_resource)
+                       args.batch_size, args.metadata, ray=args.ray, ray_resource=args.ray_resource,
+                       compile=args.compile)
 
 
 def run_then(command: str, always: bool, code: int) -> int:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from .models import StableDiffusion
+    from .ray_pool import RayModels
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,17 @@ class Reporter(Protocol):
     def image_failed(self, job: Job, message: str, stage: str) -> None: ...  # stage: one of FAILURE_STAGES
 
 
-def settings_text(config: ProtectConfig, batch_size: int = 1, metadata: str = "full") -> str:
-    """The settings as recorded in outputs: canonical JSON with the attack batch size (batching changes the last bits
-    of a result) and the metadata level. Files (the mask, a method's target) appear as SHA-256, with their file names
-    only under full metadata (never full paths: the image will be posted)."""
+def settings_text(config: ProtectConfig, batch_size: int = 1, metadata: str = "full",
+                  compiled: bool = False) -> str:
+    """The settings as recorded in outputs: canonical JSON with the attack batch size and, when on, compilation (both
+    change the last bits of a result), and the metadata level. Files (the mask, a method's target) appear as SHA-256,
+    with their file names only under full metadata (never full paths: the image will be posted)."""
     settings = json.loads(config.to_json())
     for name, path in config.files().items():
         settings[name] = {"sha256": sha256_file(path)} | ({"name": path.name} if metadata == "full" else {})
     settings["batch_size"] = batch_size
+    if compiled:
+        settings["compiled"] = True
     settings["metadata"] = metadata
     return json.dumps(settings, sort_keys=True, ensure_ascii=False)
 
@@ -130,16 +134,18 @@ class ModelCache:
     one attack at a time use the device.
 
     `model` is what `mist protect --model` accepts (None: the default places), or a loaded StableDiffusion that the
-    caller keeps (it is never changed: Protectors work on their own placement of it)."""
+    caller keeps (it is never changed: Protectors work on their own placement of it). `low_memory` and `compile` go
+    to every Protector (see `mist.pipeline.Protector`)."""
 
     def __init__(self, model: str | os.PathLike | StableDiffusion | None = None, device: str | None = None,
-                 low_memory: bool | None = None) -> None:
+                 low_memory: bool | None = None, compile: bool = False) -> None:
         from .models import StableDiffusion
 
         self._given = model if isinstance(model, StableDiffusion) else None
         self.model_spec = None if self._given is not None else model
         self.device_name = device
         self.low_memory = low_memory
+        self.compile = compile
         self.attack_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._models: dict[str, StableDiffusion] = {}
@@ -168,6 +174,13 @@ class ModelCache:
         """What `precision` ("auto" too) is on this cache's device; ValueError for one the device cannot run."""
         return resolve_precision(precision, self.device())
 
+    def check_compile(self) -> None:
+        """ValueError("compile: ...") when `compile` was asked for and this machine cannot compile for the device."""
+        from .compiling import check_can_compile
+
+        if self.compile:
+            check_can_compile(self.device())
+
     def protector(self, config: ProtectConfig, *, batch_size: int = 1,
                   on_load: Callable[[str | Path, torch.device], None] | None = None) -> Protector:
         """A Protector for `config` on the cached model, loaded now (`on_load(where, device)` hears of it first) if it
@@ -180,11 +193,12 @@ class ModelCache:
             device = self.device()
             precision = resolve_precision(config.precision, device)
             if self._given is not None:
-                return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size)
+                return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size,
+                                 compile=self.compile)
             model = self._cached(frozenset(get_method(config.method).parts), PRECISION_DTYPES[precision], device,
                                  on_load)
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
-                             hand_over=True)
+                             hand_over=True, compile=self.compile)
 
     def model(self, parts: frozenset[str],
               on_load: Callable[[str | Path, torch.device], None] | None = None) -> StableDiffusion:
@@ -228,6 +242,20 @@ class ModelCache:
         return model
 
 
+def model_source(model: str | None, device: str | None, low_memory: bool | None = None, compile: bool = False,
+                 ray: str | None = None, ray_resource: str = "GPU") -> ModelCache | RayModels:
+    """Where the job runner's attacks run: one model in this process (a ModelCache), or with `ray` (a cluster's
+    address) a pool of the cluster's workers (`mist.ray_pool.RayModels`). ValueError("compile: ...") for compile with
+    ray, whose workers run uncompiled."""
+    if not ray:
+        return ModelCache(model, device, low_memory, compile)
+    if compile:
+        raise ValueError("compile: not available with a Ray cluster (its workers run the networks uncompiled)")
+    from .ray_pool import RayModels
+
+    return RayModels(ray, model, device, low_memory, ray_resource)
+
+
 def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporter: Reporter, *,
              overwrite: bool = False, batch_size: int = 1, metadata: str = "full",
              cancel: threading.Event | None = None) -> BatchSummary:
@@ -253,7 +281,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
             masks[mask_file] = images.read_image(mask_file)
         if job.mask not in settings_of:  # the settings hash the files they name: once per distinct mask
             settings_of[job.mask] = settings_text(config if job.mask is None else config.but(mask=job.mask),
-                                                  batch_size, metadata)
+                                                  batch_size, metadata, models.compile)
         settings = settings_of[job.mask]
         problem = _preflight(job, config)
         if problem is None:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import images
 from .attack import StepInfo, masked_linf_pgd
+from .compiling import check_can_compile, compile_networks, compile_seconds
 from .config import ProtectConfig
 from .cpu_tuning import attack_settings
 from .device import default_low_memory, resolve_precision
@@ -58,8 +59,9 @@ class ProtectedImage:
     size: tuple[int, int]  # (width, height) processed
     start: dict[str, float]  # "objective" and each term
     end: dict[str, float]
-    seconds: float
+    seconds: float  # wall time of the protect_many call that made it, per image of the call
     random_weights: bool
+    compile_seconds: float = 0.0  # the part of `seconds` spent compiling (with `compile`): a one-time cost per size
 
 
 @dataclass
@@ -113,12 +115,17 @@ class Protector:
     low_memory: gradient checkpointing in the encoder and the UNet (about 40% more time per step, a quarter less peak
         memory at 512 x 512 on a CPU); None turns it on where it is the default (see `default_low_memory`).
     batch_size: how many tiles (images, when block_num is 1) share one attack batch.
+    compile: compile the encoder and the UNet with torch.compile (`mist.compiling`): minutes the first time a size is
+        met, faster steps after; ValueError("compile: ...") where this machine cannot compile.
     """
 
     def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device | None = None, *,
-                 low_memory: bool | None = None, batch_size: int = 1, hand_over: bool = False) -> None:
+                 low_memory: bool | None = None, batch_size: int = 1, hand_over: bool = False,
+                 compile: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+        if compile:
+            check_can_compile(device or model.device)
         self.config = config
         self.device = device or model.device
         self.precision = resolve_precision(config.precision, self.device)
@@ -126,6 +133,9 @@ class Protector:
         self.batch_size = batch_size
         self.model = model.placed(self.device, PRECISION_DTYPES[self.precision], in_place=hand_over)
         self.model.set_gradient_checkpointing(self.low_memory)
+        self.compiled = compile
+        if compile:
+            compile_networks(self.model)
         method = get_method(config.method)
         if not method.parts <= self.model.parts:
             missing = ", ".join(sorted(method.parts - model.parts))
@@ -163,6 +173,7 @@ class Protector:
         v1.2); where `masks` or an entry of it is None, the config's mask applies (none: the whole image)."""
         c = self.config
         started = time.perf_counter()
+        compiling_before = compile_seconds() if self.compiled else 0.0
         masks = list(masks) if masks is not None else [None] * len(pictures)
         masks = [self.mask if m is None else m for m in masks]
         uses_target = self.target is not None
@@ -181,6 +192,7 @@ class Protector:
         for number, batch in enumerate(batches):
             self._attack(batch, number, len(batches), callback)
         seconds = (time.perf_counter() - started) / max(len(pictures), 1)
+        compiling = ((compile_seconds() - compiling_before) / max(len(pictures), 1)) if self.compiled else 0.0
         results = []
         for number, picture in enumerate(pictures):
             own = [t for t in tiles if t.image == number]
@@ -191,7 +203,7 @@ class Protector:
                 output = images.tensor_to_image(stitched)
             results.append(ProtectedImage(image=output, size=own[0].size, start=_summed(t.start for t in own),
                                           end=_summed(t.end for t in own), seconds=seconds,
-                                          random_weights=self.model.random_weights))
+                                          random_weights=self.model.random_weights, compile_seconds=compiling))
         return results
 
     def _attack(self, batch: list[_Tile], number: int, batches: int,

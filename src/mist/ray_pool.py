@@ -135,6 +135,8 @@ class RayModels:
     """The job runner's model source on a Ray cluster at `address` ("auto", "HOST:PORT"): one actor per unit of
     `resource` ("GPU", or a custom resource each worker node declares), created on first use."""
 
+    compile = False  # the workers run the networks uncompiled (`mist protect` refuses --compile with --ray)
+
     def __init__(self, address: str, model: str | None = None, device: str | None = None,
                  low_memory: bool | None = None, resource: str = "GPU", workers: int | None = None) -> None:
         self.address = address

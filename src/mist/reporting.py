@@ -64,10 +64,11 @@ class ConsoleReporter:
         self.random_weights |= result.random_weights
         if self.images is not None:
             self.images.update(1)
-        self._say(f"protected {job.source} -> {job.output} ({result.seconds:.1f} s)")
+        compiling = f", {result.compile_seconds:.0f} s of it compiling" if result.compile_seconds >= 0.5 else ""
+        self._say(f"protected {job.source} -> {job.output} ({result.seconds:.1f} s{compiling})")
         self.done += 1
-        if self.done == 1 and self.to_do > 1:
-            remaining = (self.to_do - 1) * result.seconds
+        if self.done == 1 and self.to_do > 1:  # compiling is done once per image size: the estimate leaves it out
+            remaining = (self.to_do - 1) * (result.seconds - result.compile_seconds)
             finish = time.strftime("%H:%M", time.localtime(time.time() + remaining))
             self._say(f"estimated time for the other {self.to_do - 1} image(s): {_duration(remaining)} "
                       f"(done about {finish})")

@@ -29,6 +29,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
     serve.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                        help="gradient checkpointing (default: on where memory is short)")
+    serve.add_argument("--compile", action="store_true",
+                       help="compile the networks with torch.compile: minutes for the first job of each image size, "
+                            "faster steps after (default: off)")
     add_ray_options(serve)
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
@@ -94,7 +97,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--retention-hours: must be above 0, got {args.retention_hours}")
     options = ServeOptions(
         data=args.data, host=args.host, port=args.port, database=args.database, retention_hours=args.retention_hours,
-        model=args.model, device=args.device, low_memory=args.low_memory, ray=args.ray, ray_resource=args.ray_resource,
+        model=args.model, device=args.device, low_memory=args.low_memory, compile=args.compile, ray=args.ray,
+        ray_resource=args.ray_resource,
         require_token=args.require_token,
         local_limits=Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued))
     return serve(options)

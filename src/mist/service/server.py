@@ -34,6 +34,7 @@ class ServeOptions:
     model: str | None = None
     device: str | None = None
     low_memory: bool | None = None
+    compile: bool = False
     ray: str | None = None
     ray_resource: str = "GPU"
     require_token: bool = False
@@ -68,14 +69,17 @@ def sole_server(data: Path) -> Iterator[None]:
 
 
 def models_for(options: ServeOptions) -> Any:
-    """What the worker runs jobs on: one model in this process, or a pool of Ray workers."""
-    if options.ray:
-        from ..ray_pool import RayModels
+    """What the worker runs jobs on: one model in this process, or a pool of Ray workers (`mist.jobs.model_source`);
+    ValueError("--compile: ...") where compiling is not possible."""
+    from ..cli import fields_as_flags
+    from ..jobs import model_source
 
-        return RayModels(options.ray, options.model, options.device, options.low_memory, options.ray_resource)
-    from ..jobs import ModelCache
-
-    return ModelCache(options.model, options.device, options.low_memory)
+    with fields_as_flags({"compile": "--compile"}):
+        models = model_source(options.model, options.device, options.low_memory, options.compile, options.ray,
+                              options.ray_resource)
+        if options.compile:
+            models.check_compile()
+    return models
 
 
 def build_service(options: ServeOptions, store: JobStore) -> Service:
