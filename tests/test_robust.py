@@ -203,6 +203,19 @@ def test_bad_robust_flags_give_one_line_naming_the_flag(capsys, tmp_path, flags,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("path", ["a.png", "art/a.png"])
+def test_a_path_taken_for_the_robust_list_is_named_with_the_fix(capsys, tmp_path, monkeypatch, path):
+    """`--robust` takes an optional list, so the path after a bare one would be read as that list."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["protect", "--robust", path, "-o", "out", "--model", "tiny-random"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"argument --robust: '{path}' is a path, not a transform" in err
+    assert f"--robust {','.join(DEFAULT_TRANSFORMS)}" in err and "the following arguments are required" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_robust_changes_the_result_reproducibly_and_leaves_the_attacks_stream_alone(tiny_model, painting,
                                                                                      monkeypatch):
     config = ProtectConfig.of(steps=2, input_size=32, precision="fp32", robust="jpeg,resize", eot_samples=2)

@@ -44,6 +44,17 @@ def protect_flags() -> dict[str, str]:
     return RUN_FLAGS | {name: spec.flag for name, (spec, _) in shared_params().items()}
 
 
+def transform_list(value: str) -> str:
+    """--robust's value as given; a file path there (`--robust art.png`: the list is optional, so the path after a
+    bare --robust is taken for it) is refused with how to write it instead. Unknown names are the config's to report."""
+    for name in value.split(","):
+        if name.strip() not in TRANSFORMS and any(mark in name for mark in "./\\"):
+            defaults = ",".join(DEFAULT_TRANSFORMS)
+            raise argparse.ArgumentTypeError(f"{name.strip()!r} is a path, not a transform: for the default ones, put "
+                                             f"--robust after the input paths or name them (--robust {defaults})")
+    return value
+
+
 def add_protect_options(parser: argparse.ArgumentParser) -> None:
     """The options every protect command shares: the run's settings, the method and every method's parameters (a flag
     per parameter name, generated from the methods' declarations)."""
@@ -72,6 +83,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
                         "else fp32 (default: %(default)s)")
     g.add_argument("--robust", nargs="?", const=",".join(DEFAULT_TRANSFORMS), default="", metavar="LIST",
+                   type=transform_list,
                    help="robust to purification: at every step average the loss over random transforms of the image, "
                         f"a comma list of {', '.join(TRANSFORMS)}; --robust alone: {','.join(DEFAULT_TRANSFORMS)}. "
                         "Costs --eot-samples times the time per step (default: off)")
