@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks only a CUDA GPU can run, in one go (a few minutes on one GPU), with no network: the CUDA tests
 # (tests/test_cuda.py) and every method's speed and peak memory at 512 x 512 in bf16 and fp16
-# (benchmarks/gpu_check.py). Everything goes to one results file.
+# (benchmarks/gpu_check.py), and Mist v1.2 with and without --compile. Everything goes to one results file.
 #
 # Run from the repository root on a machine with PyTorch (CUDA), transformers (>= 5), pytest, Pillow, safetensors and
 # tqdm installed. Mist runs from src/ (nothing is installed); packages the machine lacks (diffusers, usually) are
@@ -57,6 +57,14 @@ echo '```' >>"$results"
     echo
 } >>"$results"
 "$python" benchmarks/gpu_check.py --precisions bf16,fp16 --size 512 --steps 2 >>"$results" 2>&1 || status=1
+
+{
+    echo
+    echo "## Mist v1.2 uncompiled and with --compile (torch.compile, Triton), bf16 at 512 x 512"
+    echo
+} >>"$results"
+"$python" benchmarks/gpu_check.py --methods mist --precisions bf16 --compile no,yes --size 512 --steps 5 \
+    >>"$results" 2>&1 || status=1
 
 cat "$results"
 exit $status
