@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +71,10 @@ def compile_networks(model: StableDiffusion) -> None:
     folder = cache_folder()
     if folder is not None:
         os.environ[CACHE_ENV] = str(folder)  # read by inductor whenever it opens its cache
+    # diffusers' upsampling asks `is_torch_version` (an lru_cache of the installed version, constant for the run) in its
+    # forward pass; Dynamo traces through the cache and warns that it might be stale, which here it cannot be.
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped function",
+                            category=UserWarning)
     model.encoder.encoder.compile()
     if model.unet is not None:
         model.unet.compile()
