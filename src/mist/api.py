@@ -45,7 +45,8 @@ def protect(
     which images it concerns). `low_memory` (gradient checkpointing) changes speed and memory, not the result;
     `batch_size` (tiles per attack batch) draws the same random numbers, but batched arithmetic can differ in the
     last bits and flip a rare sign step. `compile` runs the networks through torch.compile (`mist.compiling`): minutes
-    the first time a size is met, then faster steps; `ProtectedImage.compile_seconds` says how long it took.
+    the first time a size is met (see the README for what it gained); `ProtectedImage.compile_seconds` says how long
+    it took.
 
         >>> import mist
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")

@@ -108,7 +108,8 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
     r.add_argument("--compile", action="store_true",
                    help="compile the networks with torch.compile: minutes the first time an image size is met "
-                        "(cached in Mist's home), faster steps after; needs a C++ compiler on a CPU (default: off)")
+                        "(cached in Mist's home); on a CPU steps were no faster, peak memory a little lower; needs a "
+                        "C++ compiler there (default: off)")
     from .service.options import add_ray_options
 
     add_ray_options(r)

@@ -116,7 +116,8 @@ class Protector:
         memory at 512 x 512 on a CPU); None turns it on where it is the default (see `default_low_memory`).
     batch_size: how many tiles (images, when block_num is 1) share one attack batch.
     compile: compile the encoder and the UNet with torch.compile (`mist.compiling`): minutes the first time a size is
-        met, faster steps after; ValueError("compile: ...") where this machine cannot compile.
+        met; on a 2-core CPU, steps no faster and a 0.2 to 1.1 GB lower peak (not measured on a GPU).
+        ValueError("compile: ...") where this machine cannot compile.
     """
 
     def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device | None = None, *,

@@ -31,7 +31,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="gradient checkpointing (default: on where memory is short)")
     serve.add_argument("--compile", action="store_true",
                        help="compile the networks with torch.compile: minutes for the first job of each image size, "
-                            "faster steps after (default: off)")
+                            "then on a CPU no faster steps but a little less memory (default: off)")
     add_ray_options(serve)
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
