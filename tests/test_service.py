@@ -8,6 +8,7 @@ import io
 import json
 import time
 import zipfile
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,19 @@ def test_a_data_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
         assert cli.main([*command, "--data", str(taken)]) == cli.EXIT_USAGE
         assert capsys.readouterr().err.strip() == f"mist: error: --data {taken}: is a file, not a folder"
     assert taken.read_text() == "mine"
+
+
+def test_the_api_reference_page_needs_nothing_beyond_the_server(service):
+    """/docs is rendered on the server from the OpenAPI description: no script or style from a CDN, which a server
+    without internet access could not show."""
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        page = http.get("/docs")
+        schema = http.get("/openapi.json").json()
+        assert http.get("/redoc").status_code == 404
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script" not in page.text and "http://" not in page.text and "https://" not in page.text
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert f"<span class=method>{method.upper()}</span> {path}</h2>" in page.text
+            assert escape(operation["summary"]) in page.text
+    assert "Submit images to protect" in page.text and "Bearer &lt;token&gt;" in page.text  # text is escaped

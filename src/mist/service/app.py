@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response,
+                               StreamingResponse)
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from .. import __version__
+from .apidocs import api_reference_html
 from .metrics import metrics_text
 from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, new_job_id
 from .submit import SubmitError, Upload, parse_settings, save_submission, uploads_by_field
@@ -106,10 +108,14 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
         if manage_worker:
             await run_in_threadpool(service.worker.stop)
 
-    app = FastAPI(title="Mist", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Mist", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Protect artworks from AI mimicry: submit images, follow the job, download the "
                               "protected PNGs. Authenticate with `Authorization: Bearer <token>`.")
     app.state.service = service
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:  # FastAPI's pages load their scripts from a CDN: see apidocs
+        return HTMLResponse(api_reference_html(app.openapi()))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
