@@ -10,7 +10,6 @@ from typing import Any
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.4}"
          "h2{font-family:monospace;border-top:1px solid #ccc;padding-top:1em}"
          ".method{display:inline-block;min-width:4.5em}"
-         ".text{white-space:pre-wrap}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}")
 
 
@@ -22,7 +21,7 @@ def api_reference_html(schema: dict[str, Any]) -> str:
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)} API</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>{escape(title)} API</h1>",
-             f"<p class=text>{escape(info.get('description', ''))}</p>",
+             _paragraphs(info.get("description", "")),
              "<p>The machine-readable description: <a href=\"/openapi.json\">/openapi.json</a> (OpenAPI "
              f"{escape(str(schema.get('openapi', '')))}).</p>"]
     for path, operations in schema.get("paths", {}).items():
@@ -36,7 +35,7 @@ def _operation_html(method: str, path: str, operation: dict[str, Any]) -> str:
     html = [f"<h2><span class=method>{escape(method.upper())}</span> {escape(path)}</h2>",
             f"<p><strong>{escape(operation.get('summary', ''))}</strong></p>"]
     if operation.get("description"):
-        html.append(f"<p class=text>{escape(operation['description'])}</p>")
+        html.append(_paragraphs(operation["description"]))
     parameters = operation.get("parameters", [])
     if parameters:
         html.append("<table><tr><th>parameter</th><th>in</th><th>required</th><th>description</th></tr>")
@@ -50,3 +49,8 @@ def _operation_html(method: str, path: str, operation: dict[str, Any]) -> str:
             f"<code>{escape(code)}</code> {escape(answer.get('description', ''))}"
             for code, answer in responses.items()) + "</p>")
     return "\n".join(html)
+
+
+def _paragraphs(text: str) -> str:
+    """Text as HTML paragraphs: a blank line ends one; single line breaks (the source's wrapping) become spaces."""
+    return "\n".join(f"<p>{escape(' '.join(block.split()))}</p>" for block in text.split("\n\n") if block.strip())
