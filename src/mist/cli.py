@@ -197,10 +197,9 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
 
     with fields_as_flags(flags or protect_flags()):
         models = model_source(model_spec, device_name, low_memory, compile, ray, ray_resource)
-    if not ray:
-        with fields_as_flags(flags or protect_flags()):
+        if not ray:
             models.precision(config.precision)  # fp16 without a GPU is refused before loading
-            models.check_compile()
+    if not ray:
         models.where()  # a missing model is reported before any image is touched
         warn_if_the_gpu_is_unused(models.device())
         if compile and not quiet:

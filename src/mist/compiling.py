@@ -2,9 +2,9 @@
 
 Compiling turns the VAE encoder's and the UNet's forward and backward passes into generated kernels that fuse the small
 operations between the convolutions and matrix products (normalisation, activations, element-wise arithmetic). It
-costs minutes the first time a model meets an image size (on two CPU cores: about 5.5 min at 512 x 512), and much less
-when the compiled code comes from inductor's cache on disk. Mist keeps that cache in its home folder, where a cloud
-install's models live, so it outlives a server's restart; `TORCHINDUCTOR_CACHE_DIR` chooses another folder.
+costs minutes the first time a model meets an image size (on two CPU cores: about 6 min at 512 x 512), and about a
+minute when the compiled code comes from inductor's cache on disk. Mist keeps that cache in its home folder, where a
+cloud install's models live, so it outlives a server's restart; `TORCHINDUCTOR_CACHE_DIR` chooses another folder.
 
 Compiled arithmetic is float32 (or the precision asked for) as before, but its fused kernels sum in another order: the
 result may differ from the uncompiled one in the last bits, like a different batch size.

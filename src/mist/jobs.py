@@ -174,13 +174,6 @@ class ModelCache:
         """What `precision` ("auto" too) is on this cache's device; ValueError for one the device cannot run."""
         return resolve_precision(precision, self.device())
 
-    def check_compile(self) -> None:
-        """ValueError("compile: ...") when `compile` was asked for and this machine cannot compile for the device."""
-        from .compiling import check_can_compile
-
-        if self.compile:
-            check_can_compile(self.device())
-
     def protector(self, config: ProtectConfig, *, batch_size: int = 1,
                   on_load: Callable[[str | Path, torch.device], None] | None = None) -> Protector:
         """A Protector for `config` on the cached model, loaded now (`on_load(where, device)` hears of it first) if it
@@ -245,15 +238,21 @@ class ModelCache:
 def model_source(model: str | None, device: str | None, low_memory: bool | None = None, compile: bool = False,
                  ray: str | None = None, ray_resource: str = "GPU") -> ModelCache | RayModels:
     """Where the job runner's attacks run: one model in this process (a ModelCache), or with `ray` (a cluster's
-    address) a pool of the cluster's workers (`mist.ray_pool.RayModels`). ValueError("compile: ...") for compile with
-    ray, whose workers run uncompiled."""
-    if not ray:
-        return ModelCache(model, device, low_memory, compile)
-    if compile:
-        raise ValueError("compile: not available with a Ray cluster (its workers run the networks uncompiled)")
-    from .ray_pool import RayModels
+    address) a pool of the cluster's workers (`mist.ray_pool.RayModels`). ValueError("compile: ...") where `compile`
+    cannot be had, checked now, before any model loads: with ray (its workers run uncompiled), or where this machine
+    cannot compile for the device."""
+    if ray:
+        if compile:
+            raise ValueError("compile: not available with a Ray cluster (its workers run the networks uncompiled)")
+        from .ray_pool import RayModels
 
-    return RayModels(ray, model, device, low_memory, ray_resource)
+        return RayModels(ray, model, device, low_memory, ray_resource)
+    models = ModelCache(model, device, low_memory, compile)
+    if compile:
+        from .compiling import check_can_compile
+
+        check_can_compile(models.device())
+    return models
 
 
 def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporter: Reporter, *,

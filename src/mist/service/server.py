@@ -75,11 +75,8 @@ def models_for(options: ServeOptions) -> Any:
     from ..jobs import model_source
 
     with fields_as_flags({"compile": "--compile"}):
-        models = model_source(options.model, options.device, options.low_memory, options.compile, options.ray,
-                              options.ray_resource)
-        if options.compile:
-            models.check_compile()
-    return models
+        return model_source(options.model, options.device, options.low_memory, options.compile, options.ray,
+                            options.ray_resource)
 
 
 def build_service(options: ServeOptions, store: JobStore) -> Service:
