@@ -169,8 +169,8 @@ def run_one(spec: dict) -> dict:
         peak = peak_rss_gb() if reset else float("nan")
     tile = spec["size"] // spec["blocks"]
     x = torch.zeros(1, 3, tile, tile, device=device).uniform_(-1, 1).requires_grad_(True)
-    objective = protector.loss_for(x.detach(), seed=0)
-    count_cpu_attention_flops()  # one tile's loss, its target resized to the tile
+    objective = protector.loss_for(x.detach(), seed=0)  # one tile's loss, its target resized to the tile
+    count_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         objective(x, [torch.Generator().manual_seed(0)]).objective.sum().backward()
     flops = counter.get_total_flops() * spec["blocks"] ** 2
