@@ -573,7 +573,7 @@ def legacy_plan(*argv: object) -> tuple[ProtectConfig, list[Job]]:
 
 def test_legacy_defaults_are_the_originals():
     args = mist.legacy.build_parser().parse_args([])
-    assert (args.epsilon, args.steps, args.input_size, args.block_num, args.mode, args.rate) == (16, 100, 512, 1, 2, 1)
+    assert (args.epsilon, args.input_size, args.block_num, args.mode, args.rate) == (16, 512, 1, 2, 1)
     assert not args.mask and not args.non_resize and args.input_dir_path is None
 
     config, jobs = mist.legacy.plan(args)
@@ -581,6 +581,21 @@ def test_legacy_defaults_are_the_originals():
     assert config == ProtectConfig.of(mode="fused", epsilon=16, steps=100, input_size=512, block_num=1, fused_weight=1)
     assert config.seed == 23
     assert jobs == [Job(Path("test/sample.png"), Path("outputs/images/misted_sample_16_100_512_1_2_1_0_0.png"))]
+
+
+def test_the_test_model_takes_ten_steps_unless_steps_are_given(monkeypatch):
+    monkeypatch.delenv("MIST_MODEL", raising=False)
+    config, jobs = legacy_plan("--model", "tiny-random")
+    assert config.steps == 10 and jobs[0].output.name == "misted_sample_16_10_512_1_2_1_0_0.png"
+    assert legacy_plan("--model", "tiny-random", "--steps", "100")[0].steps == 100
+    parser = mist.cli.build_parser()
+    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out", "--model",
+                                                        "tiny-random"])).steps == 10
+    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out"])).steps == 100
+    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out", "--model", "tiny-random",
+                                                        "-s", "3"])).steps == 3
+    monkeypatch.setenv("MIST_MODEL", "tiny-random")  # the model named by the environment counts too
+    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out"])).steps == 10
 
 
 @pytest.mark.parametrize("flags", [

@@ -132,3 +132,15 @@ def test_python_api_takes_paths_and_images_and_reports_progress(tiny_model, pain
     assert [p.step for p in seen] == [1, 2, 3, 4] and seen[0].images == (0,) and seen[-1].images == (1,)
     single = mist.protect(painting, mist.ProtectConfig(steps=1, input_size=64, precision="fp32"), model=tiny_model)
     assert len(single) == 1
+
+
+def test_python_api_gives_the_test_model_named_by_name_its_ten_steps(painting, monkeypatch):
+    import mist
+
+    monkeypatch.delenv("MIST_MODEL", raising=False)
+    seen = []
+    mist.protect(painting, model="tiny-random", input_size=32, precision="fp32", callback=seen.append)
+    assert seen[-1].total == 10
+    seen.clear()
+    mist.protect(painting, model="tiny-random", input_size=32, precision="fp32", steps=3, callback=seen.append)
+    assert seen[-1].total == 3

@@ -103,6 +103,15 @@ def test_a_job_gives_the_same_png_as_the_command_line_runner(service, models, pa
     assert not (folder / "in").exists() and (folder / "out" / "art.png").is_file()
 
 
+def test_a_job_without_steps_takes_the_test_models_ten(service, painting):
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        untold = http.post("/v1/jobs", files=picture).json()
+        told = http.post("/v1/jobs", files=picture, data={"steps": "3"}).json()
+    assert untold["settings"]["steps"] == 10 and untold["images"][0]["steps"] == 10
+    assert told["settings"]["steps"] == 3
+
+
 def test_settings_take_the_command_lines_names_and_are_checked(service, painting):
     picture = ("images", ("a.png", png_bytes(painting), "image/png"))
     with TestClient(create_app(service, manage_worker=False)) as http:

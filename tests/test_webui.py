@@ -66,9 +66,16 @@ def test_settings_map_to_the_engine_config():
         Settings(seed=None).config()
 
 
-def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
+def test_with_the_test_model_the_page_starts_at_its_ten_steps(tmp_path):
     pytest.importorskip("gradio")
     demo = webui_app.build_app(WebUI(ModelCache("tiny-random"), tmp_path))
+    steps = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "mist-steps")
+    assert (steps.minimum, steps.maximum, steps.value) == (1, 1000, 10)
+
+
+def test_page_controls_have_the_original_ranges_and_defaults(tmp_path):
+    pytest.importorskip("gradio")
+    demo = webui_app.build_app(WebUI(ModelCache(tmp_path / "model.ckpt"), tmp_path))
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     strength, steps, weight = by_id["mist-strength"], by_id["mist-steps"], by_id["mist-fused-weight"]
     assert (strength.minimum, strength.maximum, strength.value) == (0, 32, 16)

@@ -13,6 +13,7 @@ from PIL import Image
 from . import images as image_io
 from .config import ProtectConfig
 from .jobs import ModelCache
+from .model_names import default_steps
 from .models import StableDiffusion
 from .pipeline import Progress, ProtectedImage
 
@@ -52,6 +53,8 @@ def protect(
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")
         >>> result.image.save("painting-protected.png")
     """
+    if config is None and "steps" not in settings and not isinstance(model, StableDiffusion):
+        settings["steps"] = default_steps(model, ProtectConfig.steps)
     config = (config or ProtectConfig()).but(**settings)
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 from .config import OBJECT_PROMPT, PRECISIONS, STYLE_PROMPT, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
 from .manifest import METADATA_LEVELS
+from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
 from .robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from .shaping import SHAPES
@@ -64,7 +65,8 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help="protection method (default: %(default)s; see the methods below)")
     g.add_argument("-e", "--epsilon", type=int, default=d.epsilon,
                    help="strength: largest change of a pixel, in levels 0..255 (default: %(default)s)")
-    g.add_argument("-s", "--steps", type=int, default=d.steps, help="PGD iterations (default: %(default)s)")
+    g.add_argument("-s", "--steps", type=int, default=None,
+                   help=f"PGD iterations (default: {d.steps}; {TEST_MODEL_STEPS} with --model {TINY_RANDOM})")
     g.add_argument("--step-size", type=float, default=d.step_size,
                    help="PGD step in pixel levels (default: %(default)s)")
     g.add_argument("--input-size", type=int, default=d.input_size,
@@ -155,7 +157,9 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         params[name] = value
     with fields_as_flags(protect_flags()):
         return ProtectConfig(
-            method=method.name, params=params, epsilon=args.epsilon, steps=args.steps, step_size=args.step_size,
+            method=method.name, params=params, epsilon=args.epsilon,
+            steps=default_steps(args.model, ProtectConfig.steps) if args.steps is None else args.steps,
+            step_size=args.step_size,
             input_size=args.input_size, block_num=args.block_num, mask=args.mask, keep_aspect=args.no_resize,
             seed=args.seed, precision=args.precision, original_size=args.original_size, robust=args.robust,
             eot_samples=args.eot_samples, shape=args.shape,

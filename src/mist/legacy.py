@@ -18,6 +18,7 @@ from .cli import configure_logging, fields_as_flags, guarded, interrupt_on_hang_
 from .config import ProtectConfig
 from .device_names import check_device_name
 from .methods.mist import MODE_CODES
+from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="vangogh", help="name of the output folder under outputs/dirs")
     p.add_argument("-inp", "--input_dir_path", default=None, help="folder of images to process")
     p.add_argument("-e", "--epsilon", type=int, default=16, help="strength (0..255)")
-    p.add_argument("-s", "--steps", type=int, default=100, help="PGD steps")
+    p.add_argument("-s", "--steps", type=int, default=None,
+                   help=f"PGD steps (default: 100; {TEST_MODEL_STEPS} with --model {TINY_RANDOM})")
     p.add_argument("-in_size", "--input_size", type=int, default=512, help="input size")
     p.add_argument("-b", "--block_num", type=int, default=1, help="tiles per side (2 = low VRAM)")
     p.add_argument("--mode", type=int, default=2, help="0 semantic, 1 textural, 2 fused")
@@ -60,6 +62,8 @@ def parameter_suffix(args: argparse.Namespace, masked: bool) -> str:
 
 def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
     """The settings and the jobs of a mist_v3.py command line; ValueError naming the flag for an invalid option."""
+    if args.steps is None:  # named in the output folder, so settled before anything else
+        args.steps = default_steps(args.model, ProtectConfig.steps)
     if args.mode not in MODE_CODES:
         raise ValueError(f"--mode: must be 0 (semantic), 1 (textural) or 2 (fused), got {args.mode}")
     masked = args.mask and not args.input_dir_path

@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import PRECISIONS
 from .methods import list_methods, param_specs, shared_params
+from .model_names import default_steps
 from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, EVALUATE_STRENGTH, SIZES, JobResult, Settings, WebUI, log,
                     parse_auth)
 from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
@@ -82,7 +83,7 @@ def build_app(ui: WebUI):
         return factory(*args, label=L(key), info=L(f"{key}_info"), elem_id="mist-" + key.replace("_", "-"), **kwargs)
 
     no_share = ["download", "fullscreen"]  # gradio's share button works only on Hugging Face Spaces
-    d = Settings()
+    d = Settings(steps=default_steps(ui.engine.model_spec, Settings.steps))
     with gr.Blocks(title=EN["title"], analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         with gr.Row(equal_height=True):
             with gr.Column(scale=3, min_width=300):

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from .. import __version__
+from ..model_names import TEST_MODEL_STEPS, TINY_RANDOM
 from .apidocs import api_reference_html
 from .metrics import metrics_text
 from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, new_job_id
@@ -175,6 +176,8 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
         if sum(_size(upload.file) for group in uploads.values() for upload in group) > who.limits.max_upload_bytes:
             raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
         settings, metadata = parse_settings(texts)
+        if "steps" not in settings and service.model_name == TINY_RANDOM:
+            settings["steps"] = TEST_MODEL_STEPS
         job_id = new_job_id()
         folder = job_folder(service.data, job_id)
         submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
