@@ -176,7 +176,7 @@ def test_recommendation_adds_low_memory_only_when_memory_is_short():
 
 
 def test_doctor_knows_every_official_sd1_file(capsys, tmp_path):
-    from mist.doctor import remember_checksum
+    from mist.model_identity import remember_checksum
 
     model = tmp_path / "v1-5-pruned.ckpt"
     model.write_bytes(b"stand-in")

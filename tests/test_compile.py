@@ -12,7 +12,8 @@ from PIL import Image
 
 from mist import compiling
 from mist.config import ProtectConfig
-from mist.jobs import Job, model_source, settings_text
+from mist.entrance import open_models
+from mist.jobs import Job, settings_text
 from mist.pipeline import ProtectedImage, Protector
 from mist.reporting import ConsoleReporter
 from support.cli import run_cli
@@ -103,7 +104,7 @@ def test_compile_is_refused_with_ray_by_every_face(capsys, tmp_path):
     from mist.service.server import ServeOptions, models_for
 
     with pytest.raises(ValueError, match="^compile: not available with a Ray cluster"):
-        model_source("tiny-random", "cpu", compile=True, ray="auto")
+        open_models("tiny-random", "cpu", compile=True, ray="auto")
     with pytest.raises(ValueError, match="^--compile: not available with a Ray cluster"):
         models_for(ServeOptions(data=tmp_path, model="tiny-random", compile=True, ray="auto"))
     source = tmp_path / "art.png"

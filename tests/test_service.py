@@ -182,7 +182,8 @@ def test_tokens_guard_every_job(tmp_path, models, painting):
         assert http.get("/v1/metrics").status_code == 401
         job = submit(http, picture, headers=as_alice).json()["id"]
         for method, path in [("GET", f"/v1/jobs/{job}"), ("GET", f"/v1/jobs/{job}/results"),
-                             ("GET", f"/v1/jobs/{job}/results/a.png"), ("DELETE", f"/v1/jobs/{job}")]:
+                             ("GET", f"/v1/jobs/{job}/results/a.png"), ("DELETE", f"/v1/jobs/{job}"),
+                             ("POST", f"/v1/jobs/{job}/cancel")]:
             stolen = http.request(method, path, headers=as_bob)
             assert stolen.status_code == 404 and stolen.json() == {"error": f"no job {job}"}, (method, path)
         assert http.get(f"/v1/jobs/{job}", headers=as_alice).json()["state"] == "queued"
@@ -229,7 +230,8 @@ def test_cancel_delete_and_retention(tmp_path, models, painting):
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
     with TestClient(create_app(service, manage_worker=False)) as http:
         queued = submit(http, picture).json()["id"]
-        assert http.delete(f"/v1/jobs/{queued}").json() == {"id": queued, "state": "cancelled", "cancel": True}
+        assert http.delete(f"/v1/jobs/{queued}").status_code == 409  # an unfinished job is cancelled, not deleted
+        assert http.post(f"/v1/jobs/{queued}/cancel").json() == {"id": queued, "state": "cancelled", "cancel": True}
         assert http.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
         assert http.get(f"/v1/jobs/{queued}/results").status_code == 404  # nothing was protected
         kept = submit(http, picture).json()["id"]
@@ -248,6 +250,29 @@ def test_cancel_delete_and_retention(tmp_path, models, painting):
     service.store.close()
 
 
+def test_cancelling_a_finished_job_keeps_it_and_its_results(tmp_path, models, painting):
+    """Cancel and delete are two operations: a cancel that arrives after the job finished (the client's cancel
+    racing the last step) leaves the job and its PNG alone, and says so as a JSON error the client raises."""
+    from mist.client import Client, ServiceError
+
+    service = make_service(tmp_path, models)
+    with TestClient(create_app(service)) as http:
+        job = submit(http, [("images", ("a.png", png_bytes(painting), "image/png"))]).json()["id"]
+        assert wait_finished(http, job)["state"] == "done"
+        client = Client()
+        client._http = http  # the client's requests go to the app in this process
+        with pytest.raises(ServiceError) as refused:
+            client.cancel(job)
+        assert refused.value.status == 409 and "nothing to cancel" in refused.value.message
+        assert http.get(f"/v1/jobs/{job}").json()["state"] == "done"
+        assert http.get(f"/v1/jobs/{job}/results/a.png").status_code == 200
+        assert client.delete(job) is None  # a 204 without a body is not read as JSON
+        with pytest.raises(ServiceError) as gone:
+            client.cancel(job)
+        assert gone.value.status == 404 and gone.value.message == f"no job {job}"
+    service.store.close()
+
+
 def test_a_running_job_cancels_at_its_next_step(tmp_path, models, painting):
     service = make_service(tmp_path, models)
     pictures = [("images", (f"{n}.png", png_bytes(painting, 32, n), "image/png")) for n in range(3)]
@@ -257,7 +282,7 @@ def test_a_running_job_cancels_at_its_next_step(tmp_path, models, painting):
         while http.get(f"/v1/jobs/{job}").json()["images"][0]["step"] < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert http.delete(f"/v1/jobs/{job}").status_code == 202
+        assert http.post(f"/v1/jobs/{job}/cancel").status_code == 202
         status = wait_finished(http, job)
     assert status["state"] == "cancelled"
     assert [image["state"] for image in status["images"]] == ["queued"] * 3
@@ -275,6 +300,29 @@ def test_serving_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", must_not_listen)
     with pytest.raises(ValueError, match="listening beyond this machine needs API tokens"):
         serve(ServeOptions(data=tmp_path, host="0.0.0.0", model="tiny-random"))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps"])
+def test_a_device_this_machine_lacks_is_refused_by_every_face_before_serving(tmp_path, capsys, monkeypatch, device):
+    """`mist serve --device cuda` on a machine without CUDA stops before it listens, with the line `mist protect`
+    and `mist evaluate` give for it (it used to serve, say it was healthy, and fail every job)."""
+    import torch
+    import uvicorn
+
+    from mist import cli
+
+    if torch.cuda.is_available() or (device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {device}")
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("the server started listening"))
+    painting = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(painting)
+    errors = []
+    for command in (["serve", "--data", tmp_path / "data"], ["protect", painting, "-o", tmp_path / "out"],
+                    ["evaluate", painting, painting, "-o", tmp_path / "report"]):
+        assert cli.main([str(part) for part in command] + ["--model", "tiny-random", "--device", device]) == 2
+        errors.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert len(set(errors)) == 1 and errors[0].startswith(f"mist: error: --device: {device}"), errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "report").exists()
 
 
 def test_a_data_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):

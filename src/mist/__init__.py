@@ -7,15 +7,10 @@ can check its options (and print its help) at once.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .config import ProtectConfig
-
-try:
-    __version__ = version("mist-protect")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from .version import __version__
 
 __all__ = ["ProtectConfig", "__version__", "evaluate", "protect"]
 

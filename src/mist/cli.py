@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,11 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
-from .config import OBJECT_PROMPT, PRECISIONS, STYLE_PROMPT, ProtectConfig
+from .config import PRECISIONS, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
+from .flags import RUN_FLAGS, fields_as_flags, protect_flags
 from .manifest import METADATA_LEVELS
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
+from .prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from .shaping import SHAPES
 
@@ -29,21 +30,6 @@ EXIT_USAGE = 2
 EXIT_THEN_FAILED = 3
 EXIT_HANG_UP = 128 + 1  # the shell's convention: 128 + the signal's number (SIGHUP)
 EXIT_INTERRUPTED = 128 + 2  # SIGINT (Ctrl-C)
-
-# The `mist protect` flag of each run setting (and of the device), to name them in error messages; the methods'
-# parameters have theirs in their declarations (see `protect_flags`).
-RUN_FLAGS: dict[str, str] = {
-    "method": "--method", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
-    "input_size": "--input-size", "block_num": "--block-num", "mask": "--mask", "keep_aspect": "--no-resize",
-    "seed": "--seed", "precision": "--precision", "device": "--device", "original_size": "--original-size",
-    "robust": "--robust", "eot_samples": "--eot-samples", "shape": "--shape", "compile": "--compile",
-}
-
-
-def protect_flags() -> dict[str, str]:
-    """The `mist protect` flag of every setting: the run's and every registered method's parameters."""
-    return RUN_FLAGS | {name: spec.flag for name, (spec, _) in shared_params().items()}
-
 
 def transform_list(value: str) -> str:
     """--robust's value as given; a file path there (`--robust art.png`: the list is optional, so the path after a
@@ -166,27 +152,6 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
         )
 
 
-@contextlib.contextmanager
-def fields_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
-    """Re-raise a ValueError of the settings (`input_size: ...`, `device: ...`) with the names a face's user typed."""
-    try:
-        yield
-    except ValueError as exc:
-        raise ValueError(flag_message(str(exc), flags)) from None
-
-
-def flag_message(message: str, flags: Mapping[str, str]) -> str:
-    """`message` with the field it begins with (`input_size: ...`) and the fields it mentions (`8 x block_num`)
-    replaced by their flags; a field name inside a path (`/art/block_num.png`) is left alone."""
-    field, colon, rest = message.partition(": ")
-    if colon and field in flags:
-        message = f"{flags[field]}: {rest}"
-    for name, flag in flags.items():
-        if "_" in name:
-            message = re.sub(rf"(?<![\w./\\-]){name}(?![\w./\\-])", flag, message)
-    return message
-
-
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,
                 overwrite: bool = False, quiet: bool = False, low_memory: bool | None = None,
                 batch_size: int = 1, metadata: str = "full", flags: Mapping[str, str] | None = None,
@@ -196,15 +161,13 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
 
     A KeyboardInterrupt (Ctrl-C) or a `HangUp` (SIGHUP) ends the batch between writes: finished outputs stay.
     """
-    from .jobs import model_source, run_jobs
+    from .entrance import open_models
+    from .jobs import run_jobs
     from .reporting import ConsoleReporter
 
-    with fields_as_flags(flags or protect_flags()):
-        models = model_source(model_spec, device_name, low_memory, compile, ray, ray_resource)
-        if not ray:
-            models.precision(config.precision)  # fp16 without a GPU is refused before loading
+    with fields_as_flags(flags or protect_flags()):  # before any image is touched
+        models = open_models(model_spec, device_name, low_memory, compile, ray, ray_resource, config.precision)
     if not ray:
-        models.where()  # a missing model is reported before any image is touched
         warn_if_the_gpu_is_unused(models.device())
         if compile and not quiet:
             from .compiling import cache_folder
@@ -287,7 +250,7 @@ def evaluation_settings_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="mist", description="Protect artworks from AI mimicry (Mist v1.2).")
     parser.add_argument("--version", action="version", version=f"mist {__version__}")
@@ -503,16 +466,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
     settings = evaluation_settings_from_args(args)
     with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
+    from .entrance import open_models
     from .evaluation.report import write_report
     from .evaluation.run import evaluate_folders
-    from .jobs import ModelCache
     from .reporting import EvaluationConsole
 
-    models = ModelCache(args.model, args.device)
-    with fields_as_flags(RUN_FLAGS):
-        device = models.device()
-    models.where()  # a missing model is reported before any image is read
-    warn_if_the_gpu_is_unused(device)
+    with fields_as_flags(RUN_FLAGS):  # before any image is read
+        models = open_models(args.model, args.device)
+    warn_if_the_gpu_is_unused(models.device())
     console = EvaluationConsole(args.quiet)
     try:
         evaluation = evaluate_folders(args.originals, args.protected, settings, models, console.progress,
@@ -525,8 +486,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def download_command(args: argparse.Namespace) -> int:
-    from .doctor import remember_checksum
     from .download import DownloadError, choose_remote, download
+    from .model_identity import remember_checksum
     from .models.locate import default_model_path
 
     remote = choose_remote(args.version, args.url, args.sha256)
@@ -544,8 +505,10 @@ def download_command(args: argparse.Namespace) -> int:
 def doctor_command(args: argparse.Namespace) -> int:
     with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
-    quiet_model_libraries()
     from .doctor import report
+    from .models import quiet_model_libraries
+
+    quiet_model_libraries()
 
     lines = report(args.output, args.model, args.device)
     width = max(len(line.label) for line in lines)
@@ -561,8 +524,10 @@ def webui_command(args: argparse.Namespace) -> int:
 
         device = pick_device(args.device)  # a device this machine lacks is refused now, not at the first job
     warn_if_the_gpu_is_unused(device)
-    quiet_model_libraries()
+    from .models import quiet_model_libraries
     from .webui_app import main as webui_main
+
+    quiet_model_libraries()
 
     return webui_main(args)
 
@@ -574,21 +539,10 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def configure_logging(verbose: bool) -> None:
-    """INFO with --verbose, else WARNING; the model libraries' own chatter is tamed by `quiet_model_libraries`."""
+    """INFO with --verbose, else WARNING; the model libraries' own chatter is tamed by
+    `mist.models.quiet_model_libraries`."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-
-
-def quiet_model_libraries() -> None:
-    """Unless logging is verbose, keep only errors from diffusers and transformers. Imports both (seconds): call it
-    only once a model is about to be used."""
-    if logging.getLogger().isEnabledFor(logging.INFO):
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

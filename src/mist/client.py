@@ -55,9 +55,10 @@ class Client:
         response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
-                message = response.json().get("error", response.text)
+                body = response.json()
             except ValueError:
-                message = response.text
+                body = None
+            message = body["error"] if isinstance(body, dict) and "error" in body else response.text
             raise ServiceError(response.status_code, message)
         return response
 
@@ -115,11 +116,12 @@ class Client:
         return written
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel an unfinished job (it stops at its next step)."""
-        return self._call("DELETE", f"/v1/jobs/{job_id}").json()
+        """Cancel an unfinished job (it stops at its next step); ServiceError 409 for a finished one, whose results
+        are kept."""
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
     def delete(self, job_id: str) -> None:
-        """Delete a finished job and its results from the server."""
+        """Delete a finished job and its results from the server; ServiceError 409 for an unfinished one."""
         self._call("DELETE", f"/v1/jobs/{job_id}")
 
     def health(self) -> dict[str, Any]:

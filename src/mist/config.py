@@ -19,9 +19,6 @@ from .shaping import SHAPES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
-# The prompts whose text embeddings a loaded model keeps (methods that condition the UNet use one of them).
-STYLE_PROMPT = "a painting"
-OBJECT_PROMPT = "a photo"
 
 
 @dataclass(frozen=True)

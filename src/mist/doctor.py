@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .device import cuda_problem, pick_device, resolve_precision
-from .download import KNOWN_CHECKSUMS, sha256_file
-from .device import available_ram_bytes
+from .device import available_ram_bytes, cuda_problem, pick_device, resolve_precision
+from .download import KNOWN_CHECKSUMS
+from .model_identity import model_sha256
 
 # Peak memory (GiB) of a 512 x 512 fused attack step with SD v1, measured by benchmarks/bench.py on the CPU (process
 # RSS, weights included); keyed by (precision, gradient checkpointing). GPU needs are lower: no Python heap on the card.
@@ -35,36 +35,11 @@ def model_check(where: Path) -> Line:
     modification time) so that the 4 GB hash is computed once."""
     if where.is_dir():
         return Line("model", f"{where} (diffusers folder; not checksummed)")
-    digest = cached_checksum(where)
-    if digest is None:
-        digest = sha256_file(where)
-        remember_checksum(where, digest)
+    digest = model_sha256(where)
     name = KNOWN_CHECKSUMS.get(digest)
     if name:
         return Line("model", f"{where} ({name}, checksum verified)")
     return Line("model", f"{where} (checksum {digest[:12]}... is not an official SD 1.x file: a fine-tune, or damaged)")
-
-
-def _checksum_cache(path: Path) -> tuple[Path, str]:
-    stat = path.stat()
-    return path.with_name(path.name + ".sha256"), f"{stat.st_size} {stat.st_mtime_ns}"
-
-
-def cached_checksum(path: Path) -> str | None:
-    cache, key = _checksum_cache(path)
-    if not cache.is_file():
-        return None
-    cached_key, _, digest = cache.read_text(encoding="ascii", errors="replace").strip().rpartition(" ")
-    return digest if cached_key == key else None
-
-
-def remember_checksum(path: Path, digest: str) -> None:
-    """Record a verified checksum beside the file, valid while its size and modification time stay the same."""
-    cache, key = _checksum_cache(path)
-    try:
-        cache.write_text(f"{key} {digest}\n", encoding="ascii")
-    except OSError:
-        pass  # a read-only model folder only means hashing again next time
 
 
 def recommend(device: torch.device, free_gib: float | None) -> str:
@@ -80,7 +55,7 @@ def recommend(device: torch.device, free_gib: float | None) -> str:
 
 
 def report(output_dir: Path, model_spec: str | None, device_name: str | None = None) -> list[Line]:
-    from . import __version__
+    from .version import __version__
     from .models import ModelNotFoundError, resolve_model
     from .models.locate import mist_command
 

@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from PIL import Image
 
-from . import __version__, files, images, manifest, preflight
+from . import files, images, manifest, preflight
 from .attack import Cancelled
 from .config import ProtectConfig
 from .device import resolve_precision
 from .download import sha256_file
 from .model_identity import ModelIdentity
 from .pipeline import Progress, ProtectedImage, Protector
+from .version import __version__
 
 if TYPE_CHECKING:
     import torch
 
     from .models import StableDiffusion
-    from .ray_pool import RayModels
 
 log = logging.getLogger(__name__)
 
@@ -233,26 +233,6 @@ class ModelCache:
             self.loads += 1
             self._models[str(where)] = model
         return model
-
-
-def model_source(model: str | None, device: str | None, low_memory: bool | None = None, compile: bool = False,
-                 ray: str | None = None, ray_resource: str = "GPU") -> ModelCache | RayModels:
-    """Where the job runner's attacks run: one model in this process (a ModelCache), or with `ray` (a cluster's
-    address) a pool of the cluster's workers (`mist.ray_pool.RayModels`). ValueError("compile: ...") where `compile`
-    cannot be had, checked now, before any model loads: with ray (its workers run uncompiled), or where this machine
-    cannot compile for the device."""
-    if ray:
-        if compile:
-            raise ValueError("compile: not available with a Ray cluster (its workers run the networks uncompiled)")
-        from .ray_pool import RayModels
-
-        return RayModels(ray, model, device, low_memory, ray_resource)
-    models = ModelCache(model, device, low_memory, compile)
-    if compile:
-        from .compiling import check_can_compile
-
-        check_can_compile(models.device())
-    return models
 
 
 def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporter: Reporter, *,

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import configure_logging, fields_as_flags, guarded, interrupt_on_hang_up, print_skipped, run_protect
+from .cli import configure_logging, guarded, interrupt_on_hang_up, print_skipped, run_protect
 from .config import ProtectConfig
 from .device_names import check_device_name
+from .flags import fields_as_flags
 from .methods.mist import MODE_CODES
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 

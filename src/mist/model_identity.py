@@ -13,11 +13,32 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-from .doctor import cached_checksum, remember_checksum
 from .download import sha256_file
 from .models import model_label
 
 log = logging.getLogger(__name__)
+
+
+def _checksum_cache(path: Path) -> tuple[Path, str]:
+    stat = path.stat()
+    return path.with_name(path.name + ".sha256"), f"{stat.st_size} {stat.st_mtime_ns}"
+
+
+def cached_checksum(path: Path) -> str | None:
+    cache, key = _checksum_cache(path)
+    if not cache.is_file():
+        return None
+    cached_key, _, digest = cache.read_text(encoding="ascii", errors="replace").strip().rpartition(" ")
+    return digest if cached_key == key else None
+
+
+def remember_checksum(path: Path, digest: str) -> None:
+    """Record a verified checksum beside the file, valid while its size and modification time stay the same."""
+    cache, key = _checksum_cache(path)
+    try:
+        cache.write_text(f"{key} {digest}\n", encoding="ascii")
+    except OSError:
+        pass  # a read-only model folder only means hashing again next time
 
 
 def model_sha256(path: Path) -> str:

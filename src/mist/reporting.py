@@ -9,7 +9,7 @@ import time
 from tqdm import tqdm
 
 from .jobs import NO_PROTECTION_WARNING, BatchSummary, Job
-from .models import TINY_RANDOM
+from .models import TINY_RANDOM, quiet_model_libraries
 from .pipeline import Progress, ProtectedImage
 
 
@@ -32,8 +32,6 @@ class ConsoleReporter:
             self.images = tqdm(total=to_do, unit="img", desc="images", position=0, dynamic_ncols=True)
 
     def model_loading(self, where, device) -> None:
-        from .cli import quiet_model_libraries
-
         self._say(f"loading model {where} onto {device} ...")
         quiet_model_libraries()
         if where == TINY_RANDOM:
@@ -120,8 +118,6 @@ class EvaluationConsole:
         self.bar: tqdm | None = None
 
     def model_loading(self, where, device) -> None:
-        from .cli import quiet_model_libraries
-
         if not self.quiet:
             tqdm.write(f"loading model {where} (with its VAE decoder) onto {device} ...")
         quiet_model_libraries()

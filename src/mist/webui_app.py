@@ -63,8 +63,120 @@ def build_app(ui: WebUI):
     english = {**{k: EN[k] for k in LABEL_KEYS}, **methods_en}
     chinese = {**{k: TEXTS["zh"][k] for k in LABEL_KEYS}, **GRADIO_ZH, **methods_zh}
     i18n = gr.I18n(en=english, **{locale: chinese for locale in CHINESE_LOCALES})
-    L = i18n  # noqa: N806 - a label that the browser shows in the page's language
+    with gr.Blocks(title=EN["title"], analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
+        page = _Page(gr, i18n)
+        page.header(ui)
+        with gr.Row():
+            with gr.Column(scale=3, min_width=320):
+                page.sources()
+            with gr.Column(scale=2, min_width=320):
+                page.settings(Settings(steps=default_steps(ui.engine.model_spec, Settings.steps)))
+        page.views()
+        _wire(gr, demo, ui, page)
+    demo.queue(default_concurrency_limit=1)
+    demo.mist_i18n = i18n
+    return demo
 
+
+_NO_SHARE = ["download", "fullscreen"]  # gradio's share button works only on Hugging Face Spaces
+
+
+class _Page:
+    """The page's components, made in the Blocks being built (each method places its own), labelled through gradio's
+    i18n in the page's language; elem_ids mist-<key> for the browser tests."""
+
+    def __init__(self, gr, label) -> None:
+        self.gr, self.L = gr, label
+
+    def control(self, factory, key: str, *args, **kwargs):
+        """A settings control labelled (with help text) in the page's language; elem_id mist-<key>."""
+        return factory(*args, label=self.L(key), info=self.L(f"{key}_info"), elem_id="mist-" + key.replace("_", "-"),
+                       **kwargs)
+
+    def header(self, ui: WebUI) -> None:
+        gr, L = self.gr, self.L  # noqa: N806 - L: a label that the browser shows in the page's language
+        with gr.Row(equal_height=True):
+            with gr.Column(scale=3, min_width=300):
+                gr.Markdown(L("heading"), elem_id="mist-heading")
+            self.language = gr.Radio(choices=[(name, code) for code, name in LANGUAGES.items()], value="en",
+                                     label=L("language"), elem_id="mist-language", scale=1, min_width=220)
+        gr.Markdown(L("intro_served" if ui.served_to_others else "intro"), elem_id="mist-intro")
+        self.banner = gr.Markdown("", elem_id="mist-banner")
+        self.source = gr.State("single")
+        self.results = gr.State([])
+
+    def sources(self) -> None:
+        """The tabs: one image (with the mask editor), several images, and Evaluate."""
+        gr, L = self.gr, self.L  # noqa: N806
+        with gr.Tabs():
+            with gr.Tab(L("tab_single"), id="single") as self.tab_single:
+                self.artwork = gr.File(label=L("artwork"), file_count="single", type="filepath", height=120,
+                                       elem_id="mist-artwork")
+                self.editor = _editor_class(gr)(
+                    label=L("editor"), type="pil", image_mode="RGBA", sources=[], buttons=[],
+                    brush=gr.Brush(colors=[("#ff2d55", 0.6)], color_mode="fixed"),
+                    eraser=gr.Eraser(), layers=False, transforms=(), format="png", elem_id="mist-editor",
+                )
+                gr.Markdown(L("editor_hint"))
+            with gr.Tab(L("tab_batch"), id="batch") as self.tab_batch:
+                self.files = gr.File(label=L("files"), file_count="multiple", type="filepath", elem_id="mist-files")
+                gr.Markdown(L("files_hint"))
+            with gr.Tab(L("tab_evaluate"), id="evaluate"):
+                gr.Markdown(L("evaluate_intro"))
+                self.evaluate_strength = gr.Slider(0.05, 1.0, value=EVALUATE_STRENGTH, step=0.05,
+                                                   label=L("evaluate_strength"), elem_id="mist-evaluate-strength")
+                self.evaluate_jpeg = gr.Checkbox(False, label=L("evaluate_jpeg"), elem_id="mist-evaluate-jpeg")
+                self.evaluate_run = gr.Button(L("evaluate_run"), elem_id="mist-evaluate-run")
+                self.evaluate_summary = gr.Markdown("", elem_id="mist-evaluate-summary")
+                self.evaluate_grid = gr.Gallery(label=L("evaluate_grid"), columns=4, object_fit="contain",
+                                                format="png", buttons=_NO_SHARE, elem_id="mist-evaluate-grid")
+
+    def settings(self, d: Settings) -> None:
+        """The run's settings (a method's parameters shown while it is chosen), Protect, Cancel, status, downloads."""
+        gr, L, control = self.gr, self.L, self.control  # noqa: N806
+        epsilon = control(gr.Slider, "strength", 0, 32, value=d.epsilon, step=1)
+        steps = control(gr.Slider, "steps", 1, 1000, value=d.steps, step=1)
+        original_size = control(gr.Checkbox, "original_size", d.original_size)
+        size = control(gr.Radio, "size", [(str(s), s) for s in SIZES], value=d.size)
+        self.method = control(gr.Dropdown, "method", [(L(f"method_{m.name}"), m.name) for m in list_methods()],
+                              value=d.method)
+        self.shared = shared_params()
+        self.params = {name: param_control(gr, L, spec, users, d.method) for name, (spec, users) in self.shared.items()
+                       if not spec.advanced and spec.kind != "file"}
+        with gr.Accordion(L("advanced"), open=False, elem_id="mist-advanced"):
+            self.params |= {name: param_control(gr, L, spec, users, d.method)
+                            for name, (spec, users) in self.shared.items() if spec.advanced and spec.kind != "file"}
+            low_vram = control(gr.Checkbox, "low_vram", d.low_vram)
+            no_resize = control(gr.Checkbox, "no_resize", d.no_resize)
+            robust = control(gr.Checkbox, "robust", d.robust)
+            seed = control(gr.Number, "seed", d.seed, precision=0)
+            precision = control(gr.Dropdown, "precision", list(PRECISIONS), value=d.precision)
+        with gr.Row():
+            self.run = gr.Button(L("run"), variant="primary", elem_id="mist-run")
+            self.cancel = gr.Button(L("cancel"), variant="stop", elem_id="mist-cancel")
+        self.status = gr.Markdown("", elem_id="mist-status")
+        self.downloads = gr.File(label=L("downloads"), file_count="multiple", interactive=False,
+                                 elem_id="mist-downloads")
+        # In the order `_run_handler`'s function takes their values.
+        self.controls = [epsilon, steps, size, self.method, low_vram, no_resize, robust, seed, precision,
+                         original_size, *self.params.values()]
+
+    def views(self) -> None:
+        """The original, protected image and perturbation of the chosen result, and the gallery of several."""
+        gr, L = self.gr, self.L  # noqa: N806
+        with gr.Row():
+            self.original = gr.Image(label=L("original"), type="filepath", interactive=False, format="png",
+                                     buttons=_NO_SHARE, elem_id="mist-original")
+            self.protected = gr.Image(label=L("protected"), type="filepath", interactive=False, format="png",
+                                      buttons=_NO_SHARE, elem_id="mist-protected")
+            self.perturbation = gr.Image(label=L("perturbation"), type="filepath", interactive=False, format="png",
+                                         buttons=_NO_SHARE, elem_id="mist-perturbation")
+        self.gallery = gr.Gallery(label=L("gallery"), columns=6, height=260, object_fit="contain", format="png",
+                                  visible=False, buttons=["download", "download_all", "fullscreen"],
+                                  elem_id="mist-gallery")
+
+
+def _editor_class(gr):
     class Editor(gr.ImageEditor):
         """gradio's image editor, whose value also lists the files the browser uploaded for it (under "uploaded":
         the preview as background.png, composite.png, the painted layers) so that the job deletes them."""
@@ -78,224 +190,156 @@ def build_app(ui: WebUI):
                 value["uploaded"] = [Path(part.path) for part in parts if getattr(part, "path", None)]
             return value
 
-    def control(factory, key: str, *args, **kwargs):
-        """A settings control labelled (with help text) in the page's language; elem_id mist-<key>."""
-        return factory(*args, label=L(key), info=L(f"{key}_info"), elem_id="mist-" + key.replace("_", "-"), **kwargs)
+    return Editor
 
-    no_share = ["download", "fullscreen"]  # gradio's share button works only on Hugging Face Spaces
-    d = Settings(steps=default_steps(ui.engine.model_spec, Settings.steps))
-    with gr.Blocks(title=EN["title"], analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
-        with gr.Row(equal_height=True):
-            with gr.Column(scale=3, min_width=300):
-                gr.Markdown(L("heading"), elem_id="mist-heading")
-            language = gr.Radio(choices=[(name, code) for code, name in LANGUAGES.items()], value="en",
-                                label=L("language"), elem_id="mist-language", scale=1, min_width=220)
-        gr.Markdown(L("intro_served" if ui.served_to_others else "intro"), elem_id="mist-intro")
-        banner = gr.Markdown("", elem_id="mist-banner")
-        source = gr.State("single")
-        results = gr.State([])
-        with gr.Row():
-            with gr.Column(scale=3, min_width=320):
-                with gr.Tabs():
-                    with gr.Tab(L("tab_single"), id="single") as tab_single:
-                        artwork = gr.File(label=L("artwork"), file_count="single", type="filepath", height=120,
-                                          elem_id="mist-artwork")
-                        editor = Editor(
-                            label=L("editor"), type="pil", image_mode="RGBA", sources=[], buttons=[],
-                            brush=gr.Brush(colors=[("#ff2d55", 0.6)], color_mode="fixed"),
-                            eraser=gr.Eraser(), layers=False, transforms=(), format="png", elem_id="mist-editor",
-                        )
-                        gr.Markdown(L("editor_hint"))
-                    with gr.Tab(L("tab_batch"), id="batch") as tab_batch:
-                        files = gr.File(label=L("files"), file_count="multiple", type="filepath", elem_id="mist-files")
-                        gr.Markdown(L("files_hint"))
-                    with gr.Tab(L("tab_evaluate"), id="evaluate"):
-                        gr.Markdown(L("evaluate_intro"))
-                        evaluate_strength = gr.Slider(0.05, 1.0, value=EVALUATE_STRENGTH, step=0.05,
-                                                      label=L("evaluate_strength"), elem_id="mist-evaluate-strength")
-                        evaluate_jpeg = gr.Checkbox(False, label=L("evaluate_jpeg"), elem_id="mist-evaluate-jpeg")
-                        evaluate_run = gr.Button(L("evaluate_run"), elem_id="mist-evaluate-run")
-                        evaluate_summary = gr.Markdown("", elem_id="mist-evaluate-summary")
-                        evaluate_grid = gr.Gallery(label=L("evaluate_grid"), columns=4, object_fit="contain",
-                                                   format="png", buttons=no_share, elem_id="mist-evaluate-grid")
-            with gr.Column(scale=2, min_width=320):
-                epsilon = control(gr.Slider, "strength", 0, 32, value=d.epsilon, step=1)
-                steps = control(gr.Slider, "steps", 1, 1000, value=d.steps, step=1)
-                original_size = control(gr.Checkbox, "original_size", d.original_size)
-                size = control(gr.Radio, "size", [(str(s), s) for s in SIZES], value=d.size)
-                method = control(gr.Dropdown, "method", [(L(f"method_{m.name}"), m.name) for m in list_methods()],
-                                 value=d.method)
-                shared = shared_params()
-                params = {name: param_control(gr, L, spec, users, d.method) for name, (spec, users) in shared.items()
-                          if not spec.advanced and spec.kind != "file"}
-                with gr.Accordion(L("advanced"), open=False, elem_id="mist-advanced"):
-                    params |= {name: param_control(gr, L, spec, users, d.method)
-                               for name, (spec, users) in shared.items() if spec.advanced and spec.kind != "file"}
-                    low_vram = control(gr.Checkbox, "low_vram", d.low_vram)
-                    no_resize = control(gr.Checkbox, "no_resize", d.no_resize)
-                    robust = control(gr.Checkbox, "robust", d.robust)
-                    seed = control(gr.Number, "seed", d.seed, precision=0)
-                    precision = control(gr.Dropdown, "precision", list(PRECISIONS), value=d.precision)
-                with gr.Row():
-                    run = gr.Button(L("run"), variant="primary", elem_id="mist-run")
-                    cancel = gr.Button(L("cancel"), variant="stop", elem_id="mist-cancel")
-                status = gr.Markdown("", elem_id="mist-status")
-                downloads = gr.File(label=L("downloads"), file_count="multiple", interactive=False,
-                                    elem_id="mist-downloads")
-        with gr.Row():
-            original = gr.Image(label=L("original"), type="filepath", interactive=False, format="png",
-                                buttons=no_share, elem_id="mist-original")
-            protected = gr.Image(label=L("protected"), type="filepath", interactive=False, format="png",
-                                 buttons=no_share, elem_id="mist-protected")
-            perturbation = gr.Image(label=L("perturbation"), type="filepath", interactive=False, format="png",
-                                    buttons=no_share, elem_id="mist-perturbation")
-        gallery = gr.Gallery(label=L("gallery"), columns=6, height=260, object_fit="contain", format="png",
-                             visible=False, buttons=["download", "download_all", "fullscreen"], elem_id="mist-gallery")
 
-        controls = [epsilon, steps, size, method, low_vram, no_resize, robust, seed, precision, original_size,
-                    *params.values()]
+def _typed(gr, fn):
+    """gradio finds the request and event arguments by their annotations, which this module's postponed evaluation
+    would leave as strings it cannot resolve: set them as the classes themselves."""
+    fn.__annotations__ = {name: {"request": gr.Request, "event": gr.SelectData}[name]
+                          for name in ("request", "event") if name in fn.__code__.co_varnames}
+    return fn
 
-        # gradio finds the request and event arguments by their annotations, which this module's postponed
-        # evaluation would leave as strings it cannot resolve: `typed` sets them as the classes themselves.
-        def typed(fn):
-            fn.__annotations__ = {name: {"request": gr.Request, "event": gr.SelectData}[name]
-                                  for name in ("request", "event") if name in fn.__code__.co_varnames}
-            return fn
 
-        def warn(lang: str, messages) -> None:
-            for message in messages:
-                gr.Warning(message, title=text(lang, "warning"))
+def _warn(gr, lang: str, messages) -> None:
+    for message in messages:
+        gr.Warning(message, title=text(lang, "warning"))
 
-        @typed
-        def on_artwork(path, lang, request):
-            shown, problem = ui.artwork(path, lang, _session(request))
-            if problem:  # the file is refused (and deleted): the page asks for another one
-                warn(lang, [problem])
-                return None, problem, None
-            return str(shown), "", gr.skip()
 
-        @typed
-        def on_artwork_cleared(request):
-            ui.forget_uploads(_session(request))
-            return None, ""
+def _run_handler(gr, ui: WebUI, param_names: list[str]):
+    """Protect's handler: a generator whose status line follows the job (every step), then the results replace it."""
 
-        @typed
-        def on_run(request, source_value, artwork_value, editor_value, files_value, lang, epsilon_value, steps_value,
-                   size_value, method_value, low_vram_value, no_resize_value, robust_value, seed_value,
-                   precision_value, original_size_value, *param_values):
-            """A generator: the status line follows the job (every step), then the results replace it."""
-            settings = Settings(epsilon=epsilon_value, steps=steps_value, size=size_value, method=method_value,
-                                params=dict(zip(params, param_values, strict=True)), low_vram=low_vram_value,
-                                no_resize=no_resize_value, robust=robust_value, seed=seed_value,
-                                precision=precision_value, original_size=original_size_value)
-            session = _session(request)
-            news: queue.SimpleQueue = queue.SimpleQueue()
-            box: dict[str, Any] = {}
+    def on_run(request, source_value, artwork_value, editor_value, files_value, lang, epsilon_value, steps_value,
+               size_value, method_value, low_vram_value, no_resize_value, robust_value, seed_value,
+               precision_value, original_size_value, *param_values):
+        settings = Settings(epsilon=epsilon_value, steps=steps_value, size=size_value, method=method_value,
+                            params=dict(zip(param_names, param_values, strict=True)), low_vram=low_vram_value,
+                            no_resize=no_resize_value, robust=robust_value, seed=seed_value,
+                            precision=precision_value, original_size=original_size_value)
+        session = _session(request)
+        news: queue.SimpleQueue = queue.SimpleQueue()
+        box: dict[str, Any] = {}
 
-            def work() -> None:
-                try:
-                    box["result"] = ui.run(source_value, artwork_value, editor_value, files_value, settings, lang,
-                                           session, lambda fraction, desc: news.put(desc))
-                except Exception as exc:  # the page must say something; the server goes on
-                    log.exception("web UI job failed")
-                    box["result"] = JobResult(status=f"{type(exc).__name__}: {exc}")
-                finally:
-                    news.put(None)
-
-            worker = threading.Thread(target=work, name="mist-job", daemon=True)
-            worker.start()
-            skip = [gr.skip()] * 6
-            finished = False
+        def work() -> None:
             try:
-                while (desc := news.get()) is not None:
-                    while True:  # only the latest news is worth showing
-                        try:
-                            later = news.get_nowait()
-                        except queue.Empty:
-                            break
-                        if later is None:
-                            news.put(None)
-                            break
-                        desc = later
-                    yield (desc, *skip)
-                finished = True
+                box["result"] = ui.run(source_value, artwork_value, editor_value, files_value, settings, lang,
+                                       session, lambda fraction, desc: news.put(desc))
+            except Exception as exc:  # the page must say something; the server goes on
+                log.exception("web UI job failed")
+                box["result"] = JobResult(status=f"{type(exc).__name__}: {exc}")
             finally:
-                if not finished:  # gradio stopped listening (the page went away): stop the job
-                    ui.cancel_flag(session).set()
-            result = box["result"]
-            if result is None:  # a second tap on Protect: the first one's job has already answered
-                yield (gr.skip(), *skip)
-                return
-            warn(lang, result.messages)
-            previews = [(str(o.original), str(o.png), str(o.perturbation)) for o in result.outputs]
-            first = previews[0] if previews else (None, None, None)
-            several = len(result.outputs) > 1  # the gallery picks which image the three views show
-            yield (_status_markdown(result, lang), *first,
-                   gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
-                   [str(f) for f in result.files] or None, previews)
+                news.put(None)
 
-        @typed
-        def on_select(previews, event):
-            if not previews or event.index is None or event.index >= len(previews):
-                return None, None, None
-            return tuple(previews[event.index])
+        threading.Thread(target=work, name="mist-job", daemon=True).start()
+        skip = [gr.skip()] * 6
+        finished = False
+        try:
+            while (desc := news.get()) is not None:
+                yield (_latest(news, desc), *skip)
+            finished = True
+        finally:
+            if not finished:  # gradio stopped listening (the page went away): stop the job
+                ui.cancel_flag(session).set()
+        result = box["result"]
+        if result is None:  # a second tap on Protect: the first one's job has already answered
+            yield (gr.skip(), *skip)
+            return
+        _warn(gr, lang, result.messages)
+        previews = [(str(o.original), str(o.png), str(o.perturbation)) for o in result.outputs]
+        first = previews[0] if previews else (None, None, None)
+        several = len(result.outputs) > 1  # the gallery picks which image the three views show
+        yield (_status_markdown(result, lang), *first,
+               gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
+               [str(f) for f in result.files] or None, previews)
 
-        @typed
-        def on_load(request):
-            lang = detect_language(request.headers.get("accept-language") if request else None)
-            return lang, ui.banner(lang)
+    return _typed(gr, on_run)
 
-        @typed
-        def on_start(lang, request):
-            said = ui.start(lang, _session(request))
-            if said is None:  # this page's job is running: nothing new starts
-                return gr.skip(), gr.skip()
-            return said, gr.update(interactive=False)
 
-        @typed
-        def on_done(request):
-            """The job deleted its uploads: the page asks for them again (and what the editor sent of its preview
-            meanwhile is deleted too)."""
-            ui.forget_uploads(_session(request))
-            return None, None, None, gr.update(interactive=True)
+def _latest(news: queue.SimpleQueue, desc: str) -> str:
+    """The newest of `desc` and the news queued after it (only the latest is worth showing); the end mark (None) is
+    left in the queue."""
+    while True:
+        try:
+            later = news.get_nowait()
+        except queue.Empty:
+            return desc
+        if later is None:
+            news.put(None)
+            return desc
+        desc = later
 
-        @typed
-        def on_evaluate(request, strength_value, jpeg_value, lang):
-            view = ui.evaluate(strength_value, jpeg_value, lang, _session(request))
-            return view.summary, gr.update(value=[(str(path), caption) for path, caption in view.grid] or None,
-                                           columns=view.columns)
 
-        @typed
-        def on_cancel(lang, request):
-            return ui.cancel(lang, _session(request))
+def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
+    """Every event of the page, each calling a handler of `mist.webui`."""
 
-        @typed
-        def on_unload(request):
-            ui.closed(_session(request))
+    def on_artwork(path, lang, request):
+        shown, problem = ui.artwork(path, lang, _session(request))
+        if problem:  # the file is refused (and deleted): the page asks for another one
+            _warn(gr, lang, [problem])
+            return None, problem, None
+        return str(shown), "", gr.skip()
 
-        quiet = dict(queue=False, show_progress="hidden")
-        tab_single.select(lambda: "single", None, source, **quiet)
-        tab_batch.select(lambda: "batch", None, source, **quiet)
-        artwork.upload(on_artwork, [artwork, language], [editor, status, artwork], show_progress="hidden",
-                       concurrency_id="mist-preview")
-        artwork.clear(on_artwork_cleared, None, [editor, status], **quiet)
-        run.click(on_start, [language], [status, run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
-            .then(on_run, [source, artwork, editor, files, language, *controls],
-                  [status, original, protected, perturbation, gallery, downloads, results],
-                  concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
-            .then(on_done, None, [artwork, editor, files, run], **quiet)
-        cancel.click(on_cancel, [language], [status], **quiet)
-        evaluate_run.click(on_evaluate, [evaluate_strength, evaluate_jpeg, language], [evaluate_summary, evaluate_grid],
-                           concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private")
-        method.change(lambda name: [gr.update(visible=name in shared[param][1]) for param in params], [method],
-                      list(params.values()), **quiet)
-        gallery.select(on_select, [results], [original, protected, perturbation], **quiet)
-        language.change(lambda lang: ui.banner(lang), [language], [banner], js=SET_GRADIO_LOCALE, **quiet)
-        demo.load(on_load, None, [language, banner], **quiet)
-        demo.unload(on_unload)
-    demo.queue(default_concurrency_limit=1)
-    demo.mist_i18n = i18n
-    return demo
+    def on_artwork_cleared(request):
+        ui.forget_uploads(_session(request))
+        return None, ""
+
+    def on_select(previews, event):
+        if not previews or event.index is None or event.index >= len(previews):
+            return None, None, None
+        return tuple(previews[event.index])
+
+    def on_load(request):
+        lang = detect_language(request.headers.get("accept-language") if request else None)
+        return lang, ui.banner(lang)
+
+    def on_start(lang, request):
+        said = ui.start(lang, _session(request))
+        if said is None:  # this page's job is running: nothing new starts
+            return gr.skip(), gr.skip()
+        return said, gr.update(interactive=False)
+
+    def on_done(request):
+        """The job deleted its uploads: the page asks for them again (and what the editor sent of its preview
+        meanwhile is deleted too)."""
+        ui.forget_uploads(_session(request))
+        return None, None, None, gr.update(interactive=True)
+
+    def on_evaluate(request, strength_value, jpeg_value, lang):
+        view = ui.evaluate(strength_value, jpeg_value, lang, _session(request))
+        return view.summary, gr.update(value=[(str(path), caption) for path, caption in view.grid] or None,
+                                       columns=view.columns)
+
+    def on_cancel(lang, request):
+        return ui.cancel(lang, _session(request))
+
+    def on_unload(request):
+        ui.closed(_session(request))
+
+    for handler in (on_artwork, on_artwork_cleared, on_select, on_load, on_start, on_done, on_evaluate, on_cancel,
+                    on_unload):
+        _typed(gr, handler)
+    p = page
+    quiet = dict(queue=False, show_progress="hidden")
+    p.tab_single.select(lambda: "single", None, p.source, **quiet)
+    p.tab_batch.select(lambda: "batch", None, p.source, **quiet)
+    p.artwork.upload(on_artwork, [p.artwork, p.language], [p.editor, p.status, p.artwork], show_progress="hidden",
+                     concurrency_id="mist-preview")
+    p.artwork.clear(on_artwork_cleared, None, [p.editor, p.status], **quiet)
+    p.run.click(on_start, [p.language], [p.status, p.run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
+        .then(_run_handler(gr, ui, list(p.params)), [p.source, p.artwork, p.editor, p.files, p.language, *p.controls],
+              [p.status, p.original, p.protected, p.perturbation, p.gallery, p.downloads, p.results],
+              concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
+        .then(on_done, None, [p.artwork, p.editor, p.files, p.run], **quiet)
+    p.cancel.click(on_cancel, [p.language], [p.status], **quiet)
+    p.evaluate_run.click(on_evaluate, [p.evaluate_strength, p.evaluate_jpeg, p.language],
+                         [p.evaluate_summary, p.evaluate_grid], concurrency_limit=1, concurrency_id="mist-attack",
+                         api_visibility="private")
+    p.method.change(lambda name: [gr.update(visible=name in p.shared[param][1]) for param in p.params], [p.method],
+                    list(p.params.values()), **quiet)
+    p.gallery.select(on_select, [p.results], [p.original, p.protected, p.perturbation], **quiet)
+    p.language.change(lambda lang: ui.banner(lang), [p.language], [p.banner], js=SET_GRADIO_LOCALE, **quiet)
+    demo.load(on_load, None, [p.language, p.banner], **quiet)
+    demo.unload(on_unload)
 
 
 def method_labels() -> tuple[dict[str, str], dict[str, str]]:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import STYLE_PROMPT
+from ..prompts import STYLE_PROMPT
 from ..models import StableDiffusion
 from ..models.components import TRAIN_TIMESTEPS, UNCONDITIONAL_PROMPT, standard_normal
 

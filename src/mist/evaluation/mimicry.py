@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from ..config import STYLE_PROMPT
+from ..prompts import STYLE_PROMPT
 
 if TYPE_CHECKING:
     import torch

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, files
+from .. import files
+from ..version import __version__
 from .scores import Score
 
 if TYPE_CHECKING:

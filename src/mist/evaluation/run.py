@@ -87,8 +87,7 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     import torch
 
     from ..methods import get_method
-    from .metrics import Lpips, invisibility, lpips_problem
-    from .mimicry import LoraMimicry, img2img_mimicries
+    from .metrics import Lpips, lpips_problem
 
     started = time.perf_counter()
     require_extras()
@@ -97,83 +96,18 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     # size or aspect is resized to its protected image's size, as the protection resized it (bicubic).
     loaded = [(pair, images.read_image(pair.original), images.read_image(pair.protected)) for pair in pairs]
     requested = parse_purifications(settings.purify)
-    skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
     purifications = [NONE] + [p for p in requested if not p.problem()]
     lpips_reason = lpips_problem()
-    if lpips_reason:
-        skipped.append(f"LPIPS: skipped: {lpips_reason}")
-    skipped += ["BRISQUE / NIQE: skipped: their models are trained weights Mist does not ship or download",
-                "FID / CLIP score: skipped: they need Inception / CLIP weights Mist does not ship or download"]
+    skipped = _skipped(requested, lpips_reason)
     method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
                                           "mist")
-    method = get_method(method_name)
-
     device = models.device()
-    model = models.model(EVALUATION_PARTS | method.parts, on_load).placed(device)
-    mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
-                                                 settings.prompt)
-    if settings.lora:
-        mimicries.append(LoraMimicry(model, settings.lora_steps, settings.lora_rank, settings.lora_learning_rate,
-                                     settings.steps, settings.guidance, settings.prompt))
-    if extra_mimicries is not None:
-        mimicries += list(extra_mimicries(model))
-    lpips = Lpips() if lpips_reason is None else None
-    scorer = _MethodScorer(model, method_name, device)
-    context = Context(model, settings.seed)
-
-    results: list[ImageResult] = []
-    cleans: list[torch.Tensor] = []
-    shields: list[torch.Tensor] = []
-    for pair, clean, shielded in loaded:
-        size = (max(8, shielded.width // 8 * 8), max(8, shielded.height // 8 * 8))
-        x, y = images.image_to_tensor(clean, size), images.image_to_tensor(shielded, size)
-        cleans.append(x)
-        shields.append(y)
-        result = ImageResult(pair, size, invisibility(x, y, lpips))
-        result.pictures["clean"] = _thumbnail(images.tensor_to_image(x))
-        result.pictures["protected"] = _thumbnail(images.tensor_to_image(y))
-        results.append(result)
-
-    total = len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries)
-    done = 0
-
-    def tick(doing: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(EvaluationProgress(done, total, doing))
-
-    targets = scorer.targets([tuple(x.shape[-2:]) for x in cleans])
-    references: dict[str, list[torch.Tensor | None]] = {}
-    for mimicry in mimicries:
-        references[mimicry.name] = _reference_latents(mimicry, targets, settings.seed)
-        tick(f"target reference, {mimicry.label}")
-
-    scores: list[Score] = []
-    for purification in purifications:
-        if purification is NONE:
-            purified_clean, purified_protected = cleans, shields
-        else:
-            purified_clean = [_purified(purification, x, context) for x in cleans]
-            purified_protected = [_purified(purification, y, context) for y in shields]
-            for result, y in zip(results, purified_protected, strict=True):
-                result.pictures[purification.name] = _thumbnail(images.tensor_to_image(y))
-        losses = [scorer.losses(x, c, p) for x, c, p in zip(cleans, purified_clean, purified_protected, strict=True)]
-        tick(purification.label)
-        for mimicry in mimicries:
-            clean_out = mimicry.generate(purified_clean, settings.seed)
-            tick(f"{purification.label}, {mimicry.label} (clean)")
-            protected_out = mimicry.generate(purified_protected, settings.seed)
-            tick(f"{purification.label}, {mimicry.label} (protected)")
-            for index, result in enumerate(results):
-                c, p = clean_out[index], protected_out[index]
-                target = targets[index][1] if targets[index] is not None else None
-                scores.append(score(result.pair.name, purification.name, mimicry.name, mimicry.strength, c.images,
-                                    p.images, c.latents, p.latents, target, references[mimicry.name][index],
-                                    losses[index], settings.ssim_threshold))
-                if purification is NONE:
-                    result.pictures[f"{mimicry.name} clean"] = _thumbnail(images.tensor_to_image(c.images))
-                result.pictures[f"{mimicry.name} {purification.name}"] = _thumbnail(images.tensor_to_image(p.images))
+    model = models.model(EVALUATION_PARTS | get_method(method_name).parts, on_load).placed(device)
+    mimicries = _mimicries(model, settings, extra_mimicries)
+    results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
+    ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress)
+    scores = _Scoring(_MethodScorer(model, method_name, device), Context(model, settings.seed), settings, ticker) \
+        .run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
         own = [s for s in scores if s.image == result.pair.name]
@@ -183,6 +117,115 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
                       method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
                       mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
                       seconds=time.perf_counter() - started)
+
+
+def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[str]:
+    """One line for each purification or metric that will not run, and why."""
+    skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
+    if lpips_reason:
+        skipped.append(f"LPIPS: skipped: {lpips_reason}")
+    return skipped + ["BRISQUE / NIQE: skipped: their models are trained weights Mist does not ship or download",
+                      "FID / CLIP score: skipped: they need Inception / CLIP weights Mist does not ship or download"]
+
+
+def _mimicries(model: StableDiffusion, settings: EvaluationSettings,
+               extra: Callable[[StableDiffusion], Sequence[Mimicry]] | None) -> list[Mimicry]:
+    """img2img at each strength, LoRA fine-tuning when asked for, and the caller's extra mimicries."""
+    from .mimicry import LoraMimicry, img2img_mimicries
+
+    mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
+                                                 settings.prompt)
+    if settings.lora:
+        mimicries.append(LoraMimicry(model, settings.lora_steps, settings.lora_rank, settings.lora_learning_rate,
+                                     settings.steps, settings.guidance, settings.prompt))
+    if extra is not None:
+        mimicries += list(extra(model))
+    return mimicries
+
+
+def _measured_pairs(loaded: list[tuple[Pair, Image.Image, Image.Image]], lpips: object | None
+                    ) -> tuple[list[ImageResult], list[torch.Tensor], list[torch.Tensor]]:
+    """Per pair: its result with the invisibility metrics and thumbnails, and both images as tensors at the protected
+    image's size floored to a multiple of 8."""
+    from .metrics import invisibility
+
+    results, cleans, shields = [], [], []
+    for pair, clean, shielded in loaded:
+        size = (max(8, shielded.width // 8 * 8), max(8, shielded.height // 8 * 8))
+        x, y = images.image_to_tensor(clean, size), images.image_to_tensor(shielded, size)
+        cleans.append(x)
+        shields.append(y)
+        result = ImageResult(pair, size, invisibility(x, y, lpips))
+        result.pictures["clean"] = _thumbnail(images.tensor_to_image(x))
+        result.pictures["protected"] = _thumbnail(images.tensor_to_image(y))
+        results.append(result)
+    return results, cleans, shields
+
+
+class _Ticker:
+    """Counts units of work done and tells `progress` after each."""
+
+    def __init__(self, total: int, progress: Callable[[EvaluationProgress], None] | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, doing: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(EvaluationProgress(self.done, self.total, doing))
+
+
+@dataclass
+class _Scoring:
+    """Every purification, then every mimicry of the purified clean and protected images with the same seed, scored."""
+
+    scorer: _MethodScorer
+    context: Context
+    settings: EvaluationSettings
+    tick: _Ticker
+
+    def run(self, purifications: list[Purification], mimicries: list[Mimicry], results: list[ImageResult],
+            cleans: list[torch.Tensor], shields: list[torch.Tensor]) -> list[Score]:
+        targets = self.scorer.targets([tuple(x.shape[-2:]) for x in cleans])
+        references: dict[str, list[torch.Tensor | None]] = {}
+        for mimicry in mimicries:
+            references[mimicry.name] = _reference_latents(mimicry, targets, self.settings.seed)
+            self.tick(f"target reference, {mimicry.label}")
+        scores: list[Score] = []
+        for purification in purifications:
+            if purification is NONE:
+                purified_clean, purified_protected = cleans, shields
+            else:
+                purified_clean = [_purified(purification, x, self.context) for x in cleans]
+                purified_protected = [_purified(purification, y, self.context) for y in shields]
+                for result, y in zip(results, purified_protected, strict=True):
+                    result.pictures[purification.name] = _thumbnail(images.tensor_to_image(y))
+            losses = [self.scorer.losses(x, c, p)
+                      for x, c, p in zip(cleans, purified_clean, purified_protected, strict=True)]
+            self.tick(purification.label)
+            for mimicry in mimicries:
+                scores += self._mimicked(purification, mimicry, results, purified_clean, purified_protected,
+                                         targets, references[mimicry.name], losses)
+        return scores
+
+    def _mimicked(self, purification: Purification, mimicry: Mimicry, results: list[ImageResult],
+                  purified_clean: list[torch.Tensor], purified_protected: list[torch.Tensor], targets: list,
+                  references: list, losses: list[tuple[float, float]]) -> list[Score]:
+        seed = self.settings.seed
+        clean_out = mimicry.generate(purified_clean, seed)
+        self.tick(f"{purification.label}, {mimicry.label} (clean)")
+        protected_out = mimicry.generate(purified_protected, seed)
+        self.tick(f"{purification.label}, {mimicry.label} (protected)")
+        scores = []
+        for index, result in enumerate(results):
+            c, p = clean_out[index], protected_out[index]
+            target = targets[index][1] if targets[index] is not None else None
+            scores.append(score(result.pair.name, purification.name, mimicry.name, mimicry.strength, c.images,
+                                p.images, c.latents, p.latents, target, references[index], losses[index],
+                                self.settings.ssim_threshold))
+            if purification is NONE:
+                result.pictures[f"{mimicry.name} clean"] = _thumbnail(images.tensor_to_image(c.images))
+            result.pictures[f"{mimicry.name} {purification.name}"] = _thumbnail(images.tensor_to_image(p.images))
+        return scores
 
 
 def require_extras() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import OBJECT_PROMPT, STYLE_PROMPT
+from ..prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .mimicry import DEFAULT_STRENGTHS
 from .purify import DEFAULT_PURIFY, parse_purifications
 

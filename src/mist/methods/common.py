@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import OBJECT_PROMPT, STYLE_PROMPT
+from ..prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .base import param
 
 if TYPE_CHECKING:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .architectures import SD_V1, TINY, Architecture
@@ -10,7 +11,7 @@ from .loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
 from .locate import TINY_RANDOM, ModelNotFoundError, model_label, resolve_model
 
 __all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY",
-           "TINY_RANDOM", "load_model", "model_label", "resolve_model"]
+           "TINY_RANDOM", "load_model", "model_label", "quiet_model_libraries", "resolve_model"]
 
 
 def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1,
@@ -28,3 +29,15 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
     if where == TINY_RANDOM:
         return build_random(TINY, parts=parts)
     return load_path(where, architecture, parts)
+
+
+def quiet_model_libraries() -> None:
+    """Unless logging is verbose, keep only errors from diffusers and transformers. Imports both (seconds): call it
+    only once a model is about to be used."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import OBJECT_PROMPT, STYLE_PROMPT
+from ..prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .architectures import Architecture
 from .frozen_conv import keep_no_convolution_inputs
 from .tokenizer import tokenize

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from .. import __version__
 from ..model_names import TEST_MODEL_STEPS, TINY_RANDOM
+from ..version import __version__
 from .apidocs import api_reference_html
 from .metrics import metrics_text
 from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, new_job_id
@@ -126,12 +126,52 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-    def own_job(job_id: str, who: Caller) -> JobRecord:
-        job = service.store.job(job_id) if job_id.isalnum() else None
-        if job is None or job.owner != who.owner:
-            raise ApiError(404, f"no job {job_id}")
-        return job
+    _add_submit_route(app, service)
+    _add_job_routes(app, service)
+    _add_server_routes(app, service)
+    return app
 
+
+def _own_job(service: Service, job_id: str, who: Caller) -> JobRecord:
+    """The caller's job `job_id`; 404 for a job that does not exist or is another caller's."""
+    job = service.store.job(job_id) if job_id.isalnum() else None
+    if job is None or job.owner != who.owner:
+        raise ApiError(404, f"no job {job_id}")
+    return job
+
+
+def _admit(service: Service, who: Caller, key: str | None) -> dict[str, Any] | None:
+    """The job this idempotency key already made (its status), or None if a new job may be queued; 429 when the
+    caller has too many jobs queued or running."""
+    if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
+        return job_status(service, _own_job(service, existing, who))
+    if service.store.count_jobs(who.owner) >= who.limits.max_queued:
+        raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
+    return None
+
+
+def _accept(service: Service, who: Caller, key: str | None, texts: dict[str, str],
+            uploads: dict[str, list[Upload]]) -> tuple[dict[str, Any], bool]:
+    """Check and store a submission and queue its job; returns its status and whether it is new (the same key may
+    have raced in from another request: that job stands)."""
+    if sum(_size(upload.file) for group in uploads.values() for upload in group) > who.limits.max_upload_bytes:
+        raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
+    settings, metadata = parse_settings(texts)
+    if "steps" not in settings and service.model_name == TINY_RANDOM:
+        settings["steps"] = TEST_MODEL_STEPS
+    job_id = new_job_id()
+    folder = job_folder(service.data, job_id)
+    submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
+    try:
+        service.store.add_job(job_id, who.owner, submission.settings, submission.metadata_level,
+                              submission.images, idempotency_key=key)
+    except DuplicateKey as exc:
+        _remove(folder)
+        return job_status(service, _own_job(service, exc.job_id, who)), False
+    return job_status(service, _own_job(service, job_id, who)), True
+
+
+def _add_submit_route(app: FastAPI, service: Service) -> None:
     @app.post("/v1/jobs", status_code=201, summary="Submit images to protect", description=SUBMIT_HELP)
     async def submit(request: Request, who: Who) -> JSONResponse:
         # Only the upload is read on the event loop; the checks, files and database work run in worker threads.
@@ -143,14 +183,14 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
             raise ApiError(411, "upload: send a Content-Length header")
         if not length.isdigit() or int(length) > who.limits.max_upload_bytes:
             raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
-        earlier = await run_in_threadpool(admit, who, key)
+        earlier = await run_in_threadpool(_admit, service, who, key)
         if earlier is not None:
             return JSONResponse(earlier, status_code=200)
         try:
             async with request.form(max_files=2 * who.limits.max_images + 8, max_fields=_FORM_FIELDS,
                                     max_part_size=64 * 1024) as form:
                 texts, uploads = uploads_by_field(form.multi_items())
-                status, created = await run_in_threadpool(accept, who, key, texts, uploads)
+                status, created = await run_in_threadpool(_accept, service, who, key, texts, uploads)
         except MultiPartException as exc:
             raise ApiError(400, f"upload: {exc.message}") from None
         except SubmitError as exc:
@@ -160,42 +200,15 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
         service.worker.wake()
         return JSONResponse(status, status_code=201, headers={"Location": f"/v1/jobs/{status['id']}"})
 
-    def admit(who: Caller, key: str | None) -> dict[str, Any] | None:
-        """The job this idempotency key already made (its status), or None if a new job may be queued; 429 when
-        the caller has too many jobs queued or running."""
-        if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
-            return job_status(service, own_job(existing, who))
-        if service.store.count_jobs(who.owner) >= who.limits.max_queued:
-            raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
-        return None
 
-    def accept(who: Caller, key: str | None, texts: dict[str, str],
-               uploads: dict[str, list[Upload]]) -> tuple[dict[str, Any], bool]:
-        """Check and store a submission and queue its job; returns its status and whether it is new (the same key
-        may have raced in from another request: that job stands)."""
-        if sum(_size(upload.file) for group in uploads.values() for upload in group) > who.limits.max_upload_bytes:
-            raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
-        settings, metadata = parse_settings(texts)
-        if "steps" not in settings and service.model_name == TINY_RANDOM:
-            settings["steps"] = TEST_MODEL_STEPS
-        job_id = new_job_id()
-        folder = job_folder(service.data, job_id)
-        submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
-        try:
-            service.store.add_job(job_id, who.owner, submission.settings, submission.metadata_level,
-                                  submission.images, idempotency_key=key)
-        except DuplicateKey as exc:
-            _remove(folder)
-            return job_status(service, own_job(exc.job_id, who)), False
-        return job_status(service, own_job(job_id, who)), True
-
+def _add_job_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/jobs/{job_id}", summary="A job's state, per-image progress and ETA")
     def status(job_id: str, who: Who) -> dict[str, Any]:
-        return job_status(service, own_job(job_id, who))
+        return job_status(service, _own_job(service, job_id, who))
 
     @app.get("/v1/jobs/{job_id}/results", summary="Every protected PNG of a finished job, as a ZIP file")
     def results(job_id: str, who: Who) -> StreamingResponse:
-        job = own_job(job_id, who)
+        job = _own_job(service, job_id, who)
         if job.state not in FINISHED:
             raise ApiError(409, f"job {job_id} is {job.state}: its results are ready when it is done")
         folder = job_folder(service.data, job_id)
@@ -212,24 +225,38 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/results/{name}", summary="One protected PNG")
     def result(job_id: str, name: str, who: Who) -> FileResponse:
-        job = own_job(job_id, who)
+        job = _own_job(service, job_id, who)
         for image in job.images:
             path = job_folder(service.data, job_id) / image.output
             if Path(image.output).name == name and image.state == "done" and path.is_file():
                 return FileResponse(path, media_type="image/png", filename=name)
         raise ApiError(404, f"job {job_id} has no protected image {name!r}")
 
-    @app.delete("/v1/jobs/{job_id}", summary="Cancel an unfinished job, or delete a finished one and its files")
-    def delete(job_id: str, who: Who) -> Response:
-        job = own_job(job_id, who)
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, summary="Cancel an unfinished job",
+              description="The job stops at its next step; images already protected stay downloadable. A finished "
+                          "job is left as it is (409): cancelling never deletes anything.")
+    def cancel(job_id: str, who: Who) -> JSONResponse:
+        job = _own_job(service, job_id, who)
         if job.state in FINISHED:
-            service.store.delete_job(job_id)
-            _remove(job_folder(service.data, job_id))
-            return Response(status_code=204)
+            raise ApiError(409, f"job {job_id} is {job.state}: there is nothing to cancel (its results are kept)")
         state = service.store.request_cancel(job_id, service.retention_seconds)
         service.worker.cancel_now(job_id)
         return JSONResponse({"id": job_id, "state": state, "cancel": True}, status_code=202)
 
+    @app.delete("/v1/jobs/{job_id}", status_code=204, summary="Delete a finished job and its results",
+                description="Only a finished job (done, failed or cancelled) can be deleted; an unfinished one is "
+                            "refused (409): cancel it first.")
+    def delete(job_id: str, who: Who) -> Response:
+        job = _own_job(service, job_id, who)
+        if job.state not in FINISHED:
+            raise ApiError(409, f"job {job_id} is {job.state}: cancel it first (POST /v1/jobs/{job_id}/cancel), "
+                                "then delete it")
+        service.store.delete_job(job_id)
+        _remove(job_folder(service.data, job_id))
+        return Response(status_code=204)
+
+
+def _add_server_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/health", summary="Whether the server is up")
     def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "model": service.model_name,
@@ -239,8 +266,6 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
     def metrics(who: Who) -> PlainTextResponse:
         return PlainTextResponse(metrics_text(service.store, service.worker.stats),
                                  media_type="text/plain; version=0.0.4")
-
-    return app
 
 
 def job_status(service: Service, job: JobRecord) -> dict[str, Any]:

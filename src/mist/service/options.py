@@ -86,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
         limits = Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued) \
             if args.token_action == "create" else Limits()
         return token_command(args.token_action, args.data, args.database, getattr(args, "name", None), limits)
-    from ..cli import RUN_FLAGS, fields_as_flags
+    from ..flags import RUN_FLAGS, fields_as_flags
     from ..device_names import check_device_name
 
     with fields_as_flags(RUN_FLAGS):

@@ -69,14 +69,15 @@ def sole_server(data: Path) -> Iterator[None]:
 
 
 def models_for(options: ServeOptions) -> Any:
-    """What the worker runs jobs on: one model in this process, or a pool of Ray workers (`mist.jobs.model_source`);
-    ValueError("--compile: ...") where compiling is not possible."""
-    from ..cli import fields_as_flags
-    from ..jobs import model_source
+    """What the worker runs jobs on: one model in this process, or a pool of Ray workers (`mist.entrance.open_models`):
+    ValueError("--device: ...") for a device this machine lacks, ("--compile: ...") where compiling is not possible,
+    ModelNotFoundError without a model, all before the server listens."""
+    from ..entrance import open_models
+    from ..flags import RUN_FLAGS, fields_as_flags
 
-    with fields_as_flags({"compile": "--compile"}):
-        return model_source(options.model, options.device, options.low_memory, options.compile, options.ray,
-                            options.ray_resource)
+    with fields_as_flags(RUN_FLAGS):
+        return open_models(options.model, options.device, options.low_memory, options.compile, options.ray,
+                           options.ray_resource)
 
 
 def build_service(options: ServeOptions, store: JobStore) -> Service:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 from .. import images, preflight
-from ..cli import protect_flags
 from ..config import ProtectConfig
+from ..flags import protect_flags
 from ..inputs import collect_jobs
 from ..manifest import METADATA_LEVELS
 from ..methods import get_method, param_specs
