@@ -189,7 +189,11 @@ def test_tokens_guard_every_job(tmp_path, models, painting):
         assert http.get(f"/v1/jobs/{job}", headers=as_alice).json()["state"] == "queued"
         assert http.get("/v1/jobs/..%2F..%2Fmist.db", headers=as_alice).status_code == 404
         service.store.revoke_token(bob_token.name)
-        assert http.get("/v1/health").status_code == 200  # health needs no token
+        health = http.get("/v1/health")  # needs no token, and tells an anonymous caller nothing private
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert http.get("/v1/status").status_code == 401
+        status = http.get("/v1/status", headers=as_alice).json()
+        assert status["model"] == "tiny-random" and status["queue_length"] == 1 and status["your_jobs"] == 1
         assert submit(http, picture, headers=as_bob).status_code == 401
     stored = (service.data / "mist.db").read_bytes()
     assert alice.encode() not in stored and bob.encode() not in stored  # only hashes are kept
@@ -350,3 +354,19 @@ def test_the_api_reference_page_needs_nothing_beyond_the_server(service):
             assert f"<span class=method>{method.upper()}</span> {path}</h2>" in page.text
             assert escape(operation["summary"]) in page.text
     assert "Submit images to protect" in page.text and "Bearer &lt;token&gt;" in page.text  # text is escaped
+
+
+def test_simultaneous_submissions_never_pass_the_queue_limit(tmp_path, models, painting):
+    """20 submissions at once against a limit of 2 queued jobs: exactly 2 are accepted, whichever request checked
+    the count first (the limit is part of the insert, not a check before it); the refused leave no files behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service = make_service(tmp_path, models, local_limits=Limits(max_queued=2))
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service, manage_worker=False)) as http:
+        with ThreadPoolExecutor(20) as pool:
+            codes = sorted(pool.map(lambda _: submit(http, picture).status_code, range(20)))
+    assert codes == [201, 201] + [429] * 18
+    assert service.store.count_jobs() == 2 and len(list((service.data / "jobs").iterdir())) == 2
+    service.store.close()
+

@@ -118,3 +118,26 @@ def test_an_image_left_undone_is_queued_again_only_when_the_run_was_cancelled(st
     cancel.set()
     reporter.image_failed(job, f"{job.source}: not done: cancelled", "not done")
     assert store.job("j1").images[0].state == "queued"
+
+
+def test_the_queue_limit_holds_against_simultaneous_submissions(store):
+    """The limit is part of the insert: 40 submissions from 16 threads at once, limit 3, give exactly 3 jobs, on
+    SQLite and on PostgreSQL (where each transaction first takes the owner's lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mist.service.store import QueueFull
+
+    def add(n: int, owner: str = "alice") -> bool:
+        try:
+            store.add_job(f"{owner}{n}", owner, {}, "full", [("a.png", "in/a.png", None, "out/a.png")], max_queued=3)
+        except QueueFull:
+            return False
+        return True
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(add, range(40))) == 3
+    assert add(0, "bob")  # the limit is per owner
+    assert store.count_jobs("alice") == 3 and store.count_jobs("bob") == 1
+    job = store.claim("server-1", 30)
+    assert store.finish(job.id, "server-1", "done", 60)  # a finished job makes room for one more
+    assert add(100) and not add(101)

@@ -127,6 +127,10 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/v1/health").json()
 
+    def server_status(self) -> dict[str, Any]:
+        """The server's version, model name and queue length, and how many of this token's jobs are unfinished."""
+        return self._call("GET", "/v1/status").json()
+
     def metrics(self) -> str:
         return self._call("GET", "/v1/metrics").text
 

@@ -1,5 +1,5 @@
-"""The prompts whose CLIP text embeddings a loaded model keeps: methods that condition the UNet use one of them (Mist
-v1.2 conditions on "a painting" for a style and "a photo" for an object), and evaluation prompts its mimicry with them."""
+"""The prompts whose CLIP text embeddings a loaded model keeps: methods that condition the UNet use one of them
+(Mist v1.2 conditions on "a painting" for a style and "a photo" for an object), and evaluation's mimicry too."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from ..model_names import TEST_MODEL_STEPS, TINY_RANDOM
 from ..version import __version__
 from .apidocs import api_reference_html
 from .metrics import metrics_text
-from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, new_job_id
+from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, QueueFull, new_job_id
 from .submit import SubmitError, Upload, parse_settings, save_submission, uploads_by_field
 from .worker import OUTPUT_FOLDER, Worker, job_folder
 
@@ -145,8 +145,8 @@ def _admit(service: Service, who: Caller, key: str | None) -> dict[str, Any] | N
     caller has too many jobs queued or running."""
     if key is not None and (existing := service.store.job_for_key(who.owner, key)) is not None:
         return job_status(service, _own_job(service, existing, who))
-    if service.store.count_jobs(who.owner) >= who.limits.max_queued:
-        raise ApiError(429, f"too many jobs queued or running (this token's limit is {who.limits.max_queued})")
+    if service.store.count_jobs(who.owner) >= who.limits.max_queued:  # before reading the upload; add_job decides
+        raise ApiError(429, str(QueueFull(who.limits.max_queued)))
     return None
 
 
@@ -164,10 +164,13 @@ def _accept(service: Service, who: Caller, key: str | None, texts: dict[str, str
     submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
     try:
         service.store.add_job(job_id, who.owner, submission.settings, submission.metadata_level,
-                              submission.images, idempotency_key=key)
+                              submission.images, idempotency_key=key, max_queued=who.limits.max_queued)
     except DuplicateKey as exc:
         _remove(folder)
         return job_status(service, _own_job(service, exc.job_id, who)), False
+    except QueueFull as exc:
+        _remove(folder)
+        raise ApiError(429, str(exc)) from None
     return job_status(service, _own_job(service, job_id, who)), True
 
 
@@ -257,10 +260,15 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
 
 
 def _add_server_routes(app: FastAPI, service: Service) -> None:
-    @app.get("/v1/health", summary="Whether the server is up")
+    @app.get("/v1/health", summary="Whether the server is up (no token needed; says nothing else)")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "model": service.model_name,
-                "queued": service.store.count_jobs(states=("queued",))}
+        return {"status": "ok"}
+
+    @app.get("/v1/status", summary="The server's version, model and queue, and the caller's own jobs")
+    def server_status(who: Who) -> dict[str, Any]:
+        return {"version": __version__, "model": service.model_name,
+                "queue_length": service.store.count_jobs(states=("queued",)),
+                "your_jobs": service.store.count_jobs(who.owner)}
 
     @app.get("/v1/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics(who: Who) -> PlainTextResponse:

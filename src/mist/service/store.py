@@ -129,6 +129,14 @@ class JobRecord:
     images: tuple[ImageRecord, ...]
 
 
+class QueueFull(Exception):
+    """The owner has as many jobs queued or running as its limit allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"too many jobs queued or running (this token's limit is {limit})")
+        self.limit = limit
+
+
 class DuplicateKey(Exception):
     """A job with this idempotency key exists already; `job_id` names it."""
 
@@ -211,15 +219,33 @@ class JobStore:
     # -- jobs -----------------------------------------------------------------------------------------------------
 
     def add_job(self, job_id: str, owner: str, settings: dict[str, Any], metadata_level: str,
-                images: Iterable[tuple[str, str, str | None, str]], idempotency_key: str | None = None) -> None:
+                images: Iterable[tuple[str, str, str | None, str]], idempotency_key: str | None = None,
+                max_queued: int | None = None) -> None:
         """Queue a job whose files are already on disk; `images`: (name, source, mask, output) each, paths relative
-        to the job's folder. Raises DuplicateKey when the owner already has a job with `idempotency_key`."""
+        to the job's folder. Raises DuplicateKey when the owner already has a job with `idempotency_key`, and
+        QueueFull when the owner already has `max_queued` jobs queued or running.
+
+        The limit is checked by the insert itself (an INSERT ... SELECT that inserts nothing when the count is
+        reached), so simultaneous submissions cannot pass it together: SQLite runs one writer at a time on the newest
+        data, and on PostgreSQL the transaction first takes a lock of its own per owner."""
+        j = jobs_table.c
+        values = dict(id=job_id, owner=owner, idempotency_key=idempotency_key, created=time.time(), state="queued",
+                      settings=json.dumps(settings, sort_keys=True), metadata_level=metadata_level, cancel=False,
+                      attempts=0)
         with self.engine.begin() as db:
             try:
-                db.execute(jobs_table.insert().values(
-                    id=job_id, owner=owner, idempotency_key=idempotency_key, created=time.time(), state="queued",
-                    settings=json.dumps(settings, sort_keys=True), metadata_level=metadata_level, cancel=False,
-                    attempts=0))
+                if max_queued is None:
+                    db.execute(jobs_table.insert().values(**values))
+                else:
+                    if db.dialect.name == "postgresql":
+                        db.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
+                    active = (sa.select(sa.func.count()).select_from(jobs_table)
+                              .where(j.owner == owner, j.state.in_(["queued", "running"])).scalar_subquery())
+                    row = sa.select(*[sa.literal(value, jobs_table.c[name].type).label(name)
+                                      for name, value in values.items()]).where(active < max_queued)
+                    db.execute(jobs_table.insert().from_select(list(values), row))
+                    if db.execute(sa.select(j.id).where(j.id == job_id)).first() is None:  # rowcount: -1 on psycopg
+                        raise QueueFull(max_queued)
             except sa.exc.IntegrityError:
                 existing = self.job_for_key(owner, idempotency_key) if idempotency_key else None
                 if existing is not None:
