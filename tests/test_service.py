@@ -127,10 +127,19 @@ def test_settings_take_the_command_lines_names_and_are_checked(service, painting
                               ({"mode": "loud"}, "mode"),
                               ({"no-resize": "maybe"}, "no-resize: must be true or false"),
                               ({"settings": "[1]"}, "settings: must be a JSON object"),
-                              ({"target": "x.png"}, "target: is a file")]:
+                              ({"target": "x.png"}, "target: is a file"),
+                              # a bad value is named as its field was sent, with the names it mentions
+                              ({"input-size": "60", "block-num": "1"},
+                               "input-size: 60 is not divisible by 8 x block-num = 8"),
+                              ({"input_size": "60"}, "input_size: 60 is not divisible by 8 x block_num = 8")]:
             refused = submit(http, [picture], fields)
             assert refused.status_code == 400, (fields, refused.text)
             assert words in refused.json()["error"], (fields, refused.json())
+        for content_type, body, error in [("multipart/form-data; boundary=xyz", b"garbage", "upload: "),
+                                          ("multipart/form-data", b"garbage", "upload: "),
+                                          ("text/plain", b"hello", "images: no image uploaded")]:
+            refused = http.post("/v1/jobs", content=body, headers={"content-type": content_type})
+            assert refused.status_code == 400 and refused.json()["error"].startswith(error), refused.text
     assert len(list((service.data / "jobs").iterdir())) == 1  # refused submissions leave no folder behind
 
 

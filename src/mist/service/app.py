@@ -196,6 +196,8 @@ def _add_submit_route(app: FastAPI, service: Service) -> None:
                 status, created = await run_in_threadpool(_accept, service, who, key, texts, uploads)
         except MultiPartException as exc:
             raise ApiError(400, f"upload: {exc.message}") from None
+        except StarletteHTTPException as exc:  # what Starlette makes of a body that is not multipart
+            raise ApiError(exc.status_code, f"upload: {exc.detail}") from None
         except SubmitError as exc:
             raise ApiError(exc.status, str(exc)) from None
         if not created:

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Iterable
 
 from .. import images, preflight
 from ..config import ProtectConfig
-from ..flags import protect_flags
+from ..flags import fields_as_flags, protect_flags
 from ..inputs import collect_jobs
 from ..manifest import METADATA_LEVELS
 from ..methods import get_method, param_specs
@@ -79,6 +79,7 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
         raise SubmitError(400, f"method: {exc}") from None
     kinds = {spec.name: spec.kind for spec in param_specs(method.Params)}
     settings: dict[str, Any] = {}
+    sent_as: dict[str, str] = {}
     setting_of_flag = {flag: name for name, flag in protect_flags().items()}  # --no-resize: keep_aspect...
     for raw_name, value in given.items():
         name = setting_of_flag.get("--" + raw_name.replace("_", "-"), raw_name.replace("-", "_"))
@@ -91,6 +92,12 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
         if kind == "file":
             raise SubmitError(400, f"{raw_name}: is a file: upload it as the file field {name!r}")
         settings[name] = _typed(raw_name, value, kind)
+        sent_as[name] = raw_name
+    try:
+        with fields_as_flags(sent_as):  # a bad value is named as its field was sent (`input-size: ...`)
+            ProtectConfig.of(**settings)
+    except ValueError as exc:
+        raise SubmitError(400, str(exc)) from None
     return settings, metadata
 
 
