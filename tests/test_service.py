@@ -379,3 +379,28 @@ def test_simultaneous_submissions_never_pass_the_queue_limit(tmp_path, models, p
     assert service.store.count_jobs() == 2 and len(list((service.data / "jobs").iterdir())) == 2
     service.store.close()
 
+
+
+def test_a_full_disk_or_any_fault_is_answered_in_json(service, painting, monkeypatch):
+    """A disk that fills up during an upload is a 507 in the API's JSON shape, and the job's folder is removed; any
+    other fault is a 500 in that shape too (not Starlette's plain-text page)."""
+    import errno
+
+    from mist.service import submit as submit_module
+
+    def full(upload, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service, manage_worker=False), raise_server_exceptions=False) as http:
+        monkeypatch.setattr(submit_module, "_write", full)
+        refused = submit(http, picture)
+        assert refused.status_code == 507 and refused.json()["error"].startswith("upload: the server's disk is full")
+        assert not (service.data / "jobs").exists() or not any((service.data / "jobs").iterdir())
+        monkeypatch.setattr(submit_module, "_write", lambda upload, path: 1 / 0)
+        broken = submit(http, picture)
+        assert broken.status_code == 500 and broken.json() == {
+            "error": "internal error (ZeroDivisionError); the server's log says more"}
+    assert service.store.count_jobs() == 0

@@ -7,8 +7,10 @@ the token that created them (another token's job is "not found", as if it did no
 
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
+import logging
 import shutil
 import tempfile
 import zipfile
@@ -31,6 +33,8 @@ from .metrics import metrics_text
 from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, QueueFull, new_job_id
 from .submit import SubmitError, Upload, parse_settings, save_submission, uploads_by_field
 from .worker import OUTPUT_FOLDER, Worker, job_folder
+
+log = logging.getLogger(__name__)
 
 _MAX_KEY = 200  # characters of an Idempotency-Key
 SUBMIT_HELP = """A multipart form. Files: `images` (one or more), `mask` (one mask for every image: protection where
@@ -126,6 +130,12 @@ def create_app(service: Service, *, manage_worker: bool = True) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:  # every error has one shape
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log says more"},
+                            status_code=500)
+
     _add_submit_route(app, service)
     _add_job_routes(app, service)
     _add_server_routes(app, service)
@@ -198,6 +208,10 @@ def _add_submit_route(app: FastAPI, service: Service) -> None:
             raise ApiError(400, f"upload: {exc.message}") from None
         except StarletteHTTPException as exc:  # what Starlette makes of a body that is not multipart
             raise ApiError(exc.status_code, f"upload: {exc.detail}") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ApiError(507, "upload: the server's disk is full; nothing was kept, try again later") from None
         except SubmitError as exc:
             raise ApiError(exc.status, str(exc)) from None
         if not created:
