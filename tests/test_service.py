@@ -199,10 +199,11 @@ def test_tokens_guard_every_job(tmp_path, models, painting):
         assert http.get("/v1/jobs/..%2F..%2Fmist.db", headers=as_alice).status_code == 404
         service.store.revoke_token(bob_token.name)
         health = http.get("/v1/health")  # needs no token, and tells an anonymous caller nothing private
-        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert health.status_code == 503 and health.json() == {"status": "not ready"}  # no worker runs here
         assert http.get("/v1/status").status_code == 401
         status = http.get("/v1/status", headers=as_alice).json()
         assert status["model"] == "tiny-random" and status["queue_length"] == 1 and status["your_jobs"] == 1
+        assert status["worker"] == "not ready: stopped"
         assert submit(http, picture, headers=as_bob).status_code == 401
     stored = (service.data / "mist.db").read_bytes()
     assert alice.encode() not in stored and bob.encode() not in stored  # only hashes are kept
@@ -404,3 +405,38 @@ def test_a_full_disk_or_any_fault_is_answered_in_json(service, painting, monkeyp
         assert broken.status_code == 500 and broken.json() == {
             "error": "internal error (ZeroDivisionError); the server's log says more"}
     assert service.store.count_jobs() == 0
+
+
+def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, models, painting, monkeypatch):
+    """The database refuses to record a job's end three times (locked, as by another process): the worker does not
+    die, says why while it waits, records the end once the database answers, and runs the job queued meanwhile."""
+    import sqlalchemy as sa
+
+    service = make_service(tmp_path, models)
+    real_finish = service.store.finish
+    refusals = {"left": 3}
+    faults = []
+
+    def locked_finish(*args, **kwargs):
+        faults.append((service.worker.ready, service.worker.stats.fault))
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise sa.exc.OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "finish", locked_finish)
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with TestClient(create_app(service)) as http:
+        first = submit(http, picture).json()["id"]
+        second = submit(http, picture).json()["id"]
+        assert wait_finished(http, first)["state"] == "done"
+        assert wait_finished(http, second)["state"] == "done"
+        assert http.get("/v1/health").status_code == 200
+        assert http.get("/v1/status").json()["worker"] == "ready"
+        service.worker.stats.fault = "the job queue failed: OperationalError: disk I/O error"
+        assert http.get("/v1/health").status_code == 503  # what health says while the worker cannot take jobs
+        assert http.get("/v1/status").json()["worker"] == "not ready: " + service.worker.stats.fault
+        service.worker.stats.fault = None
+    assert faults[0] == (True, None)  # the first attempt: nothing wrong yet
+    assert all(not ready and "database is locked" in fault for ready, fault in faults[1:4]), faults
+    service.store.close()

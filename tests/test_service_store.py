@@ -141,3 +141,17 @@ def test_the_queue_limit_holds_against_simultaneous_submissions(store):
     job = store.claim("server-1", 30)
     assert store.finish(job.id, "server-1", "done", 60)  # a finished job makes room for one more
     assert add(100) and not add(101)
+
+
+def test_a_restart_puts_interrupted_work_back_in_the_queue(store):
+    """After kill -9 and a restart (release_leases), the interrupted job and its running image say queued at step 0
+    (the attack starts over), not running at the step the dead server last wrote; a finished image stays done."""
+    store.add_job("j1", "alice", {}, "full", [(f"{n}.png", f"in/{n}.png", None, f"out/{n}.png") for n in range(2)])
+    job = store.claim("dead-server", 60)
+    store.set_images(job.id, [0], state="done", step=10, steps=10)
+    store.set_images(job.id, [1], state="running", step=7, steps=10)
+    assert store.release_leases() == 1
+    job = store.job("j1")
+    assert job.state == "queued"
+    assert [(i.state, i.step) for i in job.images] == [("done", 10), ("queued", 0)]
+    assert store.claim("new-server", 60).id == "j1"

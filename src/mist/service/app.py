@@ -276,13 +276,17 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
 
 
 def _add_server_routes(app: FastAPI, service: Service) -> None:
-    @app.get("/v1/health", summary="Whether the server is up (no token needed; says nothing else)")
-    def health() -> dict[str, Any]:
-        return {"status": "ok"}
+    @app.get("/v1/health", summary="Whether the server takes jobs: 200 ok, or 503 while its worker cannot (no "
+                                   "token needed; why is in /v1/status)")
+    def health() -> JSONResponse:
+        if service.worker.ready:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/v1/status", summary="The server's version, model and queue, and the caller's own jobs")
+    @app.get("/v1/status", summary="The server's version, model, worker and queue, and the caller's own jobs")
     def server_status(who: Who) -> dict[str, Any]:
         return {"version": __version__, "model": service.model_name,
+                "worker": "ready" if service.worker.ready else f"not ready: {service.worker.stats.fault or 'stopped'}",
                 "queue_length": service.store.count_jobs(states=("queued",)),
                 "your_jobs": service.store.count_jobs(who.owner)}
 

@@ -320,14 +320,21 @@ class JobStore:
                                    .values(lease_until=time.time() + lease_seconds)).rowcount)
 
     def release_leases(self, owner: str | None = None) -> int:
-        """Make running jobs claimable now: those of `owner`, or all (a lone server starting up: whoever ran them
-        is gone). Returns how many."""
-        j = jobs_table.c
-        query = jobs_table.update().where(j.state == "running")
+        """Put running jobs back in the queue: those of `owner`, or all (a lone server starting up: whoever ran them
+        is gone). Their images that were running are queued again at step 0 (the attack starts over; finished images
+        stay done). Returns how many jobs."""
+        j, i = jobs_table.c, images_table.c
+        running = sa.select(j.id).where(j.state == "running")
         if owner is not None:
-            query = query.where(j.lease_owner == owner)
+            running = running.where(j.lease_owner == owner)
         with self.engine.begin() as db:
-            return db.execute(query.values(lease_until=0.0)).rowcount
+            ids = db.execute(running).scalars().all()
+            if not ids:
+                return 0
+            db.execute(images_table.update().where(i.job_id.in_(ids), i.state == "running").values(state="queued",
+                                                                                                     step=0))
+            return db.execute(jobs_table.update().where(j.id.in_(ids), j.state == "running").values(
+                state="queued", lease_owner=None, lease_until=None)).rowcount
 
     def finish(self, job_id: str, owner: str, state: str, retention_seconds: float, error: str | None = None) -> bool:
         """Mark a job finished by its lease owner; its results are kept for `retention_seconds`."""

@@ -39,6 +39,7 @@ class WorkerStats:
     images_failed: int = 0
     jobs_finished: dict[str, int] = field(default_factory=dict)
     seconds_per_step: float | None = None
+    fault: str | None = None  # why the worker cannot take jobs now (a database error, say); None while it can
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -100,7 +101,15 @@ class Worker:
         if cancel is not None:
             cancel.set()
 
+    @property
+    def ready(self) -> bool:
+        """Whether this worker is taking jobs: its thread runs and its last look at the queue worked."""
+        return self._thread is not None and self._thread.is_alive() and self.stats.fault is None
+
     def _loop(self) -> None:
+        """Take jobs until stopped. A failure of the queue's bookkeeping (the database locked or gone) never ends the
+        loop: it is logged and said in `stats.fault`, and the loop tries again; a job whose end could not be recorded
+        keeps its lease until it runs out and is then taken again (its finished images are not redone)."""
         last_sweep = 0.0
         while not self._stop.is_set():
             if time.monotonic() - last_sweep >= self.sweep_seconds:
@@ -108,14 +117,17 @@ class Worker:
                 self.sweep()
             try:
                 job = self.store.claim(self.name, self.lease_seconds)
-            except Exception:  # a database that is briefly unreachable must not end the worker
-                log.exception("could not claim a job")
-                job = None
+                if job is not None:
+                    self.run(job)
+            except Exception as exc:
+                log.exception("the job queue failed; trying again")
+                self.stats.fault = f"the job queue failed: {type(exc).__name__}: {_first_line(exc)}"
+                self._stop.wait(self.poll_seconds)
+                continue
+            self.stats.fault = None
             if job is None:
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
-                continue
-            self.run(job)
 
     def run(self, job: JobRecord) -> None:
         """Run one claimed job to its end (or until cancelled, stopped or its lease is lost) and record the end."""
@@ -146,11 +158,26 @@ class Worker:
             beat.join()
         if lost.is_set() or (self._stop.is_set() and state == "cancelled" and not self.store.cancel_requested(job.id)):
             return  # another server owns it now, or this one is stopping: the job resumes later
-        if self.store.finish(job.id, self.name, state, self.retention_seconds, error):
+        if self._record_end(job.id, state, error):
             with self.stats.lock:
                 self.stats.jobs_finished[state] = self.stats.jobs_finished.get(state, 0) + 1
             for name in INPUT_FOLDERS:
                 shutil.rmtree(folder / name, ignore_errors=True)
+
+    def _record_end(self, job_id: str, state: str, error: str | None) -> bool:
+        """Record a job's end, trying again (every poll, then less often) while the database refuses, with the
+        reason in `stats.fault`; False if the job is no longer this worker's, or the worker stops first (the job is
+        then taken again once its lease runs out, and its finished images are not redone)."""
+        delay = self.poll_seconds
+        while True:
+            try:
+                return self.store.finish(job_id, self.name, state, self.retention_seconds, error)
+            except Exception as exc:
+                log.warning("job %s: could not record its end (%s); trying again", job_id, exc)
+                self.stats.fault = f"the job queue failed: {type(exc).__name__}: {_first_line(exc)}"
+            if self._stop.wait(delay):
+                return False
+            delay = min(delay * 2, max(self.poll_seconds, self.lease_seconds / 4))
 
     def _heartbeat(self, job_id: str, cancel: threading.Event, lost: threading.Event,
                    reporter: StoreReporter) -> None:
@@ -257,3 +284,7 @@ class StoreReporter:
                               message=message.replace(f"{job.source.parent.parent}/", ""))
         with self.stats.lock:
             self.stats.images_failed += 1
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
