@@ -82,7 +82,7 @@ def test_a_job_gives_the_same_png_as_the_command_line_runner(service, models, pa
         created = submit(http, [("images", ("art.png", picture, "image/png"))], {"mode": "textural", "seed": "5"})
         assert created.status_code == 201, created.text
         status = wait_finished(http, created.json()["id"])
-        assert status["state"] == "done" and status["progress"] == 1.0
+        assert status["state"] == "done" and status["progress"] == 1.0, (status["error"], status["images"])
         assert status["images"][0]["state"] == "done" and status["images"][0]["output"] == "art.png"
         single = http.get(status["images"][0]["url"])
         archive = zipfile.ZipFile(io.BytesIO(http.get(status["results_url"]).content))
@@ -440,3 +440,37 @@ def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, 
     assert faults[0] == (True, None)  # the first attempt: nothing wrong yet
     assert all(not ready and "database is locked" in fault for ready, fault in faults[1:4]), faults
     service.store.close()
+
+
+def test_block_mode_progress_is_known_from_the_start_and_never_goes_back(service, painting):
+    """Each image's step count is its tiles' steps from the moment it is queued (block-num 2: 4 tiles x 3 steps),
+    the job's progress only grows and is 1 only when the job is done."""
+    pictures = [("images", (f"{n}.png", png_bytes(painting, 64, n), "image/png")) for n in range(2)]
+    seen = []
+    with TestClient(create_app(service)) as http:
+        job = submit(http, pictures, {"steps": "3", "block-num": "2", "input-size": "64"}).json()["id"]
+        deadline = time.monotonic() + 120
+        while (status := http.get(f"/v1/jobs/{job}").json())["state"] not in ("done", "failed", "cancelled"):
+            seen.append(status)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert status["state"] == "done" and status["progress"] == 1.0, (status["error"], status["images"])
+    assert all(image["steps"] == 12 for s in seen + [status] for image in s["images"])
+    progress = [s["progress"] for s in seen]
+    assert progress == sorted(progress) and all(p < 1.0 for p in progress)
+
+
+def test_a_job_that_fails_as_a_whole_leaves_no_image_running(service, painting, monkeypatch):
+    from mist.service import worker as worker_module
+
+    def failing_run(jobs, config, models, reporter, **kwargs):
+        reporter.images_started(jobs[:1], 1, len(jobs))
+        raise ValueError("the model could not be loaded")
+
+    monkeypatch.setattr(worker_module, "run_jobs", failing_run)
+    pictures = [("images", (f"{n}.png", png_bytes(painting, 40, n), "image/png")) for n in range(2)]
+    with TestClient(create_app(service)) as http:
+        status = wait_finished(http, submit(http, pictures).json()["id"])
+    assert status["state"] == "failed" and status["error"] == "the model could not be loaded"
+    assert [(image["state"], image["message"]) for image in status["images"]] == [
+        ("failed", "the model could not be loaded"), ("queued", None)]

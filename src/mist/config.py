@@ -141,6 +141,11 @@ class ProtectConfig:
 
         return processed_size(width, height, self.input_size, self.block_num, self.aspect_kept)
 
+    def steps_per_image(self, batch_size: int = 1) -> int:
+        """PGD steps an image protected on its own takes: `steps` for each attack batch of its tiles (block_num x
+        block_num of them, `batch_size` at a time); what `mist.pipeline.Progress.total` counts for it."""
+        return steps_per_image(self.steps, self.block_num, batch_size)
+
     @property
     def radius(self) -> float:
         """epsilon in [-1, 1] image units."""
@@ -165,6 +170,11 @@ class ProtectConfig:
                 del values[name]
         values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
+def steps_per_image(steps: int, block_num: int = 1, batch_size: int = 1) -> int:
+    """`ProtectConfig.steps_per_image` from the settings' numbers (a job's stored settings, say)."""
+    return steps * math.ceil(block_num * block_num / max(1, batch_size))
 
 
 def _is_int(value: object) -> bool:

@@ -38,6 +38,7 @@ from PIL import Image
 
 from . import images as image_io
 from .config import ProtectConfig
+from .estimate import Estimate
 from .methods import get_method, param_specs
 from .robust import DEFAULT_TRANSFORMS
 from .webui_text import duration, text
@@ -264,7 +265,7 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
                 mask=_painted_mask_file(upload.mask, job / "masks" / str(number)))
             for number, upload in enumerate(accepted)]
     reporter = _PageReporter(lang, progress or (lambda fraction, desc: None), dict(zip(jobs, accepted, strict=True)),
-                             config.epsilon, result)
+                             config, result)
     try:
         summary = run_jobs(jobs, config, engine, reporter, overwrite=True, cancel=cancel)
     except ModelNotFoundError as exc:
@@ -293,30 +294,34 @@ class _PageReporter:
     """What the page hears from the job runner: the status line (model loading, each step with the time left), the
     finished images with their previews, and one message per image that failed, in the page's language."""
 
-    def __init__(self, lang: str, say: Progress, uploads: dict, epsilon: float, result: JobResult) -> None:
-        self.lang, self.say, self.uploads, self.epsilon, self.result = lang, say, uploads, epsilon, result
+    def __init__(self, lang: str, say: Progress, uploads: dict, config: ProtectConfig, result: JobResult) -> None:
+        self.lang, self.say, self.uploads, self.epsilon, self.result = lang, say, uploads, config.epsilon, result
+        self.steps_per_image = config.steps_per_image()
         self.images = 1
         self.image = 0
-        self.clock: _Clock | None = None
+        self.estimate = Estimate([])
 
     def batch_started(self, jobs, to_do: int) -> None:
         self.images = max(to_do, 1)
-        self.clock = _Clock(self.images)
+        self.estimate = Estimate([self.steps_per_image] * self.images)
 
     def model_loading(self, where, device) -> None:
+        self.estimate.pause()
         self.say(0.0, text(self.lang, "loading_model"))
 
     def images_started(self, jobs, first: int, to_do: int) -> None:
         self.image = first - 1
-        self.say(self.image / self.images, text(self.lang, "preparing", image=first, images=self.images))
+        self.estimate.pause()
+        self.say(self.estimate.fraction, text(self.lang, "preparing", image=first, images=self.images))
 
     def step(self, jobs, progress) -> None:
-        eta = self.clock.eta(self.image, progress.step, progress.total)
-        self.say((self.image + progress.step / progress.total) / self.images,
+        self.estimate.step(self.image, progress.step)
+        self.say(self.estimate.fraction,
                  text(self.lang, "progress", image=self.image + 1, images=self.images, step=progress.step,
-                      steps=progress.total, eta=duration(eta, self.lang)))
+                      steps=progress.total, eta=duration(self.estimate.seconds_left() or 0.0, self.lang)))
 
     def image_done(self, job, protected) -> None:
+        self.estimate.finished(self.image)
         self.result.no_protection |= protected.random_weights
         previews = job.output.parent / "previews"
         try:
@@ -341,20 +346,6 @@ class _PageReporter:
             problem = text(self.lang, "out_of_memory")
         self.result.messages.append(text(self.lang, "bad_file" if stage == "input" else "failed", name=job.name,
                                          problem=problem))
-
-
-class _Clock:
-    """Steps done so far in a job, for the time-left estimate (the average step time so far)."""
-
-    def __init__(self, images: int) -> None:
-        self.images = images
-        self.started = time.perf_counter()
-        self.steps = 0
-
-    def eta(self, image: int, step: int, total: int) -> float:
-        self.steps += 1
-        remaining = (total - step) + (self.images - image - 1) * total
-        return (time.perf_counter() - self.started) / self.steps * remaining
 
 
 def _painted_mask_file(mask: Image.Image | None, folder: Path) -> Path | None:

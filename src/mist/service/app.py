@@ -26,6 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from ..config import ProtectConfig, steps_per_image
+from ..estimate import Estimate
 from ..model_names import TEST_MODEL_STEPS, TINY_RANDOM
 from ..version import __version__
 from .apidocs import api_reference_html
@@ -297,24 +299,30 @@ def _add_server_routes(app: FastAPI, service: Service) -> None:
 
 
 def job_status(service: Service, job: JobRecord) -> dict[str, Any]:
-    """What GET /v1/jobs/{id} answers: the job's state, each image's progress, and the time left."""
-    steps = int(job.settings.get("steps", 100))
-    left = sum(max(0, (image.steps or steps) - image.step) for image in job.images if image.state in
-               ("queued", "running"))
-    eta = None if job.state in FINISHED or job.seconds_per_step is None else round(left * job.seconds_per_step, 1)
-    done_steps = sum((image.steps or steps) if image.state in ("done", "failed") else image.step
-                     for image in job.images)
-    total_steps = max(1, steps * len(job.images))
+    """What GET /v1/jobs/{id} answers: the job's state, each image's progress, and the time left (`mist.estimate`:
+    every image's step count known from the settings, block mode's tiles included, and the worker's smoothed time
+    per step)."""
+    defaults = ProtectConfig()
+    per_image = steps_per_image(int(job.settings.get("steps", defaults.steps)),
+                                int(job.settings.get("block_num", defaults.block_num)), service.worker.batch_size)
+    estimate = Estimate([per_image] * len(job.images), job.seconds_per_step)
+    for position, image in enumerate(job.images):
+        if image.state in ("done", "failed"):
+            estimate.finished(position)
+        else:
+            estimate.step(position, image.step)
+    left = estimate.seconds_left()
     status: dict[str, Any] = {
         "id": job.id, "state": job.state, "created": job.created, "started": job.started, "finished": job.finished,
-        "expires": job.expires, "error": job.error, "progress": round(min(1.0, done_steps / total_steps), 4),
-        "eta_seconds": eta, "seconds_per_step": job.seconds_per_step,
+        "expires": job.expires, "error": job.error, "progress": round(estimate.fraction, 4),
+        "eta_seconds": None if job.state in FINISHED or left is None else round(left, 1),
+        "seconds_per_step": job.seconds_per_step,
         "settings": {name: value for name, value in job.settings.items() if not name.startswith("_")},
-        "images": [{"name": image.name, "state": image.state, "steps": image.steps or steps,
-                    "step": image.steps or steps if image.state == "done" else image.step,
+        "images": [{"name": image.name, "state": image.state, "steps": per_image,
+                    "step": per_image if image.state == "done" else min(image.step, per_image),
                     "message": image.message, "output": Path(image.output).name,
                     "url": f"/v1/jobs/{job.id}/results/{Path(image.output).name}" if image.state == "done" else None}
-                   for image in job.images],
+                   for position, image in enumerate(job.images)],
         "results_url": f"/v1/jobs/{job.id}/results",
     }
     if job.state == "queued":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import ProtectConfig
+from ..estimate import Estimate
 from ..jobs import Job, run_jobs
 from ..pipeline import Progress, ProtectedImage
 from .store import JobRecord, JobStore
@@ -158,6 +159,9 @@ class Worker:
             beat.join()
         if lost.is_set() or (self._stop.is_set() and state == "cancelled" and not self.store.cancel_requested(job.id)):
             return  # another server owns it now, or this one is stopping: the job resumes later
+        if error is not None:  # the run stopped as a whole: no image of it may go on saying it is running
+            running = [image.idx for image in (self.store.job(job.id) or job).images if image.state == "running"]
+            self.store.set_images(job.id, running, state="failed", message=error)
         if self._record_end(job.id, state, error):
             with self.stats.lock:
                 self.stats.jobs_finished[state] = self.stats.jobs_finished.get(state, 0) + 1
@@ -225,8 +229,7 @@ class StoreReporter:
         self.job_id = job_id
         self.index_of = index_of
         self.stats = stats
-        self._last_step: float | None = None
-        self._last_value = 0
+        self.estimate: Estimate | None = None  # made at the first step, which says how many steps an image takes
         self._progress: tuple[list[int], int, int] | None = None  # not yet written: (images, step, steps)
         self._lock = threading.Lock()
 
@@ -239,8 +242,8 @@ class StoreReporter:
         if progress is not None:
             indices, step, steps = progress
             self.store.set_images(self.job_id, indices, step=step, steps=steps)
-            if self.stats.seconds_per_step is not None:
-                self.store.set_seconds_per_step(self.job_id, self.stats.seconds_per_step)
+            if self.estimate is not None and self.estimate.seconds_per_step is not None:
+                self.store.set_seconds_per_step(self.job_id, self.estimate.seconds_per_step)
 
     def batch_started(self, jobs: list[Job], to_do: int) -> None:
         pass
@@ -250,23 +253,26 @@ class StoreReporter:
 
     def images_started(self, jobs: list[Job], first: int, to_do: int) -> None:
         self.store.set_images(self.job_id, self._indices(jobs), state="running", step=0)
-        self._last_step, self._last_value = time.monotonic(), 0
+        if self.estimate is not None:
+            self.estimate.pause()
 
     def step(self, jobs: list[Job], progress: Progress) -> None:
-        now = time.monotonic()
-        # Steps done since the last event: one, in a local run; a whole image's, when a Ray worker reports one
-        # image finished (several in parallel, so the time per step is the pool's).
-        advanced = progress.step - self._last_value if progress.step > self._last_value else progress.step
-        if self._last_step is not None and advanced > 0:
-            with self.stats.lock:
-                self.stats.seconds_per_step = (now - self._last_step) / advanced
-        self._last_step, self._last_value = now, progress.step
+        # A local run reports every step of one image; a Ray pool reports a whole image's steps when a worker
+        # finishes it (several in parallel, so the time per step is the pool's).
+        if self.estimate is None:
+            self.estimate = Estimate([progress.total] * len(self.index_of))
+        indices = self._indices([jobs[i] for i in progress.images])
+        self.estimate.step(indices[0], progress.step)
+        with self.stats.lock:
+            self.stats.seconds_per_step = self.estimate.seconds_per_step
         with self._lock:
-            self._progress = (self._indices([jobs[i] for i in progress.images]), progress.step, progress.total)
+            self._progress = (indices, progress.step, progress.total)
 
     def image_done(self, job: Job, result: ProtectedImage) -> None:
         with self._lock:
             self._progress = None
+        if self.estimate is not None:
+            self.estimate.finished(self.index_of[job.source])
         self.store.set_images(self.job_id, self._indices([job]), state="done", message=None)
         with self.stats.lock:
             self.stats.images_done += 1
