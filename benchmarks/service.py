@@ -147,7 +147,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server = Server(work / "data", "--max-queued", "1000", "--max-images", "10")
+        server = Server(work / "data", "--no-auth", "--max-queued", "1000", "--max-images", "10")
         url = server.url
         try:
             cost = overhead(url, args.repeats, work)

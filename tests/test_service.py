@@ -46,6 +46,11 @@ def png_bytes(painting: Image.Image, size: int = 40, shift: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def local_client(app, **options) -> TestClient:
+    """The app, called as from this machine (127.0.0.1), where a server started with --no-auth needs no token."""
+    return TestClient(app, client=("127.0.0.1", 50000), **options)
+
+
 def make_service(tmp_path: Path, models: ModelCache, *, require_tokens: bool = False,
                  local_limits: Limits | None = None, retention: float = 3600.0) -> Service:
     data = tmp_path / "data"
@@ -78,7 +83,7 @@ def submit(http: TestClient, files: list, data: dict | None = None, headers: dic
 
 def test_a_job_gives_the_same_png_as_the_command_line_runner(service, models, painting, tmp_path):
     picture = png_bytes(painting)
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         created = submit(http, [("images", ("art.png", picture, "image/png"))], {"mode": "textural", "seed": "5"})
         assert created.status_code == 201, created.text
         status = wait_finished(http, created.json()["id"])
@@ -105,7 +110,7 @@ def test_a_job_gives_the_same_png_as_the_command_line_runner(service, models, pa
 
 def test_a_job_without_steps_takes_the_test_models_ten(service, painting):
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         untold = http.post("/v1/jobs", files=picture).json()
         told = http.post("/v1/jobs", files=picture, data={"steps": "3"}).json()
     assert untold["settings"]["steps"] == 10 and untold["images"][0]["steps"] == 10
@@ -114,7 +119,7 @@ def test_a_job_without_steps_takes_the_test_models_ten(service, painting):
 
 def test_settings_take_the_command_lines_names_and_are_checked(service, painting):
     picture = ("images", ("a.png", png_bytes(painting), "image/png"))
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         ok = submit(http, [picture], {"step-size": "2", "no-resize": "true", "fused_weight": "0.5",
                                       "settings": json.dumps({"epsilon": 8})})
         assert ok.status_code == 201, ok.text
@@ -162,7 +167,7 @@ def test_uploads_are_checked_and_named_as_the_client_named_them(service, paintin
         ([("images", ("a.png", good, "image/png")), ("extra", ("b.png", good, "image/png"))], 400,
          "extra: not a file field"),
     ]
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         for files, status, words in cases:
             refused = submit(http, files)
             assert refused.status_code == status, (files[0][1][0], refused.text)
@@ -184,7 +189,7 @@ def test_tokens_guard_every_job(tmp_path, models, painting):
     bob_token, bob = service.store.create_token("bob", Limits())
     as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         assert submit(http, picture).status_code == 401  # no token
         assert submit(http, picture, headers={"Authorization": "Bearer mist_guessed"}).status_code == 401
         assert submit(http, picture, headers={"Authorization": alice}).status_code == 401  # not "Bearer ..."
@@ -214,7 +219,7 @@ def test_limits_refuse_what_is_too_much(tmp_path, models, painting):
     service = make_service(tmp_path, models, local_limits=Limits(max_upload_bytes=60_000, max_images=2,
                                                                  max_queued=1))
     small = png_bytes(painting, 24)
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         three = [("images", (f"{n}.png", small, "image/png")) for n in range(3)]
         refused = submit(http, three)
         assert refused.status_code == 413 and "limit of 2 per job" in refused.json()["error"]
@@ -230,7 +235,7 @@ def test_limits_refuse_what_is_too_much(tmp_path, models, painting):
 
 def test_an_idempotency_key_gives_back_the_first_job(service, painting):
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         first = submit(http, picture, headers={"Idempotency-Key": "upload-42"})
         again = submit(http, picture, headers={"Idempotency-Key": "upload-42"})
         other = submit(http, picture, headers={"Idempotency-Key": "upload-43"})
@@ -242,14 +247,14 @@ def test_an_idempotency_key_gives_back_the_first_job(service, painting):
 def test_cancel_delete_and_retention(tmp_path, models, painting):
     service = make_service(tmp_path, models, retention=60)
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         queued = submit(http, picture).json()["id"]
         assert http.delete(f"/v1/jobs/{queued}").status_code == 409  # an unfinished job is cancelled, not deleted
         assert http.post(f"/v1/jobs/{queued}/cancel").json() == {"id": queued, "state": "cancelled", "cancel": True}
         assert http.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
         assert http.get(f"/v1/jobs/{queued}/results").status_code == 404  # nothing was protected
         kept = submit(http, picture).json()["id"]
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         assert wait_finished(http, kept)["state"] == "done"
         assert http.delete(f"/v1/jobs/{queued}").status_code == 204  # a finished job is deleted with its files
         assert http.get(f"/v1/jobs/{queued}").status_code == 404
@@ -270,7 +275,7 @@ def test_cancelling_a_finished_job_keeps_it_and_its_results(tmp_path, models, pa
     from mist.client import Client, ServiceError
 
     service = make_service(tmp_path, models)
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         job = submit(http, [("images", ("a.png", png_bytes(painting), "image/png"))]).json()["id"]
         assert wait_finished(http, job)["state"] == "done"
         client = Client()
@@ -290,7 +295,7 @@ def test_cancelling_a_finished_job_keeps_it_and_its_results(tmp_path, models, pa
 def test_a_running_job_cancels_at_its_next_step(tmp_path, models, painting):
     service = make_service(tmp_path, models)
     pictures = [("images", (f"{n}.png", png_bytes(painting, 32, n), "image/png")) for n in range(3)]
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         job = submit(http, pictures, {"steps": "400"}).json()["id"]
         deadline = time.monotonic() + 120
         while http.get(f"/v1/jobs/{job}").json()["images"][0]["step"] < 2:
@@ -303,17 +308,49 @@ def test_a_running_job_cancels_at_its_next_step(tmp_path, models, painting):
     service.store.close()
 
 
-def test_serving_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
+def test_access_needs_a_token_by_default_made_on_first_start_and_a_private_data_folder(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Whatever the address: the first start creates a token and prints it once, later starts do not; --no-auth is
+    refused beyond loopback; the data folder is 0700 and the database 0600 even where the folder existed open."""
+    import stat
+
     import uvicorn
 
     from mist.service.server import ServeOptions, serve
 
-    def must_not_listen(*args, **kwargs):
-        raise AssertionError("the server started listening")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append((app, options)))
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    with pytest.raises(ValueError, match="--no-auth: only on loopback"):
+        serve(ServeOptions(data=data, host="0.0.0.0", model="tiny-random", device="cpu", no_auth=True))
+    serve(ServeOptions(data=data, host="0.0.0.0", model="tiny-random", device="cpu"))
+    first = capsys.readouterr().out
+    secret = first.strip().splitlines()[1]
+    assert "created the API token 'default'" in first and secret.startswith("mist_")
+    serve(ServeOptions(data=data, model="tiny-random", device="cpu"))
+    assert "mist_" not in capsys.readouterr().out  # shown once only
+    app = served[-1][0]
+    assert app.state.service.require_tokens and served[-1][1]["proxy_headers"] is False
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in data.glob("mist.db*")}["mist.db"] == 0o600
+    with local_client(app) as http:
+        assert http.get("/v1/metrics").status_code == 401
+        assert http.get("/v1/metrics", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
 
-    monkeypatch.setattr(uvicorn, "run", must_not_listen)
-    with pytest.raises(ValueError, match="listening beyond this machine needs API tokens"):
-        serve(ServeOptions(data=tmp_path, host="0.0.0.0", model="tiny-random"))
+
+def test_no_auth_is_for_this_machine_only(tmp_path, models, painting):
+    """With --no-auth, a request whose client is another machine (as a trusted reverse proxy reports it) still needs
+    a token."""
+    service = make_service(tmp_path, models)  # require_tokens False: --no-auth
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with local_client(create_app(service, manage_worker=False)) as http:
+        assert submit(http, picture).status_code == 201
+    with TestClient(create_app(service, manage_worker=False), client=("203.0.113.7", 40000)) as http:
+        refused = submit(http, picture)
+        assert refused.status_code == 401 and "from other machines" in refused.json()["error"]
+    service.store.close()
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps"])
@@ -353,7 +390,7 @@ def test_a_data_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
 def test_the_api_reference_page_needs_nothing_beyond_the_server(service):
     """/docs is rendered on the server from the OpenAPI description: no script or style from a CDN, which a server
     without internet access could not show."""
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         page = http.get("/docs")
         schema = http.get("/openapi.json").json()
         assert http.get("/redoc").status_code == 404
@@ -373,7 +410,7 @@ def test_simultaneous_submissions_never_pass_the_queue_limit(tmp_path, models, p
 
     service = make_service(tmp_path, models, local_limits=Limits(max_queued=2))
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service, manage_worker=False)) as http:
+    with local_client(create_app(service, manage_worker=False)) as http:
         with ThreadPoolExecutor(20) as pool:
             codes = sorted(pool.map(lambda _: submit(http, picture).status_code, range(20)))
     assert codes == [201, 201] + [429] * 18
@@ -395,7 +432,7 @@ def test_a_full_disk_or_any_fault_is_answered_in_json(service, painting, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service, manage_worker=False), raise_server_exceptions=False) as http:
+    with local_client(create_app(service, manage_worker=False), raise_server_exceptions=False) as http:
         monkeypatch.setattr(submit_module, "_write", full)
         refused = submit(http, picture)
         assert refused.status_code == 507 and refused.json()["error"].startswith("upload: the server's disk is full")
@@ -426,7 +463,7 @@ def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, 
 
     monkeypatch.setattr(service.store, "finish", locked_finish)
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         first = submit(http, picture).json()["id"]
         second = submit(http, picture).json()["id"]
         assert wait_finished(http, first)["state"] == "done"
@@ -447,7 +484,7 @@ def test_block_mode_progress_is_known_from_the_start_and_never_goes_back(service
     the job's progress only grows and is 1 only when the job is done."""
     pictures = [("images", (f"{n}.png", png_bytes(painting, 64, n), "image/png")) for n in range(2)]
     seen = []
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         job = submit(http, pictures, {"steps": "3", "block-num": "2", "input-size": "64"}).json()["id"]
         deadline = time.monotonic() + 120
         while (status := http.get(f"/v1/jobs/{job}").json())["state"] not in ("done", "failed", "cancelled"):
@@ -469,7 +506,7 @@ def test_a_job_that_fails_as_a_whole_leaves_no_image_running(service, painting, 
 
     monkeypatch.setattr(worker_module, "run_jobs", failing_run)
     pictures = [("images", (f"{n}.png", png_bytes(painting, 40, n), "image/png")) for n in range(2)]
-    with TestClient(create_app(service)) as http:
+    with local_client(create_app(service)) as http:
         status = wait_finished(http, submit(http, pictures).json()["id"])
     assert status["state"] == "failed" and status["error"] == "the model could not be loaded"
     assert [(image["state"], image["message"]) for image in status["images"]] == [

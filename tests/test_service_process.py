@@ -42,8 +42,10 @@ def wait_for(check, timeout: float = 120, what: str = "") -> None:
 def test_killed_with_minus_9_the_server_loses_no_job_and_redoes_no_image(tmp_path, images):
     data = tmp_path / "data"
     server = Server(data)
+    token = server.token  # created and printed by the first start only
+    assert token is not None
     try:
-        with Client(server.url) as client:
+        with Client(server.url, token=token) as client:
             job = client.submit(images, steps=20, input_size=32)["id"]
             wait_for(lambda: client.status(job)["images"][0]["state"] == "done", what="the first image done")
             assert client.status(job)["images"][-1]["state"] != "done"
@@ -51,8 +53,9 @@ def test_killed_with_minus_9_the_server_loses_no_job_and_redoes_no_image(tmp_pat
         before = finished.stat()
         server.kill()
         assert not server.process.returncode == 0
-        server = Server(data)
-        with Client(server.url) as client:
+        server = Server(data, token=token)
+        assert "mist_" not in server.log.read_text()  # not created, nor printed, again
+        with Client(server.url, token=token) as client:
             status = client.wait(job, poll_seconds=0.1, timeout=300)
             assert status["state"] == "done", status
             assert [image["state"] for image in status["images"]] == ["done"] * IMAGES
@@ -68,7 +71,7 @@ def test_killed_with_minus_9_the_server_loses_no_job_and_redoes_no_image(tmp_pat
 
 def test_the_python_client(tmp_path, images):
     data = tmp_path / "data"
-    server = Server(data, "--require-token")
+    server = Server(data)
     try:
         token = subprocess.run([*MIST, "serve", "token", "create", "tester", "--data", str(data)],
                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]

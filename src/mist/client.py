@@ -34,7 +34,8 @@ class ServiceError(Exception):
 
 
 class Client:
-    """Talks to one Mist server. `token`: the API token (None: loopback servers accept requests without one)."""
+    """Talks to one Mist server. `token`: the API token (None: only for a server started with --no-auth, from its own
+    machine)."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 120.0) -> None:
         import httpx

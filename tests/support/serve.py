@@ -21,11 +21,13 @@ def free_port() -> int:
 
 class Server:
     """`mist serve --data DATA` with the tiny model on the CPU (and `extra` options), its output in a log beside
-    DATA; the constructor returns once /v1/health answers. Stop it with `stop()` (or `kill()`: SIGKILL)."""
+    DATA; the constructor returns once /v1/health answers. `token`: the API token the server printed when it created
+    it (on a data folder's first start), else the one given. Stop it with `stop()` (or `kill()`: SIGKILL)."""
 
-    def __init__(self, data: Path, *extra: str, timeout: float = 300) -> None:
+    def __init__(self, data: Path, *extra: str, timeout: float = 300, token: str | None = None) -> None:
         from mist.client import Client
 
+        self.token = token
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data.parent / f"server-{self.port}.log"
@@ -38,6 +40,8 @@ class Server:
             while True:
                 try:
                     client.health()
+                    printed = [line for line in self.log.read_text().splitlines() if line.startswith("mist_")]
+                    self.token = printed[0] if printed else self.token
                     return
                 except Exception:
                     if self.process.poll() is not None or time.monotonic() > deadline:

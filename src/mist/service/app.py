@@ -98,6 +98,9 @@ def _caller(request: Request) -> Caller:
         return Caller(token.id, token.limits)
     if service.require_tokens:
         raise ApiError(401, "a token is required: send 'Authorization: Bearer <token>' (mist serve token create)")
+    client = request.client.host if request.client else ""
+    if not is_loopback(client):  # --no-auth is for this machine: a request from elsewhere (via a proxy) needs one
+        raise ApiError(401, "a token is required from other machines: send 'Authorization: Bearer <token>'")
     return Caller(LOCAL_OWNER, service.local_limits)
 
 

@@ -19,13 +19,18 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                     "/v1/status, /v1/metrics; docs at /docs. "
                     "Jobs and results live in the data folder and survive restarts.")
     _data_options(serve)
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on; anything but loopback requires API tokens (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     serve.add_argument("--retention-hours", type=float, default=24.0,
                        help="how long finished jobs' results are kept before they are deleted (default: %(default)s)")
-    serve.add_argument("--require-token", action="store_true",
-                       help="require a token also on loopback (default: only beyond loopback)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="on loopback only: requests from this machine need no token (any program or account on "
+                            "it can then submit, read and delete jobs, as one owner); default: every request needs a "
+                            "token, and the first start creates one and prints it once")
+    serve.add_argument("--require-token", action="store_true", help=argparse.SUPPRESS)  # the default since 2.0
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                       help="a reverse proxy whose X-Forwarded-For / Forwarded headers name the real client (may be "
+                            "repeated); other senders' proxy headers are ignored (default: none)")
     serve.add_argument("--model", help="model path or 'tiny-random' (default: where mist protect would look)")
     serve.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
     serve.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
@@ -100,6 +105,6 @@ def run_serve(args: argparse.Namespace) -> int:
         data=args.data, host=args.host, port=args.port, database=args.database, retention_hours=args.retention_hours,
         model=args.model, device=args.device, low_memory=args.low_memory, compile=args.compile, ray=args.ray,
         ray_resource=args.ray_resource,
-        require_token=args.require_token,
+        no_auth=args.no_auth, trusted_proxies=tuple(args.trusted_proxy),
         local_limits=Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued))
     return serve(options)

@@ -37,21 +37,29 @@ class ServeOptions:
     compile: bool = False
     ray: str | None = None
     ray_resource: str = "GPU"
-    require_token: bool = False
+    no_auth: bool = False  # loopback only: requests from this machine need no token
+    trusted_proxies: tuple[str, ...] = ()  # addresses whose X-Forwarded-For / Forwarded headers are believed
     local_limits: Limits = Limits()
     lease_seconds: float = 60.0
 
 
 def open_store(data: Path, database: str | None) -> JobStore:
     """The store, in the data folder (created if missing) unless `database` names another; ValueError naming --data
-    when the folder cannot be used."""
+    when the folder cannot be used.
+
+    The folder holds uploads, results and the database with the token hashes: it is made private (mode 0700, which
+    keeps other accounts out of everything inside it, whatever the files' own modes) and the database file 0600."""
     if data.exists() and not data.is_dir():
         raise ValueError(f"--data {data}: is a file, not a folder")
     try:
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data.chmod(0o700)
     except OSError as exc:
-        raise ValueError(f"--data {data}: cannot create the folder ({exc.strerror or exc})") from None
-    return JobStore(database or sqlite_url(data))
+        raise ValueError(f"--data {data}: cannot create or protect the folder ({exc.strerror or exc})") from None
+    store = JobStore(database or sqlite_url(data))
+    for database_file in data.glob("mist.db*"):
+        database_file.chmod(0o600)
+    return store
 
 
 @contextmanager
@@ -84,8 +92,7 @@ def build_service(options: ServeOptions, store: JobStore) -> Service:
     models = models_for(options)
     retention = options.retention_hours * 3600
     worker = Worker(store, options.data, models, retention_seconds=retention, lease_seconds=options.lease_seconds)
-    return Service(store=store, data=options.data, worker=worker,
-                   require_tokens=options.require_token or not is_loopback(options.host),
+    return Service(store=store, data=options.data, worker=worker, require_tokens=not options.no_auth,
                    local_limits=options.local_limits, retention_seconds=retention, model_name=str(models.where()))
 
 
@@ -93,11 +100,16 @@ def serve(options: ServeOptions) -> int:
     """Serve until interrupted (Ctrl-C or SIGTERM: the running job stops at its next step and resumes next time)."""
     import uvicorn
 
+    if options.no_auth and not is_loopback(options.host):
+        raise ValueError(f"--no-auth: only on loopback (127.0.0.1); listening on {options.host} needs tokens")
     store = open_store(options.data, options.database)
-    listening_beyond_loopback = not is_loopback(options.host)
-    if listening_beyond_loopback and not any(token.revoked is None for token in store.tokens()):
-        raise ValueError(f"--host {options.host}: listening beyond this machine needs API tokens; create one first "
-                         f"with: mist serve token create NAME --data {options.data}")
+    if options.no_auth:
+        print("mist serve: --no-auth: every program and account on this machine can submit, read and delete jobs "
+              "without a token", flush=True)
+    elif not any(token.revoked is None for token in store.tokens()):
+        token, secret = store.create_token(_first_token_name(store), Limits())
+        print(f"mist serve: created the API token {token.name!r}; it is shown only now, keep it (send it as "
+              f"'Authorization: Bearer ...'; more with: mist serve token create NAME):\n{secret}", flush=True)
     with sole_server(options.data) if store.is_sqlite else nullcontext():
         if store.is_sqlite:
             released = store.release_leases()
@@ -106,9 +118,15 @@ def serve(options: ServeOptions) -> int:
         service = build_service(options, store)
         print(f"mist serve: http://{options.host}:{options.port}/docs  (data: {options.data}, model: "
               f"{service.model_name}{', tokens required' if service.require_tokens else ''})", flush=True)
-        uvicorn.run(create_app(service), host=options.host, port=options.port, log_level="warning")
+        uvicorn.run(create_app(service), host=options.host, port=options.port, log_level="warning",
+                    proxy_headers=bool(options.trusted_proxies), forwarded_allow_ips=list(options.trusted_proxies))
     store.close()
     return 0
+
+
+def _first_token_name(store: JobStore) -> str:
+    taken = {token.name for token in store.tokens()}
+    return next(name for name in ("default", *(f"default-{n}" for n in range(2, 10**6))) if name not in taken)
 
 
 def token_command(action: str, data: Path, database: str | None, name: str | None, limits: Limits) -> int:
