@@ -433,6 +433,48 @@ def test_a_page_that_goes_away_cancels_its_job_and_its_uploads_are_deleted(engin
     assert not idle.exists() and list(uploads.iterdir()) == []
 
 
+def test_a_page_closed_while_its_job_waits_leaves_no_phantom_job(engine, tmp_path):
+    """Closed while waiting for its turn: the page is forgotten with its uploads, its job never runs, and the next
+    page is not told to wait for it."""
+    uploads = tmp_path / "uploads"
+    (uploads / "h1").mkdir(parents=True)
+    source = noise(uploads / "h1" / "art.png")
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
+    ui.artwork(source, "en", "gone")
+    ui.start("en", "gone")
+    ui.closed("gone")
+    assert "gone" not in ui._pages and not source.exists()
+    assert ui.run("single", source, None, None, Settings(**FAST), "en", "gone") is None  # gradio ran it anyway
+    assert "gone" not in ui._pages
+    assert ui.start("en", "next") == webui_text.text("en", "starting")
+
+
+def test_two_pages_with_the_same_file_each_keep_it_until_their_own_job_ends(engine, tmp_path):
+    """gradio stores one copy of identical uploads: the first page's job must not delete the file the second page
+    is about to protect."""
+    uploads = tmp_path / "uploads"
+    (uploads / "h1").mkdir(parents=True)
+    shared = noise(uploads / "h1" / "art.png")
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
+    ui.uploaded([shared], "a")
+    ui.uploaded([shared], "b")
+    for page in ("a", "b"):
+        ui.start("en", page)
+        result = ui.run("batch", None, None, [shared], Settings(**FAST), "en", page)
+        assert len(result.outputs) == 1 and not result.messages, result.messages
+        assert shared.exists() == (page == "a")  # deleted with the last page's job only
+
+
+def test_the_page_is_sent_previews_scaled_to_a_screen_and_downloads_at_full_size(engine, tmp_path):
+    big = noise(tmp_path / "big.png", size=(1800, 1200))
+    result = protect(WebUI(engine, tmp_path / "work"), "batch", files=[big],
+                     settings=Settings(**{**FAST, "original_size": True}))
+    [output] = result.outputs
+    assert Image.open(output.png).size == (1800, 1200)
+    for shown in (output.original, output.shown, output.perturbation):
+        assert Image.open(shown).size == (1280, 853), shown
+
+
 def test_uploads_of_a_job_are_deleted_when_it_ends(engine, tmp_path):
     uploads = tmp_path / "uploads"
     files = []

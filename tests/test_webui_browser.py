@@ -249,6 +249,7 @@ def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, brow
         page.locator("#mist-size").get_by_text("256", exact=True).tap()
         page.locator("#mist-run").tap()
         expect(status).to_contain_text("1 of 1 image(s) protected")
+        expect(page.locator("#mist-protected")).to_be_in_viewport()  # the result scrolls into view on a phone
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-phone-done.png"))
         assert len(list((server.private() / "jobs").glob("job-*"))) == 2  # the cancelled job and this one
         # The uploads are gone; the finished job's originals stay, as a copy, for the Evaluate tab.

@@ -209,6 +209,7 @@ class Output:
     original: Path  # preview: the input resized as the engine processed it
     perturbation: Path  # preview: |protected - original|, scaled so that epsilon is white
     source: Path | None = None  # the uploaded original (deleted when the job ends, or kept for the Evaluate tab)
+    shown: Path | None = None  # preview of the protected PNG (the previews are at most PREVIEW_SIDE pixels wide)
 
 
 @dataclass
@@ -324,16 +325,17 @@ class _PageReporter:
         self.estimate.finished(self.image)
         self.result.no_protection |= protected.random_weights
         previews = job.output.parent / "previews"
+        names = {kind: previews / f"{kind}-{job.output.name}" for kind in ("original", "protected", "perturbation")}
         try:
             original, perturbation = _previews(image_io.read_image(job.source), protected.image, self.epsilon)
             previews.mkdir(exist_ok=True)
-            original.save(previews / f"original-{job.output.name}")
-            perturbation.save(previews / f"perturbation-{job.output.name}")
+            for kind, picture in zip(names, (original, protected.image, perturbation), strict=True):
+                _scaled_for_screen(picture).save(names[kind])
         except (OSError, ValueError) as exc:
             self.image_failed(job, str(exc), "output")
             return
-        self.result.outputs.append(Output(job.name, job.output, previews / f"original-{job.output.name}",
-                                          previews / f"perturbation-{job.output.name}", job.source))
+        self.result.outputs.append(Output(job.name, job.output, names["original"], names["perturbation"], job.source,
+                                          names["protected"]))
 
     def image_skipped(self, job, reason: str) -> None:  # outputs are new files: nothing is ever skipped
         pass
@@ -407,6 +409,16 @@ def _previews(picture: Image.Image, protected: Image.Image, epsilon: float) -> t
     scale = 255.0 / epsilon if epsilon > 0 else 0.0
     amplified = np.clip(change * scale, 0, 255).round().astype(np.uint8)
     return original, Image.fromarray(amplified, mode="RGB")
+
+
+def _scaled_for_screen(picture: Image.Image) -> Image.Image:
+    """What the page shows of an image: at most PREVIEW_SIDE pixels on its longest side (a 6000 x 4000 artwork's
+    three views would be 40 MB each at full size); the PNG to download keeps the full size."""
+    if max(picture.size) <= PREVIEW_SIDE:
+        return picture
+    scaled = picture.copy()
+    scaled.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
+    return scaled
 
 
 def _prepare(workdir: Path) -> Path:
@@ -527,15 +539,24 @@ class WebUI:
 
     def closed(self, session: str | None) -> None:
         """The page went away (closed or reloaded): cancel its job (it stops after the current step, freeing the
-        queue) and delete its uploads; a running job deletes its own when it ends."""
+        queue) and delete its uploads; a running job deletes its own when it ends. A job still waiting for its turn
+        is dropped at once: it will not run (`run` finds no pressed Protect) and no other page waits for it."""
         page = self._page(session)
         page.closed = True
         page.cancel.set()
         with self._pages_lock:
-            if page.phase == "idle":
+            if page.phase in ("idle", "pending"):
+                page.phase = "idle"
                 self._pages.pop(session or "", None)
                 self._discard(page)
                 _drop_kept(page)
+
+    def uploaded(self, paths: Sequence[str | os.PathLike] | None, session: str | None) -> None:
+        """Files arrived in the several-images tab: they are this page's (deleted with its job or when it goes away,
+        never while another page holds the same file)."""
+        page = self._page(session)
+        with self._pages_lock:
+            page.uploads.update(Path(path) for path in paths or ())
 
     def forget_uploads(self, session: str | None) -> None:
         """The page cleared its artwork: delete what it uploaded (unless its job is running; that job deletes them)."""
@@ -548,9 +569,9 @@ class WebUI:
             settings: Settings, lang: str, session: str | None, progress: Progress | None = None) -> JobResult | None:
         """One click of Protect: the artwork and its painted mask, or every file of the batch tab. The job's uploads
         are deleted when it ends. None when there is no pressed Protect to serve (a second tap, already served)."""
-        page = self._page(session)
         with self._pages_lock:
-            if page.phase != "pending":
+            page = self._pages.get(session or "")
+            if page is None or page.phase != "pending":  # a second tap, or the page went away while it waited
                 return None
             page.phase = "running"
         _drop_kept(page)  # the Evaluate tab only ever checks the page's last job
@@ -643,9 +664,10 @@ class WebUI:
                     removed = True
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        held = {path for other in self._pages.values() if other is not page for path in other.uploads}
         for path in page.uploads:
-            if not (_inside(path, self.upload_root) or _inside(path, self.workdir)):
-                continue
+            if not (_inside(path, self.upload_root) or _inside(path, self.workdir)) or path in held:
+                continue  # not an upload, or another page uploaded the same file (gradio keeps one copy of it)
             try:
                 path.unlink()
                 removed = True

@@ -47,6 +47,13 @@ SHOW_STATUS = """(lang) => {
     return lang;
 }"""
 
+# On a phone (a narrow window) the results are below the settings: bring the protected image into view when they come.
+SHOW_RESULT = """() => {
+    if (window.innerWidth < 768) {
+        document.getElementById("mist-protected")?.scrollIntoView({behavior: "smooth", block: "start"});
+    }
+}"""
+
 # The status line says what the job does, in the page's language; gradio's own timer and "queue:" or "processing"
 # badge over it would repeat that in English.
 CSS = "#mist-status [data-testid=status-tracker] { display: none !important; }"
@@ -245,7 +252,7 @@ def _run_handler(gr, ui: WebUI, param_names: list[str]):
             yield (gr.skip(), *skip)
             return
         _warn(gr, lang, result.messages)
-        previews = [(str(o.original), str(o.png), str(o.perturbation)) for o in result.outputs]
+        previews = [(str(o.original), str(o.shown or o.png), str(o.perturbation)) for o in result.outputs]
         first = previews[0] if previews else (None, None, None)
         several = len(result.outputs) > 1  # the gallery picks which image the three views show
         yield (_status_markdown(result, lang), *first,
@@ -278,6 +285,9 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
             _warn(gr, lang, [problem])
             return None, problem, None
         return str(shown), "", gr.skip()
+
+    def on_files(paths, request):
+        ui.uploaded(paths, _session(request))
 
     def on_artwork_cleared(request):
         ui.forget_uploads(_session(request))
@@ -315,7 +325,7 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     def on_unload(request):
         ui.closed(_session(request))
 
-    for handler in (on_artwork, on_artwork_cleared, on_select, on_load, on_start, on_done, on_evaluate, on_cancel,
+    for handler in (on_artwork, on_files, on_artwork_cleared, on_select, on_load, on_start, on_done, on_evaluate, on_cancel,
                     on_unload):
         _typed(gr, handler)
     p = page
@@ -325,11 +335,13 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     p.artwork.upload(on_artwork, [p.artwork, p.language], [p.editor, p.status, p.artwork], show_progress="hidden",
                      concurrency_id="mist-preview")
     p.artwork.clear(on_artwork_cleared, None, [p.editor, p.status], **quiet)
+    p.files.upload(on_files, [p.files], None, **quiet)
     p.run.click(on_start, [p.language], [p.status, p.run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
         .then(_run_handler(gr, ui, list(p.params)), [p.source, p.artwork, p.editor, p.files, p.language, *p.controls],
               [p.status, p.original, p.protected, p.perturbation, p.gallery, p.downloads, p.results],
               concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
-        .then(on_done, None, [p.artwork, p.editor, p.files, p.run], **quiet)
+        .then(on_done, None, [p.artwork, p.editor, p.files, p.run], **quiet) \
+        .then(None, None, None, js=SHOW_RESULT, **quiet)
     p.cancel.click(on_cancel, [p.language], [p.status], **quiet)
     p.evaluate_run.click(on_evaluate, [p.evaluate_strength, p.evaluate_jpeg, p.language],
                          [p.evaluate_summary, p.evaluate_grid], concurrency_limit=1, concurrency_id="mist-attack",
