@@ -1,5 +1,6 @@
 """Files written safely next to other runs: atomic replacement, temporary files that their writer locks, and removal of
-the temporary files that no live writer holds.
+the temporary files that no live writer holds; and the two things every face does with a job's files: a ZIP of its
+PNGs, and removing job folders once they are old.
 
 A writer creates `.<name>.<random>.tmp` beside the destination, takes an exclusive `flock` on it, writes, fsyncs and
 renames it over the destination while still holding the lock. A run killed mid-write leaves its temporary file behind,
@@ -14,9 +15,13 @@ import fcntl
 import glob
 import os
 import secrets
+import shutil
 import stat
-from collections.abc import Iterator
+import time
+import zipfile
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _NAME_LIMIT = 50  # characters of the destination's name kept in a temporary file's name (NAME_MAX is 255 bytes)
 
@@ -142,3 +147,25 @@ def resolved(path: Path) -> Path:
         return path.resolve()
     except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop, before Python 3.13
         return path.absolute()
+
+
+def write_png_zip(members: Iterable[tuple[Path, str]], target: BinaryIO | Path) -> None:
+    """A ZIP of PNG files, each `(path, name in the archive)`, into `target` (a file object or a path). Stored, not
+    deflated: PNG is compressed already, so deflating only costs time."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        for path, name in members:
+            archive.write(path, name)
+
+
+def remove_old_folders(parent: Path, max_age_seconds: float, *, pattern: str = "*", keep: Container[str] = (),
+                       now: float | None = None) -> None:
+    """Delete the folders in `parent` matching `pattern` whose last change is over `max_age_seconds` ago, except those
+    named in `keep` (the retention sweep of the web UI's and the HTTP service's job folders)."""
+    now = time.time() if now is None else now
+    for folder in parent.glob(pattern) if parent.is_dir() else ():
+        try:
+            old = folder.is_dir() and folder.name not in keep and now - folder.stat().st_mtime > max_age_seconds
+        except OSError:
+            continue
+        if old:
+            shutil.rmtree(folder, ignore_errors=True)

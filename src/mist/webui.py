@@ -28,7 +28,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from PIL import Image
 from . import images as image_io
 from .config import ProtectConfig
 from .estimate import Estimate
+from .files import remove_old_folders, write_png_zip
 from .methods import get_method, param_specs
 from .robust import DEFAULT_TRANSFORMS
 from .webui_text import duration, text
@@ -276,9 +276,7 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
     result.cancelled = summary.cancelled
     if len(result.outputs) > 1:
         result.zip = job / ZIP_NAME
-        with zipfile.ZipFile(result.zip, "w", compression=zipfile.ZIP_STORED) as archive:  # PNGs do not shrink
-            for output in result.outputs:
-                archive.write(output.png, output.png.name)
+        write_png_zip(((output.png, output.png.name) for output in result.outputs), result.zip)
     if result.cancelled:
         status = text(lang, "cancelled", done=len(result.outputs))
     elif result.outputs:
@@ -424,13 +422,7 @@ def _scaled_for_screen(picture: Image.Image) -> Image.Image:
 def _prepare(workdir: Path) -> Path:
     """Create the job root and drop job folders from previous days."""
     workdir.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in workdir.glob("job-*"):
-        try:
-            if now - old.stat().st_mtime > JOB_MAX_AGE_S:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
+    remove_old_folders(workdir, JOB_MAX_AGE_S, pattern="job-*")
     return workdir
 
 

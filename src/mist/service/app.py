@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import shutil
 import tempfile
-import zipfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from starlette.formparsers import MultiPartException
 
 from ..config import ProtectConfig, steps_per_image
 from ..estimate import Estimate
+from ..files import write_png_zip
 from ..model_names import TEST_MODEL_STEPS, TINY_RANDOM
 from ..version import __version__
 from .apidocs import api_reference_html
@@ -240,9 +240,8 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
         if not done:
             raise ApiError(404, f"job {job_id} has no protected image")
         spool = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
-        with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:  # PNG is compressed already
-            for image in done:
-                archive.write(folder / image.output, Path(image.output).relative_to(OUTPUT_FOLDER).as_posix())
+        write_png_zip(((folder / image.output, Path(image.output).relative_to(OUTPUT_FOLDER).as_posix())
+                       for image in done), spool)
         spool.seek(0)
         return StreamingResponse(_chunks(spool), media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="mist-{job_id}.zip"'})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ProtectConfig
 from ..estimate import Estimate
+from ..files import remove_old_folders
 from ..jobs import Job, run_jobs
 from ..pipeline import Progress, ProtectedImage
 from .store import JobRecord, JobStore
@@ -209,11 +210,7 @@ class Worker:
             for job_id in self.store.expired_jobs(now):
                 shutil.rmtree(job_folder(self.data, job_id), ignore_errors=True)
                 self.store.delete_job(job_id)
-            known = self.store.job_ids()
-            jobs = self.data / "jobs"
-            for folder in jobs.iterdir() if jobs.is_dir() else ():
-                if folder.name not in known and now - folder.stat().st_mtime > _ORPHAN_AGE:
-                    shutil.rmtree(folder, ignore_errors=True)
+            remove_old_folders(self.data / "jobs", _ORPHAN_AGE, keep=self.store.job_ids(), now=now)
         except Exception:
             log.exception("retention sweep")
 
