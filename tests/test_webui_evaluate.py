@@ -100,3 +100,23 @@ def test_a_failed_copy_leaves_the_job_intact_and_nothing_to_evaluate(engine, tmp
     assert result.outputs[0].png.is_file() and not result.originals_kept
     assert not (result.outputs[0].png.parent / "originals").exists()
     assert ui.evaluate(EVALUATE_STRENGTH, False, "en", "page").summary == text("en", "evaluate_nothing")
+
+
+def test_cancel_stops_an_evaluation_at_its_next_unit_and_keeps_the_originals(engine, tmp_path):
+    """Cancel during Evaluate stops it (it used to say "Cancelling..." and run to the end, holding the lock every
+    page's Protect waits for); the originals stay, so the check can be run again."""
+    ui, _ = protected_page(engine, tmp_path)
+    kept = ui._page("page").kept
+    seen = []
+
+    def progress(fraction: float, desc: str) -> None:
+        seen.append(desc)
+        if len(seen) == 2:
+            ui.cancel("en", "page")  # the page's Cancel, pressed while the check runs
+
+    view = ui.evaluate(EVALUATE_STRENGTH, True, "en", "page", progress)
+    assert view.summary == text("en", "evaluate_cancelled") and view.grid == []
+    assert len(seen) == 2 and not engine.attack_lock.locked()
+    assert kept.exists() and ui._page("page").kept == kept and ui._page("page").phase == "idle"
+    again = ui.evaluate(EVALUATE_STRENGTH, False, "en", "page")  # runs to the end this time
+    assert again.grid and again.originals_removed and not kept.exists()

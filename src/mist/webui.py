@@ -595,6 +595,7 @@ class WebUI:
         """One click of Evaluate: the img2img check (`mist.evaluation.evaluate_folders`, one `strength`, EVALUATE_STEPS
         DDIM steps, after JPEG q75 too when `jpeg`) of the page's last job, holding the engine's attack lock; then
         the copy of that job's originals is deleted. Never raises: a problem is the view's summary."""
+        from .attack import Cancelled
         from .evaluation.run import evaluate_folders
         from .evaluation.settings import EvaluationSettings
         from .models import ModelNotFoundError
@@ -606,17 +607,26 @@ class WebUI:
             if page.kept is None:
                 return EvaluationView([], text(lang, "evaluate_nothing"))
             page.phase = "running"
+            page.cancel.clear()
         started = time.perf_counter()
         say = progress or (lambda fraction, desc: None)
+
+        def follow(news) -> None:  # Cancel stops the evaluation at its next unit of work
+            if page.cancel.is_set():
+                raise Cancelled
+            say(news.done / news.total, text(lang, "evaluate_progress", doing=news.doing, done=news.done,
+                                             total=news.total))
+
         try:
             settings = EvaluationSettings(purify=EVALUATE_PURIFY if jpeg else "", strengths=(float(strength),),
                                           steps=EVALUATE_STEPS)
             with self.engine.attack_lock:
-                evaluation = evaluate_folders(
-                    page.kept, page.kept.parent, settings, self.engine,
-                    lambda news: say(news.done / news.total, text(lang, "evaluate_progress", doing=news.doing,
-                                                                   done=news.done, total=news.total)),
-                    lambda where, device: say(0.0, text(lang, "loading_model")))
+                if page.cancel.is_set():  # cancelled while it waited for the protect jobs of other pages
+                    raise Cancelled
+                evaluation = evaluate_folders(page.kept, page.kept.parent, settings, self.engine, follow,
+                                              lambda where, device: say(0.0, text(lang, "loading_model")))
+        except Cancelled:
+            return EvaluationView([], text(lang, "evaluate_cancelled"))
         except ModelNotFoundError as exc:
             return EvaluationView([], f"{text(lang, 'no_model')}\n\n```\n{exc}\n```")
         except (ValueError, OSError, RuntimeError) as exc:
@@ -625,7 +635,8 @@ class WebUI:
             with self._pages_lock:
                 page.phase = "idle"
                 folder = page.kept.parent if page.kept is not None else None
-                removed = _drop_kept(page)
+                # A cancelled check can be run again: the originals stay until it ran or the page goes away.
+                removed = _drop_kept(page) if not page.cancel.is_set() or page.closed else False
                 if page.closed:
                     self._pages.pop(session or "", None)
         view = evaluation_view(evaluation, folder / "evaluation", lang)

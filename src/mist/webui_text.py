@@ -123,6 +123,7 @@ EN: dict[str, str] = {
     "evaluate_nothing": "Protect an image first: the check runs on the page's last finished job.",
     "evaluate_progress": "Evaluating: {doing} ({done} of {total})",
     "evaluate_failed": "The evaluation could not run:",
+    "evaluate_cancelled": "Evaluation cancelled. The originals are kept: you can run it again.",
     "evaluate_done": "Checked {images} image(s) in {time} (SSIM of the two img2img results: 1 means identical; the "
                      "protection holds below {threshold}).",
     "evaluate_removed": "The copy of the originals was deleted from the server; protect again to evaluate once more.",
@@ -225,6 +226,7 @@ ZH: dict[str, str] = {
     "evaluate_nothing": "请先保护一张图片：检验针对本页面上一个已完成的任务。",
     "evaluate_progress": "检验中：{doing}（{done}/{total}）",
     "evaluate_failed": "无法进行检验：",
+    "evaluate_cancelled": "检验已取消。原图仍保留，可以重新检验。",
     "evaluate_done": "已检验 {images} 张图片，用时 {time}（两个 img2img 结果的 SSIM：1 表示完全相同；低于 {threshold} "
                      "表示保护有效）。",
     "evaluate_removed": "原图副本已从服务器删除；如需再次检验，请重新保护。",
