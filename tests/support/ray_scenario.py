@@ -31,7 +31,7 @@ def main(report_path: str, images: str, work: str) -> None:
 
         server = Server(work_dir / "data", "--ray", cluster.address, "--ray-resource", RESOURCE)
         try:
-            with Client(server.url) as client:
+            with Client(server.url, token=server.token) as client:
                 pictures = sorted(Path(images).glob("*.png"))
                 status = client.wait(client.submit(pictures, steps=30, input_size=32)["id"], poll_seconds=0.2,
                                      timeout=600)

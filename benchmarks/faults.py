@@ -1,0 +1,234 @@
+"""The HTTP service under faults: `mist serve` (tiny random model, 127.0.0.1 only) in its own process, broken on
+purpose, and what is left afterwards counted.
+
+    python benchmarks/faults.py [--only kill9,locked,disk-full,quota,disconnect]
+
+Scenarios (each with a fresh data folder; every one is bounded and stops its server at the end):
+- kill9: a job of several images; the server is killed with SIGKILL while the job is queued, mid-step, and after its
+  first image is written; each time a new server starts on the same folder and the job is awaited.
+- locked: another process holds the database's write lock for 20 s while a job runs (SQLite's BEGIN EXCLUSIVE);
+  /v1/health is polled meanwhile; the job must finish once the lock is released and a job queued meanwhile too.
+- disk-full: the data folder on a 1 MiB tmpfs (needs root to mount; skipped otherwise), a 2.4 MB upload.
+- quota: 200 submissions at once with one token whose limit is 5 queued jobs.
+- disconnect: a client that sends half an upload and hangs up; the server must keep no folder of it and go on.
+
+Each row says: jobs lost (accepted but gone or never finished), results lost (a protected PNG that was done, then
+missing), wrong states (a finished job with an image not done, or an answer with the wrong status), unprotected
+copies left (uploaded originals still on disk after their job ended). All four must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.serve import Server  # noqa: E402  (mist serve in its own process, as the tests start it)
+
+SETTINGS = {"steps": 30, "input_size": 64}
+
+
+def picture(n: int, side: int = 64) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(n).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def client(server: Server):
+    from mist.client import Client
+
+    return Client(server.url, token=server.token)
+
+
+def submit(server: Server, images: int, seed: int = 0) -> str:
+    import httpx
+
+    files = [("images", (f"{n}.png", picture(seed + n), "image/png")) for n in range(images)]
+    reply = httpx.post(f"{server.url}/v1/jobs", files=files, data={k: str(v) for k, v in SETTINGS.items()},
+                       headers={"Authorization": f"Bearer {server.token}"}, timeout=60)
+    reply.raise_for_status()
+    return reply.json()["id"]
+
+
+def leftovers(data: Path, job: str) -> int:
+    """Uploaded originals of a finished job still on disk."""
+    return sum(1 for folder in ("in", "masks", "files") for path in (data / "jobs" / job / folder).rglob("*")
+               if path.is_file())
+
+
+def check_done(server: Server, data: Path, job: str, written: set[str]) -> dict[str, int]:
+    with client(server) as api:
+        status = api.wait(job, poll_seconds=0.2, timeout=600)
+    states = [image["state"] for image in status["images"]]
+    outputs = {name for name in written if not (data / "jobs" / job / "out" / name).is_file()}
+    return {"jobs lost": int(status["state"] != "done"), "results lost": len(outputs),
+            "wrong states": sum(state != "done" for state in states), "copies left": leftovers(data, job)}
+
+
+def kill9(work: Path) -> dict[str, int]:
+    total = {"jobs lost": 0, "results lost": 0, "wrong states": 0, "copies left": 0}
+    for stage in ("queued", "mid-step", "after an image"):
+        data = work / stage.replace(" ", "-") / "data"
+        server = Server(data)
+        token = server.token
+        job = submit(server, 3)
+        with client(server) as api:
+            if stage == "mid-step":
+                deadline = time.monotonic() + 120
+                while api.status(job)["images"][0]["step"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            elif stage == "after an image":
+                deadline = time.monotonic() + 300
+                while api.status(job)["images"][0]["state"] != "done" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        written = {path.name for path in (data / "jobs" / job / "out").glob("*.png")}
+        server.kill()
+        server = Server(data, token=token)
+        try:
+            for name, count in check_done(server, data, job, written).items():
+                total[name] += count
+        finally:
+            server.stop()
+    return total
+
+
+def locked(work: Path) -> dict[str, int]:
+    import httpx
+
+    data = work / "data"
+    server = Server(data)
+    try:
+        job = submit(server, 2)
+        database = sqlite3.connect(data / "mist.db", timeout=60, isolation_level=None)
+        database.execute("BEGIN EXCLUSIVE")
+        unhealthy = 0
+        try:
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                unhealthy += httpx.get(f"{server.url}/v1/health", timeout=30).status_code == 503
+                time.sleep(0.5)
+        finally:
+            database.execute("COMMIT")
+            database.close()
+        second = submit(server, 1, seed=10)
+        result = check_done(server, data, job, set())
+        for name, count in check_done(server, data, second, set()).items():
+            result[name] += count
+        print(f"  locked: health said 503 in {unhealthy} of the polls while the database was locked")
+        return result
+    finally:
+        server.stop()
+
+
+def disk_full(work: Path) -> dict[str, int] | None:
+    import httpx
+
+    mount = work / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        return None
+    server = None
+    try:
+        server = Server(mount / "data")
+        reply = httpx.post(f"{server.url}/v1/jobs", files=[("images", ("big.png", picture(1, 900), "image/png"))],
+                           headers={"Authorization": f"Bearer {server.token}"}, timeout=60)
+        jobs = list((mount / "data" / "jobs").glob("*")) if (mount / "data" / "jobs").is_dir() else []
+        healthy = httpx.get(f"{server.url}/v1/health", timeout=30).status_code == 200
+        return {"jobs lost": 0, "results lost": 0,
+                "wrong states": int(reply.status_code != 507 or "error" not in reply.json() or not healthy),
+                "copies left": len(jobs)}
+    finally:
+        if server is not None:
+            server.stop()
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def quota(work: Path) -> dict[str, int]:
+    import httpx
+
+    data = work / "data"
+    token = subprocess.run([sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())", "serve",
+                            "token", "create", "limited", "--max-queued", "5", "--data", str(data)],
+                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    server = Server(data, token=token)
+    try:
+        image = picture(0)
+
+        def one(_: int) -> int:
+            return httpx.post(f"{server.url}/v1/jobs", files=[("images", ("a.png", image, "image/png"))],
+                              data={"steps": "1", "input_size": "32"}, timeout=120,
+                              headers={"Authorization": f"Bearer {token}"}).status_code
+
+        with ThreadPoolExecutor(50) as pool:
+            codes = list(pool.map(one, range(200)))
+        accepted = codes.count(201)
+        print(f"  quota: {accepted} accepted, {codes.count(429)} refused with 429, "
+              f"{sum(c >= 500 for c in codes)} server errors")
+        return {"jobs lost": 0, "results lost": 0,
+                "wrong states": int(accepted > 5) + sum(code not in (201, 429) for code in codes), "copies left": 0}
+    finally:
+        server.stop()
+
+
+def disconnect(work: Path) -> dict[str, int]:
+    import httpx
+
+    data = work / "data"
+    server = Server(data)
+    try:
+        body = b"--x\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\n" + picture(0)[:500]
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x"
+                        b"\r\nAuthorization: Bearer " + server.token.encode() +
+                        f"\r\nContent-Length: {len(body) * 10}\r\n\r\n".encode() + body)
+            time.sleep(1)
+        time.sleep(2)
+        job = submit(server, 1)  # the server goes on
+        result = check_done(server, data, job, set())
+        result["copies left"] += sum(1 for folder in (data / "jobs").iterdir() if folder.name != job)
+        return result
+    finally:
+        server.stop()
+
+
+SCENARIOS = {"kill9": kill9, "locked": locked, "disk-full": disk_full, "quota": quota, "disconnect": disconnect}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run, comma-separated")
+    args = parser.parse_args()
+    rows = []
+    for name in args.only.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"mist-faults-{name}-") as work:
+            started = time.monotonic()
+            result = SCENARIOS[name](Path(work))
+            rows.append((name, result, time.monotonic() - started))
+    print("\n| scenario | jobs lost | results lost | wrong states | unprotected copies left | seconds |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    failed = False
+    for name, result, seconds in rows:
+        if result is None:
+            print(f"| {name} | skipped (cannot mount a tmpfs here) | | | | |")
+            continue
+        failed |= any(result.values())
+        print(f"| {name} | {result['jobs lost']} | {result['results lost']} | {result['wrong states']} | "
+              f"{result['copies left']} | {seconds:.0f} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
