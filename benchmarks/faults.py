@@ -6,8 +6,9 @@ purpose, and what is left afterwards counted.
 Scenarios (each with a fresh data folder; every one is bounded and stops its server at the end):
 - kill9: a job of several images; the server is killed with SIGKILL while the job is queued, mid-step, and after its
   first image is written; each time a new server starts on the same folder and the job is awaited.
-- locked: another process holds the database's write lock for 20 s while a job runs (SQLite's BEGIN EXCLUSIVE);
-  /v1/health is polled meanwhile; the job must finish once the lock is released and a job queued meanwhile too.
+- locked: another process holds the database's write lock (SQLite's BEGIN EXCLUSIVE) for 45 s, longer than
+  SQLite's 30 s wait, while a job runs; /v1/health is polled meanwhile; the job must finish once the lock is
+  released, and a job queued after it too.
 - disk-full: the data folder on a 1 MiB tmpfs (needs root to mount; skipped otherwise), a 2.4 MB upload.
 - quota: 200 submissions at once with one token whose limit is 5 queued jobs.
 - disconnect: a client that sends half an upload and hangs up; the server must keep no folder of it and go on.
@@ -116,7 +117,7 @@ def locked(work: Path) -> dict[str, int]:
         database.execute("BEGIN EXCLUSIVE")
         unhealthy = 0
         try:
-            end = time.monotonic() + 20
+            end = time.monotonic() + 45
             while time.monotonic() < end:
                 unhealthy += httpx.get(f"{server.url}/v1/health", timeout=30).status_code == 503
                 time.sleep(0.5)

@@ -325,8 +325,8 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     def on_unload(request):
         ui.closed(_session(request))
 
-    for handler in (on_artwork, on_files, on_artwork_cleared, on_select, on_load, on_start, on_done, on_evaluate, on_cancel,
-                    on_unload):
+    for handler in (on_artwork, on_files, on_artwork_cleared, on_select, on_load, on_start, on_done, on_evaluate,
+                    on_cancel, on_unload):
         _typed(gr, handler)
     p = page
     quiet = dict(queue=False, show_progress="hidden")
