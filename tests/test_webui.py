@@ -583,3 +583,26 @@ def test_uploads_and_jobs_live_in_a_private_folder_removed_on_shutdown(monkeypat
     assert seen["root"].parent == tmp_path / "base" and seen["mode"] == 0o700
     assert Path(seen["temp"]) == seen["ui"].upload_root and seen["ui"].upload_root.parent == seen["root"]
     assert not seen["root"].exists() and os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "base")
+
+
+def test_previews_are_deleted_with_the_next_job_or_when_the_page_goes_away(engine, tmp_path):
+    """The previews (the original's is an unprotected copy of the artwork) and gradio's served copies of them live
+    while the page shows them: until its next job starts or it goes away. The protected PNG stays for download."""
+    uploads = tmp_path / "uploads"
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
+    files = []
+    for n in range(2):
+        (uploads / f"h{n}").mkdir(parents=True)
+        files.append(noise(uploads / f"h{n}" / f"art{n}.png", seed=n))
+    first = protect(ui, "batch", files=files[:1], session="page")
+    [output] = first.outputs
+    served = uploads / "served" / output.original.name  # what gradio copied to send the view to the browser
+    served.parent.mkdir()
+    served.write_bytes(output.original.read_bytes())
+    assert output.original.exists() and output.shown.exists() and output.perturbation.exists()
+    second = protect(ui, "batch", files=files[1:], session="page")
+    assert not output.original.exists() and not output.shown.exists() and not output.perturbation.exists()
+    assert not served.exists() and output.png.exists()
+    ui.closed("page")
+    assert not any(path.exists() for o in second.outputs for path in (o.original, o.shown, o.perturbation))
+    assert all(o.png.exists() for o in second.outputs)

@@ -451,6 +451,7 @@ class _Page:
     closed: bool = False  # the page went away; forgotten once its job ends
     served: set[Path] = field(default_factory=set)  # gradio's folders holding what it served of this page's previews
     kept: Path | None = None  # copies of the last job's originals, for the Evaluate tab (see `WebUI.evaluate`)
+    shown: list[Path] = field(default_factory=list)  # the last job's previews (the original's among them)
 
 
 class WebUI:
@@ -542,6 +543,7 @@ class WebUI:
                 self._pages.pop(session or "", None)
                 self._discard(page)
                 _drop_kept(page)
+                self._drop_previews(page)
 
     def uploaded(self, paths: Sequence[str | os.PathLike] | None, session: str | None) -> None:
         """Files arrived in the several-images tab: they are this page's (deleted with its job or when it goes away,
@@ -567,6 +569,8 @@ class WebUI:
                 return None
             page.phase = "running"
         _drop_kept(page)  # the Evaluate tab only ever checks the page's last job
+        with self._pages_lock:
+            self._drop_previews(page)  # the page shows only its last job's
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             if source == "batch":
@@ -579,12 +583,14 @@ class WebUI:
             result = run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=page.cancel,
                              progress=progress, max_upload_bytes=self.max_upload_bytes)
             page.kept = _keep_originals(result.outputs)
+            page.shown = [path for o in result.outputs for path in (o.original, o.shown, o.perturbation) if path]
         finally:
             with self._pages_lock:
                 page.phase = "idle"
                 removed = self._discard(page)
                 if page.closed:
                     _drop_kept(page)
+                    self._drop_previews(page)
                     self._pages.pop(session or "", None)
         result.uploads_removed = removed
         result.originals_kept = page.kept is not None
@@ -647,6 +653,21 @@ class WebUI:
             + ([text(lang, "evaluate_removed")] if removed else []))
         view.originals_removed = removed
         return view
+
+    def _drop_previews(self, page: _Page) -> None:
+        """Delete the previews of the page's last job (the original's is an unprotected copy of the artwork, at up
+        to PREVIEW_SIDE pixels) and the copies gradio made of them to serve them, unless another page shows a file
+        of the same name. The protected PNGs and the ZIP stay for download."""
+        held = {path.name for other in self._pages.values() if other is not page for path in other.shown}
+        for path in page.shown:
+            path.unlink(missing_ok=True)
+            served = list(self.upload_root.glob(f"*/{path.name}")) if self.upload_root is not None else []
+            for copy in served:
+                if path.name not in held:
+                    copy.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        copy.parent.rmdir()
+        page.shown = []
 
     def _discard(self, page: _Page) -> bool:
         """Delete the page's uploads (files under `upload_root` or `workdir`), each with its folder when that is
