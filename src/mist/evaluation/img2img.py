@@ -63,16 +63,37 @@ def img2img(model: StableDiffusion, images: torch.Tensor, strength: float, gener
         if len(timesteps):
             noise = standard_normal(latents.shape, generators, like=latents)
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(latents.shape[0]))
-        text = model.text_embedding(prompt).expand(latents.shape[0], -1, -1)
-        guided = guidance > 1.0
+        return _denoised(model, scheduler, timesteps, latents, guidance, prompt)
+
+
+def txt2img(model: StableDiffusion, size: tuple[int, int], generators: Sequence[torch.Generator], *,
+            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT) -> Generated:
+    """Text-to-image sampling, as a mimic samples a fine-tuned model: one image of `size` (height, width in pixels,
+    multiples of 8) per generator, from pure Gaussian noise (nothing of any input image), DDIM over all `steps`."""
+    if steps < 1:
+        raise ValueError(f"steps: must be at least 1, got {steps}")
+    scheduler = ddim_scheduler()
+    scheduler.set_timesteps(steps, device=model.device)
+    height, width = size
+    shape = (len(generators), model.unet.config.in_channels, height // 8, width // 8)
+    with torch.no_grad():
+        latents = standard_normal(shape, generators, like=model.alphas_cumprod.float()) * scheduler.init_noise_sigma
+        return _denoised(model, scheduler, scheduler.timesteps, latents, guidance, prompt)
+
+
+def _denoised(model: StableDiffusion, scheduler, timesteps, latents: torch.Tensor, guidance: float,
+              prompt: str) -> Generated:
+    """DDIM (eta 0) from `latents` over `timesteps` under classifier-free guidance, then decoded."""
+    text = model.text_embedding(prompt).expand(latents.shape[0], -1, -1)
+    guided = guidance > 1.0
+    if guided:
+        text = torch.cat([model.text_embedding(UNCONDITIONAL_PROMPT).expand_as(text), text])
+    for t in timesteps:
+        both = torch.cat([latents, latents]) if guided else latents
+        noise_pred = model.predict_noise(scheduler.scale_model_input(both, t), t, text).float()
         if guided:
-            text = torch.cat([model.text_embedding(UNCONDITIONAL_PROMPT).expand_as(text), text])
-        for t in timesteps:
-            both = torch.cat([latents, latents]) if guided else latents
-            noise_pred = model.predict_noise(scheduler.scale_model_input(both, t), t, text).float()
-            if guided:
-                unconditional, conditional = noise_pred.chunk(2)
-                noise_pred = unconditional + guidance * (conditional - unconditional)
-            latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
-        pictures = model.decode(latents).clamp(-1.0, 1.0)
+            unconditional, conditional = noise_pred.chunk(2)
+            noise_pred = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
+    pictures = model.decode(latents).clamp(-1.0, 1.0)
     return Generated(pictures.cpu(), latents.float().cpu())

@@ -75,10 +75,11 @@ def img2img_mimicries(model: StableDiffusion, strengths: Sequence[float], steps:
 class LoraMimicry:
     """LoRA fine-tuning mimicry: LoRA adapters trained on the whole set (`mist.finetune`, the trainer the `aspl` and
     `mist2-lora` methods use) conditioned on `prompt`, then one image sampled per input from the prompt with the
-    adapted UNet (`steps` DDIM steps, guidance `guidance`), from the input's shape and the same seed for the clean and
-    the protected set. Sampling is img2img at strength 1: the start is noise, in which SD's schedule leaves
-    sqrt(alpha_bar_T), about 7%, of the input's latent, as diffusers' img2img does at strength 1. A set of several
-    shapes trains at the first image's shape (the others resized bicubic for training only)."""
+    adapted UNet (`steps` DDIM steps, guidance `guidance`), at the input's shape and with the same seed for the clean
+    and the protected set. Sampling starts from pure noise, as a mimic samples a fine-tuned model: nothing of the
+    input image enters it (img2img at strength 1, used before, kept sqrt(alpha_bar_T), about 7%, of the input's latent
+    in its start). A set of several shapes trains at the first image's shape (the others resized bicubic for
+    training only)."""
 
     model: StableDiffusion
     train_steps: int = 500
@@ -102,7 +103,7 @@ class LoraMimicry:
         import torch.nn.functional as F
 
         from ..finetune import FinetuneOptions, Surrogate
-        from .img2img import img2img
+        from .img2img import txt2img
 
         height, width = pictures[0].shape[-2:]
         training = torch.cat([picture if picture.shape[-2:] == (height, width) else
@@ -112,5 +113,5 @@ class LoraMimicry:
                                   learning_rate=self.learning_rate, seed=seed)
         surrogate = Surrogate(self.model, options, generator=torch.Generator().manual_seed(seed))
         surrogate.train(training, self.model.text_embedding(self.prompt))
-        return [img2img(surrogate.model, picture, 1.0, [torch.Generator().manual_seed(seed)], steps=self.steps,
-                        guidance=self.guidance, prompt=self.prompt) for picture in pictures]
+        return [txt2img(surrogate.model, tuple(picture.shape[-2:]), [torch.Generator().manual_seed(seed)],
+                        steps=self.steps, guidance=self.guidance, prompt=self.prompt) for picture in pictures]
