@@ -77,6 +77,20 @@ def test_identical_images_score_as_no_change(tmp_path, originals, evaluation_mod
     assert [image["invisibility"]["psnr_db"] for image in record["images"]] == [None, None]
 
 
+def test_the_method_is_scored_with_the_settings_the_images_record(tmp_path, originals, evaluation_model):
+    """Images protected with --mode textural are scored on the textural objective, not the method's default
+    (fused); the report says which settings it used."""
+    folder = tmp_path / "textural"
+    assert cli.main(["protect", str(originals), "-o", str(folder), "--model", "tiny-random", "--steps", "1",
+                     "--input-size", str(SIZE), "--mode", "textural", "--fused-weight", "2", "-q"]) == 0
+    result = mist.evaluate(originals, folder, tmp_path / "report", model=evaluation_model, **FAST)
+    assert result.scored_with["mode"] == "textural" and result.scored_with["fused_weight"] == 2
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert report["method_settings"]["mode"] == "textural"
+    unrecorded = mist.evaluate(originals, originals, model=evaluation_model, **FAST)  # plain files: the defaults
+    assert unrecorded.scored_with["mode"] == "fused"
+
+
 def test_lora_mimicry_samples_from_pure_noise_like_a_mimic(evaluation_model):
     """The fine-tuned model is sampled from noise alone: two inputs of one shape give the same sample from a model
     trained on the same set (img2img at strength 1 let about 7% of each input's latent into its sample)."""

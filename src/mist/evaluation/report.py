@@ -59,6 +59,7 @@ def results_record(evaluation: Evaluation) -> dict:
         "random_weights": evaluation.random_weights,
         "warning": RANDOM_WEIGHTS_WARNING if evaluation.random_weights else None,
         "method": evaluation.method,
+        "method_settings": evaluation.scored_with,
         "settings": {"purify": s.purify, "strengths": list(s.strengths), "steps": s.steps, "guidance": s.guidance,
                      "prompt": s.prompt, "seed": s.seed, "ssim_threshold": s.ssim_threshold},
         "verdict_rule": verdict_rule(evaluation),

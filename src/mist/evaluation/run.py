@@ -7,11 +7,12 @@ has been read and every option checked.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
@@ -24,6 +25,7 @@ from .settings import EvaluationSettings
 if TYPE_CHECKING:
     import torch
 
+    from ..config import ProtectConfig
     from ..jobs import ModelCache
     from ..models import StableDiffusion
     from .mimicry import Mimicry
@@ -69,6 +71,7 @@ class Evaluation:
     images: list[ImageResult]
     scores: list[Score]
     seconds: float
+    scored_with: dict[str, Any] = field(default_factory=dict)  # the method's parameters its loss was computed with
 
     @property
     def worst(self) -> list[Score]:
@@ -101,12 +104,13 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     skipped = _skipped(requested, lpips_reason)
     method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
                                           "mist")
+    scoring = scoring_config(method_name, pairs)
     device = models.device()
     model = models.model(EVALUATION_PARTS | get_method(method_name).parts, on_load).placed(device)
     mimicries = _mimicries(model, settings, extra_mimicries)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
     ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress)
-    scores = _Scoring(_MethodScorer(model, method_name, device), Context(model, settings.seed), settings, ticker) \
+    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed), settings, ticker) \
         .run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
@@ -116,7 +120,7 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     return Evaluation(settings=settings, model=str(models.identity().name), random_weights=model.random_weights,
                       method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
                       mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
-                      seconds=time.perf_counter() - started)
+                      seconds=time.perf_counter() - started, scored_with=scoring.params.record())
 
 
 def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[str]:
@@ -228,6 +232,26 @@ class _Scoring:
         return scores
 
 
+def scoring_config(method: str, pairs: Sequence[Pair]) -> ProtectConfig:
+    """The settings the method's loss is scored with: its parameters as the first protected image made with `method`
+    records them (an image protected with `--mode textural` is scored on the textural objective), else the method's
+    defaults. A file parameter (another target) is not at hand, so its default stands; float32 always."""
+    from ..config import ProtectConfig
+    from ..methods import get_method, param_specs
+
+    own = {spec.name for spec in param_specs(get_method(method).Params) if spec.kind != "file"}
+    for pair in pairs:
+        if pair.metadata.get("mist:method") == method and "mist:settings" in pair.metadata:
+            try:
+                recorded = json.loads(pair.metadata["mist:settings"])
+            except ValueError:
+                continue
+            if isinstance(recorded, dict):
+                return ProtectConfig.of(method=method, precision="fp32",
+                                        **{name: value for name, value in recorded.items() if name in own})
+    return ProtectConfig(method=method, precision="fp32")
+
+
 def require_extras() -> None:
     """Raise ValueError in one line when a package of the `evaluate` extra is missing."""
     import importlib.util
@@ -243,12 +267,11 @@ class _MethodScorer:
     """The protection method's loss on purified images, and its target pattern's latents, through `Protector`'s
     scoring entry (`loss_for`) in float32."""
 
-    def __init__(self, model: StableDiffusion, method: str, device: torch.device) -> None:
-        from ..config import ProtectConfig
+    def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device) -> None:
         from ..pipeline import Protector
 
         self.model = model
-        self.protector = Protector(model, ProtectConfig(method=method, precision="fp32"), device)
+        self.protector = Protector(model, config, device)
         self.seed = 0
 
     def losses(self, clean: torch.Tensor, purified_clean: torch.Tensor,
