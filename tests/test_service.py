@@ -470,10 +470,12 @@ def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, 
         assert wait_finished(http, second)["state"] == "done"
         assert http.get("/v1/health").status_code == 200
         assert http.get("/v1/status").json()["worker"] == "ready"
-        service.worker.stats.fault = "the job queue failed: OperationalError: disk I/O error"
-        assert http.get("/v1/health").status_code == 503  # what health says while the worker cannot take jobs
+    # What health and status say while the worker cannot take jobs (set by hand on the stopped worker, whose loop
+    # would otherwise clear it at its next look at the queue).
+    service.worker.stats.fault = "the job queue failed: OperationalError: disk I/O error"
+    with local_client(create_app(service, manage_worker=False)) as http:
+        assert http.get("/v1/health").status_code == 503
         assert http.get("/v1/status").json()["worker"] == "not ready: " + service.worker.stats.fault
-        service.worker.stats.fault = None
     assert faults[0] == (True, None)  # the first attempt: nothing wrong yet
     assert all(not ready and "database is locked" in fault for ready, fault in faults[1:4]), faults
     service.store.close()
