@@ -320,9 +320,16 @@ def test_access_needs_a_token_by_default_made_on_first_start_and_a_private_data_
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append((app, options)))
+    theirs = tmp_path / "shared-folder"
+    theirs.mkdir()
+    theirs.chmod(0o755)
+    with pytest.raises(ValueError, match="other accounts can open this folder"):  # not Mist's to change
+        serve(ServeOptions(data=theirs, model="tiny-random", device="cpu"))
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o755
     data = tmp_path / "data"
-    data.mkdir(mode=0o755)
-    data.chmod(0o755)
+    serve(ServeOptions(data=data, model="tiny-random", device="cpu", no_auth=True))  # made private by Mist
+    capsys.readouterr()
+    data.chmod(0o755)  # opened up later: Mist's own folder (it has mist.db) is made private again
     with pytest.raises(ValueError, match="--no-auth: only on loopback"):
         serve(ServeOptions(data=data, host="0.0.0.0", model="tiny-random", device="cpu", no_auth=True))
     serve(ServeOptions(data=data, host="0.0.0.0", model="tiny-random", device="cpu"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ def open_store(data: Path, database: str | None) -> JobStore:
     keeps other accounts out of everything inside it, whatever the files' own modes) and the database file 0600."""
     if data.exists() and not data.is_dir():
         raise ValueError(f"--data {data}: is a file, not a folder")
+    mode = stat.S_IMODE(data.stat().st_mode) if data.is_dir() else None
+    if mode is not None and mode & 0o077 and not (data / "mist.db").exists():
+        # A folder of the user's, not one Mist made: its permissions are not Mist's to change.
+        raise ValueError(f"--data {data}: other accounts can open this folder (mode {mode:o}); name a new folder, or "
+                         f"make it private first (chmod 700 {data})")
     try:
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
         data.chmod(0o700)
