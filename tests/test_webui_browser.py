@@ -258,6 +258,7 @@ def test_phone_layout_one_job_per_page_and_a_reload_cancels_the_job(server, brow
         page.locator("#mist-language").get_by_text("中文", exact=True).tap()  # labels through gradio's i18n
         page.locator("#mist-run", has_text="开始保护").wait_for()
         expect(page.locator("#mist-artwork")).to_contain_text("你的作品")
+        expect(page.get_by_role("tab", name="多张图片")).to_be_visible()  # every tab, not only the selected one
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "mist-webui-phone.png"), full_page=True)
         print(f"page at the failure: {SCREENSHOTS / 'mist-webui-phone.png'}; server log:\n{server.log.read_text()}")

@@ -128,7 +128,7 @@ class _Page:
             with gr.Tab(L("tab_batch"), id="batch") as self.tab_batch:
                 self.files = gr.File(label=L("files"), file_count="multiple", type="filepath", elem_id="mist-files")
                 gr.Markdown(L("files_hint"))
-            with gr.Tab(L("tab_evaluate"), id="evaluate"):
+            with gr.Tab(L("tab_evaluate"), id="evaluate") as self.tab_evaluate:
                 gr.Markdown(L("evaluate_intro"))
                 self.evaluate_strength = gr.Slider(0.05, 1.0, value=EVALUATE_STRENGTH, step=0.05,
                                                    label=L("evaluate_strength"), elem_id="mist-evaluate-strength")
@@ -349,7 +349,10 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     p.method.change(lambda name: [gr.update(visible=name in p.shared[param][1]) for param in p.params], [p.method],
                     list(p.params.values()), **quiet)
     p.gallery.select(on_select, [p.results], [p.original, p.protected, p.perturbation], **quiet)
-    p.language.change(lambda lang: ui.banner(lang), [p.language], [p.banner], js=SET_GRADIO_LOCALE, **quiet)
+    # gradio re-translates the tab labels it shows only for the selected tab: the switch sets all of them itself.
+    tabs = {"tab_single": p.tab_single, "tab_batch": p.tab_batch, "tab_evaluate": p.tab_evaluate}
+    p.language.change(lambda lang: (ui.banner(lang), *(gr.Tab(label=text(lang, key)) for key in tabs)), [p.language],
+                      [p.banner, *tabs.values()], js=SET_GRADIO_LOCALE, **quiet)
     demo.load(on_load, None, [p.language, p.banner], **quiet)
     demo.unload(on_unload)
 
