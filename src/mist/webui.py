@@ -178,8 +178,7 @@ def artwork_upload(path: str | os.PathLike | None, editor: dict[str, Any] | None
 def preview(path: Path, folder: Path) -> Path:
     """A PNG of the artwork, upright, at most PREVIEW_SIDE pixels on its longest side, in `folder` under a unique
     name starting with PREVIEW_PREFIX (the mask is painted on it). Raises ValueError for an unreadable image."""
-    picture = image_io.read_image(path)
-    picture.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
+    picture = _scaled_for_screen(image_io.read_image(path))
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREVIEW_PREFIX}{secrets.token_hex(8)}.png"
     picture.save(target, format="PNG")

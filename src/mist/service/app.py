@@ -28,7 +28,7 @@ from starlette.formparsers import MultiPartException
 from ..config import ProtectConfig, steps_per_image
 from ..estimate import Estimate
 from ..files import write_png_zip
-from ..model_names import TEST_MODEL_STEPS, TINY_RANDOM
+from ..model_names import TEST_MODEL_STEPS, names_test_model
 from ..version import __version__
 from .apidocs import api_reference_html
 from .metrics import metrics_text
@@ -172,7 +172,7 @@ def _accept(service: Service, who: Caller, key: str | None, texts: dict[str, str
     if sum(_size(upload.file) for group in uploads.values() for upload in group) > who.limits.max_upload_bytes:
         raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
     settings, metadata = parse_settings(texts)
-    if "steps" not in settings and service.model_name == TINY_RANDOM:
+    if "steps" not in settings and names_test_model(service.model_name):
         settings["steps"] = TEST_MODEL_STEPS
     job_id = new_job_id()
     folder = job_folder(service.data, job_id)
@@ -304,9 +304,8 @@ def job_status(service: Service, job: JobRecord) -> dict[str, Any]:
     """What GET /v1/jobs/{id} answers: the job's state, each image's progress, and the time left (`mist.estimate`:
     every image's step count known from the settings, block mode's tiles included, and the worker's smoothed time
     per step)."""
-    defaults = ProtectConfig()
-    per_image = steps_per_image(int(job.settings.get("steps", defaults.steps)),
-                                int(job.settings.get("block_num", defaults.block_num)), service.worker.batch_size)
+    per_image = steps_per_image(int(job.settings.get("steps", ProtectConfig.steps)),
+                                int(job.settings.get("block_num", ProtectConfig.block_num)), service.worker.batch_size)
     estimate = Estimate([per_image] * len(job.images), job.seconds_per_step)
     for position, image in enumerate(job.images):
         if image.state in ("done", "failed"):

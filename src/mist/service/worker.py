@@ -110,8 +110,8 @@ class Worker:
 
     def _loop(self) -> None:
         """Take jobs until stopped. A failure of the queue's bookkeeping (the database locked or gone) never ends the
-        loop: it is logged and said in `stats.fault`, and the loop tries again; a job whose end could not be recorded
-        keeps its lease until it runs out and is then taken again (its finished images are not redone)."""
+        loop: it is logged and said in `stats.fault`, and the loop tries again; a job's end is recorded once the
+        database answers again (`_record_end`)."""
         last_sweep = 0.0
         while not self._stop.is_set():
             if time.monotonic() - last_sweep >= self.sweep_seconds:
