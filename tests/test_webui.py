@@ -606,3 +606,96 @@ def test_previews_are_deleted_with_the_next_job_or_when_the_page_goes_away(engin
     ui.closed("page")
     assert not any(path.exists() for o in second.outputs for path in (o.original, o.shown, o.perturbation))
     assert all(o.png.exists() for o in second.outputs)
+
+
+# --------------------------------------------------------------------------
+# Reloads: the page is found again by its tab's key
+
+
+KEY = "0123456789abcdef" * 2  # a tab's key as the browser makes it (32 hex digits)
+
+
+def test_a_reload_finds_the_running_job_again_follows_it_and_shows_its_result(engine, tmp_path):
+    uploads = tmp_path / "uploads"
+    (uploads / "h1").mkdir(parents=True)
+    source = noise(uploads / "h1" / "art.png")
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads, reload_grace_s=HANG_GUARD_S)
+    assert ui.attach("before", KEY, "en") == webui.Resumed("", None, False)  # a new page
+    reloaded: list[webui.Resumed] = []
+    following: list[webui.Resumed] = []
+
+    def progress(fraction: float, desc: str) -> None:
+        if "step 2 of" in desc and not reloaded:
+            ui.closed("before")  # the reload: the old page goes away (gradio's unload)...
+            reloaded.append(ui.attach("after", KEY, "en"))  # ...and the new one comes with the same key
+        elif reloaded and not following:
+            following.append(ui.follow("after", "en"))
+
+    ui.artwork(source, "en", "before")
+    ui.start("en", "before")
+    result = ui.run("single", source, None, None, Settings(**{**FAST, "steps": 4}), "en", "before", progress)
+    assert not result.cancelled and len(result.outputs) == 1  # the reload did not stop the job
+    [again] = reloaded
+    assert again.running and again.result is None and "step 2 of 4" in again.status
+    assert again.status.startswith(webui_text.text("en", "reload_running", latest="")[:30])
+    assert following[0].running and "step" in following[0].status
+    done = ui.follow("after", "en")  # the next tick after the job ended: its result
+    assert not done.running and done.result is result and result.uploads_removed and not source.exists()
+    # A later reload shows the finished job again.
+    ui.closed("after")
+    shown = ui.attach("later", KEY, "en")
+    assert shown.result is result and shown.status == webui_text.text("en", "reload_found")
+    assert result.outputs[0].original.exists()  # its previews are still there to show
+    assert ui.start("en", "later") == webui_text.text("en", "starting")  # and the page is usable
+
+
+def test_a_page_that_does_not_come_back_is_closed_for_good_after_the_grace(engine, tmp_path):
+    ui = WebUI(engine, tmp_path / "work", reload_grace_s=0.05)
+    source = noise(tmp_path / "art.png")
+    attached: list[webui._Page] = []
+
+    def progress(fraction: float, desc: str) -> None:
+        if "step" in desc and not attached:
+            attached.append(ui._page("page"))
+            ui.closed("page")
+            assert attached[0].cancel.wait(HANG_GUARD_S)  # the grace ended without a reload: cancelled
+
+    ui.attach("page", KEY, "en")
+    ui.start("en", "page")
+    result = ui.run("batch", None, None, [source], Settings(**{**FAST, "steps": 1000}), "en", "page", progress)
+    assert result.cancelled and attached[0].closed
+    assert ui.attach("too late", KEY, "en") == webui.Resumed("", None, False)  # nothing to find: a new page
+    assert not any((tmp_path / "work").rglob("previews/*"))
+
+
+def test_a_reload_while_the_job_waits_says_it_was_not_run(engine, tmp_path):
+    ui = WebUI(engine, tmp_path / "work", reload_grace_s=HANG_GUARD_S)
+    ui.attach("before", KEY, "zh")
+    ui.start("zh", "before")
+    ui.closed("before")
+    assert ui.run("batch", None, None, [noise(tmp_path / "a.png")], Settings(**FAST), "zh", "before") is None
+    assert ui.attach("after", KEY, "zh") == webui.Resumed(webui_text.text("zh", "reload_dropped"), None, False)
+    assert ui.start("en", "other") == webui_text.text("en", "starting")  # nobody waits for it
+    ui.close_all()
+
+
+@pytest.mark.parametrize("key", ["", None, "../etc", "0" * 31, "g" * 32, KEY.upper(), {"a": 1}])
+def test_a_malformed_key_starts_a_page_that_cannot_be_found_again(engine, tmp_path, key):
+    ui = WebUI(engine, tmp_path / "work", reload_grace_s=HANG_GUARD_S)
+    ui.attach("page", key, "en")
+    assert ui._page("page").key is None
+    ui.closed("page")
+    assert ui._away == {}
+
+
+def test_a_duplicated_tab_gets_a_page_of_its_own(engine, tmp_path):
+    """A duplicated tab has a copy of the first one's key while the first is open: it does not take over its job."""
+    ui = WebUI(engine, tmp_path / "work", reload_grace_s=HANG_GUARD_S)
+    ui.attach("first", KEY, "en")
+    ui.start("en", "first")
+    assert ui.attach("copy", KEY, "en") == webui.Resumed("", None, False)
+    assert ui._page("copy") is not ui._page("first") and ui._page("copy").key is None
+    assert ui._page("first").phase == "pending"
+    ui.closed("copy")
+    assert ui._away == {}
+    ui.close_all()

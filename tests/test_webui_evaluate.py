@@ -120,3 +120,24 @@ def test_cancel_stops_an_evaluation_at_its_next_unit_and_keeps_the_originals(eng
     assert kept.exists() and ui._page("page").kept == kept and ui._page("page").phase == "idle"
     again = ui.evaluate(EVALUATE_STRENGTH, False, "en", "page")  # runs to the end this time
     assert again.grid and again.originals_removed and not kept.exists()
+
+
+def test_a_reload_stops_the_evaluation_and_the_page_found_again_can_run_it_once_more(engine, tmp_path):
+    key = "ab" * 16
+    ui, result = protected_page(engine, tmp_path)
+    ui.reload_grace_s = 600.0
+    ui.attach("page", key, "en")
+    kept = ui._page("page").kept
+    seen = []
+
+    def progress(fraction: float, desc: str) -> None:
+        seen.append(desc)
+        if len(seen) == 1:
+            ui.closed("page")  # reloaded while the check runs
+
+    view = ui.evaluate(EVALUATE_STRENGTH, True, "en", "page", progress)
+    assert view.summary == text("en", "evaluate_cancelled") and len(seen) == 1
+    again = ui.attach("reloaded", key, "en")
+    assert again.status == text("en", "reload_evaluate") and again.result is result
+    assert kept.exists() and ui.evaluate(EVALUATE_STRENGTH, False, "en", "reloaded").grid
+    assert not kept.exists()

@@ -13,9 +13,14 @@ paint the mask on, and the painted mask is scaled to the artwork's own size.
 
 Safety: the server listens on 127.0.0.1 unless `--listen` or `--share` is given (with a warning when there is no
 `--auth`); uploads are size-limited; one attack runs at a time, later jobs wait in gradio's queue; a bad upload gets a
-message in the page. A job's uploaded originals are deleted when the job ends, and a page that goes away (closed or
-reloaded) cancels its job and deletes its uploads. The Evaluate tab needs the originals of the page's last job: a copy
-of them stays in that job's folder until the evaluation ran, the page's next job starts or the page goes away.
+message in the page. A job's uploaded originals are deleted when the job ends.
+
+A page is known to the server by a random key the browser keeps for its tab (sessionStorage), so a reload finds the
+page's job again: a running job goes on and the reloaded page follows it, a finished one is shown again, one that was
+still waiting for its turn is reported as not run. A page that goes away and does not come back within
+RELOAD_GRACE_S is closed for good: its job is cancelled and its files deleted. The Evaluate tab needs the originals of
+the page's last job: a copy of them stays in that job's folder until the evaluation ran, the page's next job starts or
+the page is closed for good; an evaluation is stopped at once when its page goes away.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ JOB_MAX_AGE_S = 24 * 3600  # job folders older than this are removed when a new 
 EVALUATE_STRENGTH = 0.35  # the Evaluate tab's img2img strength by default (the middle one of Mist's protocol)
 EVALUATE_STEPS = 20  # DDIM steps of the full schedule there (strength x steps of them run): usable on a CPU
 EVALUATE_PURIFY = "jpeg:75"  # the purification its checkbox adds
+RELOAD_GRACE_S = 30.0  # how long a page that went away may come back (a reload) before its job is cancelled
+PAGE_KEY_CHARACTERS = frozenset("0123456789abcdef")
+PAGE_KEY_LENGTH = 32  # the browser's key of its tab: 128 random bits in hex
 
 _DEFAULTS = ProtectConfig()
 
@@ -441,13 +449,19 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 @dataclass
 class _Page:
-    """What the server keeps for one open page (a gradio session): its cancel flag, where its job is, and the uploads
-    to delete when that job ends or the page goes away."""
+    """What the server keeps for one open page (a browser tab, across its reloads): its cancel flag, where its job
+    is, and the uploads to delete when that job ends or the page goes away."""
 
     cancel: threading.Event = field(default_factory=threading.Event)
     phase: str = "idle"  # "idle", "pending" (Protect pressed, the job waits for its turn) or "running"
+    activity: str = "protect"  # what runs while the phase is "running": "protect" or "evaluate"
+    key: str | None = None  # the tab's key (see `WebUI.attach`); None: the page cannot be found again
+    latest: str = ""  # the job's last progress line, for a reloaded page that follows it
+    result: JobResult | None = None  # the last finished job's result, shown again after a reload
+    notice: str = ""  # what a reloaded page is told about its job (a key of `text`), once
+    expiry: threading.Timer | None = None  # closes the page for good unless it comes back (a reload) before
     uploads: set[Path] = field(default_factory=set)
-    closed: bool = False  # the page went away; forgotten once its job ends
+    closed: bool = False  # closed for good: it went away and did not come back in time
     served: set[Path] = field(default_factory=set)  # gradio's folders holding what it served of this page's previews
     kept: Path | None = None  # copies of the last job's originals, for the Evaluate tab (see `WebUI.evaluate`)
     shown: list[Path] = field(default_factory=list)  # the last job's previews (the original's among them)
@@ -458,16 +472,20 @@ class WebUI:
     uploads deleted when its job ends or the page goes away."""
 
     def __init__(self, engine: ModelCache, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, *,
-                 upload_root: Path | None = None, served_to_others: bool = False) -> None:
+                 upload_root: Path | None = None, served_to_others: bool = False,
+                 reload_grace_s: float = RELOAD_GRACE_S) -> None:
         """`workdir`: where jobs write (private to this server); `upload_root`: gradio's upload folder, the only
         place whose files this server deletes as uploads (None: delete none); `served_to_others`: --listen or
-        --share (the page says where images are processed)."""
+        --share (the page says where images are processed); `reload_grace_s`: how long a page that went away is
+        kept for its reload."""
         self.engine = engine
         self.workdir = Path(workdir)
         self.max_upload_mb = max_upload_mb
         self.upload_root = Path(upload_root).resolve() if upload_root is not None else None
         self.served_to_others = served_to_others
-        self._pages: dict[str, _Page] = {}
+        self.reload_grace_s = reload_grace_s
+        self._pages: dict[str, _Page] = {}  # by gradio session (one per page load)
+        self._away: dict[str, _Page] = {}  # pages that went away and may come back, by key
         self._pages_lock = threading.Lock()
 
     @property
@@ -521,7 +539,7 @@ class WebUI:
             if page.phase == "running":
                 return None
             page.phase = "pending"
-            ahead = sum(1 for other in self._pages.values() if other is not page and other.phase != "idle")
+            ahead = sum(1 for other in self._every_page() if other is not page and other.phase != "idle")
         page.cancel.clear()
         return text(lang, "waiting", ahead=ahead) if ahead else text(lang, "starting")
 
@@ -529,20 +547,93 @@ class WebUI:
         self.cancel_flag(session).set()
         return text(lang, "cancel_requested")
 
+    def attach(self, session: str | None, key: str | None, lang: str) -> Resumed:
+        """A page was loaded with its tab's `key` (kept by the browser across reloads; with the login's user name
+        when there is one): when that page went away less than `reload_grace_s` ago, it is this one again (its
+        running job goes on, its last result is shown again). A key that is malformed, unknown or held by another
+        open page (a duplicated tab) starts a new page; only the first of them can be found again."""
+        key = key if _well_formed(key) else None
+        with self._pages_lock:
+            page = self._away.pop(key, None) if key else None
+            if page is None:
+                page = self._pages.setdefault(session or "", _Page())
+                held = any(other.key == key for other in self._pages.values() if other is not page)
+                page.key = None if held else key
+                return Resumed("", None, False)
+            if page.expiry is not None:
+                page.expiry.cancel()
+            self._pages[session or ""] = page
+            notice, page.notice = page.notice, ""
+            if page.phase == "running" and page.activity == "protect":
+                return Resumed(text(lang, "reload_running", latest=page.latest or text(lang, "starting")), None,
+                               True)
+            message = text(lang, notice or "reload_found") if notice or page.result is not None else ""
+            return Resumed(message, page.result, False)
+
+    def follow(self, session: str | None, lang: str) -> Resumed:
+        """How the page's job is doing, for a page that found its running job again after a reload: the last progress
+        line while it runs (`running`), then its result."""
+        with self._pages_lock:
+            page = self._pages.get(session or "")
+            if page is None:
+                return Resumed("", None, False)
+            if page.phase == "running" and page.activity == "protect":
+                return Resumed(page.latest or text(lang, "starting"), None, True)
+            return Resumed("", page.result, False)
+
     def closed(self, session: str | None) -> None:
-        """The page went away (closed or reloaded): cancel its job (it stops after the current step, freeing the
-        queue) and delete its uploads; a running job deletes its own when it ends. A job still waiting for its turn
-        is dropped at once: it will not run (`run` finds no pressed Protect) and no other page waits for it."""
-        page = self._page(session)
+        """The page went away (closed or reloaded). A job still waiting for its turn is dropped at once: it will not
+        run (`run` finds no pressed Protect) and no other page waits for it; an evaluation is cancelled; the uploads
+        of a page without a job are deleted. A running protect job goes on: the page is kept for `reload_grace_s`
+        so that its reload finds it again (`attach`), and is closed for good after that (`_abandon`)."""
+        with self._pages_lock:
+            page = self._pages.pop(session or "", None)
+            if page is None:
+                return
+            if page.phase == "pending":
+                page.phase = "idle"
+                page.notice = "reload_dropped"
+            if page.phase == "running" and page.activity == "evaluate":
+                page.cancel.set()
+                page.notice = "reload_evaluate"
+            if page.phase == "idle":
+                self._discard(page)  # the reloaded page no longer shows the artwork chosen before
+            if page.key is None or self.reload_grace_s <= 0:
+                self._abandon(page)
+                return
+            self._away[page.key] = page
+            page.expiry = threading.Timer(self.reload_grace_s, self._expire, (page,))
+            page.expiry.daemon = True
+            page.expiry.start()
+
+    def _every_page(self) -> list[_Page]:
+        """The open pages and those kept for their reload (with the pages lock held)."""
+        return [*self._pages.values(), *self._away.values()]
+
+    def _expire(self, page: _Page) -> None:
+        with self._pages_lock:
+            if self._away.get(page.key or "") is page:  # not found again meanwhile
+                del self._away[page.key]
+                self._abandon(page)
+
+    def _abandon(self, page: _Page) -> None:
+        """Close a page for good (with the pages lock held): cancel its job (it stops after the current step,
+        freeing the queue) and delete its files; a running job deletes its own when it ends (`run`)."""
         page.closed = True
         page.cancel.set()
+        if page.phase != "running":
+            self._discard(page)
+            _drop_kept(page)
+            self._drop_previews(page)
+
+    def close_all(self) -> None:
+        """The server stops: stop the timers of the pages kept for a reload (their files go with the server's
+        private folder)."""
         with self._pages_lock:
-            if page.phase in ("idle", "pending"):
-                page.phase = "idle"
-                self._pages.pop(session or "", None)
-                self._discard(page)
-                _drop_kept(page)
-                self._drop_previews(page)
+            for page in self._away.values():
+                if page.expiry is not None:
+                    page.expiry.cancel()
+            self._away.clear()
 
     def uploaded(self, paths: Sequence[str | os.PathLike] | None, session: str | None) -> None:
         """Files arrived in the several-images tab: they are this page's (deleted with its job or when it goes away,
@@ -566,7 +657,7 @@ class WebUI:
             page = self._pages.get(session or "")
             if page is None or page.phase != "pending":  # a second tap, or the page went away while it waited
                 return None
-            page.phase = "running"
+            page.phase, page.activity, page.latest, page.result = "running", "protect", "", None
         _drop_kept(page)  # the Evaluate tab only ever checks the page's last job
         with self._pages_lock:
             self._drop_previews(page)  # the page shows only its last job's
@@ -579,8 +670,14 @@ class WebUI:
                 uploads = [upload] if upload else []
             page.uploads.update(upload.path for upload in uploads)
             page.uploads.update(Path(path) for path in (editor or {}).get("uploaded", []))  # the editor's files
+            say = progress or (lambda fraction, desc: None)
+
+            def heard(fraction: float, desc: str) -> None:
+                page.latest = desc
+                say(fraction, desc)
+
             result = run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=page.cancel,
-                             progress=progress, max_upload_bytes=self.max_upload_bytes)
+                             progress=heard, max_upload_bytes=self.max_upload_bytes)
             page.kept = _keep_originals(result.outputs)
             page.shown = [path for o in result.outputs for path in (o.original, o.shown, o.perturbation) if path]
         finally:
@@ -590,9 +687,9 @@ class WebUI:
                 if page.closed:
                     _drop_kept(page)
                     self._drop_previews(page)
-                    self._pages.pop(session or "", None)
         result.uploads_removed = removed
         result.originals_kept = page.kept is not None
+        page.result = result
         return result
 
     def evaluate(self, strength: float, jpeg: bool, lang: str, session: str | None,
@@ -611,7 +708,7 @@ class WebUI:
                 return EvaluationView([], text(lang, "busy"))
             if page.kept is None:
                 return EvaluationView([], text(lang, "evaluate_nothing"))
-            page.phase = "running"
+            page.phase, page.activity = "running", "evaluate"
             page.cancel.clear()
         started = time.perf_counter()
         say = progress or (lambda fraction, desc: None)
@@ -640,10 +737,10 @@ class WebUI:
             with self._pages_lock:
                 page.phase = "idle"
                 folder = page.kept.parent if page.kept is not None else None
-                # A cancelled check can be run again: the originals stay until it ran or the page goes away.
+                # A cancelled check can be run again: the originals stay until it ran or the page is closed.
                 removed = _drop_kept(page) if not page.cancel.is_set() or page.closed else False
                 if page.closed:
-                    self._pages.pop(session or "", None)
+                    self._drop_previews(page)
         view = evaluation_view(evaluation, folder / "evaluation", lang)
         view.summary = "\n\n".join(
             [view.summary, text(lang, "evaluate_done", images=len(evaluation.images),
@@ -657,7 +754,7 @@ class WebUI:
         """Delete the previews of the page's last job (the original's is an unprotected copy of the artwork, at up
         to PREVIEW_SIDE pixels) and the copies gradio made of them to serve them, unless another page shows a file
         of the same name. The protected PNGs and the ZIP stay for download."""
-        held = {path.name for other in self._pages.values() if other is not page for path in other.shown}
+        held = {path.name for other in self._every_page() if other is not page for path in other.shown}
         for path in page.shown:
             path.unlink(missing_ok=True)
             served = list(self.upload_root.glob(f"*/{path.name}")) if self.upload_root is not None else []
@@ -687,7 +784,7 @@ class WebUI:
                     removed = True
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        held = {path for other in self._pages.values() if other is not page for path in other.uploads}
+        held = {path for other in self._every_page() if other is not page for path in other.uploads}
         for path in page.uploads:
             if not (_inside(path, self.upload_root) or _inside(path, self.workdir)) or path in held:
                 continue  # not an upload, or another page uploaded the same file (gradio keeps one copy of it)
@@ -699,6 +796,21 @@ class WebUI:
                 pass
         page.uploads.clear()
         return removed
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a page shows of its job when it is loaded again (`WebUI.attach`) or follows it (`WebUI.follow`): a
+    status line ("" for none), the finished job's result to show (or None), and whether the job still runs."""
+
+    status: str
+    result: JobResult | None
+    running: bool
+
+
+def _well_formed(key: str | None) -> bool:
+    return (isinstance(key, str) and len(key.rpartition("\n")[2]) == PAGE_KEY_LENGTH
+            and set(key.rpartition("\n")[2]) <= PAGE_KEY_CHARACTERS)
 
 
 @dataclass

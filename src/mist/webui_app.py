@@ -54,6 +54,18 @@ SHOW_RESULT = """() => {
     }
 }"""
 
+# The tab's key, which the server knows the page by across reloads (`WebUI.attach`): 128 random bits kept in the tab's
+# sessionStorage (a reload keeps it, another tab has its own); crypto.getRandomValues works on plain http too.
+PAGE_KEY = """() => {
+    let key = sessionStorage.getItem("mist-page");
+    if (!/^[0-9a-f]{32}$/.test(key || "")) {
+        key = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+        sessionStorage.setItem("mist-page", key);
+    }
+    return key;
+}"""
+FOLLOW_EVERY_S = 1.0  # how often a reloaded page asks how its running job is doing
+
 # The status line says what the job does, in the page's language; gradio's own timer and "queue:" or "processing"
 # badge over it would repeat that in English.
 CSS = "#mist-status [data-testid=status-tracker] { display: none !important; }"
@@ -111,6 +123,8 @@ class _Page:
         self.banner = gr.Markdown("", elem_id="mist-banner")
         self.source = gr.State("single")
         self.results = gr.State([])
+        self.key = gr.Textbox(visible=False)  # the tab's key (PAGE_KEY), set when the page loads
+        self.follow = gr.Timer(FOLLOW_EVERY_S, active=False)  # ticks while a reloaded page follows its job
 
     def sources(self) -> None:
         """The tabs: one image (with the mask editor), several images, and Evaluate."""
@@ -214,7 +228,8 @@ def _warn(gr, lang: str, messages) -> None:
 
 
 def _run_handler(gr, ui: WebUI, param_names: list[str]):
-    """Protect's handler: a generator whose status line follows the job (every step), then the results replace it."""
+    """Protect's handler: a generator whose status line follows the job (every step), then the results replace it.
+    When the page goes away the job goes on (a reload finds it again, `WebUI.attach`)."""
 
     def on_run(request, source_value, artwork_value, editor_value, files_value, lang, epsilon_value, steps_value,
                size_value, method_value, low_vram_value, no_resize_value, robust_value, seed_value,
@@ -223,43 +238,57 @@ def _run_handler(gr, ui: WebUI, param_names: list[str]):
                             params=dict(zip(param_names, param_values, strict=True)), low_vram=low_vram_value,
                             no_resize=no_resize_value, robust=robust_value, seed=seed_value,
                             precision=precision_value, original_size=original_size_value)
-        session = _session(request)
-        news: queue.SimpleQueue = queue.SimpleQueue()
-        box: dict[str, Any] = {}
 
-        def work() -> None:
+        def work(progress) -> JobResult | None:
             try:
-                box["result"] = ui.run(source_value, artwork_value, editor_value, files_value, settings, lang,
-                                       session, lambda fraction, desc: news.put(desc))
+                return ui.run(source_value, artwork_value, editor_value, files_value, settings, lang,
+                              _session(request), progress)
             except Exception as exc:  # the page must say something; the server goes on
                 log.exception("web UI job failed")
-                box["result"] = JobResult(status=f"{type(exc).__name__}: {exc}")
-            finally:
-                news.put(None)
+                return JobResult(status=f"{type(exc).__name__}: {exc}")
 
-        threading.Thread(target=work, name="mist-job", daemon=True).start()
-        skip = [gr.skip()] * 6
-        finished = False
+        news = _in_thread(work)
         try:
-            while (desc := news.get()) is not None:
-                yield (_latest(news, desc), *skip)
-            finished = True
-        finally:
-            if not finished:  # gradio stopped listening (the page went away): stop the job
-                ui.cancel_flag(session).set()
-        result = box["result"]
+            while True:
+                yield (next(news), *[gr.skip()] * 6)
+        except StopIteration as end:
+            result = end.value
         if result is None:  # a second tap on Protect: the first one's job has already answered
-            yield (gr.skip(), *skip)
+            yield (gr.skip(),) * 7
             return
-        _warn(gr, lang, result.messages)
-        previews = [(str(o.original), str(o.shown or o.png), str(o.perturbation)) for o in result.outputs]
-        first = previews[0] if previews else (None, None, None)
-        several = len(result.outputs) > 1  # the gallery picks which image the three views show
-        yield (_status_markdown(result, lang), *first,
-               gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
-               [str(f) for f in result.files] or None, previews)
+        yield _shown(gr, result, lang)
 
     return _typed(gr, on_run)
+
+
+def _shown(gr, result: JobResult, lang: str, status: str = "") -> tuple:
+    """What the page shows of a finished job (warnings for its messages): the status line (`status` before it),
+    the three views of the first image, the gallery of several, the downloads and the previews by image."""
+    _warn(gr, lang, result.messages)
+    previews = [(str(o.original), str(o.shown or o.png), str(o.perturbation)) for o in result.outputs]
+    first = previews[0] if previews else (None, None, None)
+    several = len(result.outputs) > 1  # the gallery picks which image the three views show
+    return ("\n\n".join(filter(None, [status, _status_markdown(result, lang)])), *first,
+            gr.update(value=[(str(o.png), o.name) for o in result.outputs], visible=several),
+            [str(f) for f in result.files] or None, previews)
+
+
+def _in_thread(work):
+    """Run `work(progress)` on a thread of its own; a generator of the newest progress text (what was said while
+    the page was being updated is skipped) that returns what `work` returned."""
+    news: queue.SimpleQueue = queue.SimpleQueue()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = work(lambda fraction, desc: news.put(desc))
+        finally:
+            news.put(None)
+
+    threading.Thread(target=run, name="mist-job", daemon=True).start()
+    while (desc := news.get()) is not None:
+        yield _latest(news, desc)
+    return box.get("result")
 
 
 def _latest(news: queue.SimpleQueue, desc: str) -> str:
@@ -298,9 +327,23 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
             return None, None, None
         return tuple(previews[event.index])
 
-    def on_load(request):
+    def on_load(request, key):
+        """The page is loaded (or reloaded): its language, the banner, and its job when a reload found it again."""
         lang = detect_language(request.headers.get("accept-language") if request else None)
-        return lang, ui.banner(lang)
+        user = getattr(request, "username", None)
+        resumed = ui.attach(_session(request), f"{user}\n{key}" if user else key, lang)
+        return (lang, ui.banner(lang), *_resumed(resumed, lang))
+
+    def on_follow(lang, request):
+        return _resumed(ui.follow(_session(request), lang), lang)
+
+    def _resumed(resumed, lang):
+        """status, the seven views of a result, Protect's state and the follow timer's."""
+        following = gr.Timer(active=resumed.running)
+        if resumed.result is not None:
+            return (*_shown(gr, resumed.result, lang, resumed.status), gr.update(interactive=True), following)
+        status = resumed.status or gr.skip()
+        return (status, *[gr.skip()] * 6, gr.update(interactive=not resumed.running), following)
 
     def on_start(lang, request):
         said = ui.start(lang, _session(request))
@@ -315,9 +358,15 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
         return None, None, None, gr.update(interactive=True)
 
     def on_evaluate(request, strength_value, jpeg_value, lang):
-        view = ui.evaluate(strength_value, jpeg_value, lang, _session(request))
-        return view.summary, gr.update(value=[(str(path), caption) for path, caption in view.grid] or None,
-                                       columns=view.columns)
+        """The summary line follows the check (in the page's language), then the grid and verdicts replace it."""
+        news = _in_thread(lambda progress: ui.evaluate(strength_value, jpeg_value, lang, _session(request), progress))
+        try:
+            while True:
+                yield next(news), gr.skip()
+        except StopIteration as end:
+            view = end.value
+        yield view.summary, gr.update(value=[(str(path), caption) for path, caption in view.grid] or None,
+                                      columns=view.columns)
 
     def on_cancel(lang, request):
         return ui.cancel(lang, _session(request))
@@ -325,8 +374,8 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     def on_unload(request):
         ui.closed(_session(request))
 
-    for handler in (on_artwork, on_files, on_artwork_cleared, on_select, on_load, on_start, on_done, on_evaluate,
-                    on_cancel, on_unload):
+    for handler in (on_artwork, on_files, on_artwork_cleared, on_select, on_load, on_follow, on_start, on_done,
+                    on_evaluate, on_cancel, on_unload):
         _typed(gr, handler)
     p = page
     quiet = dict(queue=False, show_progress="hidden")
@@ -345,15 +394,20 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     p.cancel.click(on_cancel, [p.language], [p.status], **quiet)
     p.evaluate_run.click(on_evaluate, [p.evaluate_strength, p.evaluate_jpeg, p.language],
                          [p.evaluate_summary, p.evaluate_grid], concurrency_limit=1, concurrency_id="mist-attack",
-                         api_visibility="private")
+                         api_visibility="private", show_progress="hidden")
     p.method.change(lambda name: [gr.update(visible=name in p.shared[param][1]) for param in p.params], [p.method],
                     list(p.params.values()), **quiet)
     p.gallery.select(on_select, [p.results], [p.original, p.protected, p.perturbation], **quiet)
     # gradio re-translates the tab labels it shows only for the selected tab: the switch sets all of them itself.
     tabs = {"tab_single": p.tab_single, "tab_batch": p.tab_batch, "tab_evaluate": p.tab_evaluate}
     p.language.change(lambda lang: (ui.banner(lang), *(gr.Tab(label=text(lang, key)) for key in tabs)), [p.language],
-                      [p.banner, *tabs.values()], js=SET_GRADIO_LOCALE, **quiet)
-    demo.load(on_load, None, [p.language, p.banner], **quiet)
+                      [p.banner, *tabs.values()], js=SET_GRADIO_LOCALE, **quiet) \
+        .then(lambda: (gr.update(visible=False),) * 2, None, [p.artwork, p.files], **quiet) \
+        .then(lambda: (gr.update(visible=True),) * 2, None, [p.artwork, p.files], **quiet)  # remounted: gradio's
+    # upload boxes take their "Drop File Here" text in the language they were shown in first
+    shown = [p.status, p.original, p.protected, p.perturbation, p.gallery, p.downloads, p.results, p.run, p.follow]
+    demo.load(on_load, [p.key], [p.language, p.banner, *shown], js=PAGE_KEY, **quiet)
+    p.follow.tick(on_follow, [p.language], shown, **quiet)
     demo.unload(on_unload)
 
 
@@ -451,6 +505,7 @@ def main(args) -> int:
               " (the model is loaded on the first job)", flush=True)
         launch(ui, host=host, port=args.port, share=args.share, auth=auth, block=True, quiet=not args.share)
     finally:
+        ui.close_all()
         shutil.rmtree(root, ignore_errors=True)
         if gradio_temp is None:
             os.environ.pop("GRADIO_TEMP_DIR", None)

@@ -102,6 +102,12 @@ EN: dict[str, str] = {
     "preparing": "Image {image} of {images}: preparing",
     "done": "Done: {done} of {images} image(s) protected in {time}.",
     "cancel_requested": "Cancelling after the current step...",
+    "reload_running": "Found this page's job again after the reload: it goes on. {latest}",
+    "reload_found": "This page's last job, found again after the reload:",
+    "reload_dropped": ("The page was reloaded before its job started, so that job was not run: upload the image again "
+                       "and press Protect."),
+    "reload_evaluate": ("The page was reloaded during the evaluation, which was stopped. The originals are kept: you "
+                        "can run it again."),
     "cancelled": "Cancelled. {done} image(s) finished before the cancel are below.",
     "no_input": "Upload an image first.",
     "no_model": "No Stable Diffusion model was found, so nothing can be protected yet. How to get one:",
@@ -208,6 +214,10 @@ ZH: dict[str, str] = {
     "preparing": "第 {image}/{images} 张图片：准备中",
     "done": "完成：{images} 张图片中的 {done} 张已保护，用时 {time}。",
     "cancel_requested": "将在当前步骤结束后取消……",
+    "reload_running": "刷新后找回了本页面的任务，它仍在继续。{latest}",
+    "reload_found": "刷新后找回了本页面上一个任务的结果：",
+    "reload_dropped": "页面在任务开始之前被刷新，该任务没有运行：请重新上传图片并点击“开始保护”。",
+    "reload_evaluate": "页面在检验过程中被刷新，检验已停止。原图仍保留，可以重新检验。",
     "cancelled": "已取消。取消前完成的 {done} 张图片见下方。",
     "no_input": "请先上传图片。",
     "no_model": "没有找到 Stable Diffusion 模型，暂时无法进行保护。获取模型的方法：",
