@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,7 +183,6 @@ def quota(work: Path) -> dict[str, int]:
 
 
 def disconnect(work: Path) -> dict[str, int]:
-    import httpx
 
     data = work / "data"
     server = Server(data)

@@ -18,7 +18,7 @@ def wang_ssim(x: np.ndarray, y: np.ndarray) -> float:
     windows = lambda image: np.lib.stride_tricks.sliding_window_view(image, (11, 11))  # noqa: E731
     mean = lambda image: (windows(image) * window).sum(axis=(-2, -1))  # noqa: E731
     values = []
-    for a, b in zip(x, y):
+    for a, b in zip(x, y, strict=True):
         ma, mb = mean(a), mean(b)
         va, vb, cov = mean(a * a) - ma**2, mean(b * b) - mb**2, mean(a * b) - ma * mb
         c1, c2 = 0.01**2, 0.03**2

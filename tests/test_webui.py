@@ -699,3 +699,41 @@ def test_a_duplicated_tab_gets_a_page_of_its_own(engine, tmp_path):
     ui.closed("copy")
     assert ui._away == {}
     ui.close_all()
+
+
+def test_partial_uploads_that_browsers_abandoned_are_swept(engine, tmp_path):
+    """gradio writes an upload to uploads/tmp* and renames it when complete; a browser that hangs up midway leaves
+    the partial file (an unprotected fragment of the artwork) behind."""
+    uploads = tmp_path / "uploads"
+    (uploads / "h1").mkdir(parents=True)
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
+    stale, fresh, kept = uploads / "tmpabandoned", uploads / "tmpstillcoming", uploads / "h1" / "art.png"
+    for path in (stale, fresh, kept):
+        path.write_bytes(b"\x89PNG partial")
+    old = stale.stat().st_mtime - webui.STALE_UPLOAD_S - 1
+    os.utime(stale, (old, old))
+    os.utime(kept, (old, old))
+    assert ui.sweep() == 1
+    assert not stale.exists() and fresh.exists() and kept.exists()
+
+
+def test_the_image_editors_exports_are_swept_once_no_page_waits_for_them(engine, tmp_path):
+    """The browser uploads the editor's canvas (background.png: the preview, an unprotected copy; composite.png,
+    layer_N.png) with a job and again when the editor is cleared after it; what no page holds is swept, but not
+    while a page waits for its turn (its exports are read only when its job starts) and not when just uploaded."""
+    uploads = tmp_path / "uploads"
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
+    exports = []
+    for n, name in enumerate(("background.png", "composite.png", "layer_0.png", "layer_12.png", "art.png")):
+        (uploads / f"h{n}").mkdir(parents=True)
+        exports.append(uploads / f"h{n}" / name)
+        exports[-1].write_bytes(b"png")
+    old = exports[0].stat().st_mtime - webui.STALE_EXPORT_S - 1
+    for path in exports[1:]:
+        os.utime(path, (old, old))
+    ui.start("en", "waiting page")
+    assert ui.sweep() == 0  # a page waits: its exports may be among these
+    ui.closed("waiting page")
+    assert ui.sweep() == 3  # not the one just uploaded, nor the user's own file
+    assert [p.exists() for p in exports] == [True, False, False, False, True]
+    assert not (uploads / "h1").exists()

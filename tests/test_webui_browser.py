@@ -1,7 +1,7 @@
 """The web UI end to end in a real headless Chromium (Playwright), on the tiny random model, on a desktop and on a
 phone-sized screen: upload, paint a mask with the mouse, protect, download the PNG and check it; the phone layout; a
-reload during a run (the page finds its job again); the language switch; no unprotected original left behind. Needs Debian's chromium at
-/usr/bin/chromium and the playwright package (Playwright's own browser download is never used).
+reload during a run (the page finds its job again); the language switch; no unprotected original left behind. Needs
+Debian's chromium at /usr/bin/chromium and the playwright package (Playwright's own browser download is never used).
 
 The waits are hang guards only: every check waits for an event of the page (a text, a link, a disabled button), never
 for a time, so a slow or loaded machine makes the test slower, not wrong."""
@@ -255,7 +255,6 @@ def test_a_reload_finds_the_running_job_again_and_its_cancel_works(server, brows
         raise
 
 
-@pytest.mark.slow  # not reliable yet: some runs stall before the first job starts (see the issue 8 note)
 def test_phone_layout_one_job_per_page_a_reload_and_the_language_switch(server, browser, tmp_path):
     source = artwork(tmp_path / "art.jpg")
     page = open_page(browser, server, **PHONE)

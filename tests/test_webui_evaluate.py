@@ -141,3 +141,13 @@ def test_a_reload_stops_the_evaluation_and_the_page_found_again_can_run_it_once_
     assert again.status == text("en", "reload_evaluate") and again.result is result
     assert kept.exists() and ui.evaluate(EVALUATE_STRENGTH, False, "en", "reloaded").grid
     assert not kept.exists()
+
+
+def test_the_grid_goes_with_the_page(engine, tmp_path):
+    """The grid shows unprotected pictures (the original, its img2img): deleted when the page is closed, as the
+    job's previews are."""
+    ui, _ = protected_page(engine, tmp_path)
+    view = ui.evaluate(EVALUATE_STRENGTH, False, "en", "page")
+    assert view.grid and all(path.exists() for path, _ in view.grid)
+    ui.closed("page")
+    assert not any(path.exists() for path, _ in view.grid)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -69,6 +70,9 @@ EVALUATE_STRENGTH = 0.35  # the Evaluate tab's img2img strength by default (the 
 EVALUATE_STEPS = 20  # DDIM steps of the full schedule there (strength x steps of them run): usable on a CPU
 EVALUATE_PURIFY = "jpeg:75"  # the purification its checkbox adds
 RELOAD_GRACE_S = 30.0  # how long a page that went away may come back (a reload) before its job is cancelled
+STALE_UPLOAD_S = 600.0  # a partial upload (gradio's tmp* file) unchanged this long was abandoned by its browser
+STALE_EXPORT_S = 60.0  # an export of the image editor this old, held by no page, is not on its way to a job
+SWEEP_EVERY_S = 300.0  # how often the server looks for both
 PAGE_KEY_CHARACTERS = frozenset("0123456789abcdef")
 PAGE_KEY_LENGTH = 32  # the browser's key of its tab: 128 random bits in hex
 
@@ -487,6 +491,7 @@ class WebUI:
         self._pages: dict[str, _Page] = {}  # by gradio session (one per page load)
         self._away: dict[str, _Page] = {}  # pages that went away and may come back, by key
         self._pages_lock = threading.Lock()
+        self._stopping = threading.Event()
 
     @property
     def max_upload_bytes(self) -> int:
@@ -626,9 +631,47 @@ class WebUI:
             _drop_kept(page)
             self._drop_previews(page)
 
+    def sweep(self, now: float | None = None) -> int:
+        """Delete what browsers left in gradio's upload folder that no page holds; returns how many files:
+        - partial uploads: gradio writes an upload to a tmp* file and renames it when it is complete, so a browser
+          that hangs up midway leaves the file behind (deleted when unchanged for STALE_UPLOAD_S);
+        - the image editor's exports of its canvas (background.png, composite.png, layer_N.png: the preview, an
+          unprotected copy of the artwork, and the painted strokes), which the browser uploads with a job and again
+          when the editor is cleared after it. Deleted when older than STALE_EXPORT_S and no page waits for its
+          turn: a waiting page's exports are uploaded before its job starts and are read only then."""
+        if self.upload_root is None:
+            return 0
+        now = time.time() if now is None else now
+        with self._pages_lock:
+            waiting = any(page.phase == "pending" for page in self._every_page())
+            held = {path for page in self._every_page() for path in page.uploads}
+            stale = [(path, STALE_UPLOAD_S) for path in self.upload_root.glob("tmp*")]
+            if not waiting:
+                stale += [(path, STALE_EXPORT_S) for path in self.upload_root.glob("*/*")
+                          if path.name in EDITOR_FILES or re.fullmatch(r"layer_\d+\.png", path.name)]
+            removed = 0
+            for path, age in stale:
+                with contextlib.suppress(OSError):
+                    if path not in held and path.is_file() and now - path.stat().st_mtime > age:
+                        path.unlink()
+                        removed += 1
+                        if path.parent != self.upload_root:
+                            with contextlib.suppress(OSError):
+                                path.parent.rmdir()
+        return removed
+
+    def keep_clean(self, every_s: float = SWEEP_EVERY_S) -> None:
+        """Sweep every `every_s` seconds on a thread of its own, until `close_all`."""
+        def loop() -> None:
+            while not self._stopping.wait(every_s):
+                self.sweep()
+
+        threading.Thread(target=loop, name="mist-webui-sweep", daemon=True).start()
+
     def close_all(self) -> None:
-        """The server stops: stop the timers of the pages kept for a reload (their files go with the server's
-        private folder)."""
+        """The server stops: stop the sweeps and the timers of the pages kept for a reload (their files go with the
+        server's private folder)."""
+        self._stopping.set()
         with self._pages_lock:
             for page in self._away.values():
                 if page.expiry is not None:
@@ -690,6 +733,7 @@ class WebUI:
         result.uploads_removed = removed
         result.originals_kept = page.kept is not None
         page.result = result
+        self.sweep()
         return result
 
     def evaluate(self, strength: float, jpeg: bool, lang: str, session: str | None,
@@ -742,6 +786,10 @@ class WebUI:
                 if page.closed:
                     self._drop_previews(page)
         view = evaluation_view(evaluation, folder / "evaluation", lang)
+        with self._pages_lock:  # the grid shows unprotected pictures: they go as the job's previews do
+            page.shown += [path for path, _ in view.grid]
+            if page.closed:
+                self._drop_previews(page)
         view.summary = "\n\n".join(
             [view.summary, text(lang, "evaluate_done", images=len(evaluation.images),
                                 time=duration(time.perf_counter() - started, lang),

@@ -305,8 +305,18 @@ def _latest(news: queue.SimpleQueue, desc: str) -> str:
         desc = later
 
 
+QUIET = dict(queue=False, show_progress="hidden")  # events that answer at once, beside the queue of jobs
+
+
 def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     """Every event of the page, each calling a handler of `mist.webui`."""
+    _wire_inputs(gr, ui, page)
+    _wire_jobs(gr, ui, page)
+    _wire_page(gr, demo, ui, page)
+
+
+def _wire_inputs(gr, ui: WebUI, p: _Page) -> None:
+    """The tabs, the uploads, the method's parameters and the gallery's choice of views."""
 
     def on_artwork(path, lang, request):
         shown, problem = ui.artwork(path, lang, _session(request))
@@ -327,23 +337,21 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
             return None, None, None
         return tuple(previews[event.index])
 
-    def on_load(request, key):
-        """The page is loaded (or reloaded): its language, the banner, and its job when a reload found it again."""
-        lang = detect_language(request.headers.get("accept-language") if request else None)
-        user = getattr(request, "username", None)
-        resumed = ui.attach(_session(request), f"{user}\n{key}" if user else key, lang)
-        return (lang, ui.banner(lang), *_resumed(resumed, lang))
+    for handler in (on_artwork, on_files, on_artwork_cleared, on_select):
+        _typed(gr, handler)
+    p.tab_single.select(lambda: "single", None, p.source, **QUIET)
+    p.tab_batch.select(lambda: "batch", None, p.source, **QUIET)
+    p.artwork.upload(on_artwork, [p.artwork, p.language], [p.editor, p.status, p.artwork], show_progress="hidden",
+                     concurrency_id="mist-preview")
+    p.artwork.clear(on_artwork_cleared, None, [p.editor, p.status], **QUIET)
+    p.files.upload(on_files, [p.files], None, **QUIET)
+    p.method.change(lambda name: [gr.update(visible=name in p.shared[param][1]) for param in p.params], [p.method],
+                    list(p.params.values()), **QUIET)
+    p.gallery.select(on_select, [p.results], [p.original, p.protected, p.perturbation], **QUIET)
 
-    def on_follow(lang, request):
-        return _resumed(ui.follow(_session(request), lang), lang)
 
-    def _resumed(resumed, lang):
-        """status, the seven views of a result, Protect's state and the follow timer's."""
-        following = gr.Timer(active=resumed.running)
-        if resumed.result is not None:
-            return (*_shown(gr, resumed.result, lang, resumed.status), gr.update(interactive=True), following)
-        status = resumed.status or gr.skip()
-        return (status, *[gr.skip()] * 6, gr.update(interactive=not resumed.running), following)
+def _wire_jobs(gr, ui: WebUI, p: _Page) -> None:
+    """Protect (start, run, done), Cancel and Evaluate."""
 
     def on_start(lang, request):
         said = ui.start(lang, _session(request))
@@ -371,43 +379,56 @@ def _wire(gr, demo, ui: WebUI, page: _Page) -> None:
     def on_cancel(lang, request):
         return ui.cancel(lang, _session(request))
 
-    def on_unload(request):
-        ui.closed(_session(request))
-
-    for handler in (on_artwork, on_files, on_artwork_cleared, on_select, on_load, on_follow, on_start, on_done,
-                    on_evaluate, on_cancel, on_unload):
+    for handler in (on_start, on_done, on_evaluate, on_cancel):
         _typed(gr, handler)
-    p = page
-    quiet = dict(queue=False, show_progress="hidden")
-    p.tab_single.select(lambda: "single", None, p.source, **quiet)
-    p.tab_batch.select(lambda: "batch", None, p.source, **quiet)
-    p.artwork.upload(on_artwork, [p.artwork, p.language], [p.editor, p.status, p.artwork], show_progress="hidden",
-                     concurrency_id="mist-preview")
-    p.artwork.clear(on_artwork_cleared, None, [p.editor, p.status], **quiet)
-    p.files.upload(on_files, [p.files], None, **quiet)
-    p.run.click(on_start, [p.language], [p.status, p.run], js=SHOW_STATUS, trigger_mode="once", **quiet) \
+    p.run.click(on_start, [p.language], [p.status, p.run], js=SHOW_STATUS, trigger_mode="once", **QUIET) \
         .then(_run_handler(gr, ui, list(p.params)), [p.source, p.artwork, p.editor, p.files, p.language, *p.controls],
               [p.status, p.original, p.protected, p.perturbation, p.gallery, p.downloads, p.results],
               concurrency_limit=1, concurrency_id="mist-attack", api_visibility="private", show_progress="hidden") \
-        .then(on_done, None, [p.artwork, p.editor, p.files, p.run], **quiet) \
-        .then(None, None, None, js=SHOW_RESULT, **quiet)
-    p.cancel.click(on_cancel, [p.language], [p.status], **quiet)
+        .then(on_done, None, [p.artwork, p.editor, p.files, p.run], **QUIET) \
+        .then(None, None, None, js=SHOW_RESULT, **QUIET)
+    p.cancel.click(on_cancel, [p.language], [p.status], **QUIET)
     p.evaluate_run.click(on_evaluate, [p.evaluate_strength, p.evaluate_jpeg, p.language],
                          [p.evaluate_summary, p.evaluate_grid], concurrency_limit=1, concurrency_id="mist-attack",
                          api_visibility="private", show_progress="hidden")
-    p.method.change(lambda name: [gr.update(visible=name in p.shared[param][1]) for param in p.params], [p.method],
-                    list(p.params.values()), **quiet)
-    p.gallery.select(on_select, [p.results], [p.original, p.protected, p.perturbation], **quiet)
+
+
+def _wire_page(gr, demo, ui: WebUI, p: _Page) -> None:
+    """The page's load (a reload finds its job again) and unload, the follow timer and the language switch."""
+
+    def on_load(request, key):
+        """The page is loaded (or reloaded): its language, the banner, and its job when a reload found it again."""
+        lang = detect_language(request.headers.get("accept-language") if request else None)
+        user = getattr(request, "username", None)
+        resumed = ui.attach(_session(request), f"{user}\n{key}" if user else key, lang)
+        return (lang, ui.banner(lang), *_resumed(resumed, lang))
+
+    def on_follow(lang, request):
+        return _resumed(ui.follow(_session(request), lang), lang)
+
+    def _resumed(resumed, lang):
+        """status, the seven views of a result, Protect's state and the follow timer's."""
+        following = gr.Timer(active=resumed.running)
+        if resumed.result is not None:
+            return (*_shown(gr, resumed.result, lang, resumed.status), gr.update(interactive=True), following)
+        status = resumed.status or gr.skip()
+        return (status, *[gr.skip()] * 6, gr.update(interactive=not resumed.running), following)
+
+    def on_unload(request):
+        ui.closed(_session(request))
+
+    for handler in (on_load, on_follow, on_unload):
+        _typed(gr, handler)
     # gradio re-translates the tab labels it shows only for the selected tab: the switch sets all of them itself.
     tabs = {"tab_single": p.tab_single, "tab_batch": p.tab_batch, "tab_evaluate": p.tab_evaluate}
     p.language.change(lambda lang: (ui.banner(lang), *(gr.Tab(label=text(lang, key)) for key in tabs)), [p.language],
-                      [p.banner, *tabs.values()], js=SET_GRADIO_LOCALE, **quiet) \
-        .then(lambda: (gr.update(visible=False),) * 2, None, [p.artwork, p.files], **quiet) \
-        .then(lambda: (gr.update(visible=True),) * 2, None, [p.artwork, p.files], **quiet)  # remounted: gradio's
+                      [p.banner, *tabs.values()], js=SET_GRADIO_LOCALE, **QUIET) \
+        .then(lambda: (gr.update(visible=False),) * 2, None, [p.artwork, p.files], **QUIET) \
+        .then(lambda: (gr.update(visible=True),) * 2, None, [p.artwork, p.files], **QUIET)  # remounted: gradio's
     # upload boxes take their "Drop File Here" text in the language they were shown in first
     shown = [p.status, p.original, p.protected, p.perturbation, p.gallery, p.downloads, p.results, p.run, p.follow]
-    demo.load(on_load, [p.key], [p.language, p.banner, *shown], js=PAGE_KEY, **quiet)
-    p.follow.tick(on_follow, [p.language], shown, **quiet)
+    demo.load(on_load, [p.key], [p.language, p.banner, *shown], js=PAGE_KEY, **QUIET)
+    p.follow.tick(on_follow, [p.language], shown, **QUIET)
     demo.unload(on_unload)
 
 
@@ -454,6 +475,7 @@ def launch(ui: WebUI, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, sha
            auth: tuple[str, str] | None = None, block: bool = True, quiet: bool = False):
     """Build the page and serve it; with `block` False, return the running Blocks (call `.close()`)."""
     demo = build_app(ui)
+    ui.keep_clean()
     demo.launch(**launch_options(ui, demo, host=host, port=port, share=share, auth=auth),
                 prevent_thread_lock=not block, quiet=quiet)
     return demo

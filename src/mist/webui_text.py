@@ -96,7 +96,8 @@ EN: dict[str, str] = {
     "busy": "This page already has a job running; cancel it or wait for it to finish.",
     "warning": "Warning",
     "unusable": "{name} cannot be protected: {problem}",
-    "uploads_removed": "The uploaded original was deleted from the server; upload it again to protect it once more.",
+    "uploads_removed": ("The uploaded original was deleted from the server; upload it again to protect it once more. "
+                        "The views shown here go with the next job or when the page is closed."),
     "loading_model": "Loading the model (only on the first job)...",
     "progress": "Image {image} of {images}, step {step} of {steps}, about {eta} left",
     "preparing": "Image {image} of {images}: preparing",
@@ -208,7 +209,8 @@ ZH: dict[str, str] = {
     "busy": "本页面已有任务在运行；请取消它或等待它完成。",
     "warning": "警告",
     "unusable": "{name} 无法保护：{problem}",
-    "uploads_removed": "上传的原图已从服务器删除；如需再次保护，请重新上传。",
+    "uploads_removed": ("上传的原图已从服务器删除；如需再次保护，请重新上传。"
+                        "这里显示的预览会在下一个任务开始或页面关闭时删除。"),
     "loading_model": "正在加载模型（仅第一次任务需要）……",
     "progress": "第 {image}/{images} 张图片，第 {step}/{steps} 步，预计还需 {eta}",
     "preparing": "第 {image}/{images} 张图片：准备中",
