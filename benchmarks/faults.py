@@ -1,17 +1,31 @@
 """The HTTP service under faults: `mist serve` (tiny random model, 127.0.0.1 only) in its own process, broken on
 purpose, and what is left afterwards counted.
 
-    python benchmarks/faults.py [--only kill9,locked,disk-full,quota,disconnect]
+    python benchmarks/faults.py [--only kill9,kill9-upload,kill9-zip,locked,read-only,disk-full,disk-full-output,
+                                        quota,disconnect,disconnect-download]
 
 Scenarios (each with a fresh data folder; every one is bounded and stops its server at the end):
-- kill9: a job of several images; the server is killed with SIGKILL while the job is queued, mid-step, and after its
-  first image is written; each time a new server starts on the same folder and the job is awaited.
+- kill9: a job of several images; the server is killed with SIGKILL while the job is queued, mid-step, at the first
+  image's last step (its PNG is written next), and after its first image is written; each time a new server starts
+  on the same folder and the job is awaited.
+- kill9-upload: SIGKILL while a client is halfway through sending a 3-image upload: after a restart no job and no
+  file of it may exist.
+- kill9-zip: SIGKILL while the server builds and sends the ZIP of a finished 8-image job: after a restart the ZIP
+  downloads whole and no temporary file is left in the data folder.
 - locked: another process holds the database's write lock (SQLite's BEGIN EXCLUSIVE) for 45 s, longer than
   SQLite's 30 s wait, while a job runs; /v1/health is polled meanwhile; the job must finish once the lock is
   released, and a job queued after it too.
+- read-only: the data folder's file system (a tmpfs) became read-only between two runs of the server: the next
+  start refuses in one line and changes nothing. (The kernel refuses to remount it under a running server;
+  a database that refuses writes during a run is tested in tests/test_service.py.)
 - disk-full: the data folder on a 1 MiB tmpfs (needs root to mount; skipped otherwise), a 2.4 MB upload.
+- disk-full-output: the data folder on a small tmpfs that a filler file fills once the job is accepted: its outputs
+  cannot be written; the job must end failed with the reason, leave no partial PNG, and a job after the filler is
+  removed must run.
 - quota: 200 submissions at once with one token whose limit is 5 queued jobs.
 - disconnect: a client that sends half an upload and hangs up; the server must keep no folder of it and go on.
+- disconnect-download: a client that reads the first bytes of a job's ZIP and hangs up; the server goes on and the
+  ZIP downloads whole afterwards.
 
 Each row says: jobs lost (accepted but gone or never finished), results lost (a protected PNG that was done, then
 missing), wrong states (a finished job with an image not done, or an answer with the wrong status), unprotected
@@ -21,6 +35,7 @@ copies left (uploaded originals still on disk after their job ended). All four m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import socket
 import sqlite3
@@ -32,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.serve import Server  # noqa: E402  (mist serve in its own process, as the tests start it)
+from support.serve import MIST, Server  # noqa: E402  (mist serve in its own process, as the tests start it)
 
 SETTINGS = {"steps": 30, "input_size": 64}
 
@@ -77,9 +92,29 @@ def check_done(server: Server, data: Path, job: str, written: set[str]) -> dict[
             "wrong states": sum(state != "done" for state in states), "copies left": leftovers(data, job)}
 
 
+def zero() -> dict[str, int]:
+    return {"jobs lost": 0, "results lost": 0, "wrong states": 0, "copies left": 0}
+
+
+def wait_for(condition, seconds: float) -> bool:
+    """Poll `condition` until it holds (True) or `seconds` passed (False): a hang guard, not a timing."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def temporary_files(data: Path) -> int:
+    """Files an interrupted writer could leave: Mist's `.NAME.RANDOM.tmp` and anything named like a temporary."""
+    return sum(1 for path in data.rglob("*") if path.is_file() and (path.name.endswith(".tmp")
+                                                                     or path.name.startswith("tmp")))
+
+
 def kill9(work: Path) -> dict[str, int]:
-    total = {"jobs lost": 0, "results lost": 0, "wrong states": 0, "copies left": 0}
-    for stage in ("queued", "mid-step", "after an image"):
+    total = zero()
+    for stage in ("queued", "mid-step", "last step", "after an image"):
         data = work / stage.replace(" ", "-") / "data"
         server = Server(data)
         token = server.token
@@ -89,6 +124,8 @@ def kill9(work: Path) -> dict[str, int]:
                 deadline = time.monotonic() + 120
                 while api.status(job)["images"][0]["step"] < 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
+            elif stage == "last step":
+                wait_for(lambda job=job: api.status(job)["images"][0]["step"] >= SETTINGS["steps"] - 1, 300)
             elif stage == "after an image":
                 deadline = time.monotonic() + 300
                 while api.status(job)["images"][0]["state"] != "done" and time.monotonic() < deadline:
@@ -99,9 +136,177 @@ def kill9(work: Path) -> dict[str, int]:
         try:
             for name, count in check_done(server, data, job, written).items():
                 total[name] += count
+            total["copies left"] += temporary_files(data)
         finally:
             server.stop()
     return total
+
+
+def kill9_upload(work: Path) -> dict[str, int]:
+    data = work / "data"
+    server = Server(data)
+    token = server.token
+    body = b"".join(b"--x\r\nContent-Disposition: form-data; name=\"images\"; filename=\"%d.png\"\r\n\r\n%s\r\n"
+                    % (n, picture(n, 300)) for n in range(3)) + b"--x--\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x"
+                    b"\r\nAuthorization: Bearer " + token.encode() +
+                    f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+        time.sleep(1)
+        server.kill()
+    server = Server(data, token=token)
+    try:
+        with client(server) as api:
+            listed = api.server_status()["your_jobs"]
+        folders = list((data / "jobs").iterdir()) if (data / "jobs").is_dir() else []
+        result = zero()
+        result["wrong states"] = listed
+        result["copies left"] = len(folders) + temporary_files(data)
+        return result
+    finally:
+        server.stop()
+
+
+def download(server: Server, job: str) -> set[str]:
+    """The names in the job's ZIP, downloaded whole."""
+    import zipfile
+
+    import httpx
+
+    reply = httpx.get(f"{server.url}/v1/jobs/{job}/results", headers={"Authorization": f"Bearer {server.token}"},
+                      timeout=120)
+    reply.raise_for_status()
+    return set(zipfile.ZipFile(io.BytesIO(reply.content)).namelist())
+
+
+def finished_job(server: Server, images: int) -> str:
+    job = submit(server, images)
+    with client(server) as api:
+        api.wait(job, poll_seconds=0.2, timeout=600)
+    return job
+
+
+def kill9_zip(work: Path) -> dict[str, int]:
+    data = work / "data"
+    server = Server(data)
+    token = server.token
+    job = finished_job(server, 8)
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(f"GET /v1/jobs/{job}/results HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}"
+                    "\r\n\r\n".encode())
+        raw.recv(64)  # the answer has begun
+        server.kill()
+    server = Server(data, token=token)
+    try:
+        result = zero()
+        result["results lost"] = 8 - len(download(server, job))
+        result["copies left"] = temporary_files(data)
+        return result
+    finally:
+        server.stop()
+
+
+def disconnect_download(work: Path) -> dict[str, int]:
+    data = work / "data"
+    server = Server(data)
+    try:
+        job = finished_job(server, 8)
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                raw.sendall(f"GET /v1/jobs/{job}/results HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            f"Authorization: Bearer {server.token}\r\n\r\n".encode())
+                raw.recv(64)
+        result = zero()
+        result["results lost"] = 8 - len(download(server, job))
+        second = submit(server, 1, seed=20)  # the server goes on
+        for name, count in check_done(server, data, second, set()).items():
+            result[name] += count
+        result["copies left"] += temporary_files(data)
+        return result
+    finally:
+        server.stop()
+
+
+def healthy(server: Server) -> bool:
+    import httpx
+
+    return httpx.get(f"{server.url}/v1/health", timeout=30).status_code == 200
+
+
+def mounted(mount: Path, size: str) -> bool:
+    mount.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True).returncode == 0
+
+
+def job_ended(server: Server, job: str) -> dict:
+    with client(server) as api:
+        return api.wait(job, poll_seconds=0.2, timeout=600)
+
+
+def read_only(work: Path) -> dict[str, int] | None:
+    """A data folder on a file system that became read-only (a tmpfs remounted so between two runs of the server):
+    the next start must refuse in one line, without a traceback, and leave the folder as it was. (Remounting it
+    read-only under a running server is refused by the kernel while the database is open for writing; the store's
+    refusals during a run are tested in tests/test_service.py, read-only among them.)"""
+    mount = work / "data"
+    if not mounted(mount, "64m"):
+        return None
+    try:
+        server = Server(mount / "mist")
+        job = finished_job(server, 1)
+        server.stop()
+        before = sorted(str(path) for path in mount.rglob("*"))
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        started = subprocess.run([*MIST, "serve", "--data", str(mount / "mist"), "--model", "tiny-random",
+                                  "--device", "cpu", "--port", "1"], capture_output=True, text=True, timeout=300)
+        lines = (started.stdout + started.stderr).strip().splitlines()
+        print(f"  read-only: exit status {started.returncode}: {' | '.join(lines)}")
+        result = zero()
+        result["wrong states"] = int(started.returncode == 0 or len(lines) != 1 or "Traceback" in started.stderr)
+        result["results lost"] = int(sorted(str(path) for path in mount.rglob("*")) != before
+                                     or not (mount / "mist" / "jobs" / job / "out").is_dir())
+        return result
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def disk_full_output(work: Path) -> dict[str, int] | None:
+    mount = work / "data"
+    if not mounted(mount, "8m"):
+        return None
+    server = None
+    filler = mount / "filler"
+    try:
+        server = Server(mount / "mist")
+        job = submit(server, 2)
+        with open(filler, "wb") as fill:  # fill what is left, the job's outputs included
+            with contextlib.suppress(OSError):
+                while True:
+                    fill.write(b"\0" * 65536)
+                    fill.flush()
+        with client(server) as api:  # the job's images fail, or the queue cannot record it: not ready
+            wait_for(lambda: api.status(job)["state"] != "running" or not healthy(server), 300)
+            said = api.status(job)["state"], healthy(server)
+        filler.unlink()  # space again: whatever could not be recorded is recorded now
+        status = job_ended(server, job)
+        print(f"  disk-full-output: with the disk full the job was {said[0]} and health "
+              f"{'ok' if said[1] else '503'}")
+        second = submit(server, 1, seed=10)
+        after = check_done(server, mount / "mist", second, set())
+        out = mount / "mist" / "jobs" / job / "out"
+        partial = [path for path in out.rglob("*") if path.is_file()] if status["state"] != "done" else []
+        print(f"  disk-full-output: the job ended {status['state']} ({status.get('error') or 'no error'})")
+        result = zero()
+        result["wrong states"] = int(status["state"] == "done" or not status.get("error"))
+        result["results lost"] = len([p for p in partial if not p.name.endswith(".png")])
+        result["jobs lost"] = after["jobs lost"]
+        result["copies left"] = temporary_files(mount / "mist") + leftovers(mount / "mist", job)
+        return result
+    finally:
+        if server is not None:
+            server.stop()
+        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def locked(work: Path) -> dict[str, int]:
@@ -202,7 +407,9 @@ def disconnect(work: Path) -> dict[str, int]:
         server.stop()
 
 
-SCENARIOS = {"kill9": kill9, "locked": locked, "disk-full": disk_full, "quota": quota, "disconnect": disconnect}
+SCENARIOS = {"kill9": kill9, "kill9-upload": kill9_upload, "kill9-zip": kill9_zip, "locked": locked,
+             "read-only": read_only, "disk-full": disk_full, "disk-full-output": disk_full_output, "quota": quota,
+             "disconnect": disconnect, "disconnect-download": disconnect_download}
 
 
 def main() -> int:

@@ -451,9 +451,12 @@ def test_a_full_disk_or_any_fault_is_answered_in_json(service, painting, monkeyp
     assert service.store.count_jobs() == 0
 
 
-def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, models, painting, monkeypatch):
-    """The database refuses to record a job's end three times (locked, as by another process): the worker does not
-    die, says why while it waits, records the end once the database answers, and runs the job queued meanwhile."""
+@pytest.mark.parametrize("refusal", ["database is locked", "attempt to write a readonly database"])
+def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, models, painting, monkeypatch,
+                                                                      refusal):
+    """The database refuses to record a job's end three times (locked by another process, or read-only): the worker
+    does not die, says why while it waits, records the end once the database answers, and runs the job queued
+    meanwhile."""
     import sqlalchemy as sa
 
     service = make_service(tmp_path, models)
@@ -465,7 +468,7 @@ def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, 
         faults.append((service.worker.ready, service.worker.stats.fault))
         if refusals["left"] > 0:
             refusals["left"] -= 1
-            raise sa.exc.OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+            raise sa.exc.OperationalError("UPDATE jobs", {}, Exception(refusal))
         return real_finish(*args, **kwargs)
 
     monkeypatch.setattr(service.store, "finish", locked_finish)
@@ -484,7 +487,7 @@ def test_the_worker_outlives_a_database_that_fails_and_health_says_so(tmp_path, 
         assert http.get("/v1/health").status_code == 503
         assert http.get("/v1/status").json()["worker"] == "not ready: " + service.worker.stats.fault
     assert faults[0] == (True, None)  # the first attempt: nothing wrong yet
-    assert all(not ready and "database is locked" in fault for ready, fault in faults[1:4]), faults
+    assert all(not ready and refusal in fault for ready, fault in faults[1:4]), faults
     service.store.close()
 
 
