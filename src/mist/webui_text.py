@@ -83,7 +83,7 @@ EN: dict[str, str] = {
     "evaluate_intro": (
         "Does the protection hold? After a job, this runs img2img (what a mimic does) on each original and on its "
         "protected image with the same seed and compares the two results. The page keeps a copy of the last job's "
-        "originals for this until the check ran, the next job starts or the page is closed or reloaded."
+        "originals for this until the check ran, the next job starts or the page is closed."
     ),
     "evaluate_strength": "img2img strength",
     "evaluate_jpeg": "Also after JPEG q75 (a mimic's first purification)",
@@ -197,7 +197,7 @@ ZH: dict[str, str] = {
     "tab_evaluate": "效果检验",
     "evaluate_intro": (
         "保护是否有效？任务完成后，这里用相同的随机种子分别对每张原图和保护后的图片运行 img2img（模仿者的做法），"
-        "并比较两个结果。为此，本页面会保留上一个任务原图的副本，直到检验运行完、下一个任务开始或页面被关闭、刷新。"
+        "并比较两个结果。为此，本页面会保留上一个任务原图的副本，直到检验运行完、下一个任务开始或页面被关闭。"
     ),
     "evaluate_strength": "img2img 强度",
     "evaluate_jpeg": "同时检验 JPEG q75 压缩之后（模仿者最常用的净化手段）",
