@@ -737,3 +737,19 @@ def test_the_image_editors_exports_are_swept_once_no_page_waits_for_them(engine,
     assert ui.sweep() == 3  # not the one just uploaded, nor the user's own file
     assert [p.exists() for p in exports] == [True, False, False, False, True]
     assert not (uploads / "h1").exists()
+
+
+def test_the_server_sweeps_on_its_own_until_it_stops(engine, tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    ui = WebUI(engine, tmp_path / "work", upload_root=uploads)
+    stale = uploads / "tmpabandoned"
+    stale.write_bytes(b"")
+    old = stale.stat().st_mtime - webui.STALE_UPLOAD_S - 1
+    os.utime(stale, (old, old))
+    swept = threading.Event()
+    real_sweep = ui.sweep
+    ui.sweep = lambda: (real_sweep(), swept.set())  # type: ignore[method-assign]
+    ui.keep_clean(every_s=0.01)
+    assert swept.wait(HANG_GUARD_S) and not stale.exists()
+    ui.close_all()

@@ -72,7 +72,7 @@ EVALUATE_PURIFY = "jpeg:75"  # the purification its checkbox adds
 RELOAD_GRACE_S = 30.0  # how long a page that went away may come back (a reload) before its job is cancelled
 STALE_UPLOAD_S = 600.0  # a partial upload (gradio's tmp* file) unchanged this long was abandoned by its browser
 STALE_EXPORT_S = 60.0  # an export of the image editor this old, held by no page, is not on its way to a job
-SWEEP_EVERY_S = 300.0  # how often the server looks for both
+SWEEP_EVERY_S = 60.0  # how often the server looks for both
 PAGE_KEY_CHARACTERS = frozenset("0123456789abcdef")
 PAGE_KEY_LENGTH = 32  # the browser's key of its tab: 128 random bits in hex
 
