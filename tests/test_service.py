@@ -126,7 +126,7 @@ def test_settings_take_the_command_lines_names_and_are_checked(service, painting
         assert ok.json()["settings"] == {"epsilon": 8, "fused_weight": 0.5, "input_size": 32, "keep_aspect": True,
                                          "step_size": 2.0, "steps": 2}
         for fields, words in [({"epsilon": "300"}, "epsilon: must be between 0 and 255"),
-                              ({"steps": "many"}, "steps: must be a number"),
+                              ({"steps": "many"}, "steps: must be a whole number"),
                               ({"method": "nope"}, "method:"),
                               ({"device": "cuda"}, "device: not a setting"),
                               ({"mode": "loud"}, "mode"),

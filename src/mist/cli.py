@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
 from .config import PRECISIONS, ProtectConfig
 from .device_names import DEVICE_NAMES, check_device_name
-from .flags import RUN_FLAGS, fields_as_flags, protect_flags
+from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from .manifest import METADATA_LEVELS
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
@@ -42,6 +42,25 @@ def transform_list(value: str) -> str:
     return value
 
 
+def word_as(setting: str) -> Callable[[str], Any]:
+    """argparse's `type` for a run setting: the coercion every face uses (`flags.typed_value`), its message after the
+    flag as argparse shows it (`argument -e/--epsilon: must be a whole number, got '16.5'`)."""
+    return word_of_kind(RUN_KINDS[setting])
+
+
+def word_of_kind(kind: str) -> Callable[[str], Any]:
+    """argparse's `type` for a value of `kind` (see `flags.typed_value`)."""
+
+    def convert(word: str) -> Any:
+        try:
+            return typed_value(word, kind)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = kind
+    return convert
+
+
 def add_protect_options(parser: argparse.ArgumentParser) -> None:
     """The options every protect command shares: the run's settings, the method and every method's parameters (a flag
     per parameter name, generated from the methods' declarations)."""
@@ -49,15 +68,15 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("protection")
     g.add_argument("--method", choices=[m.name for m in list_methods()], default=d.method,
                    help="protection method (default: %(default)s; see the methods below)")
-    g.add_argument("-e", "--epsilon", type=int, default=d.epsilon,
+    g.add_argument("-e", "--epsilon", type=word_as("epsilon"), default=d.epsilon,
                    help="strength: largest change of a pixel, in levels 0..255 (default: %(default)s)")
-    g.add_argument("-s", "--steps", type=int, default=None,
+    g.add_argument("-s", "--steps", type=word_as("steps"), default=None,
                    help=f"PGD iterations (default: {d.steps}; {TEST_MODEL_STEPS} with --model {TINY_RANDOM})")
-    g.add_argument("--step-size", type=float, default=d.step_size,
+    g.add_argument("--step-size", type=word_as("step_size"), default=d.step_size,
                    help="PGD step in pixel levels (default: %(default)s)")
-    g.add_argument("--input-size", type=int, default=d.input_size,
+    g.add_argument("--input-size", type=word_as("input_size"), default=d.input_size,
                    help="side the image is resized to (shorter side with --no-resize) (default: %(default)s)")
-    g.add_argument("-b", "--block-num", type=int, default=d.block_num,
+    g.add_argument("-b", "--block-num", type=word_as("block_num"), default=d.block_num,
                    help="protect as N x N tiles; 2 = low-VRAM mode (default: %(default)s)")
     g.add_argument("--mask", type=Path, help="mask image: pure white (255) marks the region to protect")
     g.add_argument("--no-resize", action="store_true",
@@ -65,7 +84,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--original-size", action="store_true",
                    help="return the protected image at the input's own resolution and aspect (the perturbation is "
                         "computed with the aspect kept at --input-size, then resized to the input's size)")
-    g.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=word_as("seed"), default=d.seed,
                    help="random seed: same seed, same output (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
@@ -75,7 +94,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
                    help="robust to purification: at every step average the loss over random transforms of the image, "
                         f"a comma list of {', '.join(TRANSFORMS)}; --robust alone: {','.join(DEFAULT_TRANSFORMS)}. "
                         "Costs --eot-samples times the time per step (default: off)")
-    g.add_argument("--eot-samples", type=int, default=d.eot_samples, metavar="K",
+    g.add_argument("--eot-samples", type=word_as("eot_samples"), default=d.eot_samples, metavar="K",
                    help="with --robust: transforms drawn and averaged per step (default: %(default)s)")
     g.add_argument("--shape", choices=SHAPES,
                    help="blur: reshape the finished perturbation's spectrum like the image's, per region "
@@ -122,7 +141,7 @@ def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:
     elif spec.kind == "choice":
         options.update(choices=spec.choices, type=type(spec.choices[0]))
     else:
-        options.update(type={"int": int, "float": float, "file": Path}[spec.kind],
+        options.update(type=Path if spec.kind == "file" else word_of_kind(spec.kind),
                        metavar={"file": "FILE"}.get(spec.kind, "N"))
     group.add_argument(*names, **options)
 

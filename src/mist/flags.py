@@ -1,12 +1,14 @@
-"""The name each setting has where a user types it: the command line's flags, which the HTTP service's form fields
-and the web UI's messages use too, and the rewording of a settings error (`input_size: ...`) with those names.
-It belongs to no face: every face imports it, and it imports only the method registry."""
+"""The name and kind each setting has where a user types it: the command line's flags, which the HTTP service's form
+fields and the web UI's messages use too; the one coercion of a value as a face received it (`typed_value`); and the
+rewording of a settings error (`input_size: ...`) with those names. It belongs to no face: every face imports it, and
+it imports only the method registry."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from .methods import shared_params
 
@@ -18,6 +20,57 @@ RUN_FLAGS: dict[str, str] = {
     "seed": "--seed", "precision": "--precision", "device": "--device", "original_size": "--original-size",
     "robust": "--robust", "eot_samples": "--eot-samples", "shape": "--shape", "compile": "--compile",
 }
+
+
+# The kind of each run setting's value as the faces take it (the methods' parameters declare theirs): what
+# `typed_value` turns a command-line word, a form field or a page control's value into. The Python API takes Python
+# values (ProtectConfig accepts a fractional epsilon, for one).
+RUN_KINDS: dict[str, str] = {
+    "method": "str", "epsilon": "int", "steps": "int", "step_size": "float", "input_size": "int", "block_num": "int",
+    "mask": "file", "keep_aspect": "bool", "seed": "int", "precision": "str", "original_size": "bool",
+    "robust": "str", "eot_samples": "int", "shape": "str",
+}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def typed_value(value: Any, kind: str) -> Any:
+    """A setting's value as a face received it (a command-line word, a form field, a JSON value, a page slider's
+    float) in its kind's type ("int", "float", "bool", "choice", else as it is), the same whatever the face, so that a
+    setting is recorded alike in every output (16, not 16.0, for an int; 1.0 for a float given as 1). ValueError with
+    the problem (without the setting's name: the face names it as its user typed it)."""
+    if kind in ("int", "float"):
+        number = _number(value)
+        if number is None or (kind == "int" and not float(number).is_integer()):
+            raise ValueError(f"must be {'a whole number' if kind == 'int' else 'a number'}, got {value!r}")
+        return int(number) if kind == "int" else float(number)
+    if kind == "bool" and not isinstance(value, bool):
+        word = str(value).strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError(f"must be true or false, got {value!r}")
+        return word in _TRUE
+    if kind == "choice" and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    return value
+
+
+def _number(value: Any) -> int | float | None:
+    """A finite number from a number or its text; None for anything else (a bool, "nan", "many")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return None
 
 
 def protect_flags() -> dict[str, str]:

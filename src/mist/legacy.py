@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import configure_logging, guarded, interrupt_on_hang_up, print_skipped, run_protect
+from .cli import (configure_logging, guarded, interrupt_on_hang_up, print_skipped, run_protect, word_as,
+                  word_of_kind)
 from .config import ProtectConfig
 from .device_names import check_device_name
-from .flags import fields_as_flags
+from .flags import fields_as_flags, typed_value
 from .methods.mist import MODE_CODES
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 
@@ -37,13 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_name", default="misted_sample", help="name of the saved image")
     p.add_argument("--output_dir", default="vangogh", help="name of the output folder under outputs/dirs")
     p.add_argument("-inp", "--input_dir_path", default=None, help="folder of images to process")
-    p.add_argument("-e", "--epsilon", type=int, default=16, help="strength (0..255)")
-    p.add_argument("-s", "--steps", type=int, default=None,
+    p.add_argument("-e", "--epsilon", type=word_as("epsilon"), default=16, help="strength (0..255)")
+    p.add_argument("-s", "--steps", type=word_as("steps"), default=None,
                    help=f"PGD steps (default: 100; {TEST_MODEL_STEPS} with --model {TINY_RANDOM})")
-    p.add_argument("-in_size", "--input_size", type=int, default=512, help="input size")
-    p.add_argument("-b", "--block_num", type=int, default=1, help="tiles per side (2 = low VRAM)")
-    p.add_argument("--mode", type=int, default=2, help="0 semantic, 1 textural, 2 fused")
-    p.add_argument("--rate", type=int, default=1, help="fused weight w (semantic loss weighted 10**(w+3))")
+    p.add_argument("-in_size", "--input_size", type=word_as("input_size"), default=512, help="input size")
+    p.add_argument("-b", "--block_num", type=word_as("block_num"), default=1, help="tiles per side (2 = low VRAM)")
+    p.add_argument("--mode", type=word_of_kind("int"), default=2, help="0 semantic, 1 textural, 2 fused")
+    p.add_argument("--rate", type=word_of_kind("int"), default=1,
+                   help="fused weight w (semantic loss weighted 10**(w+3))")
     p.add_argument("--mask", action="store_true", help="protect only the mask's white region (single image only)")
     p.add_argument("--mask_path", default="test/processed_mask.png", help="path of the mask")
     p.add_argument("--non_resize", action="store_true", help="keep the aspect ratio of the image")
@@ -72,7 +74,8 @@ def plan(args: argparse.Namespace) -> tuple[ProtectConfig, list[Job]]:
         print("Alert: the mask only applies to a single image (-img); it is ignored for a folder.", file=sys.stderr)
     with fields_as_flags(LEGACY_FLAGS):
         config = ProtectConfig(
-            method="mist", params={"mode": MODE_CODES[args.mode], "fused_weight": args.rate}, epsilon=args.epsilon,
+            method="mist", params={"mode": MODE_CODES[args.mode], "fused_weight": typed_value(args.rate, "float")},
+            epsilon=args.epsilon,
             steps=args.steps, input_size=args.input_size, block_num=args.block_num, keep_aspect=args.non_resize,
             mask=Path(args.mask_path) if masked else None,
         )

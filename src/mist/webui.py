@@ -45,6 +45,7 @@ from . import images as image_io
 from .config import ProtectConfig
 from .estimate import Estimate
 from .files import remove_old_folders, write_png_zip
+from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from .methods import get_method, param_specs
 from .robust import DEFAULT_TRANSFORMS
 from .webui_text import duration, text
@@ -103,29 +104,28 @@ class Settings:
     original_size: bool = True  # unlike the command line, the page gives the artwork's own size by default
 
     def config(self) -> ProtectConfig:
-        """The engine's settings; raises ValueError (one line, naming the setting) for an invalid value."""
+        """The engine's settings; raises ValueError (one line, naming the setting as the command line does) for an
+        invalid value. Each value is typed as every face types it (`flags.typed_value`): a slider's 16.0 is the
+        command line's 16, so the outputs record the same settings."""
         specs = {spec.name: spec for spec in param_specs(get_method(self.method).Params)}
-        params = {name: _whole(value) if specs[name].kind in ("int", "float") else value
+        params = {name: _typed(name, value, specs[name].kind, specs[name].flag)
                   for name, value in self.params.items() if name in specs and value is not None}
-        return ProtectConfig(
-            method=self.method, params=params, epsilon=_whole(self.epsilon), steps=_whole(self.steps),
-            input_size=_whole(self.size), block_num=2 if self.low_vram else 1, keep_aspect=bool(self.no_resize),
-            robust=DEFAULT_TRANSFORMS if self.robust else (),
-            seed=_whole(self.seed), precision=self.precision, original_size=bool(self.original_size),
-        )
+        run = {name: _typed(name, value, RUN_KINDS[name], RUN_FLAGS[name])
+               for name, value in (("epsilon", self.epsilon), ("steps", self.steps), ("input_size", self.size),
+                                   ("seed", self.seed))}
+        with fields_as_flags(protect_flags()):
+            return ProtectConfig(
+                method=self.method, params=params, **run, block_num=2 if self.low_vram else 1,
+                keep_aspect=bool(self.no_resize), robust=DEFAULT_TRANSFORMS if self.robust else (),
+                precision=self.precision, original_size=bool(self.original_size),
+            )
 
 
-def _whole(value: Any) -> Any:
-    """Sliders and number boxes send floats; a float with no fraction becomes an int (others pass on, and are
-    refused by ProtectConfig with a message)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+def _typed(name: str, value: Any, kind: str, flag: str) -> Any:
+    try:
+        return typed_value(value, kind)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 @dataclass(frozen=True)

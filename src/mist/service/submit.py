@@ -12,21 +12,19 @@ from __future__ import annotations
 import json
 import shutil
 import unicodedata
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 from .. import images, preflight
 from ..config import ProtectConfig
-from ..flags import fields_as_flags, protect_flags
+from ..flags import RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from ..inputs import collect_jobs
 from ..manifest import METADATA_LEVELS
 from ..methods import get_method, param_specs
 from .worker import OUTPUT_FOLDER
 
 FILE_FIELDS = ("images", "mask", "masks")
-# Run settings a client may set (device, batch size and the model are the server's).
-_RUN_SETTINGS = {f.name: f for f in fields(ProtectConfig) if f.name not in ("params", "mask")}
 _COPY_CHUNK = 1024 * 1024
 
 
@@ -83,8 +81,8 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
     setting_of_flag = {flag: name for name, flag in protect_flags().items()}  # --no-resize: keep_aspect...
     for raw_name, value in given.items():
         name = setting_of_flag.get("--" + raw_name.replace("_", "-"), raw_name.replace("-", "_"))
-        if name in _RUN_SETTINGS:
-            kind = {"int": "int", "float": "float", "bool": "bool"}.get(str(_RUN_SETTINGS[name].type), "str")
+        if name in RUN_KINDS and name != "mask":  # the mask is a file field; device and model are the server's
+            kind = RUN_KINDS[name]
         elif name in kinds:
             kind = kinds[name]
         else:
@@ -102,29 +100,11 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
 
 
 def _typed(name: str, value: Any, kind: str) -> Any:
-    """A form value (a string) or a JSON value as the setting's type."""
-    if not isinstance(value, str):
-        return value
+    """A form value (a string) or a JSON value in the setting's kind, as every face types it."""
     try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except ValueError:
-        raise SubmitError(400, f"{name}: must be a number, got {value!r}") from None
-    if kind == "bool":
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise SubmitError(400, f"{name}: must be true or false, got {value!r}")
-    if kind == "choice":
-        try:
-            return int(value)
-        except ValueError:
-            return value
-    return value
+        return typed_value(value, kind)
+    except ValueError as exc:
+        raise SubmitError(400, f"{name}: {exc}") from None
 
 
 def safe_name(field: str, filename: str | None) -> str:

@@ -1,0 +1,78 @@
+"""The faces side by side on the same bad settings: the command line, `mist_v3.py`, the HTTP service's form and the
+web UI's controls type a value the same way (`mist.flags.typed_value`) and refuse it with the same problem, each
+naming the setting as its user typed it; a good value is recorded alike whatever face it came from."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import mist.cli
+import mist.legacy
+from mist.config import ProtectConfig
+from mist.webui import Settings
+
+pytest.importorskip("fastapi")
+from mist.service.submit import SubmitError, parse_settings  # noqa: E402
+
+
+def command_line(capsys, flag: str, value: str) -> str:
+    with pytest.raises(SystemExit):
+        mist.cli.build_parser().parse_args(["protect", "a.png", "-o", "out", flag, value])
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def legacy(capsys, flag: str, value: str) -> str:
+    with pytest.raises(SystemExit):
+        mist.legacy.build_parser().parse_args([flag, value])
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def http(field: str, value: str) -> str:
+    with pytest.raises(SubmitError) as refused:
+        parse_settings({field: value})
+    return str(refused.value)
+
+
+def page(control: str, value: object) -> str:
+    with pytest.raises(ValueError) as refused:
+        Settings(**{control: value}).config()
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("16.5", "must be a whole number, got '16.5'"),
+    ("strong", "must be a whole number, got 'strong'"),
+    ("nan", "must be a whole number, got 'nan'"),
+])
+def test_a_bad_strength_is_refused_alike_by_every_face(capsys, value, problem):
+    assert command_line(capsys, "--epsilon", value) == f"mist protect: error: argument -e/--epsilon: {problem}"
+    assert legacy(capsys, "--epsilon", value) == f"mist_v3.py: error: argument -e/--epsilon: {problem}"
+    assert http("epsilon", value) == f"epsilon: {problem}"
+    assert page("epsilon", value) == f"--epsilon: {problem}"
+
+
+def test_a_value_out_of_range_is_refused_alike_by_every_face(capsys):
+    problem = "must be between 0 and 255 (pixel levels), got 300"
+    with pytest.raises(ValueError, match="^" + re.escape(f"--epsilon: {problem}")):
+        mist.cli.config_from_args(mist.cli.build_parser().parse_args(["protect", "a.png", "-o", "o", "-e", "300"]))
+    with pytest.raises(ValueError, match="^" + re.escape(f"--epsilon: {problem}")):
+        mist.legacy.plan(mist.legacy.build_parser().parse_args(["-e", "300"]))
+    assert http("epsilon", "300") == f"epsilon: {problem}"
+    assert page("epsilon", 300) == f"--epsilon: {problem}"
+
+
+def test_a_setting_is_recorded_alike_whatever_face_it_came_from():
+    """A form's "16" and a slider's 16.0 are the command line's 16; a float parameter given as 1 is 1.0 everywhere
+    (before, the service recorded epsilon 16.0 and mist_v3.py fused_weight 1, so the PNGs' settings differed)."""
+    cli = mist.cli.config_from_args(mist.cli.build_parser().parse_args(
+        ["protect", "a.png", "-o", "o", "-e", "16", "--fused-weight", "1", "--step-size", "1"]))
+    legacy_config, _ = mist.legacy.plan(mist.legacy.build_parser().parse_args(["-e", "16", "--rate", "1",
+                                                                               "--steps", "100"]))
+    served, _ = parse_settings({"epsilon": "16", "fused_weight": "1", "step_size": "1"})
+    shown = Settings(epsilon=16.0, steps=100.0, params={"fused_weight": 1}, original_size=False).config()
+    texts = {config.but(step_size=1.0).to_json() for config in
+             (cli, legacy_config, ProtectConfig.of(**served), shown)}
+    assert len(texts) == 1, texts
+    assert '"epsilon": 16,' in texts.pop()
