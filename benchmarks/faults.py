@@ -154,8 +154,7 @@ def kill9_upload(work: Path) -> dict[str, int]:
                     f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
         time.sleep(1)
         server.kill()
-    server = Server(data, token=token)
-    try:
+    with serving(data, token) as server:
         with client(server) as api:
             listed = api.server_status()["your_jobs"]
         folders = list((data / "jobs").iterdir()) if (data / "jobs").is_dir() else []
@@ -163,8 +162,6 @@ def kill9_upload(work: Path) -> dict[str, int]:
         result["wrong states"] = listed
         result["copies left"] = len(folders) + temporary_files(data)
         return result
-    finally:
-        server.stop()
 
 
 def download(server: Server, job: str) -> set[str]:
@@ -196,20 +193,16 @@ def kill9_zip(work: Path) -> dict[str, int]:
                     "\r\n\r\n".encode())
         raw.recv(64)  # the answer has begun
         server.kill()
-    server = Server(data, token=token)
-    try:
+    with serving(data, token) as server:
         result = zero()
         result["results lost"] = 8 - len(download(server, job))
         result["copies left"] = temporary_files(data)
         return result
-    finally:
-        server.stop()
 
 
 def disconnect_download(work: Path) -> dict[str, int]:
     data = work / "data"
-    server = Server(data)
-    try:
+    with serving(data) as server:
         job = finished_job(server, 8)
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", server.port)) as raw:
@@ -223,8 +216,6 @@ def disconnect_download(work: Path) -> dict[str, int]:
             result[name] += count
         result["copies left"] += temporary_files(data)
         return result
-    finally:
-        server.stop()
 
 
 def healthy(server: Server) -> bool:
@@ -233,10 +224,28 @@ def healthy(server: Server) -> bool:
     return httpx.get(f"{server.url}/v1/health", timeout=30).status_code == 200
 
 
-def mounted(mount: Path, size: str) -> bool:
+@contextlib.contextmanager
+def serving(data: Path, token: str | None = None):
+    """`mist serve` on `data` for the block's time (see tests/support/serve.py)."""
+    server = Server(data, token=token)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str):
+    """A tmpfs of `size` mounted at `mount` (a new folder) for the block's time; yields False where it cannot be
+    mounted (mounting needs root)."""
     mount.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                          capture_output=True).returncode == 0
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                        capture_output=True).returncode == 0
+    try:
+        yield ok
+    finally:
+        if ok:
+            subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def job_ended(server: Server, job: str) -> dict:
@@ -250,12 +259,11 @@ def read_only(work: Path) -> dict[str, int] | None:
     read-only under a running server is refused by the kernel while the database is open for writing; the store's
     refusals during a run are tested in tests/test_service.py, read-only among them.)"""
     mount = work / "data"
-    if not mounted(mount, "64m"):
-        return None
-    try:
-        server = Server(mount / "mist")
-        job = finished_job(server, 1)
-        server.stop()
+    with tmpfs(mount, "64m") as ok:
+        if not ok:
+            return None
+        with serving(mount / "mist") as server:
+            job = finished_job(server, 1)
         before = sorted(str(path) for path in mount.rglob("*"))
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         started = subprocess.run([*MIST, "serve", "--data", str(mount / "mist"), "--model", "tiny-random",
@@ -267,54 +275,55 @@ def read_only(work: Path) -> dict[str, int] | None:
         result["results lost"] = int(sorted(str(path) for path in mount.rglob("*")) != before
                                      or not (mount / "mist" / "jobs" / job / "out").is_dir())
         return result
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def disk_full_output(work: Path) -> dict[str, int] | None:
-    mount = work / "data"
-    if not mounted(mount, "8m"):
-        return None
-    server = None
-    filler = mount / "filler"
-    try:
-        server = Server(mount / "mist")
-        job = submit(server, 2)
-        with open(filler, "wb") as fill:  # fill what is left, the job's outputs included
-            with contextlib.suppress(OSError):
-                while True:
-                    fill.write(b"\0" * 65536)
-                    fill.flush()
-        with client(server) as api:  # the job's images fail, or the queue cannot record it: not ready
-            wait_for(lambda: api.status(job)["state"] != "running" or not healthy(server), 300)
-            said = api.status(job)["state"], healthy(server)
-        filler.unlink()  # space again: whatever could not be recorded is recorded now
-        status = job_ended(server, job)
-        print(f"  disk-full-output: with the disk full the job was {said[0]} and health "
-              f"{'ok' if said[1] else '503'}")
-        second = submit(server, 1, seed=10)
-        after = check_done(server, mount / "mist", second, set())
-        out = mount / "mist" / "jobs" / job / "out"
-        partial = [path for path in out.rglob("*") if path.is_file()] if status["state"] != "done" else []
-        print(f"  disk-full-output: the job ended {status['state']} ({status.get('error') or 'no error'})")
+    mount, filler = work / "data", work / "data" / "filler"
+    with tmpfs(mount, "8m") as ok:
+        if not ok:
+            return None
+        with serving(mount / "mist") as server:
+            job = submit(server, 2)
+            with open(filler, "wb") as fill:  # fill what is left, the job's outputs included
+                with contextlib.suppress(OSError):
+                    while True:
+                        fill.write(b"\0" * 65536)
+                        fill.flush()
+            with client(server) as api:  # the job's images fail, or the queue cannot record it: not ready
+                wait_for(lambda: api.status(job)["state"] != "running" or not healthy(server), 300)
+                said = api.status(job)["state"], healthy(server)
+            filler.unlink()  # space again: whatever could not be recorded is recorded now
+            status = job_ended(server, job)
+            print(f"  disk-full-output: with the disk full the job was {said[0]} and health "
+                  f"{'ok' if said[1] else '503'}; it ended {status['state']} ({status.get('error') or 'no error'})")
+            after = check_done(server, mount / "mist", submit(server, 1, seed=10), set())
         result = zero()
-        result["wrong states"] = int(status["state"] == "done" or not status.get("error"))
-        result["results lost"] = len([p for p in partial if not p.name.endswith(".png")])
+        result["wrong states"] = (int(status["state"] == "done" or not status.get("error"))
+                                  + unreadable_pngs(mount / "mist" / "jobs" / job / "out"))
         result["jobs lost"] = after["jobs lost"]
         result["copies left"] = temporary_files(mount / "mist") + leftovers(mount / "mist", job)
         return result
-    finally:
-        if server is not None:
-            server.stop()
-        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def unreadable_pngs(folder: Path) -> int:
+    """PNGs in `folder` that do not decode whole (a partial write left under the final name)."""
+    from PIL import Image
+
+    broken = 0
+    for path in folder.rglob("*.png"):
+        try:
+            with Image.open(path) as picture:
+                picture.load()
+        except OSError:
+            broken += 1
+    return broken
 
 
 def locked(work: Path) -> dict[str, int]:
     import httpx
 
     data = work / "data"
-    server = Server(data)
-    try:
+    with serving(data) as server:
         job = submit(server, 2)
         database = sqlite3.connect(data / "mist.db", timeout=60, isolation_level=None)
         database.execute("BEGIN EXCLUSIVE")
@@ -333,31 +342,23 @@ def locked(work: Path) -> dict[str, int]:
             result[name] += count
         print(f"  locked: health said 503 in {unhealthy} of the polls while the database was locked")
         return result
-    finally:
-        server.stop()
 
 
 def disk_full(work: Path) -> dict[str, int] | None:
     import httpx
 
     mount = work / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        return None
-    server = None
-    try:
-        server = Server(mount / "data")
-        reply = httpx.post(f"{server.url}/v1/jobs", files=[("images", ("big.png", picture(1, 900), "image/png"))],
-                           headers={"Authorization": f"Bearer {server.token}"}, timeout=60)
-        jobs = list((mount / "data" / "jobs").glob("*")) if (mount / "data" / "jobs").is_dir() else []
-        healthy = httpx.get(f"{server.url}/v1/health", timeout=30).status_code == 200
+    with tmpfs(mount, "1m") as ok:
+        if not ok:
+            return None
+        with serving(mount / "data") as server:
+            reply = httpx.post(f"{server.url}/v1/jobs", files=[("images", ("big.png", picture(1, 900), "image/png"))],
+                               headers={"Authorization": f"Bearer {server.token}"}, timeout=60)
+            jobs = list((mount / "data" / "jobs").glob("*")) if (mount / "data" / "jobs").is_dir() else []
+            still_healthy = healthy(server)
         return {"jobs lost": 0, "results lost": 0,
-                "wrong states": int(reply.status_code != 507 or "error" not in reply.json() or not healthy),
+                "wrong states": int(reply.status_code != 507 or "error" not in reply.json() or not still_healthy),
                 "copies left": len(jobs)}
-    finally:
-        if server is not None:
-            server.stop()
-        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def quota(work: Path) -> dict[str, int]:
@@ -367,8 +368,7 @@ def quota(work: Path) -> dict[str, int]:
     token = subprocess.run([sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())", "serve",
                             "token", "create", "limited", "--max-queued", "5", "--data", str(data)],
                            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    server = Server(data, token=token)
-    try:
+    with serving(data, token) as server:
         image = picture(0)
 
         def one(_: int) -> int:
@@ -383,15 +383,12 @@ def quota(work: Path) -> dict[str, int]:
               f"{sum(c >= 500 for c in codes)} server errors")
         return {"jobs lost": 0, "results lost": 0,
                 "wrong states": int(accepted > 5) + sum(code not in (201, 429) for code in codes), "copies left": 0}
-    finally:
-        server.stop()
 
 
 def disconnect(work: Path) -> dict[str, int]:
 
     data = work / "data"
-    server = Server(data)
-    try:
+    with serving(data) as server:
         body = b"--x\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\n" + picture(0)[:500]
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
             raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x"
@@ -403,8 +400,6 @@ def disconnect(work: Path) -> dict[str, int]:
         result = check_done(server, data, job, set())
         result["copies left"] += sum(1 for folder in (data / "jobs").iterdir() if folder.name != job)
         return result
-    finally:
-        server.stop()
 
 
 SCENARIOS = {"kill9": kill9, "kill9-upload": kill9_upload, "kill9-zip": kill9_zip, "locked": locked,
