@@ -753,3 +753,21 @@ def test_the_server_sweeps_on_its_own_until_it_stops(engine, tmp_path):
     ui.keep_clean(every_s=0.01)
     assert swept.wait(HANG_GUARD_S) and not stale.exists()
     ui.close_all()
+
+
+def test_the_command_line_opens_the_runner_before_serving_the_page(monkeypatch, capsys, tmp_path):
+    """`mist webui` refuses what `mist protect` refuses, in the same line, before the page is served: a model that
+    is not there, a device this machine lacks."""
+    served = []
+    monkeypatch.setattr(webui_app, "launch", lambda ui, **kw: served.append(ui))
+    missing = tmp_path / "nowhere" / "model.ckpt"
+    web = mist.cli.main(["webui", "--model", str(missing)])
+    web_err = capsys.readouterr().err
+    protect = mist.cli.main(["protect", str(noise(tmp_path / "a.png")), "-o", str(tmp_path / "out"), "--model",
+                             str(missing)])
+    protect_err = capsys.readouterr().err
+    assert web == protect != 0 and served == []
+    assert str(missing) in web_err and web_err.splitlines()[0] == protect_err.splitlines()[0]
+    if not __import__("torch").cuda.is_available():
+        assert mist.cli.main(["webui", "--model", "tiny-random", "--device", "cuda"]) == mist.cli.EXIT_USAGE
+        assert "--device: cuda" in capsys.readouterr().err and served == []

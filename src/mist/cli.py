@@ -537,18 +537,22 @@ def doctor_command(args: argparse.Namespace) -> int:
 
 
 def webui_command(args: argparse.Namespace) -> int:
+    """`mist webui`: the runner is opened as for `mist protect` (a device this machine lacks, a missing model: one
+    line now, before the page is served), then the page is served."""
+    from .entrance import open_models
+    from .webui_app import login
+    from .webui_app import main as webui_main
+
+    auth = login(args)
     with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
-        from .device import pick_device
-
-        device = pick_device(args.device)  # a device this machine lacks is refused now, not at the first job
-    warn_if_the_gpu_is_unused(device)
+        models = open_models(args.model, args.device, args.low_memory)
+    warn_if_the_gpu_is_unused(models.device())
     from .models import quiet_model_libraries
-    from .webui_app import main as webui_main
 
     quiet_model_libraries()
 
-    return webui_main(args)
+    return webui_main(args, models, auth)
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import PRECISIONS
 from .methods import list_methods, param_specs, shared_params
@@ -21,6 +21,9 @@ from .model_names import default_steps
 from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, EVALUATE_STRENGTH, SIZES, JobResult, Settings, WebUI, log,
                     parse_auth)
 from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
+
+if TYPE_CHECKING:
+    from .jobs import ModelCache
 
 
 def _status_markdown(result: JobResult, lang: str) -> str:
@@ -501,11 +504,18 @@ def private_folder() -> Path:
     return root
 
 
-def main(args) -> int:
-    """`mist webui`: args has model, device, low_memory, listen, port, share, auth, max_upload_mb."""
+def login(args) -> tuple[str, str] | None:
+    """The page's login from --auth or $MIST_WEBUI_AUTH, and the other options of `mist webui` that need checking;
+    ValueError naming the option. Checked before the runner is opened."""
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb: must be above 0, got {args.max_upload_mb:g}")
+    return auth
+
+
+def main(args, models: ModelCache, auth: tuple[str, str] | None) -> int:
+    """`mist webui`: args has listen, port, share, max_upload_mb; `models`: the runner's models, opened (and checked)
+    by the command line (`mist.entrance.open_models`); `auth`: the login (`login`)."""
     host = "0.0.0.0" if args.listen else DEFAULT_HOST
     if (args.listen or args.share) and auth is None:
         reach = "a public gradio.live link" if args.share else "every machine that can reach this one"
@@ -515,9 +525,7 @@ def main(args) -> int:
     uploads = root / "uploads"
     gradio_temp = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # read by gradio when the page is built (gradio is imported then)
-    from .jobs import ModelCache
-
-    ui = WebUI(ModelCache(args.model, args.device, args.low_memory), root / "jobs", args.max_upload_mb,
+    ui = WebUI(models, root / "jobs", args.max_upload_mb,
                upload_root=uploads, served_to_others=bool(args.listen or args.share))
     previous = None
     if threading.current_thread() is threading.main_thread():  # `kill`, systemd stop: leave no files behind
