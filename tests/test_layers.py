@@ -16,7 +16,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "faces": ("mist", "mist.api", "mist.cli", "mist.legacy", "mist.webui", "mist.webui_app", "mist.webui_text",
               "mist.client", "mist.reporting", "mist.doctor", "mist.service"),
     "runner": ("mist.entrance", "mist.estimate", "mist.jobs", "mist.ray_pool", "mist.inputs", "mist.preflight",
-               "mist.manifest", "mist.model_identity", "mist.flags", "mist.evaluation"),
+               "mist.manifest", "mist.model_identity", "mist.flags", "mist.runner_options", "mist.evaluation"),
     "engine": ("mist.config", "mist.methods", "mist.attack", "mist.robust", "mist.shaping", "mist.pipeline",
                "mist.objectives", "mist.compiling", "mist.cpu_tuning", "mist.finetune"),
     "models": ("mist.models", "mist.device", "mist.cuda_driver"),

@@ -16,13 +16,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
 from .config import PRECISIONS, ProtectConfig
-from .device_names import DEVICE_NAMES, check_device_name
+from .device_names import check_device_name
 from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from .manifest import METADATA_LEVELS
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
 from .prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .robust import DEFAULT_TRANSFORMS, TRANSFORMS
+from .runner_options import add_runner_options
 from .shaping import SHAPES
 
 EXIT_FAILED_IMAGES = 1
@@ -104,22 +105,9 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     for spec, users in shared_params().values():
         _add_param_flag(methods, spec, users)
     r = parser.add_argument_group("model and device")
-    r.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random' for a test "
-                                   "model that protects nothing (default: $MIST_MODEL, then "
-                                   "models/ldm/stable-diffusion-v1/model.ckpt, then the Hugging Face cache)")
-    r.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
-    r.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing: much less memory, about a third more time per step "
-                        "(default: on where memory is short: GPUs under 12 GiB, under 8 GiB of free RAM)")
+    add_runner_options(r, low_memory=True, compile=True, ray=True)
     r.add_argument("--batch-size", type=int, default=1,
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
-    r.add_argument("--compile", action="store_true",
-                   help="compile the networks with torch.compile: minutes the first time an image size is met "
-                        "(cached in Mist's home); on a CPU steps were no faster, peak memory a little lower; needs a "
-                        "C++ compiler there (default: off)")
-    from .service.options import add_ray_options
-
-    add_ray_options(r)
 
 
 def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:
@@ -304,9 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT_DIR",
                           help="folder for the report (created; its report files are replaced)")
     add_evaluate_options(evaluate)
-    evaluate.add_argument("--model", help="SD v1 .ckpt / .safetensors file or diffusers folder, as for protect "
-                                          "('tiny-random': a test model whose numbers mean nothing)")
-    evaluate.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
+    add_runner_options(evaluate)
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     download = commands.add_parser("download-model", help="download the Stable Diffusion checkpoint",
@@ -326,16 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "free disk, and the settings to use on this machine.")
     doctor.add_argument("-o", "--output", type=Path, default=Path("."), metavar="OUTDIR",
                         help="output folder whose free disk to check (default: current folder)")
-    doctor.add_argument("--model", help="model to check (default: where mist protect would look)")
-    doctor.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
+    add_runner_options(doctor)
 
     webui = commands.add_parser("webui", help="start the web UI in the browser",
                                 description="Serve Mist's web page (gradio; pip install 'mist-protect[webui]') on "
                                             "http://127.0.0.1:7860. The model is loaded on the first job.")
-    webui.add_argument("--model", help="model path or 'tiny-random' (default: where mist protect would look)")
-    webui.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
-    webui.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
-                       help="gradient checkpointing (default: on where memory is short)")
+    add_runner_options(webui, low_memory=True)
     webui.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0), not only 127.0.0.1")
     webui.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     webui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")

@@ -20,6 +20,7 @@ from .config import ProtectConfig
 from .device_names import check_device_name
 from .flags import fields_as_flags, typed_value
 from .methods.mist import MODE_CODES
+from .runner_options import add_runner_options
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 
 if TYPE_CHECKING:
@@ -50,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_path", default="test/processed_mask.png", help="path of the mask")
     p.add_argument("--non_resize", action="store_true", help="keep the aspect ratio of the image")
     # Additions; the original had neither.
-    p.add_argument("--model", default=None, help="model path or 'tiny-random' (default: as `mist protect`)")
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    add_runner_options(p)
     return p
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..device_names import DEVICE_NAMES
+from ..runner_options import add_runner_options
 
 _MB = 1024 * 1024
 
@@ -31,14 +31,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                        help="a reverse proxy whose X-Forwarded-For / Forwarded headers name the real client (may be "
                             "repeated); other senders' proxy headers are ignored (default: none)")
-    serve.add_argument("--model", help="model path or 'tiny-random' (default: where mist protect would look)")
-    serve.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
-    serve.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
-                       help="gradient checkpointing (default: on where memory is short)")
-    serve.add_argument("--compile", action="store_true",
-                       help="compile the networks with torch.compile: minutes for the first job of each image size, "
-                            "then on a CPU no faster steps but a little less memory (default: off)")
-    add_ray_options(serve)
+    add_runner_options(serve, low_memory=True, compile=True, ray=True)
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
     token = actions.add_parser("token", help="create, list or revoke API tokens",
@@ -53,15 +46,6 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     revoke = token_actions.add_parser("revoke", help="revoke a token by name or id")
     revoke.add_argument("name", help="the token's name or id")
     _data_options(revoke)
-
-
-def add_ray_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--ray and --ray-resource, as `mist protect` and `mist serve` take them."""
-    parser.add_argument("--ray", metavar="ADDRESS",
-                        help="spread the images over a Ray cluster's GPU workers, e.g. 10.0.0.5:6379 or auto (pip "
-                             "install 'mist-protect[ray]'; every worker node needs Mist and the model)")
-    parser.add_argument("--ray-resource", default="GPU", metavar="NAME",
-                        help="with --ray: one worker per unit of this resource (default: %(default)s)")
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
