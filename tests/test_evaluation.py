@@ -194,7 +194,7 @@ def test_cli_writes_the_report(tmp_path, originals, protected, capsys):
     assert "meaningless for protection" in page and "plots/strength.png" in page and "plots/jpeg.png" in page
     for source in __import__("re").findall(r"src='([^']+)'", page):
         assert (report / source).is_file(), source
-    assert not list(report.rglob("*.tmp"))
+    assert not list(report.rglob("*.tmp")) and not (report / ".unfinished").exists()
 
 
 def test_cli_refuses_an_unknown_purification_in_one_line(tmp_path, originals, protected, capsys):
@@ -293,3 +293,48 @@ def test_model_cache_loads_the_decoder_once_and_refuses_a_given_model_without_it
     assert first.decoder is not None and cache.model(parts) is first and cache.loads == 1
     with pytest.raises(ValueError, match="without its decoder"):
         ModelCache(tiny_model).model(parts)
+
+
+def test_an_interrupted_evaluation_resumes_without_redoing_its_finished_units(tmp_path, originals, protected,
+                                                                              evaluation_model, monkeypatch):
+    """Stopped after its third unit (as Ctrl-C or kill -9 would stop it), the same evaluation started again reads
+    those units back instead of computing them, and its scores are those of a run never stopped."""
+    from mist.evaluation.mimicry import Img2ImgMimicry
+
+    report = tmp_path / "report"
+    seen = []
+
+    def stop_after_three(news):
+        seen.append(news.doing)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mist.evaluate(originals, protected, report, model=evaluation_model, progress=stop_after_three, **FAST)
+    kept = list((report / ".unfinished").iterdir())
+    assert len(kept) == 3 and not (report / "results.json").exists()
+
+    generated = []
+    real_generate = Img2ImgMimicry.generate
+    monkeypatch.setattr(Img2ImgMimicry, "generate",
+                        lambda self, pictures, seed: generated.append(1) or real_generate(self, pictures, seed))
+    resumed = mist.evaluate(originals, protected, report, model=evaluation_model, **FAST)
+    assert resumed.finished.reused == 3
+    # 2 purifications x (clean, protected) + 1 reference, less the reference and the "none" clean run kept before
+    assert len(generated) == 2 * 2 + 1 - 2
+    assert not (report / ".unfinished").exists() and (report / "results.json").is_file()
+    monkeypatch.setattr(Img2ImgMimicry, "generate", real_generate)
+    fresh = mist.evaluate(originals, protected, model=evaluation_model, **FAST)
+    assert [(s.image, s.purification, s.ssim, s.latent_mse, s.loss_protected) for s in resumed.scores] == \
+        [(s.image, s.purification, s.ssim, s.latent_mse, s.loss_protected) for s in fresh.scores]
+
+
+def test_a_damaged_unit_is_computed_again(tmp_path, originals, protected, evaluation_model):
+    report = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        mist.evaluate(originals, protected, report, model=evaluation_model, **FAST,
+                      progress=lambda news: (_ for _ in ()).throw(KeyboardInterrupt))
+    [unit] = (report / ".unfinished").iterdir()
+    unit.write_bytes(b"not a tensor file")  # a disk that lost its last write, say
+    result = mist.evaluate(originals, protected, report, model=evaluation_model, **FAST)
+    assert result.finished.reused == 0 and len(result.scores) == 2 * 2

@@ -118,8 +118,10 @@ def test_cancel_stops_an_evaluation_at_its_next_unit_and_keeps_the_originals(eng
     assert view.summary == text("en", "evaluate_cancelled") and view.grid == []
     assert len(seen) == 2 and not engine.attack_lock.locked()
     assert kept.exists() and ui._page("page").kept == kept and ui._page("page").phase == "idle"
+    assert list((kept.parent / ".unfinished").iterdir())  # the units finished before the cancel, for the rerun
     again = ui.evaluate(EVALUATE_STRENGTH, False, "en", "page")  # runs to the end this time
     assert again.grid and again.originals_removed and not kept.exists()
+    assert not (kept.parent / ".unfinished").exists()  # it held purified copies of the originals
 
 
 def test_a_reload_stops_the_evaluation_and_the_page_found_again_can_run_it_once_more(engine, tmp_path):

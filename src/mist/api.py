@@ -81,7 +81,9 @@ def evaluate(
     img2img mimicry, comparing with their originals in `originals` (matched by file name or by the source SHA-256 a
     Mist output records); with `report_dir`, write index.html, results.json and results.csv there.
 
-    Settings are `mist.evaluation.settings.EvaluationSettings` fields by keyword (`purify="jpeg:75,resize:0.5"`,
+    With `report_dir`, what the evaluation finishes is kept in its `.unfinished` folder until the report is written,
+    so the same call after an interruption does not redo it. Settings are `mist.evaluation.settings.EvaluationSettings`
+    fields by keyword (`purify="jpeg:75,resize:0.5"`,
     `strengths=(0.35,)`, `steps=50`, `seed=0`, ...). `model`: a loaded `StableDiffusion` with its "decoder" part, or
     what `mist evaluate --model` accepts. Returns the `Evaluation` (its `scores`, `images` with their verdicts).
 
@@ -90,13 +92,17 @@ def evaluate(
         >>> [image.verdict for image in result.images]
     """
     from .evaluation.report import write_report
+    from .evaluation.resume import UNFINISHED
     from .evaluation.run import evaluate_folders
     from .evaluation.settings import EvaluationSettings
 
     if "strengths" in settings:
         settings["strengths"] = tuple(settings["strengths"])  # type: ignore[arg-type]
     chosen = EvaluationSettings(**settings)  # type: ignore[arg-type]
-    evaluation = evaluate_folders(Path(originals), Path(protected), chosen, ModelCache(model, device), progress)
+    resume = Path(report_dir) / UNFINISHED if report_dir is not None else None
+    evaluation = evaluate_folders(Path(originals), Path(protected), chosen, ModelCache(model, device), progress,
+                                  resume=resume)
     if report_dir is not None:
         write_report(evaluation, Path(report_dir))
+        evaluation.finished.clear()  # the report has it all
     return evaluation

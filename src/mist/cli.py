@@ -469,6 +469,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         check_device_name(args.device)
     from .entrance import open_models
     from .evaluation.report import write_report
+    from .evaluation.resume import UNFINISHED
     from .evaluation.run import evaluate_folders
     from .reporting import EvaluationConsole
 
@@ -478,10 +479,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     console = EvaluationConsole(args.quiet)
     try:
         evaluation = evaluate_folders(args.originals, args.protected, settings, models, console.progress,
-                                      console.model_loading)
+                                      console.model_loading, resume=args.output / UNFINISHED)
     finally:
         console.close()
     index = write_report(evaluation, args.output)
+    if evaluation.finished is not None:
+        evaluation.finished.clear()  # the report has it all
     console.finish(evaluation, index)
     return 0
 

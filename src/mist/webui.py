@@ -44,6 +44,7 @@ from PIL import Image
 from . import images as image_io
 from .config import ProtectConfig
 from .estimate import Estimate
+from .evaluation.resume import UNFINISHED
 from .files import remove_old_folders, write_png_zip
 from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from .methods import get_method, param_specs
@@ -770,7 +771,8 @@ class WebUI:
                 if page.cancel.is_set():  # cancelled while it waited for the protect jobs of other pages
                     raise Cancelled
                 evaluation = evaluate_folders(page.kept, page.kept.parent, settings, self.engine, follow,
-                                              lambda where, device: say(0.0, text(lang, "loading_model")))
+                                              lambda where, device: say(0.0, text(lang, "loading_model")),
+                                              resume=_unfinished(page.kept))
         except Cancelled:
             return EvaluationView([], text(lang, "evaluate_cancelled"))
         except ModelNotFoundError as exc:
@@ -915,11 +917,19 @@ def _keep_originals(outputs: Sequence[Output]) -> Path | None:
     return folder
 
 
+def _unfinished(kept: Path) -> Path:
+    """Where an evaluation of the originals `kept` keeps its finished units: a cancelled one, run again, goes on
+    from there (they hold purified copies of the originals, so they go with them)."""
+    return kept.parent / UNFINISHED
+
+
 def _drop_kept(page: _Page) -> bool:
-    """Delete the page's copy of its last job's originals; True when there was one."""
+    """Delete the page's copy of its last job's originals and what an evaluation of them kept; True when there was
+    one."""
     if page.kept is None:
         return False
     shutil.rmtree(page.kept, ignore_errors=True)
+    shutil.rmtree(_unfinished(page.kept), ignore_errors=True)
     page.kept = None
     return True
 

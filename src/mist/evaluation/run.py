@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -19,6 +20,7 @@ from PIL import Image
 from .. import images
 from .pairs import Pair, match_pairs
 from .purify import NONE, Context, Purification, parse_purifications
+from .resume import Finished, evaluation_key
 from .scores import Score, score, verdict, worst_cases
 from .settings import EvaluationSettings
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from ..config import ProtectConfig
     from ..jobs import ModelCache
     from ..models import StableDiffusion
+    from .img2img import Generated
     from .mimicry import Mimicry
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class Evaluation:
     scores: list[Score]
     seconds: float
     scored_with: dict[str, Any] = field(default_factory=dict)  # the method's parameters its loss was computed with
+    finished: Finished | None = None  # its units of work kept for a resume (cleared once the report is out)
 
     @property
     def worst(self) -> list[Score]:
@@ -81,8 +85,12 @@ class Evaluation:
 def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSettings, models: ModelCache,
                      progress: Callable[[EvaluationProgress], None] | None = None,
                      on_load: Callable[[str | Path, torch.device], None] | None = None,
-                     extra_mimicries: Callable[[StableDiffusion], Sequence[Mimicry]] | None = None) -> Evaluation:
+                     extra_mimicries: Callable[[StableDiffusion], Sequence[Mimicry]] | None = None,
+                     resume: Path | None = None) -> Evaluation:
     """Evaluate the protected images in `protected` against their originals in `originals` (files or folders).
+    `resume`: a folder where each finished unit of work is kept (`mist.evaluation.resume`), so that the same
+    evaluation started again after an interruption does not redo it; the caller clears it once the report is out
+    (`Evaluation.finished.clear()`).
 
     Raises ValueError naming the file for an unreadable image, and for options;
     ModelNotFoundError when there is no model. `extra_mimicries(model)` adds mimicries to the img2img ones (the seam
@@ -110,8 +118,10 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     mimicries = _mimicries(model, settings, extra_mimicries)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
     ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress)
-    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed), settings, ticker) \
-        .run(purifications, mimicries, results, cleans, shields)
+    finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
+                                               f"{models.identity().name} {models.identity().sha256}"))
+    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed), settings, ticker,
+                      finished).run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
         own = [s for s in scores if s.image == result.pair.name]
@@ -120,7 +130,7 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     return Evaluation(settings=settings, model=str(models.identity().name), random_weights=model.random_weights,
                       method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
                       mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
-                      seconds=time.perf_counter() - started, scored_with=scoring.params.record())
+                      seconds=time.perf_counter() - started, scored_with=scoring.params.record(), finished=finished)
 
 
 def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[str]:
@@ -186,38 +196,56 @@ class _Scoring:
     context: Context
     settings: EvaluationSettings
     tick: _Ticker
+    finished: Finished
 
     def run(self, purifications: list[Purification], mimicries: list[Mimicry], results: list[ImageResult],
             cleans: list[torch.Tensor], shields: list[torch.Tensor]) -> list[Score]:
         targets = self.scorer.targets([tuple(x.shape[-2:]) for x in cleans])
         references: dict[str, list[torch.Tensor | None]] = {}
         for mimicry in mimicries:
-            references[mimicry.name] = _reference_latents(mimicry, targets, self.settings.seed)
+            references[mimicry.name] = self.finished.unit(
+                f"reference {mimicry.name}", partial(_reference_latents, mimicry, targets, self.settings.seed))
             self.tick(f"target reference, {mimicry.label}")
         scores: list[Score] = []
         for purification in purifications:
-            if purification is NONE:
-                purified_clean, purified_protected = cleans, shields
-            else:
-                purified_clean = [_purified(purification, x, self.context) for x in cleans]
-                purified_protected = [_purified(purification, y, self.context) for y in shields]
+            purified_clean, purified_protected, losses = self.finished.unit(
+                f"purification {purification.name}", partial(self._purified, purification, cleans, shields))
+            if purification is not NONE:
                 for result, y in zip(results, purified_protected, strict=True):
                     result.pictures[purification.name] = _thumbnail(images.tensor_to_image(y))
-            losses = [self.scorer.losses(x, c, p)
-                      for x, c, p in zip(cleans, purified_clean, purified_protected, strict=True)]
             self.tick(purification.label)
             for mimicry in mimicries:
                 scores += self._mimicked(purification, mimicry, results, purified_clean, purified_protected,
                                          targets, references[mimicry.name], losses)
         return scores
 
+    def _purified(self, purification: Purification, cleans: list[torch.Tensor], shields: list[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, float]]]:
+        """The clean and protected images after `purification`, and the method's losses on each pair of them."""
+        if purification is NONE:
+            purified_clean, purified_protected = cleans, shields
+        else:
+            purified_clean = [_purified(purification, x, self.context) for x in cleans]
+            purified_protected = [_purified(purification, y, self.context) for y in shields]
+        losses = [self.scorer.losses(x, c, p) for x, c, p in zip(cleans, purified_clean, purified_protected,
+                                                                 strict=True)]
+        return purified_clean, purified_protected, losses
+
+    def _generated(self, unit: str, mimicry: Mimicry, pictures: list[torch.Tensor]) -> list[Generated]:
+        """`mimicry` run on `pictures` with the evaluation's seed, or read back when an earlier run finished it."""
+        from .img2img import Generated
+
+        kept = self.finished.unit(unit, lambda: [(g.images, g.latents)
+                                                  for g in mimicry.generate(pictures, self.settings.seed)])
+        return [Generated(images, latents) for images, latents in kept]
+
     def _mimicked(self, purification: Purification, mimicry: Mimicry, results: list[ImageResult],
                   purified_clean: list[torch.Tensor], purified_protected: list[torch.Tensor], targets: list,
                   references: list, losses: list[tuple[float, float]]) -> list[Score]:
-        seed = self.settings.seed
-        clean_out = mimicry.generate(purified_clean, seed)
+        unit = f"{purification.name} {mimicry.name}"
+        clean_out = self._generated(f"{unit} clean", mimicry, purified_clean)
         self.tick(f"{purification.label}, {mimicry.label} (clean)")
-        protected_out = mimicry.generate(purified_protected, seed)
+        protected_out = self._generated(f"{unit} protected", mimicry, purified_protected)
         self.tick(f"{purification.label}, {mimicry.label} (protected)")
         scores = []
         for index, result in enumerate(results):
