@@ -305,7 +305,7 @@ def test_doctor_and_protect_say_loudly_that_the_gpu_is_unused(capsys, monkeypatc
     assert code == 0 and "WARNING: an NVIDIA GPU is present" in err and "built for CUDA 12.8" in err
     import mist.webui_app
 
-    monkeypatch.setattr(mist.webui_app, "main", lambda args: 0)  # the page itself is not served here
+    monkeypatch.setattr(mist.webui_app, "main", lambda args, models, auth: 0)  # the page itself is not served here
     code, _, err = _run(capsys, "webui", "--model", "tiny-random")
     assert code == 0 and "WARNING: an NVIDIA GPU is present" in err and "built for CUDA 12.8" in err
 

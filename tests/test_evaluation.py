@@ -192,6 +192,9 @@ def test_cli_writes_the_report(tmp_path, originals, protected, capsys):
     assert len(record["worst_case"]) == 2 * 2
     page = (report / "index.html").read_text()
     assert "meaningless for protection" in page and "plots/strength.png" in page and "plots/jpeg.png" in page
+    # Written for the artist: words, not field names; numbers without exponents (-13,020, not -1.302e+04).
+    assert "Protection holds?" in page and "Likeness of the two mimicries" in page
+    assert not __import__("re").search(r"\b(rmse_levels|latent_mse|target_mse_\w+|loss_clean)\b|\de[+-]\d", page)
     for source in __import__("re").findall(r"src='([^']+)'", page):
         assert (report / source).is_file(), source
     assert not list(report.rglob("*.tmp")) and not (report / ".unfinished").exists()

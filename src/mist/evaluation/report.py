@@ -26,6 +26,14 @@ RANDOM_WEIGHTS_WARNING = ("This model has random weights (a test model): every n
                           "protection. Use a real Stable Diffusion v1 checkpoint to judge it.")
 SCORE_COLUMNS = ("rmse_levels", "ssim", "latent_mse", "target_pull", "target_mse_protected", "target_mse_clean",
                  "target_mse_reference", "loss_clean", "loss_protected", "holds")
+# What the page's score tables show, in words an artist reads (the verdict first; every number, the method's losses
+# and the target distances included, is in results.csv and results.json under its field name).
+PAGE_COLUMNS = (("holds", "Protection holds?"), ("ssim", "Likeness of the two mimicries (SSIM, 1 = same)"),
+                ("rmse_levels", "Pixel difference of the two mimicries (0-255)"),
+                ("target_pull", "Pull toward the target pattern (0 none, 1 full)"))
+INVISIBILITY_LABELS = {"psnr_db": "PSNR (dB, higher: less visible)", "ssim": "SSIM with the original (1 = same)",
+                       "linf_levels": "Largest pixel change (0-255)", "l2_levels": "Overall change (L2, 0-255)",
+                       "lpips": "LPIPS (0 = same)"}
 
 
 def write_report(evaluation: Evaluation, folder: Path) -> Path:
@@ -113,15 +121,19 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
 def _figure():
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
     return Figure(figsize=(9, 3.6), dpi=100)
 
 
-def _save(figure) -> bytes:
+def _save(figure, laid_out: bool = False) -> bytes:
     buffer = io.BytesIO()
-    figure.tight_layout()
+    if not laid_out:
+        figure.tight_layout()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
@@ -138,13 +150,18 @@ def _strength_plot(evaluation: Evaluation) -> bytes | None:
         ssim = [_mean([s.ssim for s in own if s.strength == k]) for k in strengths]
         pull = [_mean([s.target_pull for s in own if s.strength == k and s.target_pull is not None])
                 for k in strengths]
-        axes[0].plot(strengths, ssim, marker="o", label=purification.label)
-        axes[1].plot(strengths, pull, marker="o", label=purification.label)
+        style = dict(marker=MARKERS[len(axes[0].lines) % len(MARKERS)], alpha=0.85, label=purification.label)
+        axes[0].plot(strengths, ssim, **style)  # a marker of its own per line: overlapping lines stay apart
+        axes[1].plot(strengths, pull, **style)
     axes[0].axhline(evaluation.settings.ssim_threshold, color="grey", linestyle="--", linewidth=1)
-    axes[0].set(xlabel="img2img strength", ylabel="SSIM, protected vs clean output", title="lower: protection holds")
-    axes[1].set(xlabel="img2img strength", ylabel="target pull", title="1: output as close to the target as it gets")
-    axes[1].legend(fontsize=7, loc="best")
-    return _save(figure)
+    axes[0].set(xlabel="img2img strength", ylabel="SSIM, protected vs clean output",
+                title="Likeness of the mimicries (lower: holds)")
+    axes[1].set(xlabel="img2img strength", ylabel="target pull",
+                title="Pull toward the target (1: as close as it gets)")
+    handles, names = axes[1].get_legend_handles_labels()
+    figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))  # the legend below both plots, covering neither
+    return _save(figure, laid_out=True)
 
 
 def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
@@ -164,8 +181,10 @@ def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
     axes.axhline(evaluation.settings.ssim_threshold, color="grey", linestyle="--", linewidth=1)
     axes.set(xlabel="JPEG quality (100: not compressed)", ylabel="SSIM, protected vs clean output",
              title="Protection versus JPEG compression (lower: protection holds)")
-    axes.legend(fontsize=7)
-    return _save(figure)
+    handles, names = axes.get_legend_handles_labels()
+    figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))  # the legend below the plot, covering no line
+    return _save(figure, laid_out=True)
 
 
 _STYLE = """
@@ -174,7 +193,8 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f2f2f2; } td.l, th.l { text-align: left; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; max-width: 100%; }
+th { font-weight: 600; max-width: 11em; } p.path { font-size: 12px; color: #555; overflow-wrap: anywhere; }
 .grid { display: grid; gap: 6px; margin-bottom: 1em; }
 .grid figure { margin: 0; } .grid img { width: 100%; image-rendering: auto; display: block; }
 .grid figcaption { font-size: 11px; text-align: center; }
@@ -201,7 +221,9 @@ def _html(evaluation: Evaluation, pictures: dict, plots: dict) -> str:
     if plots:
         parts.append("<h2>Plots</h2>" + "".join(f"<p><img src='{e(src)}' alt='{e(name)} plot'></p>"
                                                 for name, src in plots.items()))
-    parts.append("<h2>Worst case over purifications</h2>" + _score_table(evaluation.worst, evaluation))
+    parts.append("<h2>Worst case over purifications</h2><p>For each image and mimicry, the purification after which "
+                 "the mimicry of the protected image came closest to that of the original.</p>"
+                 + _score_table(evaluation.worst, evaluation, with_image=True))
     for number, result in enumerate(evaluation.images):
         parts.append(_image_section(number, result, evaluation, pictures))
     parts.append("</body></html>")
@@ -211,8 +233,8 @@ def _html(evaluation: Evaluation, pictures: dict, plots: dict) -> str:
 def _image_section(number: int, result, evaluation: Evaluation, pictures: dict) -> str:
     e = html.escape
     holds = result.verdict.startswith("protection survived")
-    inv = "".join(f"<th>{e(k)}</th>" for k in result.invisibility)
-    values = "".join(f"<td>{v:.4g}</td>" for v in result.invisibility.values())
+    inv = "".join(f"<th>{e(INVISIBILITY_LABELS.get(k, k))}</th>" for k in result.invisibility)
+    values = "".join(f"<td>{_readable(v)}</td>" for v in result.invisibility.values())
     columns = ["clean", "protected"] + [p.name for p in evaluation.purifications if p.kind != "none"]
     captions = {"clean": "clean", "protected": "protected"} | {p.name: p.label for p in evaluation.purifications}
     rows = [[(column, captions[column]) for column in columns]]
@@ -227,25 +249,46 @@ def _image_section(number: int, result, evaluation: Evaluation, pictures: dict) 
         grid.append(f"<div class='grid' style='grid-template-columns: repeat({len(row)}, 1fr)'>{cells}</div>")
     own = [s for s in evaluation.scores if s.image == result.pair.name]
     return (f"<h2>{e(result.pair.name)}</h2><p class='{'holds' if holds else 'broken'}'><b>{e(result.verdict)}</b>"
-            f"</p><p>{e(str(result.pair.original))} &rarr; {e(str(result.pair.protected))} (matched by "
+            f"</p><p class='path'>{e(str(result.pair.original))} &rarr; {e(str(result.pair.protected))} (matched by "
             f"{e(result.pair.matched_by)}, evaluated at {result.size[0]} x {result.size[1]})</p>"
             f"<table><tr>{inv}</tr><tr>{values}</tr></table>{''.join(grid)}{_score_table(own, evaluation)}")
 
 
-def _score_table(scores: list[Score], evaluation: Evaluation) -> str:
+def _score_table(scores: list[Score], evaluation: Evaluation, *, with_image: bool = False) -> str:
+    """The verdict and the readable scores per purification and mimicry (the image too, in the worst-case table)."""
     e = html.escape
     labels = {p.name: p.label for p in evaluation.purifications}
-    head = "".join(f"<th>{e(c)}</th>" for c in ("image", "purification", "mimicry") + SCORE_COLUMNS)
+    mimicries = {name: label for name, label, _ in evaluation.mimicries}
+    names = (["Image"] if with_image else []) + ["Purification", "Mimicry"] + [title for _, title in PAGE_COLUMNS]
+    head = "".join(f"<th class='l'>{e(name)}</th>" if n < 2 + with_image else f"<th>{e(name)}</th>"
+                   for n, name in enumerate(names))
     body = []
     for s in scores:
         row = s.as_dict()
-        cells = [f"<td class='l'>{e(s.image)}</td>", f"<td class='l'>{e(labels.get(s.purification, s.purification))}"
-                 f"</td>", f"<td class='l'>{e(s.mimicry)}</td>"]
-        for column in SCORE_COLUMNS:
+        cells = [f"<td class='l'>{e(s.image)}</td>"] if with_image else []
+        cells += [f"<td class='l'>{e(labels.get(s.purification, s.purification))}</td>",
+                  f"<td class='l'>{e(mimicries.get(s.mimicry, s.mimicry))}</td>"]
+        for column, _ in PAGE_COLUMNS:
             value = row[column]
             if isinstance(value, bool):
-                cells.append(f"<td class='{'holds' if value else 'broken'}'>{'yes' if value else 'no'}</td>")
+                cells.append(f"<td class='{'holds' if value else 'broken'}'><b>{'yes' if value else 'no'}</b></td>")
             else:
-                cells.append(f"<td>{'' if value is None else f'{value:.4g}'}</td>")
+                cells.append(f"<td>{_readable(value)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>"
+    return (f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>"
+            "<p class='path'>Every number, the method's losses and the distances to the target included, is in "
+            "results.csv and results.json.</p>")
+
+
+def _readable(value: float | None) -> str:
+    """A number as a person reads it: two decimals for the 0..1 scores, thousands grouped for large ones, no
+    exponent; empty for none."""
+    if value is None or value != value:
+        return ""
+    if value in (float("inf"), float("-inf")):
+        return "&infin;" if value > 0 else "-&infin;"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.1e}"
