@@ -144,6 +144,8 @@ class EvaluationConsole:
             print(line, file=sys.stderr)
         for result in evaluation.images:
             print(f"{result.pair.protected}: {result.verdict}")
-        print(f"report: {index} ({evaluation.seconds:.0f} s)")
+        reused = evaluation.finished.reused if evaluation.finished is not None else 0
+        print(f"report: {index} ({evaluation.seconds:.0f} s"
+              + (f"; {reused} unit(s) finished by an interrupted run were reused" if reused else "") + ")")
         if evaluation.random_weights:
             print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
