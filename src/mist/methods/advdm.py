@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 from . import register_method
-from .base import Loss, LossTerms, Method, MethodParams, TileInputs
-from .common import object_prompt_param, prompt
+from .base import Loss, LossTerms, MethodParams, TileInputs
+from .common import DenoiserMethod, object_prompt_param
 
 
 @dataclass(frozen=True)
@@ -27,20 +27,15 @@ class AdvDMParams(MethodParams):
 
 
 @register_method
-class AdvDM(Method):
+class AdvDM(DenoiserMethod):
     name = "advdm"
     title = "AdvDM"
     title_zh = "AdvDM"
     summary = "raises the diffusion model's denoising loss on the image (the semantic loss alone)"
     paper = "Liang et al., ICML 2023"
     Params = AdvDMParams
-    parts = frozenset({"encoder", "unet", "text_encoder"})
     # +1: PGD raises the denoising loss; -1: it lowers it.
     direction: ClassVar[float] = 1.0
-
-    def __init__(self, params: AdvDMParams, model, precision: str) -> None:
-        super().__init__(params, model, precision)
-        self.text = model.text_embedding(prompt(params.object_prompt))
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
         from .. import objectives

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from . import register_method
-from .base import LossTerms, Method, MethodParams, SurrogateLoss, TileInputs, param
-from .common import object_prompt_param, prompt
+from .base import LossTerms, MethodParams, SurrogateLoss, TileInputs, param
+from .common import DenoiserMethod, object_prompt_param
 from .surrogate import (generator, lora_rank_param, options, round_steps_param, surrogate_lr_param,
                         surrogate_steps_param)
 
@@ -93,7 +93,7 @@ class ASPLLoss(SurrogateLoss):
 
 
 @register_method
-class ASPL(Method):
+class ASPL(DenoiserMethod):
     name = "aspl"
     title = "Anti-DreamBooth (ASPL)"
     title_zh = "Anti-DreamBooth（ASPL）"
@@ -101,11 +101,6 @@ class ASPL(Method):
                "attack, as a mimic would fine-tune")
     paper = "Van Le et al., ICCV 2023"
     Params = ASPLParams
-    parts = frozenset({"encoder", "unet", "text_encoder"})
-
-    def __init__(self, params: ASPLParams, model, precision: str) -> None:
-        super().__init__(params, model, precision)
-        self.text = model.text_embedding(prompt(params.object_prompt))
 
     def prepare(self, tiles: Sequence[TileInputs]) -> ASPLLoss:
         return ASPLLoss(self, tiles)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..prompts import OBJECT_PROMPT, STYLE_PROMPT
-from .base import param
+from .base import Method, param
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,6 +30,22 @@ def target_param(help: str, help_zh: str) -> Any:
 def prompt(object_prompt: bool) -> str:
     """The prompt a method conditions on: "a photo" for objects, "a painting" for styles (Mist's two prompts)."""
     return OBJECT_PROMPT if object_prompt else STYLE_PROMPT
+
+
+class DenoiserMethod(Method):
+    """A method whose loss runs the diffusion model conditioned on a prompt: it needs the encoder, the UNet and the
+    text encoder, and embeds its prompt once per run, in `self.text` (None when `conditioning` gives none)."""
+
+    parts = frozenset({"encoder", "unet", "text_encoder"})
+
+    def __init__(self, params, model, precision: str) -> None:
+        super().__init__(params, model, precision)
+        text = self.conditioning()
+        self.text = model.text_embedding(text) if text is not None else None
+
+    def conditioning(self) -> str | None:
+        """The prompt the denoiser is conditioned on: "a painting", or "a photo" with `object_prompt`."""
+        return prompt(self.params.object_prompt)
 
 
 def target_or(path: Path | None, default: Callable[[], Image.Image]) -> Image.Image:

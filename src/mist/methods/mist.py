@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from . import register_method
-from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
-from .common import object_prompt_param, prompt, target_or, target_param
+from .base import Loss, LossTerms, MethodParams, TileInputs, param
+from .common import DenoiserMethod, object_prompt_param, prompt, target_or, target_param
 
 MODES = ("textural", "semantic", "fused")
 # Mist v1.2's numeric --mode codes (its README's table swaps 0 and 1; this is what its code ran).
@@ -57,7 +57,7 @@ class MistParams(MethodParams):
 
 
 @register_method
-class Mist(Method):
+class Mist(DenoiserMethod):
     name = "mist"
     title = "Mist v1.2"
     title_zh = "Mist v1.2"
@@ -65,11 +65,9 @@ class Mist(Method):
                "the default")
     paper = "Liang et al., ICML 2023; Mist v1.2"
     Params = MistParams
-    parts = frozenset({"encoder", "unet", "text_encoder"})
 
-    def __init__(self, params: MistParams, model, precision: str) -> None:
-        super().__init__(params, model, precision)
-        self.text = model.text_embedding(params.prompt) if params.mode != "textural" else None
+    def conditioning(self) -> str | None:
+        return self.params.prompt if self.params.mode != "textural" else None  # textural mode runs no UNet
 
     def target_image(self):
         if self.params.mode == "semantic":

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from . import register_method
-from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
-from .common import mist_v2_target, object_prompt_param, prompt, target_or, target_param
+from .base import Loss, LossTerms, MethodParams, TileInputs, param
+from .common import DenoiserMethod, mist_v2_target, object_prompt_param, target_or, target_param
 
 if TYPE_CHECKING:
     import torch
@@ -51,18 +51,13 @@ class Mist2Params(MethodParams):
 
 
 @register_method
-class Mist2(Method):
+class Mist2(DenoiserMethod):
     name = "mist2"
     title = "Mist-v2 (target UNet)"
     title_zh = "Mist-v2（目标 UNet）"
     summary = "pushes the UNet's noise prediction on the image toward the target pattern's latent"
     paper = "Zheng et al., 2023; Mist-v2"
     Params = Mist2Params
-    parts = frozenset({"encoder", "unet", "text_encoder"})
-
-    def __init__(self, params: Mist2Params, model, precision: str) -> None:
-        super().__init__(params, model, precision)
-        self.text = model.text_embedding(prompt(params.object_prompt))
 
     def target_image(self):
         return target_or(self.params.target, mist_v2_target)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Sequence
 
 from . import register_method
-from .base import Loss, LossTerms, Method, MethodParams, TileInputs, param
-from .common import mist_v2_target, object_prompt_param, prompt, target_or, target_param
+from .base import Loss, LossTerms, MethodParams, TileInputs, param
+from .common import DenoiserMethod, mist_v2_target, object_prompt_param, target_or, target_param
 
 SIGNS = ("-", "+")
 
@@ -50,7 +50,7 @@ class SDSParams(MethodParams):
 
 
 @register_method
-class SDS(Method):
+class SDS(DenoiserMethod):
     name = "sds"
     title = "Score distillation (SDS)"
     title_zh = "分数蒸馏（SDS）"
@@ -58,11 +58,6 @@ class SDS(Method):
                "only; optional textural target (SDST)")
     paper = "Xue et al., ICLR 2024"
     Params = SDSParams
-    parts = frozenset({"encoder", "unet", "text_encoder"})
-
-    def __init__(self, params: SDSParams, model, precision: str) -> None:
-        super().__init__(params, model, precision)
-        self.text = model.text_embedding(prompt(params.object_prompt))
 
     def target_image(self):
         return target_or(self.params.target, mist_v2_target) if self.params.textural else None
