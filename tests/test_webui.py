@@ -771,3 +771,21 @@ def test_the_command_line_opens_the_runner_before_serving_the_page(monkeypatch, 
     if not __import__("torch").cuda.is_available():
         assert mist.cli.main(["webui", "--model", "tiny-random", "--device", "cuda"]) == mist.cli.EXIT_USAGE
         assert "--device: cuda" in capsys.readouterr().err and served == []
+
+
+def test_pages_that_come_and_go_keep_no_timers(engine, tmp_path):
+    """Only a page with something to find again is kept for its reload, and at most MAX_AWAY_PAGES at once: a flood of
+    pages opened and closed (each with a key of its own) cannot pile up a timer thread per page."""
+    ui = WebUI(engine, tmp_path / "work", reload_grace_s=HANG_GUARD_S)
+    threads = threading.active_count()
+    for n in range(50):  # idle pages: nothing to find again
+        ui.attach(f"idle {n}", f"{n:032x}", "en")
+        ui.closed(f"idle {n}")
+    assert ui._away == {} and threading.active_count() == threads
+    for n in range(webui.MAX_AWAY_PAGES + 20):  # pages whose Protect waited: each has a notice for its reload
+        ui.attach(f"waiting {n}", f"{n + 1000:032x}", "en")
+        ui.start("en", f"waiting {n}")
+        ui.closed(f"waiting {n}")
+    assert len(ui._away) == webui.MAX_AWAY_PAGES
+    assert threading.active_count() <= threads + webui.MAX_AWAY_PAGES
+    ui.close_all()

@@ -75,6 +75,7 @@ RELOAD_GRACE_S = 30.0  # how long a page that went away may come back (a reload)
 STALE_UPLOAD_S = 600.0  # a partial upload (gradio's tmp* file) unchanged this long was abandoned by its browser
 STALE_EXPORT_S = 60.0  # an export of the image editor this old, held by no page, is not on its way to a job
 SWEEP_EVERY_S = 60.0  # how often the server looks for both
+MAX_AWAY_PAGES = 256  # pages kept for their reload at once (each with a timer); more are closed for good at once
 PAGE_KEY_CHARACTERS = frozenset("0123456789abcdef")
 PAGE_KEY_LENGTH = 32  # the browser's key of its tab: 128 random bits in hex
 
@@ -590,8 +591,9 @@ class WebUI:
     def closed(self, session: str | None) -> None:
         """The page went away (closed or reloaded). A job still waiting for its turn is dropped at once: it will not
         run (`run` finds no pressed Protect) and no other page waits for it; an evaluation is cancelled; the uploads
-        of a page without a job are deleted. A running protect job goes on: the page is kept for `reload_grace_s`
-        so that its reload finds it again (`attach`), and is closed for good after that (`_abandon`)."""
+        of a page without a job are deleted. A page with something to find again (a running protect job, a result,
+        a notice) is kept for `reload_grace_s` so that its reload finds it (`attach`), and is closed for good after
+        that (`_abandon`); others, and any beyond MAX_AWAY_PAGES kept at once, are closed for good now."""
         with self._pages_lock:
             page = self._pages.pop(session or "", None)
             if page is None:
@@ -604,7 +606,9 @@ class WebUI:
                 page.notice = "reload_evaluate"
             if page.phase == "idle":
                 self._discard(page)  # the reloaded page no longer shows the artwork chosen before
-            if page.key is None or self.reload_grace_s <= 0:
+            worth_finding = page.phase == "running" or page.result is not None or bool(page.notice)
+            if (page.key is None or self.reload_grace_s <= 0 or not worth_finding
+                    or len(self._away) >= MAX_AWAY_PAGES):  # a flood of pages that come and go keeps no timers
                 self._abandon(page)
                 return
             self._away[page.key] = page
