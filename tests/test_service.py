@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
 from mist.images import read_png_text  # noqa: E402
 from mist.jobs import Job, ModelCache, run_jobs  # noqa: E402
-from mist.service.app import Service, create_app  # noqa: E402
+from mist.service.app import Service, WorkLimits, create_app  # noqa: E402
 from mist.service.store import JobStore, Limits, sqlite_url  # noqa: E402
 from mist.service.worker import Worker  # noqa: E402
 
@@ -525,3 +525,21 @@ def test_a_job_that_fails_as_a_whole_leaves_no_image_running(service, painting, 
     assert status["state"] == "failed" and status["error"] == "the model could not be loaded"
     assert [(image["state"], image["message"]) for image in status["images"]] == [
         ("failed", "the model could not be loaded"), ("queued", None)]
+
+
+def test_a_job_cannot_ask_for_more_compute_than_the_server_allows(tmp_path, models, painting):
+    """`steps=1000000` would hold the worker for days and `input-size=8192` exhaust its memory: refused in one line
+    naming the field and the server's option, before anything is stored."""
+    service = make_service(tmp_path, models)
+    service.work_limits = WorkLimits(max_steps=50, max_input_size=64)
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with local_client(create_app(service, manage_worker=False)) as http:
+        for fields, words in [({"steps": "51"}, "steps: 51 steps per image (x eot-samples) is over this server's "
+                                                "limit of 50 (mist serve --max-steps)"),
+                              ({"steps": "20", "robust": "jpeg", "eot-samples": "3"}, "steps: 60 steps per image"),
+                              ({"input-size": "72"}, "input-size: 72 is over this server's limit of 64")]:
+            refused = submit(http, picture, fields)
+            assert refused.status_code == 400 and refused.json()["error"].startswith(words), refused.text
+        assert service.store.count_jobs() == 0 and not any((service.data / "jobs").glob("*/in/*"))
+        assert submit(http, picture, {"steps": "50", "input-size": "64"}).status_code == 201
+    service.store.close()

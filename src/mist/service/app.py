@@ -55,6 +55,27 @@ class ApiError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class WorkLimits:
+    """How much compute one image of a job may ask for on this server (`mist serve --max-steps / --max-input-size`):
+    a client's `steps=1000000` or `input-size=8192` would hold the worker for days or exhaust its memory."""
+
+    max_steps: int = 1000  # PGD steps x robust samples per image (the web UI's slider ends at 1000)
+    max_input_size: int = 1024  # the processing size's side (pixels per tile grow with its square)
+
+    def problem(self, settings: dict[str, Any]) -> str | None:
+        """What in `settings` is over these limits, in one line naming the field; None when nothing is."""
+        steps = int(settings.get("steps", ProtectConfig.steps)) * int(settings.get("eot_samples", 1))
+        if steps > self.max_steps:
+            return (f"steps: {steps} steps per image (x eot-samples) is over this server's limit of {self.max_steps} "
+                    "(mist serve --max-steps)")
+        size = int(settings.get("input_size", ProtectConfig.input_size))
+        if size > self.max_input_size:
+            return (f"input-size: {size} is over this server's limit of {self.max_input_size} "
+                    "(mist serve --max-input-size)")
+        return None
+
+
 @dataclass
 class Service:
     """What the API serves from: the store, the data folder, the worker, and the access policy. `require_tokens`:
@@ -68,6 +89,7 @@ class Service:
     local_limits: Limits
     retention_seconds: float
     model_name: str = ""
+    work_limits: WorkLimits = WorkLimits()
 
 
 @dataclass(frozen=True)
@@ -174,6 +196,8 @@ def _accept(service: Service, who: Caller, key: str | None, texts: dict[str, str
     settings, metadata = parse_settings(texts)
     if "steps" not in settings and names_test_model(service.model_name):
         settings["steps"] = TEST_MODEL_STEPS
+    if problem := service.work_limits.problem(settings):
+        raise ApiError(400, problem)
     job_id = new_job_id()
     folder = job_folder(service.data, job_id)
     submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)

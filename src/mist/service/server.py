@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .app import Service, create_app, is_loopback
+from .app import Service, WorkLimits, create_app, is_loopback
 from .store import JobStore, Limits, sqlite_url
 from .worker import Worker
 
@@ -41,6 +41,7 @@ class ServeOptions:
     no_auth: bool = False  # loopback only: requests from this machine need no token
     trusted_proxies: tuple[str, ...] = ()  # addresses whose X-Forwarded-For / Forwarded headers are believed
     local_limits: Limits = Limits()
+    work_limits: WorkLimits = WorkLimits()  # compute one image of a job may ask for
     lease_seconds: float = 60.0
 
 
@@ -99,7 +100,8 @@ def build_service(options: ServeOptions, store: JobStore) -> Service:
     retention = options.retention_hours * 3600
     worker = Worker(store, options.data, models, retention_seconds=retention, lease_seconds=options.lease_seconds)
     return Service(store=store, data=options.data, worker=worker, require_tokens=not options.no_auth,
-                   local_limits=options.local_limits, retention_seconds=retention, model_name=str(models.where()))
+                   local_limits=options.local_limits, retention_seconds=retention, model_name=str(models.where()),
+                   work_limits=options.work_limits)
 
 
 def serve(options: ServeOptions) -> int:
