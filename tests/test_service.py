@@ -20,7 +20,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from mist.config import ProtectConfig  # noqa: E402
 from mist.images import read_png_text  # noqa: E402
 from mist.jobs import Job, ModelCache, run_jobs  # noqa: E402
-from mist.service.app import Service, WorkLimits, create_app  # noqa: E402
+from mist.service.app import Service, create_app  # noqa: E402
+from mist.work_limits import WorkLimits  # noqa: E402
 from mist.service.store import JobStore, Limits, sqlite_url  # noqa: E402
 from mist.service.worker import Worker  # noqa: E402
 
@@ -535,7 +536,7 @@ def test_a_job_cannot_ask_for_more_compute_than_the_server_allows(tmp_path, mode
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
     with local_client(create_app(service, manage_worker=False)) as http:
         for fields, words in [({"steps": "51"}, "steps: 51 steps per image (x eot-samples) is over this server's "
-                                                "limit of 50 (mist serve --max-steps)"),
+                                                "limit of 50 (its --max-steps)"),
                               ({"steps": "20", "robust": "jpeg", "eot-samples": "3"}, "steps: 60 steps per image"),
                               ({"input-size": "72"}, "input-size: 72 is over this server's limit of 64")]:
             refused = submit(http, picture, fields)

@@ -789,3 +789,15 @@ def test_pages_that_come_and_go_keep_no_timers(engine, tmp_path):
     assert len(ui._away) == webui.MAX_AWAY_PAGES
     assert threading.active_count() <= threads + webui.MAX_AWAY_PAGES
     ui.close_all()
+
+
+def test_a_crafted_request_cannot_ask_for_more_compute_than_the_page_allows(engine, tmp_path):
+    """The page's controls end at 1000 steps and 768 pixels, but a request can send anything: the server's limits
+    (`mist webui --max-steps / --max-input-size`) refuse it with a message, and nothing runs."""
+    ui = WebUI(engine, tmp_path / "work", work_limits=webui.WorkLimits(max_steps=5, max_input_size=64))
+    source = noise(tmp_path / "a.png")
+    for settings, words in [({"steps": 6}, "steps: 6 steps per image"), ({"size": 128}, "input-size: 128 is over")]:
+        result = protect(ui, "batch", files=[source], settings=Settings(**{**FAST, **settings}))
+        assert not result.outputs and words in result.status and "--max-" in result.status
+    assert not list((tmp_path / "work").glob("job-*"))
+    assert len(protect(ui, "batch", files=[source], settings=Settings(**{**FAST, "steps": 5})).outputs) == 1

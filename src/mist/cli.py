@@ -24,6 +24,7 @@ from .methods import ParamSpec, get_method, list_methods, param_specs, shared_pa
 from .prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from .runner_options import add_runner_options
+from .work_limits import add_work_limit_options
 from .shaping import SHAPES
 
 EXIT_FAILED_IMAGES = 1
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     webui.add_argument("--auth", metavar="USER:PASSWORD",
                        help="require this login (default: $MIST_WEBUI_AUTH; none: anyone who reaches the page)")
     webui.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default: %(default)s)")
+    add_work_limit_options(webui)
 
     from .service.options import add_serve_parser
 

@@ -49,6 +49,7 @@ from .files import remove_old_folders, write_png_zip
 from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from .methods import get_method, param_specs
 from .robust import DEFAULT_TRANSFORMS
+from .work_limits import WorkLimits, check_work
 from .webui_text import duration, text
 
 if TYPE_CHECKING:
@@ -248,7 +249,7 @@ Progress = Callable[[float, str], None]
 
 def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engine: ModelCache, workdir: Path, *,
             lang: str = "en", cancel: threading.Event | None = None, progress: Progress | None = None,
-            max_upload_bytes: int | None = None) -> JobResult:
+            max_upload_bytes: int | None = None, work_limits: WorkLimits | None = None) -> JobResult:
     """Protect `uploads` into a new folder under `workdir` through the job runner (`mist.jobs.run_jobs`, as the
     command line does) and say how it went; never raises for a bad input, a missing model, a bad setting or a cancel
     (each gives a message in the result). `progress(fraction, text)` hears every step; setting `cancel` stops the
@@ -262,6 +263,8 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
         return _finish(result, text(lang, "no_input"), started)
     try:
         config = settings if isinstance(settings, ProtectConfig) else settings.config()
+        if work_limits is not None:  # what the page's controls allow, whatever a crafted request sends
+            check_work(config, work_limits)
     except ValueError as exc:
         return _finish(result, f"{text(lang, 'invalid_settings')} {exc}", started)
     accepted = []
@@ -479,7 +482,7 @@ class WebUI:
 
     def __init__(self, engine: ModelCache, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, *,
                  upload_root: Path | None = None, served_to_others: bool = False,
-                 reload_grace_s: float = RELOAD_GRACE_S) -> None:
+                 reload_grace_s: float = RELOAD_GRACE_S, work_limits: WorkLimits | None = None) -> None:
         """`workdir`: where jobs write (private to this server); `upload_root`: gradio's upload folder, the only
         place whose files this server deletes as uploads (None: delete none); `served_to_others`: --listen or
         --share (the page says where images are processed); `reload_grace_s`: how long a page that went away is
@@ -490,6 +493,7 @@ class WebUI:
         self.upload_root = Path(upload_root).resolve() if upload_root is not None else None
         self.served_to_others = served_to_others
         self.reload_grace_s = reload_grace_s
+        self.work_limits = work_limits or WorkLimits()
         self._pages: dict[str, _Page] = {}  # by gradio session (one per page load)
         self._away: dict[str, _Page] = {}  # pages that went away and may come back, by key
         self._pages_lock = threading.Lock()
@@ -725,7 +729,7 @@ class WebUI:
                 say(fraction, desc)
 
             result = run_job(uploads, settings, self.engine, self.workdir, lang=lang, cancel=page.cancel,
-                             progress=heard, max_upload_bytes=self.max_upload_bytes)
+                             progress=heard, max_upload_bytes=self.max_upload_bytes, work_limits=self.work_limits)
             page.kept = _keep_originals(result.outputs)
             page.shown = [path for o in result.outputs for path in (o.original, o.shown, o.perturbation) if path]
         finally:

@@ -20,6 +20,7 @@ from .methods import list_methods, param_specs, shared_params
 from .model_names import default_steps
 from .webui import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, EVALUATE_STRENGTH, SIZES, JobResult, Settings, WebUI, log,
                     parse_auth)
+from .work_limits import work_limits_from
 from .webui_text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
 
 if TYPE_CHECKING:
@@ -510,6 +511,7 @@ def login(args) -> tuple[str, str] | None:
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb: must be above 0, got {args.max_upload_mb:g}")
+    work_limits_from(args)
     return auth
 
 
@@ -525,7 +527,7 @@ def main(args, models: ModelCache, auth: tuple[str, str] | None) -> int:
     uploads = root / "uploads"
     gradio_temp = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # read by gradio when the page is built (gradio is imported then)
-    ui = WebUI(models, root / "jobs", args.max_upload_mb,
+    ui = WebUI(models, root / "jobs", args.max_upload_mb, work_limits=work_limits_from(args),
                upload_root=uploads, served_to_others=bool(args.listen or args.share))
     previous = None
     if threading.current_thread() is threading.main_thread():  # `kill`, systemd stop: leave no files behind

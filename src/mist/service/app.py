@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..config import ProtectConfig, steps_per_image
+from ..work_limits import WorkLimits
 from ..estimate import Estimate
 from ..files import write_png_zip
 from ..model_names import TEST_MODEL_STEPS, names_test_model
@@ -53,27 +54,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class WorkLimits:
-    """How much compute one image of a job may ask for on this server (`mist serve --max-steps / --max-input-size`):
-    a client's `steps=1000000` or `input-size=8192` would hold the worker for days or exhaust its memory."""
-
-    max_steps: int = 1000  # PGD steps x robust samples per image (the web UI's slider ends at 1000)
-    max_input_size: int = 1024  # the processing size's side (pixels per tile grow with its square)
-
-    def problem(self, settings: dict[str, Any]) -> str | None:
-        """What in `settings` is over these limits, in one line naming the field; None when nothing is."""
-        steps = int(settings.get("steps", ProtectConfig.steps)) * int(settings.get("eot_samples", 1))
-        if steps > self.max_steps:
-            return (f"steps: {steps} steps per image (x eot-samples) is over this server's limit of {self.max_steps} "
-                    "(mist serve --max-steps)")
-        size = int(settings.get("input_size", ProtectConfig.input_size))
-        if size > self.max_input_size:
-            return (f"input-size: {size} is over this server's limit of {self.max_input_size} "
-                    "(mist serve --max-input-size)")
-        return None
 
 
 @dataclass

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..runner_options import add_runner_options
+from ..work_limits import add_work_limit_options, work_limits_from
 
 _MB = 1024 * 1024
 
@@ -32,10 +33,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="a reverse proxy whose X-Forwarded-For / Forwarded headers name the real client (may be "
                             "repeated); other senders' proxy headers are ignored (default: none)")
     add_runner_options(serve, low_memory=True, compile=True, ray=True)
-    serve.add_argument("--max-steps", type=int, default=1000,
-                       help="most PGD steps per image a job may ask for (x --eot-samples) (default: %(default)s)")
-    serve.add_argument("--max-input-size", type=int, default=1024,
-                       help="largest processing size a job may ask for, in pixels per side (default: %(default)s)")
+    add_work_limit_options(serve)
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
     token = actions.add_parser("token", help="create, list or revoke API tokens",
@@ -71,7 +69,6 @@ def _limit_options(parser: argparse.ArgumentParser, whom: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        from .app import WorkLimits
         from .server import ServeOptions, serve, token_command
         from .store import Limits
     except ImportError as exc:
@@ -90,14 +87,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port: must be 1 to 65535, got {args.port}")
     if args.retention_hours <= 0:
         raise ValueError(f"--retention-hours: must be above 0, got {args.retention_hours}")
-    for flag, value in (("--max-steps", args.max_steps), ("--max-input-size", args.max_input_size)):
-        if value < 1:
-            raise ValueError(f"{flag}: must be at least 1, got {value}")
+    work_limits = work_limits_from(args)
     options = ServeOptions(
         data=args.data, host=args.host, port=args.port, database=args.database, retention_hours=args.retention_hours,
         model=args.model, device=args.device, low_memory=args.low_memory, compile=args.compile, ray=args.ray,
         ray_resource=args.ray_resource,
         no_auth=args.no_auth, trusted_proxies=tuple(args.trusted_proxy),
-        work_limits=WorkLimits(args.max_steps, args.max_input_size),
+        work_limits=work_limits,
         local_limits=Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued))
     return serve(options)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .app import Service, WorkLimits, create_app, is_loopback
+from ..work_limits import WorkLimits
+from .app import Service, create_app, is_loopback
 from .store import JobStore, Limits, sqlite_url
 from .worker import Worker
 
