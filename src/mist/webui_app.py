@@ -251,12 +251,7 @@ def _run_handler(gr, ui: WebUI, param_names: list[str]):
                 log.exception("web UI job failed")
                 return JobResult(status=f"{type(exc).__name__}: {exc}")
 
-        news = _in_thread(work)
-        try:
-            while True:
-                yield (next(news), *[gr.skip()] * 6)
-        except StopIteration as end:
-            result = end.value
+        result = yield from _in_thread(work, lambda desc: (desc, *[gr.skip()] * 6))
         if result is None:  # a second tap on Protect: the first one's job has already answered
             yield (gr.skip(),) * 7
             return
@@ -277,9 +272,9 @@ def _shown(gr, result: JobResult, lang: str, status: str = "") -> tuple:
             [str(f) for f in result.files] or None, previews)
 
 
-def _in_thread(work):
-    """Run `work(progress)` on a thread of its own; a generator of the newest progress text (what was said while
-    the page was being updated is skipped) that returns what `work` returned."""
+def _in_thread(work, shown):
+    """Run `work(progress)` on a thread of its own; a generator of `shown(text)` for the newest progress text (what
+    was said while the page was being updated is skipped) that returns what `work` returned."""
     news: queue.SimpleQueue = queue.SimpleQueue()
     box: dict[str, Any] = {}
 
@@ -291,7 +286,7 @@ def _in_thread(work):
 
     threading.Thread(target=run, name="mist-job", daemon=True).start()
     while (desc := news.get()) is not None:
-        yield _latest(news, desc)
+        yield shown(_latest(news, desc))
     return box.get("result")
 
 
@@ -371,12 +366,9 @@ def _wire_jobs(gr, ui: WebUI, p: _Page) -> None:
 
     def on_evaluate(request, strength_value, jpeg_value, lang):
         """The summary line follows the check (in the page's language), then the grid and verdicts replace it."""
-        news = _in_thread(lambda progress: ui.evaluate(strength_value, jpeg_value, lang, _session(request), progress))
-        try:
-            while True:
-                yield next(news), gr.skip()
-        except StopIteration as end:
-            view = end.value
+        view = yield from _in_thread(
+            lambda progress: ui.evaluate(strength_value, jpeg_value, lang, _session(request), progress),
+            lambda desc: (desc, gr.skip()))
         yield view.summary, gr.update(value=[(str(path), caption) for path, caption in view.grid] or None,
                                       columns=view.columns)
 
