@@ -111,9 +111,9 @@ class Settings:
         invalid value. Each value is typed as every face types it (`flags.typed_value`): a slider's 16.0 is the
         command line's 16, so the outputs record the same settings."""
         specs = {spec.name: spec for spec in param_specs(get_method(self.method).Params)}
-        params = {name: _typed(name, value, specs[name].kind, specs[name].flag)
+        params = {name: _typed(value, specs[name].kind, specs[name].flag)
                   for name, value in self.params.items() if name in specs and value is not None}
-        run = {name: _typed(name, value, RUN_KINDS[name], RUN_FLAGS[name])
+        run = {name: _typed(value, RUN_KINDS[name], RUN_FLAGS[name])
                for name, value in (("epsilon", self.epsilon), ("steps", self.steps), ("input_size", self.size),
                                    ("seed", self.seed))}
         with fields_as_flags(protect_flags()):
@@ -124,7 +124,8 @@ class Settings:
             )
 
 
-def _typed(name: str, value: Any, kind: str, flag: str) -> Any:
+def _typed(value: Any, kind: str, flag: str) -> Any:
+    """`value` in `kind`'s type; ValueError naming `flag`."""
     try:
         return typed_value(value, kind)
     except ValueError as exc:

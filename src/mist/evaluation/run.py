@@ -118,8 +118,9 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     mimicries = _mimicries(model, settings, extra_mimicries)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
     ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress)
+    identity = models.identity() if resume is not None else None  # hashing files and model only to resume
     finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
-                                               f"{models.identity().name} {models.identity().sha256}"))
+                                               f"{identity.name} {identity.sha256}") if identity else "")
     scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed), settings, ticker,
                       finished).run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
