@@ -781,7 +781,7 @@ def test_pages_that_come_and_go_keep_no_timers(engine, tmp_path):
     for n in range(50):  # idle pages: nothing to find again
         ui.attach(f"idle {n}", f"{n:032x}", "en")
         ui.closed(f"idle {n}")
-    assert ui._away == {} and threading.active_count() == threads
+    assert ui._away == {} and threading.active_count() <= threads  # (threads of earlier tests may end meanwhile)
     for n in range(webui.MAX_AWAY_PAGES + 20):  # pages whose Protect waited: each has a notice for its reload
         ui.attach(f"waiting {n}", f"{n + 1000:032x}", "en")
         ui.start("en", f"waiting {n}")
