@@ -349,3 +349,13 @@ def test_the_default_purifications_all_run_here():
     from mist.evaluation.purify import DEFAULT_PURIFY
 
     assert [p.name for p in parse_purifications(DEFAULT_PURIFY) if p.problem()] == []
+
+
+def test_a_report_folder_that_is_a_file_is_refused_in_one_line(tmp_path, originals, protected, capsys):
+    taken = tmp_path / "report.txt"
+    taken.write_text("the user's notes")
+    code = cli.main(["evaluate", str(originals), str(protected), "-o", str(taken), "--model", "tiny-random", "-q"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and "Traceback" not in err
+    assert f"{taken}: cannot hold outputs: it exists and is not a folder" in err.strip().splitlines()[-1]
+    assert taken.read_text() == "the user's notes"

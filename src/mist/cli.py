@@ -469,6 +469,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     settings = evaluation_settings_from_args(args)
     with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
+    from .preflight import output_folder_problem
+
+    if problem := output_folder_problem(args.output):  # a file there, no permission: said now, not after the run
+        raise ValueError(problem)
     from .entrance import open_models
     from .evaluation.report import write_report
     from .evaluation.resume import UNFINISHED
