@@ -469,10 +469,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
     settings = evaluation_settings_from_args(args)
     with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
-    from .preflight import output_folder_problem
-
-    if problem := output_folder_problem(args.output):  # a file there, no permission: said now, not after the run
-        raise ValueError(problem)
     from .entrance import open_models
     from .evaluation.report import write_report
     from .evaluation.resume import UNFINISHED
@@ -481,6 +477,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     with fields_as_flags(RUN_FLAGS):  # before any image is read
         models = open_models(args.model, args.device)
+    from .preflight import output_folder_problem
+
+    if problem := output_folder_problem(args.output):  # a file there, no permission: said now, before the model loads
+        raise ValueError(problem)
     warn_if_the_gpu_is_unused(models.device())
     console = EvaluationConsole(args.quiet)
     try:
