@@ -228,7 +228,8 @@ def test_no_matching_pair_is_an_error_naming_the_folders(tmp_path, originals):
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--strengths", "0.3,x", "--strengths: not a comma list"), ("--strengths", "0,0.5", "--strengths: each must"),
-    ("--steps", "0", "--steps: must be at least 1"), ("--ssim-threshold", "2", "--ssim-threshold: must be"),
+    ("--steps", "0", "--steps: must be 1 to 999"),
+    ("--steps", "1000", "--steps: must be 1 to 999"), ("--ssim-threshold", "2", "--ssim-threshold: must be"),
     ("--lora-steps", "0", "--lora-steps, --lora-rank: must be at least 1"), ("--lora-lr", "-1", "--lora-lr: must be"),
 ])
 def test_bad_options_are_named(tmp_path, originals, capsys, option, value, message):

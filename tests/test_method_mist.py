@@ -10,6 +10,7 @@ from mist.methods import TileInputs
 from mist.methods.mist import Mist, MistParams
 from mist.models.components import scaled_linear_alphas_cumprod
 from mist.objectives import target_latent
+from support.grad_spy import unet_grad_modes
 
 
 def test_schedule_is_sd_v1_scaled_linear():
@@ -153,10 +154,7 @@ def test_fast_mode_gradient_is_score_distillation(tiny_model, monkeypatch):
 
 
 def test_fast_mode_runs_the_unet_without_a_graph(tiny_model, monkeypatch):
-    seen = []
-    original = tiny_model.predict_noise
-    monkeypatch.setattr(tiny_model, "predict_noise",
-                        lambda *a, **k: seen.append(torch.is_grad_enabled()) or original(*a, **k))
+    seen = unet_grad_modes(tiny_model, monkeypatch)
     x = _images(1).requires_grad_(True)
     terms = mist_loss(tiny_model, "fused", _images(2), fast=True, object_prompt=True)(x, [torch.Generator()])
     terms.objective.sum().backward()

@@ -15,6 +15,7 @@ import mist.cli
 from mist.methods import TileInputs, get_method, list_methods
 from mist.models.components import scaled_linear_alphas_cumprod
 from mist.objectives import FP16_DENOISING_LOSS_SCALE, target_latent
+from support.grad_spy import unet_grad_modes
 
 NEW = ("advdm", "advdm-", "photoguard", "sds", "mist2", "pid")
 # Every method with the parameters that exercise all of its terms.
@@ -159,10 +160,7 @@ def test_sds_value_and_latent_gradient_are_diff_protects(tiny_model, monkeypatch
 
 
 def test_sds_runs_the_unet_without_a_graph(tiny_model, monkeypatch):
-    seen = []
-    original = tiny_model.predict_noise
-    monkeypatch.setattr(tiny_model, "predict_noise",
-                        lambda *a, **k: seen.append(torch.is_grad_enabled()) or original(*a, **k))
+    seen = unet_grad_modes(tiny_model, monkeypatch)
     x = _images(1).requires_grad_(True)
     method_loss(tiny_model, "sds")(x, [torch.Generator()]).objective.sum().backward()
     assert seen == [False] and x.grad.abs().sum() > 0

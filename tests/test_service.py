@@ -441,11 +441,11 @@ def test_a_full_disk_or_any_fault_is_answered_in_json(service, painting, monkeyp
 
     picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
     with local_client(create_app(service, manage_worker=False), raise_server_exceptions=False) as http:
-        monkeypatch.setattr(submit_module, "_write", full)
+        monkeypatch.setattr(submit_module, "write_upload", full)
         refused = submit(http, picture)
         assert refused.status_code == 507 and refused.json()["error"].startswith("upload: the server's disk is full")
         assert not (service.data / "jobs").exists() or not any((service.data / "jobs").iterdir())
-        monkeypatch.setattr(submit_module, "_write", lambda upload, path: 1 / 0)
+        monkeypatch.setattr(submit_module, "write_upload", lambda upload, path: 1 / 0)
         broken = submit(http, picture)
         assert broken.status_code == 500 and broken.json() == {
             "error": "internal error (ZeroDivisionError); the server's log says more"}

@@ -4,6 +4,7 @@ killed with -9 in the middle of a job and started again (nothing accepted is los
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import time
@@ -67,6 +68,28 @@ def test_killed_with_minus_9_the_server_loses_no_job_and_redoes_no_image(tmp_pat
             assert Image.open(path).size == (32, 32)
     finally:
         server.stop()
+
+
+def test_an_evaluation_killed_with_minus_9_resumes_without_redoing_its_finished_units(tmp_path, images):
+    data = tmp_path / "data"
+    server = Server(data)
+    token = server.token
+    try:
+        with Client(server.url, token=token) as client:
+            job = client.submit_evaluation(images[:1], images[:1], purify="", strengths=(1,), steps=300)["id"]
+            wait_for(lambda: (client.status(job)["units"]["done"] or 0) >= 1, what="a unit of work done")
+        server.kill()
+        server = Server(data, token=token)
+        with Client(server.url, token=token) as client:
+            status = client.wait(job, poll_seconds=0.1, timeout=300)
+            assert status["state"] == "done" and status["kind"] == "evaluate", status
+            report = client.evaluate(images[:1], images[:1], tmp_path / "again", purify="", strengths=(1,), steps=2)
+            client.download(job, tmp_path / "report")
+    finally:
+        server.stop()
+    record = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert record["units_reused"] >= 1 and record["images"][0]["protected"] == "protected/picture0.png"
+    assert report.is_file() and json.loads((tmp_path / "again" / "results.json").read_text())["units_reused"] == 0
 
 
 def test_the_python_client(tmp_path, images):

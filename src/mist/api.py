@@ -91,18 +91,12 @@ def evaluate(
         >>> result = mist.evaluate("art/", "protected/", "report/", model="models/ldm/stable-diffusion-v1/model.ckpt")
         >>> [image.verdict for image in result.images]
     """
-    from .evaluation.report import write_report
-    from .evaluation.resume import UNFINISHED
-    from .evaluation.run import evaluate_folders
+    from .evaluation.job import EvaluationJob, run_evaluation
     from .evaluation.settings import EvaluationSettings
 
     if "strengths" in settings:
         settings["strengths"] = tuple(settings["strengths"])  # type: ignore[arg-type]
     chosen = EvaluationSettings(**settings)  # type: ignore[arg-type]
-    resume = Path(report_dir) / UNFINISHED if report_dir is not None else None
-    evaluation = evaluate_folders(Path(originals), Path(protected), chosen, ModelCache(model, device), progress,
-                                  resume=resume)
-    if report_dir is not None:
-        write_report(evaluation, Path(report_dir))
-        evaluation.finished.clear()  # the report has it all
+    job = EvaluationJob(Path(originals), Path(protected), chosen, Path(report_dir) if report_dir is not None else None)
+    evaluation, _ = run_evaluation(job, ModelCache(model, device), progress=progress)
     return evaluation

@@ -21,7 +21,6 @@ from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_v
 from .manifest import METADATA_LEVELS
 from .model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from .methods import ParamSpec, get_method, list_methods, param_specs, shared_params
-from .prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from .runner_options import add_runner_options
 from .work_limits import add_work_limit_options
@@ -206,55 +205,35 @@ def warn_if_the_gpu_is_unused(device) -> None:
         print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
 
 
-EVALUATE_FLAGS = {"purify": "--purify", "strengths": "--strengths", "steps": "--steps", "guidance": "--guidance",
-                  "prompt": "--prompt", "seed": "--seed", "method": "--method", "ssim_threshold": "--ssim-threshold",
-                  "lora_steps": "--lora-steps", "lora_rank": "--lora-rank", "lora_learning_rate": "--lora-lr",
-                  "device": "--device"}
-
-
 def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
-    """The settings of `mist evaluate` (see `mist.evaluation.settings.EvaluationSettings`)."""
-    from .evaluation.purify import DEFAULT_PURIFY, KINDS
+    """The settings of `mist evaluate`, from their table (`mist.evaluation.settings.EVALUATION_OPTIONS`); their
+    defaults are EvaluationSettings'. Values are typed when the settings are made, as for every face."""
+    from .evaluation.purify import KINDS
+    from .evaluation.settings import EVALUATION_OPTIONS, EvaluationSettings
 
-    g = parser.add_argument_group("evaluation")
     kinds = ", ".join(f"{name}" + (f":{kind.default:g}" if kind.default is not None else "")
                       for name, kind in KINDS.items() if name != "none")
-    g.add_argument("--purify", default=DEFAULT_PURIFY, metavar="LIST",
-                   help=f"comma list of purifications KIND[:VALUE] among {kinds}; '' for none "
-                        "(default: %(default)s)")
-    g.add_argument("--strengths", default="0.25,0.35,0.5", metavar="LIST",
-                   help="img2img strengths, comma list of numbers in (0, 1] (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps of the full schedule (default: %(default)s)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
-    g.add_argument("--prompt", choices=(STYLE_PROMPT, OBJECT_PROMPT), default=STYLE_PROMPT,
-                   help="img2img prompt (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
-    g.add_argument("--method", choices=[m.name for m in list_methods()],
-                   help="method whose loss scores the purified images (default: the one the protected images record)")
-    g.add_argument("--lora", action="store_true",
-                   help="also run LoRA fine-tuning mimicry: adapters trained on the clean set and on the protected "
-                        "set, then images sampled from the prompt with the same seeds (needs peft; slow: see README)")
-    g.add_argument("--lora-steps", type=int, default=500, help="LoRA training steps (default: %(default)s)")
-    g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA learning rate (default: %(default)s)")
-    g.add_argument("--ssim-threshold", type=float, default=0.8,
-                   help="protection holds where the SSIM of the protected and clean mimicry outputs is below this "
-                        "(default: %(default)s)")
+    defaults = EvaluationSettings()
+    g = parser.add_argument_group("evaluation")
+    for name, option in EVALUATION_OPTIONS.items():
+        default = getattr(defaults, name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help = option.help.format(kinds=kinds)
+        if option.kind == "bool":
+            g.add_argument(option.flag, dest=name, action="store_true", default=None, help=help)
+            continue
+        if shown is not None:
+            help += f" (default: {shown})".replace("%", "%%")
+        g.add_argument(option.flag, dest=name, default=None, metavar="LIST" if option.kind == "list" else None,
+                       help=help)
 
 
 def evaluation_settings_from_args(args: argparse.Namespace):
     """The `EvaluationSettings` `mist evaluate` was given; ValueError naming the flag when one is invalid."""
-    from .evaluation.settings import EvaluationSettings
+    from .evaluation.settings import EVALUATION_OPTIONS, evaluation_settings
 
-    with fields_as_flags(EVALUATE_FLAGS):
-        try:
-            strengths = tuple(float(part) for part in args.strengths.split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"strengths: not a comma list of numbers: {args.strengths!r}") from None
-        return EvaluationSettings(purify=args.purify, strengths=strengths, steps=args.steps, guidance=args.guidance,
-                                  prompt=args.prompt, seed=args.seed, method=args.method,
-                                  ssim_threshold=args.ssim_threshold, lora=args.lora, lora_steps=args.lora_steps,
-                                  lora_rank=args.lora_rank, lora_learning_rate=args.lora_lr)
+    return evaluation_settings({name: getattr(args, name) for name in EVALUATION_OPTIONS
+                                if getattr(args, name) is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,9 +449,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     with fields_as_flags(RUN_FLAGS):
         check_device_name(args.device)
     from .entrance import open_models
-    from .evaluation.report import write_report
-    from .evaluation.resume import UNFINISHED
-    from .evaluation.run import evaluate_folders
+    from .evaluation.job import EvaluationJob, run_evaluation
     from .reporting import EvaluationConsole
 
     with fields_as_flags(RUN_FLAGS):  # before any image is read
@@ -484,13 +461,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     warn_if_the_gpu_is_unused(models.device())
     console = EvaluationConsole(args.quiet)
     try:
-        evaluation = evaluate_folders(args.originals, args.protected, settings, models, console.progress,
-                                      console.model_loading, resume=args.output / UNFINISHED)
+        evaluation, index = run_evaluation(EvaluationJob(args.originals, args.protected, settings, args.output), models,
+                                           progress=console.progress, on_load=console.model_loading)
     finally:
         console.close()
-    index = write_report(evaluation, args.output)
-    if evaluation.finished is not None:
-        evaluation.finished.clear()  # the report has it all
     console.finish(evaluation, index)
     return 0
 

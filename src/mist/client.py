@@ -4,9 +4,11 @@
 
     client = Client("http://127.0.0.1:8000", token="mist_...")
     paths = client.protect(["art/a.png", "art/b.jpg"], "protected/", steps=100, mode="fused")
+    report = client.evaluate(["art/a.png"], ["protected/a.png"], "report/", strengths=(0.35,))
 
 Settings are the ones `mist protect` takes, by name (`step_size=2`, `mode="textural"`); a `pathlib.Path` value is
-uploaded as the file it names (`target=Path("pattern.png")`).
+uploaded as the file it names (`target=Path("pattern.png")`). An evaluation's are those of `mist evaluate`
+(`purify="jpeg:75"`, `strengths=(0.25, 0.5)`, `lora=True`).
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ class Client:
         """Queue a job; returns its status (`["id"]` names it). `mask`: one mask for every image; `masks`: a mask
         per image, each named like its image. With `idempotency_key`, sending the same job again (after a timeout,
         say) returns the first one instead of queueing a second."""
-        fields = {name: ("true" if value is True else "false" if value is False else str(value))
-                  for name, value in settings.items() if not isinstance(value, Path) and value is not None}
+        fields = _fields(settings)
         fields["metadata"] = metadata
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with ExitStack() as stack:
@@ -83,6 +84,17 @@ class Client:
                 files.append(part("mask", mask))
             files += [part(name, value) for name, value in settings.items() if isinstance(value, Path)]
             return self._call("POST", "/v1/jobs", data=fields, files=files, headers=headers).json()
+
+    def submit_evaluation(self, originals: Iterable[str | os.PathLike[str]],
+                          protected: Iterable[str | os.PathLike[str]], *, idempotency_key: str | None = None,
+                          **settings: Any) -> dict[str, Any]:
+        """Queue an evaluation of the `protected` images against their `originals` (paired by file name, or by the
+        source checksum a Mist output records); returns its status (`["id"]` names it)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with ExitStack() as stack:
+            files = [(field, (Path(path).name, stack.enter_context(open(path, "rb"))))
+                     for field, paths in (("originals", originals), ("protected", protected)) for path in paths]
+            return self._call("POST", "/v1/evaluations", data=_fields(settings), files=files, headers=headers).json()
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
@@ -121,6 +133,10 @@ class Client:
         are kept."""
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Queue a cancelled job again: what it finished is not redone. ServiceError 409 for a job not cancelled."""
+        return self._call("POST", f"/v1/jobs/{job_id}/resume").json()
+
     def delete(self, job_id: str) -> None:
         """Delete a finished job and its results from the server; ServiceError 409 for an unfinished one."""
         self._call("DELETE", f"/v1/jobs/{job_id}")
@@ -138,10 +154,29 @@ class Client:
     def protect(self, images: Iterable[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                 timeout: float | None = None, **settings: Any) -> list[Path]:
         """Submit, wait, download: the protected PNGs' paths in `output`. ServiceError if any image failed."""
-        job = self.submit(images, **settings)
-        status = self.wait(job["id"], timeout=timeout)
+        return self._finished(self.submit(images, **settings)["id"], output, timeout)
+
+    def evaluate(self, originals: Iterable[str | os.PathLike[str]], protected: Iterable[str | os.PathLike[str]],
+                 report: str | os.PathLike[str], *, timeout: float | None = None, **settings: Any) -> Path:
+        """Submit an evaluation, wait, download its report into `report`: the path of its index.html."""
+        self._finished(self.submit_evaluation(originals, protected, **settings)["id"], report, timeout)
+        return Path(report, "index.html")
+
+    def _finished(self, job_id: str, output: str | os.PathLike[str], timeout: float | None) -> list[Path]:
+        """Wait for the job and download its results into `output`; ServiceError if it or any image failed."""
+        status = self.wait(job_id, timeout=timeout)
         failed = [f"{image['name']}: {image['message']}" for image in status["images"] if image["state"] != "done"]
         if status["state"] != "done":
-            raise ServiceError(500, f"job {job['id']} {status['state']}: "
+            raise ServiceError(500, f"job {job_id} {status['state']}: "
                                     f"{status.get('error') or '; '.join(failed) or 'no reason given'}")
-        return self.download(job["id"], output)
+        return self.download(job_id, output)
+
+
+def _fields(settings: dict[str, Any]) -> dict[str, str]:
+    """Settings as form fields: switches as true / false, a list as a comma list; files and None left out."""
+    def word(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    return {name: word(value) for name, value in settings.items() if not isinstance(value, Path) and value is not None}

@@ -54,6 +54,10 @@ class Estimate:
         self.done[image] = self.totals[image]
         self._last = None
 
+    def begin(self, now: float | None = None) -> None:
+        """The first step starts now (what came before, loading a model say, is not its time)."""
+        self._last = time.monotonic() if now is None else now
+
     def pause(self) -> None:
         """What comes before the next step (loading the model, preparing an image) is not a step's time."""
         self._last = None

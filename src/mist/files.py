@@ -149,12 +149,13 @@ def resolved(path: Path) -> Path:
         return path.absolute()
 
 
-def write_png_zip(members: Iterable[tuple[Path, str]], target: BinaryIO | Path) -> None:
-    """A ZIP of PNG files, each `(path, name in the archive)`, into `target` (a file object or a path). Stored, not
-    deflated: PNG is compressed already, so deflating only costs time."""
+def write_zip(members: Iterable[tuple[Path, str]], target: BinaryIO | Path) -> None:
+    """A ZIP of files, each `(path, name in the archive)`, into `target` (a file object or a path). PNG files are
+    stored, not deflated (they are compressed already, so deflating only costs time); others are deflated."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
         for path, name in members:
-            archive.write(path, name)
+            packed = zipfile.ZIP_STORED if path.suffix.lower() == ".png" else zipfile.ZIP_DEFLATED
+            archive.write(path, name, compress_type=packed)
 
 
 def remove_old_folders(parent: Path, max_age_seconds: float, *, pattern: str = "*", keep: Container[str] = (),

@@ -45,7 +45,7 @@ from . import images as image_io
 from .config import ProtectConfig
 from .estimate import Estimate
 from .evaluation.resume import UNFINISHED
-from .files import remove_old_folders, write_png_zip
+from .files import remove_old_folders, write_zip
 from .flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from .methods import get_method, param_specs
 from .robust import DEFAULT_TRANSFORMS
@@ -293,7 +293,7 @@ def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engin
     result.cancelled = summary.cancelled
     if len(result.outputs) > 1:
         result.zip = job / ZIP_NAME
-        write_png_zip(((output.png, output.png.name) for output in result.outputs), result.zip)
+        write_zip(((output.png, output.png.name) for output in result.outputs), result.zip)
     if result.cancelled:
         status = text(lang, "cancelled", done=len(result.outputs))
     elif result.outputs:
@@ -752,7 +752,7 @@ class WebUI:
         DDIM steps, after JPEG q75 too when `jpeg`) of the page's last job, holding the engine's attack lock; then
         the copy of that job's originals is deleted. Never raises: a problem is the view's summary."""
         from .attack import Cancelled
-        from .evaluation.run import evaluate_folders
+        from .evaluation.job import EvaluationJob, run_evaluation
         from .evaluation.settings import EvaluationSettings
         from .models import ModelNotFoundError
 
@@ -767,11 +767,11 @@ class WebUI:
         started = time.perf_counter()
         say = progress or (lambda fraction, desc: None)
 
-        def follow(news) -> None:  # Cancel stops the evaluation at its next unit of work
-            if page.cancel.is_set():
-                raise Cancelled
+        def follow(news) -> None:
+            left = "" if news.seconds_left is None or news.done == news.total else text(
+                lang, "evaluate_left", eta=duration(news.seconds_left, lang))
             say(news.done / news.total, text(lang, "evaluate_progress", doing=news.doing, done=news.done,
-                                             total=news.total))
+                                             total=news.total) + left)
 
         try:
             settings = EvaluationSettings(purify=EVALUATE_PURIFY if jpeg else "", strengths=(float(strength),),
@@ -779,9 +779,9 @@ class WebUI:
             with self.engine.attack_lock:
                 if page.cancel.is_set():  # cancelled while it waited for the protect jobs of other pages
                     raise Cancelled
-                evaluation = evaluate_folders(page.kept, page.kept.parent, settings, self.engine, follow,
-                                              lambda where, device: say(0.0, text(lang, "loading_model")),
-                                              resume=_unfinished(page.kept))
+                job = EvaluationJob(page.kept, page.kept.parent, settings, keep=_unfinished(page.kept))
+                evaluation, _ = run_evaluation(job, self.engine, progress=follow, cancel=page.cancel,
+                                               on_load=lambda where, device: say(0.0, text(lang, "loading_model")))
         except Cancelled:
             return EvaluationView([], text(lang, "evaluate_cancelled"))
         except ModelNotFoundError as exc:

@@ -129,6 +129,7 @@ EN: dict[str, str] = {
     "originals_kept": "A copy stays for the Evaluate tab until the check ran, the next job starts or the page closes.",
     "evaluate_nothing": "Protect an image first: the check runs on the page's last finished job.",
     "evaluate_progress": "Evaluating: {doing} ({done} of {total})",
+    "evaluate_left": ", about {eta} left",
     "evaluate_failed": "The evaluation could not run:",
     "evaluate_cancelled": "Evaluation cancelled. The originals are kept: you can run it again.",
     "evaluate_done": "Checked {images} image(s) in {time} (SSIM of the two img2img results: 1 means identical; the "
@@ -237,6 +238,7 @@ ZH: dict[str, str] = {
     "originals_kept": "供效果检验用的副本会保留到检验完成、下一个任务开始或页面关闭为止。",
     "evaluate_nothing": "请先保护一张图片：检验针对本页面上一个已完成的任务。",
     "evaluate_progress": "检验中：{doing}（{done}/{total}）",
+    "evaluate_left": "，预计还需 {eta}",
     "evaluate_failed": "无法进行检验：",
     "evaluate_cancelled": "检验已取消。原图仍保留，可以重新检验。",
     "evaluate_done": "已检验 {images} 张图片，用时 {time}（两个 img2img 结果的 SSIM：1 表示完全相同；低于 {threshold} "

@@ -30,6 +30,16 @@ class WorkLimits:
                     "(its --max-input-size)")
         return None
 
+    def evaluation_problem(self, settings: dict[str, Any]) -> str | None:
+        """What in an evaluation's settings (`mist.evaluation.settings.settings_record`) is over these limits: its
+        DDIM steps, and its LoRA training steps where it trains LoRA, each at most `max_steps`."""
+        counted = [("steps", "steps")] + ([("lora_steps", "lora-steps")] if settings.get("lora") else [])
+        for name, field in counted:
+            if int(settings.get(name, 0)) > self.max_steps:
+                return (f"{field}: {settings[name]} is over this server's limit of {self.max_steps} steps "
+                        "(its --max-steps)")
+        return None
+
 
 def add_work_limit_options(parser: argparse.ArgumentParser) -> None:
     """--max-steps and --max-input-size of a server."""

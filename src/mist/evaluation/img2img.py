@@ -9,10 +9,13 @@ caller's generators, one per image, so the same seed gives a clean and a protect
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from ..attack import Cancelled
 
 from ..prompts import STYLE_PROMPT
 from ..models import StableDiffusion
@@ -41,14 +44,16 @@ def ddim_scheduler():
 
 
 def img2img(model: StableDiffusion, images: torch.Tensor, strength: float, generators: Sequence[torch.Generator], *,
-            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT) -> Generated:
+            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT,
+            cancel: threading.Event | None = None) -> Generated:
     """SDEdit `images` (N, 3, H, W) in [-1, 1], H and W multiples of 8, with `model` (its encoder, UNet, decoder and
     the embedding of `prompt`, one of the prompts a model keeps).
 
     strength: 0..1, how far into the noise schedule the image is pushed (0 gives the decoded posterior sample back,
     1 ignores the image). steps: DDIM steps of the full schedule (`steps * strength` of them run). guidance:
     classifier-free guidance scale (1: the prompt alone, no unconditional branch). generators: one per image; each
-    draws that image's posterior sample and then its noise, as diffusers draws them.
+    draws that image's posterior sample and then its noise, as diffusers draws them. cancel: once set, `Cancelled`
+    is raised before the next DDIM step.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength: must be between 0 and 1, got {strength}")
@@ -63,11 +68,12 @@ def img2img(model: StableDiffusion, images: torch.Tensor, strength: float, gener
         if len(timesteps):
             noise = standard_normal(latents.shape, generators, like=latents)
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(latents.shape[0]))
-        return _denoised(model, scheduler, timesteps, latents, guidance, prompt)
+        return _denoised(model, scheduler, timesteps, latents, guidance, prompt, cancel)
 
 
 def txt2img(model: StableDiffusion, size: tuple[int, int], generators: Sequence[torch.Generator], *,
-            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT) -> Generated:
+            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT,
+            cancel: threading.Event | None = None) -> Generated:
     """Text-to-image sampling, as a mimic samples a fine-tuned model: one image of `size` (height, width in pixels,
     multiples of 8) per generator, from pure Gaussian noise (nothing of any input image), DDIM over all `steps`."""
     if steps < 1:
@@ -78,17 +84,19 @@ def txt2img(model: StableDiffusion, size: tuple[int, int], generators: Sequence[
     shape = (len(generators), model.unet.config.in_channels, height // 8, width // 8)
     with torch.no_grad():
         latents = standard_normal(shape, generators, like=model.alphas_cumprod.float()) * scheduler.init_noise_sigma
-        return _denoised(model, scheduler, scheduler.timesteps, latents, guidance, prompt)
+        return _denoised(model, scheduler, scheduler.timesteps, latents, guidance, prompt, cancel)
 
 
 def _denoised(model: StableDiffusion, scheduler, timesteps, latents: torch.Tensor, guidance: float,
-              prompt: str) -> Generated:
+              prompt: str, cancel: threading.Event | None) -> Generated:
     """DDIM (eta 0) from `latents` over `timesteps` under classifier-free guidance, then decoded."""
     text = model.text_embedding(prompt).expand(latents.shape[0], -1, -1)
     guided = guidance > 1.0
     if guided:
         text = torch.cat([model.text_embedding(UNCONDITIONAL_PROMPT).expand_as(text), text])
     for t in timesteps:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
         both = torch.cat([latents, latents]) if guided else latents
         noise_pred = model.predict_noise(scheduler.scale_model_input(both, t), t, text).float()
         if guided:

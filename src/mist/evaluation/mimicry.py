@@ -8,6 +8,7 @@ output per image: any object with `name`, `label`, `strength` and `generate` fit
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -47,6 +48,7 @@ class Img2ImgMimicry:
     steps: int = 50
     guidance: float = 7.5
     prompt: str = STYLE_PROMPT
+    cancel: threading.Event | None = None  # once set, generation stops at its next DDIM step (`Cancelled`)
 
     @property
     def name(self) -> str:
@@ -62,13 +64,13 @@ class Img2ImgMimicry:
         from .img2img import img2img
 
         return [img2img(self.model, picture, self.strength, [torch.Generator().manual_seed(seed)], steps=self.steps,
-                        guidance=self.guidance, prompt=self.prompt) for picture in pictures]
+                        guidance=self.guidance, prompt=self.prompt, cancel=self.cancel) for picture in pictures]
 
 
 def img2img_mimicries(model: StableDiffusion, strengths: Sequence[float], steps: int, guidance: float,
-                      prompt: str) -> list[Mimicry]:
+                      prompt: str, cancel: threading.Event | None = None) -> list[Mimicry]:
     """The img2img mimicries of the documented protocol, one per strength."""
-    return [Img2ImgMimicry(model, strength, steps, guidance, prompt) for strength in strengths]
+    return [Img2ImgMimicry(model, strength, steps, guidance, prompt, cancel) for strength in strengths]
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class LoraMimicry:
     guidance: float = 7.5
     prompt: str = STYLE_PROMPT
     strength: None = None
+    cancel: threading.Event | None = None  # once set, sampling stops at its next DDIM step (training runs on)
 
     @property
     def name(self) -> str:
@@ -114,4 +117,5 @@ class LoraMimicry:
         surrogate = Surrogate(self.model, options, generator=torch.Generator().manual_seed(seed))
         surrogate.train(training, self.model.text_embedding(self.prompt))
         return [txt2img(surrogate.model, tuple(picture.shape[-2:]), [torch.Generator().manual_seed(seed)],
-                        steps=self.steps, guidance=self.guidance, prompt=self.prompt) for picture in pictures]
+                        steps=self.steps, guidance=self.guidance, prompt=self.prompt, cancel=self.cancel)
+                for picture in pictures]

@@ -11,6 +11,7 @@ never downloads anything for it.
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -32,6 +33,7 @@ class Context:
 
     model: StableDiffusion | None
     seed: int
+    cancel: threading.Event | None = None  # once set, a purification through the model stops at its next step
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def sdedit(image: Image.Image, strength: float, context: Context) -> Image.Image
     size = (max(8, image.width // 8 * 8), max(8, image.height // 8 * 8))
     x = image_io.image_to_tensor(image, size)
     out = img2img(context.model, x, strength, [torch.Generator().manual_seed(context.seed)], guidance=1.0,
-                  prompt=UNCONDITIONAL_PROMPT)
+                  prompt=UNCONDITIONAL_PROMPT, cancel=context.cancel)
     result = image_io.tensor_to_image(out.images)
     return result if result.size == image.size else result.resize(image.size, Image.Resampling.BICUBIC)
 

@@ -10,6 +10,7 @@ import html
 import io
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +37,12 @@ INVISIBILITY_LABELS = {"psnr_db": "PSNR (dB, higher: less visible)", "ssim": "SS
                        "lpips": "LPIPS (0 = same)"}
 
 
-def write_report(evaluation: Evaluation, folder: Path) -> Path:
-    """Write the report of `evaluation` into `folder` (created if needed); returns the path of index.html."""
+def write_report(evaluation: Evaluation, folder: Path, shown_from: Path | None = None) -> Path:
+    """Write the report of `evaluation` into `folder` (created if needed); returns the path of index.html. Files are
+    named as the evaluation was given them, or relative to `shown_from` (a server's job folder: its own paths are
+    nobody's business)."""
+    if shown_from is not None:
+        evaluation = _named_from(evaluation, shown_from)
     folder.mkdir(parents=True, exist_ok=True)
     pictures = {}
     for number, result in enumerate(evaluation.images):
@@ -58,6 +63,14 @@ def write_report(evaluation: Evaluation, folder: Path) -> Path:
     return index
 
 
+def _named_from(evaluation: Evaluation, root: Path) -> Evaluation:
+    """A copy of `evaluation` whose pairs name their files relative to `root`."""
+    images = [replace(result, pair=replace(result.pair, original=result.pair.original.relative_to(root),
+                                           protected=result.pair.protected.relative_to(root)))
+              for result in evaluation.images]
+    return replace(evaluation, images=images)
+
+
 def results_record(evaluation: Evaluation) -> dict:
     """Everything measured, as JSON-ready data."""
     s = evaluation.settings
@@ -65,6 +78,7 @@ def results_record(evaluation: Evaluation) -> dict:
         "mist_version": __version__,
         "model": evaluation.model,
         "random_weights": evaluation.random_weights,
+        "units_reused": evaluation.finished.reused if evaluation.finished is not None else 0,  # from a stopped run
         "warning": RANDOM_WEIGHTS_WARNING if evaluation.random_weights else None,
         "method": evaluation.method,
         "method_settings": evaluation.scored_with,

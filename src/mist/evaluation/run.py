@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from PIL import Image
 
 from .. import images
+from ..attack import Cancelled
+from ..estimate import Estimate
 from .pairs import Pair, match_pairs
 from .purify import NONE, Context, Purification, parse_purifications
 from .resume import Finished, evaluation_key
@@ -41,11 +44,14 @@ THUMBNAIL = 256  # longest side, in pixels, of the images the report shows
 
 @dataclass(frozen=True)
 class EvaluationProgress:
-    """`done` of `total` units of work (a purification or a mimicry of the whole set), and what is running."""
+    """`done` of `total` units of work (a purification or a mimicry of the whole set), what was done last, and the
+    time left (`mist.estimate.Estimate` over the units; None until two units are done)."""
 
     done: int
     total: int
     doing: str
+    seconds_left: float | None = None
+    seconds_per_unit: float | None = None
 
 
 @dataclass
@@ -86,11 +92,12 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
                      progress: Callable[[EvaluationProgress], None] | None = None,
                      on_load: Callable[[str | Path, torch.device], None] | None = None,
                      extra_mimicries: Callable[[StableDiffusion], Sequence[Mimicry]] | None = None,
-                     resume: Path | None = None) -> Evaluation:
+                     resume: Path | None = None, cancel: threading.Event | None = None) -> Evaluation:
     """Evaluate the protected images in `protected` against their originals in `originals` (files or folders).
     `resume`: a folder where each finished unit of work is kept (`mist.evaluation.resume`), so that the same
     evaluation started again after an interruption does not redo it; the caller clears it once the report is out
-    (`Evaluation.finished.clear()`).
+    (`Evaluation.finished.clear()`). `cancel`: once set, `mist.attack.Cancelled` is raised at the next DDIM step or
+    unit of work (what was finished stays kept in `resume`).
 
     Raises ValueError naming the file for an unreadable image, and for options;
     ModelNotFoundError when there is no model. `extra_mimicries(model)` adds mimicries to the img2img ones (the seam
@@ -115,13 +122,13 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     scoring = scoring_config(method_name, pairs)
     device = models.device()
     model = models.model(EVALUATION_PARTS | get_method(method_name).parts, on_load).placed(device)
-    mimicries = _mimicries(model, settings, extra_mimicries)
+    mimicries = _mimicries(model, settings, extra_mimicries, cancel)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
-    ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress)
+    ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress, cancel)
     identity = models.identity() if resume is not None else None  # hashing files and model only to resume
     finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
                                                f"{identity.name} {identity.sha256}") if identity else "")
-    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed), settings, ticker,
+    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed, cancel), settings, ticker,
                       finished).run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
@@ -144,15 +151,16 @@ def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[st
 
 
 def _mimicries(model: StableDiffusion, settings: EvaluationSettings,
-               extra: Callable[[StableDiffusion], Sequence[Mimicry]] | None) -> list[Mimicry]:
+               extra: Callable[[StableDiffusion], Sequence[Mimicry]] | None,
+               cancel: threading.Event | None) -> list[Mimicry]:
     """img2img at each strength, LoRA fine-tuning when asked for, and the caller's extra mimicries."""
     from .mimicry import LoraMimicry, img2img_mimicries
 
     mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
-                                                 settings.prompt)
+                                                 settings.prompt, cancel)
     if settings.lora:
         mimicries.append(LoraMimicry(model, settings.lora_steps, settings.lora_rank, settings.lora_learning_rate,
-                                     settings.steps, settings.guidance, settings.prompt))
+                                     settings.steps, settings.guidance, settings.prompt, cancel=cancel))
     if extra is not None:
         mimicries += list(extra(model))
     return mimicries
@@ -178,15 +186,23 @@ def _measured_pairs(loaded: list[tuple[Pair, Image.Image, Image.Image]], lpips: 
 
 
 class _Ticker:
-    """Counts units of work done and tells `progress` after each."""
+    """Counts units of work done, tells `progress` after each with the time left, and raises Cancelled after one
+    once `cancel` is set."""
 
-    def __init__(self, total: int, progress: Callable[[EvaluationProgress], None] | None) -> None:
-        self.total, self.done, self.progress = total, 0, progress
+    def __init__(self, total: int, progress: Callable[[EvaluationProgress], None] | None,
+                 cancel: threading.Event | None) -> None:
+        self.total, self.done, self.progress, self.cancel = total, 0, progress, cancel
+        self.estimate = Estimate([1] * total)
+        self.estimate.begin()
 
     def __call__(self, doing: str) -> None:
+        self.estimate.step(self.done, 1)
         self.done += 1
         if self.progress is not None:
-            self.progress(EvaluationProgress(self.done, self.total, doing))
+            self.progress(EvaluationProgress(self.done, self.total, doing, self.estimate.seconds_left(),
+                                             self.estimate.seconds_per_step))
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled
 
 
 @dataclass

@@ -4,12 +4,18 @@ PyTorch is imported)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ..flags import fields_as_flags, typed_value
 
 from ..prompts import OBJECT_PROMPT, STYLE_PROMPT
 from .mimicry import DEFAULT_STRENGTHS
 from .purify import DEFAULT_PURIFY, parse_purifications
 
+# SD's schedule has 1000 training timesteps and DDIM offsets its first one by 1 past the step spacing: 1000 steps
+# would ask for timestep 1000, past the schedule's end.
+MAX_DDIM_STEPS = 999
 SSIM_THRESHOLD = 0.8  # protection holds where the two mimicry outputs are less alike than this
 
 
@@ -40,8 +46,9 @@ class EvaluationSettings:
         parse_purifications(self.purify)
         if not all(0 < s <= 1 for s in self.strengths):
             raise ValueError(f"strengths: each must be above 0 and at most 1, got {list(self.strengths)}")
-        if self.steps < 1:
-            raise ValueError(f"steps: must be at least 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_DDIM_STEPS:
+            raise ValueError(f"steps: must be 1 to {MAX_DDIM_STEPS} (DDIM steps of SD's 1000-step schedule), got "
+                             f"{self.steps}")
         if not (math.isfinite(self.guidance) and self.guidance >= 1):
             raise ValueError(f"guidance: must be at least 1, got {self.guidance}")
         if self.prompt not in (STYLE_PROMPT, OBJECT_PROMPT):
@@ -56,3 +63,79 @@ class EvaluationSettings:
             from ..methods import get_method
 
             get_method(self.method)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a face takes one evaluation setting: the `mist evaluate` flag (the HTTP service's form field is that name
+    without its dashes: `ssim-threshold`), the kind of its value (`mist.flags.typed_value`'s, or "list": a comma list
+    of numbers), and one line of help."""
+
+    flag: str
+    kind: str
+    help: str
+
+
+# Every evaluation setting, once, for the command line and the HTTP service (defaults: EvaluationSettings').
+EVALUATION_OPTIONS: dict[str, Option] = {
+    "purify": Option("--purify", "str", "comma list of purifications KIND[:VALUE] among {kinds}; '' for none"),
+    "strengths": Option("--strengths", "list", "img2img strengths, comma list of numbers in (0, 1]"),
+    "steps": Option("--steps", "int", "DDIM steps of the full schedule"),
+    "guidance": Option("--guidance", "float", "classifier-free guidance scale"),
+    "prompt": Option("--prompt", "str", f"img2img prompt: {STYLE_PROMPT!r} or {OBJECT_PROMPT!r}"),
+    "seed": Option("--seed", "int", "seed of every random draw"),
+    "method": Option("--method", "str", "method whose loss scores the purified images (default: the one the "
+                                        "protected images record)"),
+    "ssim_threshold": Option("--ssim-threshold", "float", "protection holds where the SSIM of the protected and "
+                                                          "clean mimicry outputs is below this"),
+    "lora": Option("--lora", "bool", "also run LoRA fine-tuning mimicry: adapters trained on the clean set and on "
+                                     "the protected set, then images sampled from the prompt with the same seeds "
+                                     "(needs peft; slow: see README)"),
+    "lora_steps": Option("--lora-steps", "int", "LoRA training steps"),
+    "lora_rank": Option("--lora-rank", "int", "LoRA rank"),
+    "lora_learning_rate": Option("--lora-lr", "float", "LoRA learning rate"),
+}
+EVALUATION_FLAGS = {name: option.flag for name, option in EVALUATION_OPTIONS.items()}
+
+
+def evaluation_settings(given: Mapping[str, Any], names: Mapping[str, str] | None = None) -> EvaluationSettings:
+    """EvaluationSettings from values as a face received them (command-line words, form fields, JSON values), each
+    typed by its option's kind; missing ones take their defaults. ValueError in one line that names the setting as
+    `names` (setting -> what its user typed) or else as its flag does."""
+    with fields_as_flags({**EVALUATION_FLAGS, **(names or {})}):
+        unknown = sorted(set(given) - set(EVALUATION_OPTIONS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a setting of an evaluation")
+        values = {}
+        for name, value in given.items():
+            try:
+                values[name] = _typed(value, EVALUATION_OPTIONS[name].kind)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return EvaluationSettings(**values)
+
+
+def _typed(value: Any, kind: str) -> Any:
+    if kind == "list":
+        return _numbers(value)
+    if kind == "str":
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"must be text, got {value!r}")
+        return value
+    return typed_value(value, kind)
+
+
+def settings_record(settings: EvaluationSettings) -> dict[str, Any]:
+    """The settings as JSON values, for a queued evaluation (`EvaluationSettings(**record)` makes them again)."""
+    return {item.name: list(value) if isinstance(value := getattr(settings, item.name), tuple) else value
+            for item in fields(settings)}
+
+
+def _numbers(value: Any) -> tuple[float, ...]:
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else None
+    if parts is None:
+        raise ValueError(f"not a comma list of numbers: {value!r}")
+    try:
+        return tuple(typed_value(part, "float") for part in parts if not isinstance(part, str) or part.strip())
+    except ValueError:
+        raise ValueError(f"not a comma list of numbers: {value!r}") from None

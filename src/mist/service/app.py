@@ -28,14 +28,16 @@ from starlette.formparsers import MultiPartException
 from ..config import ProtectConfig, steps_per_image
 from ..work_limits import WorkLimits
 from ..estimate import Estimate
-from ..files import write_png_zip
+from ..files import write_zip
 from ..model_names import TEST_MODEL_STEPS, names_test_model
 from ..version import __version__
 from .apidocs import api_reference_html
 from .metrics import metrics_text
 from .store import FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, QueueFull, new_job_id
+from .evaluations import parse_evaluation_settings, save_evaluation
 from .submit import SubmitError, Upload, parse_settings, save_submission, uploads_by_field
-from .worker import OUTPUT_FOLDER, Worker, job_folder
+from .layout import OUTPUT_FOLDER, job_folder
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,17 @@ name (`target`). Settings: fields named like `mist protect`'s flags (`method`, `
 method's parameters such as `mode`, `fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`:
 `full` or `minimal`. Header `Idempotency-Key`: a retried submission with the same key returns the first job (200).
 Answers 201 with the job's status; 400 / 413 / 429 with `{"error": "..."}` naming the field or file."""
+EVALUATE_HELP = """Evaluate protected images as `mist evaluate` does (purifications, img2img mimicry at each strength,
+LoRA if asked), as a job: queued with the protection jobs, followed, cancelled, resumed and deleted through
+`/v1/jobs/{id}` like them (its status has `kind: evaluate` and `progress` in units of work). A multipart form. Files:
+`originals` and `protected` (one or more each), paired by file name or by the source checksum a Mist output records.
+Settings: fields named like `mist evaluate`'s flags (`purify`, `strengths`, `steps`, `guidance`, `prompt`, `seed`,
+`method`, `ssim-threshold`, `lora`, `lora-steps`, `lora-rank`, `lora-lr`), or one JSON object in the field `settings`.
+The report (index.html, results.json, results.csv, pictures) is the job's result: `/v1/jobs/{id}/results` as a ZIP,
+or one file by name (`/v1/jobs/{id}/results/results.json`). Header `Idempotency-Key` as for `POST /v1/jobs`."""
 _FORM_FIELDS = 64  # text fields a submission may have
+REPORT_FILES = {"index.html": "text/html; charset=utf-8", "results.json": "application/json",
+                "results.csv": "text/csv; charset=utf-8"}  # an evaluation's files served one by one
 
 
 class ApiError(Exception):
@@ -70,6 +82,7 @@ class Service:
     retention_seconds: float
     model_name: str = ""
     work_limits: WorkLimits = WorkLimits()
+    evaluates: bool = True  # False with a Ray pool: an evaluation needs a model in the server's own process
 
 
 @dataclass(frozen=True)
@@ -167,23 +180,19 @@ def _admit(service: Service, who: Caller, key: str | None) -> dict[str, Any] | N
     return None
 
 
-def _accept(service: Service, who: Caller, key: str | None, texts: dict[str, str],
+def _accept(service: Service, who: Caller, key: str | None, kind: str, texts: dict[str, str],
             uploads: dict[str, list[Upload]]) -> tuple[dict[str, Any], bool]:
-    """Check and store a submission and queue its job; returns its status and whether it is new (the same key may
-    have raced in from another request: that job stands)."""
+    """Check and store a submission of a job of `kind` and queue it; returns its status and whether it is new (the
+    same key may have raced in from another request: that job stands)."""
     if sum(_size(upload.file) for group in uploads.values() for upload in group) > who.limits.max_upload_bytes:
         raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
-    settings, metadata = parse_settings(texts)
-    if "steps" not in settings and names_test_model(service.model_name):
-        settings["steps"] = TEST_MODEL_STEPS
-    if problem := service.work_limits.problem(settings):
-        raise ApiError(400, problem)
     job_id = new_job_id()
     folder = job_folder(service.data, job_id)
-    submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
+    settings, metadata, images = (_protection if kind == "protect" else _evaluation)(service, who, folder, texts,
+                                                                                     uploads)
     try:
-        service.store.add_job(job_id, who.owner, submission.settings, submission.metadata_level,
-                              submission.images, idempotency_key=key, max_queued=who.limits.max_queued)
+        service.store.add_job(job_id, who.owner, settings, metadata, images, idempotency_key=key,
+                              max_queued=who.limits.max_queued, kind=kind)
     except DuplicateKey as exc:
         _remove(folder)
         return job_status(service, _own_job(service, exc.job_id, who)), False
@@ -193,40 +202,75 @@ def _accept(service: Service, who: Caller, key: str | None, texts: dict[str, str
     return job_status(service, _own_job(service, job_id, who)), True
 
 
+def _protection(service: Service, who: Caller, folder: Path, texts: dict[str, str],
+                uploads: dict[str, list[Upload]]) -> tuple[dict[str, Any], str, list]:
+    """A protection job's settings, metadata level and images, checked and written into `folder`."""
+    settings, metadata = parse_settings(texts)
+    if "steps" not in settings and names_test_model(service.model_name):
+        settings["steps"] = TEST_MODEL_STEPS
+    if problem := service.work_limits.problem(settings):
+        raise ApiError(400, problem)
+    submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
+    return submission.settings, submission.metadata_level, submission.images
+
+
+def _evaluation(service: Service, who: Caller, folder: Path, texts: dict[str, str],
+                uploads: dict[str, list[Upload]]) -> tuple[dict[str, Any], str, list]:
+    """An evaluation job's settings and pairs, checked and written into `folder`."""
+    if not service.evaluates:
+        raise ApiError(501, "evaluation: this server runs its jobs on a Ray cluster; an evaluation needs a server "
+                            "with its own model (mist serve without --ray)")
+    settings = parse_evaluation_settings(texts)
+    if problem := service.work_limits.evaluation_problem(settings):
+        raise ApiError(400, problem)
+    submission = save_evaluation(folder, settings, uploads, who.limits.max_images, service.work_limits)
+    return submission.settings, "full", submission.images
+
+
 def _add_submit_route(app: FastAPI, service: Service) -> None:
     @app.post("/v1/jobs", status_code=201, summary="Submit images to protect", description=SUBMIT_HELP)
     async def submit(request: Request, who: Who) -> JSONResponse:
-        # Only the upload is read on the event loop; the checks, files and database work run in worker threads.
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 0 < len(key) <= _MAX_KEY:
-            raise ApiError(400, f"Idempotency-Key: must be 1 to {_MAX_KEY} characters")
-        length = request.headers.get("content-length")
-        if length is None:  # a chunked upload's size is known only once it has filled the disk
-            raise ApiError(411, "upload: send a Content-Length header")
-        if not length.isdigit() or int(length) > who.limits.max_upload_bytes:
-            raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
-        earlier = await run_in_threadpool(_admit, service, who, key)
-        if earlier is not None:
-            return JSONResponse(earlier, status_code=200)
-        try:
-            async with request.form(max_files=2 * who.limits.max_images + 8, max_fields=_FORM_FIELDS,
-                                    max_part_size=64 * 1024) as form:
-                texts, uploads = uploads_by_field(form.multi_items())
-                status, created = await run_in_threadpool(_accept, service, who, key, texts, uploads)
-        except MultiPartException as exc:
-            raise ApiError(400, f"upload: {exc.message}") from None
-        except StarletteHTTPException as exc:  # what Starlette makes of a body that is not multipart
-            raise ApiError(exc.status_code, f"upload: {exc.detail}") from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise ApiError(507, "upload: the server's disk is full; nothing was kept, try again later") from None
-        except SubmitError as exc:
-            raise ApiError(exc.status, str(exc)) from None
-        if not created:
-            return JSONResponse(status, status_code=200)
-        service.worker.wake()
-        return JSONResponse(status, status_code=201, headers={"Location": f"/v1/jobs/{status['id']}"})
+        return await _submitted(service, request, who, "protect")
+
+    @app.post("/v1/evaluations", status_code=201, summary="Evaluate protected images against their originals",
+              description=EVALUATE_HELP)
+    async def evaluate(request: Request, who: Who) -> JSONResponse:
+        return await _submitted(service, request, who, "evaluate")
+
+
+async def _submitted(service: Service, request: Request, who: Caller, kind: str) -> JSONResponse:
+    """Read a submission of a job of `kind` and queue it: 201 with its status, 200 for a retried one."""
+    # Only the upload is read on the event loop; the checks, files and database work run in worker threads.
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= _MAX_KEY:
+        raise ApiError(400, f"Idempotency-Key: must be 1 to {_MAX_KEY} characters")
+    length = request.headers.get("content-length")
+    if length is None:  # a chunked upload's size is known only once it has filled the disk
+        raise ApiError(411, "upload: send a Content-Length header")
+    if not length.isdigit() or int(length) > who.limits.max_upload_bytes:
+        raise ApiError(413, f"upload: over this token's limit of {who.limits.max_upload_bytes} bytes")
+    earlier = await run_in_threadpool(_admit, service, who, key)
+    if earlier is not None:
+        return JSONResponse(earlier, status_code=200)
+    try:
+        async with request.form(max_files=2 * who.limits.max_images + 8, max_fields=_FORM_FIELDS,
+                                max_part_size=64 * 1024) as form:
+            texts, uploads = uploads_by_field(form.multi_items())
+            status, created = await run_in_threadpool(_accept, service, who, key, kind, texts, uploads)
+    except MultiPartException as exc:
+        raise ApiError(400, f"upload: {exc.message}") from None
+    except StarletteHTTPException as exc:  # what Starlette makes of a body that is not multipart
+        raise ApiError(exc.status_code, f"upload: {exc.detail}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ApiError(507, "upload: the server's disk is full; nothing was kept, try again later") from None
+    except SubmitError as exc:
+        raise ApiError(exc.status, str(exc)) from None
+    if not created:
+        return JSONResponse(status, status_code=200)
+    service.worker.wake()
+    return JSONResponse(status, status_code=201, headers={"Location": f"/v1/jobs/{status['id']}"})
 
 
 def _add_job_routes(app: FastAPI, service: Service) -> None:
@@ -239,25 +283,45 @@ def _add_job_routes(app: FastAPI, service: Service) -> None:
         job = _own_job(service, job_id, who)
         if job.state not in FINISHED:
             raise ApiError(409, f"job {job_id} is {job.state}: its results are ready when it is done")
-        folder = job_folder(service.data, job_id)
-        done = [image for image in job.images if image.state == "done" and (folder / image.output).is_file()]
-        if not done:
-            raise ApiError(404, f"job {job_id} has no protected image")
         spool = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
-        write_png_zip(((folder / image.output, Path(image.output).relative_to(OUTPUT_FOLDER).as_posix())
-                       for image in done), spool)
+        write_zip(_result_files(service, job), spool)
         spool.seek(0)
         return StreamingResponse(_chunks(spool), media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="mist-{job_id}.zip"'})
 
-    @app.get("/v1/jobs/{job_id}/results/{name}", summary="One protected PNG")
+    @app.get("/v1/jobs/{job_id}/results/{name}", summary="One protected PNG, or one file of an evaluation's report "
+                                                        "(index.html, results.json, results.csv)")
     def result(job_id: str, name: str, who: Who) -> FileResponse:
         job = _own_job(service, job_id, who)
+        if job.kind == "evaluate" and job.state in FINISHED:
+            path = job_folder(service.data, job_id) / OUTPUT_FOLDER / name
+            if name in REPORT_FILES and path.is_file():
+                return FileResponse(path, media_type=REPORT_FILES[name], filename=name)
+            raise ApiError(404, f"job {job_id} has no report file {name!r} (files: {', '.join(REPORT_FILES)})")
         for image in job.images:
             path = job_folder(service.data, job_id) / image.output
-            if Path(image.output).name == name and image.state == "done" and path.is_file():
+            if job.kind == "protect" and Path(image.output).name == name and image.state == "done" and path.is_file():
                 return FileResponse(path, media_type="image/png", filename=name)
         raise ApiError(404, f"job {job_id} has no protected image {name!r}")
+
+    @app.post("/v1/jobs/{job_id}/resume", status_code=202, summary="Queue a cancelled job again",
+              description="What the job finished before it was cancelled (protected images, an evaluation's "
+                          "purifications and mimicry runs) is kept and not redone. Only a cancelled job can be "
+                          "resumed (409 otherwise), until it expires.")
+    def resume(job_id: str, who: Who) -> dict[str, Any]:
+        job = _own_job(service, job_id, who)
+        if job.state != "cancelled":
+            raise ApiError(409, f"job {job_id} is {job.state}: only a cancelled job can be resumed")
+        if not _inputs_kept(service, job):
+            raise ApiError(409, f"job {job_id}: its uploads were deleted when it ended, it cannot be resumed")
+        try:
+            resumed = service.store.resume(job_id, who.owner, who.limits.max_queued)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc)) from None
+        if not resumed:  # deleted or resumed by a request racing this one
+            raise ApiError(409, f"job {job_id} is no longer cancelled")
+        service.worker.wake()
+        return job_status(service, _own_job(service, job_id, who))
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202, summary="Cancel an unfinished job",
               description="The job stops at its next step; images already protected stay downloadable. A finished "
@@ -304,10 +368,71 @@ def _add_server_routes(app: FastAPI, service: Service) -> None:
                                  media_type="text/plain; version=0.0.4")
 
 
+def _inputs_kept(service: Service, job: JobRecord) -> bool:
+    """Whether the files of the job's unfinished images are still in its folder (a job cancelled by an earlier Mist
+    had them deleted)."""
+    folder = job_folder(service.data, job.id)
+    return all((folder / image.source).is_file() for image in job.images if image.state != "done")
+
+
+def _result_files(service: Service, job: JobRecord) -> list[tuple[Path, str]]:
+    """What a finished job's ZIP holds, each (path, name in the archive): its protected PNGs, or an evaluation's
+    report folder (without the units an unfinished one keeps); 404 when there is nothing."""
+    folder = job_folder(service.data, job.id)
+    if job.kind == "evaluate":
+        report = folder / OUTPUT_FOLDER
+        members = [(path, path.relative_to(report).as_posix()) for path in sorted(report.rglob("*"))
+                   if path.is_file() and not path.relative_to(report).as_posix().startswith(".")]
+        if not (report / "index.html").is_file():
+            raise ApiError(404, f"job {job.id} has no report")
+        return members
+    members = [(folder / image.output, Path(image.output).relative_to(OUTPUT_FOLDER).as_posix())
+               for image in job.images if image.state == "done" and (folder / image.output).is_file()]
+    if not members:
+        raise ApiError(404, f"job {job.id} has no protected image")
+    return members
+
+
 def job_status(service: Service, job: JobRecord) -> dict[str, Any]:
-    """What GET /v1/jobs/{id} answers: the job's state, each image's progress, and the time left (`mist.estimate`:
-    every image's step count known from the settings, block mode's tiles included, and the worker's smoothed time
-    per step)."""
+    """What GET /v1/jobs/{id} answers: the job's kind and state, its progress and the time left (`mist.estimate`), and
+    each image's state."""
+    status: dict[str, Any] = {
+        "id": job.id, "kind": job.kind, "state": job.state, "created": job.created, "started": job.started,
+        "finished": job.finished, "expires": job.expires, "error": job.error,
+        "settings": {name: value for name, value in job.settings.items() if not name.startswith("_")},
+        "results_url": f"/v1/jobs/{job.id}/results",
+    }
+    status |= (_protection_progress if job.kind == "protect" else _evaluation_progress)(service, job)
+    if job.state == "queued":
+        status["queue_position"] = service.store.queue_position(job.id, job.created)
+    return status
+
+
+def _evaluation_progress(service: Service, job: JobRecord) -> dict[str, Any]:
+    """An evaluation's units of work done (a purification, a mimicry run of the set), what was done last, the time
+    left at the worker's smoothed time per unit, and each protected image with its report once done."""
+    units = job.progress or {"done": 0, "total": 0, "doing": ""}
+    total = max(1, int(units["total"]))
+    estimate = Estimate([1] * total, job.seconds_per_step)
+    for unit in range(min(int(units["done"]), total)):
+        estimate.finished(unit)
+    left = estimate.seconds_left()
+    done = job.state == "done"
+    return {
+        "progress": 1.0 if done else round(estimate.fraction if units["total"] else 0.0, 4),
+        "eta_seconds": None if job.state in FINISHED or left is None or not units["total"] else round(left, 1),
+        "seconds_per_step": job.seconds_per_step, "units": {"done": units["done"], "total": units["total"]},
+        "doing": units["doing"],
+        "images": [{"name": image.name, "state": image.state, "message": image.message,
+                    "url": f"/v1/jobs/{job.id}/results/index.html" if image.state == "done" else None}
+                   for image in job.images],
+        "report_url": f"/v1/jobs/{job.id}/results/index.html" if done else None,
+    }
+
+
+def _protection_progress(service: Service, job: JobRecord) -> dict[str, Any]:
+    """Each image's steps (its count known from the settings, block mode's tiles included) and the time left at the
+    worker's smoothed time per step."""
     per_image = steps_per_image(int(job.settings.get("steps", ProtectConfig.steps)),
                                 int(job.settings.get("block_num", ProtectConfig.block_num)), service.worker.batch_size)
     estimate = Estimate([per_image] * len(job.images), job.seconds_per_step)
@@ -317,22 +442,16 @@ def job_status(service: Service, job: JobRecord) -> dict[str, Any]:
         else:
             estimate.step(position, image.step)
     left = estimate.seconds_left()
-    status: dict[str, Any] = {
-        "id": job.id, "state": job.state, "created": job.created, "started": job.started, "finished": job.finished,
-        "expires": job.expires, "error": job.error, "progress": round(estimate.fraction, 4),
+    return {
+        "progress": round(estimate.fraction, 4),
         "eta_seconds": None if job.state in FINISHED or left is None else round(left, 1),
         "seconds_per_step": job.seconds_per_step,
-        "settings": {name: value for name, value in job.settings.items() if not name.startswith("_")},
         "images": [{"name": image.name, "state": image.state, "steps": per_image,
                     "step": per_image if image.state == "done" else min(image.step, per_image),
                     "message": image.message, "output": Path(image.output).name,
                     "url": f"/v1/jobs/{job.id}/results/{Path(image.output).name}" if image.state == "done" else None}
                    for position, image in enumerate(job.images)],
-        "results_url": f"/v1/jobs/{job.id}/results",
     }
-    if job.state == "queued":
-        status["queue_position"] = service.store.queue_position(job.id, job.created)
-    return status
 
 
 def _size(file: Any) -> int:

@@ -16,8 +16,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="serve the HTTP API (a durable job queue)",
         description="Serve Mist's HTTP API (FastAPI; pip install 'mist-protect[serve]'): POST /v1/jobs, GET "
-                    "/v1/jobs/ID, /v1/jobs/ID/results, POST /v1/jobs/ID/cancel, DELETE /v1/jobs/ID, /v1/health, "
-                    "/v1/status, /v1/metrics; docs at /docs. "
+                    "/v1/jobs/ID, /v1/jobs/ID/results, POST /v1/jobs/ID/cancel, POST /v1/jobs/ID/resume, DELETE "
+                    "/v1/jobs/ID, POST /v1/evaluations, /v1/health, /v1/status, /v1/metrics; docs at /docs. "
                     "Jobs and results live in the data folder and survive restarts.")
     _data_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

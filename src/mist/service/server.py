@@ -102,7 +102,7 @@ def build_service(options: ServeOptions, store: JobStore) -> Service:
     worker = Worker(store, options.data, models, retention_seconds=retention, lease_seconds=options.lease_seconds)
     return Service(store=store, data=options.data, worker=worker, require_tokens=not options.no_auth,
                    local_limits=options.local_limits, retention_seconds=retention, model_name=str(models.where()),
-                   work_limits=options.work_limits)
+                   work_limits=options.work_limits, evaluates=not options.ray)
 
 
 def serve(options: ServeOptions) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import sqlalchemy as sa
 
+JOB_KINDS = ("protect", "evaluate")  # what a job does: protect its images, or evaluate protected images
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = frozenset({"done", "failed", "cancelled"})
 IMAGE_STATES = ("queued", "running", "done", "failed")
@@ -58,6 +59,8 @@ jobs_table = sa.Table(
     sa.Column("lease_until", sa.Float),
     sa.Column("seconds_per_step", sa.Float),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="protect"),
+    sa.Column("progress", sa.Text),  # JSON {"done", "total", "doing"}: an evaluation's units of work
     sa.UniqueConstraint("owner", "idempotency_key", name="one_job_per_key"),
 )
 images_table = sa.Table(
@@ -127,6 +130,8 @@ class JobRecord:
     seconds_per_step: float | None
     attempts: int
     images: tuple[ImageRecord, ...]
+    kind: str = "protect"
+    progress: dict[str, Any] | None = None  # an evaluation's units of work: {"done", "total", "doing"}
 
 
 class QueueFull(Exception):
@@ -164,6 +169,7 @@ class JobStore:
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         _meta.create_all(self.engine)
+        _add_new_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -220,16 +226,19 @@ class JobStore:
 
     def add_job(self, job_id: str, owner: str, settings: dict[str, Any], metadata_level: str,
                 images: Iterable[tuple[str, str, str | None, str]], idempotency_key: str | None = None,
-                max_queued: int | None = None) -> None:
-        """Queue a job whose files are already on disk; `images`: (name, source, mask, output) each, paths relative
-        to the job's folder. Raises DuplicateKey when the owner already has a job with `idempotency_key`, and
-        QueueFull when the owner already has `max_queued` jobs queued or running.
+                max_queued: int | None = None, kind: str = "protect") -> None:
+        """Queue a job of `kind` (JOB_KINDS) whose files are already on disk; `images`: (name, source, mask, output)
+        each, paths relative to the job's folder (an evaluation's: its protected images). Raises DuplicateKey when the
+        owner already has a job with `idempotency_key`, and QueueFull when the owner already has `max_queued` jobs
+        queued or running.
 
         The limit is checked by the insert itself (an INSERT ... SELECT that inserts nothing when the count is
         reached), so simultaneous submissions cannot pass it together: SQLite runs one writer at a time on the newest
         data, and on PostgreSQL the transaction first takes a lock of its own per owner."""
         j = jobs_table.c
-        values = dict(id=job_id, owner=owner, idempotency_key=idempotency_key, created=time.time(), state="queued",
+        assert kind in JOB_KINDS
+        values = dict(id=job_id, owner=owner, kind=kind, idempotency_key=idempotency_key, created=time.time(),
+                      state="queued",
                       settings=json.dumps(settings, sort_keys=True), metadata_level=metadata_level, cancel=False,
                       attempts=0)
         with self.engine.begin() as db:
@@ -382,6 +391,35 @@ class JobStore:
         with self.engine.begin() as db:
             db.execute(images_table.update().where(i.job_id == job_id, i.idx.in_(list(indices))).values(**values))
 
+    def set_progress(self, job_id: str, done: int, total: int, doing: str, seconds_per_step: float | None) -> None:
+        """An evaluation's progress: `done` of `total` units of work, what runs now, the time per unit so far."""
+        with self.engine.begin() as db:
+            db.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(
+                progress=json.dumps({"done": done, "total": total, "doing": doing}),
+                seconds_per_step=seconds_per_step))
+
+    def resume(self, job_id: str, owner: str, max_queued: int) -> bool:
+        """Queue `owner`'s cancelled job again (what it finished is kept and not redone); False if it is not
+        cancelled. Raises QueueFull when the owner has `max_queued` jobs queued or running (checked by the update
+        itself, as `add_job` does)."""
+        j = jobs_table.c
+        with self.engine.begin() as db:
+            if db.dialect.name == "postgresql":
+                db.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
+            others = jobs_table.alias("others")
+            active = (sa.select(sa.func.count()).select_from(others)
+                      .where(others.c.owner == owner, others.c.state.in_(["queued", "running"])).scalar_subquery())
+            resumed = db.execute(jobs_table.update().where(j.id == job_id, j.owner == owner, j.state == "cancelled",
+                                                           active < max_queued).values(
+                state="queued", cancel=False, finished=None, expires=None, error=None)).rowcount
+            if not resumed and db.execute(sa.select(j.state).where(j.id == job_id)).scalar() == "cancelled":
+                raise QueueFull(max_queued)
+            if resumed:
+                db.execute(images_table.update().where(images_table.c.job_id == job_id,
+                                                       images_table.c.state != "done").values(
+                    state="queued", step=0, message=None))
+        return bool(resumed)
+
     def set_seconds_per_step(self, job_id: str, seconds: float) -> None:
         with self.engine.begin() as db:
             db.execute(jobs_table.update().where(jobs_table.c.id == job_id).values(seconds_per_step=seconds))
@@ -401,6 +439,16 @@ def _sqlite_pragmas(connection: Any, record: Any) -> None:
     cursor.close()
 
 
+def _add_new_columns(engine: sa.Engine) -> None:
+    """Bring a database made by an earlier Mist up to this schema: add the columns it lacks (with their defaults)."""
+    present = {column["name"] for column in sa.inspect(engine).get_columns("jobs")}
+    added = {"kind": "VARCHAR(16) NOT NULL DEFAULT 'protect'", "progress": "TEXT"}
+    with engine.begin() as db:
+        for name, declaration in added.items():
+            if name not in present:
+                db.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}"))
+
+
 def _token(row: Any) -> Token:
     return Token(row["id"], row["name"], row["created"], row["revoked"],
                  Limits(row["max_upload_bytes"], row["max_images"], row["max_queued"]))
@@ -411,6 +459,7 @@ def _job(row: Any, images: Iterable[Any]) -> JobRecord:
         id=row["id"], owner=row["owner"], created=row["created"], state=row["state"],
         settings=json.loads(row["settings"]), metadata_level=row["metadata_level"], error=row["error"],
         started=row["started"], finished=row["finished"], expires=row["expires"], cancel=bool(row["cancel"]),
-        seconds_per_step=row["seconds_per_step"], attempts=row["attempts"],
+        seconds_per_step=row["seconds_per_step"], attempts=row["attempts"], kind=row["kind"],
+        progress=json.loads(row["progress"]) if row["progress"] else None,
         images=tuple(ImageRecord(r["idx"], r["name"], r["source"], r["mask"], r["output"], r["state"], r["message"],
                                  r["step"], r["steps"]) for r in images))

@@ -9,12 +9,13 @@ Every problem raises `SubmitError` with an HTTP status and one line naming the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from .. import images, preflight
 from ..config import ProtectConfig
@@ -22,7 +23,7 @@ from ..flags import RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from ..inputs import collect_jobs
 from ..manifest import METADATA_LEVELS
 from ..methods import get_method, param_specs
-from .worker import OUTPUT_FOLDER
+from .layout import OUTPUT_FOLDER
 
 FILE_FIELDS = ("images", "mask", "masks")
 _COPY_CHUNK = 1024 * 1024
@@ -54,9 +55,8 @@ class Submission:
     images: list[tuple[str, str, str | None, str]]
 
 
-def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
-    """Settings from form fields (strings), typed as the command line types them; the `settings` field may hold them
-    as a JSON object. Returns (settings for ProtectConfig.of, metadata level)."""
+def given_settings(fields_: dict[str, str]) -> dict[str, Any]:
+    """The settings as sent: form fields (strings), over those of the JSON object the field `settings` may hold."""
     given: dict[str, Any] = {}
     if "settings" in fields_:
         try:
@@ -67,6 +67,13 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
             raise SubmitError(400, "settings: must be a JSON object")
         given.update(loaded)
     given.update({name: value for name, value in fields_.items() if name != "settings"})
+    return given
+
+
+def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """Settings from form fields (strings), typed as the command line types them; the `settings` field may hold them
+    as a JSON object. Returns (settings for ProtectConfig.of, metadata level)."""
+    given = given_settings(fields_)
     metadata = str(given.pop("metadata", "full"))
     if metadata not in METADATA_LEVELS:
         raise SubmitError(400, f"metadata: must be one of {', '.join(METADATA_LEVELS)}, got {metadata!r}")
@@ -121,8 +128,15 @@ def save_submission(folder: Path, settings: dict[str, Any], metadata: str, uploa
                     max_images: int) -> Submission:
     """Write the uploads into the job's `folder` and check them all; SubmitError (the folder removed) on the first
     problem."""
-    try:
+    with removed_on_failure(folder):
         return _save(folder, settings, metadata, uploads, max_images)
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: Path) -> Iterator[None]:
+    """A submission's folder, removed with all that was written there when anything in the block fails."""
+    try:
+        yield
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -149,12 +163,12 @@ def _save(folder: Path, settings: dict[str, Any], metadata: str, uploads: dict[s
     for name in sorted(file_params & set(uploads)):
         upload = uploads[name][0]
         stored[name] = f"files/{name}{_suffix(safe_name(name, upload.filename))}"
-        _check_image(name, upload.filename, _write(upload, folder / stored[name]))
+        check_image(name, upload.filename, write_upload(upload, folder / stored[name]))
         file_settings.append(name)
     if "mask" in uploads:
         upload = uploads["mask"][0]
         shared_mask = f"files/mask{_suffix(safe_name('mask', upload.filename))}"
-        _check_image("mask", upload.filename, _write(upload, folder / shared_mask))
+        check_image("mask", upload.filename, write_upload(upload, folder / shared_mask))
     else:
         shared_mask = None
     sources: list[Path] = []
@@ -164,7 +178,7 @@ def _save(folder: Path, settings: dict[str, Any], metadata: str, uploads: dict[s
         if name in names:
             raise SubmitError(400, f"images: two files named {name!r}")
         names.append(name)
-        sources.append(_write(upload, folder / "in" / name))
+        sources.append(write_upload(upload, folder / "in" / name))
     stems = {Path(name).stem: name for name in names}
     masks: dict[str, str] = {}
     for upload in uploads.get("masks", []):
@@ -176,13 +190,13 @@ def _save(folder: Path, settings: dict[str, Any], metadata: str, uploads: dict[s
         if image in masks:
             raise SubmitError(400, f"masks: two masks for {image!r}")
         masks[image] = f"masks/{Path(image).stem}{_suffix(name)}"
-        _check_image("masks", name, _write(upload, folder / masks[image]))
+        check_image("masks", name, write_upload(upload, folder / masks[image]))
     try:
         config = ProtectConfig.of(**{**settings, **{name: folder / stored[name] for name in file_settings}})
     except ValueError as exc:
         raise SubmitError(400, str(exc)) from None
     for name, path in zip(names, sources, strict=True):
-        _check_image("images", name, path, config)
+        check_image("images", name, path, config)
     if file_settings:
         stored["_files"] = file_settings
     jobs = collect_jobs(sources, folder / OUTPUT_FOLDER)
@@ -196,14 +210,14 @@ def _suffix(name: str) -> str:
     return suffix if suffix.isascii() and suffix[1:].isalnum() else ""
 
 
-def _write(upload: Upload, path: Path) -> Path:
+def write_upload(upload: Upload, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "xb") as out:
         shutil.copyfileobj(upload.file, out, _COPY_CHUNK)
     return path
 
 
-def _check_image(field: str, filename: str | None, path: Path, config: ProtectConfig | None = None) -> None:
+def check_image(field: str, filename: str | None, path: Path, config: ProtectConfig | None = None) -> None:
     """Decode the file fully (a non-image, a truncated file or a decompression bomb is refused) and, for an image to
     protect, run the command line's pre-flight check; errors name the file as the client named it."""
     try:

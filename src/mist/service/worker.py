@@ -1,13 +1,16 @@
 """The service's worker: a thread that claims queued jobs from the store, one at a time, runs each through the one job
-runner (`mist.jobs.run_jobs`), records progress in the store, and deletes results whose retention time is over.
+runner (`mist.jobs.run_jobs` for a protection, `mist.evaluation.job.run_evaluation` for an evaluation), records
+progress in the store, and deletes results whose retention time is over.
 
 While a job runs, a heartbeat renews its lease and looks for a cancel request (which may come from another server
 sharing the queue). If the lease is lost (this server was presumed dead and another took the job), the run stops
-without marking the job. Resume is the job runner's: outputs already complete on disk are skipped.
+without marking the job. Resume is the job runner's: outputs already complete on disk are skipped, and an evaluation's
+finished units of work are read back. A cancelled job keeps its uploads until it expires, so that it can be resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -21,15 +24,15 @@ from ..estimate import Estimate
 from ..files import remove_old_folders
 from ..jobs import Job, run_jobs
 from ..pipeline import Progress, ProtectedImage
+from .layout import INPUT_FOLDERS, ORIGINALS, OUTPUT_FOLDER, PROTECTED, job_folder
 from .store import JobRecord, JobStore
 
 if TYPE_CHECKING:
+    from ..evaluation.run import EvaluationProgress
     from ..jobs import ModelCache
 
 log = logging.getLogger(__name__)
 
-INPUT_FOLDERS = ("in", "masks", "files")  # removed once a job is finished; "out" is kept until the job expires
-OUTPUT_FOLDER = "out"
 _ORPHAN_AGE = 3600.0  # seconds: a job folder without a job (an upload that never became one) is removed after this
 
 
@@ -43,10 +46,6 @@ class WorkerStats:
     seconds_per_step: float | None = None
     fault: str | None = None  # why the worker cannot take jobs now (a database error, say); None while it can
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def job_folder(data: Path, job_id: str) -> Path:
-    return data / "jobs" / job_id
 
 
 def job_config(job: JobRecord, folder: Path) -> ProtectConfig:
@@ -137,18 +136,14 @@ class Worker:
         cancel = threading.Event()
         self._cancels[job.id] = cancel
         lost = threading.Event()
-        jobs = [Job(folder / image.source, folder / image.output, label=image.name,
-                    mask=folder / image.mask if image.mask else None) for image in job.images]
-        index_of = {j.source: image.idx for j, image in zip(jobs, job.images, strict=True)}
-        reporter = StoreReporter(self.store, job.id, index_of, self.stats, cancel)
+        run = self._protection if job.kind == "protect" else self._evaluation
+        reporter = StoreReporter(self.store, job.id, {folder / image.source: image.idx for image in job.images},
+                                 self.stats, cancel)
         beat = threading.Thread(target=self._heartbeat, args=(job.id, cancel, lost, reporter), daemon=True)
         beat.start()
         state, error = "failed", None
         try:
-            config = job_config(job, folder)
-            summary = run_jobs(jobs, config, self.models, reporter, batch_size=self.batch_size,
-                               metadata=job.metadata_level, cancel=cancel)
-            state = "cancelled" if summary.cancelled else "failed" if summary.failed else "done"
+            state = run(job, folder, reporter, cancel)
         except (ValueError, OSError) as exc:
             error = str(exc).replace(f"{folder}/", "")  # files named by their place in the job, not the server's path
         except Exception as exc:  # the job fails, the server goes on
@@ -158,6 +153,8 @@ class Worker:
             self._cancels.pop(job.id, None)
             cancel.set()  # ends the heartbeat
             beat.join()
+            with contextlib.suppress(Exception):  # the last progress (a job shorter than a beat has had none)
+                reporter.flush()
         if lost.is_set() or (self._stop.is_set() and state == "cancelled" and not self.store.cancel_requested(job.id)):
             return  # another server owns it now, or this one is stopping: the job resumes later
         if error is not None:  # the run stopped as a whole: no image of it may go on saying it is running
@@ -166,8 +163,38 @@ class Worker:
         if self._record_end(job.id, state, error):
             with self.stats.lock:
                 self.stats.jobs_finished[state] = self.stats.jobs_finished.get(state, 0) + 1
-            for name in INPUT_FOLDERS:
+            for name in INPUT_FOLDERS if state != "cancelled" else ():
                 shutil.rmtree(folder / name, ignore_errors=True)
+
+    def _protection(self, job: JobRecord, folder: Path, reporter: StoreReporter, cancel: threading.Event) -> str:
+        """Protect the job's images; returns the state it ends in."""
+        jobs = [Job(folder / image.source, folder / image.output, label=image.name,
+                    mask=folder / image.mask if image.mask else None) for image in job.images]
+        summary = run_jobs(jobs, job_config(job, folder), self.models, reporter, batch_size=self.batch_size,
+                           metadata=job.metadata_level, cancel=cancel)
+        return "cancelled" if summary.cancelled else "failed" if summary.failed else "done"
+
+    def _evaluation(self, job: JobRecord, folder: Path, reporter: StoreReporter, cancel: threading.Event) -> str:
+        """Evaluate the job's pairs into its report folder, going on from the units an earlier run finished;
+        returns the state it ends in."""
+        from ..attack import Cancelled
+        from ..evaluation.job import EvaluationJob, run_evaluation
+        from ..evaluation.settings import EvaluationSettings
+
+        indices = [image.idx for image in job.images]
+        self.store.set_images(job.id, indices, state="running")
+        settings = EvaluationSettings(**{name: tuple(value) if isinstance(value, list) else value
+                                         for name, value in job.settings.items()})
+        evaluation_job = EvaluationJob(folder / ORIGINALS, folder / PROTECTED, settings, folder / OUTPUT_FOLDER,
+                                       shown_from=folder)
+        try:
+            run_evaluation(evaluation_job, self.models, progress=reporter.unit_done, cancel=cancel,
+                           on_load=reporter.model_loading)
+        except Cancelled:
+            self.store.set_images(job.id, indices, state="queued")
+            return "cancelled"
+        self.store.set_images(job.id, indices, state="done", message=None)
+        return "done"
 
     def _record_end(self, job_id: str, state: str, error: str | None) -> bool:
         """Record a job's end, trying again (every poll, then less often) while the database refuses, with the
@@ -228,6 +255,7 @@ class StoreReporter:
         self.stats = stats
         self.estimate: Estimate | None = None  # made at the first step, which says how many steps an image takes
         self._progress: tuple[list[int], int, int] | None = None  # not yet written: (images, step, steps)
+        self._units: EvaluationProgress | None = None  # an evaluation's, not yet written
         self._lock = threading.Lock()
 
     def _indices(self, jobs: list[Job]) -> list[int]:
@@ -236,11 +264,19 @@ class StoreReporter:
     def flush(self) -> None:
         with self._lock:
             progress, self._progress = self._progress, None
+            units, self._units = self._units, None
         if progress is not None:
             indices, step, steps = progress
             self.store.set_images(self.job_id, indices, step=step, steps=steps)
             if self.estimate is not None and self.estimate.seconds_per_step is not None:
                 self.store.set_seconds_per_step(self.job_id, self.estimate.seconds_per_step)
+        if units is not None:
+            self.store.set_progress(self.job_id, units.done, units.total, units.doing, units.seconds_per_unit)
+
+    def unit_done(self, progress: EvaluationProgress) -> None:
+        """An evaluation finished a unit of work: written at the next `flush`."""
+        with self._lock:
+            self._units = progress
 
     def batch_started(self, jobs: list[Job], to_do: int) -> None:
         pass
