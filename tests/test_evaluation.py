@@ -106,6 +106,35 @@ def test_lora_mimicry_samples_from_pure_noise_like_a_mimic(evaluation_model):
     assert noise_only.latents.shape == a.latents.shape
 
 
+def test_a_cancel_stops_generation_at_its_next_step_and_lora_training_too(evaluation_model, monkeypatch):
+    """A set cancel stops img2img before its next DDIM step, and LoRA mimicry after its current training step, before
+    any sampling (a 500-step training is not waited for)."""
+    import threading
+
+    import mist.evaluation.img2img as img2img_module
+    from mist.attack import Cancelled
+    from mist.evaluation.img2img import img2img
+    from mist.evaluation.mimicry import LoraMimicry
+
+    pytest.importorskip("peft")
+    cancel = threading.Event()
+    steps = []
+    predict = evaluation_model.predict_noise
+    monkeypatch.setattr(evaluation_model, "predict_noise", lambda *a, **k: steps.append(1) or predict(*a, **k))
+    picture = torch.zeros(1, 3, 32, 32)
+    assert img2img(evaluation_model, picture, 0.5, [torch.Generator()], steps=4, cancel=cancel).images.shape[0] == 1
+    assert len(steps) == 2
+    cancel.set()
+    with pytest.raises(Cancelled):
+        img2img(evaluation_model, picture, 0.5, [torch.Generator()], steps=4, cancel=cancel)
+    assert len(steps) == 2  # not one more UNet call
+    sampled = []
+    monkeypatch.setattr(img2img_module, "txt2img", lambda *a, **k: sampled.append(1))
+    with pytest.raises(Cancelled):
+        LoraMimicry(evaluation_model, train_steps=500, steps=2, cancel=cancel).generate([picture], seed=1)
+    assert sampled == []
+
+
 def test_lora_mimicry_trains_on_each_set_and_identical_sets_match(tmp_path, originals, protected, evaluation_model):
     """LoRA mimicry (the trainer of mist.finetune) joins img2img in the scores: identical sets give identical
     outputs (same seeds), the protected set gives other ones, and the loaded model's UNet is left as it was."""

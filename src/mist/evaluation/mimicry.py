@@ -91,7 +91,7 @@ class LoraMimicry:
     guidance: float = 7.5
     prompt: str = STYLE_PROMPT
     strength: None = None
-    cancel: threading.Event | None = None  # once set, sampling stops at its next DDIM step (training runs on)
+    cancel: threading.Event | None = None  # once set, training stops at its next step, sampling at its next DDIM step
 
     @property
     def name(self) -> str:
@@ -100,6 +100,12 @@ class LoraMimicry:
     @property
     def label(self) -> str:
         return f"LoRA ({self.train_steps} steps, rank {self.rank})"
+
+    def _stop_if_cancelled(self, step: int, loss: float) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            from ..attack import Cancelled
+
+            raise Cancelled
 
     def generate(self, pictures: Sequence[torch.Tensor], seed: int) -> list[Generated]:
         import torch
@@ -115,7 +121,7 @@ class LoraMimicry:
         options = FinetuneOptions(kind="lora", steps=self.train_steps, rank=self.rank,
                                   learning_rate=self.learning_rate, seed=seed)
         surrogate = Surrogate(self.model, options, generator=torch.Generator().manual_seed(seed))
-        surrogate.train(training, self.model.text_embedding(self.prompt))
+        surrogate.train(training, self.model.text_embedding(self.prompt), callback=self._stop_if_cancelled)
         return [txt2img(surrogate.model, tuple(picture.shape[-2:]), [torch.Generator().manual_seed(seed)],
                         steps=self.steps, guidance=self.guidance, prompt=self.prompt, cancel=self.cancel)
                 for picture in pictures]
