@@ -10,7 +10,7 @@
 #
 # Which PyTorch: MIST_TORCH_INDEX (a wheel index URL) if set; else, on an NVIDIA GPU, the Python's own PyTorch when it
 # already runs CUDA and is new enough (a provider's preinstalled, driver-matched build; not with MIST_TORCH set); else
-# the PyTorch index that matches the driver's CUDA version (nvidia-smi; mapping in src/mist/cuda_driver.py); without an
+# the PyTorch index that matches the driver's CUDA version (nvidia-smi; mapping in src/mist/models/cuda_driver.py); without an
 # NVIDIA GPU, pip's default index. MIST_TORCH: the requirement (default "torch", e.g. "torch==2.13.0"). PYTHON: the
 # interpreter to build on (default python3).
 set -euo pipefail
@@ -46,7 +46,7 @@ fi
 torch_requirement="${MIST_TORCH:-torch}"
 torch_floor="$(sed -n 's/^ *"torch>=\([0-9.]*\)".*/\1/p' "$source_dir/pyproject.toml")"
 # -I: do not put src/mist on sys.path (its module names must not shadow the standard library's).
-driver="$("$python" -I "$source_dir/src/mist/cuda_driver.py")" || die "could not run $source_dir/src/mist/cuda_driver.py"
+driver="$("$python" -I "$source_dir/src/mist/models/cuda_driver.py")" || die "could not run $source_dir/src/mist/models/cuda_driver.py"
 read -r driver_cuda driver_index <<< "$driver"
 system_torch_works() {
     "$python" - "$torch_floor" <<'PY' 2>/dev/null
@@ -159,7 +159,7 @@ chmod +x "$launcher.tmp"
 mv -f "$launcher.tmp" "$launcher"
 "$launcher" --version >/dev/null || die "the launcher $launcher does not run; rerun this script (it rebuilds what broke)"
 if [ "$driver_cuda" != none ]; then
-    problem="$("$env_dir/bin/python" -c 'from mist.device import cuda_problem; print(cuda_problem() or "")')"
+    problem="$("$env_dir/bin/python" -c 'from mist.models.device import cuda_problem; print(cuda_problem() or "")')"
     if [ -n "$problem" ]; then echo "WARNING: $problem" >&2; fi
 fi
 echo "Run Mist with:  $launcher protect IMAGES -o OUTPUT   (first: $launcher download-model, then $launcher doctor)"

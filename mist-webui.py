@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 try:
-    from mist.cli import main
+    from mist.faces.cli import main
 except ImportError:  # run from a checkout without `pip install -e .`: use the source tree beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from mist.cli import main
+    from mist.faces.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["webui", *sys.argv[1:]]))

@@ -22,9 +22,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_full_size_model, machine  # noqa: E402
 
-from mist import images  # noqa: E402
-from mist.config import ProtectConfig  # noqa: E402
-from mist.pipeline import Protector  # noqa: E402
+from mist.common import images  # noqa: E402
+from mist.engine.config import ProtectConfig  # noqa: E402
+from mist.engine.pipeline import Protector  # noqa: E402
 
 
 def gradient(protector: Protector, x: torch.Tensor) -> torch.Tensor:

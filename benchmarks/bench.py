@@ -2,11 +2,11 @@
 
 Weight values do not change the cost, so no checkpoint is needed. Each configuration runs in a fresh process (peak
 memory is per process): it builds the networks directly in the precision under test, protects one image for
-warm-up + `--steps` PGD steps through the real engine (`mist.pipeline.Protector`), and reports the median seconds per
-step after the warm-up, the peak memory of the attack (process RSS on the CPU, read as VmHWM after resetting it once
-the model is built; max allocated on CUDA), the FLOPs of one step (torch.utils.flop_counter), the GFLOP/s achieved,
-and on the CPU that rate as a fraction of the machine's practical peak in the same precision (`peak.py`: the fastest
-of a large matrix product and a SD-sized convolution, measured at the start of the run).
+warm-up + `--steps` PGD steps through the real engine (`mist.engine.pipeline.Protector`), and reports the median seconds
+per step after the warm-up, the peak memory of the attack (process RSS on the CPU, read as VmHWM after resetting it once
+the model is built; max allocated on CUDA), the FLOPs of one step (torch.utils.flop_counter), the GFLOP/s achieved, and
+on the CPU that rate as a fraction of the machine's practical peak in the same precision (`peak.py`: the fastest of a
+large matrix product and a SD-sized convolution, measured at the start of the run).
 
     python benchmarks/bench.py --steps 2 --modes fused --sizes 512 --precisions fp32,bf16 --memory off,on
 
@@ -103,7 +103,7 @@ def peak_rss_gb() -> float:
 
 
 def _without_heap_reuse(protector) -> None:
-    from mist import cpu_tuning
+    from mist.engine import cpu_tuning
 
     cpu_tuning._KEPT = ()  # the attack leaves glibc's malloc as it is
 
@@ -135,10 +135,10 @@ def run_one(spec: dict) -> dict:
     from PIL import Image
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mist.config import ProtectConfig
-    from mist.device import pick_device
-    from mist.objectives import PRECISION_DTYPES
-    from mist.pipeline import Protector
+    from mist.engine.config import ProtectConfig
+    from mist.models.device import pick_device
+    from mist.engine.objectives import PRECISION_DTYPES
+    from mist.engine.pipeline import Protector
 
     variant = VARIANTS[spec["variant"]]
     variant(None)
@@ -241,7 +241,7 @@ def cpu_peaks(precisions: list[str]) -> dict[str, float]:
     """This CPU's practical peak GFLOP/s per precision (`peak.peak_gflops`), printed as measured."""
     import torch
 
-    from mist.objectives import PRECISION_DTYPES
+    from mist.engine.objectives import PRECISION_DTYPES
     from peak import peak_gflops
 
     peaks = {}

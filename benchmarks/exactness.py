@@ -27,11 +27,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_full_size_model, machine  # noqa: E402
 
-from mist import images  # noqa: E402
-from mist.config import ProtectConfig  # noqa: E402
-from mist.methods import TileInputs  # noqa: E402
-from mist.methods.mist import Mist  # noqa: E402
-from mist.pipeline import default_target  # noqa: E402
+from mist.common import images  # noqa: E402
+from mist.engine.config import ProtectConfig  # noqa: E402
+from mist.engine.methods import TileInputs  # noqa: E402
+from mist.engine.methods.mist import Mist  # noqa: E402
+from mist.engine.pipeline import default_target  # noqa: E402
 
 LAYOUTS = ("contiguous", "channels-last")
 

@@ -62,7 +62,7 @@ def picture(n: int, side: int = 64) -> bytes:
 
 
 def client(server: Server):
-    from mist.client import Client
+    from mist.faces.client import Client
 
     return Client(server.url, token=server.token)
 
@@ -365,8 +365,8 @@ def quota(work: Path) -> dict[str, int]:
     import httpx
 
     data = work / "data"
-    token = subprocess.run([sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())", "serve",
-                            "token", "create", "limited", "--max-queued", "5", "--data", str(data)],
+    token = subprocess.run([sys.executable, "-c", "import sys; from mist.faces.cli import main; sys.exit(main())",
+                            "serve", "token", "create", "limited", "--max-queued", "5", "--data", str(data)],
                            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     with serving(data, token) as server:
         image = picture(0)

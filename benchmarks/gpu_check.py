@@ -32,8 +32,8 @@ def measure(model, method: str, precision: str, size: int, steps: int, compile: 
     import torch
     from PIL import Image
 
-    from mist.config import ProtectConfig
-    from mist.pipeline import Protector
+    from mist.engine.config import ProtectConfig
+    from mist.engine.pipeline import Protector
 
     device = torch.device("cuda")
     config = ProtectConfig(method=method, steps=steps + 1, input_size=size, precision=precision)
@@ -57,8 +57,8 @@ def measure(model, method: str, precision: str, size: int, steps: int, compile: 
 def main() -> int:
     import torch
 
-    from mist.methods import list_methods
-    from mist.objectives import PRECISION_DTYPES
+    from mist.engine.methods import list_methods
+    from mist.engine.objectives import PRECISION_DTYPES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--precisions", default="bf16,fp16")

@@ -2,8 +2,8 @@
 
 Per method, in a fresh process (peak memory is per process): build the networks in the precision under test
 (`bench.build_full_size_model`), protect one image for warm-up + `--steps` PGD steps through the real engine
-(`mist.pipeline.Protector`, each method with its default parameters unless `NAME:param=value` says otherwise), and
-report the median seconds per timed step, the attack's peak memory (process RSS on the CPU after resetting the mark
+(`mist.engine.pipeline.Protector`, each method with its default parameters unless `NAME:param=value` says otherwise),
+and report the median seconds per timed step, the attack's peak memory (process RSS on the CPU after resetting the mark
 once the model is built; max allocated on CUDA) and the FLOPs of one evaluation of the method's loss and its gradient
 (torch.utils.flop_counter; the once-per-tile preparation such as a target's encoding is not included). Random weights
 measure cost only, never protection strength.
@@ -46,11 +46,11 @@ def run_one(spec: dict) -> dict:
     from PIL import Image
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mist import images
-    from mist.config import ProtectConfig
-    from mist.device import pick_device
-    from mist.objectives import PRECISION_DTYPES
-    from mist.pipeline import Protector
+    from mist.common import images
+    from mist.engine.config import ProtectConfig
+    from mist.models.device import pick_device
+    from mist.engine.objectives import PRECISION_DTYPES
+    from mist.engine.pipeline import Protector
 
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())  # when this method's measurement starts
     device = pick_device(spec["device"])

@@ -30,10 +30,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_full_size_model, machine  # noqa: E402
 
-from mist import images  # noqa: E402
-from mist.config import ProtectConfig  # noqa: E402
+from mist.common import images  # noqa: E402
+from mist.engine.config import ProtectConfig  # noqa: E402
 from mist.models.loading import build_random  # noqa: E402
-from mist.pipeline import Protector  # noqa: E402
+from mist.engine.pipeline import Protector  # noqa: E402
 
 PAINTINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vangogh"
 FILTERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}

@@ -4,8 +4,8 @@ full SD v1 architecture with random weights, forward and backward, grouped into 
     python benchmarks/profile_step.py --size 512 --precision fp32 [--method mist] [--mode fused]
 
 One warm-up step, then one step counted by torch.utils.flop_counter and one profiled step (the method's loss and its
-gradient to the image: a PGD step's work), all under the settings an attack holds on the CPU (mist.cpu_tuning). For
-each class (convolution forward, convolution backward (the gradient to the input, a transposed convolution: see
+gradient to the image: a PGD step's work), all under the settings an attack holds on the CPU (mist.engine.cpu_tuning).
+For each class (convolution forward, convolution backward (the gradient to the input, a transposed convolution: see
 mist.models.frozen_conv), GroupNorm, SiLU, attention, matrix products, element-wise, layout conversions and copies,
 other): the time spent in its operators (self time, so nothing is counted twice) and its share of the step. FLOPs come
 from the flop counter, forward and backward together, per family (convolutions, attention, matrix products), with the
@@ -58,11 +58,11 @@ def main() -> int:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mist import images
-    from mist.config import ProtectConfig
-    from mist.cpu_tuning import attack_settings
-    from mist.objectives import PRECISION_DTYPES
-    from mist.pipeline import Protector
+    from mist.common import images
+    from mist.engine.config import ProtectConfig
+    from mist.engine.cpu_tuning import attack_settings
+    from mist.engine.objectives import PRECISION_DTYPES
+    from mist.engine.pipeline import Protector
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)

@@ -33,9 +33,9 @@ def measure(workers: int, images: int, steps: int, size: int) -> float:
     from PIL import Image
     from support.ray_cluster import RESOURCE, Cluster
 
-    from mist.config import ProtectConfig
-    from mist.jobs import Job, run_jobs
-    from mist.ray_pool import RayModels
+    from mist.engine.config import ProtectConfig
+    from mist.runner.jobs import Job, run_jobs
+    from mist.runner.ray_pool import RayModels
 
     class Quiet:
         def __getattr__(self, name):

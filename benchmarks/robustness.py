@@ -35,12 +35,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_full_size_model, machine  # noqa: E402
 
-from mist import images  # noqa: E402
-from mist.config import ProtectConfig  # noqa: E402
-from mist.methods import TileInputs  # noqa: E402
+from mist.common import images  # noqa: E402
+from mist.engine.config import ProtectConfig  # noqa: E402
+from mist.engine.methods import TileInputs  # noqa: E402
 from mist.models.loading import build_random  # noqa: E402
-from mist.pipeline import Protector, tile_seed  # noqa: E402
-from mist.shaping import shape_blur  # noqa: E402
+from mist.engine.pipeline import Protector, tile_seed  # noqa: E402
+from mist.engine.shaping import shape_blur  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PAINTINGS = [parent / "shared" / "data" / "vangogh" for parent in (HERE.parents[1], HERE.parents[2])]

@@ -54,8 +54,8 @@ def api_job(http, image: bytes) -> float:
 
 
 def runner_job(models, folder: Path, image: bytes, n: int) -> float:
-    from mist.config import ProtectConfig
-    from mist.jobs import Job, run_jobs
+    from mist.engine.config import ProtectConfig
+    from mist.runner.jobs import Job, run_jobs
 
     source = folder / f"in{n}.png"
     source.write_bytes(image)
@@ -73,7 +73,7 @@ def runner_job(models, folder: Path, image: bytes, n: int) -> float:
 def overhead(url: str, repeats: int, work: Path) -> dict:
     import httpx
 
-    from mist.jobs import ModelCache
+    from mist.runner.jobs import ModelCache
 
     image = picture_bytes(1)
     models = ModelCache("tiny-random", "cpu")

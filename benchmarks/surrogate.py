@@ -3,11 +3,11 @@ weights: seconds per PGD step, seconds per fine-tuning step of the surrogate, an
 method's default schedule, with the attack's peak memory.
 
 Per method, in a fresh process (`bench.run_children`): build the networks in the precision under test, then protect
-one image through the real engine (`mist.pipeline.Protector`) with one PGD step per round, so that the fine-tuning
-runs early: aspl with `--steps 1` fine-tunes its clone `--surrogate-steps` times before its one PGD step; mist2-lora
-needs `--steps 2` (it fine-tunes after a round). The fine-tuning calls are timed where they run (`Surrogate.train`);
-the PGD steps are the rest of the attack's time, divided by their number (the first step's warm-up included, so an
-upper bound). A round at the defaults is then
+one image through the real engine (`mist.engine.pipeline.Protector`) with one PGD step per round, so that the
+fine-tuning runs early: aspl with `--steps 1` fine-tunes its clone `--surrogate-steps` times before its one PGD step;
+mist2-lora needs `--steps 2` (it fine-tunes after a round). The fine-tuning calls are timed where they run
+(`Surrogate.train`); the PGD steps are the rest of the attack's time, divided by their number (the first step's warm-up
+included, so an upper bound). A round at the defaults is then
     aspl:       round_steps PGD steps + 2 x surrogate_steps fine-tuning steps (the clone on the clean images, the
                 surrogate on the protected ones), defaults 10 + 2 x 10;
     mist2-lora: round_steps PGD steps + surrogate_steps fine-tuning steps, defaults 30 + 10.
@@ -37,12 +37,12 @@ def run_one(spec: dict) -> dict:
     import torch
     from PIL import Image
 
-    from mist.config import ProtectConfig
-    from mist.device import pick_device
-    from mist.finetune import Surrogate
-    from mist.methods import get_method
-    from mist.objectives import PRECISION_DTYPES
-    from mist.pipeline import Protector
+    from mist.engine.config import ProtectConfig
+    from mist.models.device import pick_device
+    from mist.engine.finetune import Surrogate
+    from mist.engine.methods import get_method
+    from mist.engine.objectives import PRECISION_DTYPES
+    from mist.engine.pipeline import Protector
 
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     device = pick_device(spec["device"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mist.attack import Cancelled, masked_linf_pgd
-from mist.methods import LossTerms
+from mist.engine.attack import Cancelled, masked_linf_pgd
+from mist.engine.methods import LossTerms
 
 
 def _quadratic(goal: torch.Tensor):
@@ -115,11 +115,11 @@ def _half_precision_quadratic(goal: torch.Tensor):
 def test_underflowing_gradients_are_reported_and_a_loss_scale_avoids_them(caplog):
     x, goal, mask = _setup(6)
     settings = dict(radius=16 / 255 * 2, step=1 / 255 * 2, steps=3, mask=mask)
-    with caplog.at_level("WARNING", logger="mist.attack"):
+    with caplog.at_level("WARNING", logger="mist.engine.attack"):
         masked_linf_pgd(x, _half_precision_quadratic(goal), generators=[torch.Generator().manual_seed(3)], **settings)
     assert len(caplog.records) == 1 and "gradient is exactly zero" in caplog.text and "step 1" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="mist.attack"):
+    with caplog.at_level("WARNING", logger="mist.engine.attack"):
         scaled = masked_linf_pgd(x, _half_precision_quadratic(goal), generators=[torch.Generator().manual_seed(3)],
                                  loss_scale=1e4, **settings)
     assert not caplog.records
@@ -130,7 +130,7 @@ def test_zero_gradients_outside_the_mask_are_not_reported(caplog):
     x, goal, _ = _setup(7)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1.0
-    with caplog.at_level("WARNING", logger="mist.attack"):
+    with caplog.at_level("WARNING", logger="mist.engine.attack"):
         masked_linf_pgd(x, _quadratic(goal), radius=0.1, step=0.01, steps=2, generators=[torch.Generator()], mask=mask)
     assert not caplog.records
 

@@ -17,18 +17,18 @@ import pytest
 from PIL import Image
 
 import mist
-import mist.jobs
-import mist.cli
-import mist.files
-import mist.legacy
+import mist.runner.jobs
+import mist.faces.cli
+import mist.common.files
+import mist.faces.legacy
 import mist.models
-import mist.pipeline
-from mist import manifest
-from mist.inputs import collect_jobs
-from mist.jobs import Job, ModelCache, run_jobs
-from mist.config import ProtectConfig
-from mist.model_identity import ModelIdentity
-from mist.preflight import input_problem, output_folder_problem
+import mist.engine.pipeline
+from mist.runner import manifest
+from mist.runner.inputs import collect_jobs
+from mist.runner.jobs import Job, ModelCache, run_jobs
+from mist.engine.config import ProtectConfig
+from mist.runner.model_identity import ModelIdentity
+from mist.runner.preflight import input_problem, output_folder_problem
 from support.cli import run_cli
 
 FAST = ["--model", "tiny-random", "--steps", "2", "--input-size", "64"]
@@ -68,13 +68,13 @@ def _no_model_from_environment(monkeypatch):
 def computed(monkeypatch) -> list[int]:
     """How many images each protect_many call computed, in order."""
     calls: list[int] = []
-    original = mist.pipeline.Protector.protect_many
+    original = mist.engine.pipeline.Protector.protect_many
 
     def counting(self, pictures, *args, **kwargs):
         calls.append(len(pictures))
         return original(self, pictures, *args, **kwargs)
 
-    monkeypatch.setattr(mist.pipeline.Protector, "protect_many", counting)
+    monkeypatch.setattr(mist.engine.pipeline.Protector, "protect_many", counting)
     return calls
 
 
@@ -161,7 +161,7 @@ def test_legacy_folder_reports_a_symlink_loop(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     code, out, err = run_cli(capsys, "-inp", "in", "--steps", "1", "--input_size", "64", "--model", "tiny-random",
-                             main=mist.legacy.main)
+                             main=mist.faces.legacy.main)
 
     assert code == 0, err
     assert len(lines_with(err, "skipped in/loop.png: symbolic link loop")) == 1
@@ -209,7 +209,7 @@ def test_output_folder_problem_names_a_file_in_the_way(tmp_path):
 def test_a_full_disk_stops_the_batch_at_the_first_failed_write(capsys, tmp_path, monkeypatch, computed):
     sources = [make_image(tmp_path / "in" / f"{name}.png", seed=n) for n, name in enumerate("abc")]
     written: list[Path] = []
-    write = mist.files.write_atomic
+    write = mist.common.files.write_atomic
 
     def full_disk(path, data):
         if Path(path).suffix != ".png":  # the pre-flight test file still fits
@@ -217,7 +217,7 @@ def test_a_full_disk_stops_the_batch_at_the_first_failed_write(capsys, tmp_path,
         written.append(Path(path))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mist.files, "write_atomic", full_disk)
+    monkeypatch.setattr(mist.common.files, "write_atomic", full_disk)
 
     code, out, err = protect(capsys, *sources, "-o", tmp_path / "out")
 
@@ -256,13 +256,13 @@ def test_a_second_run_keeps_the_temporary_file_a_first_run_is_writing(tmp_path, 
     argv = ["protect", str(source), "-o", str(out), "-q", *FAST]
     reached, release = _block_fsync_of_temporaries(".a.png.", monkeypatch)
     codes: list[int] = []
-    first = threading.Thread(target=lambda: codes.append(mist.cli.main(argv)))
+    first = threading.Thread(target=lambda: codes.append(mist.faces.cli.main(argv)))
     first.start()
     try:
         assert reached.wait(timeout=300), "the first run never wrote its output"
-        [live] = mist.files.temporary_files_of(out / "a.png")
+        [live] = mist.common.files.temporary_files_of(out / "a.png")
 
-        second = mist.cli.main(argv)  # the same command started again while the first is writing
+        second = mist.faces.cli.main(argv)  # the same command started again while the first is writing
 
         assert second == 0
         assert live.exists()
@@ -271,7 +271,7 @@ def test_a_second_run_keeps_the_temporary_file_a_first_run_is_writing(tmp_path, 
         first.join()
     assert codes == [0]
     assert png_text(out / "a.png")["mist:source"] == "a.png"
-    assert mist.files.temporary_files_of(out / "a.png") == []
+    assert mist.common.files.temporary_files_of(out / "a.png") == []
 
 
 def test_cleanup_removes_only_temporary_files_no_live_process_holds(tmp_path):
@@ -282,7 +282,7 @@ def test_cleanup_removes_only_temporary_files_no_live_process_holds(tmp_path):
     writer = subprocess.Popen(
         [sys.executable, "-c",
          "import os, sys\n"
-         "import mist.files as f\n"
+         "import mist.common.files as f\n"
          "real = os.fsync\n"
          "def fsync(fd):\n"
          "    print('writing', flush=True)\n"
@@ -293,11 +293,11 @@ def test_cleanup_removes_only_temporary_files_no_live_process_holds(tmp_path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline() == "writing\n"
-        [live] = mist.files.temporary_files_of(dest)
+        [live] = mist.common.files.temporary_files_of(dest)
         stale = tmp_path / ".a.png.0123456789ab.tmp"
         stale.write_bytes(b"left by a killed run")
 
-        removed = mist.files.remove_stale_temporaries(dest)
+        removed = mist.common.files.remove_stale_temporaries(dest)
 
         assert removed == [stale]
         assert live.exists() and not stale.exists()
@@ -305,7 +305,7 @@ def test_cleanup_removes_only_temporary_files_no_live_process_holds(tmp_path):
         writer.communicate("\n", timeout=60)
     assert writer.returncode == 0
     assert dest.read_bytes() == b"new contents"
-    assert mist.files.temporary_files_of(dest) == []
+    assert mist.common.files.temporary_files_of(dest) == []
 
 
 def test_a_stale_temporary_file_of_a_complete_output_is_removed(capsys, tmp_path):
@@ -330,10 +330,10 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output"):
-        mist.files.write_atomic(dest, b"new contents")
+        mist.common.files.write_atomic(dest, b"new contents")
 
     assert dest.read_bytes() == b"old contents"
-    assert mist.files.temporary_files_of(dest) == []
+    assert mist.common.files.temporary_files_of(dest) == []
 
 
 # --------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_resume_tells_models_by_checksum_not_by_name(tmp_path, tiny_model, model
 def test_resume_compares_the_precision_auto_resolved_to(tmp_path, tiny_model, monkeypatch):
     """`--precision auto` is bf16 on a CPU with native bf16 and fp32 on one without: the outputs differ, so an output
     made on one is not taken as this run's on the other."""
-    from mist import device
+    from mist.models import device
 
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))
@@ -434,7 +434,7 @@ def test_the_cached_model_checksum_is_used(tmp_path, tiny_model, model_files):
 
 def test_resume_compares_the_mist_version(tmp_path, tiny_model, monkeypatch):
     _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))
-    monkeypatch.setattr(mist.jobs, "__version__", "99.0")
+    monkeypatch.setattr(mist.runner.jobs, "__version__", "99.0")
 
     with pytest.raises(AssertionError, match=f"was made by Mist {mist.__version__} \\(this is Mist 99.0\\)"):
         _run(tmp_path, tiny_model, ModelIdentity("tiny-random"))
@@ -474,7 +474,7 @@ def test_minimal_output_is_redone_when_it_or_its_record_changed(capsys, tmp_path
         edited = img.copy()
         text = dict(img.text)
     edited.putpixel((0, 0), tuple(255 - v for v in edited.getpixel((0, 0))))
-    mist.images.write_png_atomic(edited, output, text)  # same metadata, other pixels
+    mist.common.images.write_png_atomic(edited, output, text)  # same metadata, other pixels
 
     code, _, err = protect(capsys, source, "-o", out, "--metadata", "minimal")
     assert code == 1 and "no record" in lines_with(err, output)[0]
@@ -505,7 +505,8 @@ def test_manifest_is_read_and_rewritten_under_its_lock(tmp_path, monkeypatch):
 
     manifest.write_record(output.with_name("a.png"), "1" * 64, {"mist:version": "x"})
     monkeypatch.setattr(manifest, "_read", noting_whether_locked("read", manifest._read))
-    monkeypatch.setattr(mist.files, "write_atomic", noting_whether_locked("write", mist.files.write_atomic))
+    monkeypatch.setattr(mist.common.files, "write_atomic",
+                        noting_whether_locked("write", mist.common.files.write_atomic))
 
     manifest.write_record(output, "2" * 64, {"mist:version": "y"})
 

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image, ImageOps
 
 import mist
-import mist.cli
-import mist.legacy
-from mist.jobs import Job
-from mist.config import ProtectConfig
+import mist.faces.cli
+import mist.faces.legacy
+from mist.runner.jobs import Job
+from mist.engine.config import ProtectConfig
 from support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -466,7 +466,7 @@ def test_a_device_this_machine_lacks_is_refused_before_loading_a_model(capsys, t
 def test_help_and_option_errors_import_no_heavy_module(tmp_path, argv):
     """Checked in a fresh interpreter: PyTorch and diffusers take seconds to import; an option error must not wait."""
     make_image(tmp_path / "a.png")
-    face = "mist.legacy" if argv[0] == "legacy" else "mist.cli"
+    face = "mist.faces.legacy" if argv[0] == "legacy" else "mist.faces.cli"
     script = (
         "import sys\n"
         f"from {face} import main\n"
@@ -490,7 +490,7 @@ def test_ctrl_c_while_starting_up_gives_one_line_and_exit_130(tmp_path):
         "        if name == 'torch':\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, CtrlC())\n"
-        "from mist.cli import main\n"
+        "from mist.faces.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, "protect", str(source), "-o", str(tmp_path / "out"), *FAST],
@@ -507,7 +507,7 @@ def test_ctrl_c_while_starting_up_gives_one_line_and_exit_130(tmp_path):
 
 def test_a_mask_of_any_size_is_resized_to_the_image(capsys, tmp_path):
     """As in Mist v1.2 and every other face: the mask is resized bicubic, then red == 255 protects."""
-    from mist.images import read_mask
+    from mist.common.images import read_mask
 
     source = make_image(tmp_path / "a.png")
     values = np.zeros((50, 50, 3), dtype=np.uint8)
@@ -568,15 +568,15 @@ def test_no_model_found_explains_where_to_get_one(capsys, tmp_path, monkeypatch)
 
 
 def legacy_plan(*argv: object) -> tuple[ProtectConfig, list[Job]]:
-    return mist.legacy.plan(mist.legacy.build_parser().parse_args([str(a) for a in argv]))
+    return mist.faces.legacy.plan(mist.faces.legacy.build_parser().parse_args([str(a) for a in argv]))
 
 
 def test_legacy_defaults_are_the_originals():
-    args = mist.legacy.build_parser().parse_args([])
+    args = mist.faces.legacy.build_parser().parse_args([])
     assert (args.epsilon, args.input_size, args.block_num, args.mode, args.rate) == (16, 512, 1, 2, 1)
     assert not args.mask and not args.non_resize and args.input_dir_path is None
 
-    config, jobs = mist.legacy.plan(args)
+    config, jobs = mist.faces.legacy.plan(args)
 
     assert config == ProtectConfig.of(mode="fused", epsilon=16, steps=100, input_size=512, block_num=1, fused_weight=1)
     assert config.seed == 23
@@ -588,14 +588,14 @@ def test_the_test_model_takes_ten_steps_unless_steps_are_given(monkeypatch):
     config, jobs = legacy_plan("--model", "tiny-random")
     assert config.steps == 10 and jobs[0].output.name == "misted_sample_16_10_512_1_2_1_0_0.png"
     assert legacy_plan("--model", "tiny-random", "--steps", "100")[0].steps == 100
-    parser = mist.cli.build_parser()
-    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out", "--model",
+    parser = mist.faces.cli.build_parser()
+    assert mist.faces.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out", "--model",
                                                         "tiny-random"])).steps == 10
-    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out"])).steps == 100
-    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out", "--model", "tiny-random",
+    assert mist.faces.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out"])).steps == 100
+    assert mist.faces.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out", "--model", "tiny-random",
                                                         "-s", "3"])).steps == 3
     monkeypatch.setenv("MIST_MODEL", "tiny-random")  # the model named by the environment counts too
-    assert mist.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out"])).steps == 10
+    assert mist.faces.cli.config_from_args(parser.parse_args(["protect", "a.png", "-o", "out"])).steps == 10
 
 
 @pytest.mark.parametrize("flags", [
@@ -620,7 +620,7 @@ def test_legacy_mode_codes(code, mode):
 def test_legacy_mode_3_is_refused(capsys):
     with pytest.raises(ValueError, match="--mode"):
         legacy_plan("--mode", 3)
-    code, out, err = run_cli(capsys, "--mode", "3", main=mist.legacy.main)
+    code, out, err = run_cli(capsys, "--mode", "3", main=mist.faces.legacy.main)
     assert code == 2 and "--mode" in err
 
 
@@ -680,7 +680,7 @@ def test_legacy_option_errors_name_the_legacy_flags(capsys, tmp_path, no_model_l
     source = make_image(tmp_path / "x.png")
 
     code, out, err = run_cli(capsys, "-img", source, "--model", "tiny-random",
-                             *(f.format(tmp=tmp_path) for f in flags), main=mist.legacy.main)
+                             *(f.format(tmp=tmp_path) for f in flags), main=mist.faces.legacy.main)
 
     assert code == 2
     assert len(lines(err)) == 1, err
@@ -712,7 +712,7 @@ def test_a_failing_then_command_makes_mist_fail_and_says_so(capsys, tmp_path, tw
     code, out, err = protect(capsys, *two_images, "-o", finished, "--then", "exit 7")
 
     assert "0 protected, 2 skipped, 0 failed" in out and "running: exit 7" in out
-    assert code == mist.cli.EXIT_THEN_FAILED
+    assert code == mist.faces.cli.EXIT_THEN_FAILED
     assert lines_with(err, "--then") == ["mist: error: the --then command failed with exit code 7: exit 7"]
 
 
@@ -749,10 +749,10 @@ def test_then_always_runs_also_when_the_run_fails_before_the_batch(capsys, tmp_p
 # the test hangs up while an image is being computed and another one is finished, without depending on timing.
 WAIT_IN_B = """
 import sys, time
-import mist.reporting
-from mist.cli import main
+import mist.faces.reporting
+from mist.faces.cli import main
 
-step = mist.reporting.ConsoleReporter.step
+step = mist.faces.reporting.ConsoleReporter.step
 
 def step_then_wait(self, jobs, progress):
     step(self, jobs, progress)
@@ -764,7 +764,7 @@ def step_then_wait(self, jobs, progress):
         while True:  # a loop of short waits: the signal handler runs between any two of them
             time.sleep(0.1)
 
-mist.reporting.ConsoleReporter.step = step_then_wait
+mist.faces.reporting.ConsoleReporter.step = step_then_wait
 sys.exit(main([arg for arg in sys.argv[1:] if arg != "--continue-on-input"]))
 """
 
@@ -803,7 +803,7 @@ def test_a_hang_up_stops_the_batch_like_ctrl_c_and_keeps_finished_outputs(tmp_pa
     child.send_signal(signal.SIGHUP)
     out, err = child.communicate(timeout=300)
 
-    assert child.returncode == mist.cli.EXIT_HANG_UP == 129, err
+    assert child.returncode == mist.faces.cli.EXIT_HANG_UP == 129, err
     assert lines_with(err, "finished outputs are kept") == [
         "hang-up (SIGHUP: the terminal or SSH connection closed): finished outputs are kept; run the same command "
         "again to resume"]
@@ -859,7 +859,7 @@ def test_mist_protect_hung_up_during_a_long_image_exits_129(tmp_path):
     make_image(tmp_path / "a.png")
     env = {key: value for key, value in os.environ.items() if key != "MIST_MODEL"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "mist.cli", "protect", "a.png", "-o", "out", "--model", "tiny-random",
+        [sys.executable, "-m", "mist.faces.cli", "protect", "a.png", "-o", "out", "--model", "tiny-random",
          "--input-size", "64", "--steps", "100000"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress = b""

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mist.cli
-from mist import download as downloads
+import mist.faces.cli
+from mist.common import download as downloads
 from mist.models import locate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def _images(folder: Path, count: int) -> Path:
 
 def _run(capsys, *args):
     capsys.readouterr()
-    code = mist.cli.main([str(a) for a in args])
+    code = mist.faces.cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -70,7 +70,7 @@ def test_eta_for_the_batch_is_printed_after_the_first_image(capsys, tmp_path):
 def test_a_batch_killed_mid_way_resumes_without_partial_or_duplicate_outputs(tmp_path):
     source = _images(tmp_path / "in", 6)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "mist.cli", "protect", str(source), "-o", str(out), "--model", "tiny-random",
+    command = [sys.executable, "-m", "mist.faces.cli", "protect", str(source), "-o", str(out), "--model", "tiny-random",
                "--steps", "10", "--input-size", "64", "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -164,7 +164,7 @@ def test_doctor_flags_a_missing_model(capsys, tmp_path, monkeypatch):
 
 
 def test_recommendation_adds_low_memory_only_when_memory_is_short():
-    from mist.doctor import recommend
+    from mist.faces.doctor import recommend
 
     import torch
 
@@ -176,7 +176,7 @@ def test_recommendation_adds_low_memory_only_when_memory_is_short():
 
 
 def test_doctor_knows_every_official_sd1_file(capsys, tmp_path):
-    from mist.model_identity import remember_checksum
+    from mist.runner.model_identity import remember_checksum
 
     model = tmp_path / "v1-5-pruned.ckpt"
     model.write_bytes(b"stand-in")
@@ -219,7 +219,7 @@ def _fake_smi(folder: Path, cuda: str | None, banner: str = SMI_BANNER) -> Path:
 @pytest.fixture
 def gpu_machine(monkeypatch, tmp_path):
     """Returns a function that makes this process see a fake NVIDIA driver (nvidia-smi on PATH) with a given CUDA."""
-    from mist import cuda_driver
+    from mist.models import cuda_driver
 
     def install(cuda: str | None, banner: str = SMI_BANNER):
         folder = _fake_smi(tmp_path / f"smi-{cuda}", cuda, banner)
@@ -230,7 +230,7 @@ def gpu_machine(monkeypatch, tmp_path):
 
 
 def test_driver_cuda_version_is_read_from_nvidia_smi(gpu_machine):
-    from mist import cuda_driver
+    from mist.models import cuda_driver
 
     gpu_machine("12.4")
     assert cuda_driver.probe() == cuda_driver.Driver(True, (12, 4), "")
@@ -242,7 +242,7 @@ def test_driver_cuda_version_is_read_from_nvidia_smi(gpu_machine):
 
 
 def test_no_nvidia_driver_means_no_gpu(monkeypatch, tmp_path):
-    from mist import cuda_driver
+    from mist.models import cuda_driver
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi anywhere
     monkeypatch.setattr(cuda_driver, "NVIDIA_PROC", tmp_path / "absent")
@@ -253,7 +253,7 @@ def test_no_nvidia_driver_means_no_gpu(monkeypatch, tmp_path):
                                          ((12, 4), "cu124"), ((12, 5), "cu124"), ((12, 7), "cu126"),
                                          ((12, 8), "cu128"), ((13, 0), "cu128"), ((11, 4), None)])
 def test_torch_index_is_the_newest_build_the_driver_runs(cuda, index):
-    from mist.cuda_driver import torch_index
+    from mist.models.cuda_driver import torch_index
 
     found = torch_index(cuda)
     assert (found.rsplit("/", 1)[-1] if found else None) == index
@@ -267,7 +267,7 @@ def _torch_cuda(monkeypatch, available: bool, built_for: str | None):
 
 
 def test_cuda_problem_names_the_build_and_the_driver(monkeypatch, gpu_machine):
-    from mist.device import cuda_problem
+    from mist.models.device import cuda_problem
 
     gpu_machine("12.2")
     _torch_cuda(monkeypatch, False, "12.8")
@@ -284,8 +284,8 @@ def test_cuda_problem_names_the_build_and_the_driver(monkeypatch, gpu_machine):
 
 
 def test_no_cuda_problem_without_nvidia_or_with_working_cuda(monkeypatch, tmp_path, gpu_machine):
-    from mist import cuda_driver
-    from mist.device import cuda_problem
+    from mist.models import cuda_driver
+    from mist.models.device import cuda_problem
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(cuda_driver, "NVIDIA_PROC", tmp_path / "absent")
@@ -303,9 +303,9 @@ def test_doctor_and_protect_say_loudly_that_the_gpu_is_unused(capsys, monkeypatc
     assert code == 1 and "cuda: an NVIDIA GPU is present but PyTorch cannot use it" in out and "problem" in out
     code, _, err = _run(capsys, "protect", _images(tmp_path / "in", 1), "-o", tmp_path / "out", *FAST, "-q")
     assert code == 0 and "WARNING: an NVIDIA GPU is present" in err and "built for CUDA 12.8" in err
-    import mist.webui_app
+    import mist.faces.webui.app
 
-    monkeypatch.setattr(mist.webui_app, "main", lambda args, models, auth: 0)  # the page itself is not served here
+    monkeypatch.setattr(mist.faces.webui.app, "main", lambda args, models, auth: 0)  # the page is not served here
     code, _, err = _run(capsys, "webui", "--model", "tiny-random")
     assert code == 0 and "WARNING: an NVIDIA GPU is present" in err and "built for CUDA 12.8" in err
 

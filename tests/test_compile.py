@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mist import compiling
-from mist.config import ProtectConfig
-from mist.entrance import open_models
-from mist.jobs import Job, settings_text
-from mist.pipeline import ProtectedImage, Protector
-from mist.reporting import ConsoleReporter
+from mist.engine import compiling
+from mist.engine.config import ProtectConfig
+from mist.runner.entrance import open_models
+from mist.runner.jobs import Job, settings_text
+from mist.engine.pipeline import ProtectedImage, Protector
+from mist.faces.reporting import ConsoleReporter
 from support.cli import run_cli
 
 CPU = torch.device("cpu")
@@ -101,7 +101,7 @@ def test_a_compiled_attack_computes_what_the_uncompiled_one_does(tiny_model, fre
 
 
 def test_compile_is_refused_with_ray_by_every_face(capsys, tmp_path):
-    from mist.service.server import ServeOptions, models_for
+    from mist.faces.service.server import ServeOptions, models_for
 
     with pytest.raises(ValueError, match="^compile: not available with a Ray cluster"):
         open_models("tiny-random", "cpu", compile=True, ray="auto")
@@ -115,7 +115,7 @@ def test_compile_is_refused_with_ray_by_every_face(capsys, tmp_path):
 
 
 def test_the_server_checks_it_can_compile_before_it_serves(monkeypatch, tmp_path):
-    from mist.service.server import ServeOptions, models_for
+    from mist.faces.service.server import ServeOptions, models_for
 
     monkeypatch.delenv("CXX", raising=False)
     _no_program(monkeypatch, *compiling.CPP_COMPILERS)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mist.config import ProtectConfig
-from mist.methods.mist import MODE_CODES
+from mist.engine.config import ProtectConfig
+from mist.engine.methods.mist import MODE_CODES
 
 
 def test_defaults_are_mist_v12s():
@@ -74,7 +74,7 @@ def test_original_size_protects_with_the_aspect_kept():
 
 
 def test_the_original_size_flag_reaches_the_config():
-    from mist.cli import build_parser, config_from_args
+    from mist.faces.cli import build_parser, config_from_args
 
     parse = build_parser().parse_args
     assert config_from_args(parse(["protect", "a.png", "-o", "out", "--original-size"])).original_size

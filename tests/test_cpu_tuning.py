@@ -1,4 +1,4 @@
-"""The CPU settings an attack holds while it runs (mist.cpu_tuning)."""
+"""The CPU settings an attack holds while it runs (mist.engine.cpu_tuning)."""
 
 import resource
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mist import cpu_tuning
+from mist.engine import cpu_tuning
 
 BLOCK = 64 * 1024 * 1024  # bytes: above the 32 MB at which glibc would otherwise mmap a fresh block
 PAGES = BLOCK // 4096

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mist import device as devices
-from mist.config import ProtectConfig
-from mist.jobs import ModelCache
-from mist.methods import list_methods
-from mist.pipeline import Protector
+from mist.models import device as devices
+from mist.engine.config import ProtectConfig
+from mist.runner.jobs import ModelCache
+from mist.engine.methods import list_methods
+from mist.engine.pipeline import Protector
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -78,7 +78,7 @@ def test_the_model_cache_places_the_model_once_on_the_gpu():
 
 
 def test_the_command_line_protects_on_the_gpu(tmp_path):
-    from mist.cli import main
+    from mist.faces.cli import main
 
     source = tmp_path / "a.png"
     _painting(48).save(source)

@@ -1,4 +1,5 @@
-"""mist.download against a local HTTP server that can cut connections, ignore Range, refuse access or redirect."""
+"""mist.common.download against a local HTTP server that can cut connections, ignore Range, refuse access or
+redirect."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mist import download as dl
-from mist.download import DownloadError, Remote, download, sha256_file
+from mist.common import download as dl
+from mist.common.download import DownloadError, Remote, download, sha256_file
 
 PAYLOAD = random.Random(1234).randbytes(300 * 1024)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -370,11 +371,11 @@ def test_a_mismatch_after_resuming_an_old_part_suggests_one_fresh_download(serve
 
 
 def test_sha256_option_downloads_any_checkpoint(server, tmp_path, capsys):
-    import mist.cli
+    import mist.faces.cli
 
     _, base = server
     dest = tmp_path / "other.safetensors"
-    code = mist.cli.main(["download-model", "-q", "--url", f"{base}/x/other.safetensors", "--sha256",
+    code = mist.faces.cli.main(["download-model", "-q", "--url", f"{base}/x/other.safetensors", "--sha256",
                           PAYLOAD_SHA.upper(), "--to", str(dest)])
     assert code == 0 and dest.read_bytes() == PAYLOAD
     assert f"{dest}: other.safetensors ready (SHA-256 verified)" in capsys.readouterr().out
@@ -383,9 +384,9 @@ def test_sha256_option_downloads_any_checkpoint(server, tmp_path, capsys):
 @pytest.mark.parametrize("args, problem", [(["--url", "http://127.0.0.1:9/m.ckpt"], "--url: give the file's"),
                                            (["--sha256", "abc"], "--sha256: expected 64 hexadecimal digits")])
 def test_sha256_option_errors_are_one_line(capsys, tmp_path, args, problem):
-    import mist.cli
+    import mist.faces.cli
 
-    code = mist.cli.main(["download-model", "-q", "--to", str(tmp_path / "m.ckpt"), *args])
+    code = mist.faces.cli.main(["download-model", "-q", "--to", str(tmp_path / "m.ckpt"), *args])
     err = capsys.readouterr().err
     assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
 

@@ -1,11 +1,11 @@
-"""The one progress and time-left estimator (mist.estimate) the web UI and the HTTP service share."""
+"""The one progress and time-left estimator (mist.runner.estimate) the web UI and the HTTP service share."""
 
 from __future__ import annotations
 
 import pytest
 
-from mist.config import ProtectConfig
-from mist.estimate import Estimate
+from mist.engine.config import ProtectConfig
+from mist.runner.estimate import Estimate
 
 
 def test_block_mode_counts_every_tile_from_the_start():

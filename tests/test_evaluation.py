@@ -17,13 +17,13 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import mist
-from mist import cli
-from mist.evaluation import metrics
-from mist.evaluation.purify import Context, guided_filter, parse_purifications
-from mist.jobs import ModelCache
+from mist.faces import cli
+from mist.runner.evaluation import metrics
+from mist.runner.evaluation.purify import Context, guided_filter, parse_purifications
+from mist.runner.jobs import ModelCache
 from mist.models import TINY
 from mist.models.loading import build_random
-from mist.pipeline import default_target
+from mist.engine.pipeline import default_target
 
 SIZE = 64
 FAST = dict(purify="jpeg:75", strengths=(0.35,), steps=4)
@@ -94,8 +94,8 @@ def test_the_method_is_scored_with_the_settings_the_images_record(tmp_path, orig
 def test_lora_mimicry_samples_from_pure_noise_like_a_mimic(evaluation_model):
     """The fine-tuned model is sampled from noise alone: two inputs of one shape give the same sample from a model
     trained on the same set (img2img at strength 1 let about 7% of each input's latent into its sample)."""
-    from mist.evaluation.img2img import txt2img
-    from mist.evaluation.mimicry import LoraMimicry
+    from mist.runner.evaluation.img2img import txt2img
+    from mist.runner.evaluation.mimicry import LoraMimicry
 
     generator = torch.Generator().manual_seed(3)
     first, second = (torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1 for _ in range(2))
@@ -111,10 +111,10 @@ def test_a_cancel_stops_generation_at_its_next_step_and_lora_training_too(evalua
     any sampling (a 500-step training is not waited for)."""
     import threading
 
-    import mist.evaluation.img2img as img2img_module
-    from mist.attack import Cancelled
-    from mist.evaluation.img2img import img2img
-    from mist.evaluation.mimicry import LoraMimicry
+    import mist.runner.evaluation.img2img as img2img_module
+    from mist.engine.attack import Cancelled
+    from mist.runner.evaluation.img2img import img2img
+    from mist.runner.evaluation.mimicry import LoraMimicry
 
     pytest.importorskip("peft")
     cancel = threading.Event()
@@ -136,7 +136,7 @@ def test_a_cancel_stops_generation_at_its_next_step_and_lora_training_too(evalua
 
 
 def test_lora_mimicry_trains_on_each_set_and_identical_sets_match(tmp_path, originals, protected, evaluation_model):
-    """LoRA mimicry (the trainer of mist.finetune) joins img2img in the scores: identical sets give identical
+    """LoRA mimicry (the trainer of mist.engine.finetune) joins img2img in the scores: identical sets give identical
     outputs (same seeds), the protected set gives other ones, and the loaded model's UNet is left as it was."""
     pytest.importorskip("peft")
     before = {name: value.clone() for name, value in evaluation_model.unet.state_dict().items()}
@@ -187,8 +187,8 @@ def test_evaluation_with_a_local_model_opens_no_network(tmp_path, monkeypatch, o
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models = ModelCache(str(folder))
-    from mist.evaluation.run import evaluate_folders
-    from mist.evaluation.settings import EvaluationSettings
+    from mist.runner.evaluation.run import evaluate_folders
+    from mist.runner.evaluation.settings import EvaluationSettings
 
     result = evaluate_folders(originals, protected, EvaluationSettings(**FAST), models)
     assert models.loads == 1 and not result.random_weights and result.images
@@ -332,7 +332,7 @@ def test_an_interrupted_evaluation_resumes_without_redoing_its_finished_units(tm
                                                                               evaluation_model, monkeypatch):
     """Stopped after its third unit (as Ctrl-C or kill -9 would stop it), the same evaluation started again reads
     those units back instead of computing them, and its scores are those of a run never stopped."""
-    from mist.evaluation.mimicry import Img2ImgMimicry
+    from mist.runner.evaluation.mimicry import Img2ImgMimicry
 
     report = tmp_path / "report"
     seen = []
@@ -376,7 +376,7 @@ def test_a_damaged_unit_is_computed_again(tmp_path, originals, protected, evalua
 def test_the_default_purifications_all_run_here():
     """The default list holds no purification that cannot run in this release (IMPRESS and the x4 upscaler were in
     it, and were always reported as skipped)."""
-    from mist.evaluation.purify import DEFAULT_PURIFY
+    from mist.runner.evaluation.purify import DEFAULT_PURIFY
 
     assert [p.name for p in parse_purifications(DEFAULT_PURIFY) if p.problem()] == []
 

@@ -1,4 +1,5 @@
-"""`mist.evaluation.img2img` against diffusers' StableDiffusionImg2ImgPipeline on identical tiny weights and seeds."""
+"""`mist.runner.evaluation.img2img` against diffusers' StableDiffusionImg2ImgPipeline on identical tiny weights and
+seeds."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline
 
-from mist.evaluation.img2img import ddim_scheduler, img2img
+from mist.runner.evaluation.img2img import ddim_scheduler, img2img
 from mist.models import TINY
 from mist.models.loading import build_random
 

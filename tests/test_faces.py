@@ -1,5 +1,5 @@
 """The faces side by side on the same bad settings: the command line, `mist_v3.py`, the HTTP service's form and the
-web UI's controls type a value the same way (`mist.flags.typed_value`) and refuse it with the same problem, each
+web UI's controls type a value the same way (`mist.runner.flags.typed_value`) and refuse it with the same problem, each
 naming the setting as its user typed it; a good value is recorded alike whatever face it came from."""
 
 from __future__ import annotations
@@ -8,24 +8,24 @@ import re
 
 import pytest
 
-import mist.cli
-import mist.legacy
-from mist.config import ProtectConfig
-from mist.webui import Settings
+import mist.faces.cli
+import mist.faces.legacy
+from mist.engine.config import ProtectConfig
+from mist.faces.webui.pages import Settings
 
 pytest.importorskip("fastapi")
-from mist.service.submit import SubmitError, parse_settings  # noqa: E402
+from mist.faces.service.submit import SubmitError, parse_settings  # noqa: E402
 
 
 def command_line(capsys, flag: str, value: str) -> str:
     with pytest.raises(SystemExit):
-        mist.cli.build_parser().parse_args(["protect", "a.png", "-o", "out", flag, value])
+        mist.faces.cli.build_parser().parse_args(["protect", "a.png", "-o", "out", flag, value])
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def legacy(capsys, flag: str, value: str) -> str:
     with pytest.raises(SystemExit):
-        mist.legacy.build_parser().parse_args([flag, value])
+        mist.faces.legacy.build_parser().parse_args([flag, value])
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -56,9 +56,10 @@ def test_a_bad_strength_is_refused_alike_by_every_face(capsys, value, problem):
 def test_a_value_out_of_range_is_refused_alike_by_every_face(capsys):
     problem = "must be between 0 and 255 (pixel levels), got 300"
     with pytest.raises(ValueError, match="^" + re.escape(f"--epsilon: {problem}")):
-        mist.cli.config_from_args(mist.cli.build_parser().parse_args(["protect", "a.png", "-o", "o", "-e", "300"]))
+        mist.faces.cli.config_from_args(
+            mist.faces.cli.build_parser().parse_args(["protect", "a.png", "-o", "o", "-e", "300"]))
     with pytest.raises(ValueError, match="^" + re.escape(f"--epsilon: {problem}")):
-        mist.legacy.plan(mist.legacy.build_parser().parse_args(["-e", "300"]))
+        mist.faces.legacy.plan(mist.faces.legacy.build_parser().parse_args(["-e", "300"]))
     assert http("epsilon", "300") == f"epsilon: {problem}"
     assert page("epsilon", 300) == f"--epsilon: {problem}"
 
@@ -66,9 +67,9 @@ def test_a_value_out_of_range_is_refused_alike_by_every_face(capsys):
 def test_a_setting_is_recorded_alike_whatever_face_it_came_from():
     """A form's "16" and a slider's 16.0 are the command line's 16; a float parameter given as 1 is 1.0 everywhere
     (before, the service recorded epsilon 16.0 and mist_v3.py fused_weight 1, so the PNGs' settings differed)."""
-    cli = mist.cli.config_from_args(mist.cli.build_parser().parse_args(
+    cli = mist.faces.cli.config_from_args(mist.faces.cli.build_parser().parse_args(
         ["protect", "a.png", "-o", "o", "-e", "16", "--fused-weight", "1", "--step-size", "1"]))
-    legacy_config, _ = mist.legacy.plan(mist.legacy.build_parser().parse_args(["-e", "16", "--rate", "1",
+    legacy_config, _ = mist.faces.legacy.plan(mist.faces.legacy.build_parser().parse_args(["-e", "16", "--rate", "1",
                                                                                "--steps", "100"]))
     served, _ = parse_settings({"epsilon": "16", "fused_weight": "1", "step_size": "1"})
     shown = Settings(epsilon=16.0, steps=100.0, params={"fused_weight": 1}, original_size=False).config()

@@ -1,13 +1,13 @@
-"""The fine-tuning trainer (mist.finetune): it lowers SD's training loss on tiny weights, leaves the caller's model as
-it was, is reproducible from its seed, saves what it trained, and refuses bad options naming them."""
+"""The fine-tuning trainer (mist.engine.finetune): it lowers SD's training loss on tiny weights, leaves the caller's
+model as it was, is reproducible from its seed, saves what it trained, and refuses bad options naming them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mist import objectives
-from mist.finetune import FinetuneOptions, Surrogate, train_lora
+from mist.engine import objectives
+from mist.engine.finetune import FinetuneOptions, Surrogate, train_lora
 
 
 def _images(seed: int = 0, count: int = 2, size: int = 32) -> torch.Tensor:

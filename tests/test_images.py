@@ -9,21 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mist import images
+from mist.common import images
 
-from mist.images import (
-    IMAGE_SUFFIXES,
-    image_to_tensor,
-    probe_image,
-    processed_size,
-    read_image,
-    read_mask,
-    read_png_text,
-    split_tiles,
-    stitch_tiles,
-    tensor_to_image,
-    write_png_atomic,
-)
+from mist.common.images import (IMAGE_SUFFIXES, image_to_tensor, probe_image, processed_size, read_image, read_mask,
+                                read_png_text, split_tiles, stitch_tiles, tensor_to_image, write_png_atomic)
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,6 +1,6 @@
-"""The house's layers (README, *Architecture*): faces over the job runner over the engine over models and devices over
-files, images and names. A module may import from its own layer and the layers below it, never from one above; and no
-chain of imports, function-level ones included, comes back to where it started."""
+"""The house's layers (README, *Architecture*), one folder of src/mist each: faces over the job runner over the engine
+over models and devices over files, images and names. A module may import from its own layer and the layers below
+it, never from one above; and no chain of imports, function-level ones included, comes back to where it started."""
 
 from __future__ import annotations
 
@@ -11,18 +11,14 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
-# Highest first; a module belongs to the layer of the longest prefix listed for it.
+# Highest first: each layer is a folder of src/mist (the package itself, the Python API, is a face; its version
+# is the base's). A module belongs to the layer of the longest prefix listed for it.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "faces": ("mist", "mist.api", "mist.cli", "mist.legacy", "mist.webui", "mist.webui_app", "mist.webui_text",
-              "mist.client", "mist.reporting", "mist.doctor", "mist.service"),
-    "runner": ("mist.entrance", "mist.estimate", "mist.jobs", "mist.ray_pool", "mist.inputs", "mist.preflight",
-               "mist.manifest", "mist.model_identity", "mist.flags", "mist.runner_options", "mist.work_limits",
-               "mist.evaluation"),
-    "engine": ("mist.config", "mist.methods", "mist.attack", "mist.robust", "mist.shaping", "mist.pipeline",
-               "mist.objectives", "mist.compiling", "mist.cpu_tuning", "mist.finetune"),
-    "models": ("mist.models", "mist.device", "mist.cuda_driver"),
-    "base": ("mist.images", "mist.files", "mist.download", "mist.version", "mist.prompts", "mist.model_names",
-             "mist.device_names"),
+    "faces": ("mist", "mist.faces"),
+    "runner": ("mist.runner",),
+    "engine": ("mist.engine",),
+    "models": ("mist.models",),
+    "base": ("mist.common", "mist.version"),
 }
 RANK = {name: rank for rank, name in enumerate(reversed(LAYERS))}  # base 0 ... faces 4
 
@@ -60,7 +56,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 def layer(name: str) -> str:
     matches = [(len(prefix), layer_name) for layer_name, prefixes in LAYERS.items() for prefix in prefixes
-               if name == prefix or name.startswith(prefix + ".")]
+               if name == prefix or ("." in prefix and name.startswith(prefix + "."))]  # "mist": itself alone
     assert matches, f"{name}: in no layer of tests/test_layers.py (add it where it belongs)"
     return max(matches)[1]
 
@@ -104,9 +100,15 @@ def test_no_import_cycles(graph):
 
 def test_the_check_sees_an_upward_import(tmp_path):
     """The walk finds function-level and relative imports, so the test above can fail."""
-    module = tmp_path / "mist" / "images.py"
-    module.parent.mkdir()
-    module.write_text("def f():\n    from .cli import main\n    from . import jobs\n")
-    known = {"mist.images": module, "mist.cli": module, "mist.jobs": module, "mist": module}
-    assert imports("mist.images", module, known) == {"mist.cli", "mist.jobs"}
-    assert RANK[layer("mist.cli")] > RANK[layer("mist.images")]
+    module = tmp_path / "mist" / "common" / "images.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("def f():\n    from ..faces.cli import main\n    from ..runner import jobs\n")
+    known = {"mist.common.images": module, "mist.faces.cli": module, "mist.runner.jobs": module, "mist": module}
+    assert imports("mist.common.images", module, known) == {"mist.faces.cli", "mist.runner.jobs"}
+    assert RANK[layer("mist.faces.cli")] > RANK[layer("mist.common.images")]
+
+
+def test_a_module_outside_the_layers_folders_has_no_layer():
+    """A new module at the top of the package (beside version.py) must be placed in a layer's folder."""
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer("mist.helpers")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from mist.methods import TileInputs
-from mist.methods.mist import Mist, MistParams
+from mist.engine.methods import TileInputs
+from mist.engine.methods.mist import Mist, MistParams
 from mist.models.components import scaled_linear_alphas_cumprod
-from mist.objectives import target_latent
+from mist.engine.objectives import target_latent
 from support.grad_spy import unet_grad_modes
 
 
@@ -167,8 +167,8 @@ def test_fp32_gradient_is_as_exact_as_float64_allows(tiny_model):
     for channels-last float32 input did)."""
     import copy
 
-    from mist.config import ProtectConfig
-    from mist.pipeline import Protector
+    from mist.engine.config import ProtectConfig
+    from mist.engine.pipeline import Protector
 
     shifted = copy.deepcopy(tiny_model)
     with torch.no_grad():  # every GroupNorm after these layers sees a mean about 50 times its standard deviation

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import mist.cli
-from mist.methods import TileInputs, get_method, list_methods
+import mist.faces.cli
+from mist.engine.methods import TileInputs, get_method, list_methods
 from mist.models.components import scaled_linear_alphas_cumprod
-from mist.objectives import FP16_DENOISING_LOSS_SCALE, target_latent
+from mist.engine.objectives import FP16_DENOISING_LOSS_SCALE, target_latent
 from support.grad_spy import unet_grad_modes
 
 NEW = ("advdm", "advdm-", "photoguard", "sds", "mist2", "pid")
@@ -31,7 +31,7 @@ def method_loss(model, name: str, params: dict | None = None, *, clean=None, tar
                 count: int = 1, precision: str = "fp32"):
     """Method `name`'s loss for `count` tiles whose clean images are `clean` (N, 3, h, w; default: random) and target
     `target` (default: the method's own target image, as the pipeline tiles it at 32 x 32)."""
-    from mist import images
+    from mist.common import images
 
     cls = get_method(name)
     method = cls(cls.Params(**(params or {})), model, precision)
@@ -43,7 +43,7 @@ def method_loss(model, name: str, params: dict | None = None, *, clean=None, tar
 
 
 # --------------------------------------------------------------------------
-# The formulas, written out independently of mist.objectives
+# The formulas, written out independently of mist.engine.objectives
 
 
 def _moments(model, x):
@@ -250,8 +250,8 @@ def test_fp16_scales_only_objectives_that_are_a_mean_over_the_latent(tiny_model)
 
 
 def test_mist2_and_sdst_default_to_mist_v2s_target_and_take_a_given_one(tiny_model, tmp_path):
-    from mist.methods.common import mist_v2_target
-    from mist.pipeline import default_target
+    from mist.engine.methods.common import mist_v2_target
+    from mist.engine.pipeline import default_target
 
     ours = mist_v2_target()
     assert ours.size == (1440, 1440) and ours.resize((64, 64)).tobytes() != default_target().resize((64, 64)).tobytes()
@@ -298,7 +298,7 @@ def test_every_method_is_listed_in_order_with_true_parts():
 def test_protect_with_each_method_records_it(capsys, tmp_path, name, flags):
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(source)
-    code = mist.cli.main(["protect", str(source), "-o", str(tmp_path / "out"), "--method", name, *flags,
+    code = mist.faces.cli.main(["protect", str(source), "-o", str(tmp_path / "out"), "--method", name, *flags,
                           "--model", "tiny-random", "--steps", "2", "--input-size", "32", "--precision", "fp32"])
     assert code == 0, capsys.readouterr().err
     with Image.open(tmp_path / "out" / "in.png") as output:

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import mist
-import mist.methods
-from mist.cli import main
-from mist.config import ProtectConfig
-from mist.methods import LossTerms, Method, MethodParams, param, register_method
+import mist.engine.methods
+from mist.faces.cli import main
+from mist.engine.config import ProtectConfig
+from mist.engine.methods import LossTerms, Method, MethodParams, param, register_method
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class Toy(Method):
 @pytest.fixture
 def toy(monkeypatch):
     """The toy method, registered for one test (the registry is restored afterwards)."""
-    mist.methods.list_methods()  # the built-in methods first, as in any run
-    monkeypatch.setattr(mist.methods, "_registry", dict(mist.methods._registry))
+    mist.engine.methods.list_methods()  # the built-in methods first, as in any run
+    monkeypatch.setattr(mist.engine.methods, "_registry", dict(mist.engine.methods._registry))
     return register_method(Toy)
 
 
@@ -102,9 +102,9 @@ def test_the_python_api_takes_the_method_and_its_parameters_by_keyword(toy, tiny
 
 def test_the_web_ui_offers_the_method_and_its_parameter(toy, tmp_path):
     pytest.importorskip("gradio")
-    from mist import webui_app
-    from mist.jobs import ModelCache
-    from mist.webui import Settings, WebUI
+    from mist.faces.webui import app as webui_app
+    from mist.runner.jobs import ModelCache
+    from mist.faces.webui.pages import Settings, WebUI
 
     demo = webui_app.build_app(WebUI(ModelCache("tiny-random"), tmp_path))
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
@@ -142,7 +142,7 @@ def test_the_registry_refuses_what_would_confuse_the_faces(toy):
 def test_the_model_cache_loads_only_the_parts_of_the_chosen_method(toy):
     """The toy method declares the encoder alone: its model has no UNet; Mist then needs one, so the model is read
     again with it, and a method whose parts are loaded is served from the cache."""
-    from mist.jobs import ModelCache
+    from mist.runner.jobs import ModelCache
 
     models = ModelCache("tiny-random")
     toy_protector = models.protector(ProtectConfig(method="toy", precision="fp32"))
@@ -154,7 +154,7 @@ def test_the_model_cache_loads_only_the_parts_of_the_chosen_method(toy):
 
 def test_a_protector_refuses_a_model_without_the_parts_its_method_needs(tiny_model):
     from mist.models.loading import build_random
-    from mist.pipeline import Protector
+    from mist.engine.pipeline import Protector
 
     encoder_only = build_random(parts=frozenset({"encoder"}))
     with pytest.raises(ValueError, match="method: mist needs the model's text_encoder, unet"):
@@ -164,6 +164,6 @@ def test_a_protector_refuses_a_model_without_the_parts_its_method_needs(tiny_mod
 def test_no_method_parameter_can_take_the_name_of_a_run_setting():
     from dataclasses import fields
 
-    from mist.methods import RESERVED
+    from mist.engine.methods import RESERVED
 
     assert {f.name for f in fields(ProtectConfig)} <= RESERVED

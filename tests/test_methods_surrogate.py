@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from test_methods import _images, _moments, _noise_prediction, _sampled_latent, method_loss
 
-import mist.cli
-from mist.config import ProtectConfig
-from mist.finetune import Surrogate
-from mist.methods import SurrogateLoss, get_method
-from mist.objectives import target_latent
-from mist.pipeline import Protector
+import mist.faces.cli
+from mist.engine.config import ProtectConfig
+from mist.engine.finetune import Surrogate
+from mist.engine.methods import SurrogateLoss, get_method
+from mist.engine.objectives import target_latent
+from mist.engine.pipeline import Protector
 
 FAST = {"round_steps": 2, "surrogate_steps": 2, "surrogate_lr": 1e-2}
 
@@ -150,7 +150,7 @@ def test_bad_parameters_are_refused_naming_them(name, params, named):
 def test_protect_with_aspl_through_the_command_line(capsys, tmp_path):
     source = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(source)
-    code = mist.cli.main(["protect", str(source), "-o", str(tmp_path / "out"), "--method", "aspl", "--model",
+    code = mist.faces.cli.main(["protect", str(source), "-o", str(tmp_path / "out"), "--method", "aspl", "--model",
                           "tiny-random", "--steps", "2", "--round-steps", "1", "--surrogate-steps", "1",
                           "--input-size", "32", "--precision", "fp32"])
     assert code == 0, capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mist.evaluation.metrics import ssim
+from mist.runner.evaluation.metrics import ssim
 
 
 def wang_ssim(x: np.ndarray, y: np.ndarray) -> float:

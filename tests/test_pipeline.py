@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mist import images
-from mist.config import ProtectConfig
-from mist.pipeline import Protector, pixel_digest, tile_seed
+from mist.common import images
+from mist.engine.config import ProtectConfig
+from mist.engine.pipeline import Protector, pixel_digest, tile_seed
 
 
 def _protector(model, **settings) -> Protector:
@@ -49,7 +49,7 @@ def test_an_image_gives_the_same_bytes_whatever_else_is_in_the_run(tiny_model, p
 def test_every_face_gives_the_same_bytes_for_the_same_pixels(tiny_model, painting, tmp_path):
     """The streams follow the processed pixels: a file's name and the face that reads it do not matter."""
     import mist
-    from mist.cli import main
+    from mist.faces.cli import main
 
     painting.save(tmp_path / "one name.png")
     painting.save(tmp_path / "another.png")
@@ -65,7 +65,7 @@ def test_every_face_gives_the_same_bytes_for_the_same_pixels(tiny_model, paintin
 
 def test_the_target_sample_is_drawn_per_image_from_its_own_stream(tiny_model, monkeypatch):
     seen: list[int] = []
-    from mist import objectives
+    from mist.engine import objectives
 
     real = objectives.target_latent
 

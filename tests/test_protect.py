@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mist import images, pipeline
-from mist.config import ProtectConfig
-from mist.pipeline import Protector, default_target
+from mist.common import images
+from mist.engine import pipeline
+from mist.engine.config import ProtectConfig
+from mist.engine.pipeline import Protector, default_target
 
 
 def _protect(model, picture, mask=None, **settings):

@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 from support.ray_cluster import in_private_network, private_network_problem  # noqa: E402
 
-from mist.cli import main as mist_main  # noqa: E402
+from mist.faces.cli import main as mist_main  # noqa: E402
 
 SCENARIO = Path(__file__).parent / "support" / "ray_scenario.py"
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mist import images
-from mist.cli import build_parser, config_from_args, main
-from mist.config import ProtectConfig
-from mist.methods import LossTerms
-from mist.pipeline import Protector
-from mist.robust import DEFAULT_TRANSFORMS, TRANSFORMS, _APPLY, jpeg_approx, robust_loss
-from mist.shaping import CELL, SIGMAS, shape_blur, shaped_perturbation
+from mist.common import images
+from mist.faces.cli import build_parser, config_from_args, main
+from mist.engine.config import ProtectConfig
+from mist.engine.methods import LossTerms
+from mist.engine.pipeline import Protector
+from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS, _APPLY, jpeg_approx, robust_loss
+from mist.engine.shaping import CELL, SIGMAS, shape_blur, shaped_perturbation
 
 
 def _image(painting, size: int = 64) -> torch.Tensor:
@@ -224,7 +224,7 @@ def test_robust_changes_the_result_reproducibly_and_leaves_the_attacks_stream_al
     assert Protector(tiny_model, config.but(robust=(), eot_samples=1)).protect(painting).image.tobytes() != first
 
     # the transforms draw from a stream of their own: the attack's generators are left as a plain run leaves them
-    import mist.pipeline
+    import mist.engine.pipeline
 
     def generator_states(config: ProtectConfig) -> list[torch.Tensor]:
         states = []
@@ -234,7 +234,7 @@ def test_robust_changes_the_result_reproducibly_and_leaves_the_attacks_stream_al
             states.extend(g.get_state() for g in generators)
             return x
 
-        monkeypatch.setattr(mist.pipeline, "masked_linf_pgd", one_evaluation)
+        monkeypatch.setattr(mist.engine.pipeline, "masked_linf_pgd", one_evaluation)
         Protector(tiny_model, config).protect(painting)
         return states
 

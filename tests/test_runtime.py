@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mist import device as devices
-from mist.config import ProtectConfig
+from mist.models import device as devices
+from mist.engine.config import ProtectConfig
 from mist.models.loading import build_random
-from mist.pipeline import Protector
+from mist.engine.pipeline import Protector
 
 
 def _pictures(count=3):
@@ -49,9 +49,9 @@ def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
 
 
 def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_model):
-    from mist import images
-    from mist.methods import TileInputs
-    from mist.pipeline import default_target
+    from mist.common import images
+    from mist.engine.methods import TileInputs
+    from mist.engine.pipeline import default_target
 
     picture = _pictures(1)[0]
     runs = {p: Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision=p, epsilon=8))
@@ -101,7 +101,7 @@ def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, card, capability,
 
 
 def loss_scale(precision: str, mode: str) -> float:
-    from mist.methods.mist import Mist, MistParams
+    from mist.engine.methods.mist import Mist, MistParams
 
     method = Mist.__new__(Mist)  # loss_scale reads only the parameters and the precision
     method.params, method.precision = MistParams(mode=mode), precision
@@ -109,7 +109,7 @@ def loss_scale(precision: str, mode: str) -> float:
 
 
 def test_fp16_scales_only_the_semantic_objective():
-    from mist.objectives import FP16_DENOISING_LOSS_SCALE
+    from mist.engine.objectives import FP16_DENOISING_LOSS_SCALE
 
     assert loss_scale("fp16", "semantic") == FP16_DENOISING_LOSS_SCALE == 1e4
     assert {loss_scale(p, m) for p in ("fp32", "bf16", "fp16") for m in ("textural", "fused")} == {1.0}
@@ -119,8 +119,8 @@ def test_fp16_scales_only_the_semantic_objective():
 def test_fp16_semantic_gradients_keep_their_signs_with_the_loss_scale(tiny_model):
     """On the tiny model in fp16 (the CPU standing in for an older GPU), semantic mode's unscaled gradient loses
     pixels to underflow; the scale keeps nearly all of them, with signs as float32 has them."""
-    from mist.methods import TileInputs
-    from mist.methods.mist import Mist, MistParams
+    from mist.engine.methods import TileInputs
+    from mist.engine.methods.mist import Mist, MistParams
 
     half = copy.deepcopy(tiny_model)
     half.encoder.half()
@@ -141,7 +141,7 @@ def test_fp16_semantic_gradients_keep_their_signs_with_the_loss_scale(tiny_model
 
 
 def test_the_protector_passes_the_loss_scale_to_the_attack(tiny_model, monkeypatch):
-    from mist import pipeline
+    from mist.engine import pipeline
 
     seen = []
     attack = pipeline.masked_linf_pgd
@@ -159,7 +159,7 @@ def test_fp16_needs_a_gpu():
 
 
 def test_checkpointing_is_on_by_default_only_where_memory_is_short(monkeypatch):
-    from mist import device as protect
+    from mist.models import device as protect
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(protect, "available_ram_bytes", lambda: 6 * 1024**3)
@@ -179,7 +179,7 @@ def test_checkpointing_is_on_by_default_only_where_memory_is_short(monkeypatch):
 
 
 def test_fast_mode_is_recorded_as_a_different_method(tiny_model, tmp_path):
-    from mist.jobs import output_metadata
+    from mist.runner.jobs import output_metadata
 
     protector = Protector(tiny_model, ProtectConfig.of(input_size=64, fast=True))
     text = output_metadata("{}", "tiny-random", protector, tmp_path / "a.png", "0" * 64)

@@ -17,13 +17,13 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from mist.config import ProtectConfig  # noqa: E402
-from mist.images import read_png_text  # noqa: E402
-from mist.jobs import Job, ModelCache, run_jobs  # noqa: E402
-from mist.service.app import Service, create_app  # noqa: E402
-from mist.work_limits import WorkLimits  # noqa: E402
-from mist.service.store import JobStore, Limits, sqlite_url  # noqa: E402
-from mist.service.worker import Worker  # noqa: E402
+from mist.engine.config import ProtectConfig  # noqa: E402
+from mist.common.images import read_png_text  # noqa: E402
+from mist.runner.jobs import Job, ModelCache, run_jobs  # noqa: E402
+from mist.faces.service.app import Service, create_app  # noqa: E402
+from mist.runner.work_limits import WorkLimits  # noqa: E402
+from mist.faces.service.store import JobStore, Limits, sqlite_url  # noqa: E402
+from mist.faces.service.worker import Worker  # noqa: E402
 
 FAST = {"steps": "2", "input-size": "32"}
 
@@ -273,7 +273,7 @@ def test_cancel_delete_and_retention(tmp_path, models, painting):
 def test_cancelling_a_finished_job_keeps_it_and_its_results(tmp_path, models, painting):
     """Cancel and delete are two operations: a cancel that arrives after the job finished (the client's cancel
     racing the last step) leaves the job and its PNG alone, and says so as a JSON error the client raises."""
-    from mist.client import Client, ServiceError
+    from mist.faces.client import Client, ServiceError
 
     service = make_service(tmp_path, models)
     with local_client(create_app(service)) as http:
@@ -317,7 +317,7 @@ def test_access_needs_a_token_by_default_made_on_first_start_and_a_private_data_
 
     import uvicorn
 
-    from mist.service.server import ServeOptions, serve
+    from mist.faces.service.server import ServeOptions, serve
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append((app, options)))
@@ -368,7 +368,7 @@ def test_a_device_this_machine_lacks_is_refused_by_every_face_before_serving(tmp
     import torch
     import uvicorn
 
-    from mist import cli
+    from mist.faces import cli
 
     if torch.cuda.is_available() or (device == "mps" and torch.backends.mps.is_available()):
         pytest.skip(f"this machine has {device}")
@@ -385,7 +385,7 @@ def test_a_device_this_machine_lacks_is_refused_by_every_face_before_serving(tmp
 
 
 def test_a_data_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
-    from mist import cli
+    from mist.faces import cli
 
     taken = tmp_path / "notes.txt"
     taken.write_text("mine")
@@ -432,7 +432,7 @@ def test_a_full_disk_or_any_fault_is_answered_in_json(service, painting, monkeyp
     other fault is a 500 in that shape too (not Starlette's plain-text page)."""
     import errno
 
-    from mist.service import submit as submit_module
+    from mist.faces.service import submit as submit_module
 
     def full(upload, path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -513,7 +513,7 @@ def test_block_mode_progress_is_known_from_the_start_and_never_goes_back(service
 
 
 def test_a_job_that_fails_as_a_whole_leaves_no_image_running(service, painting, monkeypatch):
-    from mist.service import worker as worker_module
+    from mist.faces.service import worker as worker_module
 
     def failing_run(jobs, config, models, reporter, **kwargs):
         reporter.images_started(jobs[:1], 1, len(jobs))

@@ -15,13 +15,13 @@ import sqlalchemy as sa
 
 pytest.importorskip("fastapi")
 
-from mist.evaluation.job import EvaluationJob, run_evaluation  # noqa: E402
-from mist.evaluation.settings import EvaluationSettings  # noqa: E402
-from mist.service.app import create_app  # noqa: E402
-from mist.service.store import JobStore, Limits, sqlite_url  # noqa: E402
-from mist.work_limits import WorkLimits  # noqa: E402
+from mist.runner.evaluation.job import EvaluationJob, run_evaluation  # noqa: E402
+from mist.runner.evaluation.settings import EvaluationSettings  # noqa: E402
+from mist.faces.service.app import create_app  # noqa: E402
+from mist.faces.service.store import JobStore, Limits, sqlite_url  # noqa: E402
+from mist.runner.work_limits import WorkLimits  # noqa: E402
 
-from mist.jobs import ModelCache  # noqa: E402
+from mist.runner.jobs import ModelCache  # noqa: E402
 from test_service import local_client, make_service, png_bytes, submit, wait_finished  # noqa: E402
 
 FAST = {"purify": "", "strengths": "0.5", "steps": "4"}
@@ -117,7 +117,7 @@ def test_evaluation_settings_and_files_are_checked_and_named_as_sent(tmp_path, m
 
 def test_an_evaluation_cancels_at_its_next_step_and_resumes_without_redoing_finished_units(tmp_path, models,
                                                                                           painting, monkeypatch):
-    import mist.evaluation.img2img as img2img_module
+    import mist.runner.evaluation.img2img as img2img_module
 
     calls = []
     real = img2img_module.img2img

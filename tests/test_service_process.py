@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from mist.client import Client, ServiceError  # noqa: E402
+from mist.faces.client import Client, ServiceError  # noqa: E402
 from support.serve import MIST, Server, free_port  # noqa: E402
 
 # The kill comes once the first image is done; the other four images' steps are the margin that leaves the job

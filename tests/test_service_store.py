@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sqlalchemy")
-from mist.jobs import ModelCache  # noqa: E402
-from mist.service import store as store_module  # noqa: E402
-from mist.service.store import JobStore, sqlite_url  # noqa: E402
-from mist.service.worker import Worker  # noqa: E402
+from mist.runner.jobs import ModelCache  # noqa: E402
+from mist.faces.service import store as store_module  # noqa: E402
+from mist.faces.service.store import JobStore, sqlite_url  # noqa: E402
+from mist.faces.service.worker import Worker  # noqa: E402
 
 BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get("MIST_TEST_DATABASE_URL") else [])
 
@@ -105,8 +105,8 @@ def test_two_servers_share_one_queue(store, tmp_path, painting):
 
 
 def test_an_image_left_undone_is_queued_again_only_when_the_run_was_cancelled(store, tmp_path):
-    from mist.jobs import Job
-    from mist.service.worker import StoreReporter, WorkerStats
+    from mist.runner.jobs import Job
+    from mist.faces.service.worker import StoreReporter, WorkerStats
 
     one_image_job(store, "j1")
     job = Job(tmp_path / "jobs" / "j1" / "in" / "a.png", tmp_path / "jobs" / "j1" / "out" / "a.png")
@@ -125,7 +125,7 @@ def test_the_queue_limit_holds_against_simultaneous_submissions(store):
     SQLite and on PostgreSQL (where each transaction first takes the owner's lock)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mist.service.store import QueueFull
+    from mist.faces.service.store import QueueFull
 
     def add(n: int, owner: str = "alice") -> bool:
         try:

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mist.cli
-from mist import webui, webui_app, webui_text
-from mist.jobs import NO_PROTECTION_WARNING, settings_text
-from mist.config import ProtectConfig
-from mist.images import read_png_text
-from mist.jobs import ModelCache
-from mist.webui import Settings, Upload, WebUI, run_job
+import mist.faces.cli
+from mist.faces.webui import pages as webui, app as webui_app, text as webui_text
+from mist.runner.jobs import NO_PROTECTION_WARNING, settings_text
+from mist.engine.config import ProtectConfig
+from mist.common.images import read_png_text
+from mist.runner.jobs import ModelCache
+from mist.faces.webui.pages import Settings, Upload, WebUI, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 # The handler takes sizes the page does not offer; the output at the processing size keeps the tests small.
@@ -541,7 +541,7 @@ def test_language_follows_the_browser(header, lang):
 
 
 def test_import_does_no_work():
-    code = ("import sys, threading, mist.webui; "
+    code = ("import sys, threading, mist.faces.webui.pages; "
             "assert 'gradio' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'; "
             "assert threading.active_count() == 1, 'a thread was started'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -551,17 +551,17 @@ def test_command_line_warns_when_open_without_a_password(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(webui_app, "launch", lambda ui, **kw: calls.append((ui, kw)))
     monkeypatch.delenv(webui.AUTH_ENV, raising=False)
-    assert mist.cli.main(["webui", "--model", "tiny-random", "--listen", "--port", "7999"]) == 0
+    assert mist.faces.cli.main(["webui", "--model", "tiny-random", "--listen", "--port", "7999"]) == 0
     ui, options = calls[-1]
     assert options["host"] == "0.0.0.0" and options["port"] == 7999 and options["auth"] is None
     assert ui.engine.loads == 0 and "without a password" in capsys.readouterr().err
-    assert mist.cli.main(["webui", "--model", "tiny-random", "--share", "--auth", "me:secret"]) == 0
+    assert mist.faces.cli.main(["webui", "--model", "tiny-random", "--share", "--auth", "me:secret"]) == 0
     assert calls[-1][1]["auth"] == ("me", "secret") and calls[-1][1]["host"] == "127.0.0.1"
     assert "WARNING" not in capsys.readouterr().err
     monkeypatch.setenv(webui.AUTH_ENV, "you:pw:with:colons")
-    assert mist.cli.main(["webui", "--model", "tiny-random", "--max-upload-mb", "5"]) == 0
+    assert mist.faces.cli.main(["webui", "--model", "tiny-random", "--max-upload-mb", "5"]) == 0
     assert calls[-1][1]["auth"] == ("you", "pw:with:colons") and calls[-1][0].max_upload_bytes == 5 * 2**20
-    assert mist.cli.main(["webui", "--auth", "nopassword"]) == mist.cli.EXIT_USAGE
+    assert mist.faces.cli.main(["webui", "--auth", "nopassword"]) == mist.faces.cli.EXIT_USAGE
     assert "user:password" in capsys.readouterr().err
     assert [ui.served_to_others for ui, _ in calls] == [True, True, False]  # --listen, --share, neither
 
@@ -579,7 +579,7 @@ def test_uploads_and_jobs_live_in_a_private_folder_removed_on_shutdown(monkeypat
 
     monkeypatch.setattr(webui_app, "launch", fake_launch)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "base"))
-    assert mist.cli.main(["webui", "--model", "tiny-random"]) == 0
+    assert mist.faces.cli.main(["webui", "--model", "tiny-random"]) == 0
     assert seen["root"].parent == tmp_path / "base" and seen["mode"] == 0o700
     assert Path(seen["temp"]) == seen["ui"].upload_root and seen["ui"].upload_root.parent == seen["root"]
     assert not seen["root"].exists() and os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "base")
@@ -761,15 +761,15 @@ def test_the_command_line_opens_the_runner_before_serving_the_page(monkeypatch, 
     served = []
     monkeypatch.setattr(webui_app, "launch", lambda ui, **kw: served.append(ui))
     missing = tmp_path / "nowhere" / "model.ckpt"
-    web = mist.cli.main(["webui", "--model", str(missing)])
+    web = mist.faces.cli.main(["webui", "--model", str(missing)])
     web_err = capsys.readouterr().err
-    protect = mist.cli.main(["protect", str(noise(tmp_path / "a.png")), "-o", str(tmp_path / "out"), "--model",
+    protect = mist.faces.cli.main(["protect", str(noise(tmp_path / "a.png")), "-o", str(tmp_path / "out"), "--model",
                              str(missing)])
     protect_err = capsys.readouterr().err
     assert web == protect != 0 and served == []
     assert str(missing) in web_err and web_err.splitlines()[0] == protect_err.splitlines()[0]
     if not __import__("torch").cuda.is_available():
-        assert mist.cli.main(["webui", "--model", "tiny-random", "--device", "cuda"]) == mist.cli.EXIT_USAGE
+        assert mist.faces.cli.main(["webui", "--model", "tiny-random", "--device", "cuda"]) == mist.faces.cli.EXIT_USAGE
         assert "--device: cuda" in capsys.readouterr().err and served == []
 
 

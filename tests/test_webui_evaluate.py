@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mist import webui_app
-from mist.jobs import ModelCache
-from mist.webui import EVALUATE_STRENGTH, Settings, WebUI
-from mist.webui_text import text
+from mist.faces.webui import app as webui_app
+from mist.runner.jobs import ModelCache
+from mist.faces.webui.pages import EVALUATE_STRENGTH, Settings, WebUI
+from mist.faces.webui.text import text
 
 FAST = dict(steps=2, size=64, epsilon=8, params={"mode": "fused"}, original_size=False)
 
@@ -95,7 +95,7 @@ def test_a_failed_copy_leaves_the_job_intact_and_nothing_to_evaluate(engine, tmp
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mist.webui.shutil.copyfile", full_disk)
+    monkeypatch.setattr("mist.faces.webui.pages.shutil.copyfile", full_disk)
     ui, result = protected_page(engine, tmp_path)
     assert result.outputs[0].png.is_file() and not result.originals_kept
     assert not (result.outputs[0].png.parent / "originals").exists()

@@ -74,7 +74,7 @@ def pixel_sha256(png: Path) -> str:
 
 def run_cli(workdir: Path, name: str, extra: list[str]) -> Path:
     """`mist protect source.png` into workdir/name with CLI_ARGS and `extra`; the output file."""
-    from mist import cli
+    from mist.faces import cli
 
     source = workdir / "source.png"
     if not source.exists():
@@ -96,12 +96,12 @@ def compute_variants(workdir: Path) -> dict[str, str]:
 
 def compute(workdir: Path) -> dict:
     """Every golden value, computed now with the installed code; `workdir` receives the command-line run's files."""
-    from mist import images
-    from mist.attack import masked_linf_pgd
-    from mist.config import ProtectConfig
+    from mist.common import images
+    from mist.engine.attack import masked_linf_pgd
+    from mist.engine.config import ProtectConfig
     from mist.models.loading import build_random
-    from mist.methods import TileInputs, get_method
-    from mist.pipeline import default_target
+    from mist.engine.methods import TileInputs, get_method
+    from mist.engine.pipeline import default_target
 
     model = build_random()
     config = ProtectConfig(precision="fp32")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import mist.cli
+import mist.faces.cli
 
 
-def run_cli(capsys, *args: object, main=mist.cli.main) -> tuple[int, str, str]:
+def run_cli(capsys, *args: object, main=mist.faces.cli.main) -> tuple[int, str, str]:
     """Run a command line in-process (`main`: `mist`'s by default); returns (exit code, stdout, stderr)."""
     capsys.readouterr()
     try:

@@ -27,7 +27,7 @@ def main(report_path: str, images: str, work: str) -> None:
         output, _ = protect.communicate(timeout=600)
         report["protect"] = {"code": protect.returncode, "output": output[-3000:]}
 
-        from mist.client import Client
+        from mist.faces.client import Client
 
         server = Server(work_dir / "data", "--ray", cluster.address, "--ray-resource", RESOURCE)
         try:

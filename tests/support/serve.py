@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-MIST = [sys.executable, "-c", "import sys; from mist.cli import main; sys.exit(main())"]
+MIST = [sys.executable, "-c", "import sys; from mist.faces.cli import main; sys.exit(main())"]
 
 
 def free_port() -> int:
@@ -25,7 +25,7 @@ class Server:
     it (on a data folder's first start), else the one given. Stop it with `stop()` (or `kill()`: SIGKILL)."""
 
     def __init__(self, data: Path, *extra: str, timeout: float = 300, token: str | None = None) -> None:
-        from mist.client import Client
+        from mist.faces.client import Client
 
         self.token = token
         self.port = free_port()

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..prompts import OBJECT_PROMPT, STYLE_PROMPT
-from .architectures import Architecture
-from .frozen_conv import keep_no_convolution_inputs
-from .tokenizer import tokenize
+from mist.common.prompts import OBJECT_PROMPT, STYLE_PROMPT
+from mist.models.architectures import Architecture
+from mist.models.frozen_conv import keep_no_convolution_inputs
+from mist.models.tokenizer import tokenize
 
 TRAIN_TIMESTEPS = 1000
 UNCONDITIONAL_PROMPT = ""  # the empty prompt: classifier-free guidance's unconditional branch (mimicry check)

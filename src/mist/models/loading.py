@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import SD_V1, TINY, Architecture
-from .components import StableDiffusion, latent_decoder, latent_encoder
+from mist.models.architectures import SD_V1, TINY, Architecture
+from mist.models.components import StableDiffusion, latent_decoder, latent_encoder
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..model_names import TINY_RANDOM
+from mist.common.model_names import TINY_RANDOM
 SEED_MODEL_PATH = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 DOWNLOAD_URL = "https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/resolve/main/sd-v1-4.ckpt"
 # Hugging Face repositories whose diffusers snapshots are SD v1.4 / v1.5.

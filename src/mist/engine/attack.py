@@ -1,0 +1,94 @@
+"""Masked L-infinity PGD with sign steps (Madry et al., 2018), as Mist v1.2 runs it through advertorch.
+
+The attack knows nothing of models: it minimises any per-image loss of x' in [-1, 1]. With the budget `radius` and
+step `step` in [-1, 1] units: delta starts uniform in [-radius, radius], kept so x + delta stays in [-1, 1]; each step
+evaluates the loss at x + delta * mask, moves delta by -step * sign(gradient), clips it to [-radius, radius] and again
+so x + delta stays in [-1, 1]. The result is x + delta * mask, clipped to [-1, 1]: pixels outside the mask never change.
+
+A gradient element that is exactly zero has no sign and its pixel does not move. In float32 or bf16 that practically
+never happens; in fp16 it is the mark of underflow, so it is logged as a warning when it concerns more than
+ZERO_SIGN_WARNING of the pixels inside the mask at any step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from mist.engine.methods import LossTerms
+
+log = logging.getLogger(__name__)
+
+ZERO_SIGN_WARNING = 0.01  # fraction of the masked pixel values whose gradient is exactly zero
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one PGD step saw at the point it started from: values per image of the batch (the objective, and each of
+    the method's named terms)."""
+
+    step: int  # 1-based
+    steps: int
+    objective: list[float]
+    terms: dict[str, list[float]]
+
+
+class Cancelled(Exception):
+    """Raised from a step callback to stop the attack; the current image is left unfinished."""
+
+
+def masked_linf_pgd(
+    x: torch.Tensor,
+    loss: Callable[[torch.Tensor, Sequence[torch.Generator]], LossTerms],
+    *,
+    radius: float,
+    step: float,
+    steps: int,
+    generators: Sequence[torch.Generator],
+    mask: torch.Tensor | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    loss_scale: float = 1.0,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Protected images for `x` (N, 3, H, W) in [-1, 1]; `mask` (N or 1, 1, H, W) is 1 where pixels may change.
+    Image i draws its random start, and the loss its random numbers, from generators[i]. The objective is multiplied
+    by `loss_scale` before differentiating (the signs, all PGD uses, do not change; half-precision gradients can be
+    kept clear of underflow). `before_step(index, x')`, if given, runs before step `index` (0-based) with the current
+    images x + delta * mask, detached: where a method trains a surrogate between steps (`SurrogateLoss`)."""
+    x = x.detach()
+    mask = torch.ones_like(x[:, :1]) if mask is None else mask.to(x)
+    start = torch.cat([torch.rand((1, *x.shape[1:]), generator=g) for g in generators])
+    delta = (start * 2 - 1).to(x) * radius
+    delta = (x + delta).clamp(-1, 1) - x
+    inside = (mask > 0).expand_as(x)
+    warned = False
+    for index in range(steps):
+        if before_step is not None:
+            before_step(index, (x + delta * mask).detach())
+        delta.requires_grad_(True)
+        terms = loss(x + delta * mask, generators)
+        (gradient,) = torch.autograd.grad(terms.objective.sum() * loss_scale, delta)
+        if not torch.isfinite(gradient).all():
+            # fp16 can overflow or underflow where fp32 would not; a silent NaN sign would corrupt the image.
+            raise FloatingPointError(f"step {index + 1}: the gradient is not finite; run with --precision fp32 "
+                                     "(or bf16 where supported)")
+        zeros = 0.0 if warned or not inside.any() else (gradient[inside] == 0).float().mean().item()
+        if zeros > ZERO_SIGN_WARNING:
+            log.warning("step %d: the gradient is exactly zero on %.1f%% of the protected pixel values (underflow in "
+                        "half precision?); those pixels are not moved: run with --precision fp32 (or bf16 where "
+                        "supported)", index + 1, 100 * zeros)
+            warned = True
+        with torch.no_grad():
+            delta = (delta - step * gradient.sign()).clamp(-radius, radius)
+            delta = (x + delta).clamp(-1, 1) - x
+        if callback is not None:
+            callback(StepInfo(index + 1, steps, _values(terms.objective),
+                              {name: _values(value) for name, value in terms.terms.items()}))
+    return (x + delta.detach() * mask).clamp(-1, 1)
+
+
+def _values(values: torch.Tensor) -> list[float]:
+    return values.detach().float().cpu().tolist()

@@ -1,0 +1,187 @@
+"""ProtectConfig: every setting that shapes a protected image, validated once, in the units users know.
+
+A run's settings are generic (the L-infinity budget, PGD steps, geometry, seed, precision) plus a protection method
+(`mist.engine.methods`) with that method's own parameters. Strength and step size are given in 0..255 pixel levels as in
+Mist v1.2; the engine works on images in [-1, 1], so `radius` and `step` convert them (one level is 2 / 255 there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from mist.engine.methods import DEFAULT_METHOD, MethodParams, get_method
+from mist.engine.robust import TRANSFORMS
+from mist.engine.shaping import SHAPES
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """Settings of one protection run (Mist v1.2 defaults).
+
+    method: the protection method's name (`mist.engine.methods.list_methods`); params: its parameters, as its
+    MethodParams
+        dataclass or a mapping of them (None or missing ones: the method's defaults). `ProtectConfig.of` takes both
+        kinds of settings by keyword: `ProtectConfig.of(steps=50, mode="textural")`.
+    epsilon: L-infinity budget in pixel levels (0..255). step_size: PGD step in pixel levels. steps: PGD iterations.
+    input_size: side of the square the image is resized to, or of its shorter side with keep_aspect or original_size.
+    block_num: the image is protected as block_num x block_num tiles (low-VRAM mode at 2).
+    mask: image whose pure-white (255) pixels mark the region to protect; None protects everything.
+    precision: arithmetic of the networks' forward and backward passes (autocast, and weights stored in that type);
+        losses are always float32. "auto" picks per device (see `mist.models.device.resolve_precision`).
+    original_size: return the protected image at the input's own resolution and aspect. The perturbation is computed
+        at the processing size with the aspect kept (as with keep_aspect), resized bicubic to the input's size, kept
+        within epsilon and the mask there, and added to the input's own pixels.
+    robust: names of the random transforms (`mist.engine.robust.TRANSFORMS`) the loss is averaged over at every PGD step
+        (expectation over transformation, any method); empty: off. A comma-separated string is split.
+    eot_samples: transforms drawn per step and image (only with robust).
+    shape: "blur" reshapes the finished perturbation's spectrum (`mist.engine.shaping.shape_blur`), within epsilon and
+    the
+        mask; None: off.
+    """
+
+    method: str = DEFAULT_METHOD
+    params: MethodParams | Mapping[str, Any] | None = field(default=None, compare=True)
+    epsilon: float = 16
+    steps: int = 100
+    step_size: float = 1
+    input_size: int = 512
+    block_num: int = 1
+    keep_aspect: bool = False
+    mask: Path | None = None
+    seed: int = 23
+    precision: Precision = "auto"
+    original_size: bool = False
+    robust: tuple[str, ...] = ()
+    eot_samples: int = 1
+    shape: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and not isinstance(self.mask, Path):
+            object.__setattr__(self, "mask", Path(self.mask))
+        robust = self.robust.split(",") if isinstance(self.robust, str) else self.robust
+        object.__setattr__(self, "robust", tuple(name.strip() for name in robust if name.strip()))
+        method = get_method(self.method)
+        if not isinstance(self.params, method.Params):
+            given = dict(self.params or {})
+            if isinstance(self.params, MethodParams):
+                raise ValueError(f"params: {type(self.params).__name__} are not the parameters of method {self.method}")
+            names = {f.name for f in fields(method.Params)}
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise ValueError(f"{unknown[0]}: not a parameter of method {self.method} "
+                                 f"(its parameters: {', '.join(sorted(names)) or 'none'})")
+            object.__setattr__(self, "params", method.Params(**given))
+        problems = list(self._problems())
+        if problems:
+            raise ValueError(problems[0])
+
+    @classmethod
+    def of(cls, **settings: Any) -> ProtectConfig:
+        """Settings by keyword, run settings and the method's parameters mixed: `ProtectConfig.of(method="mist",
+        steps=50, mode="textural")`."""
+        return cls().but(**settings)
+
+    def but(self, **settings: Any) -> ProtectConfig:
+        """These settings with some changed by keyword, run settings and method parameters alike; a change of method
+        starts from the new method's defaults."""
+        own = {f.name for f in fields(self)}
+        general = {name: value for name, value in settings.items() if name in own}
+        method = general.get("method", self.method)
+        if "params" in general:
+            return replace(self, **general)
+        base = self.params.record() if method == self.method else {}
+        base.update({name: value for name, value in settings.items() if name not in own})
+        return replace(self, **general, params=base)
+
+    def _problems(self):
+        if not _is_number(self.epsilon) or not 0 <= self.epsilon <= 255:
+            yield f"epsilon: must be between 0 and 255 (pixel levels), got {self.epsilon!r}"
+        if not _is_int(self.steps) or self.steps < 0:
+            yield f"steps: must be a whole number >= 0, got {self.steps!r}"
+        if not _is_number(self.step_size) or not 0 < self.step_size <= 255:
+            yield f"step_size: must be above 0 and at most 255 (pixel levels), got {self.step_size!r}"
+        if not _is_int(self.block_num) or self.block_num < 1:
+            yield f"block_num: must be a whole number >= 1, got {self.block_num!r}"
+        elif not _is_int(self.input_size) or self.input_size < 8 * self.block_num:
+            yield f"input_size: must be a whole number >= {8 * self.block_num}, got {self.input_size!r}"
+        elif not self.aspect_kept and self.input_size % (8 * self.block_num):
+            yield (f"input_size: {self.input_size} is not divisible by 8 x block_num = {8 * self.block_num} "
+                   f"(try {self.input_size // (8 * self.block_num) * 8 * self.block_num})")
+        if not _is_int(self.seed):
+            yield f"seed: must be a whole number, got {self.seed!r}"
+        if self.precision not in PRECISIONS:
+            yield f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+        if self.mask is not None and not self.mask.is_file():
+            yield f"mask: {self.mask}: no such file"
+        for name in self.robust:
+            if name not in TRANSFORMS:
+                yield f"robust: unknown transform {name!r} (choose from {', '.join(TRANSFORMS)})"
+        if len(set(self.robust)) < len(self.robust):
+            yield f"robust: a transform is named twice in {','.join(self.robust)}"
+        if not _is_int(self.eot_samples) or self.eot_samples < 1:
+            yield f"eot_samples: must be a whole number >= 1, got {self.eot_samples!r}"
+        elif self.eot_samples > 1 and not self.robust:
+            yield "eot_samples: needs robust transforms to average over (e.g. jpeg,resize,blur)"
+        if self.shape is not None and self.shape not in SHAPES:
+            yield f"shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}"
+
+    @property
+    def aspect_kept(self) -> bool:
+        """Whether images are processed with their aspect ratio kept (keep_aspect, or implied by original_size)."""
+        return self.keep_aspect or self.original_size
+
+    def processed_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) in pixels at which a width x height image is protected (see `images.processed_size`)."""
+        from mist.common.images import processed_size  # here, not at the top: images imports torch, config stays light
+
+        return processed_size(width, height, self.input_size, self.block_num, self.aspect_kept)
+
+    def steps_per_image(self, batch_size: int = 1) -> int:
+        """PGD steps an image protected on its own takes: `steps` for each attack batch of its tiles (block_num x
+        block_num of them, `batch_size` at a time); what `mist.engine.pipeline.Progress.total` counts for it."""
+        return steps_per_image(self.steps, self.block_num, batch_size)
+
+    @property
+    def radius(self) -> float:
+        """epsilon in [-1, 1] image units."""
+        return self.epsilon / 255 * 2
+
+    @property
+    def step(self) -> float:
+        """step_size in [-1, 1] image units."""
+        return self.step_size / 255 * 2
+
+    def files(self) -> dict[str, Path]:
+        """Every file these settings name (the mask, a method's target...) by setting name."""
+        named = {"mask": self.mask, **{name: value for name, value in vars(self.params).items()}}
+        return {name: value for name, value in named.items() if isinstance(value, Path)}
+
+    def to_json(self) -> str:
+        """The settings as canonical JSON, the method's parameters beside the run's (paths as strings)."""
+        values = {name: value for name, value in asdict(self).items() if name != "params"}
+        values["mask"] = None if self.mask is None else str(self.mask)
+        if not self.robust and self.shape is None:  # as before these settings existed: earlier outputs still resume
+            for name in ("robust", "eot_samples", "shape"):
+                del values[name]
+        values.update(self.params.record())
+        return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
+def steps_per_image(steps: int, block_num: int = 1, batch_size: int = 1) -> int:
+    """`ProtectConfig.steps_per_image` from the settings' numbers (a job's stored settings, say)."""
+    return steps * math.ceil(block_num * block_num / max(1, batch_size))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)

@@ -1,0 +1,104 @@
+"""The differentiable pieces protection methods are made of, in one place: encoding an image into SD's latent space,
+distances between latents, the diffusion model's denoising loss and its score-distillation approximation.
+
+Every piece runs the networks in the run's precision (autocast) and returns float32 values, one per image of the batch.
+Image i of a batch draws its random numbers (posterior sample, then t, then n) from generators[i], in that order, so its
+result does not depend on the rest of the batch. The methods (`mist.engine.methods`) compose these pieces into their
+losses.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Sequence
+
+import torch
+
+from mist.models import StableDiffusion
+from mist.models.components import standard_normal
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 represents magnitudes from 6e-8 (6e-5 at full precision) to 65504. The denoising loss is a mean over the N
+# latent elements, so its gradient there is 2 / N * (eps - n): about 1e-4 at 512 x 512, and smaller still further
+# back through the networks, where fp16 flushes much of it to zero (no sign, so no step). Multiplying an objective made
+# of the denoising loss alone by Mist's default fused weight r = 1e4 gives its gradients the size fused mode's semantic
+# part has (about 1 at the latent), which fp16 carries. Only the gradient's signs are used, so a constant scale changes
+# nothing else.
+FP16_DENOISING_LOSS_SCALE = 1e4
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of `precision` (fp32, bf16, fp16) on `device`; none for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+def encode(model: StableDiffusion, x: torch.Tensor, generators: Sequence[torch.Generator],
+           precision: str) -> torch.Tensor:
+    """z = E(x): a scaled sample of the VAE encoder's posterior for images `x` in [-1, 1], float32."""
+    with autocast(x.device, precision):
+        return model.encode(x, generators).float()
+
+
+def posterior(model: StableDiffusion, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and log-variance of the VAE encoder's diagonal-Gaussian posterior for `x` in [-1, 1] (unscaled),
+    float32; no random draw."""
+    with autocast(x.device, precision):
+        return model.posterior(x)
+
+
+@torch.no_grad()
+def target_latent(model: StableDiffusion, target: torch.Tensor, generators: Sequence[torch.Generator],
+                  precision: str = "fp32") -> torch.Tensor:
+    """E(y) for target images y in [-1, 1], in float32 (one posterior sample each, as the textural loss uses)."""
+    return encode(model, target, generators, precision)
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum((a - b) ** 2) per image: Mist's textural loss between latents."""
+    return (a - b).pow(2).flatten(1).sum(1)
+
+
+def noised(model: StableDiffusion, latent: torch.Tensor,
+           generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_t, t, n, alpha_bar_t): the forward diffusion of `latent` at t ~ U{0..999} with fresh noise n ~ N(0, I),
+    z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) n; t and then n drawn from each image's generator."""
+    timesteps = torch.cat([torch.randint(0, len(model.alphas_cumprod), (1,), generator=g)
+                           for g in generators]).to(latent.device)
+    noise = standard_normal(latent.shape, generators, like=latent)
+    alpha_bar = model.alphas_cumprod.to(latent.device)[timesteps].view(-1, 1, 1, 1)
+    return alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise, timesteps, noise, alpha_bar
+
+
+def predict_noise(model: StableDiffusion, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                  precision: str) -> torch.Tensor:
+    """eps_theta(z_t, t, c) in float32, `text` (1, 77, D) shared by the batch."""
+    with autocast(noisy.device, precision):
+        return model.predict_noise(noisy, timesteps, text.expand(noisy.shape[0], -1, -1)).float()
+
+
+def denoising_loss(model: StableDiffusion, latent: torch.Tensor, text: torch.Tensor,
+                   generators: Sequence[torch.Generator], precision: str) -> torch.Tensor:
+    """L_sem = mean((eps_theta(z_t, t, c) - n) ** 2) per image, differentiable through the UNet (the diffusion
+    model's training loss; Mist's semantic loss, AdvDM's objective)."""
+    noisy, timesteps, noise, _ = noised(model, latent, generators)
+    return (predict_noise(model, noisy, timesteps, text, precision) - noise).pow(2).flatten(1).mean(1)
+
+
+def score_distillation(model: StableDiffusion, latent: torch.Tensor, text: torch.Tensor,
+                       generators: Sequence[torch.Generator], precision: str, *, unit: bool = False) -> torch.Tensor:
+    """L_sem per image with the score-distillation gradient (Xue et al., "Toward effective protection against
+    diffusion-based mimicry through score distillation", ICLR 2024): its value is the denoising loss, its gradient
+    with respect to the latent (2 / N) * sqrt(alpha_bar_t) * (eps_theta - n), the exact gradient with the UNet's
+    Jacobian replaced by the identity. The UNet runs forward only, without a graph. `unit`: the latent gradient is
+    (eps_theta - n) itself, without the factor (2 / N) * sqrt(alpha_bar_t), as Xue et al.'s code applies it (the scale
+    matters where the term is weighted against another one, as in their SDST)."""
+    noisy, timesteps, noise, alpha_bar = noised(model, latent, generators)
+    with torch.no_grad():
+        residual = predict_noise(model, noisy.detach(), timesteps, text, precision) - noise
+    value = residual.pow(2).flatten(1).mean(1)
+    gradient = residual if unit else 2.0 / residual[0].numel() * alpha_bar.sqrt() * residual
+    # Carries `value` forward and `gradient` backward to the latent (and on through the encoder).
+    surrogate = (latent * gradient).flatten(1).sum(1)
+    return value + surrogate - surrogate.detach()

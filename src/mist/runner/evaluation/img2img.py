@@ -1,0 +1,107 @@
+"""Image-to-image generation (SDEdit, Meng et al. 2022) on Mist's own model components: what a mimic does with
+NovelAI-style img2img, and what DiffPure-style purification does with a low strength and no prompt.
+
+The steps are those of diffusers' `StableDiffusionImg2ImgPipeline` (tests check the two agree on identical weights
+and seeds): encode the image (a posterior sample), noise it to the timestep `strength` of the way through the
+schedule, denoise it with DDIM (eta 0) under classifier-free guidance, decode. Every random number comes from the
+caller's generators, one per image, so the same seed gives a clean and a protected image the same noise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from mist.engine.attack import Cancelled
+
+from mist.common.prompts import STYLE_PROMPT
+from mist.models import StableDiffusion
+from mist.models.components import TRAIN_TIMESTEPS, UNCONDITIONAL_PROMPT, standard_normal
+
+# SD v1's DDIM settings (its scheduler_config.json): the training schedule of `scaled_linear_alphas_cumprod`.
+SD_V1_DDIM = dict(num_train_timesteps=TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                  prediction_type="epsilon")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What img2img made of a batch: `images` (N, 3, H, W) in [-1, 1] (clipped) and their final scaled latents
+    (N, 4, H/8, W/8), float32 on the CPU."""
+
+    images: torch.Tensor
+    latents: torch.Tensor
+
+
+def ddim_scheduler():
+    """A diffusers DDIM scheduler with SD v1's settings, built from the constants above (nothing is downloaded)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD_V1_DDIM)
+
+
+def img2img(model: StableDiffusion, images: torch.Tensor, strength: float, generators: Sequence[torch.Generator], *,
+            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT,
+            cancel: threading.Event | None = None) -> Generated:
+    """SDEdit `images` (N, 3, H, W) in [-1, 1], H and W multiples of 8, with `model` (its encoder, UNet, decoder and
+    the embedding of `prompt`, one of the prompts a model keeps).
+
+    strength: 0..1, how far into the noise schedule the image is pushed (0 gives the decoded posterior sample back,
+    1 ignores the image). steps: DDIM steps of the full schedule (`steps * strength` of them run). guidance:
+    classifier-free guidance scale (1: the prompt alone, no unconditional branch). generators: one per image; each
+    draws that image's posterior sample and then its noise, as diffusers draws them. cancel: once set, `Cancelled`
+    is raised before the next DDIM step.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength: must be between 0 and 1, got {strength}")
+    if steps < 1:
+        raise ValueError(f"steps: must be at least 1, got {steps}")
+    scheduler = ddim_scheduler()
+    scheduler.set_timesteps(steps, device=model.device)
+    begin = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[begin * scheduler.order :]
+    with torch.no_grad():
+        latents = model.encode(images.to(model.device), generators)
+        if len(timesteps):
+            noise = standard_normal(latents.shape, generators, like=latents)
+            latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(latents.shape[0]))
+        return _denoised(model, scheduler, timesteps, latents, guidance, prompt, cancel)
+
+
+def txt2img(model: StableDiffusion, size: tuple[int, int], generators: Sequence[torch.Generator], *,
+            steps: int = 50, guidance: float = 7.5, prompt: str = STYLE_PROMPT,
+            cancel: threading.Event | None = None) -> Generated:
+    """Text-to-image sampling, as a mimic samples a fine-tuned model: one image of `size` (height, width in pixels,
+    multiples of 8) per generator, from pure Gaussian noise (nothing of any input image), DDIM over all `steps`."""
+    if steps < 1:
+        raise ValueError(f"steps: must be at least 1, got {steps}")
+    scheduler = ddim_scheduler()
+    scheduler.set_timesteps(steps, device=model.device)
+    height, width = size
+    shape = (len(generators), model.unet.config.in_channels, height // 8, width // 8)
+    with torch.no_grad():
+        latents = standard_normal(shape, generators, like=model.alphas_cumprod.float()) * scheduler.init_noise_sigma
+        return _denoised(model, scheduler, scheduler.timesteps, latents, guidance, prompt, cancel)
+
+
+def _denoised(model: StableDiffusion, scheduler, timesteps, latents: torch.Tensor, guidance: float,
+              prompt: str, cancel: threading.Event | None) -> Generated:
+    """DDIM (eta 0) from `latents` over `timesteps` under classifier-free guidance, then decoded."""
+    text = model.text_embedding(prompt).expand(latents.shape[0], -1, -1)
+    guided = guidance > 1.0
+    if guided:
+        text = torch.cat([model.text_embedding(UNCONDITIONAL_PROMPT).expand_as(text), text])
+    for t in timesteps:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        both = torch.cat([latents, latents]) if guided else latents
+        noise_pred = model.predict_noise(scheduler.scale_model_input(both, t), t, text).float()
+        if guided:
+            unconditional, conditional = noise_pred.chunk(2)
+            noise_pred = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
+    pictures = model.decode(latents).clamp(-1.0, 1.0)
+    return Generated(pictures.cpu(), latents.float().cpu())

@@ -1,0 +1,373 @@
+"""The evaluation run: pair the originals with their protected versions, measure how visible the protection is, purify
+both, run every mimicry on both with the same seed, score, and hand everything to the report.
+
+The model is loaded once, offline, through the job runner's `ModelCache` (with its VAE decoder), after every input
+has been read and every option checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from PIL import Image
+
+from mist.common import images
+from mist.engine.attack import Cancelled
+from mist.runner.estimate import Estimate
+from mist.runner.evaluation.pairs import Pair, match_pairs
+from mist.runner.evaluation.purify import NONE, Context, Purification, parse_purifications
+from mist.runner.evaluation.resume import Finished, evaluation_key
+from mist.runner.evaluation.scores import Score, score, verdict, worst_cases
+from mist.runner.evaluation.settings import EvaluationSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from mist.engine.config import ProtectConfig
+    from mist.runner.jobs import ModelCache
+    from mist.models import StableDiffusion
+    from mist.runner.evaluation.img2img import Generated
+    from mist.runner.evaluation.mimicry import Mimicry
+
+log = logging.getLogger(__name__)
+
+EVALUATION_PARTS = frozenset({"encoder", "unet", "text_encoder", "decoder"})
+THUMBNAIL = 256  # longest side, in pixels, of the images the report shows
+
+
+@dataclass(frozen=True)
+class EvaluationProgress:
+    """`done` of `total` units of work (a purification or a mimicry of the whole set), what was done last, and the
+    time left (`mist.runner.estimate.Estimate` over the units; None until two units are done)."""
+
+    done: int
+    total: int
+    doing: str
+    seconds_left: float | None = None
+    seconds_per_unit: float | None = None
+
+
+@dataclass
+class ImageResult:
+    """What was measured for one pair, and the pictures the report shows (thumbnails, by column name)."""
+
+    pair: Pair
+    size: tuple[int, int]  # (width, height) at which it was evaluated
+    invisibility: dict[str, float]
+    verdict: str = ""
+    pictures: dict[str, Image.Image] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """Everything a report shows."""
+
+    settings: EvaluationSettings
+    model: str
+    random_weights: bool
+    method: str
+    purifications: list[Purification]  # those that ran, "none" first
+    skipped: list[str]  # one line each: a purification or metric not run, and why
+    unmatched: list[str]
+    mimicries: list[tuple[str, str, float | None]]  # (name, label, strength)
+    images: list[ImageResult]
+    scores: list[Score]
+    seconds: float
+    scored_with: dict[str, Any] = field(default_factory=dict)  # the method's parameters its loss was computed with
+    finished: Finished | None = None  # its units of work kept for a resume (cleared once the report is out)
+
+    @property
+    def worst(self) -> list[Score]:
+        return worst_cases(self.scores)
+
+
+def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSettings, models: ModelCache,
+                     progress: Callable[[EvaluationProgress], None] | None = None,
+                     on_load: Callable[[str | Path, torch.device], None] | None = None,
+                     extra_mimicries: Callable[[StableDiffusion], Sequence[Mimicry]] | None = None,
+                     resume: Path | None = None, cancel: threading.Event | None = None) -> Evaluation:
+    """Evaluate the protected images in `protected` against their originals in `originals` (files or folders).
+    `resume`: a folder where each finished unit of work is kept (`mist.runner.evaluation.resume`), so that the same
+    evaluation started again after an interruption does not redo it; the caller clears it once the report is out
+    (`Evaluation.finished.clear()`). `cancel`: once set, `mist.engine.attack.Cancelled` is raised at the next DDIM step
+    or unit of work (what was finished stays kept in `resume`).
+
+    Raises ValueError naming the file for an unreadable image, and for options;
+    ModelNotFoundError when there is no model. `extra_mimicries(model)` adds mimicries to the img2img ones (the seam
+    for fine-tuning mimicry)."""
+    import torch
+
+    from mist.engine.methods import get_method
+    from mist.runner.evaluation.metrics import Lpips, lpips_problem
+
+    started = time.perf_counter()
+    require_extras()
+    pairs, unmatched = match_pairs(originals, protected)
+    # Read every image before the model loads: a bad file stops the run at once, naming it. An original of another
+    # size or aspect is resized to its protected image's size, as the protection resized it (bicubic).
+    loaded = [(pair, images.read_image(pair.original), images.read_image(pair.protected)) for pair in pairs]
+    requested = parse_purifications(settings.purify)
+    purifications = [NONE] + [p for p in requested if not p.problem()]
+    lpips_reason = lpips_problem()
+    skipped = _skipped(requested, lpips_reason)
+    method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
+                                          "mist")
+    scoring = scoring_config(method_name, pairs)
+    device = models.device()
+    model = models.model(EVALUATION_PARTS | get_method(method_name).parts, on_load).placed(device)
+    mimicries = _mimicries(model, settings, extra_mimicries, cancel)
+    results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
+    ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress, cancel)
+    identity = models.identity() if resume is not None else None  # hashing files and model only to resume
+    finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
+                                               f"{identity.name} {identity.sha256}") if identity else "")
+    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed, cancel), settings, ticker,
+                      finished).run(purifications, mimicries, results, cleans, shields)
+    labels = {p.name: p.label for p in purifications}
+    for index, result in enumerate(results):
+        own = [s for s in scores if s.image == result.pair.name]
+        result.verdict = verdict(own, labels, bool(torch.equal(cleans[index], shields[index])),
+                                 settings.ssim_threshold)
+    return Evaluation(settings=settings, model=str(models.identity().name), random_weights=model.random_weights,
+                      method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
+                      mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
+                      seconds=time.perf_counter() - started, scored_with=scoring.params.record(), finished=finished)
+
+
+def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[str]:
+    """One line for each purification or metric that will not run, and why."""
+    skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
+    if lpips_reason:
+        skipped.append(f"LPIPS: skipped: {lpips_reason}")
+    return skipped + ["BRISQUE / NIQE: skipped: their models are trained weights Mist does not ship or download",
+                      "FID / CLIP score: skipped: they need Inception / CLIP weights Mist does not ship or download"]
+
+
+def _mimicries(model: StableDiffusion, settings: EvaluationSettings,
+               extra: Callable[[StableDiffusion], Sequence[Mimicry]] | None,
+               cancel: threading.Event | None) -> list[Mimicry]:
+    """img2img at each strength, LoRA fine-tuning when asked for, and the caller's extra mimicries."""
+    from mist.runner.evaluation.mimicry import LoraMimicry, img2img_mimicries
+
+    mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
+                                                 settings.prompt, cancel)
+    if settings.lora:
+        mimicries.append(LoraMimicry(model, settings.lora_steps, settings.lora_rank, settings.lora_learning_rate,
+                                     settings.steps, settings.guidance, settings.prompt, cancel=cancel))
+    if extra is not None:
+        mimicries += list(extra(model))
+    return mimicries
+
+
+def _measured_pairs(loaded: list[tuple[Pair, Image.Image, Image.Image]], lpips: object | None
+                    ) -> tuple[list[ImageResult], list[torch.Tensor], list[torch.Tensor]]:
+    """Per pair: its result with the invisibility metrics and thumbnails, and both images as tensors at the protected
+    image's size floored to a multiple of 8."""
+    from mist.runner.evaluation.metrics import invisibility
+
+    results, cleans, shields = [], [], []
+    for pair, clean, shielded in loaded:
+        size = (max(8, shielded.width // 8 * 8), max(8, shielded.height // 8 * 8))
+        x, y = images.image_to_tensor(clean, size), images.image_to_tensor(shielded, size)
+        cleans.append(x)
+        shields.append(y)
+        result = ImageResult(pair, size, invisibility(x, y, lpips))
+        result.pictures["clean"] = _thumbnail(images.tensor_to_image(x))
+        result.pictures["protected"] = _thumbnail(images.tensor_to_image(y))
+        results.append(result)
+    return results, cleans, shields
+
+
+class _Ticker:
+    """Counts units of work done, tells `progress` after each with the time left, and raises Cancelled after one
+    once `cancel` is set."""
+
+    def __init__(self, total: int, progress: Callable[[EvaluationProgress], None] | None,
+                 cancel: threading.Event | None) -> None:
+        self.total, self.done, self.progress, self.cancel = total, 0, progress, cancel
+        self.estimate = Estimate([1] * total)
+        self.estimate.begin()
+
+    def __call__(self, doing: str) -> None:
+        self.estimate.step(self.done, 1)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(EvaluationProgress(self.done, self.total, doing, self.estimate.seconds_left(),
+                                             self.estimate.seconds_per_step))
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled
+
+
+@dataclass
+class _Scoring:
+    """Every purification, then every mimicry of the purified clean and protected images with the same seed, scored."""
+
+    scorer: _MethodScorer
+    context: Context
+    settings: EvaluationSettings
+    tick: _Ticker
+    finished: Finished
+
+    def run(self, purifications: list[Purification], mimicries: list[Mimicry], results: list[ImageResult],
+            cleans: list[torch.Tensor], shields: list[torch.Tensor]) -> list[Score]:
+        targets = self.scorer.targets([tuple(x.shape[-2:]) for x in cleans])
+        references: dict[str, list[torch.Tensor | None]] = {}
+        for mimicry in mimicries:
+            references[mimicry.name] = self.finished.unit(
+                f"reference {mimicry.name}", partial(_reference_latents, mimicry, targets, self.settings.seed))
+            self.tick(f"target reference, {mimicry.label}")
+        scores: list[Score] = []
+        for purification in purifications:
+            purified_clean, purified_protected, losses = self.finished.unit(
+                f"purification {purification.name}", partial(self._purified, purification, cleans, shields))
+            if purification is not NONE:
+                for result, y in zip(results, purified_protected, strict=True):
+                    result.pictures[purification.name] = _thumbnail(images.tensor_to_image(y))
+            self.tick(purification.label)
+            for mimicry in mimicries:
+                scores += self._mimicked(purification, mimicry, results, purified_clean, purified_protected,
+                                         targets, references[mimicry.name], losses)
+        return scores
+
+    def _purified(self, purification: Purification, cleans: list[torch.Tensor], shields: list[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, float]]]:
+        """The clean and protected images after `purification`, and the method's losses on each pair of them."""
+        if purification is NONE:
+            purified_clean, purified_protected = cleans, shields
+        else:
+            purified_clean = [_purified(purification, x, self.context) for x in cleans]
+            purified_protected = [_purified(purification, y, self.context) for y in shields]
+        losses = [self.scorer.losses(x, c, p) for x, c, p in zip(cleans, purified_clean, purified_protected,
+                                                                 strict=True)]
+        return purified_clean, purified_protected, losses
+
+    def _generated(self, unit: str, mimicry: Mimicry, pictures: list[torch.Tensor]) -> list[Generated]:
+        """`mimicry` run on `pictures` with the evaluation's seed, or read back when an earlier run finished it."""
+        from mist.runner.evaluation.img2img import Generated
+
+        kept = self.finished.unit(unit, lambda: [(g.images, g.latents)
+                                                  for g in mimicry.generate(pictures, self.settings.seed)])
+        return [Generated(images, latents) for images, latents in kept]
+
+    def _mimicked(self, purification: Purification, mimicry: Mimicry, results: list[ImageResult],
+                  purified_clean: list[torch.Tensor], purified_protected: list[torch.Tensor], targets: list,
+                  references: list, losses: list[tuple[float, float]]) -> list[Score]:
+        unit = f"{purification.name} {mimicry.name}"
+        clean_out = self._generated(f"{unit} clean", mimicry, purified_clean)
+        self.tick(f"{purification.label}, {mimicry.label} (clean)")
+        protected_out = self._generated(f"{unit} protected", mimicry, purified_protected)
+        self.tick(f"{purification.label}, {mimicry.label} (protected)")
+        scores = []
+        for index, result in enumerate(results):
+            c, p = clean_out[index], protected_out[index]
+            target = targets[index][1] if targets[index] is not None else None
+            scores.append(score(result.pair.name, purification.name, mimicry.name, mimicry.strength, c.images,
+                                p.images, c.latents, p.latents, target, references[index], losses[index],
+                                self.settings.ssim_threshold))
+            if purification is NONE:
+                result.pictures[f"{mimicry.name} clean"] = _thumbnail(images.tensor_to_image(c.images))
+            result.pictures[f"{mimicry.name} {purification.name}"] = _thumbnail(images.tensor_to_image(p.images))
+        return scores
+
+
+def scoring_config(method: str, pairs: Sequence[Pair]) -> ProtectConfig:
+    """The settings the method's loss is scored with: its parameters as the first protected image made with `method`
+    records them (an image protected with `--mode textural` is scored on the textural objective), else the method's
+    defaults. A file parameter (another target) is not at hand, so its default stands; float32 always."""
+    from mist.engine.config import ProtectConfig
+    from mist.engine.methods import get_method, param_specs
+
+    own = {spec.name for spec in param_specs(get_method(method).Params) if spec.kind != "file"}
+    for pair in pairs:
+        if pair.metadata.get("mist:method") == method and "mist:settings" in pair.metadata:
+            try:
+                recorded = json.loads(pair.metadata["mist:settings"])
+            except ValueError:
+                continue
+            if isinstance(recorded, dict):
+                return ProtectConfig.of(method=method, precision="fp32",
+                                        **{name: value for name, value in recorded.items() if name in own})
+    return ProtectConfig(method=method, precision="fp32")
+
+
+def require_extras() -> None:
+    """Raise ValueError in one line when a package of the `evaluate` extra is missing."""
+    import importlib.util
+
+    missing = [package for module, package in (("torchmetrics", "torchmetrics"), ("cv2", "opencv-python-headless"),
+                                                ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"evaluation needs {', '.join(missing)}: pip install 'mist-protect[evaluate]'")
+
+
+class _MethodScorer:
+    """The protection method's loss on purified images, and its target pattern's latents, through `Protector`'s
+    scoring entry (`loss_for`) in float32."""
+
+    def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device) -> None:
+        from mist.engine.pipeline import Protector
+
+        self.model = model
+        self.protector = Protector(model, config, device)
+        self.seed = 0
+
+    def losses(self, clean: torch.Tensor, purified_clean: torch.Tensor,
+               purified_protected: torch.Tensor) -> tuple[float, float]:
+        """The method's objective, prepared from `clean`, on the purified clean and the purified protected image."""
+        import torch
+
+        loss = self.protector.loss_for(clean, seed=self.seed)
+        with torch.no_grad():
+            values = [loss(x.to(self.protector.device), [torch.Generator().manual_seed(self.seed)]).objective
+                      for x in (purified_clean, purified_protected)]
+        return values[0].sum().item(), values[1].sum().item()
+
+    def targets(self, shapes: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per image shape (H, W): the method's target pattern resized to it and its scaled latent (posterior mean);
+        None for a method without a target."""
+        import torch
+
+        target = self.protector.target
+        if target is None:
+            return [None] * len(shapes)
+        out = []
+        for height, width in shapes:
+            picture = images.image_to_tensor(target, (width, height))
+            with torch.no_grad():
+                mean, _ = self.model.posterior(picture.to(self.model.device))
+            out.append((picture, (mean * self.model.arch.latent_scale).cpu()))
+        return out
+
+
+def _reference_latents(mimicry: Mimicry, targets: list, seed: int) -> list:
+    """The final latents of `mimicry` run on the target pattern itself, once per distinct shape."""
+    by_shape: dict[tuple[int, ...], object] = {}
+    out = []
+    for target in targets:
+        if target is None:
+            out.append(None)
+            continue
+        shape = tuple(target[0].shape)
+        if shape not in by_shape:
+            by_shape[shape] = mimicry.generate([target[0]], seed)[0].latents
+        out.append(by_shape[shape])
+    return out
+
+
+def _purified(purification: Purification, x: torch.Tensor, context: Context) -> torch.Tensor:
+    picture = purification(images.tensor_to_image(x), context)
+    return images.image_to_tensor(picture, (x.shape[3], x.shape[2]))
+
+
+def _thumbnail(picture: Image.Image) -> Image.Image:
+    copy = picture.copy()
+    copy.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    return copy

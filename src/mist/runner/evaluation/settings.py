@@ -1,0 +1,141 @@
+"""The settings of `mist evaluate`, checked when made (a light module: the command line checks its options before
+PyTorch is imported)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from mist.runner.flags import fields_as_flags, typed_value
+
+from mist.common.prompts import OBJECT_PROMPT, STYLE_PROMPT
+from mist.runner.evaluation.mimicry import DEFAULT_STRENGTHS
+from mist.runner.evaluation.purify import DEFAULT_PURIFY, parse_purifications
+
+# SD's schedule has 1000 training timesteps and DDIM offsets its first one by 1 past the step spacing: 1000 steps
+# would ask for timestep 1000, past the schedule's end.
+MAX_DDIM_STEPS = 999
+SSIM_THRESHOLD = 0.8  # protection holds where the two mimicry outputs are less alike than this
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How `mist evaluate` runs. purify: comma list of purifications (`mist.runner.evaluation.purify`); strengths:
+    img2img strengths (0..1); steps: DDIM steps of the full schedule; guidance: classifier-free guidance scale; prompt:
+    "a painting" or "a photo"; seed: of every random draw (the same for clean and protected images); method: whose loss
+    scores the purified images (None: the method the protected images record, else Mist's); ssim_threshold: below it,
+    the mimicry outputs of protected and clean images count as different (the protection holds). lora: also run LoRA
+    fine-tuning mimicry (`mimicry.LoraMimicry`) with `lora_steps` training steps of rank `lora_rank` at
+    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps)."""
+
+    purify: str = DEFAULT_PURIFY
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    steps: int = 50
+    guidance: float = 7.5
+    prompt: str = STYLE_PROMPT
+    seed: int = 0
+    method: str | None = None
+    ssim_threshold: float = SSIM_THRESHOLD
+    lora: bool = False
+    lora_steps: int = 500
+    lora_rank: int = 4
+    lora_learning_rate: float = 1e-4
+
+    def __post_init__(self) -> None:
+        parse_purifications(self.purify)
+        if not all(0 < s <= 1 for s in self.strengths):
+            raise ValueError(f"strengths: each must be above 0 and at most 1, got {list(self.strengths)}")
+        if not 1 <= self.steps <= MAX_DDIM_STEPS:
+            raise ValueError(f"steps: must be 1 to {MAX_DDIM_STEPS} (DDIM steps of SD's 1000-step schedule), got "
+                             f"{self.steps}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 1):
+            raise ValueError(f"guidance: must be at least 1, got {self.guidance}")
+        if self.prompt not in (STYLE_PROMPT, OBJECT_PROMPT):
+            raise ValueError(f"prompt: must be {STYLE_PROMPT!r} or {OBJECT_PROMPT!r}, got {self.prompt!r}")
+        if self.lora_steps < 1 or self.lora_rank < 1:
+            raise ValueError(f"lora_steps, lora_rank: must be at least 1, got {self.lora_steps}, {self.lora_rank}")
+        if not (math.isfinite(self.lora_learning_rate) and self.lora_learning_rate > 0):
+            raise ValueError(f"lora_learning_rate: must be above 0, got {self.lora_learning_rate}")
+        if not 0 < self.ssim_threshold <= 1:
+            raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
+        if self.method is not None:
+            from mist.engine.methods import get_method
+
+            get_method(self.method)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a face takes one evaluation setting: the `mist evaluate` flag (the HTTP service's form field is that name
+    without its dashes: `ssim-threshold`), the kind of its value (`mist.runner.flags.typed_value`'s, or "list": a comma
+    list of numbers), and one line of help."""
+
+    flag: str
+    kind: str
+    help: str
+
+
+# Every evaluation setting, once, for the command line and the HTTP service (defaults: EvaluationSettings').
+EVALUATION_OPTIONS: dict[str, Option] = {
+    "purify": Option("--purify", "str", "comma list of purifications KIND[:VALUE] among {kinds}; '' for none"),
+    "strengths": Option("--strengths", "list", "img2img strengths, comma list of numbers in (0, 1]"),
+    "steps": Option("--steps", "int", "DDIM steps of the full schedule"),
+    "guidance": Option("--guidance", "float", "classifier-free guidance scale"),
+    "prompt": Option("--prompt", "str", f"img2img prompt: {STYLE_PROMPT!r} or {OBJECT_PROMPT!r}"),
+    "seed": Option("--seed", "int", "seed of every random draw"),
+    "method": Option("--method", "str", "method whose loss scores the purified images (default: the one the "
+                                        "protected images record)"),
+    "ssim_threshold": Option("--ssim-threshold", "float", "protection holds where the SSIM of the protected and "
+                                                          "clean mimicry outputs is below this"),
+    "lora": Option("--lora", "bool", "also run LoRA fine-tuning mimicry: adapters trained on the clean set and on "
+                                     "the protected set, then images sampled from the prompt with the same seeds "
+                                     "(needs peft; slow: see README)"),
+    "lora_steps": Option("--lora-steps", "int", "LoRA training steps"),
+    "lora_rank": Option("--lora-rank", "int", "LoRA rank"),
+    "lora_learning_rate": Option("--lora-lr", "float", "LoRA learning rate"),
+}
+EVALUATION_FLAGS = {name: option.flag for name, option in EVALUATION_OPTIONS.items()}
+
+
+def evaluation_settings(given: Mapping[str, Any], names: Mapping[str, str] | None = None) -> EvaluationSettings:
+    """EvaluationSettings from values as a face received them (command-line words, form fields, JSON values), each
+    typed by its option's kind; missing ones take their defaults. ValueError in one line that names the setting as
+    `names` (setting -> what its user typed) or else as its flag does."""
+    with fields_as_flags({**EVALUATION_FLAGS, **(names or {})}):
+        unknown = sorted(set(given) - set(EVALUATION_OPTIONS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a setting of an evaluation")
+        values = {}
+        for name, value in given.items():
+            try:
+                values[name] = _typed(value, EVALUATION_OPTIONS[name].kind)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return EvaluationSettings(**values)
+
+
+def _typed(value: Any, kind: str) -> Any:
+    if kind == "list":
+        return _numbers(value)
+    if kind == "str":
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"must be text, got {value!r}")
+        return value
+    return typed_value(value, kind)
+
+
+def settings_record(settings: EvaluationSettings) -> dict[str, Any]:
+    """The settings as JSON values, for a queued evaluation (`EvaluationSettings(**record)` makes them again)."""
+    return {item.name: list(value) if isinstance(value := getattr(settings, item.name), tuple) else value
+            for item in fields(settings)}
+
+
+def _numbers(value: Any) -> tuple[float, ...]:
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else None
+    if parts is None:
+        raise ValueError(f"not a comma list of numbers: {value!r}")
+    try:
+        return tuple(typed_value(part, "float") for part in parts if not isinstance(part, str) or part.strip())
+    except ValueError:
+        raise ValueError(f"not a comma list of numbers: {value!r}") from None

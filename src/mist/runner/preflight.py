@@ -1,0 +1,48 @@
+"""Checks every face runs before any model is loaded: is this input usable with these settings, can outputs be
+written there. Each answer is one line naming the file or folder and the problem, or None when all is well."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from PIL import Image
+
+from mist.common import files, images
+from mist.engine.config import ProtectConfig
+
+_PROBE_BYTES = 64 * 1024  # written and fsynced once per output folder: a full disk refuses it
+
+
+def input_problem(path: Path, config: ProtectConfig) -> str | None:
+    """What makes the image file `path` unusable with `config`, found from its header alone; None if it is usable.
+
+    Any image is accepted in resize mode (tiny ones are upscaled, as Mist v1.2 did). With `keep_aspect` the shorter
+    side is scaled to `input_size`, so an extreme aspect ratio can ask for a processed image over Pillow's pixel limit
+    (`PIL.Image.MAX_IMAGE_PIXELS`): that is refused. A mask of any size is resized to the processed size by the
+    engine, so masks need no check here."""
+    try:
+        width, height = images.probe_image(path)
+        size = config.processed_size(width, height)
+    except ValueError as exc:
+        return str(exc)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        return (f"{path}: keeping its aspect ratio, this {width} x {height} image would be processed at {size[0]} x "
+                f"{size[1]} pixels, over the limit of {limit}; crop it or let it be resized to a square")
+    return None
+
+
+def output_folder_problem(folder: Path) -> str | None:
+    """Why outputs cannot be written into `folder` (created if missing), or None: a test file is written, fsynced and
+    removed, so a path that is a file, a read-only or full file system, or a missing permission shows now."""
+    probe = folder / f".mist-write-test.{secrets.token_hex(6)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(probe, bytes(_PROBE_BYTES))
+        probe.unlink()
+    except FileExistsError:
+        return f"{folder}: cannot hold outputs: it exists and is not a folder"
+    except OSError as exc:
+        return f"{folder}: cannot write outputs there ({exc.strerror or exc})"
+    return None

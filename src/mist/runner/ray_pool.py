@@ -1,0 +1,219 @@
+"""Images spread over a Ray cluster (`mist serve --ray`, `mist protect --ray`; pip install 'mist-protect[ray]').
+
+`RayModels` stands in for the job runner's `ModelCache`: the runner still does every check, resume and output write
+where it runs (the head, beside the data), and hands the attack of each image to a pool of Ray actors, one per GPU (or
+per unit of another resource), each loading the model once and keeping it. An actor whose process dies is restarted
+by Ray and its image retried (`MAX_TASK_RETRIES`), on the same node or another; outputs are written once, by the
+runner, from the result that arrives, so a retry never duplicates or loses an output.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mist.engine.config import ProtectConfig
+from mist.engine.pipeline import Progress, ProtectedImage
+
+MAX_TASK_RETRIES = 3  # an image that kills its worker this many times fails instead of looping
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every image of a run shares: the settings, the files they name (mask excepted: each image's mask travels
+    with it) as bytes, and the attack batch size."""
+
+    config: ProtectConfig
+    files: dict[str, bytes]
+    batch_size: int
+
+
+class _ProtectActor:
+    """One model on one device of one node, kept between images."""
+
+    def __init__(self, model: str | None, device: str | None, low_memory: bool | None) -> None:
+        from mist.runner.jobs import ModelCache
+
+        self.models = ModelCache(model, device, low_memory)
+        self._setup_key: tuple[Any, ...] | None = None
+        self._config: ProtectConfig | None = None
+        self._folder = tempfile.TemporaryDirectory(prefix="mist-ray-")
+
+    def describe(self) -> dict[str, Any]:
+        from mist.runner.model_identity import ModelIdentity
+
+        identity = ModelIdentity(self.models.where())
+        return {"name": identity.name, "sha256": identity.sha256, "device": str(self.models.device())}
+
+    def precision(self, precision: str) -> str:
+        return self.models.precision(precision)
+
+    def _protector(self, setup: Setup) -> Any:
+        """The Protector for `setup`, its files written here. Every call carries its setup, so an actor Ray restarts
+        after its process died serves the retried image without being told anything else."""
+        key = (setup.config.to_json(), tuple((name, hash(data)) for name, data in sorted(setup.files.items())),
+               setup.batch_size)
+        if key != self._setup_key:
+            local = {}
+            for name, data in setup.files.items():
+                path = Path(self._folder.name) / name
+                path.write_bytes(data)
+                local[name] = path
+            self._config, self._setup_key = setup.config.but(mask=None, **local), key
+        assert self._config is not None
+        return self.models.protector(self._config, batch_size=setup.batch_size)
+
+    def prepare(self, setup: Setup) -> tuple[str, str, bool]:
+        """Load the model (once); returns the algorithm, the precision and whether the weights are random, as outputs
+        record them."""
+        protector = self._protector(setup)
+        return protector.method.algorithm(), protector.precision, protector.model.random_weights
+
+    def protect(self, setup: Setup, picture: Any, mask: Any) -> ProtectedImage:
+        return self._protector(setup).protect_many([picture], [mask])[0]
+
+
+@dataclass(frozen=True)
+class _RemoteMethod:
+    algorithm_text: str
+
+    def algorithm(self) -> str:
+        return self.algorithm_text
+
+
+@dataclass(frozen=True)
+class _RemoteModel:
+    random_weights: bool
+
+
+class RemoteProtector:
+    """What the job runner needs of a Protector, with the attacks done by the pool's actors, one image each."""
+
+    def __init__(self, actors: list[Any], setup: Any, config: ProtectConfig, algorithm: str, precision: str,
+                 random_weights: bool) -> None:
+        self.actors = actors
+        self.setup = setup  # the Setup, in Ray's object store
+        self.config = config
+        self.method = _RemoteMethod(algorithm)
+        self.precision = precision
+        self.model = _RemoteModel(random_weights)
+
+    def protect_many(self, pictures: Sequence[Any], masks: Sequence[Any] | None = None,
+                     callback: Callable[[Progress], None] | None = None) -> list[ProtectedImage | Exception]:
+        """Each image on its own actor (round robin); an image that failed gives its exception in its place. The
+        callback hears each image as it finishes (its last step), and may raise to stop the rest."""
+        import ray
+
+        masks = list(masks) if masks is not None else [None] * len(pictures)
+        pending = {self.actors[n % len(self.actors)].protect.remote(self.setup, picture, mask): n
+                   for n, (picture, mask) in enumerate(zip(pictures, masks, strict=True))}
+        results: list[ProtectedImage | Exception | None] = [None] * len(pictures)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                index = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    results[index] = RuntimeError(_first_line(exc))
+                    continue
+                results[index] = result
+                if callback is not None:
+                    steps = self.config.steps
+                    callback(Progress(steps, steps, 0, 1, (index,), result.end.get("objective", 0.0),
+                                      {k: v for k, v in result.end.items() if k != "objective"}))
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+        return results  # type: ignore[return-value]
+
+
+class RayModels:
+    """The job runner's model source on a Ray cluster at `address` ("auto", "HOST:PORT"): one actor per unit of
+    `resource` ("GPU", or a custom resource each worker node declares), created on first use."""
+
+    compile = False  # the workers run the networks uncompiled (`mist protect` refuses --compile with --ray)
+
+    def __init__(self, address: str, model: str | None = None, device: str | None = None,
+                 low_memory: bool | None = None, resource: str = "GPU", workers: int | None = None) -> None:
+        self.address = address
+        self.model = model
+        self.device_name = device
+        self.low_memory = low_memory
+        self.resource = resource
+        self.workers = workers
+        self.attack_lock = threading.Lock()
+        self._actors: list[Any] | None = None
+        self._description: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def actors(self) -> list[Any]:
+        with self._lock:
+            if self._actors is None:
+                self._actors = self._start()
+            return self._actors
+
+    def _start(self) -> list[Any]:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--ray: Ray is not installed: pip install 'mist-protect[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=self.address, logging_level="warning", log_to_driver=False)
+        available = int(ray.cluster_resources().get(self.resource, 0))
+        count = min(available, self.workers) if self.workers else available
+        if count < 1:
+            raise ValueError(f"--ray: the cluster at {self.address} has no {self.resource!r} resource to run on")
+        placement = {"num_gpus": 1} if self.resource == "GPU" else {"resources": {self.resource: 1}}
+        actor = ray.remote(_ProtectActor).options(max_restarts=-1, max_task_retries=MAX_TASK_RETRIES, **placement)
+        return [actor.remote(self.model, self.device_name, self.low_memory) for _ in range(count)]
+
+    @property
+    def images_at_once(self) -> int:
+        return len(self.actors())
+
+    def describe(self) -> dict[str, Any]:
+        """The model and device as the first worker sees them."""
+        import ray
+
+        if self._description is None:
+            self._description = ray.get(self.actors()[0].describe.remote())
+        return self._description
+
+    def where(self) -> str:
+        return self.model or "the workers' default model"
+
+    def identity(self) -> Any:
+        description = self.describe()
+        return _Identity(description["name"], description["sha256"])
+
+    def precision(self, precision: str) -> str:
+        import ray
+
+        return ray.get(self.actors()[0].precision.remote(precision))
+
+    def protector(self, config: ProtectConfig, *, batch_size: int = 1,
+                  on_load: Callable[[str, Any], None] | None = None) -> RemoteProtector:
+        import ray
+
+        if on_load is not None:
+            on_load(self.where(), f"{len(self.actors())} Ray worker(s)")
+        files = {name: path.read_bytes() for name, path in config.files().items() if name != "mask"}
+        setup = ray.put(Setup(config, files, batch_size))
+        answers = ray.get([actor.prepare.remote(setup) for actor in self.actors()])
+        algorithm, precision, random_weights = answers[0]
+        return RemoteProtector(self.actors(), setup, config, algorithm, precision, random_weights)
+
+
+@dataclass(frozen=True)
+class _Identity:
+    name: str
+    sha256: str | None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__
