@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from mist.engine.config import ProtectConfig
 from mist.engine.pipeline import Progress, ProtectedImage
@@ -131,24 +131,24 @@ class RemoteProtector:
         return results  # type: ignore[return-value]
 
 
+@dataclass(eq=False)
 class RayModels:
     """The job runner's model source on a Ray cluster at `address` ("auto", "HOST:PORT"): one actor per unit of
-    `resource` ("GPU", or a custom resource each worker node declares), created on first use."""
+    `resource` ("GPU", or a custom resource each worker node declares), created on first use; `model`, `device_name`
+    and `low_memory` as each worker opens its model; `workers`: how many actors (default: one per unit)."""
 
-    compile = False  # the workers run the networks uncompiled (`mist protect` refuses --compile with --ray)
+    compile: ClassVar[bool] = False  # the workers run the networks uncompiled (`mist protect` refuses --compile)
 
-    def __init__(self, address: str, model: str | None = None, device: str | None = None,
-                 low_memory: bool | None = None, resource: str = "GPU", workers: int | None = None) -> None:
-        self.address = address
-        self.model = model
-        self.device_name = device
-        self.low_memory = low_memory
-        self.resource = resource
-        self.workers = workers
-        self.attack_lock = threading.Lock()
-        self._actors: list[Any] | None = None
-        self._description: dict[str, Any] | None = None
-        self._lock = threading.Lock()
+    address: str
+    model: str | None = None
+    device_name: str | None = None
+    low_memory: bool | None = None
+    resource: str = "GPU"
+    workers: int | None = None
+    attack_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _actors: list[Any] | None = field(default=None, init=False)
+    _description: dict[str, Any] | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def actors(self) -> list[Any]:
         with self._lock:
