@@ -77,3 +77,23 @@ def test_a_setting_is_recorded_alike_whatever_face_it_came_from():
              (cli, legacy_config, ProtectConfig.of(**served), shown)}
     assert len(texts) == 1, texts
     assert '"epsilon": 16,' in texts.pop()
+
+
+def test_every_run_setting_is_declared_once_and_every_face_takes_it_from_there(capsys):
+    """The table of run settings covers ProtectConfig's fields; the command line has its flag, the HTTP form takes
+    the flag's name, and a bad whole number is refused by both with the same problem, named as each user typed it."""
+    from dataclasses import fields
+
+    from mist.engine.config import RUN_SETTINGS
+    from mist.engine.methods import RESERVED
+
+    assert set(RUN_SETTINGS) == {item.name for item in fields(ProtectConfig)} - {"params"}
+    assert set(RUN_SETTINGS) <= RESERVED  # no method may take a run setting's name
+    help_text = mist.faces.cli.build_parser()._subparsers._group_actions[0].choices["protect"].format_help()
+    for name, setting in RUN_SETTINGS.items():
+        assert setting.flag in help_text, name
+        if setting.kind != "int":
+            continue
+        field = setting.flag.removeprefix("--")
+        assert command_line(capsys, setting.flag, "1.5").endswith(f"{setting.flag}: must be a whole number, got '1.5'")
+        assert http(field, "1.5") == f"{field}: must be a whole number, got '1.5'"

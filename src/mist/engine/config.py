@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from mist.engine.methods import DEFAULT_METHOD, MethodParams, get_method
-from mist.engine.robust import TRANSFORMS
+from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from mist.engine.shaping import SHAPES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -172,6 +172,51 @@ class ProtectConfig:
                 del values[name]
         values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class RunSetting:
+    """How users name and give one of ProtectConfig's run settings (its default is ProtectConfig's, its checks
+    `ProtectConfig._problems`): the `mist protect` flag, which the HTTP service's form also takes without its dashes;
+    a one-letter flag; the kind of its value as faces type it (`mist.runner.flags.typed_value`: "int", "float",
+    "bool" for a switch, "str", "file"); its choices where they are fixed; `bare`, the value the flag alone stands for;
+    and one line of help with the unit."""
+
+    flag: str
+    kind: str
+    help: str
+    short: str | None = None
+    choices: tuple[str, ...] | None = None
+    bare: str | None = None
+
+
+# Every run setting, once; the methods' own parameters are declared with them (`mist.engine.methods.param`).
+RUN_SETTINGS: dict[str, RunSetting] = {
+    "method": RunSetting("--method", "str", "protection method, of those under methods below"),
+    "epsilon": RunSetting("--epsilon", "int", "strength: largest change of a pixel, in levels 0..255", "-e"),
+    "steps": RunSetting("--steps", "int", "PGD iterations", "-s"),
+    "step_size": RunSetting("--step-size", "float", "PGD step in pixel levels"),
+    "input_size": RunSetting("--input-size", "int", "side the image is resized to (shorter side with --no-resize)"),
+    "block_num": RunSetting("--block-num", "int", "protect as N x N tiles; 2 = low-VRAM mode", "-b"),
+    "mask": RunSetting("--mask", "file", "mask image: pure white (255) marks the region to protect"),
+    "keep_aspect": RunSetting("--no-resize", "bool", "keep the aspect ratio: shorter side to --input-size, sides to "
+                                                     "multiples of 8 x block-num"),
+    "original_size": RunSetting("--original-size", "bool", "return the protected image at the input's own "
+                                                           "resolution and aspect (the perturbation is computed with "
+                                                           "the aspect kept at --input-size, then resized to the "
+                                                           "input's size)"),
+    "seed": RunSetting("--seed", "int", "random seed: same seed, same output"),
+    "precision": RunSetting("--precision", "str", "network arithmetic; losses stay float32. auto: bf16 on GPUs and "
+                                                  "on CPUs with native bf16, else fp32", choices=PRECISIONS),
+    "robust": RunSetting("--robust", "str", "robust to purification: at every step average the loss over random "
+                                            f"transforms of the image, a comma list of {', '.join(TRANSFORMS)}; "
+                                            f"--robust alone: {','.join(DEFAULT_TRANSFORMS)}. Costs --eot-samples "
+                                            "times the time per step", bare=",".join(DEFAULT_TRANSFORMS)),
+    "eot_samples": RunSetting("--eot-samples", "int", "with --robust: transforms drawn and averaged per step"),
+    "shape": RunSetting("--shape", "str", "blur: reshape the finished perturbation's spectrum like the image's, per "
+                                          "region (after BlurGuard), within the same epsilon and mask",
+                        choices=SHAPES),
+}
 
 
 def steps_per_image(steps: int, block_num: int = 1, batch_size: int = 1) -> int:

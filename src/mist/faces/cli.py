@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
-from mist.engine.config import PRECISIONS, ProtectConfig
+from mist.engine.config import RUN_SETTINGS, ProtectConfig, RunSetting
 from mist.common.device_names import check_device_name
 from mist.runner.flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from mist.runner.manifest import METADATA_LEVELS
@@ -24,7 +24,6 @@ from mist.engine.methods import ParamSpec, get_method, list_methods, param_specs
 from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from mist.runner.runner_options import add_runner_options
 from mist.runner.work_limits import add_work_limit_options
-from mist.engine.shaping import SHAPES
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -63,43 +62,13 @@ def word_of_kind(kind: str) -> Callable[[str], Any]:
 
 
 def add_protect_options(parser: argparse.ArgumentParser) -> None:
-    """The options every protect command shares: the run's settings, the method and every method's parameters (a flag
-    per parameter name, generated from the methods' declarations)."""
+    """The options every protect command shares: the run's settings (a flag each, from their table,
+    `mist.engine.config.RUN_SETTINGS`), and every method's parameters (a flag per parameter name, from the methods'
+    declarations)."""
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
-    g.add_argument("--method", choices=[m.name for m in list_methods()], default=d.method,
-                   help="protection method (default: %(default)s; see the methods below)")
-    g.add_argument("-e", "--epsilon", type=word_as("epsilon"), default=d.epsilon,
-                   help="strength: largest change of a pixel, in levels 0..255 (default: %(default)s)")
-    g.add_argument("-s", "--steps", type=word_as("steps"), default=None,
-                   help=f"PGD iterations (default: {d.steps}; {TEST_MODEL_STEPS} with --model {TINY_RANDOM})")
-    g.add_argument("--step-size", type=word_as("step_size"), default=d.step_size,
-                   help="PGD step in pixel levels (default: %(default)s)")
-    g.add_argument("--input-size", type=word_as("input_size"), default=d.input_size,
-                   help="side the image is resized to (shorter side with --no-resize) (default: %(default)s)")
-    g.add_argument("-b", "--block-num", type=word_as("block_num"), default=d.block_num,
-                   help="protect as N x N tiles; 2 = low-VRAM mode (default: %(default)s)")
-    g.add_argument("--mask", type=Path, help="mask image: pure white (255) marks the region to protect")
-    g.add_argument("--no-resize", action="store_true",
-                   help="keep the aspect ratio: shorter side to --input-size, sides to multiples of 8 x block-num")
-    g.add_argument("--original-size", action="store_true",
-                   help="return the protected image at the input's own resolution and aspect (the perturbation is "
-                        "computed with the aspect kept at --input-size, then resized to the input's size)")
-    g.add_argument("--seed", type=word_as("seed"), default=d.seed,
-                   help="random seed: same seed, same output (default: %(default)s)")
-    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="network arithmetic; losses stay float32. auto: bf16 on GPUs and on CPUs with native bf16, "
-                        "else fp32 (default: %(default)s)")
-    g.add_argument("--robust", nargs="?", const=",".join(DEFAULT_TRANSFORMS), default="", metavar="LIST",
-                   type=transform_list,
-                   help="robust to purification: at every step average the loss over random transforms of the image, "
-                        f"a comma list of {', '.join(TRANSFORMS)}; --robust alone: {','.join(DEFAULT_TRANSFORMS)}. "
-                        "Costs --eot-samples times the time per step (default: off)")
-    g.add_argument("--eot-samples", type=word_as("eot_samples"), default=d.eot_samples, metavar="K",
-                   help="with --robust: transforms drawn and averaged per step (default: %(default)s)")
-    g.add_argument("--shape", choices=SHAPES,
-                   help="blur: reshape the finished perturbation's spectrum like the image's, per region "
-                        "(after BlurGuard), within the same epsilon and mask (default: off)")
+    for name, setting in RUN_SETTINGS.items():
+        _add_setting_flag(g, name, setting, getattr(d, name))
     methods = parser.add_argument_group(
         "methods", "; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in list_methods()))
     for spec, users in shared_params().values():
@@ -108,6 +77,32 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     add_runner_options(r, low_memory=True, compile=True, ray=True)
     r.add_argument("--batch-size", type=int, default=1,
                    help="tiles (images) protected together in one attack batch; pays on a GPU (default: 1)")
+
+
+def _add_setting_flag(group, name: str, setting: RunSetting, default: Any) -> None:
+    """The flag of one run setting, typed as every face types it. Switches are off unless given; --steps stays None
+    when not given (the test model's default differs); the flag of a setting with a `bare` value may stand alone."""
+    names = ([setting.short] if setting.short else []) + [setting.flag]
+    options: dict[str, Any] = {"dest": name, "help": setting.help.replace("%", "%%")}
+    shown = {"steps": f"{default}; {TEST_MODEL_STEPS} with --model {TINY_RANDOM}"}.get(name, default)
+    if setting.kind == "bool":
+        group.add_argument(*names, action="store_true", **options)
+        return
+    if setting.bare is not None:
+        options.update(nargs="?", const=setting.bare, default="", metavar="LIST", type=transform_list)
+        shown = "off"
+    else:
+        choices = [m.name for m in list_methods()] if name == "method" else setting.choices
+        options.update(default=None if name == "steps" else default, choices=choices,
+                       type=Path if setting.kind == "file" else word_as(name) if setting.kind in ("int", "float")
+                       else None)
+        if name == "eot_samples":
+            options["metavar"] = "K"
+    if shown is not None and shown != "" and setting.kind != "file":
+        options["help"] += f" (default: {shown})"
+    elif setting.choices and shown is None:
+        options["help"] += " (default: off)"
+    group.add_argument(*names, **options)
 
 
 def _add_param_flag(group, spec: ParamSpec, users: list[str]) -> None:
@@ -148,15 +143,11 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
             raise ValueError(f"{protect_flags()[name]}: not a parameter of --method {method.name} (its parameters: "
                              f"{', '.join(spec.flag for spec in param_specs(method.Params)) or 'none'})")
         params[name] = value
+    run = {name: getattr(args, name) for name in RUN_SETTINGS if name != "method"}
+    if run["steps"] is None:
+        run["steps"] = default_steps(args.model, ProtectConfig.steps)
     with fields_as_flags(protect_flags()):
-        return ProtectConfig(
-            method=method.name, params=params, epsilon=args.epsilon,
-            steps=default_steps(args.model, ProtectConfig.steps) if args.steps is None else args.steps,
-            step_size=args.step_size,
-            input_size=args.input_size, block_num=args.block_num, mask=args.mask, keep_aspect=args.no_resize,
-            seed=args.seed, precision=args.precision, original_size=args.original_size, robust=args.robust,
-            eot_samples=args.eot_samples, shape=args.shape,
-        )
+        return ProtectConfig(method=method.name, params=params, **run)
 
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,

@@ -1,7 +1,7 @@
 """The name and kind each setting has where a user types it: the command line's flags, which the HTTP service's form
 fields and the web UI's messages use too; the one coercion of a value as a face received it (`typed_value`); and the
-rewording of a settings error (`input_size: ...`) with those names. It belongs to no face: every face imports it, and
-it imports only the method registry."""
+rewording of a settings error (`input_size: ...`) with those names, all from the declarations of the settings
+(`mist.engine.config.RUN_SETTINGS`, the methods' parameters). It belongs to no face: every face imports it."""
 
 from __future__ import annotations
 
@@ -10,26 +10,18 @@ import math
 import re
 from typing import Any, Iterator, Mapping
 
+from mist.engine.config import RUN_SETTINGS
 from mist.engine.methods import shared_params
 
-# The `mist protect` flag of each run setting (and of the device), to name them in error messages; the methods'
-# parameters have theirs in their declarations (see `protect_flags`).
-RUN_FLAGS: dict[str, str] = {
-    "method": "--method", "epsilon": "--epsilon", "steps": "--steps", "step_size": "--step-size",
-    "input_size": "--input-size", "block_num": "--block-num", "mask": "--mask", "keep_aspect": "--no-resize",
-    "seed": "--seed", "precision": "--precision", "device": "--device", "original_size": "--original-size",
-    "robust": "--robust", "eot_samples": "--eot-samples", "shape": "--shape", "compile": "--compile",
-}
+# The `mist protect` flag of each run setting (`mist.engine.config.RUN_SETTINGS`) and of the runner's options, to
+# name them in error messages; the methods' parameters have theirs in their declarations (see `protect_flags`).
+RUN_FLAGS: dict[str, str] = {name: setting.flag for name, setting in RUN_SETTINGS.items()} | {
+    "device": "--device", "compile": "--compile"}
 
-
-# The kind of each run setting's value as the faces take it (the methods' parameters declare theirs): what
-# `typed_value` turns a command-line word, a form field or a page control's value into. The Python API takes Python
-# values (ProtectConfig accepts a fractional epsilon, for one).
-RUN_KINDS: dict[str, str] = {
-    "method": "str", "epsilon": "int", "steps": "int", "step_size": "float", "input_size": "int", "block_num": "int",
-    "mask": "file", "keep_aspect": "bool", "seed": "int", "precision": "str", "original_size": "bool",
-    "robust": "str", "eot_samples": "int", "shape": "str",
-}
+# The kind of each run setting's value as the faces take it: what `typed_value` turns a command-line word, a form
+# field or a page control's value into. The Python API takes Python values (ProtectConfig accepts a fractional
+# epsilon, for one).
+RUN_KINDS: dict[str, str] = {name: setting.kind for name, setting in RUN_SETTINGS.items()}
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -16,7 +16,7 @@ import tempfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response,
@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from mist.engine.config import ProtectConfig, steps_per_image
+from mist.engine.config import RUN_SETTINGS
+from mist.runner.evaluation.settings import EVALUATION_OPTIONS
 from mist.runner.work_limits import WorkLimits
 from mist.runner.estimate import Estimate
 from mist.common.files import write_zip
@@ -43,21 +45,25 @@ from mist.faces.service.worker import Worker
 log = logging.getLogger(__name__)
 
 _MAX_KEY = 200  # characters of an Idempotency-Key
-SUBMIT_HELP = """A multipart form. Files: `images` (one or more), `mask` (one mask for every image: protection where
+def _field_names(flags: Iterable[str]) -> str:
+    return ", ".join(f"`{flag.removeprefix('--')}`" for flag in flags)
+
+
+SUBMIT_HELP = f"""A multipart form. Files: `images` (one or more), `mask` (one mask for every image: protection where
 its red channel is 255), `masks` (a mask per image, named like its image), and a method's file parameter under its own
-name (`target`). Settings: fields named like `mist protect`'s flags (`method`, `epsilon`, `steps`, `step-size`,
-`input-size`, `block-num`, `no-resize`, `original-size`, `seed`, `precision`, `robust`, `eot-samples`, `shape`, and the
-method's parameters such as `mode`, `fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`:
-`full` or `minimal`. Header `Idempotency-Key`: a retried submission with the same key returns the first job (200).
-Answers 201 with the job's status; 400 / 413 / 429 with `{"error": "..."}` naming the field or file."""
-EVALUATE_HELP = """Evaluate protected images as `mist evaluate` does (purifications, img2img mimicry at each strength,
+name (`target`). Settings: fields named like `mist protect`'s flags ({_field_names(
+    s.flag for s in RUN_SETTINGS.values() if s.kind != "file")}, and the method's parameters such as `mode`,
+`fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`: `full` or `minimal`. Header
+`Idempotency-Key`: a retried submission with the same key returns the first job (200). Answers 201 with the job's
+status; 400 / 413 / 429 with `{{"error": "..."}}` naming the field or file."""
+EVALUATE_HELP = f"""Evaluate protected images as `mist evaluate` does (purifications, img2img mimicry at each strength,
 LoRA if asked), as a job: queued with the protection jobs, followed, cancelled, resumed and deleted through
-`/v1/jobs/{id}` like them (its status has `kind: evaluate` and `progress` in units of work). A multipart form. Files:
+`/v1/jobs/{{id}}` like them (its status has `kind: evaluate` and `progress` in units of work). A multipart form. Files:
 `originals` and `protected` (one or more each), paired by file name or by the source checksum a Mist output records.
-Settings: fields named like `mist evaluate`'s flags (`purify`, `strengths`, `steps`, `guidance`, `prompt`, `seed`,
-`method`, `ssim-threshold`, `lora`, `lora-steps`, `lora-rank`, `lora-lr`), or one JSON object in the field `settings`.
-The report (index.html, results.json, results.csv, pictures) is the job's result: `/v1/jobs/{id}/results` as a ZIP,
-or one file by name (`/v1/jobs/{id}/results/results.json`). Header `Idempotency-Key` as for `POST /v1/jobs`."""
+Settings: fields named like `mist evaluate`'s flags ({_field_names(
+    option.flag for option in EVALUATION_OPTIONS.values())}), or one JSON object in the field `settings`.
+The report (index.html, results.json, results.csv, pictures) is the job's result: `/v1/jobs/{{id}}/results` as a ZIP,
+or one file by name (`/v1/jobs/{{id}}/results/results.json`). Header `Idempotency-Key` as for `POST /v1/jobs`."""
 _FORM_FIELDS = 64  # text fields a submission may have
 REPORT_FILES = {"index.html": "text/html; charset=utf-8", "results.json": "application/json",
                 "results.csv": "text/csv; charset=utf-8"}  # an evaluation's files served one by one
