@@ -21,7 +21,7 @@ from mist.engine.methods import LossTerms, Method, MethodParams, param, register
 @dataclass(frozen=True)
 class ToyParams(MethodParams):
     pull: float = param(0.5, "how hard the image is pulled toward mid-grey (0..1)", low=0, high=1,
-                        label="Pull", label_zh="拉力")
+                        label="Pull")
     invert: bool = param(False, "push away from mid-grey instead", label="Invert")
 
 
@@ -112,8 +112,9 @@ def test_the_web_ui_offers_the_method_and_its_parameter(toy, tmp_path):
     pull = by_id["mist-pull"]
     assert (pull.minimum, pull.maximum, pull.value, pull.visible) == (0, 1, 0.5, False)  # mist is chosen first
     english, chinese = webui_app.method_labels()
-    assert (english["method_toy"], english["param_pull"], chinese["param_pull"]) == ("Toy method", "Pull", "拉力")
-    assert chinese["param_invert"] == "Invert"  # no Chinese given: the English text
+    assert (english["method_toy"], english["param_pull"]) == ("Toy method", "Pull")
+    assert (chinese["method_toy"], chinese["param_pull"]) == ("Toy method", "Pull")  # a plug-in's: its English texts
+    assert (english["param_mode"], chinese["param_mode"]) == ("Mode", "模式")  # the built-ins': the web UI's table
     page = Settings(method="toy", params={"pull": 0.25, "mode": "textural"})  # other methods' controls are ignored
     assert page.config() == ProtectConfig(method="toy", params={"pull": 0.25}, original_size=True)
 

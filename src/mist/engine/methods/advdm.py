@@ -30,7 +30,6 @@ class AdvDMParams(MethodParams):
 class AdvDM(DenoiserMethod):
     name = "advdm"
     title = "AdvDM"
-    title_zh = "AdvDM"
     summary = "raises the diffusion model's denoising loss on the image (the semantic loss alone)"
     paper = "Liang et al., ICML 2023"
     Params = AdvDMParams
@@ -57,7 +56,6 @@ class AdvDM(DenoiserMethod):
 class AdvDMMinus(AdvDM):
     name = "advdm-"
     title = "AdvDM(-)"
-    title_zh = "AdvDM(-)"
     summary = "lowers the diffusion model's denoising loss on the image (AdvDM with the opposite sign)"
     paper = "Xue et al., ICLR 2024"
     direction = -1.0

@@ -46,10 +46,7 @@ SOURCE = "Anti-DreamBooth's LoRA code"
 class ASPLParams(MethodParams):
     surrogate: str = param("lora", "what of the surrogate is fine-tuned: LoRA adapters, or the whole UNet (about 17 GB "
                                    "more memory on SD v1)", choices=("lora", "full"), advanced=True,
-                           choice_labels={"lora": "LoRA adapters", "full": "Whole UNet"},
-                           choice_labels_zh={"lora": "LoRA 适配器", "full": "整个 UNet"}, label="Surrogate",
-                           label_zh="代理模型",
-                           help_zh="代理模型微调的部分：LoRA 适配器，或整个 UNet（SD v1 上多用约 17 GB 内存）")
+                           choice_labels={"lora": "LoRA adapters", "full": "Whole UNet"}, label="Surrogate")
     round_steps: int = round_steps_param(10, SOURCE)
     surrogate_steps: int = surrogate_steps_param(10, SOURCE)
     surrogate_lr: float = surrogate_lr_param(5e-6, "Anti-DreamBooth: 5e-6 for LoRA, 5e-7 for the whole UNet")
@@ -96,7 +93,6 @@ class ASPLLoss(SurrogateLoss):
 class ASPL(DenoiserMethod):
     name = "aspl"
     title = "Anti-DreamBooth (ASPL)"
-    title_zh = "Anti-DreamBooth（ASPL）"
     summary = ("raises the denoising loss of a surrogate that is fine-tuned on the images between rounds of the "
                "attack, as a mimic would fine-tune")
     paper = "Van Le et al., ICCV 2023"

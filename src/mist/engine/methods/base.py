@@ -59,27 +59,25 @@ class SurrogateLoss:
         raise NotImplementedError
 
 
-def param(default: Any, help: str, *, label: str | None = None, help_zh: str | None = None,
-          label_zh: str | None = None, flag: str | None = None, short: str | None = None,
+def param(default: Any, help: str, *, label: str | None = None, flag: str | None = None, short: str | None = None,
           choices: Sequence[Any] | None = None, choice_labels: Mapping[Any, str] | None = None,
-          choice_labels_zh: Mapping[Any, str] | None = None, low: float | None = None, high: float | None = None,
-          slider: tuple[float, float, float] | None = None, advanced: bool = False, file: bool = False) -> Any:
+          low: float | None = None, high: float | None = None, slider: tuple[float, float, float] | None = None,
+          advanced: bool = False, file: bool = False) -> Any:
     """A method parameter: a dataclass field with what every face needs to show and check it.
 
-    help: one sentence with the unit. label: a short name for the web UI (default: from the field's name). `*_zh`:
-    the Chinese texts (default: the English ones). flag: the command-line flag (default `--field-name`); short: a
-    one-letter flag too. choices: the allowed values, choice_labels their names in the web UI; low, high: the allowed
-    range (inclusive) of a number; slider: (minimum, maximum, step) of the web UI's slider for it, where that differs
-    from (low, high); advanced: shown under "Advanced" in the web UI; file: the value is a path to an existing file
-    (or None). The kind (number, whole number, switch) comes from the default.
+    help: one sentence with the unit. label: a short name for the web UI (default: from the field's name); its
+    translations live with the web UI (`mist.faces.webui.text`). flag: the command-line flag (default
+    `--field-name`); short: a one-letter flag too. choices: the allowed values, choice_labels their names in the web
+    UI; low, high: the allowed range (inclusive) of a number; slider: (minimum, maximum, step) of the web UI's slider
+    for it, where that differs from (low, high); advanced: shown under "Advanced" in the web UI; file: the value is a
+    path to an existing file (or None). The kind (number, whole number, switch) comes from the default.
     """
     kind = "file" if file else "choice" if choices else type(default).__name__
     if kind not in ("file", "choice", "bool", "int", "float"):
         raise TypeError(f"param: unsupported default {default!r}")
-    metadata = {"help": help, "label": label, "help_zh": help_zh, "label_zh": label_zh, "flag": flag, "short": short,
+    metadata = {"help": help, "label": label, "flag": flag, "short": short,
                 "choices": tuple(choices) if choices else None, "choice_labels": dict(choice_labels or {}),
-                "choice_labels_zh": dict(choice_labels_zh or choice_labels or {}), "low": low, "high": high,
-                "slider": slider, "advanced": advanced, "kind": kind}
+                "low": low, "high": high, "slider": slider, "advanced": advanced, "kind": kind}
     return field(default=default, metadata=metadata)
 
 
@@ -92,13 +90,10 @@ class ParamSpec:
     kind: str  # "float", "int", "bool", "choice" or "file"
     help: str
     label: str
-    help_zh: str
-    label_zh: str
     flag: str
     short: str | None
     choices: tuple[Any, ...] | None
     choice_labels: dict[Any, str]  # web UI names of the choices (English; missing ones: the value itself)
-    choice_labels_zh: dict[Any, str]
     low: float | None
     high: float | None
     slider: tuple[float, float, float] | None
@@ -114,10 +109,9 @@ def param_specs(params_class: type) -> list[ParamSpec]:
             raise TypeError(f"{params_class.__name__}.{item.name}: declare it with mist.engine.methods.param")
         label = meta["label"] or item.name.replace("_", " ").capitalize()
         default = None if item.default is MISSING else item.default
-        specs.append(ParamSpec(item.name, default, meta["kind"], meta["help"], label, meta["help_zh"] or meta["help"],
-                               meta["label_zh"] or label, meta["flag"] or "--" + item.name.replace("_", "-"),
-                               meta["short"], meta["choices"], meta["choice_labels"], meta["choice_labels_zh"],
-                               meta["low"], meta["high"], meta["slider"], meta["advanced"]))
+        specs.append(ParamSpec(item.name, default, meta["kind"], meta["help"], label,
+                               meta["flag"] or "--" + item.name.replace("_", "-"), meta["short"], meta["choices"],
+                               meta["choice_labels"], meta["low"], meta["high"], meta["slider"], meta["advanced"]))
     return specs
 
 
@@ -164,7 +158,7 @@ class Method:
     """A protection method: subclass it in a module of its own, set the class attributes, implement `prepare`, and
     register it with `mist.engine.methods.register_method`.
 
-    name: what users type (`--method NAME`). title / title_zh: a short name for the web UI. summary: one sentence on
+    name: what users type (`--method NAME`). title: a short name for the web UI. summary: one sentence on
     what it attacks. paper: the paper it implements. Params: its MethodParams dataclass. parts: the model parts its
     loss runs through (a subset of PARTS; only those are loaded).
 
@@ -174,7 +168,6 @@ class Method:
 
     name: ClassVar[str]
     title: ClassVar[str]
-    title_zh: ClassVar[str | None] = None
     summary: ClassVar[str]
     paper: ClassVar[str]
     Params: ClassVar[type[MethodParams]]

@@ -17,14 +17,13 @@ if TYPE_CHECKING:
 def object_prompt_param() -> Any:
     """`object_prompt` (flag --object): condition the diffusion model on "a photo" instead of "a painting"."""
     return param(False, 'the images show an object: condition on "a photo" instead of "a painting"',
-                 flag="--object", advanced=True, label="The image shows an object, not a style",
-                 label_zh="图片内容是物体（而非画风）", help_zh="图片内容是物体：用“a photo”代替“a painting”作为提示词")
+                 flag="--object", advanced=True, label="The image shows an object, not a style")
 
 
-def target_param(help: str, help_zh: str) -> Any:
+def target_param(help: str) -> Any:
     """`target` (flag --target): a target image file, None for the method's own default; `help` says what it is for
     and what the default is."""
-    return param(None, help, file=True, label="Target image", label_zh="目标图像", help_zh=help_zh, advanced=True)
+    return param(None, help, file=True, label="Target image", advanced=True)
 
 
 def prompt(object_prompt: bool) -> str:

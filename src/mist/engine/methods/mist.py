@@ -28,22 +28,15 @@ MODE_CODES = {0: "semantic", 1: "textural", 2: "fused"}
 @dataclass(frozen=True)
 class MistParams(MethodParams):
     mode: str = param("fused", "textural pulls toward the target pattern; semantic confuses the denoiser; fused: both",
-                      choices=MODES, label="Mode", label_zh="模式",
-                      choice_labels={"textural": "Textural", "semantic": "Semantic", "fused": "Fused"},
-                      choice_labels_zh={"textural": "纹理", "semantic": "语义", "fused": "融合"},
-                      help_zh="纹理：把图片拉向目标图案；语义：干扰扩散模型的去噪；融合：两者兼顾")
+                      choices=MODES, label="Mode",
+                      choice_labels={"textural": "Textural", "semantic": "Semantic", "fused": "Fused"})
     fused_weight: float = param(1.0, "fused mode: the semantic loss counts 10**(w+3) times", short="-w", low=-3,
                                 high=10, slider=(0, 5, 0.1), advanced=True,
-                                label="Balance of the two methods (fused weight)",
-                                label_zh="两种方法的平衡（融合权重）",
-                                help_zh="仅用于融合模式：数值越大，语义部分的权重越高（为 10^(w+3) 倍）")
+                                label="Balance of the two methods (fused weight)")
     fast: bool = param(False, "score-distillation semantic gradient (Xue et al. 2024): the UNet runs forward only, "
                               "about twice as fast; a different method from Mist's exact one",
-                       advanced=True, label="Fast mode (a different, faster method)",
-                       label_zh="快速模式（另一种更快的方法）",
-                       help_zh="用分数蒸馏近似计算语义梯度（Xue 等，ICLR 2024）：约快一倍，但不是 Mist 的原始精确方法")
-    target: Path | None = target_param("target pattern image for the textural loss (default: Mist's own)",
-                                       "纹理损失的目标图案（默认：Mist 自带的）")
+                       advanced=True, label="Fast mode (a different, faster method)")
+    target: Path | None = target_param("target pattern image for the textural loss (default: Mist's own)")
     object_prompt: bool = object_prompt_param()
 
     @property
@@ -60,7 +53,6 @@ class MistParams(MethodParams):
 class Mist(DenoiserMethod):
     name = "mist"
     title = "Mist v1.2"
-    title_zh = "Mist v1.2"
     summary = ("pulls the image's latent toward a target pattern (textural) and raises the denoising loss (semantic); "
                "the default")
     paper = "Liang et al., ICML 2023; Mist v1.2"

@@ -39,14 +39,11 @@ if TYPE_CHECKING:
 class Mist2Params(MethodParams):
     fused: bool = param(False, "Mist-v2's fused mode: lower the prediction's alignment with the true noise and raise "
                                "the latent's distance from the target, instead of the target-UNet loss",
-                        label="Fused (Mist-v2)", label_zh="融合（Mist-v2）",
-                        help_zh="Mist-v2 的融合模式：降低噪声预测与真实噪声的一致性，并增大潜变量与目标的距离，"
-                                "代替目标 UNet 损失")
+                        label="Fused (Mist-v2)")
     latent_weight: float = param(100.0, "fused mode: weight of the latent-distance term (Mist-v2's 1e2)", low=0,
-                                 high=1e6, label="Latent weight", label_zh="潜变量权重",
-                                 help_zh="仅用于融合模式：潜变量距离项的权重（Mist-v2 为 100）")
+                                 high=1e6, label="Latent weight")
     target: Path | None = target_param("target pattern the UNet's noise prediction is pushed toward (default: "
-                                       "Mist-v2's)", "UNet 噪声预测被推向的目标图案（默认：Mist-v2 的）")
+                                       "Mist-v2's)")
     object_prompt: bool = object_prompt_param()
 
 
@@ -54,7 +51,6 @@ class Mist2Params(MethodParams):
 class Mist2(DenoiserMethod):
     name = "mist2"
     title = "Mist-v2 (target UNet)"
-    title_zh = "Mist-v2（目标 UNet）"
     summary = "pushes the UNet's noise prediction on the image toward the target pattern's latent"
     paper = "Zheng et al., 2023; Mist-v2"
     Params = Mist2Params

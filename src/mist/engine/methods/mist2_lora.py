@@ -63,7 +63,6 @@ class Mist2LoRALoss(SurrogateLoss):
 class Mist2LoRA(Mist2):
     name = "mist2-lora"
     title = "Mist-v2 (LoRA surrogate)"
-    title_zh = "Mist-v2（LoRA 代理）"
     summary = ("Mist-v2's target-UNet attack against a LoRA surrogate fine-tuned on the images between rounds")
     paper = "Zheng et al., 2023; Mist-v2"
     Params = Mist2LoRAParams

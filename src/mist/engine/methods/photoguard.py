@@ -33,15 +33,13 @@ def grey_image():
 
 @dataclass(frozen=True)
 class PhotoGuardParams(MethodParams):
-    target: Path | None = target_param("image whose encoding the image's is driven to (default: flat grey)",
-                                       "把图片的编码推向此图像的编码（默认：纯灰色图像）")
+    target: Path | None = target_param("image whose encoding the image's is driven to (default: flat grey)")
 
 
 @register_method
 class PhotoGuard(Method):
     name = "photoguard"
     title = "PhotoGuard (encoder attack)"
-    title_zh = "PhotoGuard（编码器攻击）"
     summary = "drives the VAE encoder's output to that of a flat grey (or given) image; no UNet, cheap"
     paper = "Salman et al., ICML 2023"
     Params = PhotoGuardParams

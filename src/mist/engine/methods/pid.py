@@ -33,16 +33,13 @@ TERMS = {"add-log": ("mean", "log_variance"), "add": ("mean", "std"), "mean": ("
 class PIDParams(MethodParams):
     pid_loss: str = param("add-log", "what PID pushes away from the clean image's posterior: add-log, its mean and "
                                      "log-variance (the paper's choice); add, mean and standard deviation; mean; var, "
-                                     "the standard deviation", choices=LOSSES, label="PID loss", label_zh="PID 损失",
-                          help_zh="PID 使哪些量远离干净图像的后验：add-log 为均值与对数方差（论文的选择）；add 为均值与"
-                                  "标准差；mean 仅均值；var 仅标准差")
+                                     "the standard deviation", choices=LOSSES, label="PID loss")
 
 
 @register_method
 class PID(Method):
     name = "pid"
     title = "PID (prompt-independent)"
-    title_zh = "PID（与提示词无关）"
     summary = ("pushes the VAE encoder's posterior mean and variance away from the clean image's; no prompt, no UNet: "
                "cheap, a good CPU method")
     paper = "Li et al., ICML 2024"

@@ -35,17 +35,12 @@ SIGNS = ("-", "+")
 @dataclass(frozen=True)
 class SDSParams(MethodParams):
     sign: str = param("-", "-: lower the denoising loss (SDS-, the paper's strongest); +: raise it (SDS+)",
-                      choices=SIGNS, label="Sign", label_zh="符号",
-                      help_zh="-：降低去噪损失（SDS-，论文中最强）；+：提高去噪损失（SDS+）")
+                      choices=SIGNS, label="Sign")
     textural: bool = param(False, "also pull the image's latent toward the target pattern (SDST)",
-                           label="Textural target (SDST)", label_zh="纹理目标（SDST）",
-                           help_zh="同时把图片的潜变量拉向目标图案（SDST）")
+                           label="Textural target (SDST)")
     sds_weight: float = param(5.0, "SDST: the SDS gradient counts this many times against the textural one "
-                                   "(Diff-Protect's target_rate)", low=0, high=1e6, label="SDS weight",
-                              label_zh="SDS 权重", help_zh="仅用于 SDST：SDS 梯度相对纹理梯度的倍数（Diff-Protect 的 "
-                                                          "target_rate）")
-    target: Path | None = target_param("SDST's target pattern (default: Mist-v2's, as Xue et al.'s code)",
-                                       "SDST 的目标图案（默认：Mist-v2 的，与 Xue 等人的代码相同）")
+                                   "(Diff-Protect's target_rate)", low=0, high=1e6, label="SDS weight")
+    target: Path | None = target_param("SDST's target pattern (default: Mist-v2's, as Xue et al.'s code)")
     object_prompt: bool = object_prompt_param()
 
 
@@ -53,7 +48,6 @@ class SDSParams(MethodParams):
 class SDS(DenoiserMethod):
     name = "sds"
     title = "Score distillation (SDS)"
-    title_zh = "分数蒸馏（SDS）"
     summary = ("lowers (or raises) the denoising loss with the score-distillation gradient: the UNet runs forward "
                "only; optional textural target (SDST)")
     paper = "Xue et al., ICLR 2024"

@@ -22,27 +22,25 @@ if TYPE_CHECKING:
 def round_steps_param(default: int, source: str) -> Any:
     """`round_steps`: PGD steps between two fine-tuning rounds of the surrogate."""
     return param(default, f"PGD steps per round, between two fine-tunings of the surrogate ({source}: {default})",
-                 low=1, high=10000, advanced=True, label="Steps per round", label_zh="每轮步数",
-                 help_zh=f"每轮的 PGD 步数，两次代理模型微调之间（{source}：{default}）")
+                 low=1, high=10000, advanced=True, label="Steps per round")
 
 
 def surrogate_steps_param(default: int, source: str) -> Any:
     """`surrogate_steps`: optimiser steps of each fine-tuning round (0: the surrogate never trains)."""
     return param(default, f"fine-tuning steps of the surrogate per round; 0: it never trains ({source}: {default})",
-                 low=0, high=10000, advanced=True, label="Surrogate steps", label_zh="代理微调步数",
-                 help_zh=f"每轮代理模型的微调步数；0 表示不训练（{source}：{default}）")
+                 low=0, high=10000, advanced=True, label="Surrogate steps")
 
 
 def surrogate_lr_param(default: float, source: str) -> Any:
     """`surrogate_lr`: AdamW's learning rate for the surrogate."""
     return param(default, f"learning rate of the surrogate's fine-tuning ({source})", low=1e-10, high=1, advanced=True,
-                 label="Surrogate learning rate", label_zh="代理学习率", help_zh=f"代理模型微调的学习率（{source}）")
+                 label="Surrogate learning rate")
 
 
 def lora_rank_param() -> Any:
     """`lora_rank`: rank of the surrogate's LoRA adapters."""
     return param(4, "rank of the surrogate's LoRA adapters (Anti-DreamBooth's and Mist-v2's: 4)", low=1, high=1024,
-                 advanced=True, label="LoRA rank", label_zh="LoRA 秩", help_zh="代理模型 LoRA 适配器的秩（均为 4）")
+                 advanced=True, label="LoRA rank")
 
 
 def options(kind: str, rank: int, learning_rate: float) -> FinetuneOptions:

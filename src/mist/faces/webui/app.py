@@ -21,7 +21,8 @@ from mist.common.model_names import default_steps
 from mist.faces.webui.pages import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, EVALUATE_STRENGTH, SIZES, JobResult, Settings,
                                     WebUI, log, parse_auth)
 from mist.runner.work_limits import work_limits_from
-from mist.faces.webui.text import CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, TEXTS, detect_language, text
+from mist.faces.webui.text import (CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, METHODS_ZH, TEXTS,
+                                   detect_language, text)
 
 if TYPE_CHECKING:
     from mist.runner.jobs import ModelCache
@@ -429,22 +430,18 @@ def _wire_page(gr, demo, ui: WebUI, p: _Page) -> None:
 
 
 def method_labels() -> tuple[dict[str, str], dict[str, str]]:
-    """The page's labels of the methods and their parameters (from their declarations), in English and Chinese:
-    `method_<name>`, `param_<name>`, `param_<name>_info` and `param_<name>_<choice>`."""
+    """The page's labels of the methods and their parameters, in English (from their declarations) and Chinese (from
+    `text.METHODS_ZH`, else the English): `method_<name>`, `param_<name>`, `param_<name>_info` and
+    `param_<name>_<choice>`."""
     english: dict[str, str] = {}
-    chinese: dict[str, str] = {}
     for method in list_methods():
         english[f"method_{method.name}"] = method.title
-        chinese[f"method_{method.name}"] = method.title_zh or method.title
         for spec in param_specs(method.Params):
             english.setdefault(f"param_{spec.name}", spec.label)
-            chinese.setdefault(f"param_{spec.name}", spec.label_zh)
             english.setdefault(f"param_{spec.name}_info", spec.help)
-            chinese.setdefault(f"param_{spec.name}_info", spec.help_zh)
             for choice in spec.choices or ():
                 english.setdefault(f"param_{spec.name}_{choice}", spec.choice_labels.get(choice, str(choice)))
-                chinese.setdefault(f"param_{spec.name}_{choice}", spec.choice_labels_zh.get(choice, str(choice)))
-    return english, chinese
+    return english, {key: METHODS_ZH.get(key, text) for key, text in english.items()}
 
 
 def param_control(gr, label, spec, users: list[str], method: str):

@@ -299,3 +299,53 @@ def duration(seconds: float, lang: str) -> str:
     if seconds < 3600:
         return text(lang, "duration_m", m=seconds // 60, s=seconds % 60)
     return text(lang, "duration_h", h=seconds // 3600, m=seconds % 3600 // 60)
+
+
+# The Chinese names and help of the built-in methods and their parameters, by the keys `app.method_labels` gives them
+# (`method_<name>`, `param_<name>`, `param_<name>_info`, `param_<name>_<choice>`); the English ones are the methods'
+# own declarations. A method without an entry here (a plug-in's) shows its English texts.
+METHODS_ZH: dict[str, str] = {
+    "param_mode": "模式",
+    "param_mode_info": "纹理：把图片拉向目标图案；语义：干扰扩散模型的去噪；融合：两者兼顾",
+    "param_mode_textural": "纹理",
+    "param_mode_semantic": "语义",
+    "param_mode_fused": "融合",
+    "param_fused_weight": "两种方法的平衡（融合权重）",
+    "param_fused_weight_info": "仅用于融合模式：数值越大，语义部分的权重越高（为 10^(w+3) 倍）",
+    "param_fast": "快速模式（另一种更快的方法）",
+    "param_fast_info": "用分数蒸馏近似计算语义梯度（Xue 等，ICLR 2024）：约快一倍，但不是 Mist 的原始精确方法",
+    "param_object_prompt": "图片内容是物体（而非画风）",
+    "param_object_prompt_info": "图片内容是物体：用“a photo”代替“a painting”作为提示词",
+    "method_photoguard": "PhotoGuard（编码器攻击）",
+    "method_sds": "分数蒸馏（SDS）",
+    "param_sign": "符号",
+    "param_sign_info": "-：降低去噪损失（SDS-，论文中最强）；+：提高去噪损失（SDS+）",
+    "param_textural": "纹理目标（SDST）",
+    "param_textural_info": "同时把图片的潜变量拉向目标图案（SDST）",
+    "param_sds_weight": "SDS 权重",
+    "param_sds_weight_info": "仅用于 SDST：SDS 梯度相对纹理梯度的倍数（Diff-Protect 的 target_rate）",
+    "method_mist2": "Mist-v2（目标 UNet）",
+    "param_fused": "融合（Mist-v2）",
+    "param_fused_info": "Mist-v2 的融合模式：降低噪声预测与真实噪声的一致性，并增大潜变量与目标的距离，"
+                        "代替目标 UNet 损失",
+    "param_latent_weight": "潜变量权重",
+    "param_latent_weight_info": "仅用于融合模式：潜变量距离项的权重（Mist-v2 为 100）",
+    "method_pid": "PID（与提示词无关）",
+    "param_pid_loss": "PID 损失",
+    "param_pid_loss_info": "PID 使哪些量远离干净图像的后验：add-log 为均值与对数方差（论文的选择）；"
+                           "add 为均值与标准差；mean 仅均值；var 仅标准差",
+    "method_aspl": "Anti-DreamBooth（ASPL）",
+    "param_surrogate": "代理模型",
+    "param_surrogate_info": "代理模型微调的部分：LoRA 适配器，或整个 UNet（SD v1 上多用约 17 GB 内存）",
+    "param_surrogate_lora": "LoRA 适配器",
+    "param_surrogate_full": "整个 UNet",
+    "param_round_steps": "每轮步数",
+    "param_round_steps_info": "每轮的 PGD 步数，两次代理模型微调之间（Anti-DreamBooth's LoRA code：10）",
+    "param_surrogate_steps": "代理微调步数",
+    "param_surrogate_steps_info": "每轮代理模型的微调步数；0 表示不训练（Anti-DreamBooth's LoRA code：10）",
+    "param_surrogate_lr": "代理学习率",
+    "param_surrogate_lr_info": "代理模型微调的学习率（Anti-DreamBooth: 5e-6 for LoRA, 5e-7 for the whole UNet）",
+    "param_lora_rank": "LoRA 秩",
+    "param_lora_rank_info": "代理模型 LoRA 适配器的秩（均为 4）",
+    "method_mist2-lora": "Mist-v2（LoRA 代理）",
+}
