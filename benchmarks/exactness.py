@@ -31,14 +31,14 @@ from mist.common import images  # noqa: E402
 from mist.engine.config import ProtectConfig  # noqa: E402
 from mist.engine.methods import TileInputs  # noqa: E402
 from mist.engine.methods.mist import Mist  # noqa: E402
-from mist.engine.pipeline import default_target  # noqa: E402
+from mist.engine.methods.common import mist_target  # noqa: E402
 
 LAYOUTS = ("contiguous", "channels-last")
 
 
 def gradient(model, x: torch.Tensor) -> torch.Tensor:
     """The fused objective's gradient at x, with the same random draws every time."""
-    y = images.image_to_tensor(default_target(), (x.shape[3], x.shape[2]))
+    y = images.image_to_tensor(mist_target(), (x.shape[3], x.shape[2]))
     objective = Mist(ProtectConfig().params, model, "fp32").prepare([TileInputs(x, y, seed=lambda stream: 2)])
     x = x.clone().requires_grad_(True)
     objective(x, [torch.Generator().manual_seed(1)]).objective.sum().backward()

@@ -23,7 +23,7 @@ from mist.runner.evaluation.purify import Context, guided_filter, parse_purifica
 from mist.runner.jobs import ModelCache
 from mist.models import TINY
 from mist.models.loading import build_random
-from mist.engine.pipeline import default_target
+from mist.engine.methods.common import mist_target
 
 SIZE = 64
 FAST = dict(purify="jpeg:75", strengths=(0.35,), steps=4)
@@ -159,7 +159,7 @@ def test_protected_replaced_by_the_target_scores_at_the_target(tmp_path, origina
     fake = tmp_path / "target"
     fake.mkdir()
     for source in originals.iterdir():
-        default_target().resize((SIZE, SIZE), Image.Resampling.BICUBIC).save(fake / source.name)
+        mist_target().resize((SIZE, SIZE), Image.Resampling.BICUBIC).save(fake / source.name)
     result = mist.evaluate(originals, fake, model=evaluation_model, purify="", strengths=(0.25, 0.5), steps=4)
     assert {s.purification for s in result.scores} == {"none"} and len(result.scores) == 4
     for s in result.scores:

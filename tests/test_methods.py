@@ -251,10 +251,10 @@ def test_fp16_scales_only_objectives_that_are_a_mean_over_the_latent(tiny_model)
 
 def test_mist2_and_sdst_default_to_mist_v2s_target_and_take_a_given_one(tiny_model, tmp_path):
     from mist.engine.methods.common import mist_v2_target
-    from mist.engine.pipeline import default_target
+    from mist.engine.methods.common import mist_target
 
     ours = mist_v2_target()
-    assert ours.size == (1440, 1440) and ours.resize((64, 64)).tobytes() != default_target().resize((64, 64)).tobytes()
+    assert ours.size == (1440, 1440) and ours.resize((64, 64)).tobytes() != mist_target().resize((64, 64)).tobytes()
     Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "green.png")
     for name, params in (("mist2", {}), ("sds", {"textural": True})):
         cls = get_method(name)

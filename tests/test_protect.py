@@ -9,7 +9,8 @@ from PIL import Image
 from mist.common import images
 from mist.engine import pipeline
 from mist.engine.config import ProtectConfig
-from mist.engine.pipeline import Protector, default_target
+from mist.engine.methods.common import mist_target
+from mist.engine.pipeline import Protector
 
 
 def _protect(model, picture, mask=None, **settings):
@@ -79,7 +80,7 @@ def test_tiles_are_protected_separately_and_stitched_in_place(tiny_model, painti
     seeds made to depend on the seed and tile only, so the single-tile runs can be given tile k's streams)."""
     monkeypatch.setattr(pipeline, "tile_seed", _seed_of_tile_only)
     size, half = 64, 32
-    full_target = default_target().resize((size, size), Image.Resampling.BICUBIC)
+    full_target = mist_target().resize((size, size), Image.Resampling.BICUBIC)
     full_target.save(tmp_path / "target.png")
     resized = painting.resize((size, size), Image.Resampling.BICUBIC)
     blocks = _protect(tiny_model, resized, block_num=2, target=tmp_path / "target.png", seed=11)

@@ -51,7 +51,7 @@ def test_batched_results_stay_close_to_one_at_a_time(tiny_model, mode):
 def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_model):
     from mist.common import images
     from mist.engine.methods import TileInputs
-    from mist.engine.pipeline import default_target
+    from mist.engine.methods.common import mist_target
 
     picture = _pictures(1)[0]
     runs = {p: Protector(tiny_model, ProtectConfig(steps=3, input_size=64, precision=p, epsilon=8))
@@ -66,7 +66,7 @@ def test_bf16_weights_and_autocast_keep_the_budget_and_agree_with_fp32(tiny_mode
         assert results["bf16"].end[name] == pytest.approx(results["fp32"].end[name], rel=0.02), name
     # The signs PGD steps by, at the same point with the same random draws.
     x = images.image_to_tensor(picture, (64, 64))
-    y = images.image_to_tensor(default_target(), (64, 64))
+    y = images.image_to_tensor(mist_target(), (64, 64))
     signs = {}
     for precision, protector in runs.items():
         objective = protector.method.prepare([TileInputs(clean=x, target=y, seed=lambda stream: 2)])

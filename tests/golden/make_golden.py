@@ -101,12 +101,12 @@ def compute(workdir: Path) -> dict:
     from mist.engine.config import ProtectConfig
     from mist.models.loading import build_random
     from mist.engine.methods import TileInputs, get_method
-    from mist.engine.pipeline import default_target
+    from mist.engine.methods.common import mist_target
 
     model = build_random()
     config = ProtectConfig(precision="fp32")
     x = images.image_to_tensor(source_image(), (SIZE, SIZE))
-    y = images.image_to_tensor(default_target(), (SIZE, SIZE))
+    y = images.image_to_tensor(mist_target(), (SIZE, SIZE))
     method = get_method(config.method)(config.params, model, "fp32")
     objective = method.prepare([TileInputs(clean=x, target=y, seed=lambda stream: 11)])  # 11: the target's draw
 

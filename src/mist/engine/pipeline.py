@@ -17,7 +17,6 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from importlib import resources
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -79,12 +78,6 @@ class _Tile:
 
     def seed(self, seed: int, stream: str) -> int:
         return tile_seed(seed, self.digest, self.index, stream)
-
-
-def default_target() -> Image.Image:
-    """Mist's own target pattern (high-contrast rings and checks), shipped with the package."""
-    with resources.files("mist").joinpath("assets/target_pattern.png").open("rb") as handle:
-        return Image.open(handle).convert("RGB")
 
 
 def pixel_digest(x: torch.Tensor) -> str:

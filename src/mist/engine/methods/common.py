@@ -54,12 +54,22 @@ def target_or(path: Path | None, default: Callable[[], Image.Image]) -> Image.Im
     return images.read_image(path) if path else default()
 
 
+def mist_target() -> Image.Image:
+    """Mist v1.2's target pattern (high-contrast rings and checks), shipped with the package: the default target of
+    the `mist` method."""
+    return _shipped_image("target_pattern.png")
+
+
 def mist_v2_target() -> Image.Image:
     """The target pattern of Mist-v2 and of Xue et al.'s code (tiled "MIST" lettering, 1440 x 1440; data/MIST.png of
     psyker-team/mist-v2, Apache-2.0), shipped with the package: a different image from Mist v1.2's."""
+    return _shipped_image("mist_v2_target.png")
+
+
+def _shipped_image(name: str) -> Image.Image:
     from importlib import resources
 
     from PIL import Image
 
-    with resources.files("mist").joinpath("assets/mist_v2_target.png").open("rb") as handle:
+    with resources.files("mist").joinpath(f"assets/{name}").open("rb") as handle:
         return Image.open(handle).convert("RGB")

@@ -18,7 +18,8 @@ from typing import Sequence
 
 from mist.engine.methods import register_method
 from mist.engine.methods.base import Loss, LossTerms, MethodParams, TileInputs, param
-from mist.engine.methods.common import DenoiserMethod, object_prompt_param, prompt, target_or, target_param
+from mist.engine.methods.common import (DenoiserMethod, mist_target, object_prompt_param, prompt, target_or,
+                                       target_param)
 
 MODES = ("textural", "semantic", "fused")
 # Mist v1.2's numeric --mode codes (its README's table swaps 0 and 1; this is what its code ran).
@@ -64,9 +65,7 @@ class Mist(DenoiserMethod):
     def target_image(self):
         if self.params.mode == "semantic":
             return None
-        from mist.engine.pipeline import default_target
-
-        return target_or(self.params.target, default_target)
+        return target_or(self.params.target, mist_target)
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
         import torch
