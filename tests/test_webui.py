@@ -24,7 +24,7 @@ from mist.runner.jobs import NO_PROTECTION_WARNING, settings_text
 from mist.engine.config import ProtectConfig
 from mist.common.images import read_png_text
 from mist.runner.jobs import ModelCache
-from mist.faces.webui.pages import Settings, Upload, WebUI, run_job
+from mist.faces.webui.pages import Artwork, Settings, WebUI, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 # The handler takes sizes the page does not offer; the output at the processing size keeps the tests small.
@@ -168,7 +168,7 @@ def test_intro_says_where_images_are_processed(tmp_path, served, key):
 
 
 def test_invalid_settings_give_a_message(engine, tmp_path):
-    result = run_job([Upload(noise(tmp_path / "a.png"), "a.png")], Settings(seed=1.5, **FAST), engine, tmp_path)
+    result = run_job([Artwork(noise(tmp_path / "a.png"), "a.png")], Settings(seed=1.5, **FAST), engine, tmp_path)
     assert not result.outputs and "seed" in result.status and engine.loads <= 1
 
 
@@ -268,11 +268,11 @@ def test_batch_gives_pngs_and_a_zip_and_skips_a_corrupt_file(engine, tmp_path):
 def test_corrupt_or_oversized_upload_gives_a_message_not_an_exception(engine, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not an image")
-    result = run_job([Upload(junk, "junk.png")], Settings(**FAST), engine, tmp_path / "work", lang="zh")
+    result = run_job([Artwork(junk, "junk.png")], Settings(**FAST), engine, tmp_path / "work", lang="zh")
     assert not result.outputs and result.messages[0].startswith("已跳过 junk.png：")
     assert result.status == webui_text.text("zh", "nothing_done")
     big = noise(tmp_path / "big.png", size=(256, 256))
-    result = run_job([Upload(big, "big.png")], Settings(**FAST), engine, tmp_path / "work", max_upload_bytes=10_000)
+    result = run_job([Artwork(big, "big.png")], Settings(**FAST), engine, tmp_path / "work", max_upload_bytes=10_000)
     assert "above this server's limit" in result.messages[0] and not result.outputs
     assert run_job([], Settings(**FAST), engine, tmp_path).status == webui_text.text("en", "no_input")
     assert protect(WebUI(engine, tmp_path), "single").status == webui_text.text("en", "no_input")
@@ -321,11 +321,11 @@ def test_one_image_tab_says_why_it_refuses_a_file_and_takes_a_large_jpeg_as_it_i
     assert photo.stat().st_size < 2**20 < 1500 * 1100 * 3  # within the limit as a JPEG, above it decoded
     shown, said = ui.artwork(photo, "en", "page")
     assert said == "" and Image.open(shown).size == (round(1100 * webui.PREVIEW_SIDE / 1500), webui.PREVIEW_SIDE)
-    assert webui.artwork_upload(photo, None) == Upload(photo, "photo.jpg")  # the job reads the file as uploaded
+    assert webui.artwork_upload(photo, None) == Artwork(photo, "photo.jpg")  # the job reads the file as uploaded
 
 
 def test_cancel_stops_within_one_step_and_keeps_finished_images(engine, tmp_path):
-    files = [Upload(noise(tmp_path / f"{n}.png", seed=n), f"{n}.png") for n in range(3)]
+    files = [Artwork(noise(tmp_path / f"{n}.png", seed=n), f"{n}.png") for n in range(3)]
     cancel = threading.Event()
     events: list[tuple[float, str]] = []
     steps = 50
@@ -354,7 +354,7 @@ def test_cancel_stops_within_one_step_and_keeps_finished_images(engine, tmp_path
 
 def test_cancel_from_another_thread_stops_after_the_current_step(engine, tmp_path):
     cancel, stepping = threading.Event(), threading.Event()
-    upload = Upload(noise(tmp_path / "a.png"), "a.png")
+    upload = Artwork(noise(tmp_path / "a.png"), "a.png")
     after_cancel: list[str] = []
     box = {}
 

@@ -133,7 +133,7 @@ def _typed(value: Any, kind: str, flag: str) -> Any:
 
 
 @dataclass(frozen=True)
-class Upload:
+class Artwork:
     """One image to protect: the file as uploaded, the name it had on the user's computer (only the name goes into
     the output), and the region to protect (white, 255 = protect; None = everything)."""
 
@@ -142,7 +142,7 @@ class Upload:
     mask: Image.Image | None = None
 
 
-def file_uploads(files: Sequence[Any] | None) -> list[Upload]:
+def file_uploads(files: Sequence[Any] | None) -> list[Artwork]:
     """Uploads from a multi-file input: paths (gradio keeps each upload under its own name) or gradio file dicts."""
     uploads = []
     for item in files or []:
@@ -151,7 +151,7 @@ def file_uploads(files: Sequence[Any] | None) -> list[Upload]:
         else:
             path = Path(item if isinstance(item, (str, os.PathLike)) else item.name)  # a path, or a tempfile object
             name = path.name
-        uploads.append(Upload(path, name))
+        uploads.append(Artwork(path, name))
     return uploads
 
 
@@ -177,7 +177,7 @@ def editor_mask(value: dict[str, Any] | None, size: tuple[int, int]) -> Image.Im
     return Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), mode="L")
 
 
-def artwork_upload(path: str | os.PathLike | None, editor: dict[str, Any] | None) -> Upload | None:
+def artwork_upload(path: str | os.PathLike | None, editor: dict[str, Any] | None) -> Artwork | None:
     """The one-image tab's job: the uploaded file as it is (gradio keeps the user's file name) and the mask painted on
     its preview, at the artwork's size; None when no file was uploaded. An unreadable file gets no mask (the checks
     of `run_job` say what is wrong with it)."""
@@ -187,8 +187,8 @@ def artwork_upload(path: str | os.PathLike | None, editor: dict[str, Any] | None
     try:
         size = image_io.probe_image(path)
     except ValueError:
-        return Upload(path, path.name)
-    return Upload(path, path.name, editor_mask(editor, size))
+        return Artwork(path, path.name)
+    return Artwork(path, path.name, editor_mask(editor, size))
 
 
 def preview(path: Path, folder: Path) -> Path:
@@ -248,7 +248,7 @@ class JobResult:
 Progress = Callable[[float, str], None]
 
 
-def run_job(uploads: Sequence[Upload], settings: Settings | ProtectConfig, engine: ModelCache, workdir: Path, *,
+def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engine: ModelCache, workdir: Path, *,
             lang: str = "en", cancel: threading.Event | None = None, progress: Progress | None = None,
             max_upload_bytes: int | None = None, work_limits: WorkLimits | None = None) -> JobResult:
     """Protect `uploads` into a new folder under `workdir` through the job runner (`mist.runner.jobs.run_jobs`, as the
@@ -381,7 +381,7 @@ def _finish(result: JobResult, status: str, started: float) -> JobResult:
     return result
 
 
-def _upload_problem(upload: Upload, max_upload_bytes: int | None, lang: str, *, probe: bool = True) -> str | None:
+def _upload_problem(upload: Artwork, max_upload_bytes: int | None, lang: str, *, probe: bool = True) -> str | None:
     """What is wrong with an upload that shows without decoding it, without the file's name, or None: over the upload
     limit, and with `probe` not an image (its header). When the artwork is chosen the page probes it; before a job
     only the limit is the page's own check, the job runner checks the files as it does for the command line."""
@@ -398,7 +398,7 @@ def _upload_problem(upload: Upload, max_upload_bytes: int | None, lang: str, *, 
     return None
 
 
-def _without_path(message: str, upload: Upload) -> str:
+def _without_path(message: str, upload: Artwork) -> str:
     """An engine message names the server's temporary file; the page names the upload."""
     prefix = f"{upload.path}: "
     return message[len(prefix):] if message.startswith(prefix) else message.replace(str(upload.path), upload.name)
@@ -530,7 +530,7 @@ class WebUI:
             return None, ""
         path = Path(path)
         self._page(session).uploads.add(path)
-        upload = Upload(path, path.name)
+        upload = Artwork(path, path.name)
         problem = _upload_problem(upload, self.max_upload_bytes, lang)
         if not problem:
             try:
