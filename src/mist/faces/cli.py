@@ -16,13 +16,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
 from mist.engine.config import RUN_SETTINGS, ProtectConfig, RunSetting
-from mist.common.device_names import check_device_name
 from mist.runner.flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from mist.runner.manifest import METADATA_LEVELS
 from mist.common.model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from mist.engine.methods import ParamSpec, get_method, list_methods, param_specs, shared_params
 from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
-from mist.runner.runner_options import add_runner_options
+from mist.runner.runner_options import add_runner_options, check_device_option
 from mist.runner.work_limits import add_work_limit_options
 
 EXIT_FAILED_IMAGES = 1
@@ -389,8 +388,7 @@ def protect_command(args: argparse.Namespace) -> int:
 def _protect(args: argparse.Namespace) -> int:
     """Check every option first (nothing heavy is imported before that), then collect the files and run the batch."""
     config = config_from_args(args)
-    with fields_as_flags(RUN_FLAGS):
-        check_device_name(args.device)
+    check_device_option(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
     from mist.runner.inputs import collect_jobs
@@ -437,8 +435,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Check every option and find the model before anything heavy, then evaluate with a progress bar and write the
     report."""
     settings = evaluation_settings_from_args(args)
-    with fields_as_flags(RUN_FLAGS):
-        check_device_name(args.device)
+    check_device_option(args)
     from mist.runner.entrance import open_models
     from mist.runner.evaluation.job import EvaluationJob, run_evaluation
     from mist.faces.reporting import EvaluationConsole
@@ -478,8 +475,7 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
-    with fields_as_flags(RUN_FLAGS):
-        check_device_name(args.device)
+    check_device_option(args)
     from mist.faces.doctor import report
     from mist.models import quiet_model_libraries
 
@@ -500,8 +496,8 @@ def webui_command(args: argparse.Namespace) -> int:
     from mist.faces.webui.app import main as webui_main
 
     auth = login(args)
+    check_device_option(args)
     with fields_as_flags(RUN_FLAGS):
-        check_device_name(args.device)
         models = open_models(args.model, args.device, args.low_memory)
     warn_if_the_gpu_is_unused(models.device())
     from mist.models import quiet_model_libraries

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from mist.common.device_names import DEVICE_NAMES
+from mist.common.device_names import DEVICE_NAMES, check_device_name
+from mist.runner.flags import fields_as_flags
 
 MODEL_HELP = ("SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random' for a test model that protects "
               "nothing (default: $MIST_MODEL, then models/ldm/stable-diffusion-v1/model.ckpt, then the Hugging Face "
@@ -34,3 +35,10 @@ def add_runner_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                                  "install 'mist-protect[ray]'; every worker node needs Mist and the model)")
         parser.add_argument("--ray-resource", default="GPU", metavar="NAME",
                             help="with --ray: one worker per unit of this resource (default: %(default)s)")
+
+
+def check_device_option(args: argparse.Namespace) -> None:
+    """The early check of --device, before anything heavy is imported: ValueError("--device: ...") for a word that
+    names no device (whether this machine has it is `mist.runner.entrance.open_models`'s to say)."""
+    with fields_as_flags({"device": "--device"}):
+        check_device_name(args.device)

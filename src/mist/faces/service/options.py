@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mist.runner.runner_options import add_runner_options
+from mist.runner.runner_options import add_runner_options, check_device_option
 from mist.runner.work_limits import add_work_limit_options, work_limits_from
 
 _MB = 1024 * 1024
@@ -78,11 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
         limits = Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued) \
             if args.token_action == "create" else Limits()
         return token_command(args.token_action, args.data, args.database, getattr(args, "name", None), limits)
-    from mist.runner.flags import RUN_FLAGS, fields_as_flags
-    from mist.common.device_names import check_device_name
-
-    with fields_as_flags(RUN_FLAGS):
-        check_device_name(args.device)
+    check_device_option(args)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: must be 1 to 65535, got {args.port}")
     if args.retention_hours <= 0:
