@@ -214,7 +214,13 @@ def test_cli_writes_the_report(tmp_path, originals, protected, capsys):
     record = json.loads((report / "results.json").read_text())
     assert record["random_weights"] and "meaningless" in record["warning"] and record["method"] == "mist"
     assert [image["matched_by"] for image in record["images"]] == ["sha256", "sha256"]
-    assert "below 0.80" in record["verdict_rule"]
+    assert "different seeds" in record["verdict_rule"] and "random noise as large as the protection" in record[
+        "verdict_rule"]
+    assert [h["mimicry"] for h in record["headline"]] == ["img2img:0.25", "img2img:0.5"]
+    assert all(h["decision"] in ("holds", "broken", "unclear") and h["images"] == 2 for h in record["headline"])
+    assert all(0 <= s["floor_ssim"] <= 1 and 0 <= s["control_ssim"] <= 1 for s in record["scores"])
+    assert all(s["holds"] == (s["ssim"] < min(s["floor_ssim"], s["control_ssim"])) for s in record["scores"])
+    assert "img2img strength 0.25, after the strongest purifier tried" in out
     rows = list(csv.DictReader((report / "results.csv").open()))
     assert len(rows) == 2 * 3 * 2  # images x (none, jpeg:75, resize:0.5) x strengths
     assert {row["purification"] for row in rows} == {"none", "jpeg:75", "resize:0.5"}
@@ -222,7 +228,7 @@ def test_cli_writes_the_report(tmp_path, originals, protected, capsys):
     page = (report / "index.html").read_text()
     assert "meaningless for protection" in page and "plots/strength.png" in page and "plots/jpeg.png" in page
     # Written for the artist: words, not field names; numbers without exponents (-13,020, not -1.302e+04).
-    assert "Protection holds?" in page and "Likeness of the two mimicries" in page
+    assert "Protection holds?" in page and "Likeness of the two mimicries" in page and "The answer" in page
     assert not __import__("re").search(r"\b(rmse_levels|latent_mse|target_mse_\w+|loss_clean)\b|\de[+-]\d", page)
     for source in __import__("re").findall(r"src='([^']+)'", page):
         assert (report / source).is_file(), source
@@ -345,16 +351,17 @@ def test_an_interrupted_evaluation_resumes_without_redoing_its_finished_units(tm
     with pytest.raises(KeyboardInterrupt):
         mist.evaluate(originals, protected, report, model=evaluation_model, progress=stop_after_three, **FAST)
     kept = list((report / ".unfinished").iterdir())
-    assert len(kept) == 3 and not (report / "results.json").exists()
+    # The target's reference, then the noise floor and the random control (which made the clean mimicry on the way)
+    assert len(kept) == 4 and not (report / "results.json").exists()
 
     generated = []
     real_generate = Img2ImgMimicry.generate
     monkeypatch.setattr(Img2ImgMimicry, "generate",
                         lambda self, pictures, seed: generated.append(1) or real_generate(self, pictures, seed))
     resumed = mist.evaluate(originals, protected, report, model=evaluation_model, **FAST)
-    assert resumed.finished.reused == 3
-    # 2 purifications x (clean, protected) + 1 reference, less the reference and the "none" clean run kept before
-    assert len(generated) == 2 * 2 + 1 - 2
+    assert resumed.finished.reused == 4
+    # 2 purifications x (clean, protected) + the reference, the floor and the control, less the 4 kept before
+    assert len(generated) == 2 * 2 + 3 - 4
     assert not (report / ".unfinished").exists() and (report / "results.json").is_file()
     monkeypatch.setattr(Img2ImgMimicry, "generate", real_generate)
     fresh = mist.evaluate(originals, protected, model=evaluation_model, **FAST)
@@ -389,3 +396,44 @@ def test_a_report_folder_that_is_a_file_is_refused_in_one_line(tmp_path, origina
     assert code == cli.EXIT_USAGE and "Traceback" not in err
     assert f"{taken}: cannot hold outputs: it exists and is not a folder" in err.strip().splitlines()[-1]
     assert taken.read_text() == "the user's notes"
+
+
+def _score(image: str, purification: str, ssim: float, floor: float, control: float = 1.0):
+    from mist.runner.evaluation.scores import References, Score
+
+    references = References(floor, control)
+    return Score(image, purification, "img2img:0.5", 0.5, 1.0, ssim, 0.0, None, None, None, None, 0.0, 0.0,
+                 references.holds(ssim, None), floor, control)
+
+
+def test_the_verdict_is_judged_against_the_references_measured_in_the_run():
+    """Holds only below both the seed-to-seed floor and the random control (and a fixed bound only when given); the
+    headline takes each image's worst purifier and decides on the bootstrap interval of the mean effect."""
+    from mist.runner.evaluation.scores import References, headlines, verdict
+
+    assert References(0.7, 0.9).holds(0.6, None) and not References(0.7, 0.9).holds(0.75, None)
+    assert not References(0.7, 0.5).holds(0.6, None)  # random noise of its size changes the mimicry more
+    assert not References(0.7, 0.9).holds(0.6, 0.5) and References(None, None).holds(0.99, None)
+    held = [_score(f"i{n}", p, ssim, 0.8) for n in range(6) for p, ssim in (("none", 0.5), ("jpeg:75", 0.6 + n / 100))]
+    (h,) = headlines(held)
+    assert (h.worst, h.decision, h.held, h.images) == ("jpeg:75", "holds", 6, 6)
+    assert h.low <= h.effect <= h.high and h.low > 0 and abs(h.effect - (0.8 - 0.625)) < 1e-9
+    broken = [_score(f"i{n}", "none", 0.9 + n / 100, 0.8) for n in range(6)]
+    assert headlines(broken)[0].decision == "broken"
+    mixed = [_score(f"i{n}", "none", 0.8 + (0.1 if n % 2 else -0.1), 0.8) for n in range(6)]
+    assert headlines(mixed)[0].decision == "unclear"
+    assert headlines(held) == headlines(held)  # the interval's resampling is seeded
+    line = verdict([held[0], held[1]], {"jpeg:75": "JPEG q75"}, identical=False)
+    assert line.startswith("protection survived") and "JPEG q75" in line and "seed-to-seed 0.80" in line
+
+
+def test_the_random_control_spends_the_protections_budget_in_random_signs():
+    from mist.runner.evaluation.run import random_signs
+
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.round((x + 1) * 127.5) / 127.5 - 1  # an 8-bit image
+    noisy = random_signs(x, 8, seed=3)
+    levels = torch.round((noisy - x) * 127.5).abs()
+    inside = (torch.round((x + 1) * 127.5) >= 8) & (torch.round((x + 1) * 127.5) <= 247)
+    assert levels.max() == 8 and bool((levels[inside] == 8).all())  # clipped only at 0 and 255
+    assert torch.equal(noisy, random_signs(x, 8, seed=3)) and not torch.equal(noisy, random_signs(x, 8, seed=4))

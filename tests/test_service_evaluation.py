@@ -136,12 +136,12 @@ def test_an_evaluation_cancels_at_its_next_step_and_resumes_without_redoing_fini
         assert (folder / "originals" / "a.png").is_file()  # and its uploads, so it can be resumed
         before = len(calls)
         resumed = http.post(f"/v1/jobs/{job}/resume")
-        assert resumed.status_code == 202 and resumed.json()["state"] == "queued"
+        assert resumed.status_code == 202 and resumed.json()["state"] in ("queued", "running")  # the worker is quick
         assert wait_finished(http, job)["state"] == "done"
         assert http.post(f"/v1/jobs/{job}/resume").status_code == 409  # only a cancelled job
-    # The full run generates 3 times (the target's reference, the clean and the protected mimicry); the resumed run
-    # read the reference back at least.
-    assert len(calls) - before <= 2
+    # The full run generates 5 times (the target's reference, the clean mimicry with two seeds, the random control,
+    # the protected mimicry); the resumed run read the reference back at least.
+    assert len(calls) - before <= 4
     assert not (folder / "out" / ".unfinished").exists()
     service.store.close()
 

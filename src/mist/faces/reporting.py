@@ -137,13 +137,15 @@ class EvaluationConsole:
             self.bar = None
 
     def finish(self, evaluation, index) -> None:
-        """The verdict of each image and where the report is."""
-        from mist.runner.evaluation.report import RANDOM_WEIGHTS_WARNING
+        """The verdict of each image, the set's answer per mimicry, and where the report is."""
+        from mist.runner.evaluation.report import RANDOM_WEIGHTS_WARNING, headline_lines
 
         for line in evaluation.skipped + evaluation.unmatched:
             print(line, file=sys.stderr)
         for result in evaluation.images:
             print(f"{result.pair.protected}: {result.verdict}")
+        for line in headline_lines(evaluation):
+            print(line)
         reused = evaluation.finished.reused if evaluation.finished is not None else 0
         print(f"report: {index} ({evaluation.seconds:.0f} s"
               + (f"; {reused} unit(s) finished by an interrupted run were reused" if reused else "") + ")")

@@ -803,8 +803,7 @@ class WebUI:
                 self._drop_previews(page)
         view.summary = "\n\n".join(
             [view.summary, text(lang, "evaluate_done", images=len(evaluation.images),
-                                time=duration(time.perf_counter() - started, lang),
-                                threshold=f"{settings.ssim_threshold:g}")]
+                                time=duration(time.perf_counter() - started, lang))]
             + ([text(lang, "evaluate_removed")] if removed else []))
         view.originals_removed = removed
         return view

@@ -133,7 +133,8 @@ EN: dict[str, str] = {
     "evaluate_failed": "The evaluation could not run:",
     "evaluate_cancelled": "Evaluation cancelled. The originals are kept: you can run it again.",
     "evaluate_done": "Checked {images} image(s) in {time} (SSIM of the two img2img results: 1 means identical; the "
-                     "protection holds below {threshold}).",
+                     "protection holds where it is lower than between two img2img results of the original with "
+                     "different seeds, and than after random noise as large as the protection).",
     "evaluate_removed": "The copy of the originals was deleted from the server; protect again to evaluate once more.",
     "col_clean": "original",
     "col_protected": "protected",
@@ -241,7 +242,8 @@ ZH: dict[str, str] = {
     "evaluate_left": "，预计还需 {eta}",
     "evaluate_failed": "无法进行检验：",
     "evaluate_cancelled": "检验已取消。原图仍保留，可以重新检验。",
-    "evaluate_done": "已检验 {images} 张图片，用时 {time}（两个 img2img 结果的 SSIM：1 表示完全相同；低于 {threshold} "
+    "evaluate_done": "已检验 {images} 张图片，用时 {time}（两个 img2img 结果的 SSIM：1 表示完全相同；"
+                     "低于原图用不同随机种子的两次 img2img 结果之间的 SSIM，且低于加入同等大小随机噪声后的 SSIM，"
                      "表示保护有效）。",
     "evaluate_removed": "原图副本已从服务器删除；如需再次检验，请重新保护。",
     "col_clean": "原图",

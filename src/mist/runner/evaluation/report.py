@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mist.common import files
 from mist.version import __version__
-from mist.runner.evaluation.scores import Score
+from mist.runner.evaluation.scores import BOOTSTRAP_DRAWS, CONFIDENCE, Score
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -26,10 +26,14 @@ if TYPE_CHECKING:
 RANDOM_WEIGHTS_WARNING = ("This model has random weights (a test model): every number below is meaningless for "
                           "protection. Use a real Stable Diffusion v1 checkpoint to judge it.")
 SCORE_COLUMNS = ("rmse_levels", "ssim", "latent_mse", "target_pull", "target_mse_protected", "target_mse_clean",
-                 "target_mse_reference", "loss_clean", "loss_protected", "holds")
+                 "target_mse_reference", "loss_clean", "loss_protected", "floor_ssim", "control_ssim", "effect",
+                 "holds")
 # What the page's score tables show, in words an artist reads (the verdict first; every number, the method's losses
 # and the target distances included, is in results.csv and results.json under its field name).
 PAGE_COLUMNS = (("holds", "Protection holds?"), ("ssim", "Likeness of the two mimicries (SSIM, 1 = same)"),
+                ("floor_ssim", "Likeness of two mimicries of the original (other seed)"),
+                ("control_ssim", "Likeness after random noise of the same size"),
+                ("effect", "Effect beyond chance (above 0: protects)"),
                 ("rmse_levels", "Pixel difference of the two mimicries (0-255)"),
                 ("target_pull", "Pull toward the target pattern (0 none, 1 full)"))
 INVISIBILITY_LABELS = {"psnr_db": "PSNR (dB, higher: less visible)", "ssim": "SSIM with the original (1 = same)",
@@ -85,6 +89,7 @@ def results_record(evaluation: Evaluation) -> dict:
         "settings": {"purify": s.purify, "strengths": list(s.strengths), "steps": s.steps, "guidance": s.guidance,
                      "prompt": s.prompt, "seed": s.seed, "ssim_threshold": s.ssim_threshold},
         "verdict_rule": verdict_rule(evaluation),
+        "headline": [_finite(h.as_dict()) for h in evaluation.headlines],
         "purifications": [{"name": p.name, "label": p.label} for p in evaluation.purifications],
         "mimicries": [{"name": n, "label": label, "strength": strength} for n, label, strength in evaluation.mimicries],
         "skipped": evaluation.skipped,
@@ -99,9 +104,36 @@ def results_record(evaluation: Evaluation) -> dict:
 
 
 def verdict_rule(evaluation: Evaluation) -> str:
-    return (f"The protection holds for an image, purification and mimicry when the SSIM between the mimicry outputs "
-            f"of the protected and of the clean image (same purification, same seed) is below "
-            f"{evaluation.settings.ssim_threshold:.2f}.")
+    """How the verdicts were reached, in words (the thresholds are measured in the run, not chosen)."""
+    bound = evaluation.settings.ssim_threshold
+    fixed = f", and below the fixed bound {bound:.2f} (--ssim-threshold)" if bound is not None else ""
+    return ("The protection holds for an image, purification and mimicry when the SSIM between the mimicry outputs "
+            "of the protected and of the clean image (same purification, same seed) is below two references measured "
+            "on the same image in this run: the SSIM between two mimicries of the clean image with different seeds "
+            "(the mimicry's own randomness), and the SSIM between the mimicries of the clean image and of the clean "
+            f"image plus random noise as large as the protection (same seed){fixed}. Effect = the first reference "
+            "minus the SSIM: above 0, the protection changes the mimicry more than chance does. The headline takes, "
+            "per image, the purification that left the least effect, and gives the mean effect over images with a "
+            f"{CONFIDENCE:.0%} bootstrap interval ({BOOTSTRAP_DRAWS} resamplings of the images): it holds where the "
+            "interval lies above 0 and most images held, is broken where it lies below 0, and is unclear otherwise. "
+            "Each image was mimicked with one pair of seeds, so the interval covers the images, not more seeds.")
+
+
+def headline_lines(evaluation: Evaluation) -> list[str]:
+    """The answer first, one plain line per mimicry: does mimicry of these images still work after the strongest
+    purifier tried?"""
+    labels = {p.name: p.label for p in evaluation.purifications}
+    mimicries = {name: label for name, label, _ in evaluation.mimicries}
+    lines = []
+    for h in evaluation.headlines:
+        after = f"after the strongest purifier tried ({labels.get(h.worst, h.worst)})"
+        interval = f" [{h.low:+.3f}, {h.high:+.3f}]" if h.images > 1 else ""
+        answer = {"holds": "the protection holds: mimicry of these images is disrupted beyond its own randomness",
+                  "broken": "the protection is broken: the mimicry works as on the originals",
+                  "unclear": "unclear: the protection's effect is within the mimicry's own randomness"}[h.decision]
+        lines.append(f"{mimicries.get(h.mimicry, h.mimicry)}, {after}: {answer} (effect {h.effect:+.3f}{interval}; "
+                     f"{h.held} of {h.images} image(s) held)")
+    return lines
 
 
 def _finite(record: dict) -> dict:
@@ -167,7 +199,7 @@ def _strength_plot(evaluation: Evaluation) -> bytes | None:
         style = dict(marker=MARKERS[len(axes[0].lines) % len(MARKERS)], alpha=0.85, label=purification.label)
         axes[0].plot(strengths, ssim, **style)  # a marker of its own per line: overlapping lines stay apart
         axes[1].plot(strengths, pull, **style)
-    axes[0].axhline(evaluation.settings.ssim_threshold, color="grey", linestyle="--", linewidth=1)
+    _bound(axes[0], evaluation)
     axes[0].set(xlabel="img2img strength", ylabel="SSIM, protected vs clean output",
                 title="Likeness of the mimicries (lower: holds)")
     axes[1].set(xlabel="img2img strength", ylabel="target pull",
@@ -176,6 +208,15 @@ def _strength_plot(evaluation: Evaluation) -> bytes | None:
     figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
     figure.tight_layout(rect=(0, 0.12, 1, 1))  # the legend below both plots, covering neither
     return _save(figure, laid_out=True)
+
+
+def _bound(axes, evaluation: Evaluation) -> None:
+    """The mean noise floor (dashed), and a fixed --ssim-threshold where one was given (dotted)."""
+    floors = [s.floor_ssim for s in evaluation.scores if s.floor_ssim is not None]
+    if floors:
+        axes.axhline(_mean(floors), color="grey", linestyle="--", linewidth=1)
+    if evaluation.settings.ssim_threshold is not None:
+        axes.axhline(evaluation.settings.ssim_threshold, color="grey", linestyle=":", linewidth=1)
 
 
 def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
@@ -192,7 +233,7 @@ def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
                                      if s.mimicry == name and s.purification == "none"])))
         points.sort()
         axes.plot([q for q, _ in points], [v for _, v in points], marker="o", label=label)
-    axes.axhline(evaluation.settings.ssim_threshold, color="grey", linestyle="--", linewidth=1)
+    _bound(axes, evaluation)
     axes.set(xlabel="JPEG quality (100: not compressed)", ylabel="SSIM, protected vs clean output",
              title="Protection versus JPEG compression (lower: protection holds)")
     handles, names = axes.get_legend_handles_labels()
@@ -229,6 +270,10 @@ def _html(evaluation: Evaluation, pictures: dict, plots: dict) -> str:
         f"&ldquo;{e(s.prompt)}&rdquo;, seed {s.seed}; Mist {e(__version__)}; {evaluation.seconds:.0f} s.</p>"
         f"<p><b>Verdict rule:</b> {e(verdict_rule(evaluation))} Target pull: 0 = the protected image's mimicry is as "
         "far from the target pattern as the clean image's, 1 = as close as the target pattern's own mimicry.</p>")
+    if evaluation.headlines:
+        parts.insert(2 if evaluation.random_weights else 1, "<h2>The answer</h2><ul>" + "".join(
+            f"<li class='{'holds' if h.decision == 'holds' else 'broken'}'><b>{e(line)}</b></li>"
+            for h, line in zip(evaluation.headlines, headline_lines(evaluation), strict=True)) + "</ul>")
     if evaluation.skipped or evaluation.unmatched:
         parts.append("<h2>Not run</h2><ul>" + "".join(f"<li>{e(line)}</li>"
                                                        for line in evaluation.skipped + evaluation.unmatched) + "</ul>")

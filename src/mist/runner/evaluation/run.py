@@ -24,7 +24,7 @@ from mist.runner.estimate import Estimate
 from mist.runner.evaluation.pairs import Pair, match_pairs
 from mist.runner.evaluation.purify import NONE, Context, Purification, parse_purifications
 from mist.runner.evaluation.resume import Finished, evaluation_key
-from mist.runner.evaluation.scores import Score, score, verdict, worst_cases
+from mist.runner.evaluation.scores import Headline, References, Score, headlines, score, verdict, worst_cases
 from mist.runner.evaluation.settings import EvaluationSettings
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ class Evaluation:
     seconds: float
     scored_with: dict[str, Any] = field(default_factory=dict)  # the method's parameters its loss was computed with
     finished: Finished | None = None  # its units of work kept for a resume (cleared once the report is out)
+    headlines: list[Headline] = field(default_factory=list)  # the set's answer per mimicry (`scores.headlines`)
 
     @property
     def worst(self) -> list[Score]:
@@ -124,7 +125,7 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     model = models.model(EVALUATION_PARTS | get_method(method_name).parts, on_load).placed(device)
     mimicries = _mimicries(model, settings, extra_mimicries, cancel)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
-    ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + len(mimicries), progress, cancel)
+    ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + 3 * len(mimicries), progress, cancel)
     identity = models.identity() if resume is not None else None  # hashing files and model only to resume
     finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
                                                f"{identity.name} {identity.sha256}") if identity else "")
@@ -133,12 +134,12 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
         own = [s for s in scores if s.image == result.pair.name]
-        result.verdict = verdict(own, labels, bool(torch.equal(cleans[index], shields[index])),
-                                 settings.ssim_threshold)
+        result.verdict = verdict(own, labels, bool(torch.equal(cleans[index], shields[index])))
     return Evaluation(settings=settings, model=str(models.identity().name), random_weights=model.random_weights,
                       method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
                       mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
-                      seconds=time.perf_counter() - started, scored_with=scoring.params.record(), finished=finished)
+                      seconds=time.perf_counter() - started, scored_with=scoring.params.record(), finished=finished,
+                      headlines=headlines(scores, settings.seed))
 
 
 def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[str]:
@@ -214,6 +215,7 @@ class _Scoring:
     settings: EvaluationSettings
     tick: _Ticker
     finished: Finished
+    _made: dict[str, list] = field(default_factory=dict)  # mimicry outputs this run has made or read back, by unit
 
     def run(self, purifications: list[Purification], mimicries: list[Mimicry], results: list[ImageResult],
             cleans: list[torch.Tensor], shields: list[torch.Tensor]) -> list[Score]:
@@ -223,6 +225,8 @@ class _Scoring:
             references[mimicry.name] = self.finished.unit(
                 f"reference {mimicry.name}", partial(_reference_latents, mimicry, targets, self.settings.seed))
             self.tick(f"target reference, {mimicry.label}")
+        budgets = [round(result.invisibility["linf_levels"]) for result in results]
+        calibration = {mimicry.name: self._references(mimicry, cleans, budgets) for mimicry in mimicries}
         scores: list[Score] = []
         for purification in purifications:
             purified_clean, purified_protected, losses = self.finished.unit(
@@ -233,8 +237,24 @@ class _Scoring:
             self.tick(purification.label)
             for mimicry in mimicries:
                 scores += self._mimicked(purification, mimicry, results, purified_clean, purified_protected,
-                                         targets, references[mimicry.name], losses)
+                                         targets, references[mimicry.name], losses, calibration[mimicry.name])
         return scores
+
+    def _references(self, mimicry: Mimicry, cleans: list[torch.Tensor], budgets: list[int]) -> list[References]:
+        """Per image, the noise floor (its clean mimicry against the same with the next seed) and the random control
+        (against the mimicry of the clean image plus random signs of the protection's L-infinity, same seed)."""
+        from mist.runner.evaluation.metrics import ssim
+
+        seed = self.settings.seed
+        clean_out = self._generated(f"none {mimicry.name} clean", mimicry, cleans)
+        floor_out = self._generated(f"floor {mimicry.name}", mimicry, cleans, seed + 1)
+        self.tick(f"seed-to-seed variation, {mimicry.label}")
+        noisy = [random_signs(x, budget, seed + index)
+                 for index, (x, budget) in enumerate(zip(cleans, budgets, strict=True))]
+        control_out = self._generated(f"control {mimicry.name}", mimicry, noisy)
+        self.tick(f"random-noise control, {mimicry.label}")
+        return [References(ssim(floor.images, clean.images)[0].item(), ssim(control.images, clean.images)[0].item())
+                for clean, floor, control in zip(clean_out, floor_out, control_out, strict=True)]
 
     def _purified(self, purification: Purification, cleans: list[torch.Tensor], shields: list[torch.Tensor]
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, float]]]:
@@ -248,17 +268,21 @@ class _Scoring:
                                                                  strict=True)]
         return purified_clean, purified_protected, losses
 
-    def _generated(self, unit: str, mimicry: Mimicry, pictures: list[torch.Tensor]) -> list[Generated]:
-        """`mimicry` run on `pictures` with the evaluation's seed, or read back when an earlier run finished it."""
+    def _generated(self, unit: str, mimicry: Mimicry, pictures: list[torch.Tensor],
+                   seed: int | None = None) -> list[Generated]:
+        """`mimicry` run on `pictures` with `seed` (default: the evaluation's), or read back when this run or an
+        earlier one made it."""
         from mist.runner.evaluation.img2img import Generated
 
-        kept = self.finished.unit(unit, lambda: [(g.images, g.latents)
-                                                  for g in mimicry.generate(pictures, self.settings.seed)])
-        return [Generated(images, latents) for images, latents in kept]
+        seed = self.settings.seed if seed is None else seed
+        if unit not in self._made:
+            self._made[unit] = self.finished.unit(unit, lambda: [(g.images, g.latents)
+                                                                 for g in mimicry.generate(pictures, seed)])
+        return [Generated(images, latents) for images, latents in self._made[unit]]
 
     def _mimicked(self, purification: Purification, mimicry: Mimicry, results: list[ImageResult],
                   purified_clean: list[torch.Tensor], purified_protected: list[torch.Tensor], targets: list,
-                  references: list, losses: list[tuple[float, float]]) -> list[Score]:
+                  references: list, losses: list[tuple[float, float]], calibration: list[References]) -> list[Score]:
         unit = f"{purification.name} {mimicry.name}"
         clean_out = self._generated(f"{unit} clean", mimicry, purified_clean)
         self.tick(f"{purification.label}, {mimicry.label} (clean)")
@@ -270,7 +294,7 @@ class _Scoring:
             target = targets[index][1] if targets[index] is not None else None
             scores.append(score(result.pair.name, purification.name, mimicry.name, mimicry.strength, c.images,
                                 p.images, c.latents, p.latents, target, references[index], losses[index],
-                                self.settings.ssim_threshold))
+                                calibration[index], self.settings.ssim_threshold))
             if purification is NONE:
                 result.pictures[f"{mimicry.name} clean"] = _thumbnail(images.tensor_to_image(c.images))
             result.pictures[f"{mimicry.name} {purification.name}"] = _thumbnail(images.tensor_to_image(p.images))
@@ -345,6 +369,16 @@ class _MethodScorer:
                 mean, _ = self.model.posterior(picture.to(self.model.device))
             out.append((picture, (mean * self.model.arch.latent_scale).cpu()))
         return out
+
+
+def random_signs(x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """`x` (1, 3, H, W) in [-1, 1] from an 8-bit image, plus or minus `levels` 0..255 levels at random per value
+    (the protection's L-infinity budget spent without aim), kept in 0..255: the random control's input."""
+    import torch
+
+    signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int64) * 2 - 1
+    pixel_levels = torch.round((x + 1) * 127.5) + signs * levels
+    return pixel_levels.clamp(0, 255) / 127.5 - 1
 
 
 def _reference_latents(mimicry: Mimicry, targets: list, seed: int) -> list:

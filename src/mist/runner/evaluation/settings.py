@@ -16,7 +16,6 @@ from mist.runner.evaluation.purify import DEFAULT_PURIFY, parse_purifications
 # SD's schedule has 1000 training timesteps and DDIM offsets its first one by 1 past the step spacing: 1000 steps
 # would ask for timestep 1000, past the schedule's end.
 MAX_DDIM_STEPS = 999
-SSIM_THRESHOLD = 0.8  # protection holds where the two mimicry outputs are less alike than this
 
 
 @dataclass(frozen=True)
@@ -24,8 +23,9 @@ class EvaluationSettings:
     """How `mist evaluate` runs. purify: comma list of purifications (`mist.runner.evaluation.purify`); strengths:
     img2img strengths (0..1); steps: DDIM steps of the full schedule; guidance: classifier-free guidance scale; prompt:
     "a painting" or "a photo"; seed: of every random draw (the same for clean and protected images); method: whose loss
-    scores the purified images (None: the method the protected images record, else Mist's); ssim_threshold: below it,
-    the mimicry outputs of protected and clean images count as different (the protection holds). lora: also run LoRA
+    scores the purified images (None: the method the protected images record, else Mist's); ssim_threshold: an
+    absolute bound the SSIM of the protected and clean mimicry outputs must also stay below for the protection to hold
+    (None: none; the verdict is calibrated against references measured in the run, see `scores`). lora: also run LoRA
     fine-tuning mimicry (`mimicry.LoraMimicry`) with `lora_steps` training steps of rank `lora_rank` at
     `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps)."""
 
@@ -36,7 +36,7 @@ class EvaluationSettings:
     prompt: str = STYLE_PROMPT
     seed: int = 0
     method: str | None = None
-    ssim_threshold: float = SSIM_THRESHOLD
+    ssim_threshold: float | None = None
     lora: bool = False
     lora_steps: int = 500
     lora_rank: int = 4
@@ -57,7 +57,7 @@ class EvaluationSettings:
             raise ValueError(f"lora_steps, lora_rank: must be at least 1, got {self.lora_steps}, {self.lora_rank}")
         if not (math.isfinite(self.lora_learning_rate) and self.lora_learning_rate > 0):
             raise ValueError(f"lora_learning_rate: must be above 0, got {self.lora_learning_rate}")
-        if not 0 < self.ssim_threshold <= 1:
+        if self.ssim_threshold is not None and not 0 < self.ssim_threshold <= 1:
             raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
         if self.method is not None:
             from mist.engine.methods import get_method
@@ -86,8 +86,11 @@ EVALUATION_OPTIONS: dict[str, Option] = {
     "seed": Option("--seed", "int", "seed of every random draw"),
     "method": Option("--method", "str", "method whose loss scores the purified images (default: the one the "
                                         "protected images record)"),
-    "ssim_threshold": Option("--ssim-threshold", "float", "protection holds where the SSIM of the protected and "
-                                                          "clean mimicry outputs is below this"),
+    "ssim_threshold": Option("--ssim-threshold", "float", "also require the SSIM of the protected and clean "
+                                                          "mimicry outputs to be below this for the protection to "
+                                                          "hold (the verdict is calibrated in the run against the "
+                                                          "mimicry's seed-to-seed variation and a same-size random "
+                                                          "noise; this adds a fixed bound)"),
     "lora": Option("--lora", "bool", "also run LoRA fine-tuning mimicry: adapters trained on the clean set and on "
                                      "the protected set, then images sampled from the prompt with the same seeds "
                                      "(needs peft; slow: see README)"),
@@ -116,6 +119,8 @@ def evaluation_settings(given: Mapping[str, Any], names: Mapping[str, str] | Non
 
 
 def _typed(value: Any, kind: str) -> Any:
+    if value is None:  # a JSON null: the setting's "none" (an optional one), checked by EvaluationSettings
+        return None
     if kind == "list":
         return _numbers(value)
     if kind == "str":
