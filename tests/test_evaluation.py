@@ -288,12 +288,31 @@ def test_each_purification_keeps_the_size_and_changes_the_image(evaluation_model
     picture = _painting(1)
     context = Context(evaluation_model, seed=0)
     for purification in parse_purifications("jpeg:50,resize:0.5,jpeg-resize:75,blur:1.5,noise:8,crop:0.8,adverse:8,"
-                                            "sdedit:0.3"):
+                                            "sdedit:0.3,vae,vae:2"):
         out = purification(picture, context)
         assert out.size == picture.size and out.mode == "RGB", purification.name
         assert not np.array_equal(np.asarray(out), np.asarray(picture)), purification.name
     noise = parse_purifications("noise:8")[0]
     assert np.array_equal(np.asarray(noise(picture, context)), np.asarray(noise(picture, context)))
+
+
+def test_the_vae_round_trip_is_the_decoded_posterior_mean(evaluation_model):
+    """`vae` projects the image onto what the loaded VAE can make: encoded (posterior mean, nothing drawn), decoded,
+    as often as its value says; the same image gives the same result."""
+    from mist.common import images as image_io
+
+    picture = _painting(1).resize((40, 32))
+    once, twice = parse_purifications("vae,vae:2")
+    assert (once.label, twice.label) == ("VAE round trip x1", "VAE round trip x2")
+    context = Context(evaluation_model, seed=0)
+    x = image_io.image_to_tensor(picture, (40, 32))
+    with torch.no_grad():
+        mean, _ = evaluation_model.posterior(x)
+        expected = image_io.tensor_to_image(evaluation_model.decode(mean * evaluation_model.arch.latent_scale)
+                                            .clamp(-1, 1))
+    assert np.array_equal(np.asarray(once(picture, context)), np.asarray(expected))
+    assert np.array_equal(np.asarray(once(picture, context)), np.asarray(once(picture, Context(evaluation_model, 5))))
+    assert not np.array_equal(np.asarray(twice(picture, context)), np.asarray(expected))
 
 
 def test_weights_that_are_absent_skip_with_a_reason(tmp_path, monkeypatch):

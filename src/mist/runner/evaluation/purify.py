@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # numpy, Pillow and OpenCV are imported where used: the command line reads KINDS for its help
     import numpy as np
+    import torch
     from PIL import Image
 
     from mist.models import StableDiffusion
 
 # The suite run when none is named: the studies' purifications that run here, strongest settings included. IMPRESS
 # and noisy x4 upscaling are not in it while they are not implemented (named, they are listed as skipped, with why).
-DEFAULT_PURIFY = "jpeg:95,jpeg:75,jpeg:50,resize:0.5,jpeg-resize:75,blur:1,noise:8,crop:0.9,adverse:64,sdedit:0.2"
+DEFAULT_PURIFY = ("jpeg:95,jpeg:75,jpeg:50,resize:0.5,jpeg-resize:75,blur:1,noise:8,crop:0.9,adverse:64,sdedit:0.2,"
+                  "vae")
 X4_UPSCALER_REPOSITORY = "stabilityai/stable-diffusion-x4-upscaler"
 
 
@@ -214,19 +216,44 @@ def sdedit(image: Image.Image, strength: float, context: Context) -> Image.Image
     """DiffPure-style regeneration through the user's SD checkpoint: noise the image to `strength` of the schedule and
     denoise it with DDIM, with no prompt and no guidance, at the image's size floored to multiples of 8."""
     import torch
-    from PIL import Image
 
-    from mist.common import images as image_io
     from mist.models.components import UNCONDITIONAL_PROMPT
     from mist.runner.evaluation.img2img import img2img
 
+    def regenerated(x: torch.Tensor) -> torch.Tensor:
+        return img2img(context.model, x, strength, [torch.Generator().manual_seed(context.seed)], guidance=1.0,
+                       prompt=UNCONDITIONAL_PROMPT, cancel=context.cancel).images
+
+    return _through_model("sdedit", image, context, regenerated)
+
+
+def vae_round_trip(image: Image.Image, passes: float, context: Context) -> Image.Image:
+    """A latent-space projection (after VAE-Trans, "Purify Once, Edit Freely", 2026): the image encoded by the SD
+    checkpoint's VAE (its posterior mean, no sampling) and decoded, `passes` times. A perturbation that lives off the
+    images the VAE can make is what it removes; nothing random is drawn."""
+    import torch
+
+    def projected(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for _ in range(int(passes)):
+                mean, _ = context.model.posterior(x.to(context.model.device))
+                x = context.model.decode(mean * context.model.arch.latent_scale).clamp(-1.0, 1.0).cpu()
+        return x
+
+    return _through_model("vae", image, context, projected)
+
+
+def _through_model(name: str, image: Image.Image, context: Context,
+                   transform: Callable[[torch.Tensor], torch.Tensor]) -> Image.Image:
+    """`transform` of the image as a tensor in [-1, 1] at its size floored to multiples of 8, back at its own size."""
+    from PIL import Image
+
+    from mist.common import images as image_io
+
     if context.model is None:
-        raise RuntimeError("sdedit needs the Stable Diffusion model")
+        raise RuntimeError(f"{name} needs the Stable Diffusion model")
     size = (max(8, image.width // 8 * 8), max(8, image.height // 8 * 8))
-    x = image_io.image_to_tensor(image, size)
-    out = img2img(context.model, x, strength, [torch.Generator().manual_seed(context.seed)], guidance=1.0,
-                  prompt=UNCONDITIONAL_PROMPT, cancel=context.cancel)
-    result = image_io.tensor_to_image(out.images)
+    result = image_io.tensor_to_image(transform(image_io.image_to_tensor(image, size)))
     return result if result.size == image.size else result.resize(image.size, Image.Resampling.BICUBIC)
 
 
@@ -258,6 +285,7 @@ KINDS: dict[str, Kind] = {
     "crop": Kind(0.9, 0.1, 1, crop_and_resize, "crop {value} + resize"),
     "adverse": Kind(64, 0, 256, adverse_cleaner, "AdverseCleaner ({value} bilateral)"),
     "sdedit": Kind(0.2, 0.01, 1, sdedit, "SDEdit {value}"),
+    "vae": Kind(1, 1, 10, vae_round_trip, "VAE round trip x{value}"),
     "impress": Kind(None, 0, 0, None, "IMPRESS", _impress_unavailable),
     "upscale": Kind(None, 0, 0, None, "noisy x4 upscaling", _upscaler_unavailable),
 }
