@@ -147,6 +147,8 @@ def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[st
     skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
     if lpips_reason:
         skipped.append(f"LPIPS: skipped: {lpips_reason}")
+        skipped += [f"{p.name}: its similarity term is 1 - SSIM, a weight-free stand-in for LPIPS"
+                    for p in requested if p.kind == "impress"]
     return skipped + ["BRISQUE / NIQE: skipped: their models are trained weights Mist does not ship or download",
                       "FID / CLIP score: skipped: they need Inception / CLIP weights Mist does not ship or download"]
 
