@@ -46,3 +46,18 @@ def test_ssim_of_an_image_no_larger_than_its_window_is_the_padded_one():
     a, b = (torch.rand(1, 3, 8, 8, generator=generator) for _ in range(2))
     padded = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
     assert ssim(a * 2 - 1, b * 2 - 1).item() == pytest.approx(padded.item(), abs=1e-6)
+
+
+def test_ms_ssim_uses_the_scales_the_image_allows_and_vif_falls_with_noise():
+    """MS-SSIM and VIF come from torchmetrics: identical images score 1, noisier copies score lower; MS-SSIM keeps as
+    many of Wang et al.'s 5 scales as the image's smaller side allows (None below 11 pixels)."""
+    from mist.runner.evaluation.metrics import ms_ssim, vif
+
+    generator = torch.Generator().manual_seed(1)
+    for side in (48, 200):
+        a = torch.rand(1, 3, side, side, generator=generator) * 2 - 1
+        light, heavy = ((a + noise * torch.randn(a.shape, generator=generator)).clamp(-1, 1) for noise in (0.05, 0.3))
+        assert ms_ssim(a, a).item() == pytest.approx(1.0, abs=1e-5) and vif(a, a).item() == pytest.approx(1.0, abs=1e-3)
+        assert 0 < ms_ssim(a, heavy).item() < ms_ssim(a, light).item() < 1
+        assert 0 < vif(a, heavy).item() < vif(a, light).item() < 1
+    assert ms_ssim(torch.zeros(1, 3, 10, 30), torch.zeros(1, 3, 10, 30)) is None

@@ -46,6 +46,33 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).mean(1)
 
 
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003's weights of its 5 scales
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Multi-scale SSIM (Wang, Simoncelli & Bovik 2003; torchmetrics, Gaussian window 11, sigma 1.5) per image, on as
+    many of its 5 scales as the image allows (each halving needs the smaller side above 10 x 2^(scales - 1) pixels:
+    161 px for all 5, 11 px for 1); None for an image smaller than that."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    side = min(a.shape[-2:])
+    scales = max((n for n in range(1, 6) if side > (SSIM_WINDOW - 1) * 2 ** (n - 1)), default=0)
+    if not scales:
+        return None
+    return multiscale_structural_similarity_index_measure(_unit(a), _unit(b), data_range=1.0, reduction="none",
+                                                          kernel_size=SSIM_WINDOW, sigma=1.5,
+                                                          betas=MS_SSIM_BETAS[:scales])
+
+
+def vif(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Visual information fidelity (Sheikh & Bovik 2006, pixel domain; torchmetrics) of `b` as a copy of `a`, per image:
+    1 for identical images, lower as information is lost."""
+    from torchmetrics.functional.image import visual_information_fidelity
+
+    return torch.stack([visual_information_fidelity(_unit(b[i : i + 1]), _unit(a[i : i + 1]))
+                        for i in range(a.shape[0])])
+
+
 def linf_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Largest change of any pixel channel, in 0..255 levels (the unit of `--epsilon`), per image."""
     return ((a.float() - b.float()).abs() * 127.5).flatten(1).amax(1)
@@ -97,9 +124,12 @@ class Lpips:
 
 
 def invisibility(clean: torch.Tensor, protected: torch.Tensor, lpips: Lpips | None = None) -> dict[str, float]:
-    """How visible the protection of one image (1, 3, H, W) is: PSNR (dB), SSIM, L-infinity and L2 (0..255 levels),
-    and LPIPS when given."""
+    """How visible the protection of one image (1, 3, H, W) is: PSNR (dB), SSIM, MS-SSIM (where the image is large
+    enough), VIF, L-infinity and L2 (0..255 levels), and LPIPS when given."""
+    multi = ms_ssim(clean, protected)
     scores = {"psnr_db": psnr(clean, protected)[0].item(), "ssim": ssim(clean, protected)[0].item(),
+              **({"ms_ssim": multi[0].item()} if multi is not None else {}),
+              "vif": vif(clean, protected)[0].item(),
               "linf_levels": linf_levels(clean, protected)[0].item(),
               "l2_levels": l2_levels(clean, protected)[0].item()}
     if lpips is not None:

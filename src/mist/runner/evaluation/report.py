@@ -37,6 +37,8 @@ PAGE_COLUMNS = (("holds", "Protection holds?"), ("ssim", "Likeness of the two mi
                 ("rmse_levels", "Pixel difference of the two mimicries (0-255)"),
                 ("target_pull", "Pull toward the target pattern (0 none, 1 full)"))
 INVISIBILITY_LABELS = {"psnr_db": "PSNR (dB, higher: less visible)", "ssim": "SSIM with the original (1 = same)",
+                       "ms_ssim": "MS-SSIM with the original (1 = same)",
+                       "vif": "VIF: information kept (1 = all)",
                        "linf_levels": "Largest pixel change (0-255)", "l2_levels": "Overall change (L2, 0-255)",
                        "lpips": "LPIPS (0 = same)"}
 
