@@ -21,6 +21,7 @@ from mist.runner.manifest import METADATA_LEVELS
 from mist.common.model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
 from mist.engine.methods import ParamSpec, get_method, list_methods, param_specs, shared_params
 from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
+from mist.faces.evaluate_options import add_evaluate_options, evaluation_settings_from_args
 from mist.runner.runner_options import add_runner_options, check_device_option
 from mist.runner.work_limits import add_work_limit_options
 
@@ -160,7 +161,7 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
     """
     from mist.runner.entrance import open_models
     from mist.runner.jobs import run_jobs
-    from mist.faces.reporting import ConsoleReporter
+    from mist.faces.reporting import ConsoleReporter, warn_if_the_gpu_is_unused
 
     with fields_as_flags(flags or protect_flags()):  # before any image is touched
         models = open_models(model_spec, device_name, low_memory, compile, ray, ray_resource, config.precision)
@@ -184,46 +185,6 @@ def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name
         return EXIT_HANG_UP if hang_up else EXIT_INTERRUPTED
     reporter.finish(summary, time.perf_counter() - started)
     return 0 if summary.ok else EXIT_FAILED_IMAGES
-
-
-def warn_if_the_gpu_is_unused(device) -> None:
-    """Say loudly (stderr) when this machine has an NVIDIA GPU that PyTorch cannot use, and why, unless the run is on
-    CUDA anyway: on a rented GPU server that is the difference between minutes and hours."""
-    from mist.models.device import cuda_problem
-
-    if device.type != "cuda" and (problem := cuda_problem()):
-        print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)
-
-
-def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
-    """The settings of `mist evaluate`, from their table (`mist.runner.evaluation.settings.EVALUATION_OPTIONS`); their
-    defaults are EvaluationSettings'. Values are typed when the settings are made, as for every face."""
-    from mist.runner.evaluation.purify import KINDS
-    from mist.runner.evaluation.settings import EVALUATION_OPTIONS, EvaluationSettings
-
-    kinds = ", ".join(f"{name}" + (f":{kind.default:g}" if kind.default is not None else "")
-                      for name, kind in KINDS.items() if name != "none")
-    defaults = EvaluationSettings()
-    g = parser.add_argument_group("evaluation")
-    for name, option in EVALUATION_OPTIONS.items():
-        default = getattr(defaults, name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help = option.help.format(kinds=kinds)
-        if option.kind == "bool":
-            g.add_argument(option.flag, dest=name, action="store_true", default=None, help=help)
-            continue
-        if shown is not None:
-            help += f" (default: {shown})".replace("%", "%%")
-        g.add_argument(option.flag, dest=name, default=None, metavar="LIST" if option.kind == "list" else None,
-                       help=help)
-
-
-def evaluation_settings_from_args(args: argparse.Namespace):
-    """The `EvaluationSettings` `mist evaluate` was given; ValueError naming the flag when one is invalid."""
-    from mist.runner.evaluation.settings import EVALUATION_OPTIONS, evaluation_settings
-
-    return evaluation_settings({name: getattr(args, name) for name in EVALUATION_OPTIONS
-                                if getattr(args, name) is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,18 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     webui.add_argument("--max-upload-mb", type=float, default=50, help="largest upload accepted (default: %(default)s)")
     add_work_limit_options(webui)
 
+    from mist.faces.compare_command import add_compare_parser
     from mist.faces.service.options import add_serve_parser
 
+    add_compare_parser(commands)
     add_serve_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mist.faces.compare_command import compare_command
+
     def run() -> int:
         args = build_parser().parse_args(argv)
         configure_logging(args.verbose)
         command = {"protect": protect_command, "download-model": download_command, "doctor": doctor_command,
-                   "webui": webui_command, "serve": serve_command, "evaluate": evaluate_command}
+                   "webui": webui_command, "serve": serve_command, "evaluate": evaluate_command,
+                   "compare": compare_command}
         return command[args.command](args)
 
     return guarded("mist", run)
@@ -438,7 +404,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     check_device_option(args)
     from mist.runner.entrance import open_models
     from mist.runner.evaluation.job import EvaluationJob, run_evaluation
-    from mist.faces.reporting import EvaluationConsole
+    from mist.faces.reporting import EvaluationConsole, warn_if_the_gpu_is_unused
 
     with fields_as_flags(RUN_FLAGS):  # before any image is read
         models = open_models(args.model, args.device)
@@ -499,6 +465,8 @@ def webui_command(args: argparse.Namespace) -> int:
     check_device_option(args)
     with fields_as_flags(RUN_FLAGS):
         models = open_models(args.model, args.device, args.low_memory)
+    from mist.faces.reporting import warn_if_the_gpu_is_unused
+
     warn_if_the_gpu_is_unused(models.device())
     from mist.models import quiet_model_libraries
 

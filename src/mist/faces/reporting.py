@@ -151,3 +151,12 @@ class EvaluationConsole:
               + (f"; {reused} unit(s) finished by an interrupted run were reused" if reused else "") + ")")
         if evaluation.random_weights:
             print(f"WARNING: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
+
+
+def warn_if_the_gpu_is_unused(device) -> None:
+    """Say loudly (stderr) when this machine has an NVIDIA GPU that PyTorch cannot use, and why, unless the run is on
+    CUDA anyway: on a rented GPU server that is the difference between minutes and hours."""
+    from mist.models.device import cuda_problem
+
+    if device.type != "cuda" and (problem := cuda_problem()):
+        print(f"WARNING: {problem}. This run uses the {device.type}, many times slower.", file=sys.stderr)

@@ -172,13 +172,13 @@ def _mean(values: list[float]) -> float:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
-def _figure():
+def new_figure():
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
     return Figure(figsize=(9, 3.6), dpi=100)
 
 
-def _save(figure, laid_out: bool = False) -> bytes:
+def figure_png(figure, laid_out: bool = False) -> bytes:
     buffer = io.BytesIO()
     if not laid_out:
         figure.tight_layout()
@@ -191,7 +191,7 @@ def _strength_plot(evaluation: Evaluation) -> bytes | None:
     strengths = sorted({s.strength for s in evaluation.scores if s.strength is not None})
     if not strengths:
         return None
-    figure = _figure()
+    figure = new_figure()
     axes = figure.subplots(1, 2)
     for purification in evaluation.purifications:
         own = [s for s in evaluation.scores if s.purification == purification.name and s.strength is not None]
@@ -209,7 +209,7 @@ def _strength_plot(evaluation: Evaluation) -> bytes | None:
     handles, names = axes[1].get_legend_handles_labels()
     figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
     figure.tight_layout(rect=(0, 0.12, 1, 1))  # the legend below both plots, covering neither
-    return _save(figure, laid_out=True)
+    return figure_png(figure, laid_out=True)
 
 
 def _bound(axes, evaluation: Evaluation) -> None:
@@ -226,7 +226,7 @@ def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
     qualities = sorted(p.value for p in evaluation.purifications if p.kind == "jpeg" and p.value is not None)
     if not qualities:
         return None
-    figure = _figure()
+    figure = new_figure()
     axes = figure.subplots(1, 1)
     for name, label, _ in evaluation.mimicries:
         points = [(q, _mean([s.ssim for s in evaluation.scores
@@ -241,7 +241,7 @@ def _jpeg_plot(evaluation: Evaluation) -> bytes | None:
     handles, names = axes.get_legend_handles_labels()
     figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
     figure.tight_layout(rect=(0, 0.12, 1, 1))  # the legend below the plot, covering no line
-    return _save(figure, laid_out=True)
+    return figure_png(figure, laid_out=True)
 
 
 _STYLE = """
