@@ -61,3 +61,4 @@ def test_ms_ssim_uses_the_scales_the_image_allows_and_vif_falls_with_noise():
         assert 0 < ms_ssim(a, heavy).item() < ms_ssim(a, light).item() < 1
         assert 0 < vif(a, heavy).item() < vif(a, light).item() < 1
     assert ms_ssim(torch.zeros(1, 3, 10, 30), torch.zeros(1, 3, 10, 30)) is None
+    assert vif(torch.zeros(1, 3, 40, 64), torch.zeros(1, 3, 40, 64)) is None  # too small for VIF's four scales

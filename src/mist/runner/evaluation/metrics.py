@@ -64,10 +64,16 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
                                                           betas=MS_SSIM_BETAS[:scales])
 
 
-def vif(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+VIF_MIN_SIDE = 41  # torchmetrics' VIF filters four scales: a smaller image has no room for them
+
+
+def vif(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """Visual information fidelity (Sheikh & Bovik 2006, pixel domain; torchmetrics) of `b` as a copy of `a`, per image:
-    1 for identical images, lower as information is lost."""
+    1 for identical images, lower as information is lost; None for an image under VIF_MIN_SIDE pixels a side."""
     from torchmetrics.functional.image import visual_information_fidelity
+
+    if min(a.shape[-2:]) < VIF_MIN_SIDE:
+        return None
 
     return torch.stack([visual_information_fidelity(_unit(b[i : i + 1]), _unit(a[i : i + 1]))
                         for i in range(a.shape[0])])
@@ -124,12 +130,12 @@ class Lpips:
 
 
 def invisibility(clean: torch.Tensor, protected: torch.Tensor, lpips: Lpips | None = None) -> dict[str, float]:
-    """How visible the protection of one image (1, 3, H, W) is: PSNR (dB), SSIM, MS-SSIM (where the image is large
-    enough), VIF, L-infinity and L2 (0..255 levels), and LPIPS when given."""
-    multi = ms_ssim(clean, protected)
+    """How visible the protection of one image (1, 3, H, W) is: PSNR (dB), SSIM, MS-SSIM and VIF (where the image is
+    large enough for them), L-infinity and L2 (0..255 levels), and LPIPS when given."""
+    multi, fidelity = ms_ssim(clean, protected), vif(clean, protected)
     scores = {"psnr_db": psnr(clean, protected)[0].item(), "ssim": ssim(clean, protected)[0].item(),
               **({"ms_ssim": multi[0].item()} if multi is not None else {}),
-              "vif": vif(clean, protected)[0].item(),
+              **({"vif": fidelity[0].item()} if fidelity is not None else {}),
               "linf_levels": linf_levels(clean, protected)[0].item(),
               "l2_levels": l2_levels(clean, protected)[0].item()}
     if lpips is not None:
