@@ -62,6 +62,7 @@ def test_evaluate_shows_the_grid_scores_and_verdict_of_the_last_job_then_deletes
     assert clean.size == protected.size == (64, 64) and not np.array_equal(np.asarray(clean), np.asarray(protected))
     assert text("en", "no_protection") in view.summary  # random weights: the numbers say nothing
     assert "- art: protection " in view.summary  # the verdict line of the image
+    assert "after the strongest purifier tried" in view.summary  # and the answer for the set
     assert view.originals_removed and not kept.exists() and ui._page("page").kept is None
     again = ui.evaluate(EVALUATE_STRENGTH, False, "zh", "page")
     assert again.grid == [] and again.summary == text("zh", "evaluate_nothing")

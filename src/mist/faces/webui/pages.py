@@ -884,6 +884,8 @@ class EvaluationView:
 
 def evaluation_view(evaluation: Evaluation, folder: Path, lang: str) -> EvaluationView:
     """The grid and verdicts of `evaluation` (one img2img strength), its pictures saved as PNGs in `folder`."""
+    from mist.runner.evaluation.report import headline_lines
+
     (name, _, _), = evaluation.mimicries
     purified = [p for p in evaluation.purifications if p.name != "none"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -903,6 +905,7 @@ def evaluation_view(evaluation: Evaluation, folder: Path, lang: str) -> Evaluati
             result.pictures[key].save(path, format="PNG")
             grid.append((path, f"{result.pair.name}: {caption}"))
         lines.append(f"- {result.pair.name}: {result.verdict}")
+    lines += [f"**{line}**" for line in headline_lines(evaluation)]  # the set's answer, as the report opens with it
     return EvaluationView(grid, "\n".join(lines), columns=4 + 2 * len(purified))
 
 
