@@ -382,6 +382,7 @@ def test_a_device_this_machine_lacks_is_refused_by_every_face_before_serving(tmp
         errors.append(capsys.readouterr().err.strip().splitlines()[-1])
     assert len(set(errors)) == 1 and errors[0].startswith(f"mist: error: --device: {device}"), errors
     assert not (tmp_path / "out").exists() and not (tmp_path / "report").exists()
+    assert not (tmp_path / "data").exists()  # no data folder, and so no API token made and printed for nothing
 
 
 def test_a_data_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):

@@ -96,8 +96,8 @@ def models_for(options: ServeOptions) -> Any:
                            options.ray_resource)
 
 
-def build_service(options: ServeOptions, store: JobStore) -> Service:
-    models = models_for(options)
+def build_service(options: ServeOptions, store: JobStore, models: Any) -> Service:
+    """The service over `store` and the runner `models` opened for it (`models_for`)."""
     retention = options.retention_hours * 3600
     worker = Worker(store, options.data, models, retention_seconds=retention, lease_seconds=options.lease_seconds)
     return Service(store=store, data=options.data, worker=worker, require_tokens=not options.no_auth,
@@ -111,6 +111,7 @@ def serve(options: ServeOptions) -> int:
 
     if options.no_auth and not is_loopback(options.host):
         raise ValueError(f"--no-auth: only on loopback (127.0.0.1); listening on {options.host} needs tokens")
+    models = models_for(options)  # a device or model it cannot have is refused before anything is written
     store = open_store(options.data, options.database)
     if options.no_auth:
         print("mist serve: --no-auth: every program and account on this machine can submit, read and delete jobs "
@@ -124,7 +125,7 @@ def serve(options: ServeOptions) -> int:
             released = store.release_leases()
             if released:
                 log.warning("%d job(s) interrupted by the last server resume now", released)
-        service = build_service(options, store)
+        service = build_service(options, store, models)
         print(f"mist serve: http://{options.host}:{options.port}/docs  (data: {options.data}, model: "
               f"{service.model_name}{', tokens required' if service.require_tokens else ''})", flush=True)
         uvicorn.run(create_app(service), host=options.host, port=options.port, log_level="warning",
