@@ -58,6 +58,7 @@ def test_an_evaluation_job_writes_the_report_the_runner_writes(tmp_path, models,
         status = wait_finished(http, created.json()["id"])
         assert status["kind"] == "evaluate" and status["state"] == "done", status
         assert status["progress"] == 1.0 and status["units"]["done"] == status["units"]["total"] > 0
+        assert "seconds_per_step" not in status and status["seconds_per_unit"] > 0  # units, not PGD steps
         assert status["images"] == [{"name": "a.png", "state": "done", "message": None,
                                      "url": f"/v1/jobs/{status['id']}/results/index.html"}]
         assert status["settings"]["strengths"] == [0.5] and status["settings"]["seed"] == 3

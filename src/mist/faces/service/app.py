@@ -428,7 +428,7 @@ def _evaluation_progress(service: Service, job: JobRecord) -> dict[str, Any]:
     return {
         "progress": 1.0 if done else round(estimate.fraction if units["total"] else 0.0, 4),
         "eta_seconds": None if job.state in FINISHED or left is None or not units["total"] else round(left, 1),
-        "seconds_per_step": job.seconds_per_step, "units": {"done": units["done"], "total": units["total"]},
+        "seconds_per_unit": job.seconds_per_step, "units": {"done": units["done"], "total": units["total"]},
         "doing": units["doing"],
         "images": [{"name": image.name, "state": image.state, "message": image.message,
                     "url": f"/v1/jobs/{job.id}/results/index.html" if image.state == "done" else None}

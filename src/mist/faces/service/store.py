@@ -57,7 +57,7 @@ jobs_table = sa.Table(
     sa.Column("cancel", sa.Boolean, nullable=False, default=False),
     sa.Column("lease_owner", sa.String(64)),
     sa.Column("lease_until", sa.Float),
-    sa.Column("seconds_per_step", sa.Float),
+    sa.Column("seconds_per_step", sa.Float),  # an evaluation's: seconds per unit of work
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("kind", sa.String(16), nullable=False, server_default="protect"),
     sa.Column("progress", sa.Text),  # JSON {"done", "total", "doing"}: an evaluation's units of work
