@@ -180,7 +180,7 @@ class RunSetting:
     `ProtectConfig._problems`): the `mist protect` flag, which the HTTP service's form also takes without its dashes;
     a one-letter flag; the kind of its value as faces type it (`mist.runner.flags.typed_value`: "int", "float",
     "bool" for a switch, "str", "file"); its choices where they are fixed; `bare`, the value the flag alone stands for;
-    and one line of help with the unit."""
+    `metavar`, its value's name in the command line's help; and one line of help with the unit."""
 
     flag: str
     kind: str
@@ -188,6 +188,7 @@ class RunSetting:
     short: str | None = None
     choices: tuple[str, ...] | None = None
     bare: str | None = None
+    metavar: str | None = None  # how the command line's help names the value (default: the flag's name)
 
 
 # Every run setting, once; the methods' own parameters are declared with them (`mist.engine.methods.param`).
@@ -212,7 +213,8 @@ RUN_SETTINGS: dict[str, RunSetting] = {
                                             f"transforms of the image, a comma list of {', '.join(TRANSFORMS)}; "
                                             f"--robust alone: {','.join(DEFAULT_TRANSFORMS)}. Costs --eot-samples "
                                             "times the time per step", bare=",".join(DEFAULT_TRANSFORMS)),
-    "eot_samples": RunSetting("--eot-samples", "int", "with --robust: transforms drawn and averaged per step"),
+    "eot_samples": RunSetting("--eot-samples", "int", "with --robust: transforms drawn and averaged per step",
+                              metavar="K"),
     "shape": RunSetting("--shape", "str", "blur: reshape the finished perturbation's spectrum like the image's, per "
                                           "region (after BlurGuard), within the same epsilon and mask",
                         choices=SHAPES),

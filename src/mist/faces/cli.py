@@ -96,8 +96,8 @@ def _add_setting_flag(group, name: str, setting: RunSetting, default: Any) -> No
         options.update(default=None if name == "steps" else default, choices=choices,
                        type=Path if setting.kind == "file" else word_as(name) if setting.kind in ("int", "float")
                        else None)
-        if name == "eot_samples":
-            options["metavar"] = "K"
+        if setting.metavar is not None:
+            options["metavar"] = setting.metavar
     if shown is not None and shown != "" and setting.kind != "file":
         options["help"] += f" (default: {shown})"
     elif setting.choices and shown is None:

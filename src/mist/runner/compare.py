@@ -80,10 +80,11 @@ def compare(originals: Path, folder: Path, chosen: Sequence[Arm], base: ProtectC
     folder/reports/<arm>, and return the comparison (written by `mist.runner.evaluation.comparison`). `base`: the
     run settings every arm shares (its method and epsilon are the arm's; the method's parameters its defaults)."""
     from mist.runner.evaluation.job import EvaluationJob, run_evaluation
+    from mist.runner.evaluation.settings import settings_record
     from mist.runner.inputs import collect_jobs
     from mist.runner.jobs import run_jobs
 
-    comparison = Comparison({"base": json.loads(base.to_json()), "evaluation": _plain(settings)})
+    comparison = Comparison({"base": json.loads(base.to_json()), "evaluation": settings_record(settings)})
     for arm in chosen:
         config = base.but(method=arm.method, epsilon=arm.epsilon)
         protected = folder / "protected" / arm.name
@@ -120,9 +121,3 @@ def _arm_result(arm: Arm, record: Path, failed: int) -> ArmResult:
             invisibility[key] = sum(values) / len(values)
     return ArmResult(arm, invisibility, data.get("headline", []), record.parent, failed,
                      bool(data.get("random_weights")))
-
-
-def _plain(settings: EvaluationSettings) -> dict[str, Any]:
-    from mist.runner.evaluation.settings import settings_record
-
-    return settings_record(settings)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from mist.common.images import probe_image
 from mist.runner.evaluation.pairs import match_pairs
 from mist.runner.evaluation.settings import EVALUATION_OPTIONS, evaluation_settings, settings_record
 from mist.runner.work_limits import WorkLimits
@@ -96,8 +95,7 @@ def _save(folder: Path, settings: dict[str, Any], uploads: dict[str, list[Upload
 
 def _check_size(name: str, path: Path, limits: WorkLimits) -> None:
     """An image is evaluated at its own size: at most as many pixels as a square at the server's processing limit."""
-    with Image.open(path) as picture:
-        width, height = picture.size
+    width, height = probe_image(path)
     if width * height > limits.max_input_size ** 2:
         raise SubmitError(413, f"protected: {name}: {width} x {height} pixels is over this server's limit of "
                                f"{limits.max_input_size} x {limits.max_input_size} (its --max-input-size)")

@@ -179,12 +179,11 @@ class Worker:
         returns the state it ends in."""
         from mist.engine.attack import Cancelled
         from mist.runner.evaluation.job import EvaluationJob, run_evaluation
-        from mist.runner.evaluation.settings import EvaluationSettings
+        from mist.runner.evaluation.settings import evaluation_settings
 
         indices = [image.idx for image in job.images]
         self.store.set_images(job.id, indices, state="running")
-        settings = EvaluationSettings(**{name: tuple(value) if isinstance(value, list) else value
-                                         for name, value in job.settings.items()})
+        settings = evaluation_settings(job.settings)  # the record `settings_record` made at submission
         evaluation_job = EvaluationJob(folder / ORIGINALS, folder / PROTECTED, settings, folder / OUTPUT_FOLDER,
                                        shown_from=folder)
         try:
