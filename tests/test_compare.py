@@ -76,3 +76,13 @@ def test_compare_refuses_bad_options_before_anything_runs(originals, tmp_path, c
         code = cli.main(["compare", str(originals), "-o", str(tmp_path / "x"), *FAST, *extra])
         assert code == cli.EXIT_USAGE and message in capsys.readouterr().err, extra
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_without_the_evaluation_extra_protects_nothing(originals, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code = cli.main(["compare", str(originals), "-o", str(tmp_path / "c"), *FAST])
+    assert code == cli.EXIT_USAGE and "pip install 'mist-protect[evaluate]'" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "protected").exists()

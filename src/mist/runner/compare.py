@@ -78,11 +78,15 @@ def compare(originals: Path, folder: Path, chosen: Sequence[Arm], base: ProtectC
             cancel: threading.Event | None = None) -> Comparison:
     """Protect `originals` (a file or folder) with each arm into folder/protected/<arm>, evaluate each into
     folder/reports/<arm>, and return the comparison (written by `mist.runner.evaluation.comparison`). `base`: the
-    run settings every arm shares (its method and epsilon are the arm's; the method's parameters its defaults)."""
+    run settings every arm shares (its method and epsilon are the arm's; the method's parameters its defaults).
+    ValueError in one line, before anything runs, when a package of the `evaluate` extra is missing."""
     from mist.runner.evaluation.job import EvaluationJob, run_evaluation
     from mist.runner.evaluation.settings import settings_record
     from mist.runner.inputs import collect_jobs
     from mist.runner.jobs import run_jobs
+    from mist.runner.evaluation.run import require_extras
+
+    require_extras()  # before any protection runs: an arm would be protected only to fail at its evaluation
 
     comparison = Comparison({"base": json.loads(base.to_json()), "evaluation": settings_record(settings)})
     for arm in chosen:
