@@ -4,11 +4,8 @@
 # (benchmarks/gpu_check.py), and Mist v1.2 with and without --compile. Everything goes to one results file.
 #
 # Run from the repository root on a machine with PyTorch (CUDA), transformers (>= 5), pytest, Pillow, safetensors and
-# tqdm installed. Mist runs from src/ (nothing is installed); packages the machine lacks (diffusers, usually) are
-# installed from wheels in .whl/ if that folder exists, into a private folder, never over the system's. Fetch them
-# beforehand on a machine with network access, for the GPU machine's Python (3.12 here):
-#
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+# tqdm installed. Mist runs from src/ (nothing is installed); packages the machine lacks come from wheels in .whl/
+# (benchmarks/gpu-env.sh says how to fetch them).
 #
 #   bash benchmarks/gpu-check.sh [RESULTS_FILE]        (default: gpu-check-results.md)
 set -uo pipefail
@@ -16,14 +13,7 @@ set -uo pipefail
 results=${1:-gpu-check-results.md}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 2
-python=${PYTHON:-python3}
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-    site=$(mktemp -d /tmp/mist-gpu-site.XXXXXX)
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 2
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu-env.sh || exit 2
 
 {
     echo "# Mist GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
