@@ -54,7 +54,8 @@ def test_compare_protects_evaluates_and_tabulates_every_arm_and_resumes(original
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert len(rows) == 2 and {row["decision"] for row in rows} <= {"holds", "broken", "unclear"}
     page = (out / "index.html").read_text()
-    assert "effect.png" in page and "reports/pid-e8/index.html" in page and "meaningless" in page
+    assert "effect-img2img_0.5.png" in page and (out / "effect-img2img_0.5.png").is_file()
+    assert "reports/pid-e8/index.html" in page and "meaningless" in page and "width=device-width" in page
     assert "comparison: " in printed.out and "pid-e8: img2img:0.5:" in printed.out
     protected = sorted((out / "protected" / "mist-e8").iterdir())
     assert [path.name for path in protected] == ["a0.png", "a1.png"]

@@ -1,6 +1,6 @@
 """The page, table and plot of `mist compare`: every method at every budget in one table (how visible the protection
-is, and its effect on each mimicry after the strongest purifier, with its interval and decision) and one plot per
-mimicry of effect against PSNR, each arm linking to its own report."""
+is, and its effect on each mimicry after the strongest purifier, with its interval and decision) and a plot per
+mimicry of effect against budget, PSNR, SSIM and LPIPS (where measured), each arm linking to its own report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mist.common import files
-from mist.runner.evaluation.report import RANDOM_WEIGHTS_WARNING, figure_png, new_figure
+from mist.runner.evaluation.report import RANDOM_WEIGHTS_WARNING, figure_png
 from mist.version import __version__
 
 if TYPE_CHECKING:
@@ -22,7 +22,8 @@ SHOWN = (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"))  # invi
 
 
 def write_comparison(comparison: Comparison, folder: Path) -> Path:
-    """comparison.json, comparison.csv, effect.png and index.html in `folder`; returns index.html's path."""
+    """comparison.json, comparison.csv, a plot per mimicry (effect-MIMICRY.png) and index.html in `folder`; returns
+    index.html's path."""
     random_weights = any(result.random_weights for result in comparison.results)
     record = {"mist_version": __version__, "random_weights": random_weights,
               "warning": RANDOM_WEIGHTS_WARNING if random_weights else None, "settings": comparison.settings,
@@ -31,11 +32,11 @@ def write_comparison(comparison: Comparison, folder: Path) -> Path:
                         "images_failed": r.protected_failed} for r in comparison.results]}
     files.write_atomic(folder / "comparison.json", json.dumps(record, indent=2, allow_nan=False).encode("utf-8"))
     files.write_atomic(folder / "comparison.csv", _csv(comparison).encode("utf-8"))
-    plot = _plot(comparison)
-    if plot is not None:
-        files.write_atomic(folder / "effect.png", plot)
+    plots = _plots(comparison)
+    for name, png in plots.items():
+        files.write_atomic(folder / name, png)
     index = folder / "index.html"
-    files.write_atomic(index, _page(comparison, random_weights, plot is not None).encode("utf-8"))
+    files.write_atomic(index, _page(comparison, random_weights, list(plots)).encode("utf-8"))
     return index
 
 
@@ -59,39 +60,69 @@ def _csv(comparison: Comparison) -> str:
     return buffer.getvalue()
 
 
-def _plot(comparison: Comparison) -> bytes | None:
-    """Effect after the strongest purifier against PSNR, a point per arm (its interval as an error bar), a panel per
-    mimicry: up is more protective, right is less visible."""
+# What each plot panel sets the effect against: the budget, then each invisibility measure the arms have.
+AXES = (("epsilon", "budget (largest pixel change, 0-255)"),
+        ("psnr_db", "PSNR of the protected image (dB, right: less visible)"),
+        ("ssim", "SSIM with the original (right: less visible)"),
+        ("lpips", "LPIPS to the original (left: less visible)"))
+
+
+def _plots(comparison: Comparison) -> dict[str, bytes]:
+    """Per mimicry, `effect-MIMICRY.png`: the effect after the strongest purifier (its interval as an error bar, a line
+    per method) against the budget and against each invisibility measure the arms have, a panel each; up is more
+    protective."""
+    from mist.runner.evaluation.report import file_slug
+
     mimicries = list(dict.fromkeys(h["mimicry"] for r in comparison.results for h in r.headlines))
-    if not mimicries or not any("psnr_db" in r.invisibility for r in comparison.results):
-        return None
-    figure = new_figure()
-    panels = figure.subplots(1, len(mimicries), squeeze=False)[0]
-    methods = list(dict.fromkeys(r.arm.method for r in comparison.results))
-    for panel, mimicry in zip(panels, mimicries, strict=True):
-        for method in methods:
-            points = [(r.invisibility["psnr_db"], h, r.arm.epsilon) for r in comparison.results
-                      for h in r.headlines if r.arm.method == method and h["mimicry"] == mimicry
-                      and "psnr_db" in r.invisibility]
-            if not points:
-                continue
-            xs, ys = [p[0] for p in points], [p[1]["effect"] for p in points]
-            errors = [[p[1]["effect"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["effect"] for p in points]]
-            panel.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
-            for x, y, (_, _, epsilon) in zip(xs, ys, points, strict=True):
-                panel.annotate(f"{epsilon:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    return {f"effect-{file_slug(mimicry)}.png": _effect_figure(comparison, mimicry) for mimicry in mimicries}
+
+
+def _effect_figure(comparison: Comparison, mimicry: str) -> bytes:
+    from matplotlib.figure import Figure
+
+    axes = [(key, label) for key, label in AXES
+            if key == "epsilon" or any(key in r.invisibility for r in comparison.results)]
+    columns = min(2, len(axes))
+    rows = -(-len(axes) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.0 * rows + 0.8), dpi=100)
+    panels = figure.subplots(rows, columns, squeeze=False).flatten()
+    for panel, (key, label) in zip(panels, axes, strict=False):  # a grid may have a panel to spare
+        for method in dict.fromkeys(r.arm.method for r in comparison.results):
+            points = sorted(((r.arm.epsilon if key == "epsilon" else r.invisibility[key], h, r.arm.epsilon)
+                             for r in comparison.results for h in r.headlines
+                             if r.arm.method == method and h["mimicry"] == mimicry
+                             and (key == "epsilon" or key in r.invisibility)), key=lambda point: point[0])
+            if points:
+                _draw(panel, points, method, annotate=key != "epsilon")
         panel.axhline(0, color="grey", linestyle="--", linewidth=1)
-        panel.set(xlabel="PSNR of the protected image (dB, right: less visible)",
-                  ylabel="effect after the strongest purifier", title=mimicry)
+        panel.set(xlabel=label, ylabel="effect (above 0: protects)")
+    for panel in panels[len(axes):]:
+        panel.set_visible(False)
+    figure.suptitle(f"{mimicry}: effect after the strongest purifier")
     handles, names = panels[0].get_legend_handles_labels()
-    figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(5, len(names)), frameon=False)
+    figure.tight_layout(rect=(0, 0.8 / (3.0 * rows + 0.8), 1, 1))  # the legend below the panels, covering none
     return figure_png(figure, laid_out=True)
 
 
-def _page(comparison: Comparison, random_weights: bool, with_plot: bool) -> str:
+def _draw(panel, points, method: str, annotate: bool) -> None:
+    """One method's arms as a line of points with error bars; against an invisibility measure, each point is labelled
+    with its budget."""
+    from mist.runner.evaluation.report import MARKERS
+
+    xs, ys = [p[0] for p in points], [p[1]["effect"] for p in points]
+    errors = [[p[1]["effect"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["effect"] for p in points]]
+    marker = MARKERS[len(panel.lines) % len(MARKERS)]
+    panel.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, alpha=0.85, label=method)
+    if annotate:
+        for x, y, (_, _, epsilon) in zip(xs, ys, points, strict=True):
+            panel.annotate(f"{epsilon:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def _page(comparison: Comparison, random_weights: bool, plots: list[str]) -> str:
     e = html.escape
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Mist comparison</title>"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
              "<style>body{font-family:system-ui,sans-serif;margin:1.5em;color:#222} table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} th{background:#f2f2f2}"
              ".l{text-align:left} .warning{background:#fde2e1;border:2px solid #c0392b;padding:.8em;"
@@ -105,8 +136,8 @@ def _page(comparison: Comparison, random_weights: bool, with_plot: bool) -> str:
                  "originals differ from each other, after the strongest purifier tried (above 0: the protection "
                  "works beyond chance; the interval is a 95% bootstrap over your images). Higher PSNR and SSIM: less "
                  "visible. Each row links to its full report.</p>")
-    if with_plot:
-        parts.append("<p><img src='effect.png' alt='effect against PSNR' style='max-width:100%'></p>")
+    parts += [f"<p><img src='{e(name)}' alt='{e(name[:-4])}: effect against budget and invisibility' "
+              "style='max-width:100%'></p>" for name in plots]
     shown = [(key, label) for key, label in SHOWN if any(key in r.invisibility for r in comparison.results)]
     head = ["Method", "Budget"] + [label for _, label in shown] + ["Mimicry", "Strongest purifier", "Effect",
                                                                    "Interval", "Answer"]

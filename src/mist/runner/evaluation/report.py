@@ -53,7 +53,7 @@ def write_report(evaluation: Evaluation, folder: Path, shown_from: Path | None =
     pictures = {}
     for number, result in enumerate(evaluation.images):
         for column, picture in result.pictures.items():
-            relative = f"images/{number:03d}-{_slug(result.pair.name)}-{_slug(column)}.png"
+            relative = f"images/{number:03d}-{file_slug(result.pair.name)}-{file_slug(column)}.png"
             files.write_atomic(folder / relative, _png(picture))
             pictures[(number, column)] = relative
     plots = {}
@@ -161,7 +161,8 @@ def _png(picture: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
+    """`text` as a safe file-name part (at most 60 characters of letters, digits, '.', '_' and '-')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60]
 
 
@@ -263,6 +264,7 @@ def _html(evaluation: Evaluation, pictures: dict, plots: dict) -> str:
     e = html.escape
     s = evaluation.settings
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Mist evaluation</title>"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
              f"<style>{_STYLE}</style></head><body><h1>Mist evaluation</h1>"]
     if evaluation.random_weights:
         parts.append(f"<p class='warning'>{e(RANDOM_WEIGHTS_WARNING)}</p>")
