@@ -87,7 +87,7 @@ def test_every_run_setting_is_declared_once_and_every_face_takes_it_from_there(c
     from mist.engine.config import RUN_SETTINGS
     from mist.engine.methods import RESERVED
 
-    assert set(RUN_SETTINGS) == {item.name for item in fields(ProtectConfig)} - {"params"}
+    assert set(RUN_SETTINGS) == {item.name for item in fields(ProtectConfig)} - {"params"} | {"preset"}
     assert set(RUN_SETTINGS) <= RESERVED  # no method may take a run setting's name
     help_text = mist.faces.cli.build_parser()._subparsers._group_actions[0].choices["protect"].format_help()
     for name, setting in RUN_SETTINGS.items():

@@ -545,3 +545,26 @@ def test_a_job_cannot_ask_for_more_compute_than_the_server_allows(tmp_path, mode
         assert service.store.count_jobs() == 0 and not any((service.data / "jobs").glob("*/in/*"))
         assert submit(http, picture, {"steps": "50", "input-size": "64"}).status_code == 201
     service.store.close()
+
+
+def test_a_preset_is_stored_spelt_out_and_its_steps_are_held_to_the_limits(tmp_path, models, painting):
+    """`preset=paper` takes the method's paper settings where the form gives none; the job stores them as values, so
+    that --max-steps sees the 1000 steps of PID's paper (on a real model: the test model keeps its ten)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = JobStore(sqlite_url(data))
+    worker = Worker(store, data, models, retention_seconds=3600, lease_seconds=30, poll_seconds=0.05)
+    service = Service(store, data, worker, False, Limits(), 3600.0, "some-real-model")
+    service.work_limits = WorkLimits(max_steps=500)
+    picture = [("images", ("a.png", png_bytes(painting), "image/png"))]
+    with local_client(create_app(service, manage_worker=False)) as http:
+        refused = http.post("/v1/jobs", files=picture, data={"method": "pid", "preset": "paper"})
+        assert refused.status_code == 400 and refused.json()["error"].startswith("steps: 1000 steps per image")
+        told = submit(http, picture, {"method": "pid", "preset": "paper", "steps": "20"})
+        assert told.status_code == 201, told.text
+        bad = submit(http, picture, {"preset": "nope"})
+        assert bad.status_code == 400 and bad.json()["error"] == "preset: must be one of default, paper, got 'nope'"
+    settings = told.json()["settings"]
+    assert (settings["steps"], settings["epsilon"], settings["pid_loss"]) == (20, 12.75, "add-log")
+    assert "preset" not in settings
+    store.close()

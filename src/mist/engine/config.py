@@ -19,6 +19,11 @@ from mist.engine.shaping import SHAPES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
+STARTS = ("random", "image")  # where PGD's delta starts: uniform in the budget, or 0 (`mist.engine.attack`)
+SCHEDULES = ("constant", "linear")  # PGD's step: constant, or PhotoGuard's linear decay to a hundredth
+# default: the settings as given; paper: each method's `paper_preset` where a setting is not given
+PRESETS = ("default", "paper")
+DEFAULT_PRESET = "default"
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class ProtectConfig:
     shape: "blur" reshapes the finished perturbation's spectrum (`mist.engine.shaping.shape_blur`), within epsilon and
     the
         mask; None: off.
+    start: where PGD starts, "random" (uniform within epsilon, Mist v1.2) or "image" (the image itself).
+    step_schedule: "constant" steps of step_size, or "linear", decaying to step_size / 100 (PhotoGuard's).
+
+    A preset is no setting of its own: `of` and `but` take `preset="paper"` and fill every setting not given with the
+    method's paper preset (`Method.paper_preset`), so the resolved values are what outputs record.
     """
 
     method: str = DEFAULT_METHOD
@@ -61,6 +71,8 @@ class ProtectConfig:
     robust: tuple[str, ...] = ()
     eot_samples: int = 1
     shape: str | None = None
+    start: str = "random"
+    step_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.mask is not None and not isinstance(self.mask, Path):
@@ -90,7 +102,9 @@ class ProtectConfig:
 
     def but(self, **settings: Any) -> ProtectConfig:
         """These settings with some changed by keyword, run settings and method parameters alike; a change of method
-        starts from the new method's defaults."""
+        starts from the new method's defaults. `preset="paper"` fills the settings not given with the (new) method's
+        paper preset (parameters given whole, as `params`, take none of the preset's)."""
+        settings = with_preset(settings, self.method)
         own = {f.name for f in fields(self)}
         general = {name: value for name, value in settings.items() if name in own}
         method = general.get("method", self.method)
@@ -131,6 +145,10 @@ class ProtectConfig:
             yield "eot_samples: needs robust transforms to average over (e.g. jpeg,resize,blur)"
         if self.shape is not None and self.shape not in SHAPES:
             yield f"shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}"
+        if self.start not in STARTS:
+            yield f"start: must be one of {', '.join(STARTS)}, got {self.start!r}"
+        if self.step_schedule not in SCHEDULES:
+            yield f"step_schedule: must be one of {', '.join(SCHEDULES)}, got {self.step_schedule!r}"
 
     @property
     def aspect_kept(self) -> bool:
@@ -169,6 +187,9 @@ class ProtectConfig:
         values["mask"] = None if self.mask is None else str(self.mask)
         if not self.robust and self.shape is None:  # as before these settings existed: earlier outputs still resume
             for name in ("robust", "eot_samples", "shape"):
+                del values[name]
+        for name in ("start", "step_schedule"):  # likewise
+            if values[name] == getattr(ProtectConfig, name):
                 del values[name]
         values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
@@ -218,7 +239,33 @@ RUN_SETTINGS: dict[str, RunSetting] = {
     "shape": RunSetting("--shape", "str", "blur: reshape the finished perturbation's spectrum like the image's, per "
                                           "region (after BlurGuard), within the same epsilon and mask",
                         choices=SHAPES),
+    "start": RunSetting("--start", "str", "where PGD starts: random (uniform within epsilon) or image (the image "
+                                          "itself)", choices=STARTS),
+    "step_schedule": RunSetting("--step-schedule", "str", "PGD's step: constant, or linear (PhotoGuard's: decays "
+                                                          "from --step-size to a hundredth of it)", choices=SCHEDULES),
+    "preset": RunSetting("--preset", "str", "paper: the chosen method's budget, steps, step size, start, schedule "
+                                            "and parameters as its paper's public code runs them, where not given "
+                                            "(see the README's table)", choices=PRESETS),
 }
+# The run settings a preset may set: the command line leaves them unset (None) unless typed.
+PRESET_SETTINGS = ("epsilon", "steps", "step_size", "start", "step_schedule")
+
+
+def preset_values(method: str, preset: str) -> dict[str, Any]:
+    """The settings `preset` gives `method` (run settings and the method's parameters, by name): none for "default",
+    the method's `paper_preset` for "paper". ValueError("preset: ...") for an unknown preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return dict(get_method(method).paper_preset) if preset == "paper" else {}
+
+
+def with_preset(settings: Mapping[str, Any], method: str = DEFAULT_METHOD) -> dict[str, Any]:
+    """`ProtectConfig.of`'s keywords with `preset` replaced by the values it gives their method (`method` where they
+    name none) where they give none: the same settings, spelt out (also for what reads a job's settings without
+    building them, such as a server's limits)."""
+    given = dict(settings)
+    preset = given.pop("preset", DEFAULT_PRESET)
+    return {**preset_values(given.get("method", method), preset), **given}
 
 
 def steps_per_image(steps: int, block_num: int = 1, batch_size: int = 1) -> int:

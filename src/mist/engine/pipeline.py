@@ -233,7 +233,8 @@ class Protector:
         with attack_settings(self.device, reuse_heap=not self.low_memory):
             out = masked_linf_pgd(x, loss, radius=c.radius, step=c.step, steps=c.steps, generators=generators,
                                   mask=None if mask is None else mask.to(self.device), callback=on_step,
-                                  loss_scale=self.method.loss_scale(), before_step=before_step)
+                                  loss_scale=self.method.loss_scale(), before_step=before_step, start=c.start,
+                                  schedule=c.step_schedule)
         if c.shape == "blur":  # the step values reported above are those of the attack, before the shaping
             out = shape_blur(x, out, c.radius, None if mask is None else mask.to(self.device))
         for position, tile in enumerate(batch):

@@ -13,7 +13,7 @@ from PIL import Image
 from mist.common import images as image_io
 from mist.engine.config import ProtectConfig
 from mist.runner.jobs import ModelCache
-from mist.common.model_names import default_steps
+from mist.common.model_names import TEST_MODEL_STEPS, names_test_model
 from mist.models import StableDiffusion
 from mist.engine.pipeline import Progress, ProtectedImage
 
@@ -39,7 +39,8 @@ def protect(
     """Protect one image or several (file paths or PIL images) and return a `ProtectedImage` for each, in order.
 
     Settings come from `config` (Mist v1.2's defaults if None), changed by keyword: run settings and the method's
-    parameters alike (`protect(img, steps=50, mode="textural")`, `protect(img, method="advdm")`).
+    parameters alike (`protect(img, steps=50, mode="textural")`, `protect(img, method="advdm")`); `preset="paper"`
+    takes the method's paper settings where none are given (`protect(img, method="pid", preset="paper")`).
     `model` is a loaded `StableDiffusion` (reuse it across calls: loading takes seconds; it is never changed) or what
     `mist protect --model` accepts; None searches the default places. `mask` (a path or image of any size, pure white
     = protect) overrides config.mask. `callback(progress)` is called after every PGD step (`progress.images` says
@@ -53,8 +54,9 @@ def protect(
         >>> [result] = mist.protect("painting.png", steps=100, model="models/ldm/stable-diffusion-v1/model.ckpt")
         >>> result.image.save("painting-protected.png")
     """
-    if config is None and "steps" not in settings and not isinstance(model, StableDiffusion):
-        settings["steps"] = default_steps(model, ProtectConfig.steps)
+    test_model = not isinstance(model, StableDiffusion) and names_test_model(model)
+    if config is None and "steps" not in settings and test_model:
+        settings["steps"] = TEST_MODEL_STEPS
     config = (config or ProtectConfig()).but(**settings)
     single = isinstance(inputs, (str, os.PathLike, Image.Image))
     pictures = [_as_image(item) for item in ([inputs] if single else inputs)]

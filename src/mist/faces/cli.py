@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 # Only light modules here: options are checked (and --help printed) before PyTorch and diffusers are imported.
-from mist.engine.config import RUN_SETTINGS, ProtectConfig, RunSetting
+from mist.engine.config import DEFAULT_PRESET, PRESET_SETTINGS, RUN_SETTINGS, ProtectConfig, RunSetting
 from mist.runner.flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from mist.runner.manifest import METADATA_LEVELS
-from mist.common.model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
+from mist.common.model_names import TEST_MODEL_STEPS, TINY_RANDOM, names_test_model
 from mist.engine.methods import ParamSpec, get_method, list_methods, param_specs, shared_params
 from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
 from mist.faces.evaluate_options import add_evaluate_options, evaluation_settings_from_args
@@ -68,7 +68,7 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
     d = ProtectConfig()
     g = parser.add_argument_group("protection")
     for name, setting in RUN_SETTINGS.items():
-        _add_setting_flag(g, name, setting, getattr(d, name))
+        _add_setting_flag(g, name, setting, getattr(d, name, DEFAULT_PRESET))  # a preset is no field of d
     methods = parser.add_argument_group(
         "methods", "; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in list_methods()))
     for spec, users in shared_params().values():
@@ -80,8 +80,9 @@ def add_protect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_setting_flag(group, name: str, setting: RunSetting, default: Any) -> None:
-    """The flag of one run setting, typed as every face types it. Switches are off unless given; --steps stays None
-    when not given (the test model's default differs); the flag of a setting with a `bare` value may stand alone."""
+    """The flag of one run setting, typed as every face types it. Switches are off unless given; a setting a preset
+    may set (--steps, --epsilon...) stays None when not given, so that the preset (and for --steps the test model)
+    decides; the flag of a setting with a `bare` value may stand alone."""
     names = ([setting.short] if setting.short else []) + [setting.flag]
     options: dict[str, Any] = {"dest": name, "help": setting.help.replace("%", "%%")}
     shown = {"steps": f"{default}; {TEST_MODEL_STEPS} with --model {TINY_RANDOM}"}.get(name, default)
@@ -93,7 +94,7 @@ def _add_setting_flag(group, name: str, setting: RunSetting, default: Any) -> No
         shown = "off"
     else:
         choices = [m.name for m in list_methods()] if name == "method" else setting.choices
-        options.update(default=None if name == "steps" else default, choices=choices,
+        options.update(default=None if name in PRESET_SETTINGS else default, choices=choices,
                        type=Path if setting.kind == "file" else word_as(name) if setting.kind in ("int", "float")
                        else None)
         if setting.metavar is not None:
@@ -143,11 +144,11 @@ def config_from_args(args: argparse.Namespace) -> ProtectConfig:
             raise ValueError(f"{protect_flags()[name]}: not a parameter of --method {method.name} (its parameters: "
                              f"{', '.join(spec.flag for spec in param_specs(method.Params)) or 'none'})")
         params[name] = value
-    run = {name: getattr(args, name) for name in RUN_SETTINGS if name != "method"}
-    if run["steps"] is None:
-        run["steps"] = default_steps(args.model, ProtectConfig.steps)
+    run = {name: value for name in RUN_SETTINGS if name != "method" and (value := getattr(args, name)) is not None}
+    if "steps" not in run and names_test_model(args.model):
+        run["steps"] = TEST_MODEL_STEPS
     with fields_as_flags(protect_flags()):
-        return ProtectConfig(method=method.name, params=params, **run)
+        return ProtectConfig.of(method=method.name, **params, **run)
 
 
 def run_protect(jobs, config: ProtectConfig, model_spec: str | None, device_name: str | None,

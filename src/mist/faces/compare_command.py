@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mist.common.model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps
+from mist.common.model_names import TEST_MODEL_STEPS, TINY_RANDOM, default_steps, names_test_model
+from mist.engine.config import DEFAULT_PRESET, PRESETS
 from mist.faces.evaluate_options import add_evaluate_options, evaluation_settings_from_args
 from mist.runner.runner_options import add_runner_options, check_device_option
 
@@ -28,8 +29,12 @@ def add_compare_parser(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--budgets", default=DEFAULT_BUDGETS, metavar="LIST",
                          help="comma list of strengths (largest pixel change, 0..255 levels) (default: %(default)s)")
     compare.add_argument("--protect-steps", type=int, default=None, metavar="N",
-                         help=f"PGD steps of every protection (default: 100; {TEST_MODEL_STEPS} with --model "
-                              f"{TINY_RANDOM})")
+                         help=f"PGD steps of every protection (default: 100, or each method's paper's with --preset "
+                              f"paper; {TEST_MODEL_STEPS} with --model {TINY_RANDOM})")
+    compare.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
+                         help="paper: each method's settings as its paper's code runs them (step size, start, "
+                              "schedule, parameters, steps), but for --budgets and a given --protect-steps "
+                              "(default: %(default)s)")
     add_evaluate_options(compare)
     add_runner_options(compare)
     compare.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -46,6 +51,8 @@ def compare_command(args: argparse.Namespace) -> int:
     if steps < 1:
         raise ValueError(f"--protect-steps: must be at least 1, got {steps}")
     base = ProtectConfig(steps=steps)
+    # the steps a preset does not replace: given, or the test model's
+    given = ("steps",) if args.protect_steps is not None or names_test_model(args.model) else ()
     check_device_option(args)
     from mist.faces.reporting import ConsoleReporter, EvaluationConsole, warn_if_the_gpu_is_unused
     from mist.runner.compare import compare
@@ -62,7 +69,7 @@ def compare_command(args: argparse.Namespace) -> int:
     console = EvaluationConsole(args.quiet)
     try:
         comparison = compare(args.originals, args.output, chosen, base, settings, models, ConsoleReporter(args.quiet),
-                             progress=lambda arm, news: console.progress(news))
+                             progress=lambda arm, news: console.progress(news), preset=args.preset, given=given)
     finally:
         console.close()
     index = write_comparison(comparison, args.output)

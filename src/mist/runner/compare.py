@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from mist.engine.config import ProtectConfig
+from mist.engine.config import DEFAULT_PRESET, ProtectConfig
 from mist.engine.methods import get_method
 
 if TYPE_CHECKING:
@@ -75,10 +75,13 @@ class Comparison:
 def compare(originals: Path, folder: Path, chosen: Sequence[Arm], base: ProtectConfig, settings: EvaluationSettings,
             models: ModelCache, reporter: Reporter, *,
             progress: Callable[[Arm, EvaluationProgress], None] | None = None,
-            cancel: threading.Event | None = None) -> Comparison:
+            cancel: threading.Event | None = None, preset: str = DEFAULT_PRESET,
+            given: Sequence[str] = ()) -> Comparison:
     """Protect `originals` (a file or folder) with each arm into folder/protected/<arm>, evaluate each into
     folder/reports/<arm>, and return the comparison (written by `mist.runner.evaluation.comparison`). `base`: the
-    run settings every arm shares (its method and epsilon are the arm's; the method's parameters its defaults).
+    run settings every arm shares (its method and epsilon are the arm's; the method's parameters its defaults);
+    with `preset` "paper", each arm takes its method's paper preset but for its epsilon and for the settings of base
+    named in `given` (those the user gave).
     ValueError in one line, before anything runs, when a package of the `evaluate` extra is missing."""
     from mist.runner.evaluation.job import EvaluationJob, run_evaluation
     from mist.runner.evaluation.settings import settings_record
@@ -89,8 +92,11 @@ def compare(originals: Path, folder: Path, chosen: Sequence[Arm], base: ProtectC
     require_extras()  # before any protection runs: an arm would be protected only to fail at its evaluation
 
     comparison = Comparison({"base": json.loads(base.to_json()), "evaluation": settings_record(settings)})
+    if preset != DEFAULT_PRESET:  # the arms' own settings are those their outputs record
+        comparison.settings["preset"] = preset
     for arm in chosen:
-        config = base.but(method=arm.method, epsilon=arm.epsilon)
+        config = base.but(method=arm.method, epsilon=arm.epsilon, preset=preset,
+                          **{name: getattr(base, name) for name in given})
         protected = folder / "protected" / arm.name
         summary = run_jobs(collect_jobs([originals], protected), config, models, reporter, cancel=cancel)
         if summary.cancelled:

@@ -25,8 +25,8 @@ DEFAULT_METHOD = "mist"
 BUILT_IN = ("mist", "advdm", "photoguard", "sds", "mist2", "pid", "aspl", "mist2_lora")
 # Settings of every run (ProtectConfig's own fields); a method parameter may not take one of these names.
 RESERVED = frozenset({"method", "params", "epsilon", "steps", "step_size", "input_size", "block_num", "keep_aspect",
-                      "mask", "seed", "precision", "original_size", "robust", "eot_samples", "shape", "device", "model",
-                      "batch_size"})
+                      "mask", "seed", "precision", "original_size", "robust", "eot_samples", "shape", "start",
+                      "step_schedule", "preset", "device", "model", "batch_size"})
 
 _registry: dict[str, type[Method]] = {}
 _loaded = False
@@ -53,6 +53,10 @@ def register_method(cls: type[Method]) -> type[Method]:
         if other is not None and (other.name, other.kind, other.choices) != (spec.name, spec.kind, spec.choices):
             raise ValueError(f"{cls.name}: parameter {spec.name!r} uses the flag {spec.flag} of another method's "
                              f"parameter {other.name!r} with another meaning")
+    names = {spec.name for spec in param_specs(cls.Params)}
+    strange = sorted(set(cls.paper_preset) - names - RESERVED)
+    if strange:
+        raise ValueError(f"{cls.name}: paper_preset names {strange[0]!r}, neither a run setting nor a parameter")
     _registry[cls.name] = cls
     return cls
 

@@ -33,6 +33,10 @@ class AdvDM(DenoiserMethod):
     summary = "raises the diffusion model's denoising loss on the image (the semantic loss alone)"
     paper = "Liang et al., ICML 2023"
     Params = AdvDMParams
+    # AdvDM's code is Mist's semantic mode, and Xue et al.'s runs AdvDM(-) through the same advertorch attack
+    # (xavihart/Diff-Protect code/diff_mist.py l. 284) with Mist's 16 levels, 100 steps of 1 (configs/attack/base.yaml):
+    # the defaults are the papers' presets (prompts aside: Mist's are kept).
+    paper_preset = {}
     # +1: PGD raises the denoising loss; -1: it lowers it.
     direction: ClassVar[float] = 1.0
 

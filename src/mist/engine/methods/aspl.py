@@ -41,6 +41,16 @@ from mist.engine.methods.surrogate import (generator, lora_rank_param, options, 
 
 SOURCE = "Anti-DreamBooth's LoRA code"
 
+# ASPL as the paper's script runs it, VinAIResearch/Anti-DreamBooth (commit c97e891) scripts/attack_with_aspl.sh
+# l. 28-36: the whole UNet fine-tuned (attacks/aspl.py), 50 rounds (max_train_steps) of 3 fine-tuning steps
+# (max_f_train_steps) and 6 PGD steps (max_adv_train_steps): 300 PGD steps; learning rate 5e-7; pgd_alpha 5e-3 and
+# pgd_eps 5e-2 on the [-1, 1] scale (attacks/aspl.py normalises to it, l. 366): 0.6375 and 6.375 levels. The attack
+# starts from the image itself (aspl.py l. 698-703; no random draw) with a constant step (l. 568-573). Cost: 300 PGD
+# steps plus 300 full-UNet fine-tuning steps per batch, and about 17 GB more memory on SD v1 (see above); with
+# `--surrogate lora` give `--surrogate-lr 5e-6` too (the preset's 5e-7 is for the whole UNet).
+PAPER_PRESET = {"epsilon": 6.375, "step_size": 0.6375, "steps": 300, "start": "image", "step_schedule": "constant",
+                "surrogate": "full", "surrogate_lr": 5e-7, "surrogate_steps": 3, "round_steps": 6}
+
 
 @dataclass(frozen=True)
 class ASPLParams(MethodParams):
@@ -97,6 +107,7 @@ class ASPL(DenoiserMethod):
                "attack, as a mimic would fine-tune")
     paper = "Van Le et al., ICCV 2023"
     Params = ASPLParams
+    paper_preset = PAPER_PRESET
 
     def prepare(self, tiles: Sequence[TileInputs]) -> ASPLLoss:
         return ASPLLoss(self, tiles)

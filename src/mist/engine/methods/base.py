@@ -160,7 +160,10 @@ class Method:
 
     name: what users type (`--method NAME`). title: a short name for the web UI. summary: one sentence on
     what it attacks. paper: the paper it implements. Params: its MethodParams dataclass. parts: the model parts its
-    loss runs through (a subset of PARTS; only those are loaded).
+    loss runs through (a subset of PARTS; only those are loaded). paper_preset: the settings its paper's public code
+    runs it with, where they differ from Mist's defaults or to state them (`--preset paper`): run settings (epsilon and
+    step_size in 0..255 levels, steps, start, step_schedule) and its own parameters, by name, each figure with its
+    source in a comment; empty: the defaults are the paper's.
 
     An instance is made per run by the Protector, with the model already placed on the device and the run's
     precision ("fp32", "bf16" or "fp16"); prompt embeddings and other per-run work belong in __init__.
@@ -172,6 +175,7 @@ class Method:
     paper: ClassVar[str]
     Params: ClassVar[type[MethodParams]]
     parts: ClassVar[frozenset[str]]
+    paper_preset: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, params: MethodParams, model: StableDiffusion, precision: str) -> None:
         self.params = params

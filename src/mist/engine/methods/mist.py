@@ -58,6 +58,9 @@ class Mist(DenoiserMethod):
                "the default")
     paper = "Liang et al., ICML 2023; Mist v1.2"
     Params = MistParams
+    # Mist v1.2 is its paper's code (mist-project/mist, commit 7bd1aef, mist_v3.py l. 152: epsilon 16, steps 100, alpha
+    # 1 in levels; l. 255: advertorch's LinfPGDAttack, random start, constant step): its defaults are its preset.
+    paper_preset = {}
 
     def conditioning(self) -> str | None:
         return self.params.prompt if self.params.mode != "textural" else None  # textural mode runs no UNet

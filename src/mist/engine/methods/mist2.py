@@ -16,7 +16,8 @@ Random numbers per image, from its generator: t, then n; E(y) draws its sample f
 default target is the code's data/MIST.png (tiled "MIST" lettering, shipped as assets/mist_v2_target.png). The
 prompt is Mist's "a painting" (the code's default is "a picture", a prompt Mist does not carry; `--object` gives
 "a photo"). The code's budget is 8/255 of the [-1, 1] range (4 levels) with steps of 0.005 (0.64 levels), 5 x 30
-steps between fine-tuning rounds; here budget and steps are the run's settings.
+steps between fine-tuning rounds, from the image itself; here budget and steps are the run's settings (the code's with
+`--preset paper`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ if TYPE_CHECKING:
     import torch
 
     from mist.models import StableDiffusion
+
+
+# Mist-v2 as psyker-team/mist-v2 (commit ed195b9) runs it, attacks/mist.py: pgd_eps 8/255 and pgd_alpha 0.005 on
+# the [-1, 1] scale (l. 80-81; images normalised to [-1, 1], l. 268): 4 and 0.6375 levels; 5 rounds of 30 PGD steps
+# (l. 70, 72: 150 steps); the attack starts from the image itself (l. 801, the perturbed data begin as the clean
+# data's copy; no random draw in pgd_attack, l. 526-640) with a constant step (l. 630-634); mode "lunet" (l. 89), the
+# target-UNet loss. mist2-lora takes the same (its rounds are the code's too).
+PAPER_PRESET = {"epsilon": 4, "step_size": 0.6375, "steps": 150, "start": "image", "step_schedule": "constant",
+                "fused": False}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Mist2(DenoiserMethod):
     summary = "pushes the UNet's noise prediction on the image toward the target pattern's latent"
     paper = "Zheng et al., 2023; Mist-v2"
     Params = Mist2Params
+    paper_preset = PAPER_PRESET
 
     def target_image(self):
         return target_or(self.params.target, mist_v2_target)

@@ -13,7 +13,7 @@ objective (minimised by PGD, so the terms are raised): `add-log` (the default, a
 latent elements, as the code's mse_loss(reduction="mean"). No random numbers are drawn.
 
 The code's budget is 12.75/255 of the [0, 1] range (12.75 levels) with 1000 steps of 1 level; here budget and steps are
-the run's settings (Mist's defaults: 16 levels, 100 steps of 1 level).
+the run's settings (Mist's defaults: 16 levels, 100 steps of 1 level; the code's with `--preset paper`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,13 @@ from mist.engine.methods.base import Loss, LossTerms, Method, MethodParams, Tile
 LOSSES = ("add-log", "add", "mean", "var")
 # The terms each choice raises.
 TERMS = {"add-log": ("mean", "log_variance"), "add": ("mean", "std"), "mean": ("mean",), "var": ("std",)}
+
+# PID as PKU-ML/Diffusion-PID-Protection (commit af7a928) runs it: PID.sh l. 27-30, 1000 steps, eps 12.75 and
+# attack_type add-log; PID.py works on the [0, 1] scale (l. 194-195) with epsilon = eps / 255 (l. 183): 12.75 levels;
+# a uniform random start in [-epsilon, epsilon] (l. 184) and constant steps of 1/255 (l. 258; its --step_size is not
+# read): 1 level. 1000 encoder passes per image, ten times the default's 100.
+PAPER_PRESET = {"epsilon": 12.75, "step_size": 1, "steps": 1000, "start": "random", "step_schedule": "constant",
+                "pid_loss": "add-log"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class PID(Method):
                "cheap, a good CPU method")
     paper = "Li et al., ICML 2024"
     Params = PIDParams
+    paper_preset = PAPER_PRESET
     parts = frozenset({"encoder"})
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:

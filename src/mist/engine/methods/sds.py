@@ -16,7 +16,7 @@ with `unit=True`); only the gradient's signs drive PGD, so the objective's print
 One encoder pass serves both terms (the code encodes twice, with two posterior samples). Random numbers per image, from
 its generator: the posterior sample, then t, then n; E(y) draws its sample from the tile's "target" stream. The prompt
 is Mist's "a painting" (the code's default is "a photo": `--object`); budget and steps are the run's settings (the
-code's defaults, 16 levels and 100 steps of 1 level, are Mist's).
+code's defaults, 16 levels and 100 steps of 1 level, are Mist's; the code starts from the image: `--preset paper`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from mist.engine.methods.base import Loss, LossTerms, MethodParams, TileInputs, 
 from mist.engine.methods.common import DenoiserMethod, mist_v2_target, object_prompt_param, target_or, target_param
 
 SIGNS = ("-", "+")
+
+# SDS as xavihart/Diff-Protect (commit ac5ffdb) runs it: epsilon 16, steps 100, alpha 1 in levels
+# (configs/attack/base.yaml l. 2, 3, 8; code/diff_mist.py l. 220-221 turn them into [-1, 1] units), sign "-"
+# (base.yaml l. 9); no random start (code/attacks.py l. 170 random_start=False, l. 183-187; diff_mist.py l. 293 keeps
+# it) and a constant step (attacks.py l. 209). Mist's defaults but for the start.
+PAPER_PRESET = {"epsilon": 16, "step_size": 1, "steps": 100, "start": "image", "step_schedule": "constant",
+                "sign": "-"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class SDS(DenoiserMethod):
                "only; optional textural target (SDST)")
     paper = "Xue et al., ICLR 2024"
     Params = SDSParams
+    paper_preset = PAPER_PRESET
 
     def target_image(self):
         return target_or(self.params.target, mist_v2_target) if self.params.textural else None

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from mist.engine.config import ProtectConfig, steps_per_image
+from mist.engine.config import ProtectConfig, steps_per_image, with_preset
 from mist.engine.config import RUN_SETTINGS
 from mist.runner.evaluation.settings import EVALUATION_OPTIONS
 from mist.runner.work_limits import WorkLimits
@@ -215,6 +215,7 @@ def _protection(service: Service, who: Caller, folder: Path, texts: dict[str, st
     settings, metadata = parse_settings(texts)
     if "steps" not in settings and names_test_model(service.model_name):
         settings["steps"] = TEST_MODEL_STEPS
+    settings = with_preset(settings)  # stored spelt out: the limits and the progress read the steps a preset gives
     if problem := service.work_limits.problem(settings):
         raise ApiError(400, problem)
     submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)

@@ -319,6 +319,8 @@ METHODS_ZH: dict[str, str] = {
     "param_object_prompt": "图片内容是物体（而非画风）",
     "param_object_prompt_info": "图片内容是物体：用“a photo”代替“a painting”作为提示词",
     "method_photoguard": "PhotoGuard（编码器攻击）",
+    "param_zero_target": "以零潜变量为目标",
+    "param_zero_target_info": "未给目标图像时：把编码推向零潜变量（PhotoGuard 的 img2img 示例），而不是纯灰图像的编码",
     "method_sds": "分数蒸馏（SDS）",
     "param_sign": "符号",
     "param_sign_info": "-：降低去噪损失（SDS-，论文中最强）；+：提高去噪损失（SDS+）",
