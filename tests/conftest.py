@@ -29,3 +29,13 @@ def painting() -> Image.Image:
     y, x = np.mgrid[0:96, 0:96]
     rgb = np.stack([x * 2.6, y * 2.6, (x + y) * 1.3], axis=-1) % 256
     return Image.fromarray(rgb.astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def painting_full() -> Image.Image:
+    """The first real painting at its own size (512 px), for measures that need large natural images; skipped when
+    ../shared is not beside the checkout."""
+    files = sorted(VANGOGH.glob("*.png")) if VANGOGH.is_dir() else []
+    if not files:
+        pytest.skip(f"no paintings in {VANGOGH}")
+    return Image.open(files[0]).convert("RGB")

@@ -27,7 +27,7 @@ RANDOM_WEIGHTS_WARNING = ("This model has random weights (a test model): every n
                           "protection. Use a real Stable Diffusion v1 checkpoint to judge it.")
 SCORE_COLUMNS = ("rmse_levels", "ssim", "latent_mse", "target_pull", "target_mse_protected", "target_mse_clean",
                  "target_mse_reference", "loss_clean", "loss_protected", "floor_ssim", "control_ssim", "effect",
-                 "holds")
+                 "holds", "clip_similarity")
 # What the page's score tables show, in words an artist reads (the verdict first; every number, the method's losses
 # and the target distances included, is in results.csv and results.json under its field name).
 PAGE_COLUMNS = (("holds", "Protection holds?"), ("ssim", "Likeness of the two mimicries (SSIM, 1 = same)"),
@@ -35,7 +35,14 @@ PAGE_COLUMNS = (("holds", "Protection holds?"), ("ssim", "Likeness of the two mi
                 ("control_ssim", "Likeness after random noise of the same size"),
                 ("effect", "Effect beyond chance (above 0: protects)"),
                 ("rmse_levels", "Pixel difference of the two mimicries (0-255)"),
-                ("target_pull", "Pull toward the target pattern (0 none, 1 full)"))
+                ("target_pull", "Pull toward the target pattern (0 none, 1 full)"),
+                ("clip_similarity", "CLIP likeness of the two mimicries (1 = same)"))
+# The whole-set numbers (`scores.SetScore`), in words: CMMD and the no-reference quality of the mimicry outputs.
+SET_COLUMNS = (("cmmd", "CMMD, clean vs protected mimicries (x1000, 0 = alike)"),
+               ("brisque_clean", "BRISQUE of clean mimicries (higher: worse)"),
+               ("brisque_protected", "BRISQUE of protected mimicries"),
+               ("niqe_clean", "NIQE of clean mimicries (higher: worse)"),
+               ("niqe_protected", "NIQE of protected mimicries"))
 INVISIBILITY_LABELS = {"psnr_db": "PSNR (dB, higher: less visible)", "ssim": "SSIM with the original (1 = same)",
                        "ms_ssim": "MS-SSIM with the original (1 = same)",
                        "vif": "VIF: information kept (1 = all)",
@@ -101,6 +108,8 @@ def results_record(evaluation: Evaluation) -> dict:
                     "verdict": r.verdict} for r in evaluation.images],
         "scores": [_finite(s.as_dict()) for s in evaluation.scores],
         "worst_case": [_finite(s.as_dict()) for s in evaluation.worst],
+        "clip_tower": evaluation.clip_tower,
+        "sets": [_finite(s.as_dict()) for s in evaluation.sets],
         "seconds": evaluation.seconds,
     }
 
@@ -287,6 +296,7 @@ def _html(evaluation: Evaluation, pictures: dict, plots: dict) -> str:
     parts.append("<h2>Worst case over purifications</h2><p>For each image and mimicry, the purification after which "
                  "the mimicry of the protected image came closest to that of the original.</p>"
                  + _score_table(evaluation.worst, evaluation, with_image=True))
+    parts.append(_set_table(evaluation))
     for number, result in enumerate(evaluation.images):
         parts.append(_image_section(number, result, evaluation, pictures))
     parts.append("</body></html>")
@@ -341,6 +351,26 @@ def _score_table(scores: list[Score], evaluation: Evaluation, *, with_image: boo
     return (f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>"
             "<p class='path'>Every number, the method's losses and the distances to the target included, is in "
             "results.csv and results.json.</p>")
+
+
+def _set_table(evaluation: Evaluation) -> str:
+    """CMMD and the mean BRISQUE / NIQE per purification and mimicry, where any of them was measured."""
+    e = html.escape
+    measured = [s.as_dict() for s in evaluation.sets]
+    if not any(row[column] is not None for row in measured for column, _ in SET_COLUMNS):
+        return ""
+    labels = {p.name: p.label for p in evaluation.purifications}
+    mimicries = {name: label for name, label, _ in evaluation.mimicries}
+    head = "<th class='l'>Purification</th><th class='l'>Mimicry</th>" + "".join(f"<th>{e(title)}</th>"
+                                                                                 for _, title in SET_COLUMNS)
+    body = "".join(f"<tr><td class='l'>{e(labels.get(row['purification'], row['purification']))}</td><td class='l'>"
+                   f"{e(mimicries.get(row['mimicry'], row['mimicry']))}</td>"
+                   + "".join(f"<td>{_readable(row[column])}</td>" for column, _ in SET_COLUMNS) + "</tr>"
+                   for row in measured)
+    tower = f" CLIP tower: {e(evaluation.clip_tower)}." if evaluation.clip_tower else ""
+    return (f"<h2>Over the whole set</h2><p>How the set of protected images' mimicries differs from the clean one's, "
+            f"and how natural each set looks (no-reference quality).{tower}</p>"
+            f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>")
 
 
 def _readable(value: float | None) -> str:

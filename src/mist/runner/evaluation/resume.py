@@ -34,13 +34,13 @@ UNFINISHED = ".unfinished"  # the folder in a report folder that keeps the units
 def evaluation_key(pairs: Sequence[Pair], settings: EvaluationSettings, method: str, scored_with: dict[str, Any],
                    model: str) -> str:
     """What the units of an evaluation depend on, as a SHA-256: the bytes of every original and protected file, the
-    evaluation's settings (not the verdict's threshold, which only reads them), the method and the settings its
-    loss is scored with, the model (its name and checksum) and Mist's version."""
+    evaluation's settings (not the verdict's threshold nor the CLIP tower, which only read them), the method and the
+    settings its loss is scored with, the model (its name and checksum) and Mist's version."""
     digest = hashlib.sha256()
     for pair in pairs:
         for path in (pair.original, pair.protected):
             digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    shaping = {name: value for name, value in asdict(settings).items() if name != "ssim_threshold"}
+    shaping = {name: value for name, value in asdict(settings).items() if name not in ("ssim_threshold", "clip")}
     digest.update(json.dumps([shaping, method, scored_with, model, __version__], sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

@@ -24,7 +24,8 @@ from mist.runner.estimate import Estimate
 from mist.runner.evaluation.pairs import Pair, match_pairs
 from mist.runner.evaluation.purify import NONE, Context, Purification, parse_purifications
 from mist.runner.evaluation.resume import Finished, evaluation_key
-from mist.runner.evaluation.scores import Headline, References, Score, headlines, score, verdict, worst_cases
+from mist.runner.evaluation.scores import (Headline, References, Score, SetScore, headlines, score, verdict,
+                                           worst_cases)
 from mist.runner.evaluation.settings import EvaluationSettings
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from mist.engine.config import ProtectConfig
     from mist.runner.jobs import ModelCache
     from mist.models import StableDiffusion
+    from mist.runner.evaluation.clip import ClipTower
     from mist.runner.evaluation.img2img import Generated
     from mist.runner.evaluation.mimicry import Mimicry
 
@@ -83,6 +85,8 @@ class Evaluation:
     scored_with: dict[str, Any] = field(default_factory=dict)  # the method's parameters its loss was computed with
     finished: Finished | None = None  # its units of work kept for a resume (cleared once the report is out)
     headlines: list[Headline] = field(default_factory=list)  # the set's answer per mimicry (`scores.headlines`)
+    sets: list[SetScore] = field(default_factory=list)  # CMMD, BRISQUE, NIQE per purification x mimicry
+    clip_tower: str | None = None  # the CLIP vision tower's folder name (never its full path), None: none
 
     @property
     def worst(self) -> list[Score]:
@@ -106,7 +110,9 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     import torch
 
     from mist.engine.methods import get_method
+    from mist.runner.evaluation.clip import ClipTower, find_tower
     from mist.runner.evaluation.metrics import Lpips, lpips_problem
+    from mist.runner.evaluation.quality import quality_problems
 
     started = time.perf_counter()
     require_extras()
@@ -117,7 +123,8 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     requested = parse_purifications(settings.purify)
     purifications = [NONE] + [p for p in requested if not p.problem()]
     lpips_reason = lpips_problem()
-    skipped = _skipped(requested, lpips_reason)
+    tower_folder, clip_reason = find_tower(settings.clip, models.where())
+    skipped = _skipped(requested, lpips_reason, clip_reason, quality_problems())
     method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
                                           "mist")
     scoring = scoring_config(method_name, pairs)
@@ -129,8 +136,9 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     identity = models.identity() if resume is not None else None  # hashing files and model only to resume
     finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
                                                f"{identity.name} {identity.sha256}") if identity else "")
-    scores = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed, cancel), settings, ticker,
-                      finished).run(purifications, mimicries, results, cleans, shields)
+    scorer = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed, cancel), settings, ticker,
+                      finished, ClipTower(tower_folder, device) if tower_folder is not None else None)
+    scores = scorer.run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
         own = [s for s in scores if s.image == result.pair.name]
@@ -139,18 +147,32 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
                       method=method_name, purifications=purifications, skipped=skipped, unmatched=unmatched,
                       mimicries=[(m.name, m.label, m.strength) for m in mimicries], images=results, scores=scores,
                       seconds=time.perf_counter() - started, scored_with=scoring.params.record(), finished=finished,
-                      headlines=headlines(scores, settings.seed))
+                      headlines=headlines(scores, settings.seed), sets=scorer.sets,
+                      clip_tower=_tower_name(tower_folder))
 
 
-def _skipped(requested: list[Purification], lpips_reason: str | None) -> list[str]:
-    """One line for each purification or metric that will not run, and why."""
+def _tower_name(folder: Path | None) -> str | None:
+    """How the report names the CLIP tower: its folder's name, with its parent's for an SD folder's safety_checker."""
+    if folder is None:
+        return None
+    from mist.runner.evaluation.clip import SAFETY_CHECKER
+
+    return f"{folder.parent.name}/{folder.name}" if folder.name == SAFETY_CHECKER else folder.name
+
+
+def _skipped(requested: list[Purification], lpips_reason: str | None, clip_reason: str | None,
+             quality: dict[str, str]) -> list[str]:
+    """One line for each purification or metric that will not run, and why (and what would make it run)."""
     skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
     if lpips_reason:
         skipped.append(f"LPIPS: skipped: {lpips_reason}")
         skipped += [f"{p.name}: its similarity term is 1 - SSIM, a weight-free stand-in for LPIPS"
                     for p in requested if p.kind == "impress"]
-    return skipped + ["BRISQUE / NIQE: skipped: their models are trained weights Mist does not ship or download",
-                      "FID / CLIP score: skipped: they need Inception / CLIP weights Mist does not ship or download"]
+    if clip_reason:
+        skipped.append(f"CLIP similarity / CMMD: skipped: {clip_reason}")
+    skipped += [f"{metric}: skipped: {reason}" for metric, reason in quality.items()]
+    return skipped + ["FID: not computed: it needs thousands of images to mean anything (and Inception weights Mist "
+                      "does not download); CMMD, sample-efficient, stands in for it where a CLIP tower is found"]
 
 
 def _mimicries(model: StableDiffusion, settings: EvaluationSettings,
@@ -217,6 +239,8 @@ class _Scoring:
     settings: EvaluationSettings
     tick: _Ticker
     finished: Finished
+    tower: ClipTower | None = None  # for CLIP similarity and CMMD; None: not measured
+    sets: list[SetScore] = field(default_factory=list)  # what `run` measured over the whole set, per unit
     _made: dict[str, list] = field(default_factory=dict)  # mimicry outputs this run has made or read back, by unit
 
     def run(self, purifications: list[Purification], mimicries: list[Mimicry], results: list[ImageResult],
@@ -282,6 +306,24 @@ class _Scoring:
                                                                  for g in mimicry.generate(pictures, seed)])
         return [Generated(images, latents) for images, latents in self._made[unit]]
 
+    def _over_the_set(self, purification: Purification, mimicry: Mimicry, clean_out: list[torch.Tensor],
+                      protected_out: list[torch.Tensor]) -> list[float | None]:
+        """Record the set's CMMD and mean BRISQUE / NIQE of the clean and protected mimicry outputs; returns the CLIP
+        similarity of each pair of outputs (None each without a CLIP tower)."""
+        from mist.runner.evaluation.clip import cmmd, cosine
+        from mist.runner.evaluation.quality import mean_quality, quality_problems
+
+        problems = quality_problems()
+        clean_q, protected_q = mean_quality(clean_out, problems), mean_quality(protected_out, problems)
+        similarities: list[float | None] = [None] * len(clean_out)
+        distance = None
+        if self.tower is not None:
+            clean_e, protected_e = self.tower.embed(clean_out), self.tower.embed(protected_out)
+            similarities, distance = cosine(clean_e, protected_e), cmmd(clean_e, protected_e)
+        self.sets.append(SetScore(purification.name, mimicry.name, distance, clean_q["brisque"],
+                                  protected_q["brisque"], clean_q["niqe"], protected_q["niqe"]))
+        return similarities
+
     def _mimicked(self, purification: Purification, mimicry: Mimicry, results: list[ImageResult],
                   purified_clean: list[torch.Tensor], purified_protected: list[torch.Tensor], targets: list,
                   references: list, losses: list[tuple[float, float]], calibration: list[References]) -> list[Score]:
@@ -290,13 +332,15 @@ class _Scoring:
         self.tick(f"{purification.label}, {mimicry.label} (clean)")
         protected_out = self._generated(f"{unit} protected", mimicry, purified_protected)
         self.tick(f"{purification.label}, {mimicry.label} (protected)")
+        similarities = self._over_the_set(purification, mimicry, [c.images for c in clean_out],
+                                          [p.images for p in protected_out])
         scores = []
         for index, result in enumerate(results):
             c, p = clean_out[index], protected_out[index]
             target = targets[index][1] if targets[index] is not None else None
             scores.append(score(result.pair.name, purification.name, mimicry.name, mimicry.strength, c.images,
                                 p.images, c.latents, p.latents, target, references[index], losses[index],
-                                calibration[index], self.settings.ssim_threshold))
+                                calibration[index], self.settings.ssim_threshold, similarities[index]))
             if purification is NONE:
                 result.pictures[f"{mimicry.name} clean"] = _thumbnail(images.tensor_to_image(c.images))
             result.pictures[f"{mimicry.name} {purification.name}"] = _thumbnail(images.tensor_to_image(p.images))

@@ -41,7 +41,9 @@ class Score:
     minimises) on the purified clean and protected images. `floor_ssim`: SSIM of the clean image's mimicries with two
     seeds; `control_ssim`: SSIM of the mimicries of the clean image and of the clean image plus random noise of the
     protection's size (both without purification, the same for every purification; None where not measured).
-    `holds`: ssim below both (and below the optional absolute threshold)."""
+    `holds`: ssim below both (and below the optional absolute threshold). `clip_similarity`: cosine of the CLIP
+    image embeddings of the two mimicry outputs (1: the same to CLIP; None without a CLIP tower); it informs, the
+    verdict does not use it."""
 
     image: str
     purification: str
@@ -59,6 +61,7 @@ class Score:
     holds: bool
     floor_ssim: float | None = None
     control_ssim: float | None = None
+    clip_similarity: float | None = None
 
     @property
     def effect(self) -> float | None:
@@ -84,8 +87,10 @@ class References:
 def score(image: str, purification: str, mimicry: str, strength: float | None, clean_out: torch.Tensor,
           protected_out: torch.Tensor, clean_latent: torch.Tensor, protected_latent: torch.Tensor,
           target_latent: torch.Tensor | None, reference_latent: torch.Tensor | None, losses: tuple[float, float],
-          references: References = References(), threshold: float | None = None) -> Score:
-    """The scores of one mimicry of one image (tensors (1, ...); outputs in [-1, 1], latents scaled)."""
+          references: References = References(), threshold: float | None = None,
+          clip_similarity: float | None = None) -> Score:
+    """The scores of one mimicry of one image (tensors (1, ...); outputs in [-1, 1], latents scaled);
+    `clip_similarity` as measured by the caller (`mist.runner.evaluation.clip`)."""
     similarity = metrics.ssim(protected_out, clean_out)[0].item()
     to_target = {"target_mse_protected": None, "target_mse_clean": None, "target_mse_reference": None,
                  "target_pull": None}
@@ -101,7 +106,27 @@ def score(image: str, purification: str, mimicry: str, strength: float | None, c
                  rmse_levels=metrics.rmse_levels(protected_out, clean_out)[0].item(), ssim=similarity,
                  latent_mse=metrics.mean_squared(protected_latent, clean_latent)[0].item(), **to_target,
                  loss_clean=losses[0], loss_protected=losses[1], holds=references.holds(similarity, threshold),
-                 floor_ssim=references.floor_ssim, control_ssim=references.control_ssim)
+                 floor_ssim=references.floor_ssim, control_ssim=references.control_ssim,
+                 clip_similarity=clip_similarity)
+
+
+@dataclass(frozen=True)
+class SetScore:
+    """One purification x mimicry over the whole set: `cmmd`, the CLIP maximum mean discrepancy (x 1000) between the
+    clean and the protected images' mimicry outputs (0: alike as sets; None without a CLIP tower or with one image);
+    the mean BRISQUE and NIQE of the clean and of the protected outputs (no-reference quality, higher = worse; None
+    where not run). See `mist.runner.evaluation.clip` and `quality`."""
+
+    purification: str
+    mimicry: str
+    cmmd: float | None = None
+    brisque_clean: float | None = None
+    brisque_protected: float | None = None
+    niqe_clean: float | None = None
+    niqe_protected: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def worst_cases(scores: Sequence[Score]) -> list[Score]:

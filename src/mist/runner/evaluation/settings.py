@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from mist.runner.flags import fields_as_flags, typed_value
@@ -27,7 +28,9 @@ class EvaluationSettings:
     absolute bound the SSIM of the protected and clean mimicry outputs must also stay below for the protection to hold
     (None: none; the verdict is calibrated against references measured in the run, see `scores`). lora: also run LoRA
     fine-tuning mimicry (`mimicry.LoraMimicry`) with `lora_steps` training steps of rank `lora_rank` at
-    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps)."""
+    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps). clip: the folder
+    of a CLIP vision tower for CLIP similarity and CMMD (None: the SD diffusers folder's safety_checker, if any; see
+    `mist.runner.evaluation.clip`)."""
 
     purify: str = DEFAULT_PURIFY
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
@@ -41,6 +44,7 @@ class EvaluationSettings:
     lora_steps: int = 500
     lora_rank: int = 4
     lora_learning_rate: float = 1e-4
+    clip: str | None = None
 
     def __post_init__(self) -> None:
         parse_purifications(self.purify)
@@ -59,6 +63,8 @@ class EvaluationSettings:
             raise ValueError(f"lora_learning_rate: must be above 0, got {self.lora_learning_rate}")
         if self.ssim_threshold is not None and not 0 < self.ssim_threshold <= 1:
             raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
+        if self.clip is not None and not Path(self.clip).expanduser().is_dir():
+            raise ValueError(f"clip: {self.clip}: not a folder (give a CLIP vision tower saved by transformers)")
         if self.method is not None:
             from mist.engine.methods import get_method
 
@@ -74,6 +80,7 @@ class Option:
     flag: str
     kind: str
     help: str
+    local: bool = False  # a path on the machine that runs Mist: only its own user may give it, not an HTTP client
 
 
 # Every evaluation setting, once, for the command line and the HTTP service (defaults: EvaluationSettings').
@@ -97,6 +104,10 @@ EVALUATION_OPTIONS: dict[str, Option] = {
     "lora_steps": Option("--lora-steps", "int", "LoRA training steps"),
     "lora_rank": Option("--lora-rank", "int", "LoRA rank"),
     "lora_learning_rate": Option("--lora-lr", "float", "LoRA learning rate"),
+    "clip": Option("--clip", "str", "folder of a CLIP vision tower (transformers CLIPVisionModelWithProjection / "
+                                    "CLIPModel, or an SD diffusers folder's safety_checker) for the CLIP similarity "
+                                    "and CMMD of the mimicry outputs (default: the SD folder's safety_checker, if "
+                                    "any; never downloaded)", local=True),
 }
 EVALUATION_FLAGS = {name: option.flag for name, option in EVALUATION_OPTIONS.items()}
 
