@@ -30,7 +30,7 @@ _SHIM_LOCK = threading.Lock()
 
 def quality_problems() -> dict[str, str]:
     """Why BRISQUE or NIQE cannot run here (by name; empty: both can)."""
-    return {metric: f"needs the {package} package: pip install 'mist-protect[evaluate]'"
+    return {metric: f"needs the {package} package: pip install 'mist-protect[quality]' (needs a C++ compiler)"
             for metric, (module, package) in PACKAGES.items() if importlib.util.find_spec(module) is None}
 
 
