@@ -232,6 +232,12 @@ def test_cli_writes_the_report(tmp_path, originals, protected, capsys):
     assert not __import__("re").search(r"\b(rmse_levels|latent_mse|target_mse_\w+|loss_clean)\b|\de[+-]\d", page)
     for source in __import__("re").findall(r"src='([^']+)'", page):
         assert (report / source).is_file(), source
+    # The same report in Chinese, each page linking to the other, its pictures the same files.
+    chinese = (report / "index.zh.html").read_text()
+    assert "href='index.zh.html'" in page and "href='index.html'" in chinese and "<html lang='zh'>" in chinese
+    assert "结论" in chinese and "图生图 强度 0.25，经过所试的最强净化" in chinese and "JPEG 压缩 q75" in chinese
+    assert "此模型为随机权重" in chinese and "保护有效？" in chinese and "Protection holds?" not in chinese
+    assert __import__("re").findall(r"src='([^']+)'", chinese) == __import__("re").findall(r"src='([^']+)'", page)
     assert not list(report.rglob("*.tmp")) and not (report / ".unfinished").exists()
 
 
@@ -472,6 +478,9 @@ def test_the_verdict_is_judged_against_the_references_measured_in_the_run():
     assert headlines(held) == headlines(held)  # the interval's resampling is seeded
     line = verdict([held[0], held[1]], {"jpeg:75": "JPEG q75"}, identical=False)
     assert line.startswith("protection survived") and "JPEG q75" in line and "seed-to-seed 0.80" in line
+    line = verdict([held[0], held[1]], {"jpeg:75": "JPEG 压缩 q75"}, identical=False, lang="zh")
+    assert line.startswith("保护经受住了") and "JPEG 压缩 q75" in line and "换随机种子 0.80" in line
+    assert verdict(broken[:2], {}, identical=False, lang="zh").startswith("保护被 none，")
 
 
 def test_the_random_control_spends_the_protections_budget_in_random_signs():

@@ -48,5 +48,21 @@ def test_the_report_opens_from_disk_with_every_picture(tmp_path):
             assert page.locator(".warning").inner_text().startswith("This model has random weights")
             assert page.locator("h2 + p b").count() == 2  # a verdict under each image's heading
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+            _check_on_a_phone(browser, tmp_path / "report" / "index.zh.html")
         finally:
             browser.close()
+
+
+def _check_on_a_phone(browser, chinese: Path) -> None:
+    """The Chinese page on a phone-sized screen: the answer in Chinese, every picture loaded, nothing wider than the
+    screen but the tables' own scrolling boxes, and pictures three to a row, not squeezed to slivers."""
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+    phone.goto(chinese.as_uri())
+    phone.wait_for_load_state("load")
+    assert phone.locator("h2").first.inner_text() == "结论"
+    assert phone.locator(".warning").inner_text().startswith("此模型为随机权重")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    widths = phone.eval_on_selector_all(".grid img", "images => images.map(i => i.getBoundingClientRect().width)")
+    assert widths and min(widths) > 80, widths
+    assert all(phone.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth > 0)"))
+    phone.screenshot(path=str(SCREENSHOT.with_name("mist-evaluation-report-phone.png")), full_page=True)

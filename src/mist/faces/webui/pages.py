@@ -884,7 +884,8 @@ class EvaluationView:
 
 def evaluation_view(evaluation: Evaluation, folder: Path, lang: str) -> EvaluationView:
     """The grid and verdicts of `evaluation` (one img2img strength), its pictures saved as PNGs in `folder`."""
-    from mist.runner.evaluation.report import headline_lines
+    from mist.runner.evaluation.report import headline_lines, image_verdict
+    from mist.runner.evaluation.words import purification_label
 
     (name, _, _), = evaluation.mimicries
     purified = [p for p in evaluation.purifications if p.name != "none"]
@@ -898,14 +899,15 @@ def evaluation_view(evaluation: Evaluation, folder: Path, lang: str) -> Evaluati
                  (f"{name} clean", text(lang, "col_mimic_clean")),
                  (f"{name} none", text(lang, "col_mimic_protected", ssim=ssim["none"]))]
         for p in purified:
-            cells += [(p.name, text(lang, "col_purified", purification=p.label)),
-                      (f"{name} {p.name}", text(lang, "col_mimic_purified", purification=p.label, ssim=ssim[p.name]))]
+            label = purification_label(p.kind, p.value, p.label, lang)
+            cells += [(p.name, text(lang, "col_purified", purification=label)),
+                      (f"{name} {p.name}", text(lang, "col_mimic_purified", purification=label, ssim=ssim[p.name]))]
         for column, (key, caption) in enumerate(cells):
             path = folder / f"{number}-{column}.png"
             result.pictures[key].save(path, format="PNG")
             grid.append((path, f"{result.pair.name}: {caption}"))
-        lines.append(f"- {result.pair.name}: {result.verdict}")
-    lines += [f"**{line}**" for line in headline_lines(evaluation)]  # the set's answer, as the report opens with it
+        lines.append(f"- {result.pair.name}: {image_verdict(evaluation, result, lang)}")
+    lines += [f"**{line}**" for line in headline_lines(evaluation, lang)]  # the set's answer, as the report begins
     return EvaluationView(grid, "\n".join(lines), columns=4 + 2 * len(purified))
 
 

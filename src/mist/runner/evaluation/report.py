@@ -1,5 +1,6 @@
-"""The evaluation report: REPORT_DIR/index.html (opens in a browser from disk, no server: its pictures and plots are
-files beside it), results.json (everything measured) and results.csv (one row per image x purification x mimicry).
+"""The evaluation report: REPORT_DIR/index.html, and index.zh.html in Chinese (each opens in a browser from disk, no
+server: its pictures and plots are files beside it), results.json (everything measured) and results.csv (one row per
+image x purification x mimicry).
 Every file is written atomically (`mist.common.files.write_atomic`): a reader never sees a half-written report file.
 """
 
@@ -16,38 +17,25 @@ from typing import TYPE_CHECKING
 
 from mist.common import files
 from mist.version import __version__
-from mist.runner.evaluation.scores import BOOTSTRAP_DRAWS, CONFIDENCE, Score
+from mist.runner.evaluation.scores import BOOTSTRAP_DRAWS, CONFIDENCE, Score, verdict
+from mist.runner.evaluation.words import mimicry_label, purification_label, word
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from mist.runner.evaluation.run import Evaluation
 
-RANDOM_WEIGHTS_WARNING = ("This model has random weights (a test model): every number below is meaningless for "
-                          "protection. Use a real Stable Diffusion v1 checkpoint to judge it.")
+RANDOM_WEIGHTS_WARNING = word("en", "random_weights")
 SCORE_COLUMNS = ("rmse_levels", "ssim", "latent_mse", "target_pull", "target_mse_protected", "target_mse_clean",
                  "target_mse_reference", "loss_clean", "loss_protected", "floor_ssim", "control_ssim", "effect",
                  "holds", "clip_similarity")
-# What the page's score tables show, in words an artist reads (the verdict first; every number, the method's losses
-# and the target distances included, is in results.csv and results.json under its field name).
-PAGE_COLUMNS = (("holds", "Protection holds?"), ("ssim", "Likeness of the two mimicries (SSIM, 1 = same)"),
-                ("floor_ssim", "Likeness of two mimicries of the original (other seed)"),
-                ("control_ssim", "Likeness after random noise of the same size"),
-                ("effect", "Effect beyond chance (above 0: protects)"),
-                ("rmse_levels", "Pixel difference of the two mimicries (0-255)"),
-                ("target_pull", "Pull toward the target pattern (0 none, 1 full)"),
-                ("clip_similarity", "CLIP likeness of the two mimicries (1 = same)"))
-# The whole-set numbers (`scores.SetScore`), in words: CMMD and the no-reference quality of the mimicry outputs.
-SET_COLUMNS = (("cmmd", "CMMD, clean vs protected mimicries (x1000, 0 = alike)"),
-               ("brisque_clean", "BRISQUE of clean mimicries (higher: worse)"),
-               ("brisque_protected", "BRISQUE of protected mimicries"),
-               ("niqe_clean", "NIQE of clean mimicries (higher: worse)"),
-               ("niqe_protected", "NIQE of protected mimicries"))
-INVISIBILITY_LABELS = {"psnr_db": "PSNR (dB, higher: less visible)", "ssim": "SSIM with the original (1 = same)",
-                       "ms_ssim": "MS-SSIM with the original (1 = same)",
-                       "vif": "VIF: information kept (1 = all)",
-                       "linf_levels": "Largest pixel change (0-255)", "l2_levels": "Overall change (L2, 0-255)",
-                       "lpips": "LPIPS (0 = same)"}
+# What the page's score tables show (named in `words`, "col_" + the field, in words an artist reads), the verdict
+# first; every number, the method's losses and the target distances included, is in results.csv and results.json.
+PAGE_COLUMNS = ("holds", "ssim", "floor_ssim", "control_ssim", "effect", "rmse_levels", "target_pull",
+                "clip_similarity")
+# The whole-set numbers (`scores.SetScore`; named "set_" + the field): CMMD and the no-reference quality of the outputs.
+SET_COLUMNS = ("cmmd", "brisque_clean", "brisque_protected", "niqe_clean", "niqe_protected")
+PAGES = {"en": "index.html", "zh": "index.zh.html"}  # the report's page in each language, each linking to the other
 
 
 def write_report(evaluation: Evaluation, folder: Path, shown_from: Path | None = None) -> Path:
@@ -71,9 +59,9 @@ def write_report(evaluation: Evaluation, folder: Path, shown_from: Path | None =
     record = json.dumps(results_record(evaluation), indent=2, allow_nan=False)
     files.write_atomic(folder / "results.json", record.encode("utf-8"))
     files.write_atomic(folder / "results.csv", _csv(evaluation.scores).encode("utf-8"))
-    index = folder / "index.html"
-    files.write_atomic(index, _html(evaluation, pictures, plots).encode("utf-8"))
-    return index
+    for lang, page in PAGES.items():
+        files.write_atomic(folder / page, _html(evaluation, pictures, plots, lang).encode("utf-8"))
+    return folder / PAGES["en"]
 
 
 def _named_from(evaluation: Evaluation, root: Path) -> Evaluation:
@@ -114,37 +102,39 @@ def results_record(evaluation: Evaluation) -> dict:
     }
 
 
-def verdict_rule(evaluation: Evaluation) -> str:
+def verdict_rule(evaluation: Evaluation, lang: str = "en") -> str:
     """How the verdicts were reached, in words (the thresholds are measured in the run, not chosen)."""
     bound = evaluation.settings.ssim_threshold
-    fixed = f", and below the fixed bound {bound:.2f} (--ssim-threshold)" if bound is not None else ""
-    return ("The protection holds for an image, purification and mimicry when the SSIM between the mimicry outputs "
-            "of the protected and of the clean image (same purification, same seed) is below two references measured "
-            "on the same image in this run: the SSIM between two mimicries of the clean image with different seeds "
-            "(the mimicry's own randomness), and the SSIM between the mimicries of the clean image and of the clean "
-            f"image plus random noise as large as the protection (same seed){fixed}. Effect = the first reference "
-            "minus the SSIM: above 0, the protection changes the mimicry more than chance does. The headline takes, "
-            "per image, the purification that left the least effect, and gives the mean effect over images with a "
-            f"{CONFIDENCE:.0%} bootstrap interval ({BOOTSTRAP_DRAWS} resamplings of the images): it holds where the "
-            "interval lies above 0 and most images held, is broken where it lies below 0, and is unclear otherwise. "
-            "Each image was mimicked with one pair of seeds, so the interval covers the images, not more seeds.")
+    fixed = word(lang, "fixed_bound", bound=f"{bound:.2f}") if bound is not None else ""
+    return word(lang, "rule", fixed=fixed, confidence=f"{CONFIDENCE:.0%}", draws=BOOTSTRAP_DRAWS)
 
 
-def headline_lines(evaluation: Evaluation) -> list[str]:
-    """The answer first, one plain line per mimicry: does mimicry of these images still work after the strongest
-    purifier tried?"""
-    labels = {p.name: p.label for p in evaluation.purifications}
-    mimicries = {name: label for name, label, _ in evaluation.mimicries}
+def headline_lines(evaluation: Evaluation, lang: str = "en") -> list[str]:
+    """The answer first, one plain line per mimicry in `lang`: does mimicry of these images still work after the
+    strongest purifier tried?"""
+    labels, mimicries = _labels(evaluation, lang)
     lines = []
     for h in evaluation.headlines:
-        after = f"after the strongest purifier tried ({labels.get(h.worst, h.worst)})"
         interval = f" [{h.low:+.3f}, {h.high:+.3f}]" if h.images > 1 else ""
-        answer = {"holds": "the protection holds: mimicry of these images is disrupted beyond its own randomness",
-                  "broken": "the protection is broken: the mimicry works as on the originals",
-                  "unclear": "unclear: the protection's effect is within the mimicry's own randomness"}[h.decision]
-        lines.append(f"{mimicries.get(h.mimicry, h.mimicry)}, {after}: {answer} (effect {h.effect:+.3f}{interval}; "
-                     f"{h.held} of {h.images} image(s) held)")
+        lines.append(word(lang, "headline", mimicry=mimicries.get(h.mimicry, h.mimicry),
+                          after=word(lang, "after_worst", purifier=labels.get(h.worst, h.worst)),
+                          answer=word(lang, h.decision), effect=f"{h.effect:+.3f}", interval=interval, held=h.held,
+                          images=h.images))
     return lines
+
+
+def image_verdict(evaluation: Evaluation, result, lang: str = "en") -> str:
+    """The verdict line of one image (`ImageResult`) in `lang` (results.json keeps the English one)."""
+    if lang == "en":
+        return result.verdict
+    own = [s for s in evaluation.scores if s.image == result.pair.name]
+    return verdict(own, _labels(evaluation, lang)[0], result.invisibility.get("linf_levels") == 0, lang)
+
+
+def _labels(evaluation: Evaluation, lang: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The purifications' and the mimicries' human names in `lang`, by name."""
+    return ({p.name: purification_label(p.kind, p.value, p.label, lang) for p in evaluation.purifications},
+            {name: mimicry_label(name, label, lang) for name, label, _ in evaluation.mimicries})
 
 
 def _finite(record: dict) -> dict:
@@ -266,110 +256,122 @@ th { font-weight: 600; max-width: 11em; } p.path { font-size: 12px; color: #555;
 .grid figure { margin: 0; } .grid img { width: 100%; image-rendering: auto; display: block; }
 .grid figcaption { font-size: 11px; text-align: center; }
 .holds { color: #1e7d32; } .broken { color: #c0392b; }
+p.lang { float: right; margin: 0; } details summary { cursor: pointer; margin: .3em 0; }
+img { max-width: 100%; } li, p { overflow-wrap: anywhere; }
+@media (max-width: 700px) {  /* a phone: three pictures a row, not every column squeezed into one */
+  body { margin: .6em; } .grid { grid-template-columns: repeat(3, 1fr) !important; }
+}
 """
 
 
-def _html(evaluation: Evaluation, pictures: dict, plots: dict) -> str:
+def _html(evaluation: Evaluation, pictures: dict, plots: dict, lang: str) -> str:
     e = html.escape
     s = evaluation.settings
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Mist evaluation</title>"
+    other = "zh" if lang == "en" else "en"
+    parts = [f"<!doctype html><html lang='{lang}'><head><meta charset='utf-8'><title>{e(word(lang, 'title'))}</title>"
              "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<style>{_STYLE}</style></head><body><h1>Mist evaluation</h1>"]
+             f"<style>{_STYLE}</style></head><body><p class='lang'><a href='{PAGES[other]}' hreflang='{other}'>"
+             f"{e(word(lang, 'other_language'))}</a></p><h1>{e(word(lang, 'title'))}</h1>"]
     if evaluation.random_weights:
-        parts.append(f"<p class='warning'>{e(RANDOM_WEIGHTS_WARNING)}</p>")
-    parts.append(
-        f"<p>Model <b>{e(evaluation.model)}</b>; scored with method <b>{e(evaluation.method)}</b>; "
-        f"{len(evaluation.images)} image(s); img2img: DDIM {s.steps} steps, guidance {s.guidance:g}, prompt "
-        f"&ldquo;{e(s.prompt)}&rdquo;, seed {s.seed}; Mist {e(__version__)}; {evaluation.seconds:.0f} s.</p>"
-        f"<p><b>Verdict rule:</b> {e(verdict_rule(evaluation))} Target pull: 0 = the protected image's mimicry is as "
-        "far from the target pattern as the clean image's, 1 = as close as the target pattern's own mimicry.</p>")
+        parts.append(f"<p class='warning'>{e(word(lang, 'random_weights'))}</p>")
     if evaluation.headlines:
-        parts.insert(2 if evaluation.random_weights else 1, "<h2>The answer</h2><ul>" + "".join(
+        parts.append(f"<h2>{e(word(lang, 'answer'))}</h2><ul>" + "".join(
             f"<li class='{'holds' if h.decision == 'holds' else 'broken'}'><b>{e(line)}</b></li>"
-            for h, line in zip(evaluation.headlines, headline_lines(evaluation), strict=True)) + "</ul>")
+            for h, line in zip(evaluation.headlines, headline_lines(evaluation, lang), strict=True)) + "</ul>")
+    setup = word(lang, "setup", model=e(evaluation.model), method=e(evaluation.method), images=len(evaluation.images),
+                 steps=s.steps, guidance=f"{s.guidance:g}", prompt=e(s.prompt), seed=s.seed, version=e(__version__),
+                 seconds=f"{evaluation.seconds:.0f}")
+    parts.append(f"<p>{setup}</p><p><b>{e(word(lang, 'verdict_rule_heading'))}</b> "
+                 f"{e(verdict_rule(evaluation, lang))} {e(word(lang, 'target_pull_note'))}</p>")
     if evaluation.skipped or evaluation.unmatched:
-        parts.append("<h2>Not run</h2><ul>" + "".join(f"<li>{e(line)}</li>"
-                                                       for line in evaluation.skipped + evaluation.unmatched) + "</ul>")
+        parts.append(f"<h2>{e(word(lang, 'not_run'))}</h2><ul>"
+                     + "".join(f"<li>{e(line)}</li>" for line in evaluation.skipped + evaluation.unmatched) + "</ul>")
     if plots:
-        parts.append("<h2>Plots</h2>" + "".join(f"<p><img src='{e(src)}' alt='{e(name)} plot'></p>"
-                                                for name, src in plots.items()))
-    parts.append("<h2>Worst case over purifications</h2><p>For each image and mimicry, the purification after which "
-                 "the mimicry of the protected image came closest to that of the original.</p>"
-                 + _score_table(evaluation.worst, evaluation, with_image=True))
-    parts.append(_set_table(evaluation))
+        parts.append(f"<h2>{e(word(lang, 'plots'))}</h2><p>{e(word(lang, 'plots_note'))}</p>"
+                     + "".join(f"<p><img src='{e(src)}' alt='{e(name)} plot'></p>" for name, src in plots.items()))
+    parts.append(f"<h2>{e(word(lang, 'worst_heading'))}</h2><p>{e(word(lang, 'worst_note'))}</p>"
+                 + _score_table(evaluation.worst, evaluation, lang, with_image=True))
+    parts.append(_set_table(evaluation, lang))
     for number, result in enumerate(evaluation.images):
-        parts.append(_image_section(number, result, evaluation, pictures))
+        parts.append(_image_section(number, result, evaluation, pictures, lang))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _image_section(number: int, result, evaluation: Evaluation, pictures: dict) -> str:
+def _named(lang: str, prefix: str, key: str) -> str:
+    """A column's name in `lang` (`words`' prefix + key), or the key itself where it has none."""
+    from mist.runner.evaluation.words import TEXTS
+
+    return word(lang, prefix + key) if prefix + key in TEXTS["en"] else key
+
+
+def _image_section(number: int, result, evaluation: Evaluation, pictures: dict, lang: str) -> str:
     e = html.escape
-    holds = result.verdict.startswith("protection survived")
-    inv = "".join(f"<th>{e(INVISIBILITY_LABELS.get(k, k))}</th>" for k in result.invisibility)
+    own = [s for s in evaluation.scores if s.image == result.pair.name]
+    holds = bool(own) and all(s.holds for s in own)
+    inv = "".join(f"<th>{e(_named(lang, 'inv_', k))}</th>" for k in result.invisibility)
     values = "".join(f"<td>{_readable(v)}</td>" for v in result.invisibility.values())
-    columns = ["clean", "protected"] + [p.name for p in evaluation.purifications if p.kind != "none"]
-    captions = {"clean": "clean", "protected": "protected"} | {p.name: p.label for p in evaluation.purifications}
-    rows = [[(column, captions[column]) for column in columns]]
-    for name, label, _ in evaluation.mimicries:
-        row = [(f"{name} clean", f"{label}: clean"), (f"{name} none", f"{label}: protected")]
-        row += [(f"{name} {p.name}", f"{label}: {p.label}") for p in evaluation.purifications if p.kind != "none"]
-        rows.append(row)
+    labels, mimicries = _labels(evaluation, lang)
+    clean, protected = word(lang, "clean"), word(lang, "protected")
+    purified = [p.name for p in evaluation.purifications if p.kind != "none"]
+    rows = [[("clean", clean), ("protected", protected)] + [(name, labels[name]) for name in purified]]
+    for name, label in mimicries.items():
+        rows.append([(f"{name} clean", f"{label}: {clean}"), (f"{name} none", f"{label}: {protected}")]
+                    + [(f"{name} {p}", f"{label}: {labels[p]}") for p in purified])
     grid = []
     for row in rows:
         cells = "".join(f"<figure><img src='{e(pictures[(number, key)])}' alt='{e(caption)}'><figcaption>"
                         f"{e(caption)}</figcaption></figure>" for key, caption in row if (number, key) in pictures)
         grid.append(f"<div class='grid' style='grid-template-columns: repeat({len(row)}, 1fr)'>{cells}</div>")
-    own = [s for s in evaluation.scores if s.image == result.pair.name]
-    return (f"<h2>{e(result.pair.name)}</h2><p class='{'holds' if holds else 'broken'}'><b>{e(result.verdict)}</b>"
-            f"</p><p class='path'>{e(str(result.pair.original))} &rarr; {e(str(result.pair.protected))} (matched by "
-            f"{e(result.pair.matched_by)}, evaluated at {result.size[0]} x {result.size[1]})</p>"
-            f"<table><tr>{inv}</tr><tr>{values}</tr></table>{''.join(grid)}{_score_table(own, evaluation)}")
+    matched = word(lang, "matched", original=e(str(result.pair.original)), protected=e(str(result.pair.protected)),
+                   matched_by=e(result.pair.matched_by), width=result.size[0], height=result.size[1])
+    return (f"<h2>{e(result.pair.name)}</h2><p class='{'holds' if holds else 'broken'}'>"
+            f"<b>{e(image_verdict(evaluation, result, lang))}</b></p><p class='path'>{matched}</p>"
+            f"<div class='scroll'><table><tr>{inv}</tr><tr>{values}</tr></table></div>{''.join(grid)}"
+            f"<details><summary>{e(word(lang, 'all_scores'))}</summary>{_score_table(own, evaluation, lang)}"
+            "</details>")
 
 
-def _score_table(scores: list[Score], evaluation: Evaluation, *, with_image: bool = False) -> str:
+def _score_table(scores: list[Score], evaluation: Evaluation, lang: str, *, with_image: bool = False) -> str:
     """The verdict and the readable scores per purification and mimicry (the image too, in the worst-case table)."""
     e = html.escape
-    labels = {p.name: p.label for p in evaluation.purifications}
-    mimicries = {name: label for name, label, _ in evaluation.mimicries}
-    names = (["Image"] if with_image else []) + ["Purification", "Mimicry"] + [title for _, title in PAGE_COLUMNS]
-    head = "".join(f"<th class='l'>{e(name)}</th>" if n < 2 + with_image else f"<th>{e(name)}</th>"
-                   for n, name in enumerate(names))
+    labels, mimicries = _labels(evaluation, lang)
+    names = ([word(lang, "image")] if with_image else []) + [word(lang, "purification"), word(lang, "mimicry")]
+    head = "".join(f"<th class='l'>{e(name)}</th>" for name in names)
+    head += "".join(f"<th>{e(word(lang, 'col_' + column))}</th>" for column in PAGE_COLUMNS)
     body = []
     for s in scores:
         row = s.as_dict()
         cells = [f"<td class='l'>{e(s.image)}</td>"] if with_image else []
         cells += [f"<td class='l'>{e(labels.get(s.purification, s.purification))}</td>",
                   f"<td class='l'>{e(mimicries.get(s.mimicry, s.mimicry))}</td>"]
-        for column, _ in PAGE_COLUMNS:
+        for column in PAGE_COLUMNS:
             value = row[column]
             if isinstance(value, bool):
-                cells.append(f"<td class='{'holds' if value else 'broken'}'><b>{'yes' if value else 'no'}</b></td>")
+                answer = e(word(lang, "yes" if value else "no"))
+                cells.append(f"<td class='{'holds' if value else 'broken'}'><b>{answer}</b></td>")
             else:
                 cells.append(f"<td>{_readable(value)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>"
-            "<p class='path'>Every number, the method's losses and the distances to the target included, is in "
-            "results.csv and results.json.</p>")
+            f"<p class='path'>{e(word(lang, 'raw_note'))}</p>")
 
 
-def _set_table(evaluation: Evaluation) -> str:
+def _set_table(evaluation: Evaluation, lang: str) -> str:
     """CMMD and the mean BRISQUE / NIQE per purification and mimicry, where any of them was measured."""
     e = html.escape
     measured = [s.as_dict() for s in evaluation.sets]
-    if not any(row[column] is not None for row in measured for column, _ in SET_COLUMNS):
+    if not any(row[column] is not None for row in measured for column in SET_COLUMNS):
         return ""
-    labels = {p.name: p.label for p in evaluation.purifications}
-    mimicries = {name: label for name, label, _ in evaluation.mimicries}
-    head = "<th class='l'>Purification</th><th class='l'>Mimicry</th>" + "".join(f"<th>{e(title)}</th>"
-                                                                                 for _, title in SET_COLUMNS)
+    labels, mimicries = _labels(evaluation, lang)
+    head = (f"<th class='l'>{e(word(lang, 'purification'))}</th><th class='l'>{e(word(lang, 'mimicry'))}</th>"
+            + "".join(f"<th>{e(word(lang, 'set_' + column))}</th>" for column in SET_COLUMNS))
     body = "".join(f"<tr><td class='l'>{e(labels.get(row['purification'], row['purification']))}</td><td class='l'>"
                    f"{e(mimicries.get(row['mimicry'], row['mimicry']))}</td>"
-                   + "".join(f"<td>{_readable(row[column])}</td>" for column, _ in SET_COLUMNS) + "</tr>"
+                   + "".join(f"<td>{_readable(row[column])}</td>" for column in SET_COLUMNS) + "</tr>"
                    for row in measured)
-    tower = f" CLIP tower: {e(evaluation.clip_tower)}." if evaluation.clip_tower else ""
-    return (f"<h2>Over the whole set</h2><p>How the set of protected images' mimicries differs from the clean one's, "
-            f"and how natural each set looks (no-reference quality).{tower}</p>"
+    tower = e(word(lang, "clip_tower", tower=evaluation.clip_tower)) if evaluation.clip_tower else ""
+    return (f"<h2>{e(word(lang, 'set_heading'))}</h2><p>{e(word(lang, 'set_note'))}{tower}</p>"
             f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>")
 
 

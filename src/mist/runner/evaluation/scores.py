@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mist.runner.evaluation import metrics
+from mist.runner.evaluation.words import word
 
 _TINY = 1e-12
 BOOTSTRAP_DRAWS = 2000  # resamplings of the images for the headline's interval
@@ -140,29 +141,27 @@ def worst_cases(scores: Sequence[Score]) -> list[Score]:
     return list(worst.values())
 
 
-def verdict(scores: Sequence[Score], labels: dict[str, str], identical: bool) -> str:
-    """One line for one image: whether the protection held under every purification and mimicry, or the weakest
-    case that broke it, with the references it was judged against. `labels`: purification name -> human name;
-    `identical`: the protected image equals the original."""
+def verdict(scores: Sequence[Score], labels: dict[str, str], identical: bool, lang: str = "en") -> str:
+    """One line for one image in `lang` (`words.LANGUAGES`): whether the protection held under every purification
+    and mimicry, or the weakest case that broke it, with the references it was judged against. `labels`: purification
+    name -> human name; `identical`: the protected image equals the original."""
     if identical:
-        return "no change: the protected image equals the original"
+        return word(lang, "identical")
     if not scores:
-        return "not measured"
+        return word(lang, "not_measured")
     broken = [s for s in scores if not s.holds]
     weakest = max(broken or scores, key=lambda s: s.ssim)
-    where = f"{labels.get(weakest.purification, weakest.purification)} at {_mimicry_words(weakest)}"
-    against = _references_words(weakest)
+    mimicry = word(lang, "strength", strength=f"{weakest.strength:g}") if weakest.strength is not None \
+        else weakest.mimicry
+    where = word(lang, "where", purification=labels.get(weakest.purification, weakest.purification), mimicry=mimicry)
+    references = [f"{word(lang, name)} {value:.2f}" for name, value in (("seed_to_seed", weakest.floor_ssim),
+                                                                         ("random_noise", weakest.control_ssim))
+                  if value is not None]
+    against = word(lang, "references", references=", ".join(references)) if references else ""
     if not broken:
-        return (f"protection survived every purification and mimicry (weakest: {where}, SSIM {weakest.ssim:.2f}"
-                f"{against})")
-    more = f"; {len(broken) - 1} more case(s) broken" if len(broken) > 1 else ""
-    return f"protection broken by {where} (SSIM {weakest.ssim:.2f}{against}){more}"
-
-
-def _references_words(s: Score) -> str:
-    parts = [f"{name} {value:.2f}" for name, value in (("seed-to-seed", s.floor_ssim), ("random noise", s.control_ssim))
-             if value is not None]
-    return f"; references: {', '.join(parts)}" if parts else ""
+        return word(lang, "survived", where=where, ssim=f"{weakest.ssim:.2f}", references=against)
+    more = word(lang, "more_broken", count=len(broken) - 1) if len(broken) > 1 else ""
+    return word(lang, "broken_by", where=where, ssim=f"{weakest.ssim:.2f}", references=against, more=more)
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,3 @@ def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
     means = values[draws].mean(axis=1)
     tail = (1 - CONFIDENCE) / 2 * 100
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
-def _mimicry_words(s: Score) -> str:
-    return f"strength {s.strength:g}" if s.strength is not None else s.mimicry
