@@ -268,6 +268,26 @@ def test_the_vae_decoder_loads_only_when_asked_with_same_numbers(tiny, ckpt_file
     assert model.decoder.post_quant_conv.weight.dtype == torch.float32  # placed() leaves the original alone
 
 
+@pytest.mark.parametrize("source", ["ckpt", "diffusers", "tiny-random"])
+def test_the_text_encoder_is_kept_only_with_the_text_model_part(tiny, ckpt_file, diffusers_folder, source):
+    """Textual inversion's part: the text encoder itself, with the saved weights, kept (and placed with the rest) only
+    when "text_model" is asked for; the default parts drop it after embedding the prompts."""
+    path = {"ckpt": ckpt_file, "diffusers": diffusers_folder, "tiny-random": TINY_RANDOM}[source]
+    plain = load_model(str(path), TINY)
+    assert plain.text_encoder is None and "text_model" not in plain.parts
+    model = load_model(str(path), TINY, parts=frozenset({"encoder", "text_model"}))
+    assert model.parts == {"encoder", "text_encoder", "text_model"} and model.unet is None
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    ids = torch.tensor([A_PAINTING_IDS])
+    with torch.no_grad():
+        hidden = model.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(hidden, model.text_embedding("a painting"), rtol=0, atol=0)
+    if source != "tiny-random":
+        torch.testing.assert_close(hidden, tiny.hidden)
+    half = model.placed("cpu", torch.bfloat16)
+    assert half.text_encoder.dtype == torch.bfloat16 and model.text_encoder.dtype == torch.float32
+
+
 def test_an_unknown_model_part_is_refused():
     with pytest.raises(ValueError, match="unknown model parts"):
         load_model(TINY_RANDOM, parts=frozenset({"encoder", "vae"}))

@@ -34,7 +34,7 @@ import copy
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,19 +72,29 @@ class FinetuneOptions:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name, low in (("steps", 0), ("seed", 0), ("rank", 1), ("batch_size", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}: must be a whole number of at least {low}, got {value!r}")
-        for name in ("learning_rate", "alpha", "max_grad_norm", "weight_decay"):
-            value = getattr(self, name)
-            if name == "alpha" and value is None:
-                continue
-            zero_allowed = name == "weight_decay"
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not number or value < 0 or (value == 0 and not zero_allowed):
-                kind = "non-negative" if zero_allowed else "positive"
-                raise ValueError(f"{name}: must be a {kind} finite number, got {value!r}")
+        check_whole_numbers(self, {"steps": 0, "seed": 0, "rank": 1, "batch_size": 1})
+        alpha = ("alpha",) if self.alpha is not None else ()
+        check_numbers(self, ("learning_rate", *alpha, "max_grad_norm"), zero_allowed=("weight_decay",))
+
+
+def check_whole_numbers(options: object, lowest: dict[str, int]) -> None:
+    """ValueError naming the first of `options`' fields in `lowest` that is not a whole number of at least its
+    value there."""
+    for name, low in lowest.items():
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: must be a whole number of at least {low}, got {value!r}")
+
+
+def check_numbers(options: object, positive: tuple[str, ...], zero_allowed: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first of `options`' fields that is not a finite number above zero (`positive`) or at
+    least zero (`zero_allowed`)."""
+    for name in (*positive, *zero_allowed):
+        value = getattr(options, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (value == 0 and name not in zero_allowed):
+            kind = "non-negative" if name in zero_allowed else "positive"
+            raise ValueError(f"{name}: must be a {kind} finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ class Surrogate:
         self.options = options
         self.precision = precision
         if options.kind == "lora":
-            unet = _sharing_copy(model.unet)
+            unet = sharing_copy(model.unet)
             _add_lora(unet, options, generator)
         else:
             unet = copy.deepcopy(model.unet).float().requires_grad_(True)
@@ -164,20 +174,17 @@ class Surrogate:
         from it. `callback(step, loss)` after each step (1-based)."""
         o = self.options
         steps = o.steps if steps is None else steps
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
-            raise ValueError(f"images: expected a batch (N, 3, H, W), got shape {tuple(images.shape)}")
+        check_images(images)
         if o.batch_size > images.shape[0]:
             raise ValueError(f"batch_size: {o.batch_size} is more than the {images.shape[0]} images")
         generator = generator or torch.Generator().manual_seed(o.seed)
         optimizer = torch.optim.AdamW(self._trainable, lr=o.learning_rate, betas=(0.9, 0.999),
                                       weight_decay=o.weight_decay, eps=1e-8)
         images = images.detach().to(self.model.device)
-        order: list[int] = []
+        indices = shuffled_indices(images.shape[0], generator)
         losses = []
         for step in range(steps):
-            if len(order) < o.batch_size:
-                order += torch.randperm(images.shape[0], generator=generator).tolist()
-            chosen, order = order[: o.batch_size], order[o.batch_size :]
+            chosen = [next(indices) for _ in range(o.batch_size)]
             generators = [generator] * len(chosen)
             with torch.no_grad():
                 latent = objectives.encode(self.model, images[chosen], generators, self.precision)
@@ -215,7 +222,20 @@ def save_state(state: dict[str, torch.Tensor], path: str | Path, options: Finetu
     save_file({f"unet.{name}": value.contiguous() for name, value in state.items()}, str(path), metadata=metadata)
 
 
-def _sharing_copy(module: nn.Module) -> nn.Module:
+def check_images(images: torch.Tensor) -> None:
+    """ValueError unless `images` is a batch (N, 3, H, W) of at least one image."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        raise ValueError(f"images: expected a batch (N, 3, H, W), got shape {tuple(images.shape)}")
+
+
+def shuffled_indices(count: int, generator: torch.Generator) -> Iterator[int]:
+    """Indices 0..count-1 without end, one random permutation (drawn from `generator` when the last one is used up)
+    after another: every image is seen once before any is seen again."""
+    while True:
+        yield from torch.randperm(count, generator=generator).tolist()
+
+
+def sharing_copy(module: nn.Module) -> nn.Module:
     """A copy of `module`'s tree of modules whose parameters and buffers are the original's own tensors: adapters can
     be added to the copy without touching the original's structure, at no memory cost."""
     memo: dict[int, object] = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}

@@ -19,8 +19,9 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
     """Load the model `spec` names (a path or `tiny-random`), or the first one found where Mist looks by default.
 
     `architecture` gives the shape of single-file checkpoints (SD v1 unless a test saves a smaller one). `parts`:
-    which of "unet", "text_encoder" and "decoder" (the VAE decoder, for evaluation) to load besides the VAE encoder
-    (for protection, a method's `parts`; the others are not read). Weights arrive in float32 on the CPU;
+    which of "unet", "text_encoder", "decoder" (the VAE decoder, for evaluation) and "text_model" (the text encoder
+    kept, for textual inversion) to load besides the VAE encoder (for protection, a method's `parts`; the others are
+    not read). Weights arrive in float32 on the CPU;
     `StableDiffusion.placed` moves and casts them.
     """
     if not parts <= KNOWN_PARTS:

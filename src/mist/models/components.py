@@ -2,7 +2,8 @@
 
 The VAE *encoder* is always kept; the VAE *decoder* plays no part in the attack and is loaded only when asked for (the
 mimicry check of `mist evaluate` turns latents back into pictures); the UNet predicts noise, and the text encoder is
-only used to embed Mist's prompts when the model is assembled.
+only used to embed Mist's prompts when the model is assembled, unless the "text_model" part asks to keep it (textual
+inversion mimicry trains a new word through it).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class StableDiffusion:
     uses, and where it came from.
 
     The text encoder runs once, when the model is assembled, for "a painting", "a photo" and the empty prompt; it is
-    then dropped, which saves its 123M parameters for the whole run. A model loaded for methods that need only the
+    then dropped, which saves its 123M parameters for the whole run, unless the "text_model" part keeps it (frozen,
+    as `text_encoder`: textual inversion needs it). A model loaded for methods that need only the
     encoder has no UNet (None) and no embeddings (see `parts`); the VAE decoder is None unless "decoder" was asked for
     (evaluation asks, protection never does). `source` names the file or folder (or `tiny-random`); `random_weights`
     is true for the test model, whose outputs protect nothing.
@@ -112,6 +114,7 @@ class StableDiffusion:
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
     memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
     decoder: nn.Module | None = None  # `latent_decoder`; None unless the "decoder" part was loaded
+    text_encoder: nn.Module | None = None  # CLIP's text encoder; None unless the "text_model" part was loaded
 
     def __post_init__(self) -> None:
         for module in self._networks():
@@ -119,8 +122,10 @@ class StableDiffusion:
 
     @classmethod
     def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module | None, text_encoder: nn.Module | None,
-                 source: str, random_weights: bool = False, decoder: nn.Module | None = None) -> StableDiffusion:
-        """Freeze the networks and embed the prompts; `text_encoder` is not kept. None: a part not loaded."""
+                 source: str, random_weights: bool = False, decoder: nn.Module | None = None,
+                 keep_text_encoder: bool = False) -> StableDiffusion:
+        """Freeze the networks and embed the prompts; `text_encoder` is kept only with `keep_text_encoder`. None: a
+        part not loaded."""
         embeddings = {}
         if text_encoder is not None:
             text_encoder.eval().requires_grad_(False)
@@ -129,14 +134,17 @@ class StableDiffusion:
         for module in (encoder, unet, decoder):
             if module is not None:
                 module.eval().requires_grad_(False)
-        return cls(arch, encoder, unet, embeddings, source, random_weights, decoder=decoder)
+        return cls(arch, encoder, unet, embeddings, source, random_weights, decoder=decoder,
+                   text_encoder=text_encoder if keep_text_encoder else None)
 
     @property
     def parts(self) -> frozenset[str]:
-        """The parts loaded ("encoder", and "unet", "text_encoder", "decoder" when they were asked for)."""
+        """The parts loaded ("encoder", and "unet", "text_encoder", "decoder", "text_model" when they were asked
+        for)."""
         return frozenset({"encoder"} | ({"unet"} if self.unet is not None else set())
                          | ({"text_encoder"} if self.text_embeddings else set())
-                         | ({"decoder"} if self.decoder is not None else set()))
+                         | ({"decoder"} if self.decoder is not None else set())
+                         | ({"text_model"} if self.text_encoder is not None else set()))
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +155,7 @@ class StableDiffusion:
         return next(self.encoder.parameters()).dtype
 
     def _networks(self) -> list[nn.Module]:
-        return [module for module in (self.encoder, self.unet, self.decoder) if module is not None]
+        return [module for module in (self.encoder, self.unet, self.decoder, self.text_encoder) if module is not None]
 
     def placed(self, device: torch.device | str, dtype: torch.dtype | None = None, *,
                in_place: bool = False) -> StableDiffusion:
@@ -190,7 +198,8 @@ class StableDiffusion:
             for buffer in module.buffers():
                 memo[id(buffer)] = convert(buffer)
         return replace(self, encoder=copy.deepcopy(self.encoder, memo), unet=copy.deepcopy(self.unet, memo),
-                       decoder=copy.deepcopy(self.decoder, memo), text_embeddings=dict(self.text_embeddings),
+                       decoder=copy.deepcopy(self.decoder, memo), text_encoder=copy.deepcopy(self.text_encoder, memo),
+                       text_embeddings=dict(self.text_embeddings),
                        alphas_cumprod=self.alphas_cumprod.to(device), memory_format=layout)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

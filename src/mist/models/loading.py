@@ -26,12 +26,14 @@ _TEXT = "cond_stage_model.transformer."
 _SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
 # The key prefixes of each model part a caller can ask for; EMA copies and optimiser state are never read, and a part
 # the run does not need is not read either (the UNet is 3.4 GB in float32). The VAE decoder only serves evaluation.
+# "text_encoder" keeps the embeddings of Mist's prompts; "text_model" keeps the text encoder itself (and them).
 _PART_PREFIXES = {"encoder": (_VAE + "encoder.", _VAE + "quant_conv."), "unet": (_UNET,), "text_encoder": (_TEXT,),
-                  "decoder": (_VAE + "decoder.", _VAE + "post_quant_conv.")}
+                  "decoder": (_VAE + "decoder.", _VAE + "post_quant_conv."), "text_model": (_TEXT,)}
 _FIRST_CONV = _UNET + "input_blocks.0.0.weight"  # read whatever the parts: the layout check needs its shape
 KNOWN_PARTS = frozenset(_PART_PREFIXES)
-# What is loaded when no parts are named: every part a protection method can use; never the decoder.
-DEFAULT_PARTS = KNOWN_PARTS - {"decoder"}
+# What is loaded when no parts are named: every part a protection method can use; never the decoder or text model.
+DEFAULT_PARTS = KNOWN_PARTS - {"decoder", "text_model"}
+_TEXT_PARTS = frozenset({"text_encoder", "text_model"})
 # Parts of the error `torch.load(weights_only=True)` raises for a pickle it refuses (PyTorch 2.5 to 2.13 wording).
 _PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:Please use|\n\n|$)", re.S)
@@ -78,8 +80,9 @@ def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str]
         text = CLIPTextModel(CLIPTextConfig(**arch.text))
         decoder = latent_decoder(arch)  # drawn last, so the other parts' weights are those of earlier releases
     return StableDiffusion.assemble(arch, encoder, unet if "unet" in parts else None,
-                                    text if "text_encoder" in parts else None, source=arch.name, random_weights=True,
-                                    decoder=decoder if "decoder" in parts else None)
+                                    text if parts & _TEXT_PARTS else None, source=arch.name, random_weights=True,
+                                    decoder=decoder if "decoder" in parts else None,
+                                    keep_text_encoder="text_model" in parts)
 
 
 def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
@@ -96,7 +99,8 @@ def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[st
     except (KeyError, IndexError) as exc:  # the converters index the weights they expect directly
         raise ValueError(f"{path}: not a Stable Diffusion v1 model: weights missing ({exc})") from exc
     text_state = {key[len(_TEXT) :]: tensor for key, tensor in state.items() if key.startswith(_TEXT)}
-    return _assemble(path, arch, unet, encoder, text, decoder, unet_state, vae_state, text_state)
+    return _assemble(path, arch, unet, encoder, text, decoder, unet_state, vae_state, text_state,
+                     keep_text="text_model" in parts)
 
 
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
@@ -126,6 +130,7 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
         _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
         {k: v for k, v in vae_state.items() if k.startswith(vae_parts)},
         _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
+        keep_text="text_model" in parts,
     )
 
 
@@ -143,12 +148,13 @@ def _empty_modules(arch: Architecture, parts: frozenset[str]
         decoder = latent_decoder(arch) if "decoder" in parts else None
     # The text encoder is built for real: it is small, and some transformers versions give it non-persistent buffers
     # (position ids) that no checkpoint holds and that would stay unallocated on the meta device.
-    text = CLIPTextModel(CLIPTextConfig(**arch.text)) if "text_encoder" in parts else None
+    text = CLIPTextModel(CLIPTextConfig(**arch.text)) if parts & _TEXT_PARTS else None
     return unet, encoder, text, decoder
 
 
 def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder: nn.Module, text: nn.Module | None,
-              decoder: nn.Module | None, unet_state: dict, vae_state: dict, text_state: dict) -> StableDiffusion:
+              decoder: nn.Module | None, unet_state: dict, vae_state: dict, text_state: dict,
+              keep_text: bool = False) -> StableDiffusion:
     if text is not None:
         text_state = _match_text_level(text_state, text)
     for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
@@ -166,7 +172,8 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder:
             first_line = str(exc).strip().splitlines()[-1].strip()
             raise ValueError(
                 f"{source}: not a Stable Diffusion v1 model: {name} weights do not fit ({first_line})") from exc
-    return StableDiffusion.assemble(arch, encoder, unet, text, source=str(source), decoder=decoder)
+    return StableDiffusion.assemble(arch, encoder, unet, text, source=str(source), decoder=decoder,
+                                    keep_text_encoder=keep_text)
 
 
 def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:

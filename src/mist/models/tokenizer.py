@@ -7,6 +7,7 @@ one token per merge, then the start and end markers, 49408 entries in all.
 
 from __future__ import annotations
 
+import copy
 import gzip
 from functools import lru_cache
 from importlib import resources
@@ -46,8 +47,19 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT_LENGTH)
 
 
-def tokenize(prompt: str) -> torch.Tensor:
-    """Token ids of `prompt`, padded with the end marker to 77 as SD v1 expects: shape (1, 77), int64."""
-    return clip_tokenizer()(
-        prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids
+@lru_cache(maxsize=2)
+def tokenizer_with(word: str):
+    """A copy of the CLIP tokenizer that reads `word` as one new token, numbered right after the vocabulary (49408):
+    textual inversion's placeholder. The shared tokenizer of `clip_tokenizer` is left as it is."""
+    tokenizer = copy.deepcopy(clip_tokenizer())
+    if tokenizer.add_tokens([word]) != 1:
+        raise ValueError(f"placeholder: {word!r} is already a token of CLIP's vocabulary")
+    return tokenizer
+
+
+def tokenize(prompt: str, placeholder: str | None = None) -> torch.Tensor:
+    """Token ids of `prompt`, padded with the end marker to 77 as SD v1 expects: shape (1, 77), int64. With
+    `placeholder`, that word is one new token (`tokenizer_with`)."""
+    tokenizer = clip_tokenizer() if placeholder is None else tokenizer_with(placeholder)
+    return tokenizer(prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids

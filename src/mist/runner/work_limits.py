@@ -32,8 +32,10 @@ class WorkLimits:
 
     def evaluation_problem(self, settings: dict[str, Any]) -> str | None:
         """What in an evaluation's settings (`mist.runner.evaluation.settings.settings_record`) is over these limits:
-        its DDIM steps, and its LoRA training steps where it trains LoRA, each at most `max_steps`."""
-        counted = [("steps", "steps")] + ([("lora_steps", "lora-steps")] if settings.get("lora") else [])
+        its DDIM steps, and its LoRA and textual inversion training steps where it trains them, each at most
+        `max_steps`."""
+        counted = [("steps", "steps")] + ([("lora_steps", "lora-steps")] if settings.get("lora") else []) + (
+            [("ti_steps", "ti-steps")] if settings.get("ti") else [])
         for name, field in counted:
             if int(settings.get(name, 0)) > self.max_steps:
                 return (f"{field}: {settings[name]} is over this server's limit of {self.max_steps} steps "

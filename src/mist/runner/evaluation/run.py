@@ -129,7 +129,8 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
                                           "mist")
     scoring = scoring_config(method_name, pairs)
     device = models.device()
-    model = models.model(EVALUATION_PARTS | get_method(method_name).parts, on_load).placed(device)
+    ti_parts = {"text_model"} if settings.ti else set()  # textual inversion trains through the text encoder
+    model = models.model(EVALUATION_PARTS | ti_parts | get_method(method_name).parts, on_load).placed(device)
     mimicries = _mimicries(model, settings, extra_mimicries, cancel)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
     ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + 3 * len(mimicries), progress, cancel)
@@ -178,14 +179,18 @@ def _skipped(requested: list[Purification], lpips_reason: str | None, clip_reaso
 def _mimicries(model: StableDiffusion, settings: EvaluationSettings,
                extra: Callable[[StableDiffusion], Sequence[Mimicry]] | None,
                cancel: threading.Event | None) -> list[Mimicry]:
-    """img2img at each strength, LoRA fine-tuning when asked for, and the caller's extra mimicries."""
-    from mist.runner.evaluation.mimicry import LoraMimicry, img2img_mimicries
+    """img2img at each strength, LoRA fine-tuning and textual inversion when asked for, and the caller's extra
+    mimicries."""
+    from mist.runner.evaluation.mimicry import LoraMimicry, TextualInversionMimicry, img2img_mimicries
 
     mimicries: list[Mimicry] = img2img_mimicries(model, settings.strengths, settings.steps, settings.guidance,
                                                  settings.prompt, cancel)
     if settings.lora:
         mimicries.append(LoraMimicry(model, settings.lora_steps, settings.lora_rank, settings.lora_learning_rate,
                                      settings.steps, settings.guidance, settings.prompt, cancel=cancel))
+    if settings.ti:
+        mimicries.append(TextualInversionMimicry(model, settings.ti_steps, settings.ti_learning_rate, settings.steps,
+                                                 settings.guidance, settings.prompt, cancel=cancel))
     if extra is not None:
         mimicries += list(extra(model))
     return mimicries

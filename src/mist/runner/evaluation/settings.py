@@ -28,9 +28,11 @@ class EvaluationSettings:
     absolute bound the SSIM of the protected and clean mimicry outputs must also stay below for the protection to hold
     (None: none; the verdict is calibrated against references measured in the run, see `scores`). lora: also run LoRA
     fine-tuning mimicry (`mimicry.LoraMimicry`) with `lora_steps` training steps of rank `lora_rank` at
-    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps). clip: the folder
-    of a CLIP vision tower for CLIP similarity and CMMD (None: the SD diffusers folder's safety_checker, if any; see
-    `mist.runner.evaluation.clip`)."""
+    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps). ti: also run
+    textual inversion mimicry (`mimicry.TextualInversionMimicry`) with `ti_steps` optimiser steps (of 4 images each)
+    at `ti_learning_rate` (the run documented with diffusers' textual inversion example: 3000 steps, 2e-3). clip: the
+    folder of a CLIP vision tower for CLIP similarity and CMMD (None: the SD diffusers folder's safety_checker, if
+    any; see `mist.runner.evaluation.clip`)."""
 
     purify: str = DEFAULT_PURIFY
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
@@ -44,6 +46,9 @@ class EvaluationSettings:
     lora_steps: int = 500
     lora_rank: int = 4
     lora_learning_rate: float = 1e-4
+    ti: bool = False
+    ti_steps: int = 3000
+    ti_learning_rate: float = 2e-3
     clip: str | None = None
 
     def __post_init__(self) -> None:
@@ -61,6 +66,10 @@ class EvaluationSettings:
             raise ValueError(f"lora_steps, lora_rank: must be at least 1, got {self.lora_steps}, {self.lora_rank}")
         if not (math.isfinite(self.lora_learning_rate) and self.lora_learning_rate > 0):
             raise ValueError(f"lora_learning_rate: must be above 0, got {self.lora_learning_rate}")
+        if self.ti_steps < 1:
+            raise ValueError(f"ti_steps: must be at least 1, got {self.ti_steps}")
+        if not (math.isfinite(self.ti_learning_rate) and self.ti_learning_rate > 0):
+            raise ValueError(f"ti_learning_rate: must be above 0, got {self.ti_learning_rate}")
         if self.ssim_threshold is not None and not 0 < self.ssim_threshold <= 1:
             raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
         if self.clip is not None and not Path(self.clip).expanduser().is_dir():
@@ -104,6 +113,11 @@ EVALUATION_OPTIONS: dict[str, Option] = {
     "lora_steps": Option("--lora-steps", "int", "LoRA training steps"),
     "lora_rank": Option("--lora-rank", "int", "LoRA rank"),
     "lora_learning_rate": Option("--lora-lr", "float", "LoRA learning rate"),
+    "ti": Option("--ti", "bool", "also run textual inversion mimicry: a new word learnt from the clean set and from "
+                                 "the protected set, then images sampled from a prompt holding it with the same seeds "
+                                 "(slow: see README)"),
+    "ti_steps": Option("--ti-steps", "int", "textual inversion training steps (4 images each)"),
+    "ti_learning_rate": Option("--ti-lr", "float", "textual inversion learning rate"),
     "clip": Option("--clip", "str", "folder of a CLIP vision tower (transformers CLIPVisionModelWithProjection / "
                                     "CLIPModel, or an SD diffusers folder's safety_checker) for the CLIP similarity "
                                     "and CMMD of the mimicry outputs (default: the SD folder's safety_checker, if "
