@@ -159,7 +159,8 @@ PURIFICATIONS_ZH = {
     "none": "不净化", "jpeg": "JPEG 压缩 q{value}", "resize": "缩小到 {value} 倍再放大",
     "jpeg-resize": "JPEG q{value} + 缩小 0.5 倍", "blur": "高斯模糊 {value} 像素", "noise": "高斯噪声 {value}/255",
     "crop": "裁剪 {value} 再放大", "adverse": "AdverseCleaner（{value} 次双边滤波）", "sdedit": "SDEdit {value}",
-    "vae": "VAE 往返 x{value}", "impress": "IMPRESS（{value} 步）",
+    "vae": "VAE 往返 x{value}", "impress": "IMPRESS（{value} 步）", "upscale": "加噪（σ {value}）后 x4 超分",
+    "gridpure": "GrIDPure 分块 SDEdit {value}",
 }
 
 
@@ -179,7 +180,10 @@ def purification_label(kind: str, value: float | None, english: str, lang: str) 
 
 
 def mimicry_label(name: str, english: str, lang: str) -> str:
-    """A mimicry's human name in `lang`: img2img is 图生图 in Chinese; the others keep their English names."""
+    """A mimicry's human name in `lang`: img2img is 图生图 in Chinese, textual inversion 文本反演 (its English label
+    in brackets, with its steps); others keep their English names."""
     if lang == "zh" and name.startswith("img2img:"):
         return f"图生图 强度 {name.partition(':')[2]}"
+    if lang == "zh" and name == "ti":
+        return f"文本反演（{english}）"
     return english
