@@ -46,6 +46,8 @@ def parse_evaluation_settings(fields: dict[str, str]) -> dict[str, Any]:
         if name not in EVALUATION_OPTIONS:
             raise SubmitError(400, f"{raw_name}: not a setting of an evaluation (settings: "
                                    f"{', '.join(option.flag[2:] for option in EVALUATION_OPTIONS.values())})")
+        if EVALUATION_OPTIONS[name].local:
+            raise SubmitError(400, f"{raw_name}: names a path on the server, which a client cannot set")
         values[name], sent_as[name] = value, raw_name
     try:
         return settings_record(evaluation_settings(values, sent_as))

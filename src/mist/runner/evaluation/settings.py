@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from mist.runner.flags import fields_as_flags, typed_value
 
 from mist.common.prompts import OBJECT_PROMPT, STYLE_PROMPT
 from mist.runner.evaluation.mimicry import DEFAULT_STRENGTHS
-from mist.runner.evaluation.purify import DEFAULT_PURIFY, parse_purifications
+from mist.runner.evaluation.purify import DEFAULT_PURIFY, X4_UPSCALER_REPOSITORY, parse_purifications
 
 # SD's schedule has 1000 training timesteps and DDIM offsets its first one by 1 past the step spacing: 1000 steps
 # would ask for timestep 1000, past the schedule's end.
@@ -27,7 +28,9 @@ class EvaluationSettings:
     absolute bound the SSIM of the protected and clean mimicry outputs must also stay below for the protection to hold
     (None: none; the verdict is calibrated against references measured in the run, see `scores`). lora: also run LoRA
     fine-tuning mimicry (`mimicry.LoraMimicry`) with `lora_steps` training steps of rank `lora_rank` at
-    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps)."""
+    `lora_learning_rate` (the defaults of diffusers' LoRA training scripts: rank 4, 1e-4; 500 steps). upscaler: the
+    diffusers folder of the SD x4 upscaler that `upscale` purifies through (None: the Hugging Face cache's
+    snapshot)."""
 
     purify: str = DEFAULT_PURIFY
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
@@ -41,6 +44,7 @@ class EvaluationSettings:
     lora_steps: int = 500
     lora_rank: int = 4
     lora_learning_rate: float = 1e-4
+    upscaler: str | None = None
 
     def __post_init__(self) -> None:
         parse_purifications(self.purify)
@@ -59,6 +63,10 @@ class EvaluationSettings:
             raise ValueError(f"lora_learning_rate: must be above 0, got {self.lora_learning_rate}")
         if self.ssim_threshold is not None and not 0 < self.ssim_threshold <= 1:
             raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
+        if self.upscaler is not None and not (Path(self.upscaler) / "model_index.json").is_file():
+            problem = "no such folder" if not Path(self.upscaler).exists() else "no model_index.json in it"
+            raise ValueError(f"upscaler: {self.upscaler}: {problem}; give the diffusers folder of "
+                             f"{X4_UPSCALER_REPOSITORY}")
         if self.method is not None:
             from mist.engine.methods import get_method
 
@@ -69,11 +77,13 @@ class EvaluationSettings:
 class Option:
     """How a face takes one evaluation setting: the `mist evaluate` flag (the HTTP service's form field is that name
     without its dashes: `ssim-threshold`), the kind of its value (`mist.runner.flags.typed_value`'s, or "list": a comma
-    list of numbers), and one line of help."""
+    list of numbers), one line of help, and whether it names a path on the machine that runs the evaluation (`local`:
+    the HTTP service refuses it from its clients)."""
 
     flag: str
     kind: str
     help: str
+    local: bool = False
 
 
 # Every evaluation setting, once, for the command line and the HTTP service (defaults: EvaluationSettings').
@@ -97,6 +107,9 @@ EVALUATION_OPTIONS: dict[str, Option] = {
     "lora_steps": Option("--lora-steps", "int", "LoRA training steps"),
     "lora_rank": Option("--lora-rank", "int", "LoRA rank"),
     "lora_learning_rate": Option("--lora-lr", "float", "LoRA learning rate"),
+    "upscaler": Option("--upscaler", "str", "diffusers folder of the SD x4 upscaler for the `upscale` purification "
+                                            "(default: its snapshot in the Hugging Face cache; never downloaded)",
+                       local=True),
 }
 EVALUATION_FLAGS = {name: option.flag for name, option in EVALUATION_OPTIONS.items()}
 
