@@ -1,5 +1,5 @@
-"""Purifiers of the robustness studies on tiny random models: noisy x4 upscaling (Hönig et al. 2024) through a tiny
-SD x4 upscaler built here and saved as a diffusers folder."""
+"""Two purifiers of the robustness studies on tiny random models: noisy x4 upscaling (Hönig et al. 2024) through a tiny
+SD x4 upscaler built here and saved as a diffusers folder, and GrIDPure's grid of SDEdit tiles (Zhao et al. 2024)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import mist
 from mist.engine.attack import Cancelled
 from mist.faces import cli
 from mist.models.loading import build_random
-from mist.runner.evaluation.purify import X4_UPSCALER_REPOSITORY, Context, parse_purifications
+from mist.runner.evaluation.purify import (X4_UPSCALER_REPOSITORY, Context, grid_offsets, grid_purified, grid_tile,
+                                           parse_purifications)
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -217,3 +218,62 @@ def _pair_folders(root: Path) -> tuple[Path, Path]:
         noisy = np.asarray(picture, dtype=np.int16) + np.random.default_rng(i).integers(-4, 5, (32, 32, 3))
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(protected / f"art{i}.png")
     return originals, protected
+
+
+# ------------------------------------------------------------------------------------------------------ GrIDPure
+
+
+def test_a_512_image_is_cut_as_gridpure_cuts_it():
+    assert grid_tile((512, 512)) == 256 and grid_offsets(512, 256) == [0, 128, 256]
+    assert grid_tile((768, 512)) == 256 and grid_offsets(768, 256) == [0, 128, 256, 384, 512]
+    assert grid_tile((100, 60)) == 24 and grid_offsets(60, 24) == [0, 12, 24, 36]
+    assert grid_offsets(100, 24) == [0, 12, 24, 36, 48, 60, 72, 76]  # the last tile flush with the far side
+    assert grid_tile((5, 9)) == 5 and grid_offsets(5, 5) == [0]
+
+
+@pytest.mark.parametrize("size", [(512, 512), (100, 60), (37, 53), (8, 8), (5, 9), (1, 1)])
+def test_the_tiles_and_the_corner_mosaic_cover_the_image_exactly(size):
+    picture = _painting(*size)
+    tiles = []
+
+    def identity(tile: Image.Image, index: int) -> Image.Image:
+        tiles.append((tile.size, index))
+        return tile
+
+    merged = grid_purified(picture, identity)
+    np.testing.assert_array_equal(merged, np.asarray(picture, dtype=np.float64))
+    tile = grid_tile(size)
+    grid = len(grid_offsets(size[0], tile)) * len(grid_offsets(size[1], tile))
+    corner = tile // 2
+    assert [index for _, index in tiles] == list(range(grid + (1 if corner else 0)))
+    assert {s for s, _ in tiles[:grid]} == {(tile, tile)}
+    if corner:
+        assert tiles[-1][0] == (2 * corner, 2 * corner)
+
+
+def test_overlaps_are_averaged():
+    """A purifier that gives each tile the value of its index: the merged value of a pixel is the mean of the indices
+    of the tiles that hold it (the top-left pixel: tile 0 and the corner mosaic)."""
+    picture = _painting(32, 32)
+    merged = grid_purified(picture, lambda tile, index: Image.new("RGB", tile.size, (index,) * 3))
+    # tile 16, offsets 0, 8, 16: 9 tiles, the mosaic is index 9
+    assert merged[0, 0, 0] == pytest.approx((0 + 9) / 2)
+    assert merged[12, 12, 0] == pytest.approx((0 + 1 + 3 + 4) / 4)
+    assert merged[31, 31, 0] == pytest.approx((8 + 9) / 2)
+
+
+def test_gridpure_runs_sdedit_on_each_tile_and_repeats_with_its_seed(model, monkeypatch):
+    import mist.runner.evaluation.purify as purify
+
+    picture = _painting(96, 64)  # tiles of 32: the tiny UNet needs latents of at least 4 x 4
+    (purification,) = parse_purifications("gridpure")
+    assert (purification.name, purification.label) == ("gridpure:0.1", "GrIDPure 0.1")
+    seeds = []
+    real_sdedit = purify.sdedit
+    monkeypatch.setattr(purify, "sdedit", lambda tile, strength, context: seeds.append(context.seed)
+                        or real_sdedit(tile, strength, context))
+    out = purification(picture, Context(model, seed=3))
+    assert out.size == picture.size and out.mode == "RGB" and not _same(out, picture)
+    assert seeds == list(range(3, 3 + 5 * 3 + 1))  # 5 x 3 tiles and the corner mosaic, a seed each
+    assert _same(out, purification(picture, Context(model, seed=3)))
+    assert not _same(out, purification(picture, Context(model, seed=4)))
