@@ -433,12 +433,13 @@ def test_a_damaged_unit_is_computed_again(tmp_path, originals, protected, evalua
     assert result.finished.reused == 0 and len(result.scores) == 2 * 2
 
 
-def test_the_default_purifications_all_run_here():
+def test_the_default_purifications_all_run_here_but_upscaling_without_its_weights(tmp_path, monkeypatch):
     """The default list holds no purification that cannot run in this release (IMPRESS and the x4 upscaler were in
-    it, and were always reported as skipped)."""
+    it, and were always reported as skipped); noisy upscaling is skipped only where the upscaler is not found."""
     from mist.runner.evaluation.purify import DEFAULT_PURIFY
 
-    assert [p.name for p in parse_purifications(DEFAULT_PURIFY) if p.problem()] == []
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert [p.name for p in parse_purifications(DEFAULT_PURIFY) if p.problem()] == ["upscale:0.05"]
 
 
 def test_a_report_folder_that_is_a_file_is_refused_in_one_line(tmp_path, originals, protected, capsys):

@@ -119,10 +119,28 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def hf_repository_dir(repo: str, cache: Path | None = None) -> Path:
+    """The folder the Hugging Face cache (`cache`, default `hf_cache_dir()`) keeps repository `repo` ("owner/name")
+    in: `models--owner--name`."""
+    return (cache if cache is not None else hf_cache_dir()) / ("models--" + repo.replace("/", "--"))
+
+
+def hf_snapshot(repo: str) -> Path | None:
+    """The snapshot of `repo` that the cache's `refs/main` names (`snapshots/<commit>`), as huggingface_hub resolves
+    it offline; None when the cache holds no such snapshot."""
+    folder = hf_repository_dir(repo)
+    try:
+        commit = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = folder / "snapshots" / commit
+    return snapshot if commit and snapshot.is_dir() else None
+
+
 def _cached_snapshot(cache: Path) -> Path | None:
     """The newest complete diffusers snapshot of a known SD v1 repository in `cache`, if any."""
     for repo in HF_REPOSITORIES:
-        snapshots = cache / ("models--" + repo.replace("/", "--")) / "snapshots"
+        snapshots = hf_repository_dir(repo, cache) / "snapshots"
         if not snapshots.is_dir():
             continue
         complete = [s for s in snapshots.iterdir()

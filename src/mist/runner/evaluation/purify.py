@@ -1,6 +1,6 @@
 """Purifications: what a mimic does to a protected image before using it, as the robustness studies test them
 (Hönig et al. 2024, "Adversarial perturbations cannot reliably protect artists from generative AI"; IMPRESS, Cao et al.
-2023; DiffPure, Nie et al. 2022; AdverseCleaner, lllyasviel 2023).
+2023; DiffPure, Nie et al. 2022; GrIDPure, Zhao et al. 2024; AdverseCleaner, lllyasviel 2023).
 
 Each purification is named and parametrised as `kind:value` (`jpeg:75`, `resize:0.5`); `parse_purifications` reads a
 comma list of them. Each works on an 8-bit RGB PIL image and returns one of the same size. A purification that needs
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # numpy, Pillow and OpenCV are imported where used: the command line reads KINDS for its help
     import numpy as np
@@ -22,20 +23,37 @@ if TYPE_CHECKING:  # numpy, Pillow and OpenCV are imported where used: the comma
 
     from mist.models import StableDiffusion
 
-# The suite run when none is named: the studies' purifications that run here, strongest settings included. Noisy x4
-# upscaling is not in it while it is not implemented (named, it is listed as skipped, with why).
+# The suite run when none is named: the studies' purifications, strongest settings included. Noisy x4 upscaling runs
+# where the upscaler's weights are found, and is listed as skipped, with why, where they are not.
 DEFAULT_PURIFY = ("jpeg:95,jpeg:75,jpeg:50,resize:0.5,jpeg-resize:75,blur:1,noise:8,crop:0.9,adverse:64,sdedit:0.2,"
-                  "vae,impress")
+                  "vae,impress,upscale:0.05")
 X4_UPSCALER_REPOSITORY = "stabilityai/stable-diffusion-x4-upscaler"
 
 
 @dataclass(frozen=True)
 class Context:
-    """What some purifications need besides the image: the SD model (SDEdit) and the seed of their random draws."""
+    """What some purifications need besides the image: the SD model (SDEdit), the seed of their random draws, the
+    folder of the SD x4 upscaler as the settings name it (None: the Hugging Face cache's snapshot), and the networks a
+    purification loaded for the images still to come (`held`; `release` frees them)."""
 
     model: StableDiffusion | None
     seed: int
     cancel: threading.Event | None = None  # once set, a purification through the model stops at its next step
+    upscaler: Path | None = None
+    held: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def release(self) -> None:
+        """Forget the networks purifications loaded (the x4 upscaler) and give their memory back to the device."""
+        if not self.held:
+            return
+        import gc
+
+        import torch
+
+        self.held.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -45,9 +63,10 @@ class Kind:
     default: float | None
     low: float
     high: float
-    apply: Callable[[Image.Image, float, Context], Image.Image] | None  # None: never runs here (see `unavailable`)
+    apply: Callable[[Image.Image, float, Context], Image.Image]
     label: str  # with {value} for the value
-    unavailable: Callable[[], str | None] = lambda: None  # why it cannot run on this machine, or None
+    # why it cannot run on this machine, or None, given the x4 upscaler's folder as the settings name it
+    unavailable: Callable[[Path | None], str | None] = lambda upscaler: None
 
 
 @dataclass(frozen=True)
@@ -67,15 +86,13 @@ class Purification:
         """A short human name (`JPEG q75`)."""
         return KINDS[self.kind].label.format(value=self.value if self.value is None else f"{self.value:g}")
 
-    def problem(self) -> str | None:
-        """Why this purification is skipped on this machine (weights absent), or None when it runs."""
-        return KINDS[self.kind].unavailable()
+    def problem(self, upscaler: Path | None = None) -> str | None:
+        """Why this purification is skipped on this machine (weights absent), or None when it runs; `upscaler`: the x4
+        upscaler's folder as the settings name it (None: looked for in the Hugging Face cache)."""
+        return KINDS[self.kind].unavailable(upscaler)
 
     def __call__(self, image: Image.Image, context: Context) -> Image.Image:
-        apply = KINDS[self.kind].apply
-        if apply is None:
-            raise RuntimeError(f"{self.name}: {self.problem()}")
-        return apply(image, self.value, context)
+        return KINDS[self.kind].apply(image, self.value, context)
 
 
 NONE = Purification("none", None)  # the image as it is: every purified result is compared with this baseline
@@ -298,13 +315,162 @@ def _through_model(name: str, image: Image.Image, context: Context,
     return result if result.size == image.size else result.resize(image.size, Image.Resampling.BICUBIC)
 
 
-def _upscaler_unavailable() -> str | None:
-    from mist.models.locate import hf_cache_dir
+# Noisy upscaling as Mist runs it. Hönig et al. caption each image and hand the x4 upscaler a noise level of 320
+# through their own fork of diffusers' pipeline; Mist gives no prompt and the stock pipeline's noise level.
+UPSCALE_STEPS = 20  # denoising steps of the upscaler's own scheduler (diffusers' pipeline defaults to 75)
+UPSCALE_NOISE_LEVEL = 20  # the low-resolution image's noise augmentation the upscaler adds and is told (0..350)
+UPSCALE_MAX_SIDE = 512  # a longer side is downsized to this first: the upscaler's output is at most 2048 px
 
-    folder = hf_cache_dir() / ("models--" + X4_UPSCALER_REPOSITORY.replace("/", "--"))
-    if not folder.is_dir():
-        return f"the SD x4 upscaler ({X4_UPSCALER_REPOSITORY}) is not at {folder} (Mist never downloads it)"
-    return "noisy upscaling through the SD x4 upscaler is not implemented in this release"
+
+def noisy_upscale(image: Image.Image, sigma: float, context: Context) -> Image.Image:
+    """Noisy upscaling (Hönig et al. 2024): Gaussian noise of standard deviation `sigma` on the 0..1 scale (seeded by
+    the context, clipped and rounded to 8 bits), then the Stable Diffusion x4 upscaler with an empty prompt and no
+    guidance (UPSCALE_STEPS steps, seeded by the context), then a bicubic resize back to the image's size. An image
+    whose longer side is above UPSCALE_MAX_SIDE is downsized to it (Lanczos) before the noise. Stops at the
+    upscaler's next step once cancelled."""
+    import torch
+    from PIL import Image
+
+    from mist.engine.attack import Cancelled
+
+    def stop_if_cancelled(*step: object) -> None:
+        if context.cancel is not None and context.cancel.is_set():
+            raise Cancelled
+
+    pipeline = _x4_upscaler(context)
+    picture = image.convert("RGB")
+    scale = min(1.0, UPSCALE_MAX_SIDE / max(picture.size))
+    if scale < 1:
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                 Image.Resampling.LANCZOS)
+    noisy = gaussian_noise(picture, sigma * 255, context)
+    stop_if_cancelled()
+    with torch.no_grad():
+        upscaled = pipeline(prompt="", image=noisy, num_inference_steps=UPSCALE_STEPS, guidance_scale=1.0,
+                            noise_level=UPSCALE_NOISE_LEVEL, generator=torch.Generator().manual_seed(context.seed),
+                            callback=stop_if_cancelled, callback_steps=1).images[0]
+    return upscaled.resize(image.size, Image.Resampling.BICUBIC)
+
+
+def _x4_upscaler(context: Context) -> Any:
+    """The x4 upscaler's diffusers pipeline on the model's device (the CPU without a model), in the model's dtype:
+    loaded offline and from safetensors only the first time the context needs it, then held until `release`."""
+    if "upscale" not in context.held:
+        import torch
+        from diffusers import StableDiffusionUpscalePipeline
+
+        folder = _upscaler_folder(context.upscaler)
+        if folder is None:
+            raise RuntimeError(f"upscale: {_upscaler_unavailable(context.upscaler)}")
+        try:
+            pipeline = StableDiffusionUpscalePipeline.from_pretrained(folder, local_files_only=True,
+                                                                      use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder}: cannot load the SD x4 upscaler: {str(exc).splitlines()[0]}") from None
+        pipeline.set_progress_bar_config(disable=True)
+        model = context.model
+        context.held["upscale"] = pipeline.to(model.device if model is not None else torch.device("cpu"),
+                                              model.dtype if model is not None else torch.float32)
+    return context.held["upscale"]
+
+
+def _upscaler_folder(upscaler: Path | None) -> Path | None:
+    """The x4 upscaler's diffusers folder: `upscaler` when named, else the Hugging Face cache's snapshot of
+    X4_UPSCALER_REPOSITORY (the one its refs/main names) when it holds the pipeline; None when neither."""
+    from mist.models.locate import hf_snapshot
+
+    if upscaler is not None:
+        return upscaler
+    snapshot = hf_snapshot(X4_UPSCALER_REPOSITORY)
+    return snapshot if snapshot is not None and (snapshot / "model_index.json").is_file() else None
+
+
+def _upscaler_unavailable(upscaler: Path | None) -> str | None:
+    from mist.models.locate import hf_repository_dir
+
+    if _upscaler_folder(upscaler) is not None:
+        return None
+    return (f"the SD x4 upscaler is not on this machine: give --upscaler FOLDER (a diffusers folder of "
+            f"{X4_UPSCALER_REPOSITORY}) or place its snapshot in {hf_repository_dir(X4_UPSCALER_REPOSITORY)} "
+            "(Mist never downloads it)")
+
+
+# The share of GrIDPure's input blended back into its purified result (Zhao et al.'s gamma, their default).
+GRIDPURE_BLEND = 0.1
+
+
+def gridpure(image: Image.Image, strength: float, context: Context) -> Image.Image:
+    """GrIDPure-style grid purification (Zhao et al. 2024, "Can protective perturbation safeguard personal data from
+    being exploited by stable diffusion?"), one round: each overlapping square tile of `grid_tile`'s side (half the
+    shorter side) and a mosaic of the image's four corners is regenerated by `sdedit` at `strength` (tile i with the
+    seed plus i), the results are averaged where they overlap (`grid_purified`), and GRIDPURE_BLEND of the image is
+    blended back. The authors' published command runs 20 rounds of 10 of 1000 steps through a pixel-space ImageNet
+    model; Mist runs one round through the user's SD checkpoint (latent space, DDIM), at DiffPure's strength by
+    default."""
+    import numpy as np
+    from PIL import Image
+
+    picture = image.convert("RGB")
+
+    def purify_tile(tile: Image.Image, index: int) -> Image.Image:
+        return sdedit(tile, strength, replace(context, seed=context.seed + index))
+
+    blended = ((1 - GRIDPURE_BLEND) * grid_purified(picture, purify_tile)
+               + GRIDPURE_BLEND * np.asarray(picture, dtype=np.float64))
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def grid_tile(size: tuple[int, int]) -> int:
+    """GrIDPure's tile side for an image of `size` (width, height): half the shorter side floored to a multiple of 8
+    (at least 8, at most the shorter side): 256 for a 512 x 512 image."""
+    shorter = min(size)
+    return min(shorter, max(8, shorter // 2 // 8 * 8))
+
+
+def grid_offsets(length: int, tile: int) -> list[int]:
+    """Where tiles of side `tile` start along a side of `length` pixels: every half tile, and one flush with the
+    far end (0, 128, 256 for 512 and 256)."""
+    offsets = list(range(0, length - tile + 1, max(1, tile // 2)))
+    return offsets if offsets[-1] == length - tile else offsets + [length - tile]
+
+
+def grid_purified(image: Image.Image, purify_tile: Callable[[Image.Image, int], Image.Image]) -> np.ndarray:
+    """`image` (RGB) with each grid tile and the corner mosaic replaced by `purify_tile(tile, index)` (a picture of
+    the tile's size), averaged where they overlap: an (H, W, 3) float array in 0..255. The tiles cover the image, so
+    an identity `purify_tile` gives the image back exactly."""
+    import numpy as np
+
+    tile = grid_tile(image.size)
+    boxes = [(left, top, left + tile, top + tile) for top in grid_offsets(image.height, tile)
+             for left in grid_offsets(image.width, tile)]
+    total = np.zeros((image.height, image.width, 3))
+    count = np.zeros((image.height, image.width, 1))
+    for index, (left, top, right, bottom) in enumerate(boxes):
+        total[top:bottom, left:right] += np.asarray(purify_tile(image.crop((left, top, right, bottom)), index))
+        count[top:bottom, left:right] += 1
+    corner = tile // 2
+    if corner:
+        _add_corner_mosaic(image, corner, lambda mosaic: purify_tile(mosaic, len(boxes)), total, count)
+    return total / count
+
+
+def _add_corner_mosaic(image: Image.Image, corner: int, purify: Callable[[Image.Image], Image.Image],
+                       total: np.ndarray, count: np.ndarray) -> None:
+    """GrIDPure's extra tile: the image's four `corner`-pixel corners pasted into one square, purified, and each
+    added back to its corner (`total`, `count`), where the grid's tiles overlap least."""
+    import numpy as np
+    from PIL import Image
+
+    right, bottom = image.width - corner, image.height - corner
+    places = [((0, 0), (0, 0)), ((right, 0), (corner, 0)), ((0, bottom), (0, corner)),
+              ((right, bottom), (corner, corner))]
+    mosaic = Image.new("RGB", (2 * corner, 2 * corner))
+    for (left, top), spot in places:
+        mosaic.paste(image.crop((left, top, left + corner, top + corner)), spot)
+    cleaned = np.asarray(purify(mosaic), dtype=np.float64)
+    for (left, top), (x, y) in places:
+        total[top:top + corner, left:left + corner] += cleaned[y:y + corner, x:x + corner]
+        count[top:top + corner, left:left + corner] += 1
 
 
 KINDS: dict[str, Kind] = {
@@ -319,5 +485,6 @@ KINDS: dict[str, Kind] = {
     "sdedit": Kind(0.2, 0.01, 1, sdedit, "SDEdit {value}"),
     "vae": Kind(1, 1, 10, vae_round_trip, "VAE round trip x{value}"),
     "impress": Kind(100, 1, 10000, impress, "IMPRESS ({value} steps)"),
-    "upscale": Kind(None, 0, 0, None, "noisy x4 upscaling", _upscaler_unavailable),
+    "upscale": Kind(0.05, 0, 0.25, noisy_upscale, "noise {value} + x4 upscaling", _upscaler_unavailable),
+    "gridpure": Kind(0.1, 0.01, 1, gridpure, "GrIDPure {value}"),
 }

@@ -121,10 +121,11 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     # size or aspect is resized to its protected image's size, as the protection resized it (bicubic).
     loaded = [(pair, images.read_image(pair.original), images.read_image(pair.protected)) for pair in pairs]
     requested = parse_purifications(settings.purify)
-    purifications = [NONE] + [p for p in requested if not p.problem()]
+    upscaler = Path(settings.upscaler) if settings.upscaler is not None else None
+    purifications = [NONE] + [p for p in requested if not p.problem(upscaler)]
     lpips_reason = lpips_problem()
     tower_folder, clip_reason = find_tower(settings.clip, models.where())
-    skipped = _skipped(requested, lpips_reason, clip_reason, quality_problems())
+    skipped = _skipped(requested, lpips_reason, clip_reason, quality_problems(), upscaler)
     method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
                                           "mist")
     scoring = scoring_config(method_name, pairs)
@@ -137,8 +138,8 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     identity = models.identity() if resume is not None else None  # hashing files and model only to resume
     finished = Finished(resume, evaluation_key(pairs, settings, method_name, scoring.params.record(),
                                                f"{identity.name} {identity.sha256}") if identity else "")
-    scorer = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed, cancel), settings, ticker,
-                      finished, ClipTower(tower_folder, device) if tower_folder is not None else None)
+    scorer = _Scoring(_MethodScorer(model, scoring, device), Context(model, settings.seed, cancel, upscaler),
+                      settings, ticker, finished, ClipTower(tower_folder, device) if tower_folder is not None else None)
     scores = scorer.run(purifications, mimicries, results, cleans, shields)
     labels = {p.name: p.label for p in purifications}
     for index, result in enumerate(results):
@@ -162,9 +163,9 @@ def _tower_name(folder: Path | None) -> str | None:
 
 
 def _skipped(requested: list[Purification], lpips_reason: str | None, clip_reason: str | None,
-             quality: dict[str, str]) -> list[str]:
+             quality: dict[str, str], upscaler: Path | None) -> list[str]:
     """One line for each purification or metric that will not run, and why (and what would make it run)."""
-    skipped = [f"{p.name}: skipped: {p.problem()}" for p in requested if p.problem()]
+    skipped = [f"{p.name}: skipped: {p.problem(upscaler)}" for p in requested if p.problem(upscaler)]
     if lpips_reason:
         skipped.append(f"LPIPS: skipped: {lpips_reason}")
         skipped += [f"{p.name}: its similarity term is 1 - SSIM, a weight-free stand-in for LPIPS"
@@ -289,12 +290,16 @@ class _Scoring:
 
     def _purified(self, purification: Purification, cleans: list[torch.Tensor], shields: list[torch.Tensor]
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, float]]]:
-        """The clean and protected images after `purification`, and the method's losses on each pair of them."""
+        """The clean and protected images after `purification`, and the method's losses on each pair of them. What
+        the purification loaded for the images (the x4 upscaler) is freed once all are done."""
         if purification is NONE:
             purified_clean, purified_protected = cleans, shields
         else:
-            purified_clean = [_purified(purification, x, self.context) for x in cleans]
-            purified_protected = [_purified(purification, y, self.context) for y in shields]
+            try:
+                purified_clean = [_purified(purification, x, self.context) for x in cleans]
+                purified_protected = [_purified(purification, y, self.context) for y in shields]
+            finally:
+                self.context.release()
         losses = [self.scorer.losses(x, c, p) for x, c, p in zip(cleans, purified_clean, purified_protected,
                                                                  strict=True)]
         return purified_clean, purified_protected, losses

@@ -12,7 +12,7 @@ from mist.runner.flags import fields_as_flags, typed_value
 
 from mist.common.prompts import OBJECT_PROMPT, STYLE_PROMPT
 from mist.runner.evaluation.mimicry import DEFAULT_STRENGTHS
-from mist.runner.evaluation.purify import DEFAULT_PURIFY, parse_purifications
+from mist.runner.evaluation.purify import DEFAULT_PURIFY, X4_UPSCALER_REPOSITORY, parse_purifications
 
 # SD's schedule has 1000 training timesteps and DDIM offsets its first one by 1 past the step spacing: 1000 steps
 # would ask for timestep 1000, past the schedule's end.
@@ -32,7 +32,8 @@ class EvaluationSettings:
     textual inversion mimicry (`mimicry.TextualInversionMimicry`) with `ti_steps` optimiser steps (of 4 images each)
     at `ti_learning_rate` (the run documented with diffusers' textual inversion example: 3000 steps, 2e-3). clip: the
     folder of a CLIP vision tower for CLIP similarity and CMMD (None: the SD diffusers folder's safety_checker, if
-    any; see `mist.runner.evaluation.clip`)."""
+    any; see `mist.runner.evaluation.clip`). upscaler: the diffusers folder of the SD x4 upscaler that `upscale`
+    purifies through (None: the Hugging Face cache's snapshot)."""
 
     purify: str = DEFAULT_PURIFY
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
@@ -50,6 +51,7 @@ class EvaluationSettings:
     ti_steps: int = 3000
     ti_learning_rate: float = 2e-3
     clip: str | None = None
+    upscaler: str | None = None
 
     def __post_init__(self) -> None:
         parse_purifications(self.purify)
@@ -74,6 +76,10 @@ class EvaluationSettings:
             raise ValueError(f"ssim_threshold: must be above 0 and at most 1, got {self.ssim_threshold}")
         if self.clip is not None and not Path(self.clip).expanduser().is_dir():
             raise ValueError(f"clip: {self.clip}: not a folder (give a CLIP vision tower saved by transformers)")
+        if self.upscaler is not None and not (Path(self.upscaler) / "model_index.json").is_file():
+            problem = "no such folder" if not Path(self.upscaler).exists() else "no model_index.json in it"
+            raise ValueError(f"upscaler: {self.upscaler}: {problem}; give the diffusers folder of "
+                             f"{X4_UPSCALER_REPOSITORY}")
         if self.method is not None:
             from mist.engine.methods import get_method
 
@@ -84,7 +90,8 @@ class EvaluationSettings:
 class Option:
     """How a face takes one evaluation setting: the `mist evaluate` flag (the HTTP service's form field is that name
     without its dashes: `ssim-threshold`), the kind of its value (`mist.runner.flags.typed_value`'s, or "list": a comma
-    list of numbers), and one line of help."""
+    list of numbers), one line of help, and whether it names a path on the machine that runs the evaluation (`local`:
+    the HTTP service refuses it from its clients)."""
 
     flag: str
     kind: str
@@ -122,6 +129,9 @@ EVALUATION_OPTIONS: dict[str, Option] = {
                                     "CLIPModel, or an SD diffusers folder's safety_checker) for the CLIP similarity "
                                     "and CMMD of the mimicry outputs (default: the SD folder's safety_checker, if "
                                     "any; never downloaded)", local=True),
+    "upscaler": Option("--upscaler", "str", "diffusers folder of the SD x4 upscaler for the `upscale` purification "
+                                            "(default: its snapshot in the Hugging Face cache; never downloaded)",
+                       local=True),
 }
 EVALUATION_FLAGS = {name: option.flag for name, option in EVALUATION_OPTIONS.items()}
 
