@@ -61,7 +61,8 @@ LoRA if asked), as a job: queued with the protection jobs, followed, cancelled, 
 `/v1/jobs/{{id}}` like them (its status has `kind: evaluate` and `progress` in units of work). A multipart form. Files:
 `originals` and `protected` (one or more each), paired by file name or by the source checksum a Mist output records.
 Settings: fields named like `mist evaluate`'s flags ({_field_names(
-    option.flag for option in EVALUATION_OPTIONS.values())}), or one JSON object in the field `settings`.
+    option.flag for option in EVALUATION_OPTIONS.values() if not option.local)}), or one JSON object in the field
+`settings`.
 The report (index.html, results.json, results.csv, pictures) is the job's result: `/v1/jobs/{{id}}/results` as a ZIP,
 or one file by name (`/v1/jobs/{{id}}/results/results.json`). Header `Idempotency-Key` as for `POST /v1/jobs`."""
 _FORM_FIELDS = 64  # text fields a submission may have

@@ -45,7 +45,7 @@ def parse_evaluation_settings(fields: dict[str, str]) -> dict[str, Any]:
         name = flag_names.get(raw_name.replace("_", "-"), raw_name.replace("-", "_"))
         if name not in EVALUATION_OPTIONS:
             raise SubmitError(400, f"{raw_name}: not a setting of an evaluation (settings: "
-                                   f"{', '.join(option.flag[2:] for option in EVALUATION_OPTIONS.values())})")
+                                   f"{', '.join(o.flag[2:] for o in EVALUATION_OPTIONS.values() if not o.local)})")
         if EVALUATION_OPTIONS[name].local:
             raise SubmitError(400, f"{raw_name}: a path on the server, set by whoever runs it, not by a request")
         values[name], sent_as[name] = value, raw_name
