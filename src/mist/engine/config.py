@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from mist.engine.methods import DEFAULT_METHOD, MethodParams, get_method
-from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
+from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS, parts_needed
 from mist.engine.shaping import SHAPES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -131,6 +131,11 @@ class ProtectConfig:
             yield "eot_samples: needs robust transforms to average over (e.g. jpeg,resize,blur)"
         if self.shape is not None and self.shape not in SHAPES:
             yield f"shape: must be one of {', '.join(SHAPES)}, got {self.shape!r}"
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The model parts a run of these settings reads: its method's, and the VAE decoder for robust `vae`."""
+        return frozenset(get_method(self.method).parts) | parts_needed(self.robust)
 
     @property
     def aspect_kept(self) -> bool:
