@@ -334,3 +334,29 @@ def test_protect_end_to_end_with_robust(capsys, tmp_path, painting):
         settings = json.loads(output.text["mist:settings"])
         assert output.size == (32, 32)
     assert settings["robust"] == ["jpeg", "resize"] and settings["eot_samples"] == 2
+
+
+def test_the_robustness_benchmark_marks_what_the_robust_set_trained_on_and_what_it_held_out():
+    import importlib.util
+    from pathlib import Path
+
+    from mist.runner.evaluation.purify import parse_purifications
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
+    spec = importlib.util.spec_from_file_location("robustness_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    purifications = parse_purifications("jpeg:75,jpeg:30,resize:0.5,blur:1,noise:8,crop:0.9,jpeg-resize:75,"
+                                        "adverse:64,vae,vae:2,upscale")
+
+    def marks(robust: str) -> dict[str, str]:
+        return {p.name: benchmark.mark(p, tuple(robust.split(","))) for p in purifications}
+
+    assert marks("jpeg,resize,blur") == {
+        "jpeg:75": "trained on", "jpeg:30": "held out", "resize:0.5": "trained on", "blur:1": "trained on",
+        "noise:8": "held out", "crop:0.9": "held out", "jpeg-resize:75": "parts trained on", "adverse:64": "held out",
+        "vae:1": "held out", "vae:2": "held out", "upscale": "held out"}
+    with_more = marks("noise,crop,upscale,vae")
+    assert with_more["vae:1"] == with_more["noise:8"] == with_more["crop:0.9"] == "trained on"
+    assert with_more["upscale"] == "stand-in trained on" and with_more["vae:2"] == "held out"
+    assert with_more["jpeg:75"] == with_more["adverse:64"] == "held out"
