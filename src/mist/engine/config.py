@@ -217,7 +217,8 @@ RUN_SETTINGS: dict[str, RunSetting] = {
     "robust": RunSetting("--robust", "str", "robust to purification: at every step average the loss over random "
                                             f"transforms of the image, a comma list of {', '.join(TRANSFORMS)}; "
                                             f"--robust alone: {','.join(DEFAULT_TRANSFORMS)}. Costs --eot-samples "
-                                            "times the time per step", bare=",".join(DEFAULT_TRANSFORMS)),
+                                            "times the time per step (a vae draw: about twice that; it loads the VAE "
+                                            "decoder)", bare=",".join(DEFAULT_TRANSFORMS)),
     "eot_samples": RunSetting("--eot-samples", "int", "with --robust: transforms drawn and averaged per step",
                               metavar="K"),
     "shape": RunSetting("--shape", "str", "blur: reshape the finished perturbation's spectrum like the image's, per "
