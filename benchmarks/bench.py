@@ -36,33 +36,45 @@ from pathlib import Path
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def build_full_size_model(dtype):
+def build_full_size_model(dtype, decoder: bool = False):
     """SD v1's encoder and UNet, allocated directly in `dtype` with scale-preserving random weights, and random
-    prompt embeddings (the text encoder plays no part in the attack's cost)."""
+    prompt embeddings (the text encoder plays no part in the attack's cost). With `decoder`, the VAE decoder too,
+    drawn after the rest (whose weights stay as without it)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from mist.models import SD_V1, StableDiffusion
-    from mist.models.components import PROMPTS, latent_encoder
+    from mist.models.components import PROMPTS, latent_decoder, latent_encoder
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD_V1.unet).to(dtype)
         encoder = latent_encoder(SD_V1).to(dtype)
+        vae_decoder = latent_decoder(SD_V1).to(dtype) if decoder else None
     generator = torch.Generator().manual_seed(0)
     for module in (unet, encoder):
-        module.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, parameter in module.named_parameters():
-                if parameter.dim() > 1:
-                    fan_in = parameter[0].numel()
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
-                else:
-                    parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+        _fill_random(module, generator)
     embeddings = {p: torch.randn(1, 77, 768, generator=generator) for p in PROMPTS}
-    model = StableDiffusion(SD_V1, encoder, unet, embeddings, "random-sd-v1", random_weights=True)
-    for module in (encoder, unet):
+    if vae_decoder is not None:
+        _fill_random(vae_decoder, generator)
+    model = StableDiffusion(SD_V1, encoder, unet, embeddings, "random-sd-v1", random_weights=True, decoder=vae_decoder)
+    for module in (m for m in (encoder, unet, vae_decoder) if m is not None):
         module.eval().requires_grad_(False)
     return model
+
+
+def _fill_random(module, generator) -> None:
+    """Materialise a meta-device module on the CPU with scale-preserving random weights: matrices and kernels
+    normal over the square root of their fan-in, norm weights 1, biases 0."""
+    import torch
+
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.dim() > 1:
+                fan_in = parameter[0].numel()
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in))
+            else:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
 
 
 def count_cpu_attention_flops() -> None:

@@ -17,8 +17,20 @@ from mist.faces.cli import build_parser, config_from_args, main
 from mist.engine.config import ProtectConfig
 from mist.engine.methods import LossTerms
 from mist.engine.pipeline import Protector
-from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS, _APPLY, jpeg_approx, robust_loss
+from mist.engine.robust import (DEFAULT_TRANSFORMS, TRANSFORMS, UPSCALE_NOISE_STD, _APPLY, jpeg_approx, robust_loss,
+                                transform_functions)
 from mist.engine.shaping import CELL, SIGMAS, shape_blur, shaped_perturbation
+from mist.models import DEFAULT_PARTS
+from mist.models.loading import build_random
+from mist.runner.jobs import ModelCache
+
+RANDOM_TRANSFORMS = [name for name in TRANSFORMS if name != "vae"]  # the VAE round trip draws nothing
+
+
+@pytest.fixture(scope="module")
+def vae_model():
+    """The tiny random model with its VAE decoder, which the `vae` transform runs through."""
+    return build_random(parts=DEFAULT_PARTS | {"decoder"})
 
 
 def _image(painting, size: int = 64) -> torch.Tensor:
@@ -33,9 +45,9 @@ def _image(painting, size: int = 64) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_a_transform_is_differentiable_keeps_shape_and_range_and_changes_the_image(name, painting):
+def test_a_transform_is_differentiable_keeps_shape_and_range_and_changes_the_image(name, painting, vae_model):
     x = _image(painting).requires_grad_(True)
-    y = _APPLY[name](x, torch.Generator().manual_seed(3))
+    y = transform_functions(vae_model)[name](x, torch.Generator().manual_seed(3))
     (gradient,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), x)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert -1 <= y.min().item() and y.max().item() <= 1
@@ -43,7 +55,7 @@ def test_a_transform_is_differentiable_keeps_shape_and_range_and_changes_the_ima
     assert (y - x).abs().mean() > 1e-3  # it does transform
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("name", RANDOM_TRANSFORMS)
 def test_a_transform_is_reproducible_from_its_generator(name, painting):
     x = _image(painting)
     first = _APPLY[name](x, torch.Generator().manual_seed(5))
@@ -51,6 +63,43 @@ def test_a_transform_is_reproducible_from_its_generator(name, painting):
     other = _APPLY[name](x, torch.Generator().manual_seed(6))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_the_vae_transform_is_the_models_round_trip_of_the_posterior_mean_and_draws_nothing(painting, vae_model):
+    x = _image(painting)
+    generator = torch.Generator().manual_seed(4)
+    state = generator.get_state()
+    y = transform_functions(vae_model)["vae"](x, generator)
+    with torch.no_grad():
+        mean, _ = vae_model.posterior(x)
+        expected = vae_model.decode(mean * vae_model.arch.latent_scale).clamp(-1, 1)
+    assert torch.equal(y, expected)
+    assert torch.equal(generator.get_state(), state)
+    assert torch.equal(transform_functions(vae_model)["vae"](x, torch.Generator().manual_seed(9)), y)
+
+
+def test_the_vae_transform_is_offered_only_with_a_decoder(tiny_model, vae_model):
+    assert "vae" not in transform_functions(None) and "vae" not in transform_functions(tiny_model)
+    assert set(transform_functions(vae_model)) == set(TRANSFORMS)
+    with pytest.raises(ValueError, match=r"^robust: vae needs the model's VAE decoder, which this model was loaded "):
+        robust_loss(_toy_loss, ("jpeg", "vae"), 1, [torch.Generator()], tiny_model)
+
+
+def test_the_upscale_stand_in_adds_noise_in_its_range_then_smooths_it_away_in_the_documented_order(painting):
+    x = _image(painting)
+    got = _APPLY["upscale"](x, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    std = UPSCALE_NOISE_STD[0] + (UPSCALE_NOISE_STD[1] - UPSCALE_NOISE_STD[0]) * torch.rand((), generator=generator)
+    noisy = (x + std * torch.randn(tuple(x.shape), generator=generator)).clamp(-1, 1)
+    small = torch.nn.functional.interpolate(noisy, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
+    expected = torch.nn.functional.interpolate(small, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert 0.1 <= std <= 0.2  # 0.05 to 0.1 of the 0..1 range
+    # the smoothing removes most of the noise: the result is nearer the smoothed clean image than the noisy one is
+    smooth = torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True, align_corners=False),
+        size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert (got - smooth).abs().mean() < 0.5 * (noisy - x).abs().mean()
 
 
 @pytest.mark.parametrize("quality", [50, 75, 95])
@@ -102,9 +151,9 @@ def test_the_wrapper_averages_the_objective_and_every_term_over_its_draws(painti
     assert not torch.allclose(got.terms["mean"], _toy_loss(x, generators).terms["mean"])
 
 
-def test_the_wrapper_passes_gradients_to_the_image(painting):
+def test_the_wrapper_passes_gradients_to_the_image(painting, vae_model):
     x = _image(painting).requires_grad_(True)
-    wrapped = robust_loss(_toy_loss, TRANSFORMS, 2, [torch.Generator().manual_seed(0)])
+    wrapped = robust_loss(_toy_loss, TRANSFORMS, 4, [torch.Generator().manual_seed(0)], vae_model)
     (gradient,) = torch.autograd.grad(wrapped(x, [torch.Generator()]).terms["square"].sum(), x)
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
@@ -156,7 +205,7 @@ def test_a_protector_with_shape_blur_keeps_epsilon_and_the_mask(tiny_model, pain
 
 def test_robust_settings_are_validated_with_the_setting_named():
     with pytest.raises(ValueError, match=r"^robust: unknown transform 'gzip' \(choose from jpeg, resize, blur, crop, "
-                                         r"noise\)$"):
+                                         r"noise, upscale, vae\)$"):
         ProtectConfig(robust=("jpeg", "gzip"))
     with pytest.raises(ValueError, match=r"^robust: a transform is named twice"):
         ProtectConfig(robust="jpeg,jpeg")
@@ -243,6 +292,39 @@ def test_robust_changes_the_result_reproducibly_and_leaves_the_attacks_stream_al
     assert len(plain) == 1 and torch.equal(plain[0], robust[0])
 
 
+def test_the_vae_decoder_is_a_needed_part_only_when_vae_is_asked_for(tiny_model):
+    assert ProtectConfig(robust="jpeg,upscale").parts == {"encoder", "unet", "text_encoder"} == ProtectConfig().parts
+    assert ProtectConfig(robust="jpeg,vae").parts == {"encoder", "unet", "text_encoder", "decoder"}
+    assert ProtectConfig.of(method="photoguard", robust="vae").parts == {"encoder", "decoder"}
+    cache = ModelCache("tiny-random", "cpu")
+    assert cache.protector(ProtectConfig(robust="jpeg", precision="fp32")).model.decoder is None
+    assert cache.protector(ProtectConfig(robust="vae", precision="fp32")).model.decoder is not None
+    assert cache.loads == 2  # loaded again for the decoder, which the first run did not read
+    with pytest.raises(ValueError, match=r"^robust: vae needs the model's VAE decoder, which this model was loaded "):
+        Protector(tiny_model, ProtectConfig(robust="vae"))
+
+
+def test_protect_end_to_end_with_the_vae_and_upscale_transforms(capsys, tmp_path, painting, monkeypatch):
+    import mist.engine.robust
+
+    round_trips = []
+    real_vae = mist.engine.robust.vae
+
+    def counted(x, model, precision):
+        round_trips.append(model.decoder is not None)
+        return real_vae(x, model, precision)
+
+    monkeypatch.setattr(mist.engine.robust, "vae", counted)
+    painting.save(tmp_path / "art.png")
+    code = main(["protect", str(tmp_path / "art.png"), "-o", str(tmp_path / "out"), "--model", "tiny-random",
+                 "--robust", "vae,upscale", "--eot-samples", "3", "--steps", "2", "--input-size", "32", "-q"])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "out" / "art.png") as output:
+        assert json.loads(output.text["mist:settings"])["robust"] == ["vae", "upscale"]
+        assert output.size == (32, 32)
+    assert round_trips and all(round_trips)  # drawn, and run through the decoder the CLI loaded for it
+
+
 def test_protect_end_to_end_with_robust(capsys, tmp_path, painting):
     painting.save(tmp_path / "art.png")
     code = main(["protect", str(tmp_path / "art.png"), "-o", str(tmp_path / "out"), "--model", "tiny-random",
@@ -252,3 +334,29 @@ def test_protect_end_to_end_with_robust(capsys, tmp_path, painting):
         settings = json.loads(output.text["mist:settings"])
         assert output.size == (32, 32)
     assert settings["robust"] == ["jpeg", "resize"] and settings["eot_samples"] == 2
+
+
+def test_the_robustness_benchmark_marks_what_the_robust_set_trained_on_and_what_it_held_out():
+    import importlib.util
+    from pathlib import Path
+
+    from mist.runner.evaluation.purify import parse_purifications
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
+    spec = importlib.util.spec_from_file_location("robustness_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    purifications = parse_purifications("jpeg:75,jpeg:30,resize:0.5,blur:1,noise:8,crop:0.9,jpeg-resize:75,"
+                                        "adverse:64,vae,vae:2,upscale")
+
+    def marks(robust: str) -> dict[str, str]:
+        return {p.name: benchmark.mark(p, tuple(robust.split(","))) for p in purifications}
+
+    assert marks("jpeg,resize,blur") == {
+        "jpeg:75": "trained on", "jpeg:30": "held out", "resize:0.5": "trained on", "blur:1": "trained on",
+        "noise:8": "held out", "crop:0.9": "held out", "jpeg-resize:75": "parts trained on", "adverse:64": "held out",
+        "vae:1": "held out", "vae:2": "held out", "upscale": "held out"}
+    with_more = marks("noise,crop,upscale,vae")
+    assert with_more["vae:1"] == with_more["noise:8"] == with_more["crop:0.9"] == "trained on"
+    assert with_more["upscale"] == "stand-in trained on" and with_more["vae:2"] == "held out"
+    assert with_more["jpeg:75"] == with_more["adverse:64"] == "held out"

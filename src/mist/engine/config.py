@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from mist.engine.methods import DEFAULT_METHOD, MethodParams, get_method
-from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS
+from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS, parts_needed
 from mist.engine.shaping import SHAPES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -151,6 +151,11 @@ class ProtectConfig:
             yield f"step_schedule: must be one of {', '.join(SCHEDULES)}, got {self.step_schedule!r}"
 
     @property
+    def parts(self) -> frozenset[str]:
+        """The model parts a run of these settings reads: its method's, and the VAE decoder for robust `vae`."""
+        return frozenset(get_method(self.method).parts) | parts_needed(self.robust)
+
+    @property
     def aspect_kept(self) -> bool:
         """Whether images are processed with their aspect ratio kept (keep_aspect, or implied by original_size)."""
         return self.keep_aspect or self.original_size
@@ -233,7 +238,8 @@ RUN_SETTINGS: dict[str, RunSetting] = {
     "robust": RunSetting("--robust", "str", "robust to purification: at every step average the loss over random "
                                             f"transforms of the image, a comma list of {', '.join(TRANSFORMS)}; "
                                             f"--robust alone: {','.join(DEFAULT_TRANSFORMS)}. Costs --eot-samples "
-                                            "times the time per step", bare=",".join(DEFAULT_TRANSFORMS)),
+                                            "times the time per step (a vae draw: about twice that; it loads the VAE "
+                                            "decoder)", bare=",".join(DEFAULT_TRANSFORMS)),
     "eot_samples": RunSetting("--eot-samples", "int", "with --robust: transforms drawn and averaged per step",
                               metavar="K"),
     "shape": RunSetting("--shape", "str", "blur: reshape the finished perturbation's spectrum like the image's, per "

@@ -48,6 +48,14 @@ def posterior(model: StableDiffusion, x: torch.Tensor, precision: str) -> tuple[
         return model.posterior(x)
 
 
+def vae_round_trip(model: StableDiffusion, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """D(mean of E(x)): what the VAE decoder makes of the encoder's posterior mean for `x` in [-1, 1], float32, not
+    clipped; differentiable, no random draw. Needs the model's decoder."""
+    with autocast(x.device, precision):
+        mean, _ = model.posterior(x)
+        return model.decode(mean * model.arch.latent_scale).float()
+
+
 @torch.no_grad()
 def target_latent(model: StableDiffusion, target: torch.Tensor, generators: Sequence[torch.Generator],
                   precision: str = "fp32") -> torch.Tensor:

@@ -135,6 +135,8 @@ class Protector:
         if not method.parts <= self.model.parts:
             missing = ", ".join(sorted(method.parts - model.parts))
             raise ValueError(f"method: {method.name} needs the model's {missing}, which this model was loaded without")
+        if not config.parts <= self.model.parts:
+            raise ValueError("robust: vae needs the model's VAE decoder, which this model was loaded without")
         self.method = method(config.params, self.model, self.precision)
         self.target = self.method.target_image()
 
@@ -215,7 +217,8 @@ class Protector:
         before_step = loss.before_step if isinstance(loss, SurrogateLoss) else None
         if c.robust:  # the transforms draw from a stream of their own: the attack's draws stay as without robust
             loss = robust_loss(loss, c.robust, c.eot_samples,
-                               [torch.Generator().manual_seed(t.seed(c.seed, "robust")) for t in batch])
+                               [torch.Generator().manual_seed(t.seed(c.seed, "robust")) for t in batch], self.model,
+                               self.precision)
         members = tuple(sorted({t.image for t in batch}))
 
         def on_step(info: StepInfo) -> None:

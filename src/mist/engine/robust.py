@@ -22,12 +22,24 @@ settings; the ranges below are chosen here to cover them, with the source of eac
   DreamBooth/LoRA fine-tuning scripts at a size close to the image's (our choice of range).
 - noise: additive Gaussian, standard deviation uniform in [0.01, 0.1] in [0, 1] units ([0.02, 0.2] in [-1, 1]
   units): Hönig et al.'s noisy upscaling starts by adding Gaussian noise; BlurGuard's noise reversal defaults to 0.1.
+- upscale: a differentiable STAND-IN for Hönig et al.'s noisy upscaling (Gaussian noise, then the SD x4 upscaler,
+  which regenerates the image and removes the noise). The noise is real: standard deviation uniform in [0.05, 0.1]
+  in [0, 1] units ([0.1, 0.2] in [-1, 1] units), the range of the `upscale` purification. The upscaler is not: a
+  diffusion sampler per EOT draw would cost tens of UNet passes, through weights Mist may not have, so its
+  regeneration is replaced by a 0.5x bicubic round trip (antialiased down, back up), which averages the noise away
+  together with the finest texture, as the upscaler does. It teaches the attack to survive noise plus smoothing,
+  not the upscaler's own network.
+- vae: the VAE round trip itself, no stand-in: the image encoded by the model's VAE (the posterior mean, no
+  sampling) and decoded, as the `vae` purification of `mist evaluate` does in one pass (after VAE-Trans; IMPRESS
+  and the diffusion purifications also pass the image through the VAE). It has no random parameter. It needs the
+  VAE decoder, which protection otherwise never loads (`parts_needed`), and costs an encoder and a decoder pass,
+  forward and backward, per draw.
 
 Randomness: each image of a batch has its own CPU generator (a stream separate from the attack's, so a run without
 `robust` draws exactly the numbers it drew before), and every evaluation draws from it in a fixed order: for each of
 the `samples` draws, for each image in batch order, first the transform (an integer below the number of transforms,
-`torch.randint`), then that transform's parameters as documented in its function. Numbers are drawn on the CPU and
-then moved, so every device gets the same ones.
+`torch.randint`), then that transform's parameters as documented in its function (`vae` draws none). Numbers are
+drawn on the CPU and then moved, so every device gets the same ones.
 
 PyTorch is imported inside the functions: the command line reads TRANSFORMS before it loads PyTorch.
 """
@@ -41,9 +53,10 @@ if TYPE_CHECKING:
     import torch
 
     from mist.engine.methods import Loss, LossTerms
+    from mist.models import StableDiffusion
 
-# What `--robust` accepts, and its set when given no list.
-TRANSFORMS: tuple[str, ...] = ("jpeg", "resize", "blur", "crop", "noise")
+# What `--robust` accepts, and its set when given no list (without `vae`: it needs the decoder and costs the most).
+TRANSFORMS: tuple[str, ...] = ("jpeg", "resize", "blur", "crop", "noise", "upscale", "vae")
 DEFAULT_TRANSFORMS: tuple[str, ...] = ("jpeg", "resize", "blur")
 
 JPEG_QUALITY = (50.0, 95.0)
@@ -51,6 +64,13 @@ RESIZE_FACTOR = (0.5, 0.9)
 BLUR_SIGMA = (0.5, 1.5)  # pixels
 CROP_SIDE = (0.85, 1.0)  # fraction of each side kept
 NOISE_STD = (0.02, 0.2)  # [-1, 1] units
+UPSCALE_NOISE_STD = (0.1, 0.2)  # [-1, 1] units: 0.05 to 0.1 in [0, 1] units
+UPSCALE_SMOOTHING = 0.5  # the factor of the bicubic round trip that stands in for the upscaler's regeneration
+
+
+def parts_needed(transforms: Sequence[str]) -> frozenset[str]:
+    """The model parts these transforms run through besides a method's own: the VAE decoder for `vae`."""
+    return frozenset({"decoder"}) if "vae" in transforms else frozenset()
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -97,25 +117,64 @@ def crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Additive Gaussian noise: its standard deviation drawn from NOISE_STD (one uniform number), then the noise
     itself (standard normal numbers of x's shape), clipped to the valid range."""
+    return noise_with_std(x, _uniform(generator, *NOISE_STD), generator)
+
+
+def noise_with_std(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """x plus `std` times standard normal numbers of x's shape drawn from `generator`, clipped to [-1, 1]."""
     import torch
 
-    std = _uniform(generator, *NOISE_STD)
     field = torch.randn(tuple(x.shape), generator=generator).to(x)
     return (x + std * field).clamp(-1, 1)
 
 
-_APPLY: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
-    "jpeg": jpeg, "resize": resize, "blur": blur, "crop": crop, "noise": noise}
+def upscale(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noisy upscaling's stand-in: Gaussian noise (its standard deviation drawn from UPSCALE_NOISE_STD, one uniform
+    number, then standard normal numbers of x's shape), clipped, then down by UPSCALE_SMOOTHING (antialiased bicubic)
+    and back up (bicubic), clipped."""
+    import torch.nn.functional as F
+
+    noisy = noise_with_std(x, _uniform(generator, *UPSCALE_NOISE_STD), generator)
+    height, width = x.shape[-2:]
+    small = (max(1, round(height * UPSCALE_SMOOTHING)), max(1, round(width * UPSCALE_SMOOTHING)))
+    down = F.interpolate(noisy, size=small, mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(down, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def robust_loss(loss: Loss, transforms: Sequence[str], samples: int, streams: Sequence[torch.Generator]) -> Loss:
+def vae(x: torch.Tensor, model: StableDiffusion, precision: str) -> torch.Tensor:
+    """The VAE round trip through `model` in `precision` (`mist.engine.objectives.vae_round_trip`), clipped, in x's
+    dtype. Deterministic: it draws nothing."""
+    from mist.engine.objectives import vae_round_trip
+
+    return vae_round_trip(model, x, precision).clamp(-1, 1).to(x.dtype)
+
+
+Transform = Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"]
+_APPLY: dict[str, Transform] = {
+    "jpeg": jpeg, "resize": resize, "blur": blur, "crop": crop, "noise": noise, "upscale": upscale}
+
+
+def transform_functions(model: StableDiffusion | None, precision: str = "fp32") -> dict[str, Transform]:
+    """Every transform by name as a function of (images, generator); `vae` runs through `model`'s VAE in `precision`
+    and is left out without a model or where it was loaded without its decoder."""
+    if model is None or model.decoder is None:
+        return dict(_APPLY)
+    return {**_APPLY, "vae": lambda x, generator: vae(x, model, precision)}
+
+
+def robust_loss(loss: Loss, transforms: Sequence[str], samples: int, streams: Sequence[torch.Generator],
+                model: StableDiffusion | None = None, precision: str = "fp32") -> Loss:
     """`loss` in expectation over random transforms: at each call, `samples` times, image i is replaced by one of
     `transforms` (names from TRANSFORMS) chosen and parametrised from `streams[i]` (a CPU generator), the batch is
     scored by `loss` with the caller's generators, and the objective and every term are averaged over the samples.
-    Shapes stay (N, 3, H, W) in [-1, 1]; every transform is differentiable (JPEG's rounding straight-through)."""
-    unknown = [name for name in transforms if name not in _APPLY]
+    `vae` runs through `model` in `precision` (the run's), and needs its decoder. Shapes stay (N, 3, H, W) in [-1, 1];
+    every transform is differentiable (JPEG's rounding straight-through)."""
+    apply = transform_functions(model, precision)
+    unknown = [name for name in transforms if name not in TRANSFORMS]
     if unknown or not transforms:
         raise ValueError(f"robust: unknown transform {unknown[0]!r}" if unknown else "robust: no transforms")
+    if "vae" in transforms and "vae" not in apply:
+        raise ValueError("robust: vae needs the model's VAE decoder, which this model was loaded without")
     if samples < 1:
         raise ValueError(f"eot_samples: must be at least 1, got {samples}")
     chosen = tuple(transforms)
@@ -132,7 +191,7 @@ def robust_loss(loss: Loss, transforms: Sequence[str], samples: int, streams: Se
             rows = []
             for row, stream in enumerate(streams):
                 name = chosen[int(torch.randint(len(chosen), (), generator=stream))]
-                rows.append(_APPLY[name](x[row : row + 1], stream))
+                rows.append(apply[name](x[row : row + 1], stream))
             terms = loss(torch.cat(rows), generators)
             total = terms if total is None else LossTerms(
                 total.objective + terms.objective, {k: v + terms.terms[k] for k, v in total.terms.items()})

@@ -178,9 +178,8 @@ class ModelCache:
     def protector(self, config: ProtectConfig, *, batch_size: int = 1,
                   on_load: Callable[[str | Path, torch.device], None] | None = None) -> Protector:
         """A Protector for `config` on the cached model, loaded now (`on_load(where, device)` hears of it first) if it
-        is not loaded yet, lacks a part `config`'s method needs (only those are loaded), or cannot serve `config`'s
-        precision. Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
-        from mist.engine.methods import get_method
+        is not loaded yet, lacks a part `config` needs (`ProtectConfig.parts`: only those are loaded), or cannot serve
+        `config`'s precision. Raises ModelNotFoundError, or ValueError for a precision the device cannot run."""
         from mist.engine.objectives import PRECISION_DTYPES
 
         with self._load_lock:
@@ -189,8 +188,7 @@ class ModelCache:
             if self._given is not None:
                 return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size,
                                  compile=self.compile)
-            model = self._cached(frozenset(get_method(config.method).parts), PRECISION_DTYPES[precision], device,
-                                 on_load)
+            model = self._cached(config.parts, PRECISION_DTYPES[precision], device, on_load)
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
                              hand_over=True, compile=self.compile)
 
