@@ -223,5 +223,7 @@ def test_a_handed_over_model_is_converted_in_place():
     model = build_random()
     protector = Protector(model, ProtectConfig(input_size=64, precision="bf16"), hand_over=True)
     assert protector.model is model and model.dtype == torch.bfloat16
+    # every network, not only the encoder cast first (the UNet stayed float32: twice its memory)
+    assert {p.dtype for p in _weights(model).values() if p.is_floating_point()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="load it again"):  # rounded weights are not passed off as float32
         Protector(model, ProtectConfig(input_size=64, precision="fp32"))

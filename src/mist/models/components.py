@@ -174,9 +174,9 @@ class StableDiffusion:
             raise ValueError(f"precision: this model's weights are {self.dtype}; load it again to run in {dtype}")
         layout = memory_format_for(dtype)
         if in_place:
-            for module in self._networks():
-                if dtype != self.dtype:  # diffusers warns on every cast, even to the same type
-                    module.to(dtype=dtype)
+            for module in self._networks():  # each asked for its own type: self.dtype follows the encoder, cast first
+                if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+                    module.to(dtype=dtype)  # only where needed: diffusers warns on every cast, even to the same type
                 module.to(device=device, memory_format=layout)
             self.alphas_cumprod = self.alphas_cumprod.to(device)
             self.memory_format = layout
