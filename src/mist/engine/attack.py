@@ -11,8 +11,8 @@ Anti-DreamBooth) instead of the random point, and `schedule="linear"` decays the
 step - (step - step / 100) / n * i, from `step` down toward step / 100.
 
 A gradient element that is exactly zero has no sign and its pixel does not move. In float32 or bf16 that practically
-never happens; in fp16 it is the mark of underflow, so it is logged as a warning when it concerns more than
-ZERO_SIGN_WARNING of the pixels inside the mask at any step.
+never happens but under `--robust` transforms that crop or clip; in fp16 it is the mark of underflow, so it is logged
+as a warning when it concerns more than ZERO_SIGN_WARNING of the pixels inside the mask at any step.
 """
 
 from __future__ import annotations
@@ -86,9 +86,10 @@ def masked_linf_pgd(
                                      "(or bf16 where supported)")
         zeros = 0.0 if warned or not inside.any() else (gradient[inside] == 0).float().mean().item()
         if zeros > ZERO_SIGN_WARNING:
-            log.warning("step %d: the gradient is exactly zero on %.1f%% of the protected pixel values (underflow in "
-                        "half precision?); those pixels are not moved: run with --precision fp32 (or bf16 where "
-                        "supported)", index + 1, 100 * zeros)
+            log.warning("step %d: the gradient is exactly zero on %.1f%% of the protected pixel values; those pixels "
+                        "are not moved (in fp16 this is underflow: run with --precision fp32, or bf16 where supported; "
+                        "with --robust, a crop or a clipped value leaves pixels without a gradient)", index + 1,
+                        100 * zeros)
             warned = True
         with torch.no_grad():
             delta = (delta - sizes[index] * gradient.sign()).clamp(-radius, radius)
