@@ -250,11 +250,14 @@ def vae_round_trip(image: Image.Image, passes: float, context: Context) -> Image
     images the VAE can make is what it removes; nothing random is drawn."""
     import torch
 
+    from mist.engine.objectives import PRECISION_DTYPES, vae_round_trip as round_trip
+
     def projected(x: torch.Tensor) -> torch.Tensor:
+        model = context.model  # present: _through_model checks
+        precision = next(name for name, dtype in PRECISION_DTYPES.items() if dtype == model.dtype)
         with torch.no_grad():
             for _ in range(int(passes)):
-                mean, _ = context.model.posterior(x.to(context.model.device))
-                x = context.model.decode(mean * context.model.arch.latent_scale).clamp(-1.0, 1.0).cpu()
+                x = round_trip(model, x.to(model.device), precision).clamp(-1.0, 1.0).cpu()
         return x
 
     return _through_model("vae", image, context, projected)
