@@ -94,7 +94,7 @@ def test_cmmd_is_zero_for_a_set_with_itself_and_grows_with_a_shift():
 def test_a_missing_tower_is_skipped_with_what_to_give_and_a_bad_one_is_refused(tmp_path):
     folder, reason = clip.find_tower(None, "tiny-random")
     assert folder is None and "--clip PATH" in reason and "never downloads" in reason
-    lines = _skipped([], None, reason, {"NIQE": "needs the scikit-video package: pip install x"})
+    lines = _skipped([], None, reason, {"NIQE": "needs the scikit-video package: pip install x"}, None)
     assert any(line.startswith("CLIP similarity / CMMD: skipped: give a CLIP vision tower") for line in lines)
     assert "NIQE: skipped: needs the scikit-video package: pip install x" in lines
     assert any(line.startswith("FID: not computed") and "CMMD" in line for line in lines)
