@@ -47,7 +47,8 @@ from mist.common import images  # noqa: E402
 from mist.engine.config import ProtectConfig  # noqa: E402
 from mist.engine.methods import TileInputs  # noqa: E402
 from mist.engine.pipeline import Protector, tile_seed  # noqa: E402
-from mist.engine.robust import BLUR_SIGMA, CROP_SIDE, JPEG_QUALITY, NOISE_STD, RESIZE_FACTOR  # noqa: E402
+from mist.engine.robust import (BLUR_SIGMA, CROP_SIDE, JPEG_QUALITY, NOISE_STD, RESIZE_FACTOR,  # noqa: E402
+                                UPSCALE_NOISE_STD)
 from mist.engine.shaping import shape_blur  # noqa: E402
 from mist.models import DEFAULT_PARTS  # noqa: E402
 from mist.models.loading import build_random  # noqa: E402
@@ -71,7 +72,7 @@ TRAINED_BY = {
     "noise": (("noise",), lambda levels: _within(levels / 127.5, NOISE_STD)),  # levels of 0..255 in [-1, 1] units
     "crop": (("crop",), lambda fraction: _within(fraction, CROP_SIDE)),
     "vae": (("vae",), lambda passes: passes == 1),
-    "upscale": (("upscale",), lambda _: True),
+    "upscale": (("upscale",), lambda sigma: _within(sigma * 2, UPSCALE_NOISE_STD)),  # sigma of 0..1 in [-1, 1] units
 }
 
 

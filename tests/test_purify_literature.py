@@ -189,7 +189,7 @@ def test_the_http_service_takes_no_upscaler_path_from_its_clients(upscaler):
     from mist.faces.service.evaluations import parse_evaluation_settings
     from mist.faces.service.submit import SubmitError
 
-    with pytest.raises(SubmitError, match="upscaler: names a path on the server") as refused:
+    with pytest.raises(SubmitError, match="upscaler: a path on the server") as refused:
         parse_evaluation_settings({"upscaler": str(upscaler)})
     assert refused.value.status == 400
 

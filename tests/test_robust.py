@@ -347,7 +347,7 @@ def test_the_robustness_benchmark_marks_what_the_robust_set_trained_on_and_what_
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     purifications = parse_purifications("jpeg:75,jpeg:30,resize:0.5,blur:1,noise:8,crop:0.9,jpeg-resize:75,"
-                                        "adverse:64,vae,vae:2,upscale")
+                                        "adverse:64,vae,vae:2,upscale,upscale:0.2")
 
     def marks(robust: str) -> dict[str, str]:
         return {p.name: benchmark.mark(p, tuple(robust.split(","))) for p in purifications}
@@ -355,8 +355,9 @@ def test_the_robustness_benchmark_marks_what_the_robust_set_trained_on_and_what_
     assert marks("jpeg,resize,blur") == {
         "jpeg:75": "trained on", "jpeg:30": "held out", "resize:0.5": "trained on", "blur:1": "trained on",
         "noise:8": "held out", "crop:0.9": "held out", "jpeg-resize:75": "parts trained on", "adverse:64": "held out",
-        "vae:1": "held out", "vae:2": "held out", "upscale": "held out"}
+        "vae:1": "held out", "vae:2": "held out", "upscale:0.05": "held out", "upscale:0.2": "held out"}
     with_more = marks("noise,crop,upscale,vae")
     assert with_more["vae:1"] == with_more["noise:8"] == with_more["crop:0.9"] == "trained on"
-    assert with_more["upscale"] == "stand-in trained on" and with_more["vae:2"] == "held out"
+    assert with_more["upscale:0.05"] == "stand-in trained on" and with_more["vae:2"] == "held out"
+    assert with_more["upscale:0.2"] == "held out"  # more noise than the stand-in draws
     assert with_more["jpeg:75"] == with_more["adverse:64"] == "held out"
