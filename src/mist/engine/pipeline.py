@@ -132,8 +132,9 @@ class Protector:
         if compile:
             compile_networks(self.model)
         method = get_method(config.method)
-        if not method.parts <= self.model.parts:
-            missing = ", ".join(sorted(method.parts - model.parts))
+        needed = method.parts_for(config.params)
+        if not needed <= self.model.parts:
+            missing = ", ".join(sorted(needed - model.parts))
             raise ValueError(f"method: {method.name} needs the model's {missing}, which this model was loaded without")
         if not config.parts <= self.model.parts:
             raise ValueError("robust: vae needs the model's VAE decoder, which this model was loaded without")
