@@ -101,15 +101,23 @@ def to_original_layout(
     unet_mapping = _unet_mapping(unet.config)
     for key, tensor in unet.state_dict().items():
         state["model.diffusion_model." + _rename(key, unet_mapping)] = tensor
-    vae_mapping = _vae_mapping(vae.config)
-    for key, tensor in vae.state_dict().items():
-        name = _rename(key, vae_mapping)
-        if ".mid.attn_1." in name and name.endswith(".weight") and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # ldm's attention projections are 1x1 convolutions
-        state["first_stage_model." + name] = tensor
+    state.update(vae_to_original_layout(vae))
     # transformers 4 names the text encoder's weights `text_model.*`, transformers 5 drops that level.
     text_prefix = "cond_stage_model.transformer." + ("" if novelai else "text_model.")
     for key, tensor in text_encoder.state_dict().items():
         if not key.endswith("position_ids"):
             state[text_prefix + key.removeprefix("text_model.")] = tensor
+    return state
+
+
+def vae_to_original_layout(vae: AutoencoderKL, prefix: str = "first_stage_model.") -> dict[str, torch.Tensor]:
+    """The VAE's weights in the original (LDM / Flux autoencoder) layout under `prefix` ("" for a bare VAE file such as
+    Flux's ae.safetensors); a VAE without 1x1 quant convolutions (SD 3.x, Flux) simply has none of those keys."""
+    state = {}
+    vae_mapping = _vae_mapping(vae.config)
+    for key, tensor in vae.state_dict().items():
+        name = _rename(key, vae_mapping)
+        if ".mid.attn_1." in name and name.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # ldm's attention projections are 1x1 convolutions
+        state[prefix + name] = tensor
     return state

@@ -153,7 +153,7 @@ class ProtectConfig:
     @property
     def parts(self) -> frozenset[str]:
         """The model parts a run of these settings reads: its method's, and the VAE decoder for robust `vae`."""
-        return frozenset(get_method(self.method).parts) | parts_needed(self.robust)
+        return get_method(self.method).parts_for(self.params) | parts_needed(self.robust)
 
     @property
     def aspect_kept(self) -> bool:

@@ -53,7 +53,7 @@ def vae_round_trip(model: StableDiffusion, x: torch.Tensor, precision: str) -> t
     clipped; differentiable, no random draw. Needs the model's decoder."""
     with autocast(x.device, precision):
         mean, _ = model.posterior(x)
-        return model.decode(mean * model.arch.latent_scale).float()
+        return model.decode(model.scale_latent(mean)).float()
 
 
 @torch.no_grad()

@@ -30,6 +30,8 @@ from mist.engine.cpu_tuning import attack_settings
 from mist.models.device import default_low_memory, resolve_precision
 from mist.engine.methods import Loss, SurrogateLoss, TileInputs, get_method
 from mist.models import StableDiffusion
+from mist.models.architectures import FAMILIES
+from mist.models.families import refuse_denoiser_parts
 from mist.engine.objectives import PRECISION_DTYPES
 from mist.engine.robust import robust_loss
 from mist.engine.shaping import shape_blur
@@ -132,8 +134,10 @@ class Protector:
         if compile:
             compile_networks(self.model)
         method = get_method(config.method)
-        if not method.parts <= self.model.parts:
-            missing = ", ".join(sorted(method.parts - model.parts))
+        needed = method.parts_for(config.params)
+        refuse_denoiser_parts(model.source, FAMILIES[model.arch.family], needed)
+        if not needed <= self.model.parts:
+            missing = ", ".join(sorted(needed - model.parts))
             raise ValueError(f"method: {method.name} needs the model's {missing}, which this model was loaded without")
         if not config.parts <= self.model.parts:
             raise ValueError("robust: vae needs the model's VAE decoder, which this model was loaded without")

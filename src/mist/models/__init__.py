@@ -1,4 +1,5 @@
-"""Stable Diffusion v1, located and loaded offline; see `load_model`."""
+"""Stable Diffusion v1 (and the VAE of SD 2.x, SDXL, SD 3.x and Flux models), located and loaded offline; see
+`load_model`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
     `architecture` gives the shape of single-file checkpoints (SD v1 unless a test saves a smaller one). `parts`:
     which of "unet", "text_encoder", "decoder" (the VAE decoder, for evaluation) and "text_model" (the text encoder
     kept, for textual inversion) to load besides the VAE encoder (for protection, a method's `parts`; the others are
-    not read). Weights arrive in float32 on the CPU;
+    not read). A model of another family than SD 1.x loads its VAE alone, and asking it for more is refused (see
+    `mist.models.families`). Weights arrive in float32 on the CPU;
     `StableDiffusion.placed` moves and casts them.
     """
     if not parts <= KNOWN_PARTS:

@@ -1,29 +1,45 @@
-"""Shapes of the networks Mist attacks: Stable Diffusion v1 and a tiny stand-in for tests.
+"""Shapes of the networks Mist attacks: Stable Diffusion v1, a tiny stand-in for tests, and the latent spaces of the
+other model families whose VAE encoder the encoder-side methods attack (SD 2.x, SDXL, SD 3.x, Flux).
 
 An architecture is pure data (keyword arguments for the diffusers / transformers classes), so the same loading code
 builds the real 860M-parameter UNet or a few-kilobyte test model. The latent encoder always downsamples by 8, as SD's
 does, so image-size rules are the same for both.
+
+A family's latent is z = (mean - shift) * scale, mean the VAE posterior's mean. The scale and shift factors and channel
+counts are those of each family's published diffusers VAE config (`scaling_factor`, `shift_factor`), checked against
+the reference code: SD 1.x / 2.x 4 channels, 0.18215, no shift (the LDM configs' `scale_factor`); SDXL 4 channels,
+0.13025 (stabilityai/stable-diffusion-xl-base-1.0's vae/config.json); SD 3.x 16 channels, 1.5305, shift 0.0609
+(Stability-AI/sd3.5, sd3_impls.py `SD3LatentFormat`); Flux 16 channels, 0.3611, shift 0.1159 (black-forest-labs/flux,
+src/flux/modules/autoencoder.py encodes `scale_factor * (z - shift_factor)`; its util.py gives the values). diffusers'
+SD3 and Flux img2img pipelines apply `(latents - shift_factor) * scaling_factor` the same way. SD 3.x's and Flux's VAEs
+have no 1x1 `quant_conv` / `post_quant_conv`. The configs Mist reads single files with ship in assets/ (vae_*.json).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Constructor arguments of the three trained components, plus the latent scale factor."""
+    """Constructor arguments of the three trained components, the latent scale and shift factors, and the family
+    (`FAMILIES`) the model belongs to. An encoder-only architecture (a family whose denoiser Mist cannot run yet) has
+    empty `unet` and `text`, and no cross-attention width."""
 
     name: str
     unet: dict[str, Any]
     vae: dict[str, Any]
     text: dict[str, Any]
     latent_scale: float = 0.18215
-    cross_attention_dim: int = field(init=False)
+    latent_shift: float = 0.0
+    family: str = "sd1"
+    cross_attention_dim: int | None = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cross_attention_dim", self.unet["cross_attention_dim"])
+        object.__setattr__(self, "cross_attention_dim", self.unet.get("cross_attention_dim"))
 
 
 _CLIP_VOCAB = 49408  # size of the CLIP BPE vocabulary shipped in assets/, shared by both shapes
@@ -108,3 +124,52 @@ TINY = Architecture(
         pad_token_id=49407,
     ),
 )
+
+
+# What the refusal of a denoiser-side run on an encoder-only family names as what does work.
+ENCODER_SIDE_METHODS = "photoguard, pid, mist --mode textural"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family Mist loads: `key` (sd1, sd2, sdxl, sd3, flux), its `title` for messages, the diffusers VAE config
+    shipped for it (`vae_asset` in assets/; None: SD v1's VAE, which SD 2.x shares), and whether the denoiser-side
+    methods support it (only SD 1.x so far; the others are attacked through their VAE encoder alone)."""
+
+    key: str
+    title: str
+    vae_asset: str | None
+    denoiser: bool
+
+    def vae_config(self) -> dict[str, Any]:
+        """The family's VAE config (diffusers' AutoencoderKL keyword arguments, `scaling_factor` and `shift_factor`
+        included), a fresh copy."""
+        if self.vae_asset is None:
+            return {**SD_V1.vae, "scaling_factor": SD_V1.latent_scale}
+        return json.loads(_asset_text(self.vae_asset))
+
+
+@lru_cache(maxsize=None)
+def _asset_text(name: str) -> str:
+    from importlib import resources
+
+    return resources.files("mist.models").joinpath(f"assets/{name}").read_text(encoding="utf-8")
+
+
+FAMILIES = {family.key: family for family in (
+    Family("sd1", "Stable Diffusion 1.x", None, denoiser=True),
+    Family("sd2", "Stable Diffusion 2.x", None, denoiser=False),
+    Family("sdxl", "Stable Diffusion XL", "vae_sdxl.json", denoiser=False),
+    Family("sd3", "Stable Diffusion 3.x", "vae_sd3.json", denoiser=False),
+    Family("flux", "Flux.1", "vae_flux.json", denoiser=False),
+)}
+
+
+def encoder_only(family: Family, vae: dict[str, Any], name: str) -> Architecture:
+    """The architecture of a `family` model of which only the VAE is used, `vae` its config (the scale and shift
+    factors it lacks are the family's)."""
+    defaults = family.vae_config()
+    scale = vae.get("scaling_factor") or defaults["scaling_factor"]
+    shift = vae.get("shift_factor", defaults.get("shift_factor")) or 0.0
+    return Architecture(name=name, unet={}, vae=vae, text={}, latent_scale=float(scale), latent_shift=float(shift),
+                        family=family.key)

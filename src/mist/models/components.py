@@ -28,7 +28,8 @@ PROMPTS = (STYLE_PROMPT, OBJECT_PROMPT, UNCONDITIONAL_PROMPT)
 
 
 def latent_encoder(arch: Architecture) -> nn.Module:
-    """SD's VAE encoder plus its 1x1 `quant_conv`, which together give the posterior's mean and log-variance."""
+    """SD's VAE encoder plus its 1x1 `quant_conv`, which together give the posterior's mean and log-variance. VAEs
+    without the 1x1 convolution (SD 3.x's, Flux's: `use_quant_conv` false) get an identity in its place."""
     from diffusers.models.autoencoders.vae import Encoder
 
     vae = arch.vae
@@ -42,19 +43,21 @@ def latent_encoder(arch: Architecture) -> nn.Module:
         layers_per_block=vae["layers_per_block"],
         norm_num_groups=vae.get("norm_num_groups", 32),
         double_z=True,
+        mid_block_add_attention=vae.get("mid_block_add_attention", True),
     )
-    module.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+    module.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if vae.get("use_quant_conv", True) else nn.Identity()
     return module
 
 
 def latent_decoder(arch: Architecture) -> nn.Module:
-    """SD's 1x1 `post_quant_conv` plus its VAE decoder, which together turn an unscaled latent into an image."""
+    """SD's 1x1 `post_quant_conv` plus its VAE decoder, which together turn an unscaled latent into an image (an
+    identity in place of the 1x1 convolution where `use_post_quant_conv` is false)."""
     from diffusers.models.autoencoders.vae import Decoder
 
     vae = arch.vae
     latent = vae["latent_channels"]
     module = nn.Module()
-    module.post_quant_conv = nn.Conv2d(latent, latent, 1)
+    module.post_quant_conv = nn.Conv2d(latent, latent, 1) if vae.get("use_post_quant_conv", True) else nn.Identity()
     module.decoder = Decoder(
         in_channels=latent,
         out_channels=vae["out_channels"],
@@ -62,6 +65,7 @@ def latent_decoder(arch: Architecture) -> nn.Module:
         block_out_channels=tuple(vae["block_out_channels"]),
         layers_per_block=vae["layers_per_block"],
         norm_num_groups=vae.get("norm_num_groups", 32),
+        mid_block_add_attention=vae.get("mid_block_add_attention", True),
     )
     return module
 
@@ -102,7 +106,8 @@ class StableDiffusion:
     as `text_encoder`: textual inversion needs it). A model loaded for methods that need only the
     encoder has no UNet (None) and no embeddings (see `parts`); the VAE decoder is None unless "decoder" was asked for
     (evaluation asks, protection never does). `source` names the file or folder (or `tiny-random`); `random_weights`
-    is true for the test model, whose outputs protect nothing.
+    is true for the test model, whose outputs protect nothing. A model of another family (`arch.family`: SD 2.x, SDXL,
+    SD 3.x, Flux) has its VAE alone, and latents shifted as well as scaled (`scale_latent`).
     """
 
     arch: Architecture
@@ -220,20 +225,29 @@ class StableDiffusion:
         mean, logvar = moments.float().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
+    def scale_latent(self, unscaled: torch.Tensor) -> torch.Tensor:
+        """The model's latent of an encoder output (a posterior mean or sample): (z - shift) * scale, with the
+        family's shift (0 for SD 1.x, 2.x and XL) and scale factors."""
+        return (unscaled - self.arch.latent_shift) * self.arch.latent_scale
+
+    def unscale_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The inverse of `scale_latent`: latent / scale + shift, what the VAE decoder takes."""
+        return latent / self.arch.latent_scale + self.arch.latent_shift
+
     def encode(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding);
-        image i's sample noise comes from generators[i]."""
+        """Scaled samples of the encoder's diagonal-Gaussian posterior for images `x` in [-1, 1] (LDM's encoding,
+        `scale_latent`); image i's sample noise comes from generators[i]."""
         mean, logvar = self.posterior(x)
         std = torch.exp(0.5 * logvar)
         noise = standard_normal(mean.shape, generators, like=mean)
-        return (mean + std * noise) * self.arch.latent_scale
+        return self.scale_latent(mean + std * noise)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (float32, not clipped) that the VAE decoder makes of scaled latents (LDM's decoding:
-        divide by the scale factor, `post_quant_conv`, decoder)."""
+        `unscale_latent`, `post_quant_conv`, decoder)."""
         if self.decoder is None:
             raise ValueError("this model was loaded without its VAE decoder (load it with the \"decoder\" part)")
-        unscaled = (latent / self.arch.latent_scale).to(self.dtype).contiguous(memory_format=self.memory_format)
+        unscaled = self.unscale_latent(latent).to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.decoder.decoder(self.decoder.post_quant_conv(unscaled)).float()
 
     def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

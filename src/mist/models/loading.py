@@ -3,6 +3,11 @@
 Every format ends in the same place: three state dicts in diffusers / transformers naming, loaded strictly into modules
 built from an `Architecture`. Single files (`.ckpt`, `.safetensors`) carry the original CompVis layout and are renamed
 with diffusers' own converters; `.ckpt` files are read with `torch.load(weights_only=True)`, which refuses to run code.
+
+SD 1.x loads whole. The other families (`mist.models.families`: SD 2.x, SDXL, SD 3.x, Flux) load their VAE alone, for
+the encoder-side methods; a run that needs their denoiser or text encoder is refused before any weight is read. A single
+file's VAE shape is read from its weights (its scale and shift factors are the family's shipped config's); a diffusers
+folder's VAE from its vae/config.json.
 """
 
 from __future__ import annotations
@@ -15,22 +20,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mist.models.architectures import SD_V1, TINY, Architecture
+from mist.models import families
+from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only
 from mist.models.components import StableDiffusion, latent_decoder, latent_encoder
+from mist.models.families import FIRST_CONV, UNET, VAE_PARTS, first_cross_attention
 
 log = logging.getLogger(__name__)
 
-_UNET = "model.diffusion_model."
-_VAE = "first_stage_model."
 _TEXT = "cond_stage_model.transformer."
-_SD2_TEXT = "cond_stage_model.model."  # SD 2.x's OpenCLIP text tower; read only to recognise (and refuse) it
-# The key prefixes of each model part a caller can ask for; EMA copies and optimiser state are never read, and a part
-# the run does not need is not read either (the UNet is 3.4 GB in float32). The VAE decoder only serves evaluation.
-# "text_encoder" keeps the embeddings of Mist's prompts; "text_model" keeps the text encoder itself (and them).
-_PART_PREFIXES = {"encoder": (_VAE + "encoder.", _VAE + "quant_conv."), "unet": (_UNET,), "text_encoder": (_TEXT,),
-                  "decoder": (_VAE + "decoder.", _VAE + "post_quant_conv."), "text_model": (_TEXT,)}
-_FIRST_CONV = _UNET + "input_blocks.0.0.weight"  # read whatever the parts: the layout check needs its shape
-KNOWN_PARTS = frozenset(_PART_PREFIXES)
+# The key prefixes of each model part a caller can ask for beside the VAE's (`families.VAE_PARTS`, below the file's VAE
+# prefix); EMA copies and optimiser state are never read, and a part the run does not need is not read either (the
+# UNet is 3.4 GB in float32). The VAE decoder only serves evaluation. "text_encoder" keeps the embeddings of Mist's
+# prompts; "text_model" keeps the text encoder itself (and them).
+_PART_PREFIXES = {"unet": (UNET,), "text_encoder": (_TEXT,), "text_model": (_TEXT,)}
+KNOWN_PARTS = frozenset(_PART_PREFIXES) | frozenset(VAE_PARTS)
 # What is loaded when no parts are named: every part a protection method can use; never the decoder or text model.
 DEFAULT_PARTS = KNOWN_PARTS - {"decoder", "text_model"}
 _TEXT_PARTS = frozenset({"text_encoder", "text_model"})
@@ -86,11 +89,15 @@ def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str]
 
 
 def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
-    """Load an original-layout SD v1 checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`), NovelAI text keys included;
-    only `parts` (and the VAE encoder) are read."""
+    """Load an original-layout checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`): SD v1 (of shape `arch`), NovelAI
+    text keys included, or the VAE of another family's file (`mist.models.families`); only `parts` (and the VAE
+    encoder) are read."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     state, keys = _read_original_state_dict(path, parts)
+    family = families.file_family(path, state, keys)
+    if family.key != "sd1":
+        return _load_file_vae(path, family, state, keys, parts)
     _check_original_layout(path, state, keys, arch)
     unet, encoder, text, decoder = _empty_modules(arch, parts)
     try:
@@ -103,8 +110,30 @@ def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[st
                      keep_text="text_model" in parts)
 
 
+def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], keys: list[str],
+                   parts: frozenset[str]) -> StableDiffusion:
+    """The VAE (encoder, and decoder if asked) of a single file of an encoder-only `family`."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    families.refuse_denoiser_parts(path, family, parts)
+    prefix = families.vae_prefix(keys)
+    vae = families.vae_config_from_weights(path, family, state, keys, prefix)
+    arch = encoder_only(family, vae, path.name)
+    own = tuple(prefix + p for names in VAE_PARTS.values() for p in names)
+    vae_state = convert_ldm_vae_checkpoint({k[len(prefix) :]: v for k, v in state.items() if k.startswith(own)}, vae)
+    _, encoder, _, decoder = _empty_modules(arch, parts)
+    return _assemble(path, arch, None, encoder, None, decoder, {}, vae_state, {})
+
+
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
-    """Load a diffusers-format SD v1 folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot)."""
+    """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD v1 whole,
+    or the VAE of another family's pipeline (model_index.json names it)."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
+               if (folder / part / "config.json").is_file()}
+    family = families.folder_family(folder, index, present)
+    if family.key != "sd1":
+        return _load_folder_vae(folder, family, parts)
     configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
@@ -123,15 +152,28 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
     arch = Architecture(name=folder.name, unet=unet_cfg, vae=configs["vae"], text=text_cfg,
                         latent_scale=configs["vae"].get("scaling_factor", 0.18215))
     unet, encoder, text, decoder = _empty_modules(arch, parts)
-    vae_state = _read_weights(folder / "vae", ("diffusion_pytorch_model",))
-    vae_parts = ("encoder.", "quant_conv.") + (("decoder.", "post_quant_conv.") if decoder is not None else ())
     return _assemble(
         folder, arch, unet, encoder, text, decoder,
         _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
-        {k: v for k, v in vae_state.items() if k.startswith(vae_parts)},
+        _folder_vae_state(folder, parts),
         _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
         keep_text="text_model" in parts,
     )
+
+
+def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
+    """The VAE (encoder, and decoder if asked) of a diffusers folder of an encoder-only `family`."""
+    families.refuse_denoiser_parts(folder, family, parts)
+    arch = encoder_only(family, _read_json(folder / "vae" / "config.json"), folder.name)
+    _, encoder, _, decoder = _empty_modules(arch, parts)
+    return _assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
+
+
+def _folder_vae_state(folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
+    """The VAE weights of a diffusers folder that `parts` use: the encoder's, and the decoder's if asked."""
+    wanted = tuple(p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
+    return {k: v for k, v in _read_weights(folder / "vae", ("diffusion_pytorch_model",)).items()
+            if k.startswith(wanted)}
 
 
 def _empty_modules(arch: Architecture, parts: frozenset[str]
@@ -157,6 +199,7 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder:
               keep_text: bool = False) -> StableDiffusion:
     if text is not None:
         text_state = _match_text_level(text_state, text)
+    title = "Stable Diffusion v1" if arch.family == "sd1" else FAMILIES[arch.family].title
     for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
                                 ("text encoder", text, text_state), ("VAE decoder", decoder, vae_state)):
         if module is None:
@@ -164,14 +207,13 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder:
         expected = set(module.state_dict())
         missing = sorted(k for k in expected if state.get(k) is None)  # converters fill gaps with None
         if missing:
-            raise ValueError(f"{source}: not a Stable Diffusion v1 model: {len(missing)} {name} weights missing "
+            raise ValueError(f"{source}: not a {title} model: {len(missing)} {name} weights missing "
                              f"(first: {missing[0]})")
         try:
             module.load_state_dict({k: state[k].float() for k in expected}, strict=True, assign=True)
         except RuntimeError as exc:
             first_line = str(exc).strip().splitlines()[-1].strip()
-            raise ValueError(
-                f"{source}: not a Stable Diffusion v1 model: {name} weights do not fit ({first_line})") from exc
+            raise ValueError(f"{source}: not a {title} model: {name} weights do not fit ({first_line})") from exc
     return StableDiffusion.assemble(arch, encoder, unet, text, source=str(source), decoder=decoder,
                                     keep_text_encoder=keep_text)
 
@@ -188,13 +230,22 @@ def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[s
     return renamed
 
 
+def _wanted(keys: list[str], parts: frozenset[str]) -> set[str]:
+    """The keys of a checkpoint to read for `parts` (the VAE encoder always): their weights, and the UNet weights the
+    family and layout checks read. A family whose denoiser Mist does not run has only its VAE's read, whatever the
+    parts (the run is refused before anything is built)."""
+    vae = families.vae_prefix(keys)
+    named = families.family_from_names(keys)
+    prefixes = tuple(vae + p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
+    if named is None or named.denoiser:
+        prefixes += tuple(prefix for part in parts & set(_PART_PREFIXES) for prefix in _PART_PREFIXES[part])
+    cross = first_cross_attention(keys)
+    return {k for k in keys if k.startswith(prefixes) or k == FIRST_CONV or k == cross}
+
+
 def _read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of `parts` (the VAE encoder always) with the UNet weights the layout check reads, and every key
     name of the checkpoint."""
-    prefixes = tuple(prefix for part in parts | {"encoder"} for prefix in _PART_PREFIXES[part])
-
-    def wanted(key: str, keys: list[str]) -> bool:
-        return key.startswith(prefixes) or key == _FIRST_CONV or key == _first_cross_attention(keys)
 
     try:
         if path.suffix.lower() == ".safetensors":
@@ -202,7 +253,7 @@ def _read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[s
 
             with safe_open(str(path), framework="pt") as handle:
                 keys = list(handle.keys())
-                return {k: handle.get_tensor(k) for k in keys if wanted(k, keys)}, keys
+                return {k: handle.get_tensor(k) for k in _wanted(keys, parts)}, keys
         with torch.serialization.safe_globals(_checkpoint_metadata_globals()):
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -217,12 +268,7 @@ def _read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[s
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: cannot read as a checkpoint: it holds no state dict")
     keys = [k for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
-    return {k: checkpoint[k] for k in keys if wanted(k, keys)}, keys
-
-
-def _first_cross_attention(keys: list[str]) -> str | None:
-    """The first (sorted) UNet cross-attention key weight: its width tells SD v1 (768) from other models."""
-    return min((k for k in keys if k.startswith(_UNET) and k.endswith("attn2.to_k.weight")), default=None)
+    return {k: checkpoint[k] for k in _wanted(keys, parts)}, keys
 
 
 def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
@@ -244,13 +290,11 @@ def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
 
 
 def _check_original_layout(path: Path, state: dict[str, torch.Tensor], keys: list[str], arch: Architecture) -> None:
-    if any(k.startswith(_SD2_TEXT) for k in keys):
-        raise ValueError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); Mist needs SD v1")
-    cross = state.get(_first_cross_attention(keys) or "")
-    first = state.get(_FIRST_CONV)
+    cross = state.get(first_cross_attention(keys) or "")
+    first = state.get(FIRST_CONV)
     if cross is None or first is None or not any(k.startswith(_TEXT) for k in keys):
-        raise ValueError(f"{path}: not a Stable Diffusion v1 checkpoint (its UNet or text encoder weights are missing;"
-                         " SDXL and other models are not supported)")
+        raise ValueError(f"{path}: not a Stable Diffusion v1 checkpoint (its UNet or text encoder weights are missing)"
+                         " nor another model family Mist recognises")
     if cross.shape[1] != arch.cross_attention_dim:
         raise ValueError(f"{path}: cross-attention width {cross.shape[1]}, SD v1 has {arch.cross_attention_dim}: "
                          "not a Stable Diffusion v1 checkpoint")
@@ -287,8 +331,8 @@ def _read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tenso
 
 
 def load_path(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
-    """Load whatever SD v1 model `path` holds, its VAE encoder and `parts`: a diffusers folder or a single checkpoint
-    file."""
+    """Load whatever model `path` holds, its VAE encoder and `parts`: a diffusers folder or a single checkpoint file
+    (of SD v1, or of another family for the encoder-side methods)."""
     if path.is_dir():
         model = load_diffusers_folder(path, parts)
     elif path.is_file():

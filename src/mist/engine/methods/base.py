@@ -186,6 +186,11 @@ class Method:
         """The image the pipeline resizes and tiles beside each artwork for `TileInputs.target`; None: no target."""
         return None
 
+    @classmethod
+    def parts_for(cls, params: MethodParams) -> frozenset[str]:
+        """The model parts a run with `params` reads: `parts`, unless a setting makes the loss need fewer."""
+        return frozenset(cls.parts)
+
     def prepare(self, tiles: Sequence[TileInputs]) -> Loss:
         """The loss of a batch of these tiles (in this order), to be called with the perturbed tiles and one generator
         per tile."""

@@ -62,6 +62,11 @@ class Mist(DenoiserMethod):
     # 1 in levels; l. 255: advertorch's LinfPGDAttack, random start, constant step): its defaults are its preset.
     paper_preset = {}
 
+    @classmethod
+    def parts_for(cls, params: MistParams) -> frozenset[str]:
+        """Textural mode runs the VAE encoder alone (so it also runs on families whose denoiser Mist cannot load)."""
+        return frozenset({"encoder"}) if params.mode == "textural" else super().parts_for(params)
+
     def conditioning(self) -> str | None:
         return self.params.prompt if self.params.mode != "textural" else None  # textural mode runs no UNet
 

@@ -89,7 +89,7 @@ class Mist2(DenoiserMethod):
         p, model, precision, text = self.params, self.model, self.precision, self.text
 
         def loss(x, generators) -> LossTerms:
-            latent = objectives.posterior(model, x, precision)[0] * model.arch.latent_scale
+            latent = model.scale_latent(objectives.posterior(model, x, precision)[0])
             noisy, timesteps, noise, _ = objectives.noised(model, latent, generators)
             prediction = objectives.predict_noise(denoiser, noisy, timesteps, text, precision)
             if not p.fused:

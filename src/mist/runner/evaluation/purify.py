@@ -292,7 +292,7 @@ def impress(image: Image.Image, steps: float, context: Context) -> Image.Image:
             if context.cancel is not None and context.cancel.is_set():
                 raise Cancelled
             mean, _ = model.posterior(moved)
-            consistency = (moved - model.decode(mean * model.arch.latent_scale)).pow(2).mean()
+            consistency = (moved - model.decode(model.scale_latent(mean))).pow(2).mean()
             likeness = torch.clamp(distance(moved, original) - IMPRESS_BOUND, min=0).sum()
             optimizer.zero_grad(set_to_none=True)
             (consistency + IMPRESS_WEIGHT * likeness).backward()

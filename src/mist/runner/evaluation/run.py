@@ -423,7 +423,7 @@ class _MethodScorer:
             picture = images.image_to_tensor(target, (width, height))
             with torch.no_grad():
                 mean, _ = self.model.posterior(picture.to(self.model.device))
-            out.append((picture, (mean * self.model.arch.latent_scale).cpu()))
+            out.append((picture, self.model.scale_latent(mean).cpu()))
         return out
 
 
