@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
-from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from mist.faces import cli
 from mist.runner.evaluation import clip, quality
@@ -31,6 +31,19 @@ def tower_folder(tmp_path_factory) -> Path:
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.5, 0.5],
          "image_std": [0.25, 0.25, 0.25]}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def whole_clip_folder(tmp_path_factory) -> Path:
+    """A tiny random CLIPModel (text and vision towers, CLIP's vocabulary) for 32-pixel inputs: CLIP-IQA can run."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip-model")
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, vocab_size=49408,
+                max_position_embeddings=77)
+    vision = dict(image_size=32, **{k: v for k, v in VISION.items() if k != "projection_dim"})
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": 32, "crop_size": 32}))
     return folder
 
 
@@ -153,7 +166,48 @@ def test_cli_evaluate_with_a_clip_folder_records_the_new_fields(tmp_path, tower_
                                                                             ("jpeg:75", "img2img:0.35")]
     assert all(s["cmmd"] is not None and s["brisque_clean"] is not None and s["niqe_clean"] is None
                for s in record["sets"])  # 48-pixel outputs: too small for NIQE
-    assert not any(line.startswith("CLIP") for line in record["skipped"])
+    assert not any(line.startswith("CLIP similarity") for line in record["skipped"])
+    assert any(line.startswith("CLIP-IQA: skipped:") and "vision tower alone" in line for line in record["skipped"])
+    assert all(s["clip_iqa_clean"] is None for s in record["sets"])
     assert "clip_similarity" in (report / "results.csv").read_text().splitlines()[0]
     page = (report / "index.html").read_text()
     assert "CLIP likeness of the two mimicries" in page and "CMMD, clean vs protected" in page
+
+
+def test_clip_iqa_is_the_softmax_of_the_good_and_bad_photo_prompts(whole_clip_folder, tower_folder):
+    from mist.models.tokenizer import clip_tokenizer
+
+    tower = clip.ClipTower(whole_clip_folder, torch.device("cpu"))
+    pictures = _pictures(3)
+    values = tower.quality(pictures)
+    prompts = clip_tokenizer()(["Good photo.", "Bad photo."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text = tower.model.get_text_features(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask)
+    text = getattr(text, "pooler_output", text)  # a tensor in transformers 4, an output object in 5
+    anchors = torch.nn.functional.normalize(text, dim=-1)
+    expected = (100 * tower.embed(pictures) @ anchors.T).softmax(-1)[:, 0]
+    assert values == pytest.approx(expected.tolist(), abs=1e-6) and all(0 < v < 1 for v in values)
+    assert tower.quality(pictures[:1]) == pytest.approx(values[:1], abs=1e-6)  # per image, whatever the batch
+    assert clip.clip_iqa_problem(whole_clip_folder) is None
+    assert "vision tower alone" in clip.clip_iqa_problem(tower_folder)
+    assert "--clip PATH" in clip.clip_iqa_problem(None)
+
+
+def test_cli_evaluate_with_a_whole_clip_model_records_clip_iqa(tmp_path, whole_clip_folder, capsys):
+    originals, protected = tmp_path / "originals", tmp_path / "protected"
+    originals.mkdir()
+    protected.mkdir()
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for i in range(2):
+        Image.fromarray(np.roll(image, 5 * i, axis=0)).save(originals / f"art{i}.png")
+        Image.fromarray(np.roll(255 - image, 5 * i, axis=0)).save(protected / f"art{i}.png")
+    report = tmp_path / "report"
+    code = cli.main(["evaluate", str(originals), str(protected), "-o", str(report), "--model", "tiny-random",
+                     "--purify", "", "--strengths", "0.5", "--steps", "2", "--clip", str(whole_clip_folder), "-q"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((report / "results.json").read_text())
+    (row,) = record["sets"]
+    assert 0 < row["clip_iqa_clean"] < 1 and 0 < row["clip_iqa_protected"] < 1
+    assert row["clip_iqa_clean"] != row["clip_iqa_protected"]
+    assert not any(line.startswith("CLIP") for line in record["skipped"])
+    assert "CLIP-IQA of clean mimicries" in (report / "index.html").read_text()

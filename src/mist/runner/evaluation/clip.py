@@ -16,6 +16,12 @@ the same images), so the unbiased estimate for paired samples of equal size is u
 the mean over i != j of k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)). It is 0 for identical sets, can dip
 slightly below 0 by chance, and needs at least 2 images. (The paper's reference code averages over every pair, i = j
 included: a biased estimate that is never below 0.)
+
+CLIP-IQA (Wang, Chan & Loy 2023, "Exploring CLIP for assessing the look and feel of images"), where the folder is a
+whole CLIPModel (a text tower beside the vision one): the probability CLIP gives an image of being a "Good photo."
+rather than a "Bad photo.", a softmax of 100 times the cosines of the image's embedding with the two prompts' (as the
+paper's code and torchmetrics compute it; 1: good, 0: bad). The prompts are tokenised with CLIP's BPE, which Mist
+ships (`mist.models.tokenizer`): the same for every OpenAI CLIP model.
 """
 
 from __future__ import annotations
@@ -35,6 +41,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CMMD_SIGMA = 10.0  # the RBF kernel's bandwidth in the CMMD paper
 CMMD_SCALE = 1000.0  # the paper reports MMD times 1000
 TOWER_CLASSES = ("CLIPVisionModelWithProjection", "CLIPVisionModel", "CLIPModel", "StableDiffusionSafetyChecker")
+CLIP_IQA_PROMPTS = ("Good photo.", "Bad photo.")  # CLIP-IQA's antonym pair for quality
+CLIP_IQA_LOGIT_SCALE = 100.0  # CLIP's trained temperature, as CLIP-IQA's code applies it
+
+
+def clip_iqa_problem(folder: Path | None) -> str | None:
+    """Why CLIP-IQA cannot run with the tower in `folder` (None: it can); the tower itself checked already."""
+    if folder is None:
+        return "it needs a whole CLIP model (text and vision towers): give one with --clip PATH"
+    if tower_class(folder) != "CLIPModel":
+        return (f"{folder.name} is a vision tower alone; CLIP-IQA compares images with two prompts, so it needs a "
+                "whole CLIPModel folder (text and vision towers) given with --clip PATH")
+    return None
 
 
 def find_tower(given: str | None, model_where: object) -> tuple[Path | None, str | None]:
@@ -132,6 +150,7 @@ class ClipTower:
 
             model_class = getattr(transformers, name)
         self.model = model_class.from_pretrained(folder, local_files_only=True).float().eval().to(device)
+        self.reads_text = name == "CLIPModel"  # a text tower beside the vision one: CLIP-IQA can run
         self.device = device
         self.preprocess = Preprocessing.of(folder)
 
@@ -146,6 +165,22 @@ class ClipTower:
             projection = getattr(self.model, "visual_projection", None)
             embedded = projection(pooled) if projection is not None else pooled
         return F.normalize(embedded.float(), dim=-1).cpu()
+
+
+    def quality(self, pictures: Sequence[torch.Tensor]) -> list[float]:
+        """CLIP-IQA of each picture (see the module's note); only for a CLIPModel (`clip_iqa_problem`)."""
+        import torch
+        import torch.nn.functional as F
+
+        from mist.models.tokenizer import clip_tokenizer
+
+        prompts = clip_tokenizer()(list(CLIP_IQA_PROMPTS), padding=True, return_tensors="pt")
+        with torch.no_grad():
+            text = self.model.text_model(input_ids=prompts.input_ids.to(self.device),
+                                         attention_mask=prompts.attention_mask.to(self.device)).pooler_output
+            anchors = F.normalize(self.model.text_projection(text).float(), dim=-1).cpu()
+        logits = CLIP_IQA_LOGIT_SCALE * self.embed(pictures) @ anchors.T
+        return logits.softmax(-1)[:, 0].tolist()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:

@@ -34,7 +34,8 @@ SCORE_COLUMNS = ("rmse_levels", "ssim", "latent_mse", "target_pull", "target_mse
 PAGE_COLUMNS = ("holds", "ssim", "floor_ssim", "control_ssim", "effect", "rmse_levels", "target_pull",
                 "clip_similarity")
 # The whole-set numbers (`scores.SetScore`; named "set_" + the field): CMMD and the no-reference quality of the outputs.
-SET_COLUMNS = ("cmmd", "brisque_clean", "brisque_protected", "niqe_clean", "niqe_protected")
+SET_COLUMNS = ("cmmd", "brisque_clean", "brisque_protected", "niqe_clean", "niqe_protected", "clip_iqa_clean",
+               "clip_iqa_protected")
 PAGES = {"en": "index.html", "zh": "index.zh.html"}  # the report's page in each language, each linking to the other
 
 

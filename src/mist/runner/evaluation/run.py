@@ -110,7 +110,7 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     import torch
 
     from mist.engine.methods import get_method
-    from mist.runner.evaluation.clip import ClipTower, find_tower
+    from mist.runner.evaluation.clip import ClipTower, clip_iqa_problem, find_tower
     from mist.runner.evaluation.metrics import Lpips, lpips_problem
     from mist.runner.evaluation.quality import quality_problems
 
@@ -125,7 +125,8 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     purifications = [NONE] + [p for p in requested if not p.problem(upscaler)]
     lpips_reason = lpips_problem()
     tower_folder, clip_reason = find_tower(settings.clip, models.where())
-    skipped = _skipped(requested, lpips_reason, clip_reason, quality_problems(), upscaler)
+    skipped = _skipped(requested, lpips_reason, clip_reason, quality_problems(), upscaler,
+                       clip_iqa_problem(tower_folder))
     method_name = settings.method or next((p.metadata["mist:method"] for p in pairs if "mist:method" in p.metadata),
                                           "mist")
     scoring = scoring_config(method_name, pairs)
@@ -163,7 +164,7 @@ def _tower_name(folder: Path | None) -> str | None:
 
 
 def _skipped(requested: list[Purification], lpips_reason: str | None, clip_reason: str | None,
-             quality: dict[str, str], upscaler: Path | None) -> list[str]:
+             quality: dict[str, str], upscaler: Path | None, iqa_reason: str | None = None) -> list[str]:
     """One line for each purification or metric that will not run, and why (and what would make it run)."""
     skipped = [f"{p.name}: skipped: {p.problem(upscaler)}" for p in requested if p.problem(upscaler)]
     if lpips_reason:
@@ -172,6 +173,8 @@ def _skipped(requested: list[Purification], lpips_reason: str | None, clip_reaso
                     for p in requested if p.kind == "impress"]
     if clip_reason:
         skipped.append(f"CLIP similarity / CMMD: skipped: {clip_reason}")
+    if iqa_reason:
+        skipped.append(f"CLIP-IQA: skipped: {iqa_reason}")
     skipped += [f"{metric}: skipped: {reason}" for metric, reason in quality.items()]
     return skipped + ["FID: not computed: it needs thousands of images to mean anything (and Inception weights Mist "
                       "does not download); CMMD, sample-efficient, stands in for it where a CLIP tower is found"]
@@ -327,11 +330,14 @@ class _Scoring:
         clean_q, protected_q = mean_quality(clean_out, problems), mean_quality(protected_out, problems)
         similarities: list[float | None] = [None] * len(clean_out)
         distance = None
+        looks: tuple[float | None, float | None] = (None, None)
         if self.tower is not None:
             clean_e, protected_e = self.tower.embed(clean_out), self.tower.embed(protected_out)
             similarities, distance = cosine(clean_e, protected_e), cmmd(clean_e, protected_e)
+            if self.tower.reads_text:
+                looks = (_mean(self.tower.quality(clean_out)), _mean(self.tower.quality(protected_out)))
         self.sets.append(SetScore(purification.name, mimicry.name, distance, clean_q["brisque"],
-                                  protected_q["brisque"], clean_q["niqe"], protected_q["niqe"]))
+                                  protected_q["brisque"], clean_q["niqe"], protected_q["niqe"], *looks))
         return similarities
 
     def _mimicked(self, purification: Purification, mimicry: Mimicry, results: list[ImageResult],
@@ -461,3 +467,7 @@ def _thumbnail(picture: Image.Image) -> Image.Image:
     copy = picture.copy()
     copy.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
     return copy
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

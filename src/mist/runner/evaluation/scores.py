@@ -116,7 +116,8 @@ class SetScore:
     """One purification x mimicry over the whole set: `cmmd`, the CLIP maximum mean discrepancy (x 1000) between the
     clean and the protected images' mimicry outputs (0: alike as sets; None without a CLIP tower or with one image);
     the mean BRISQUE and NIQE of the clean and of the protected outputs (no-reference quality, higher = worse; None
-    where not run). See `mist.runner.evaluation.clip` and `quality`."""
+    where not run); the mean CLIP-IQA of each (0..1, higher = better; None without a whole CLIP model). See
+    `mist.runner.evaluation.clip` and `quality`."""
 
     purification: str
     mimicry: str
@@ -125,6 +126,8 @@ class SetScore:
     brisque_protected: float | None = None
     niqe_clean: float | None = None
     niqe_protected: float | None = None
+    clip_iqa_clean: float | None = None
+    clip_iqa_protected: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
