@@ -4,6 +4,7 @@ PyTorch, so that the command line settles its options before anything heavy load
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 TINY_RANDOM = "tiny-random"
 # PGD steps a run with the test model takes when no step count is given. Its weights are random, so it protects
@@ -22,3 +23,13 @@ def default_steps(spec: str | os.PathLike | None, steps: int) -> int:
     """The PGD steps of a run on the model `spec` names when the user gave none: `TEST_MODEL_STEPS` for the test
     model, else `steps` (the settings' own default)."""
     return TEST_MODEL_STEPS if names_test_model(spec) else steps
+
+
+def model_label(where: str | Path) -> str:
+    """How outputs name a resolved model: `tiny-random`, a file or folder name, or a Hugging Face repository id (never
+    a full path, which would leak into published images)."""
+    if isinstance(where, str):
+        return where
+    if where.parent.name == "snapshots" and where.parent.parent.name.startswith("models--"):
+        return where.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return where.name

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from mist.common.model_names import TINY_RANDOM, model_label
 from mist.engine.methods import DEFAULT_METHOD, MethodParams, get_method
 from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS, parts_needed
 from mist.engine.shaping import SHAPES
@@ -24,6 +25,9 @@ SCHEDULES = ("constant", "linear")  # PGD's step: constant, or PhotoGuard's line
 # default: the settings as given; paper: each method's `paper_preset` where a setting is not given
 PRESETS = ("default", "paper")
 DEFAULT_PRESET = "default"
+# How an ensemble (`against`) combines its members' losses, each divided by its size at the start: their sum, or the
+# worst case, their maximum (`mist.engine.ensemble`).
+COMBINES = ("sum", "max")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class ProtectConfig:
         mask; None: off.
     start: where PGD starts, "random" (uniform within epsilon, Mist v1.2) or "image" (the image itself).
     step_schedule: "constant" steps of step_size, or "linear", decaying to step_size / 100 (PhotoGuard's).
+    against: further models (paths, or `tiny-random`) whose VAE encoders the same perturbation must also fool, beside
+        the run's model; only for a method that reads the VAE encoder alone. A comma-separated string is split.
+    against_combine: how the members' losses, each normalised by its value at the start, are combined: "sum" or "max"
+        (the worst case); see `mist.engine.ensemble`.
 
     A preset is no setting of its own: `of` and `but` take `preset="paper"` and fill every setting not given with the
     method's paper preset (`Method.paper_preset`), so the resolved values are what outputs record.
@@ -73,12 +81,14 @@ class ProtectConfig:
     shape: str | None = None
     start: str = "random"
     step_schedule: str = "constant"
+    against: tuple[str, ...] = ()
+    against_combine: str = "sum"
 
     def __post_init__(self) -> None:
         if self.mask is not None and not isinstance(self.mask, Path):
             object.__setattr__(self, "mask", Path(self.mask))
-        robust = self.robust.split(",") if isinstance(self.robust, str) else self.robust
-        object.__setattr__(self, "robust", tuple(name.strip() for name in robust if name.strip()))
+        object.__setattr__(self, "robust", _names(self.robust))
+        object.__setattr__(self, "against", _names(self.against))
         method = get_method(self.method)
         if not isinstance(self.params, method.Params):
             given = dict(self.params or {})
@@ -149,6 +159,29 @@ class ProtectConfig:
             yield f"start: must be one of {', '.join(STARTS)}, got {self.start!r}"
         if self.step_schedule not in SCHEDULES:
             yield f"step_schedule: must be one of {', '.join(SCHEDULES)}, got {self.step_schedule!r}"
+        yield from self._ensemble_problems()
+
+    def _ensemble_problems(self):
+        if self.against_combine not in COMBINES:
+            yield f"against_combine: must be one of {', '.join(COMBINES)}, got {self.against_combine!r}"
+        elif self.against_combine != "sum" and not self.against:
+            yield "against_combine: needs models to combine (against)"
+        if not self.against:
+            return
+        parts = get_method(self.method).parts_for(self.params)
+        if parts != {"encoder"}:
+            mode = f" --mode {self.params.mode}" if self.method == "mist" else ""
+            yield (f"against: --method {self.method}{mode} reads the model's {', '.join(sorted(parts - {'encoder'}))}"
+                   "; only a method that reads the VAE encoder alone (photoguard, pid, mist --mode textural) can run "
+                   "against several models so far")
+        for spec in self.against:
+            if spec != TINY_RANDOM and not Path(spec).expanduser().exists():
+                yield f"against: {spec}: no such model file or folder"
+
+    @property
+    def against_labels(self) -> tuple[str, ...]:
+        """How outputs name the `against` models: file or folder names, never full paths (see `model_label`)."""
+        return tuple(model_label(spec if spec == TINY_RANDOM else Path(spec).expanduser()) for spec in self.against)
 
     @property
     def parts(self) -> frozenset[str]:
@@ -196,6 +229,10 @@ class ProtectConfig:
         for name in ("start", "step_schedule"):  # likewise
             if values[name] == getattr(ProtectConfig, name):
                 del values[name]
+        if self.against:  # the models by name only: a full path would leak into published images
+            values["against"] = list(self.against_labels)
+        else:  # likewise, as before the setting existed
+            del values["against"], values["against_combine"]
         values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
 
@@ -249,6 +286,13 @@ RUN_SETTINGS: dict[str, RunSetting] = {
                                           "itself)", choices=STARTS),
     "step_schedule": RunSetting("--step-schedule", "str", "PGD's step: constant, or linear (PhotoGuard's: decays "
                                                           "from --step-size to a hundredth of it)", choices=SCHEDULES),
+    "against": RunSetting("--against", "str", "also fool the VAE encoders of these models (paths, comma-separated) "
+                                              "with the same perturbation, within the same epsilon; encoder-side "
+                                              "methods only; each costs its encoder's memory and time per step",
+                          metavar="MODEL[,MODEL...]"),
+    "against_combine": RunSetting("--against-combine", "str", "with --against: sum the models' losses, each divided "
+                                                              "by its value at the start, or take their max (the "
+                                                              "worst case)", choices=COMBINES),
     "preset": RunSetting("--preset", "str", "paper: the chosen method's budget, steps, step size, start, schedule "
                                             "and parameters as its paper's public code runs them, where not given "
                                             "(see the README's table)", choices=PRESETS),
@@ -277,6 +321,12 @@ def with_preset(settings: Mapping[str, Any], method: str = DEFAULT_METHOD) -> di
 def steps_per_image(steps: int, block_num: int = 1, batch_size: int = 1) -> int:
     """`ProtectConfig.steps_per_image` from the settings' numbers (a job's stored settings, say)."""
     return steps * math.ceil(block_num * block_num / max(1, batch_size))
+
+
+def _names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A list setting's names: a comma-separated string split, blanks dropped."""
+    names = value.split(",") if isinstance(value, str) else value
+    return tuple(name.strip() for name in names if name.strip())
 
 
 def _is_int(value: object) -> bool:

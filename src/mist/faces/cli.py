@@ -99,7 +99,7 @@ def _add_setting_flag(group, name: str, setting: RunSetting, default: Any) -> No
                        else None)
         if setting.metavar is not None:
             options["metavar"] = setting.metavar
-    if shown is not None and shown != "" and setting.kind != "file":
+    if shown not in (None, "", ()) and setting.kind != "file":
         options["help"] += f" (default: {shown})"
     elif setting.choices and shown is None:
         options["help"] += " (default: off)"

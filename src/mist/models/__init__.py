@@ -9,7 +9,8 @@ import os
 from mist.models.architectures import SD_V1, TINY, Architecture
 from mist.models.components import StableDiffusion
 from mist.models.loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
-from mist.models.locate import TINY_RANDOM, ModelNotFoundError, model_label, resolve_model
+from mist.common.model_names import model_label
+from mist.models.locate import TINY_RANDOM, ModelNotFoundError, resolve_model
 
 __all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY",
            "TINY_RANDOM", "load_model", "model_label", "quiet_model_libraries", "resolve_model"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mist.common.model_names import TINY_RANDOM
+
 SEED_MODEL_PATH = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 DOWNLOAD_URL = "https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/resolve/main/sd-v1-4.ckpt"
 # Hugging Face repositories whose diffusers snapshots are SD v1.4 / v1.5.
@@ -51,16 +52,6 @@ def resolve_model(spec: str | os.PathLike | None = None) -> str | Path:
         "or name a .ckpt / .safetensors file or diffusers folder with --model PATH "
         f"(--model {TINY_RANDOM} runs a test model that gives no protection)."
     )
-
-
-def model_label(where: str | Path) -> str:
-    """How outputs name a resolved model: `tiny-random`, a file or folder name, or a Hugging Face repository id (never
-    a full path, which would leak into published images)."""
-    if isinstance(where, str):
-        return where
-    if where.parent.name == "snapshots" and where.parent.parent.name.startswith("models--"):
-        return where.parent.parent.name.removeprefix("models--").replace("--", "/")
-    return where.name
 
 
 HOME_RECORD = "mist-home"  # written by install.sh into the Python environment it builds: the folder it installed to

@@ -27,6 +27,7 @@ from mist.common import files, images
 from mist.runner import manifest, preflight
 from mist.engine.attack import Cancelled
 from mist.engine.config import ProtectConfig
+from mist.engine.ensemble import term_name
 from mist.models.device import resolve_precision
 from mist.common.download import sha256_file
 from mist.runner.model_identity import ModelIdentity
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 NO_PROTECTION_WARNING = "made with a random-weight test model: this image has NO protection"
 # What minimal metadata leaves out of published images: where the image came from and which model made it.
-PRIVATE_KEYS = frozenset({"mist:model", "mist:model-sha256", "mist:source", "mist:source-sha256"})
+PRIVATE_KEYS = frozenset({"mist:model", "mist:model-sha256", "mist:source", "mist:source-sha256", "mist:ensemble"})
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # Where an image failed: its file cannot be used, the attack failed, its output could not be written, or the run
 # stopped (disk full, cancelled) before it.
@@ -98,6 +99,8 @@ def settings_text(config: ProtectConfig, batch_size: int = 1, metadata: str = "f
     settings = json.loads(config.to_json())
     for name, path in config.files().items():
         settings[name] = {"sha256": sha256_file(path)} | ({"name": path.name} if metadata == "full" else {})
+    if metadata != "full" and "against" in settings:  # model names only under full metadata, as the run's own
+        settings["against"] = len(settings["against"])
     settings["batch_size"] = batch_size
     if compiled:
         settings["compiled"] = True
@@ -106,9 +109,11 @@ def settings_text(config: ProtectConfig, batch_size: int = 1, metadata: str = "f
 
 
 def output_metadata(settings: str, model_name: str, protector: Protector, source_name: str, source_sha256: str, *,
-                    model_sha256: str | None = None, metadata: str = "full") -> dict[str, str]:
+                    model_sha256: str | None = None, metadata: str = "full",
+                    result: ProtectedImage | None = None) -> dict[str, str]:
     """The PNG text chunks of an output; minimal metadata leaves out `PRIVATE_KEYS` (source name and SHA-256,
-    model name and SHA-256)."""
+    model name and SHA-256, the ensemble's members). With `against` models, `mist:ensemble` records each member (by
+    model name) and its loss at the first and the last step of `result`."""
     text = {
         "Software": f"Mist {__version__}",
         "mist:version": __version__,
@@ -124,9 +129,19 @@ def output_metadata(settings: str, model_name: str, protector: Protector, source
         text["mist:model-sha256"] = model_sha256
     if protector.model.random_weights:
         text["mist:warning"] = NO_PROTECTION_WARNING
+    if protector.ensemble and result is not None:
+        text["mist:ensemble"] = ensemble_record(protector, result)
     if metadata == "minimal":
         return {key: value for key, value in text.items() if key not in PRIVATE_KEYS}
     return text
+
+
+def ensemble_record(protector: Protector, result: ProtectedImage) -> str:
+    """JSON of an ensemble run's members: how the losses were combined, and each member's model name and raw loss at
+    the first and the last step (summed over the image's tiles)."""
+    members = [{"model": label, "start": result.start.get(term_name(label)), "end": result.end.get(term_name(label))}
+               for label in protector.ensemble]
+    return json.dumps({"combine": protector.config.against_combine, "members": members}, sort_keys=True)
 
 
 class ModelCache:
@@ -369,7 +384,7 @@ def _write_output(item: _Pending, result: ProtectedImage, protector: Protector, 
     """Write one output atomically; with minimal metadata, its private record first (see `mist.runner.manifest`)."""
     job = item.job
     text = output_metadata(item.settings, model.name, protector, job.name, item.digest, model_sha256=model.sha256,
-                           metadata=metadata)
+                           metadata=metadata, result=result)
     data = images.encode_png(result.image, text, str(job.output))
     if metadata == "minimal":
         record = _resume_record(item.settings, model, item.digest, protector.precision)

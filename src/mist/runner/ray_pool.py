@@ -92,6 +92,8 @@ class _RemoteModel:
 class RemoteProtector:
     """What the job runner needs of a Protector, with the attacks done by the pool's actors, one image each."""
 
+    ensemble: list[str] = []  # with --against the workers run the ensemble; outputs do not record its members here
+
     def __init__(self, actors: list[Any], setup: Any, config: ProtectConfig, algorithm: str, precision: str,
                  random_weights: bool) -> None:
         self.actors = actors
