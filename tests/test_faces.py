@@ -4,13 +4,14 @@ naming the setting as its user typed it; a good value is recorded alike whatever
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 import mist.faces.cli
 import mist.faces.legacy
-from mist.engine.config import ProtectConfig
+from mist.engine.config import RUN_SETTINGS, ProtectConfig
 from mist.faces.webui.pages import Settings
 
 pytest.importorskip("fastapi")
@@ -97,3 +98,11 @@ def test_every_run_setting_is_declared_once_and_every_face_takes_it_from_there(c
         field = setting.flag.removeprefix("--")
         assert command_line(capsys, setting.flag, "1.5").endswith(f"{setting.flag}: must be a whole number, got '1.5'")
         assert http(field, "1.5") == f"{field}: must be a whole number, got '1.5'"
+
+
+def test_settings_that_name_paths_on_the_server_are_refused_from_http_clients(tmp_path):
+    """`--against` loads models by path: only the server's own user may name them, as with --model."""
+    local = [name for name, setting in RUN_SETTINGS.items() if setting.local]
+    assert local == ["against"]
+    assert http("against", str(tmp_path)) == "against: a path on the server, set by whoever runs it, not by a request"
+    assert http("settings", json.dumps({"against": "x"})).startswith("against: a path on the server")

@@ -243,7 +243,8 @@ class RunSetting:
     `ProtectConfig._problems`): the `mist protect` flag, which the HTTP service's form also takes without its dashes;
     a one-letter flag; the kind of its value as faces type it (`mist.runner.flags.typed_value`: "int", "float",
     "bool" for a switch, "str", "file"); its choices where they are fixed; `bare`, the value the flag alone stands for;
-    `metavar`, its value's name in the command line's help; and one line of help with the unit."""
+    `metavar`, its value's name in the command line's help; one line of help with the unit; and `local`: it names
+    paths on the machine that runs Mist, which only that machine's user may give (the HTTP service refuses it)."""
 
     flag: str
     kind: str
@@ -252,6 +253,7 @@ class RunSetting:
     choices: tuple[str, ...] | None = None
     bare: str | None = None
     metavar: str | None = None  # how the command line's help names the value (default: the flag's name)
+    local: bool = False
 
 
 # Every run setting, once; the methods' own parameters are declared with them (`mist.engine.methods.param`).
@@ -289,7 +291,7 @@ RUN_SETTINGS: dict[str, RunSetting] = {
     "against": RunSetting("--against", "str", "also fool the VAE encoders of these models (paths, comma-separated) "
                                               "with the same perturbation, within the same epsilon; encoder-side "
                                               "methods only; each costs its encoder's memory and time per step",
-                          metavar="MODEL[,MODEL...]"),
+                          metavar="MODEL[,MODEL...]", local=True),
     "against_combine": RunSetting("--against-combine", "str", "with --against: sum the models' losses, each divided "
                                                               "by its value at the start, or take their max (the "
                                                               "worst case)", choices=COMBINES),

@@ -52,9 +52,9 @@ def _field_names(flags: Iterable[str]) -> str:
 SUBMIT_HELP = f"""A multipart form. Files: `images` (one or more), `mask` (one mask for every image: protection where
 its red channel is 255), `masks` (a mask per image, named like its image), and a method's file parameter under its own
 name (`target`). Settings: fields named like `mist protect`'s flags ({_field_names(
-    s.flag for s in RUN_SETTINGS.values() if s.kind != "file")}, and the method's parameters such as `mode`,
-`fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`: `full` or `minimal`. Header
-`Idempotency-Key`: a retried submission with the same key returns the first job (200). Answers 201 with the job's
+    s.flag for s in RUN_SETTINGS.values() if s.kind != "file" and not s.local)}, and the method's parameters such
+as `mode`, `fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`: `full` or `minimal`.
+Header `Idempotency-Key`: a retried submission with the same key returns the first job (200). Answers 201 with the job's
 status; 400 / 413 / 429 with `{{"error": "..."}}` naming the field or file."""
 EVALUATE_HELP = f"""Evaluate protected images as `mist evaluate` does (purifications, img2img mimicry at each strength,
 LoRA if asked), as a job: queued with the protection jobs, followed, cancelled, resumed and deleted through

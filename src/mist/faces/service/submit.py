@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 from mist.common import images
 from mist.runner import preflight
-from mist.engine.config import ProtectConfig
+from mist.engine.config import ProtectConfig, RUN_SETTINGS
 from mist.runner.flags import RUN_KINDS, fields_as_flags, protect_flags, typed_value
 from mist.runner.inputs import collect_jobs
 from mist.runner.manifest import METADATA_LEVELS
@@ -89,6 +89,8 @@ def parse_settings(fields_: dict[str, str]) -> tuple[dict[str, Any], str]:
     setting_of_flag = {flag: name for name, flag in protect_flags().items()}  # --no-resize: keep_aspect...
     for raw_name, value in given.items():
         name = setting_of_flag.get("--" + raw_name.replace("_", "-"), raw_name.replace("-", "_"))
+        if name in RUN_SETTINGS and RUN_SETTINGS[name].local:  # like the model: the server's choice
+            raise SubmitError(400, f"{raw_name}: a path on the server, set by whoever runs it, not by a request")
         if name in RUN_KINDS and name != "mask":  # the mask is a file field; device and model are the server's
             kind = RUN_KINDS[name]
         elif name in kinds:
