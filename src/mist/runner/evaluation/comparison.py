@@ -62,7 +62,7 @@ def _csv(comparison: Comparison) -> str:
 
 # What each plot panel sets the effect against: the budget, then each invisibility measure the arms have.
 AXES = (("epsilon", "budget (largest pixel change, 0-255)"),
-        ("psnr_db", "PSNR of the protected image (dB, right: less visible)"),
+        ("psnr_db", "PSNR, dB (right: less visible)"),
         ("ssim", "SSIM with the original (right: less visible)"),
         ("lpips", "LPIPS to the original (left: less visible)"))
 
@@ -84,7 +84,7 @@ def _effect_figure(comparison: Comparison, mimicry: str) -> bytes:
             if key == "epsilon" or any(key in r.invisibility for r in comparison.results)]
     columns = min(2, len(axes))
     rows = -(-len(axes) // columns)
-    figure = Figure(figsize=(4.2 * columns, 3.0 * rows + 0.8), dpi=100)
+    figure = Figure(figsize=(4.4 * columns, 3.0 * rows + 0.8), dpi=100)
     panels = figure.subplots(rows, columns, squeeze=False).flatten()
     for panel, (key, label) in zip(panels, axes, strict=False):  # a grid may have a panel to spare
         for method in dict.fromkeys(r.arm.method for r in comparison.results):
@@ -97,11 +97,15 @@ def _effect_figure(comparison: Comparison, mimicry: str) -> bytes:
         panel.axhline(0, color="grey", linestyle="--", linewidth=1)
         panel.set(xlabel=label, ylabel="effect (above 0: protects)")
     for panel in panels[len(axes):]:
-        panel.set_visible(False)
+        panel.axis("off")
     figure.suptitle(f"{mimicry}: effect after the strongest purifier")
     handles, names = panels[0].get_legend_handles_labels()
-    figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(5, len(names)), frameon=False)
-    figure.tight_layout(rect=(0, 0.8 / (3.0 * rows + 0.8), 1, 1))  # the legend below the panels, covering none
+    if len(axes) < len(panels):  # the legend in the spare panel's place, covering no line
+        panels[-1].legend(handles, names, fontsize=9, loc="center", frameon=False, title="method")
+        figure.tight_layout()
+    else:
+        figure.legend(handles, names, fontsize=8, loc="lower center", ncol=min(5, len(names)), frameon=False)
+        figure.tight_layout(rect=(0, 0.4 / (3.0 * rows + 0.8), 1, 1))  # the legend below the panels
     return figure_png(figure, laid_out=True)
 
 
