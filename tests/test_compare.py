@@ -57,6 +57,10 @@ def test_compare_protects_evaluates_and_tabulates_every_arm_and_resumes(original
     assert "effect-img2img_0.5.png" in page and (out / "effect-img2img_0.5.png").is_file()
     assert "reports/pid-e8/index.html" in page and "meaningless" in page and "width=device-width" in page
     assert "comparison: " in printed.out and "pid-e8: img2img:0.5:" in printed.out
+    chinese = (out / "index.zh.html").read_text()
+    assert "各方法与强度对比" in chinese and "href='index.html'" in chinese and "href='index.zh.html'" in page
+    assert "reports/pid-e8/index.zh.html" in chinese and "图生图 强度 0.5" in chinese and "此模型为随机权重" in chinese
+    assert any(f">{word}<" in chinese for word in ("有效", "被破解", "不确定"))
     protected = sorted((out / "protected" / "mist-e8").iterdir())
     assert [path.name for path in protected] == ["a0.png", "a1.png"]
     # The same command again: every protection is complete and every report written, so nothing is run.

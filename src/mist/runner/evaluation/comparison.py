@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mist.common import files
-from mist.runner.evaluation.report import RANDOM_WEIGHTS_WARNING, figure_png
+from mist.runner.evaluation.report import PAGES, RANDOM_WEIGHTS_WARNING, figure_png
+from mist.runner.evaluation.words import mimicry_label, purification_label, word
 from mist.version import __version__
 
 if TYPE_CHECKING:
@@ -22,8 +23,8 @@ SHOWN = (("psnr_db", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"))  # invi
 
 
 def write_comparison(comparison: Comparison, folder: Path) -> Path:
-    """comparison.json, comparison.csv, a plot per mimicry (effect-MIMICRY.png) and index.html in `folder`; returns
-    index.html's path."""
+    """comparison.json, comparison.csv, a plot per mimicry (effect-MIMICRY.png), index.html and its Chinese twin
+    index.zh.html in `folder`; returns index.html's path."""
     random_weights = any(result.random_weights for result in comparison.results)
     record = {"mist_version": __version__, "random_weights": random_weights,
               "warning": RANDOM_WEIGHTS_WARNING if random_weights else None, "settings": comparison.settings,
@@ -35,9 +36,9 @@ def write_comparison(comparison: Comparison, folder: Path) -> Path:
     plots = _plots(comparison)
     for name, png in plots.items():
         files.write_atomic(folder / name, png)
-    index = folder / "index.html"
-    files.write_atomic(index, _page(comparison, random_weights, list(plots)).encode("utf-8"))
-    return index
+    for lang, page in PAGES.items():
+        files.write_atomic(folder / page, _page(comparison, random_weights, list(plots), lang).encode("utf-8"))
+    return folder / PAGES["en"]
 
 
 def _rows(comparison: Comparison):
@@ -123,41 +124,50 @@ def _draw(panel, points, method: str, annotate: bool) -> None:
             panel.annotate(f"{epsilon:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
 
-def _page(comparison: Comparison, random_weights: bool, plots: list[str]) -> str:
+def _page(comparison: Comparison, random_weights: bool, plots: list[str], lang: str) -> str:
     e = html.escape
-    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Mist comparison</title>"
-             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+    other = "zh" if lang == "en" else "en"
+    parts = [f"<!doctype html><html lang='{lang}'><head><meta charset='utf-8'><title>{e(word(lang, 'cmp_title'))}"
+             "</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
              "<style>body{font-family:system-ui,sans-serif;margin:1.5em;color:#222} table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} th{background:#f2f2f2}"
              ".l{text-align:left} .warning{background:#fde2e1;border:2px solid #c0392b;padding:.8em;"
-             "font-weight:bold} .holds{color:#1e7d32} .broken{color:#c0392b}</style></head><body>"
-             "<h1>Methods and budgets side by side</h1>"]
+             "font-weight:bold} .holds{color:#1e7d32} .broken{color:#c0392b} p.lang{float:right;margin:0}</style>"
+             f"</head><body><p class='lang'><a href='{PAGES[other]}' hreflang='{other}'>"
+             f"{e(word(lang, 'other_language'))}</a></p><h1>{e(word(lang, 'cmp_title'))}</h1>"]
     if random_weights:
-        parts.append(f"<p class='warning'>{e(RANDOM_WEIGHTS_WARNING)}</p>")
-    parts.append("<p>Each method protected your images at each budget (the largest change of a pixel, 0-255), and "
-                 "each protected set was evaluated as <code>mist evaluate</code> does. <b>Effect</b>: how much more "
-                 "the mimicry of the protected images differs from that of the originals than two mimicries of the "
-                 "originals differ from each other, after the strongest purifier tried (above 0: the protection "
-                 "works beyond chance; the interval is a 95% bootstrap over your images). Higher PSNR and SSIM: less "
-                 "visible. Each row links to its full report.</p>")
+        parts.append(f"<p class='warning'>{e(word(lang, 'random_weights'))}</p>")
+    parts.append(f"<p>{word(lang, 'cmp_intro')}</p>")
     parts += [f"<p><img src='{e(name)}' alt='{e(name[:-4])}: effect against budget and invisibility' "
               "style='max-width:100%'></p>" for name in plots]
     shown = [(key, label) for key, label in SHOWN if any(key in r.invisibility for r in comparison.results)]
-    head = ["Method", "Budget"] + [label for _, label in shown] + ["Mimicry", "Strongest purifier", "Effect",
-                                                                   "Interval", "Answer"]
+    head = ([word(lang, "cmp_method"), word(lang, "cmp_budget")] + [label for _, label in shown]
+            + [word(lang, key) for key in ("mimicry", "cmp_worst", "cmp_effect", "cmp_interval", "cmp_answer")])
     parts.append("<div style='overflow-x:auto'><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
-    for result, h in _rows(comparison):
-        cells = [f"<td class='l'><a href='reports/{e(result.arm.name)}/index.html'>{e(result.arm.method)}</a></td>",
-                 f"<td>{result.arm.epsilon:g}</td>"]
-        cells += [f"<td>{result.invisibility[key]:.3f}</td>" if key in result.invisibility else "<td></td>"
-                  for key, _ in shown]
-        if h:
-            answer = h["decision"]
-            cells += [f"<td class='l'>{e(h['mimicry'])}</td>", f"<td class='l'>{e(h['worst'])}</td>",
-                      f"<td>{h['effect']:+.3f}</td>", f"<td>[{h['low']:+.3f}, {h['high']:+.3f}]</td>",
-                      f"<td class='{'holds' if answer == 'holds' else 'broken'}'><b>{e(answer)}</b></td>"]
-        else:
-            cells += ["<td class='l' colspan='5'>not measured</td>"]
-        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts += [_row(result, h, shown, lang) for result, h in _rows(comparison)]
     parts.append("</table></div></body></html>")
     return "\n".join(parts)
+
+
+def _row(result, h: dict, shown: list[tuple[str, str]], lang: str) -> str:
+    """One arm and mimicry as a table row in `lang`, linking to the arm's report in that language."""
+    from mist.runner.evaluation.purify import parse_purifications
+
+    e = html.escape
+    cells = [f"<td class='l'><a href='reports/{e(result.arm.name)}/{PAGES[lang]}'>{e(result.arm.method)}</a></td>",
+             f"<td>{result.arm.epsilon:g}</td>"]
+    cells += [f"<td>{result.invisibility[key]:.3f}</td>" if key in result.invisibility else "<td></td>"
+              for key, _ in shown]
+    if not h:
+        return "<tr>" + "".join(cells) + f"<td class='l' colspan='5'>{e(word(lang, 'not_measured'))}</td></tr>"
+    worst = h["worst"]
+    if worst != "none":
+        (purification,) = parse_purifications(worst)
+        worst = purification_label(purification.kind, purification.value, worst, lang)
+    answer = h["decision"]
+    cells += [f"<td class='l'>{e(mimicry_label(h['mimicry'], h['mimicry'], lang))}</td>",
+              f"<td class='l'>{e(worst)}</td>", f"<td>{h['effect']:+.3f}</td>",
+              f"<td>[{h['low']:+.3f}, {h['high']:+.3f}]</td>",
+              f"<td class='{'holds' if answer == 'holds' else 'broken'}'><b>{e(word(lang, 'decision_' + answer))}</b>"
+              "</td>"]
+    return "<tr>" + "".join(cells) + "</tr>"

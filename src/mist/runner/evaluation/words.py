@@ -83,6 +83,17 @@ TEXTS: dict[str, dict[str, str]] = {
         "inv_ms_ssim": "MS-SSIM with the original (1 = same)", "inv_vif": "VIF: information kept (1 = all)",
         "inv_linf_levels": "Largest pixel change (0-255)", "inv_l2_levels": "Overall change (L2, 0-255)",
         "inv_lpips": "LPIPS (0 = same)",
+        # the page of `mist compare` (runner/evaluation/comparison.py)
+        "cmp_title": "Methods and budgets side by side",
+        "cmp_intro": "Each method protected your images at each budget (the largest change of a pixel, 0-255), and "
+                     "each protected set was evaluated as <code>mist evaluate</code> does. <b>Effect</b>: how much "
+                     "more the mimicry of the protected images differs from that of the originals than two mimicries "
+                     "of the originals differ from each other, after the strongest purifier tried (above 0: the "
+                     "protection works beyond chance; the interval is a 95% bootstrap over your images). Higher PSNR "
+                     "and SSIM: less visible. Each row links to its full report.",
+        "cmp_method": "Method", "cmp_budget": "Budget", "cmp_worst": "Strongest purifier", "cmp_effect": "Effect",
+        "cmp_interval": "Interval", "cmp_answer": "Answer",
+        "decision_holds": "holds", "decision_broken": "broken", "decision_unclear": "unclear",
     },
     "zh": {
         "title": "Mist 保护效果评估",
@@ -155,6 +166,15 @@ TEXTS: dict[str, dict[str, str]] = {
         "inv_ms_ssim": "与原图的 MS-SSIM（1 = 相同）", "inv_vif": "VIF：保留的信息（1 = 全部）",
         "inv_linf_levels": "最大像素改动（0-255）", "inv_l2_levels": "总改动（L2，0-255）",
         "inv_lpips": "LPIPS（0 = 相同）",
+        "cmp_title": "各方法与强度对比",
+        "cmp_intro": "每种方法都以每个强度（像素的最大改动，0-255）保护了你的图片，每组受保护图片都像 "
+                     "<code>mist evaluate</code> 那样做了评估。<b>效果</b>：经过所试的最强净化后，"
+                     "受保护图片的模仿结果与原图的模仿结果之差，比原图两次模仿之间的差别多出多少（大于 0："
+                     "保护的作用超出随机因素；区间是对你的图片做的 95% 自助法区间）。PSNR 和 SSIM 越高："
+                     "越不明显。每一行都链接到它的完整报告。",
+        "cmp_method": "方法", "cmp_budget": "强度", "cmp_worst": "最强净化", "cmp_effect": "效果",
+        "cmp_interval": "区间", "cmp_answer": "结论",
+        "decision_holds": "有效", "decision_broken": "被破解", "decision_unclear": "不确定",
     },
 }
 
