@@ -10,6 +10,7 @@
 # Settings (environment): MODEL (default models/ldm/stable-diffusion-v1/model.ckpt), METHODS (default
 # mist,photoguard,pid,sds,mist2), BUDGETS (default 4,8,16, in 0..255 levels), DEVICE (default cuda; `cpu` runs the
 # same protocol on a CPU, which takes days at full size: meant for trying the script on `MODEL=tiny-random`).
+# PYTHON (default python3): the Python that has Mist's packages.
 # Options after OUTDIR go to `mist compare` after the protocol's own, so they win (`--protect-steps 50`,
 # `--purify jpeg:75,vae`, `--upscaler DIR`, ...). Run the same command again to go on after an interruption.
 #
@@ -32,6 +33,10 @@ device=${DEVICE:-cuda}
 cd "$(dirname "$0")/.." || exit 2
 source benchmarks/gpu-env.sh || exit 2
 
+if ! "$python" -c "import torch" >/dev/null 2>&1; then
+    echo "gpu-protocol: $python cannot import torch (set PYTHON to the Python that has Mist's packages)" >&2
+    exit 2
+fi
 if [ "$device" = cuda ] && ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu-protocol: PyTorch sees no CUDA GPU (set DEVICE=cpu to run the protocol on the CPU anyway)" >&2
     exit 2

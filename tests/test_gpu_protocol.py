@@ -50,3 +50,10 @@ def test_the_protocol_script_refuses_in_one_line_without_a_cuda_gpu(tmp_path):
     assert done.stderr.strip() == ("gpu-protocol: PyTorch sees no CUDA GPU (set DEVICE=cpu to run the protocol on the "
                                    "CPU anyway)")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_protocol_script_says_which_python_lacks_pytorch(tmp_path):
+    done = _run(tmp_path, "art", "out", PYTHON="false")  # a "Python" that imports nothing
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("gpu-protocol: false cannot import torch (set PYTHON to the Python that has Mist's "
+                                   "packages)")
