@@ -151,6 +151,7 @@ class ClipTower:
             model_class = getattr(transformers, name)
         self.model = model_class.from_pretrained(folder, local_files_only=True).float().eval().to(device)
         self.reads_text = name == "CLIPModel"  # a text tower beside the vision one: CLIP-IQA can run
+        self._prompt_embeddings: torch.Tensor | None = None  # CLIP-IQA's prompts, embedded once (`_anchors`)
         self.device = device
         self.preprocess = Preprocessing.of(folder)
 
@@ -169,18 +170,27 @@ class ClipTower:
 
     def quality(self, pictures: Sequence[torch.Tensor]) -> list[float]:
         """CLIP-IQA of each picture (see the module's note); only for a CLIPModel (`clip_iqa_problem`)."""
-        import torch
-        import torch.nn.functional as F
+        return self.looks(self.embed(pictures))
 
-        from mist.models.tokenizer import clip_tokenizer
-
-        prompts = clip_tokenizer()(list(CLIP_IQA_PROMPTS), padding=True, return_tensors="pt")
-        with torch.no_grad():
-            text = self.model.text_model(input_ids=prompts.input_ids.to(self.device),
-                                         attention_mask=prompts.attention_mask.to(self.device)).pooler_output
-            anchors = F.normalize(self.model.text_projection(text).float(), dim=-1).cpu()
-        logits = CLIP_IQA_LOGIT_SCALE * self.embed(pictures) @ anchors.T
+    def looks(self, embeddings: torch.Tensor) -> list[float]:
+        """CLIP-IQA of each row of `embeddings` (`embed`'s), against the prompts' embeddings, made once."""
+        logits = CLIP_IQA_LOGIT_SCALE * embeddings @ self._anchors().T
         return logits.softmax(-1)[:, 0].tolist()
+
+    def _anchors(self) -> torch.Tensor:
+        """The unit-length text embeddings of CLIP_IQA_PROMPTS (2, D), on the CPU, computed at the first call."""
+        if self._prompt_embeddings is None:
+            import torch
+            import torch.nn.functional as F
+
+            from mist.models.tokenizer import clip_tokenizer
+
+            prompts = clip_tokenizer()(list(CLIP_IQA_PROMPTS), padding=True, return_tensors="pt")
+            with torch.no_grad():
+                text = self.model.text_model(input_ids=prompts.input_ids.to(self.device),
+                                             attention_mask=prompts.attention_mask.to(self.device)).pooler_output
+                self._prompt_embeddings = F.normalize(self.model.text_projection(text).float(), dim=-1).cpu()
+        return self._prompt_embeddings
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from statistics import fmean
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
@@ -166,7 +167,7 @@ def _tower_name(folder: Path | None) -> str | None:
 def _skipped(requested: list[Purification], lpips_reason: str | None, clip_reason: str | None,
              quality: dict[str, str], upscaler: Path | None, iqa_reason: str | None = None) -> list[str]:
     """One line for each purification or metric that will not run, and why (and what would make it run)."""
-    skipped = [f"{p.name}: skipped: {p.problem(upscaler)}" for p in requested if p.problem(upscaler)]
+    skipped = [f"{p.name}: skipped: {problem}" for p in requested if (problem := p.problem(upscaler))]
     if lpips_reason:
         skipped.append(f"LPIPS: skipped: {lpips_reason}")
         skipped += [f"{p.name}: its similarity term is 1 - SSIM, a weight-free stand-in for LPIPS"
@@ -335,7 +336,7 @@ class _Scoring:
             clean_e, protected_e = self.tower.embed(clean_out), self.tower.embed(protected_out)
             similarities, distance = cosine(clean_e, protected_e), cmmd(clean_e, protected_e)
             if self.tower.reads_text:
-                looks = (_mean(self.tower.quality(clean_out)), _mean(self.tower.quality(protected_out)))
+                looks = (fmean(self.tower.looks(clean_e)), fmean(self.tower.looks(protected_e)))
         self.sets.append(SetScore(purification.name, mimicry.name, distance, clean_q["brisque"],
                                   protected_q["brisque"], clean_q["niqe"], protected_q["niqe"], *looks))
         return similarities
@@ -467,7 +468,3 @@ def _thumbnail(picture: Image.Image) -> Image.Image:
     copy = picture.copy()
     copy.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
     return copy
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
