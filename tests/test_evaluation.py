@@ -119,8 +119,8 @@ def test_a_cancel_stops_generation_at_its_next_step_and_lora_training_too(evalua
     pytest.importorskip("peft")
     cancel = threading.Event()
     steps = []
-    predict = evaluation_model.predict_noise
-    monkeypatch.setattr(evaluation_model, "predict_noise", lambda *a, **k: steps.append(1) or predict(*a, **k))
+    predict = evaluation_model.denoise
+    monkeypatch.setattr(evaluation_model, "denoise", lambda *a, **k: steps.append(1) or predict(*a, **k))
     picture = torch.zeros(1, 3, 32, 32)
     assert img2img(evaluation_model, picture, 0.5, [torch.Generator()], steps=4, cancel=cancel).images.shape[0] == 1
     assert len(steps) == 2

@@ -65,7 +65,7 @@ def test_textural_mode_skips_the_unet(tiny_model, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the UNet ran in textural mode")
 
-    monkeypatch.setattr(tiny_model, "predict_noise", forbidden)
+    monkeypatch.setattr(tiny_model, "denoise", forbidden)
     target_z = target_latent(tiny_model, _images(2), [torch.Generator().manual_seed(0)])
     terms = mist_loss(tiny_model, "textural", _images(2))(_images(1), [torch.Generator().manual_seed(0)])
     textural, _ = _reference_terms(tiny_model, _images(1), target_z, tiny_model.text_embedding("a painting"), seed=0)

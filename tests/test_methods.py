@@ -194,7 +194,7 @@ def test_encoder_methods_run_no_unet_and_load_no_other_part(tiny_model, monkeypa
     def forbidden(*args, **kwargs):
         raise AssertionError("the UNet ran")
 
-    monkeypatch.setattr(tiny_model, "predict_noise", forbidden)
+    monkeypatch.setattr(tiny_model, "denoise", forbidden)
     x = _images(1).requires_grad_(True)
     method_loss(tiny_model, name)(x, [torch.Generator()]).objective.sum().backward()
     assert x.grad.abs().sum() > 0

@@ -99,7 +99,7 @@ class Reference:
             torch.testing.assert_close(logvar, self.logvar)
             hidden = model.text_embedding("a painting")
             torch.testing.assert_close(hidden, self.hidden)
-            torch.testing.assert_close(model.predict_noise(self.latent, self.timesteps, hidden), self.noise)
+            torch.testing.assert_close(model.denoise(self.latent, self.timesteps, hidden), self.noise)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_only_the_parts_a_method_needs_are_loaded(tiny, ckpt_file, diffusers_fol
     torch.testing.assert_close(mean, tiny.mean)
     torch.testing.assert_close(logvar, tiny.logvar.clamp(-30, 20))
     with pytest.raises(ValueError, match="without its UNet"):
-        model.predict_noise(tiny.latent, tiny.timesteps, tiny.hidden)
+        model.denoise(tiny.latent, tiny.timesteps, tiny.hidden)
     with pytest.raises(ValueError, match="without its text encoder"):
         model.text_embedding("a painting")
     assert load_model(str(path), TINY, parts=frozenset({"encoder", "unet"})).parts == {"encoder", "unet"}

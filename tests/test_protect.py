@@ -104,8 +104,8 @@ def test_no_resize_keeps_the_aspect_ratio(tiny_model, painting):
 def test_object_prompt_conditions_on_a_photo(tiny_model):
     style = Protector(tiny_model, ProtectConfig(input_size=64))
     thing = Protector(tiny_model, ProtectConfig.of(input_size=64, object_prompt=True))
-    assert (style.method.text == tiny_model.text_embedding("a painting")).all()
-    assert (thing.method.text == tiny_model.text_embedding("a photo")).all()
+    assert (style.method.text.states == tiny_model.text_embedding("a painting")).all()
+    assert (thing.method.text.states == tiny_model.text_embedding("a photo")).all()
 
 
 def test_custom_target_changes_the_result(tiny_model, painting, tmp_path):

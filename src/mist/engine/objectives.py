@@ -1,5 +1,6 @@
 """The differentiable pieces protection methods are made of, in one place: encoding an image into SD's latent space,
-distances between latents, the diffusion model's denoising loss and its score-distillation approximation.
+distances between latents, the diffusion model's denoising loss and its score-distillation approximation, for every
+family whose denoiser Mist runs (the model says how it noises, what it predicts and how it is conditioned).
 
 Every piece runs the networks in the run's precision (autocast) and returns float32 values, one per image of the batch.
 Image i of a batch draws its random numbers (posterior sample, then t, then n) from generators[i], in that order, so its
@@ -15,7 +16,7 @@ from typing import Sequence
 import torch
 
 from mist.models import StableDiffusion
-from mist.models.components import standard_normal
+from mist.models.conditioning import Conditioning
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 represents magnitudes from 6e-8 (6e-5 at full precision) to 65504. The denoising loss is a mean over the N
@@ -68,45 +69,45 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).sum(1)
 
 
-def noised(model: StableDiffusion, latent: torch.Tensor,
-           generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z_t, t, n, alpha_bar_t): the forward diffusion of `latent` at t ~ U{0..999} with fresh noise n ~ N(0, I),
-    z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) n; t and then n drawn from each image's generator."""
-    timesteps = torch.cat([torch.randint(0, len(model.alphas_cumprod), (1,), generator=g)
-                           for g in generators]).to(latent.device)
-    noise = standard_normal(latent.shape, generators, like=latent)
-    alpha_bar = model.alphas_cumprod.to(latent.device)[timesteps].view(-1, 1, 1, 1)
-    return alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise, timesteps, noise, alpha_bar
-
-
-def predict_noise(model: StableDiffusion, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                  precision: str) -> torch.Tensor:
-    """eps_theta(z_t, t, c) in float32, `text` (1, 77, D) shared by the batch."""
+def predict(model: StableDiffusion, noisy: torch.Tensor, timesteps: torch.Tensor,
+            conditioning: Conditioning | torch.Tensor, precision: str) -> torch.Tensor:
+    """The denoiser's prediction for z_t (the noise, or v for a v-prediction model) in float32, `conditioning` (one
+    row, or a bare (1, 77, D) tensor of token states) shared by the batch."""
     with autocast(noisy.device, precision):
-        return model.predict_noise(noisy, timesteps, text.expand(noisy.shape[0], -1, -1)).float()
+        return model.denoise(noisy, timesteps, Conditioning.of(conditioning).batched(noisy.shape[0])).float()
 
 
-def denoising_loss(model: StableDiffusion, latent: torch.Tensor, text: torch.Tensor,
+def denoising_loss(model: StableDiffusion, latent: torch.Tensor, conditioning: Conditioning | torch.Tensor,
                    generators: Sequence[torch.Generator], precision: str) -> torch.Tensor:
-    """L_sem = mean((eps_theta(z_t, t, c) - n) ** 2) per image, differentiable through the UNet (the diffusion
-    model's training loss; Mist's semantic loss, AdvDM's objective)."""
-    noisy, timesteps, noise, _ = noised(model, latent, generators)
-    return (predict_noise(model, noisy, timesteps, text, precision) - noise).pow(2).flatten(1).mean(1)
+    """L_sem = mean((prediction(z_t, t, c) - target) ** 2) per image, differentiable through the UNet: the diffusion
+    model's own training loss (Mist's semantic loss, AdvDM's objective). The target is the noise n for SD 1.x, SDXL
+    and SD 2.x's 512-pixel models, v = sqrt(alpha_bar_t) n - sqrt(1 - alpha_bar_t) z for v-prediction models."""
+    noised = model.noised(latent, generators)
+    prediction = predict(model, noised.latent, noised.timesteps, conditioning, precision)
+    return (prediction - model.target(noised)).pow(2).flatten(1).mean(1)
 
 
-def score_distillation(model: StableDiffusion, latent: torch.Tensor, text: torch.Tensor,
+def score_distillation(model: StableDiffusion, latent: torch.Tensor, conditioning: Conditioning | torch.Tensor,
                        generators: Sequence[torch.Generator], precision: str, *, unit: bool = False) -> torch.Tensor:
     """L_sem per image with the score-distillation gradient (Xue et al., "Toward effective protection against
     diffusion-based mimicry through score distillation", ICLR 2024): its value is the denoising loss, its gradient
-    with respect to the latent (2 / N) * sqrt(alpha_bar_t) * (eps_theta - n), the exact gradient with the UNet's
-    Jacobian replaced by the identity. The UNet runs forward only, without a graph. `unit`: the latent gradient is
-    (eps_theta - n) itself, without the factor (2 / N) * sqrt(alpha_bar_t), as Xue et al.'s code applies it (the scale
-    matters where the term is weighted against another one, as in their SDST)."""
-    noisy, timesteps, noise, alpha_bar = noised(model, latent, generators)
+    with respect to the latent (2 / N) * sqrt(alpha_bar_t) * (eps_hat - n), the exact gradient of the noise-prediction
+    loss with the UNet's Jacobian replaced by the identity. The UNet runs forward only, without a graph. `unit`: the
+    latent gradient is (eps_hat - n) itself, without the factor (2 / N) * sqrt(alpha_bar_t), as Xue et al.'s code
+    applies it (the scale matters where the term is weighted against another one, as in their SDST).
+
+    eps_hat is the noise the prediction implies (`StableDiffusion.as_noise`): the prediction itself for a noise
+    predictor; for a v-prediction model sqrt(alpha_bar_t) v_hat + sqrt(1 - alpha_bar_t) z_t, so that
+    eps_hat - n = sqrt(alpha_bar_t) (v_hat - v). The score (the gradient of the log density that SDS distils) is
+    -(eps_hat) / sqrt(1 - alpha_bar_t) whatever the parameterisation, so the step direction means the same thing for
+    both kinds of model; differentiating the v loss itself with an identity Jacobian would instead add a term from the
+    target's own dependence on z and weight the times differently (by sqrt(alpha_bar_t) + sqrt(1 - alpha_bar_t))."""
+    noised = model.noised(latent, generators)
     with torch.no_grad():
-        residual = predict_noise(model, noisy.detach(), timesteps, text, precision) - noise
-    value = residual.pow(2).flatten(1).mean(1)
-    gradient = residual if unit else 2.0 / residual[0].numel() * alpha_bar.sqrt() * residual
+        prediction = predict(model, noised.latent.detach(), noised.timesteps, conditioning, precision)
+        value = (prediction - model.target(noised)).pow(2).flatten(1).mean(1)
+        residual = model.as_noise(prediction, noised) - noised.noise
+    gradient = residual if unit else 2.0 / residual[0].numel() * noised.signal * residual
     # Carries `value` forward and `gradient` backward to the latent (and on through the encoder).
     surrogate = (latent * gradient).flatten(1).sum(1)
     return value + surrogate - surrogate.detach()

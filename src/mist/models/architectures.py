@@ -25,9 +25,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Architecture:
-    """Constructor arguments of the three trained components, the latent scale and shift factors, and the family
-    (`FAMILIES`) the model belongs to. An encoder-only architecture (a family whose denoiser Mist cannot run yet) has
-    empty `unet` and `text`, and no cross-attention width."""
+    """Constructor arguments of the trained components, the latent scale and shift factors, the family (`FAMILIES`)
+    the model belongs to and what its denoiser predicts (`prediction_type`, in diffusers' words: "epsilon", the
+    noise, or "v_prediction"). `text_2` is SDXL's second text encoder (empty for the others). An encoder-only
+    architecture (a family whose denoiser Mist cannot run yet) has empty `unet` and `text`, and no cross-attention
+    width."""
 
     name: str
     unet: dict[str, Any]
@@ -36,6 +38,8 @@ class Architecture:
     latent_scale: float = 0.18215
     latent_shift: float = 0.0
     family: str = "sd1"
+    text_2: dict[str, Any] = field(default_factory=dict)
+    prediction_type: str = "epsilon"
     cross_attention_dim: int | None = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,7 @@
-"""The parts of Stable Diffusion v1 that Mist differentiates through, behind a small interface.
+"""The parts of a Stable Diffusion model (1.x, 2.x, XL; the VAE alone of SD 3.x and Flux) that Mist differentiates
+through, behind a small interface that does not name the family: encode an image into the latent space, noise a
+latent at a random training time (`noised`), the denoiser's training target there (`target`), and its prediction for
+a noisy latent under a prompt's conditioning (`denoise`; `mist.models.conditioning` says what each family's is).
 
 The VAE *encoder* is always kept; the VAE *decoder* plays no part in the attack and is loaded only when asked for (the
 mimicry check of `mist evaluate` turns latents back into pictures); the UNet predicts noise, and the text encoder is
@@ -19,8 +22,10 @@ from torch.utils.checkpoint import checkpoint
 
 from mist.common.prompts import OBJECT_PROMPT, STYLE_PROMPT
 from mist.models.architectures import Architecture
+from mist.models import noising
+from mist.models.conditioning import Conditioning, embed_prompts, time_ids
 from mist.models.frozen_conv import keep_no_convolution_inputs
-from mist.models.tokenizer import tokenize
+from mist.models.noising import Noised, standard_normal
 
 TRAIN_TIMESTEPS = 1000
 UNCONDITIONAL_PROMPT = ""  # the empty prompt: classifier-free guidance's unconditional branch (mimicry check)
@@ -70,16 +75,6 @@ def latent_decoder(arch: Architecture) -> nn.Module:
     return module
 
 
-def standard_normal(shape: torch.Size | tuple[int, ...], generators: Sequence[torch.Generator],
-                    like: torch.Tensor) -> torch.Tensor:
-    """N(0, I) noise of `shape` (N, ...), row i drawn on the CPU from generators[i], then moved to `like`'s device and
-    dtype: every device and every batch composition gets the same numbers for the same seeds."""
-    if len(generators) != shape[0]:
-        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
-    rows = [torch.randn((1, *shape[1:]), generator=g) for g in generators]
-    return torch.cat(rows).to(device=like.device, dtype=like.dtype)
-
-
 def memory_format_for(dtype: torch.dtype) -> torch.memory_format:
     """The layout of convolution weights and inputs for weights of `dtype`: channels-last (NHWC) for bf16 and fp16,
     the layout oneDNN and cuDNN run fastest; the plain contiguous (NCHW) one for float32, because PyTorch's CPU
@@ -98,16 +93,17 @@ def scaled_linear_alphas_cumprod() -> torch.Tensor:
 
 @dataclass
 class StableDiffusion:
-    """A loaded SD v1 model: VAE encoder and UNet with frozen weights, the CLIP embeddings of the prompts Mist
-    uses, and where it came from.
+    """A loaded Stable Diffusion model: VAE encoder and UNet with frozen weights, the text embeddings of the prompts
+    Mist uses, and where it came from.
 
     The text encoder runs once, when the model is assembled, for "a painting", "a photo" and the empty prompt; it is
     then dropped, which saves its 123M parameters for the whole run, unless the "text_model" part keeps it (frozen,
     as `text_encoder`: textual inversion needs it). A model loaded for methods that need only the
     encoder has no UNet (None) and no embeddings (see `parts`); the VAE decoder is None unless "decoder" was asked for
     (evaluation asks, protection never does). `source` names the file or folder (or `tiny-random`); `random_weights`
-    is true for the test model, whose outputs protect nothing. A model of another family (`arch.family`: SD 2.x, SDXL,
-    SD 3.x, Flux) has its VAE alone, and latents shifted as well as scaled (`scale_latent`).
+    is true for the test model, whose outputs protect nothing. SD 2.x and SDXL load whole (`arch.family`; SDXL keeps
+    the pooled embeddings of its prompts too, `pooled_embeddings`); a model of SD 3.x or Flux has its VAE alone, and
+    latents shifted as well as scaled (`scale_latent`).
     """
 
     arch: Architecture
@@ -120,6 +116,7 @@ class StableDiffusion:
     memory_format: torch.memory_format = torch.contiguous_format  # of the convolution weights and the inputs
     decoder: nn.Module | None = None  # `latent_decoder`; None unless the "decoder" part was loaded
     text_encoder: nn.Module | None = None  # CLIP's text encoder; None unless the "text_model" part was loaded
+    pooled_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt -> (1, P): SDXL's only
 
     def __post_init__(self) -> None:
         for module in self._networks():
@@ -131,16 +128,15 @@ class StableDiffusion:
                  keep_text_encoder: bool = False) -> StableDiffusion:
         """Freeze the networks and embed the prompts; `text_encoder` is kept only with `keep_text_encoder`. None: a
         part not loaded."""
-        embeddings = {}
+        embeddings, pooled = {}, {}
         if text_encoder is not None:
             text_encoder.eval().requires_grad_(False)
-            with torch.no_grad():
-                embeddings = {p: text_encoder(tokenize(p)).last_hidden_state.float() for p in PROMPTS}
+            embeddings, pooled = embed_prompts(arch.family, text_encoder, PROMPTS)
         for module in (encoder, unet, decoder):
             if module is not None:
                 module.eval().requires_grad_(False)
         return cls(arch, encoder, unet, embeddings, source, random_weights, decoder=decoder,
-                   text_encoder=text_encoder if keep_text_encoder else None)
+                   text_encoder=text_encoder if keep_text_encoder else None, pooled_embeddings=pooled)
 
     @property
     def parts(self) -> frozenset[str]:
@@ -250,15 +246,45 @@ class StableDiffusion:
         unscaled = self.unscale_latent(latent).to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.decoder.decoder(self.decoder.post_quant_conv(unscaled)).float()
 
-    def predict_noise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction eps_theta(z_t, t, c)."""
+    def noised(self, latent: torch.Tensor, generators: Sequence[torch.Generator]) -> Noised:
+        """`latent` noised at a random training time, as this model was trained (`noising.diffusion_noised`: t and
+        then n drawn from each image's generator)."""
+        return noising.diffusion_noised(self.alphas_cumprod, latent, generators)
+
+    def target(self, noised: Noised) -> torch.Tensor:
+        """What this model's denoiser is trained to predict at `noised`: the noise, or v (`arch.prediction_type`)."""
+        return noising.target(self.arch.prediction_type, noised)
+
+    def as_noise(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """The noise that this model's `prediction` at `noised` implies (the prediction itself for noise
+        predictors)."""
+        return noising.as_noise(self.arch.prediction_type, prediction, noised)
+
+    def denoise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction (the noise or v: `target`) for z_t at `timesteps` under `conditioning`, with one row
+        per latent (a bare tensor: SD 1.x's or 2.x's token states). SDXL's UNet also gets the pooled embedding and the
+        time ids of the latent's picture size (`conditioning.time_ids`)."""
         if self.unet is None:
             raise ValueError("this model was loaded without its UNet (the method declared it does not need it)")
+        conditioning = Conditioning.of(conditioning)
         latent = noisy_latent.to(self.dtype).contiguous(memory_format=self.memory_format)
-        return self.unet(latent, timesteps, encoder_hidden_states=text.to(self.dtype)).sample
+        added = {}
+        if self.arch.unet.get("addition_embed_type") == "text_time":
+            if conditioning.pooled is None:
+                raise ValueError("an SDXL UNet needs the pooled text embedding beside the token states")
+            added = {"added_cond_kwargs": {"text_embeds": conditioning.pooled.to(self.dtype),
+                                           "time_ids": time_ids(latent).to(self.dtype)}}
+        return self.unet(latent, timesteps, encoder_hidden_states=conditioning.states.to(self.dtype), **added).sample
+
+    def conditioning(self, prompt: str) -> Conditioning:
+        """The conditioning of "a painting", "a photo" or the empty prompt, one row, on the model's device."""
+        pooled = self.pooled_embeddings.get(prompt)
+        return Conditioning(self.text_embedding(prompt), None if pooled is None else pooled.to(self.device))
 
     def text_embedding(self, prompt: str) -> torch.Tensor:
-        """CLIP's last hidden state for "a painting" or "a photo", shape (1, 77, D), on the model's device."""
+        """The token states of "a painting" or "a photo", shape (1, 77, D), on the model's device (CLIP's last hidden
+        state for SD 1.x; see `mist.models.conditioning` for the others)."""
         if prompt not in self.text_embeddings:
             raise ValueError(f"this model has no embedding of {prompt!r} (loaded without its text encoder?)")
         return self.text_embeddings[prompt].to(self.device)

@@ -15,6 +15,7 @@ from importlib import resources
 import torch
 
 CONTEXT_LENGTH = 77
+END_OF_TEXT = 49407  # CLIP's end marker, with which SD v1's tokenizer also pads
 _MERGE_COUNT = 49152 - 256 - 2  # CLIP keeps this many merges so that the vocabulary totals 49408
 
 
@@ -57,9 +58,13 @@ def tokenizer_with(word: str):
     return tokenizer
 
 
-def tokenize(prompt: str, placeholder: str | None = None) -> torch.Tensor:
-    """Token ids of `prompt`, padded with the end marker to 77 as SD v1 expects: shape (1, 77), int64. With
-    `placeholder`, that word is one new token (`tokenizer_with`)."""
+def tokenize(prompt: str, placeholder: str | None = None, pad: int | None = None) -> torch.Tensor:
+    """Token ids of `prompt`, padded to 77 with the end marker as SD v1 expects, or with `pad` after the end marker
+    (OpenCLIP pads with 0): shape (1, 77), int64. With `placeholder`, that word is one new token (`tokenizer_with`)."""
     tokenizer = clip_tokenizer() if placeholder is None else tokenizer_with(placeholder)
-    return tokenizer(prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
-                     return_tensors="pt").input_ids
+    ids = tokenizer(prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    if pad is not None:
+        end = int((ids[0] == END_OF_TEXT).nonzero()[0])
+        ids[0, end + 1 :] = pad
+    return ids

@@ -33,14 +33,15 @@ def prompt(object_prompt: bool) -> str:
 
 class DenoiserMethod(Method):
     """A method whose loss runs the diffusion model conditioned on a prompt: it needs the encoder, the UNet and the
-    text encoder, and embeds its prompt once per run, in `self.text` (None when `conditioning` gives none)."""
+    text encoder, and takes its prompt's conditioning (`StableDiffusion.conditioning`) once per run, in `self.text`
+    (None when `conditioning` gives no prompt)."""
 
     parts = frozenset({"encoder", "unet", "text_encoder"})
 
     def __init__(self, params, model, precision: str) -> None:
         super().__init__(params, model, precision)
         text = self.conditioning()
-        self.text = model.text_embedding(text) if text is not None else None
+        self.text = model.conditioning(text) if text is not None else None
 
     def conditioning(self) -> str | None:
         """The prompt the denoiser is conditioned on: "a painting", or "a photo" with `object_prompt`."""

@@ -90,12 +90,14 @@ class Mist2(DenoiserMethod):
 
         def loss(x, generators) -> LossTerms:
             latent = model.scale_latent(objectives.posterior(model, x, precision)[0])
-            noisy, timesteps, noise, _ = objectives.noised(model, latent, generators)
-            prediction = objectives.predict_noise(denoiser, noisy, timesteps, text, precision)
+            noised = model.noised(latent, generators)
+            # the noise the denoiser predicts (its v converted, for a v-prediction model)
+            prediction = denoiser.as_noise(objectives.predict(denoiser, noised.latent, noised.timesteps, text,
+                                                              precision), noised)
             if not p.fused:
                 target_unet = (prediction - targets).pow(2).flatten(1).mean(1)
                 return LossTerms(target_unet, {"target_unet": target_unet})
-            alignment = (prediction * noise).flatten(1).sum(1)
+            alignment = (prediction * noised.noise).flatten(1).sum(1)
             distance = (latent - targets).pow(2).flatten(1).mean(1)
             return LossTerms(alignment - p.latent_weight * distance,
                              {"noise_alignment": alignment, "latent_distance": distance})

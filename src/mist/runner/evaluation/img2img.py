@@ -19,7 +19,8 @@ from mist.engine.attack import Cancelled
 
 from mist.common.prompts import STYLE_PROMPT
 from mist.models import StableDiffusion
-from mist.models.components import TRAIN_TIMESTEPS, UNCONDITIONAL_PROMPT, standard_normal
+from mist.models.components import TRAIN_TIMESTEPS, UNCONDITIONAL_PROMPT
+from mist.models.noising import standard_normal
 
 # SD v1's DDIM settings (its scheduler_config.json): the training schedule of `scaled_linear_alphas_cumprod`.
 SD_V1_DDIM = dict(num_train_timesteps=TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
@@ -36,11 +37,12 @@ class Generated:
     latents: torch.Tensor
 
 
-def ddim_scheduler():
-    """A diffusers DDIM scheduler with SD v1's settings, built from the constants above (nothing is downloaded)."""
+def ddim_scheduler(prediction_type: str = "epsilon"):
+    """A diffusers DDIM scheduler with SD v1's settings, built from the constants above (nothing is downloaded), for a
+    model predicting `prediction_type` (SD 2.x and SDXL train on the same schedule; SD 2.x's 768 models predict v)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SD_V1_DDIM)
+    return DDIMScheduler(**{**SD_V1_DDIM, "prediction_type": prediction_type})
 
 
 def img2img(model: StableDiffusion, images: torch.Tensor, strength: float, generators: Sequence[torch.Generator], *,
@@ -59,7 +61,7 @@ def img2img(model: StableDiffusion, images: torch.Tensor, strength: float, gener
         raise ValueError(f"strength: must be between 0 and 1, got {strength}")
     if steps < 1:
         raise ValueError(f"steps: must be at least 1, got {steps}")
-    scheduler = ddim_scheduler()
+    scheduler = ddim_scheduler(model.arch.prediction_type)
     scheduler.set_timesteps(steps, device=model.device)
     begin = steps - min(int(steps * strength), steps)
     timesteps = scheduler.timesteps[begin * scheduler.order :]
@@ -78,7 +80,7 @@ def txt2img(model: StableDiffusion, size: tuple[int, int], generators: Sequence[
     multiples of 8) per generator, from pure Gaussian noise (nothing of any input image), DDIM over all `steps`."""
     if steps < 1:
         raise ValueError(f"steps: must be at least 1, got {steps}")
-    scheduler = ddim_scheduler()
+    scheduler = ddim_scheduler(model.arch.prediction_type)
     scheduler.set_timesteps(steps, device=model.device)
     height, width = size
     shape = (len(generators), model.unet.config.in_channels, height // 8, width // 8)
@@ -90,15 +92,15 @@ def txt2img(model: StableDiffusion, size: tuple[int, int], generators: Sequence[
 def _denoised(model: StableDiffusion, scheduler, timesteps, latents: torch.Tensor, guidance: float,
               prompt: str, cancel: threading.Event | None) -> Generated:
     """DDIM (eta 0) from `latents` over `timesteps` under classifier-free guidance, then decoded."""
-    text = model.text_embedding(prompt).expand(latents.shape[0], -1, -1)
+    text = model.conditioning(prompt).batched(latents.shape[0])
     guided = guidance > 1.0
     if guided:
-        text = torch.cat([model.text_embedding(UNCONDITIONAL_PROMPT).expand_as(text), text])
+        text = model.conditioning(UNCONDITIONAL_PROMPT).batched(latents.shape[0]).joined(text)
     for t in timesteps:
         if cancel is not None and cancel.is_set():
             raise Cancelled
         both = torch.cat([latents, latents]) if guided else latents
-        noise_pred = model.predict_noise(scheduler.scale_model_input(both, t), t, text).float()
+        noise_pred = model.denoise(scheduler.scale_model_input(both, t), t, text).float()
         if guided:
             unconditional, conditional = noise_pred.chunk(2)
             noise_pred = unconditional + guidance * (conditional - unconditional)

@@ -143,7 +143,7 @@ class LoraMimicry(_TrainedMimicry):
         options = FinetuneOptions(kind="lora", steps=self.train_steps, rank=self.rank,
                                   learning_rate=self.learning_rate, seed=seed)
         surrogate = Surrogate(self.model, options, generator=torch.Generator().manual_seed(seed))
-        surrogate.train(training, self.model.text_embedding(self.prompt), callback=self._stop_if_cancelled)
+        surrogate.train(training, self.model.conditioning(self.prompt), callback=self._stop_if_cancelled)
         return surrogate.model, self.prompt
 
 
