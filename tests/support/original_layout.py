@@ -33,6 +33,8 @@ def _unet_mapping(config) -> Mapping:
         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
         "conv_norm_out.": ("out.0.", {}),
         "conv_out.": ("out.2.", {}),
+        "add_embedding.linear_1.": ("label_emb.0.0.", {}),  # SDXL's added (pooled text + time ids) embedding
+        "add_embedding.linear_2.": ("label_emb.0.2.", {}),
     }
     # input_blocks.0 is conv_in; each down block then has `per_block` (resnet, attention) rows and one downsampler row.
     for b in range(len(config["down_block_types"])):
@@ -97,10 +99,7 @@ def to_original_layout(
 
     The tensors are the modules' own (not copies).
     """
-    state: dict[str, torch.Tensor] = {}
-    unet_mapping = _unet_mapping(unet.config)
-    for key, tensor in unet.state_dict().items():
-        state["model.diffusion_model." + _rename(key, unet_mapping)] = tensor
+    state = unet_to_original_layout(unet)
     state.update(vae_to_original_layout(vae))
     # transformers 4 names the text encoder's weights `text_model.*`, transformers 5 drops that level.
     text_prefix = "cond_stage_model.transformer." + ("" if novelai else "text_model.")
@@ -108,6 +107,41 @@ def to_original_layout(
         if not key.endswith("position_ids"):
             state[text_prefix + key.removeprefix("text_model.")] = tensor
     return state
+
+
+def unet_to_original_layout(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The UNet's weights in the LDM layout under `model.diffusion_model.` (SD 1.x, 2.x and SDXL alike)."""
+    unet_mapping = _unet_mapping(unet.config)
+    return {"model.diffusion_model." + _rename(key, unet_mapping): tensor for key, tensor in unet.state_dict().items()}
+
+
+_OPEN_CLIP_LAYER = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.",
+                    "mlp.fc2.": "mlp.c_proj.", "self_attn.out_proj.": "attn.out_proj."}
+
+
+def open_clip_layout(tower, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text tower in OpenCLIP's layout under `prefix` (SD 2.x's `cond_stage_model.model.`, SDXL's
+    `conditioner.embedders.1.model.`): fused q/k/v projections, `positional_embedding`, `ln_final`, and
+    `text_projection` as a (width, embed) matrix (the identity for a tower without a projection)."""
+    own = {k.removeprefix("text_model."): v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+    width = own["embeddings.token_embedding.weight"].shape[1]
+    state = {"token_embedding.weight": own.pop("embeddings.token_embedding.weight"),
+             "positional_embedding": own.pop("embeddings.position_embedding.weight"),
+             "ln_final.weight": own.pop("final_layer_norm.weight"), "ln_final.bias": own.pop("final_layer_norm.bias"),
+             "text_projection": own.pop("text_projection.weight").T.contiguous() if "text_projection.weight" in own
+             else torch.eye(width)}
+    layers = {int(k.split(".")[2]) for k in own}
+    for i in layers:
+        below = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            state[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [own.pop(f"{below}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for key in [k for k in own if k.startswith(below)]:
+            rest = key[len(below):]
+            old = next(o for o in _OPEN_CLIP_LAYER if rest.startswith(o))
+            state[f"transformer.resblocks.{i}.{_OPEN_CLIP_LAYER[old]}{rest[len(old):]}"] = own.pop(key)
+    assert not own, sorted(own)
+    return {prefix + key: tensor for key, tensor in state.items()}
 
 
 def vae_to_original_layout(vae: AutoencoderKL, prefix: str = "first_stage_model.") -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""Shapes of the networks Mist attacks: Stable Diffusion v1, a tiny stand-in for tests, and the latent spaces of the
-other model families whose VAE encoder the encoder-side methods attack (SD 2.x, SDXL, SD 3.x, Flux).
+"""Shapes of the networks Mist attacks: Stable Diffusion v1, a tiny stand-in for tests, the denoisers and text
+encoders of SD 2.x and SDXL, and the latent spaces of the families whose VAE encoder alone is attacked (SD 3.x, Flux).
 
 An architecture is pure data (keyword arguments for the diffusers / transformers classes), so the same loading code
 builds the real 860M-parameter UNet or a few-kilobyte test model. The latent encoder always downsamples by 8, as SD's
@@ -13,6 +13,15 @@ the reference code: SD 1.x / 2.x 4 channels, 0.18215, no shift (the LDM configs'
 src/flux/modules/autoencoder.py encodes `scale_factor * (z - shift_factor)`; its util.py gives the values). diffusers'
 SD3 and Flux img2img pipelines apply `(latents - shift_factor) * scaling_factor` the same way. SD 3.x's and Flux's VAEs
 have no 1x1 `quant_conv` / `post_quant_conv`. The configs Mist reads single files with ship in assets/ (vae_*.json).
+
+SD 2.x's and SDXL's UNets and text encoders ship as assets/denoiser_*.json, written from the published model cards and
+configs: SD 2.x a UNet of SD 1.x's widths with 64-channel attention heads ((5, 10, 20, 20) heads), linear projections
+and 1024-wide cross-attention, conditioned on OpenCLIP ViT-H/14's text tower (1024 wide, GELU) of which SD 2.x reads
+the penultimate layer, so the tower is built with 23 of its 24 layers and its final layer norm (as diffusers' converted
+folders are); SDXL base a three-level UNet (320, 640, 1280; transformer depths 1, 2, 10) with 2048-wide cross-attention
+and the "text_time" added embedding (pooled text 1280 + six time ids of 256 each = 2816), conditioned on CLIP ViT-L/14
+and OpenCLIP ViT-bigG/14 (1280 wide, 32 layers, with its text projection for the pooled embedding). Both families keep
+SD 1.x's training schedule (1000 scaled-linear steps); SD 2.x's 768-pixel models predict v instead of the noise.
 """
 
 from __future__ import annotations
@@ -138,12 +147,15 @@ ENCODER_SIDE_METHODS = "photoguard, pid, mist --mode textural"
 class Family:
     """A model family Mist loads: `key` (sd1, sd2, sdxl, sd3, flux), its `title` for messages, the diffusers VAE config
     shipped for it (`vae_asset` in assets/; None: SD v1's VAE, which SD 2.x shares), and whether the denoiser-side
-    methods support it (only SD 1.x so far; the others are attacked through their VAE encoder alone)."""
+    methods support it (SD 1.x, 2.x and XL; SD 3.x and Flux are attacked through their VAE encoder alone).
+    `denoiser_asset` names the shipped UNet and text encoder configs of a family whose single files Mist reads whole
+    (None: SD 1.x, whose shapes are `SD_V1`, or a family whose denoiser Mist does not run)."""
 
     key: str
     title: str
     vae_asset: str | None
     denoiser: bool
+    denoiser_asset: str | None = None
 
     def vae_config(self) -> dict[str, Any]:
         """The family's VAE config (diffusers' AutoencoderKL keyword arguments, `scaling_factor` and `shift_factor`
@@ -162,8 +174,8 @@ def _asset_text(name: str) -> str:
 
 FAMILIES = {family.key: family for family in (
     Family("sd1", "Stable Diffusion 1.x", None, denoiser=True),
-    Family("sd2", "Stable Diffusion 2.x", None, denoiser=False),
-    Family("sdxl", "Stable Diffusion XL", "vae_sdxl.json", denoiser=False),
+    Family("sd2", "Stable Diffusion 2.x", None, denoiser=True, denoiser_asset="denoiser_sd2.json"),
+    Family("sdxl", "Stable Diffusion XL", "vae_sdxl.json", denoiser=True, denoiser_asset="denoiser_sdxl.json"),
     Family("sd3", "Stable Diffusion 3.x", "vae_sd3.json", denoiser=False),
     Family("flux", "Flux.1", "vae_flux.json", denoiser=False),
 )}
@@ -177,3 +189,16 @@ def encoder_only(family: Family, vae: dict[str, Any], name: str) -> Architecture
     shift = vae.get("shift_factor", defaults.get("shift_factor")) or 0.0
     return Architecture(name=name, unet={}, vae=vae, text={}, latent_scale=float(scale), latent_shift=float(shift),
                         family=family.key)
+
+
+def whole(family: Family, vae: dict[str, Any], name: str, prediction_type: str = "epsilon",
+          shapes: Architecture | None = None) -> Architecture:
+    """The architecture of a whole `family` model (SD 2.x, SDXL): `vae` its VAE config, the UNet and text encoders
+    those of `shapes` (a test's tiny model) or else the family's shipped configs, and its `prediction_type`."""
+    if shapes is None:
+        shipped = json.loads(_asset_text(family.denoiser_asset))
+        shapes = Architecture(name=name, unet=shipped["unet"], vae=vae, text=shipped["text"],
+                              text_2=shipped.get("text_2", {}))
+    scale = vae.get("scaling_factor") or family.vae_config()["scaling_factor"]
+    return Architecture(name=name, unet=shapes.unet, vae=vae, text=shapes.text, latent_scale=float(scale),
+                        family=family.key, text_2=shapes.text_2, prediction_type=prediction_type)

@@ -128,13 +128,17 @@ def folder_family(folder: Path, index: dict[str, Any], configs: dict[str, dict[s
         raise ValueError(f"{folder}: a {name} folder, which Mist does not support (it knows "
                          f"{', '.join(sorted(set(PIPELINES)))})")
     widths = (configs.get("text_encoder", {}).get("hidden_size"), configs.get("unet", {}).get("cross_attention_dim"))
-    if PIPELINES[name] == "sd1" and _SD2_WIDTH in widths:
-        return FAMILIES["sd2"]
+    if PIPELINES[name] == "sd1" and (_SD2_WIDTH in widths or configs.get("unet", {}).get("use_linear_projection")):
+        return FAMILIES["sd2"]  # SD 2.x's UNet projects into its transformers linearly, SD 1.x's with 1x1 convolutions
     return FAMILIES[PIPELINES[name]]
 
 
 def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[str]) -> None:
-    """ValueError naming `source` when a run asks an encoder-only family for a part beyond its VAE."""
+    """ValueError naming `source` when a run asks an encoder-only family for a part beyond its VAE, or a family other
+    than SD 1.x for its text encoder itself (textual inversion)."""
+    if family.denoiser and family.key != "sd1" and "text_model" in parts:
+        raise ValueError(f"{source}: a {family.title} model: textual inversion, which trains a word through the text "
+                         "encoder, runs on Stable Diffusion 1.x only so far")
     if family.denoiser:
         return
     needed = (["denoiser"] if "unet" in parts else []) + (["text encoder"] if parts & {"text_encoder", "text_model"}
@@ -142,6 +146,15 @@ def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[s
     if needed:
         raise ValueError(f"{source}: a {family.title} model: only the encoder-side methods ({ENCODER_SIDE_METHODS}) "
                          f"support it so far; this run needs its {' and '.join(needed)}")
+
+
+def file_prediction_type(path: Path, family: Family) -> str:
+    """What the denoiser of the single file at `path` predicts. A file does not say: SD 2.x's published 768-pixel
+    files (768-v-ema.ckpt, v2-1_768-ema-pruned.safetensors and their kin) predict v and carry their size in their name,
+    its 512-pixel ones (512-base-ema.ckpt, v2-1_512-ema-pruned) predict the noise; SDXL predicts the noise. So a
+    2.x file whose name holds "768" is read as a v-prediction model, any other as a noise predictor (a diffusers
+    folder says it in scheduler/scheduler_config.json)."""
+    return "v_prediction" if family.key == "sd2" and "768" in path.name else "epsilon"
 
 
 def vae_config_from_weights(path: Path, family: Family, state: dict[str, torch.Tensor], keys: list[str],

@@ -4,10 +4,11 @@ Every format ends in the same place: three state dicts in diffusers / transforme
 built from an `Architecture`. Single files (`.ckpt`, `.safetensors`) carry the original CompVis layout and are renamed
 with diffusers' own converters; `.ckpt` files are read with `torch.load(weights_only=True)`, which refuses to run code.
 
-SD 1.x loads whole. The other families (`mist.models.families`: SD 2.x, SDXL, SD 3.x, Flux) load their VAE alone, for
-the encoder-side methods; a run that needs their denoiser or text encoder is refused before any weight is read. A single
-file's VAE shape is read from its weights (its scale and shift factors are the family's shipped config's); a diffusers
-folder's VAE from its vae/config.json.
+SD 1.x, 2.x and XL load whole (`mist.models.families` tells them): a single file's UNet and text encoders take the
+family's shipped shapes (`architectures.whole`), a diffusers folder's its own configs. SD 3.x and Flux load their VAE
+alone, for the encoder-side methods; a run that needs their denoiser or text encoder is refused before any weight is
+read. A single file's VAE shape is read from its weights (its scale and shift factors are the family's shipped
+config's); a diffusers folder's VAE from its vae/config.json.
 """
 
 from __future__ import annotations
@@ -21,18 +22,23 @@ import torch
 from torch import nn
 
 from mist.models import families
-from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only
+from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only, whole
 from mist.models.components import StableDiffusion, latent_decoder, latent_encoder
 from mist.models.families import FIRST_CONV, UNET, VAE_PARTS, first_cross_attention
+from mist.models.noising import check_prediction_type
 
 log = logging.getLogger(__name__)
 
 _TEXT = "cond_stage_model.transformer."
+# Where single files keep their text encoders: SD 1.x's CLIP and SD 2.x's OpenCLIP under cond_stage_model., SDXL's
+# CLIP-L under conditioner.embedders.0.transformer. and its OpenCLIP-G under conditioner.embedders.1.model.
+_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
+_SDXL_TOWERS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 # The key prefixes of each model part a caller can ask for beside the VAE's (`families.VAE_PARTS`, below the file's VAE
 # prefix); EMA copies and optimiser state are never read, and a part the run does not need is not read either (the
 # UNet is 3.4 GB in float32). The VAE decoder only serves evaluation. "text_encoder" keeps the embeddings of Mist's
 # prompts; "text_model" keeps the text encoder itself (and them).
-_PART_PREFIXES = {"unet": (UNET,), "text_encoder": (_TEXT,), "text_model": (_TEXT,)}
+_PART_PREFIXES = {"unet": (UNET,), "text_encoder": _TEXT_PREFIXES, "text_model": _TEXT_PREFIXES}
 KNOWN_PARTS = frozenset(_PART_PREFIXES) | frozenset(VAE_PARTS)
 # What is loaded when no parts are named: every part a protection method can use; never the decoder or text model.
 DEFAULT_PARTS = KNOWN_PARTS - {"decoder", "text_model"}
@@ -74,13 +80,12 @@ def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str]
     """A randomly initialised model of `arch` (the tiny one by default), reproducible from `seed` (the same weights
     whatever `parts` keeps). Protects nothing."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**arch.unet)
         encoder = latent_encoder(arch)
-        text = CLIPTextModel(CLIPTextConfig(**arch.text))
+        text = _text_module(arch)
         decoder = latent_decoder(arch)  # drawn last, so the other parts' weights are those of earlier releases
     return StableDiffusion.assemble(arch, encoder, unet if "unet" in parts else None,
                                     text if parts & _TEXT_PARTS else None, source=arch.name, random_weights=True,
@@ -96,8 +101,10 @@ def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[st
 
     state, keys = _read_original_state_dict(path, parts)
     family = families.file_family(path, state, keys)
-    if family.key != "sd1":
+    if not family.denoiser:
         return _load_file_vae(path, family, state, keys, parts)
+    if family.key != "sd1":
+        return _load_file_whole(path, family, state, keys, parts, arch)
     _check_original_layout(path, state, keys, arch)
     unet, encoder, text, decoder = _empty_modules(arch, parts)
     try:
@@ -105,35 +112,74 @@ def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[st
         vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
     except (KeyError, IndexError) as exc:  # the converters index the weights they expect directly
         raise ValueError(f"{path}: not a Stable Diffusion v1 model: weights missing ({exc})") from exc
-    text_state = {key[len(_TEXT) :]: tensor for key, tensor in state.items() if key.startswith(_TEXT)}
+    text_state = _tower_states(text, [_below(state, _TEXT)])
     return _assemble(path, arch, unet, encoder, text, decoder, unet_state, vae_state, text_state,
                      keep_text="text_model" in parts)
+
+
+def _below(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of `state` under `prefix`, named without it."""
+    return {key[len(prefix) :]: tensor for key, tensor in state.items() if key.startswith(prefix)}
+
+
+def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor], keys: list[str],
+                     parts: frozenset[str], shapes: Architecture) -> StableDiffusion:
+    """An SD 2.x or SDXL single file: the family's shipped shapes (or `shapes`, when they are of this family: a test's
+    tiny model), the VAE's read from its weights, the prediction type from its name (`file_prediction_type`)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+
+    families.refuse_denoiser_parts(path, family, parts)
+    prefix = families.vae_prefix(keys)
+    vae = families.vae_config_from_weights(path, family, state, keys, prefix)
+    arch = whole(family, vae, path.name, families.file_prediction_type(path, family),
+                 shapes if shapes.family == family.key else None)
+    try:
+        unet, encoder, text, decoder = _empty_modules(arch, parts)
+    except ValueError as exc:  # diffusers refuses widths its layers cannot take (e.g. group norms)
+        raise ValueError(f"{path}: not a {family.title} model Mist can read: {exc}") from exc
+    try:
+        unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
+    except (KeyError, IndexError) as exc:  # the converter indexes the weights it expects directly
+        raise ValueError(f"{path}: not a {family.title} model: UNet weights missing ({exc})") from exc
+    towers = []
+    if text is not None and family.key == "sdxl":
+        towers = [_below(state, _SDXL_TOWERS[0]), convert_open_clip_checkpoint(text[1], state, _SDXL_TOWERS[1])]
+    elif text is not None:
+        towers = [convert_open_clip_checkpoint(text, state, families.SD2_TEXT)]
+    return _assemble(path, arch, unet, encoder, text, decoder, unet_state, _file_vae_state(state, prefix, vae),
+                     _tower_states(text, towers))
 
 
 def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], keys: list[str],
                    parts: frozenset[str]) -> StableDiffusion:
     """The VAE (encoder, and decoder if asked) of a single file of an encoder-only `family`."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
     families.refuse_denoiser_parts(path, family, parts)
     prefix = families.vae_prefix(keys)
     vae = families.vae_config_from_weights(path, family, state, keys, prefix)
     arch = encoder_only(family, vae, path.name)
-    own = tuple(prefix + p for names in VAE_PARTS.values() for p in names)
-    vae_state = convert_ldm_vae_checkpoint({k[len(prefix) :]: v for k, v in state.items() if k.startswith(own)}, vae)
     _, encoder, _, decoder = _empty_modules(arch, parts)
-    return _assemble(path, arch, None, encoder, None, decoder, {}, vae_state, {})
+    return _assemble(path, arch, None, encoder, None, decoder, {}, _file_vae_state(state, prefix, vae), {})
+
+
+def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> dict[str, torch.Tensor]:
+    """A single file's VAE weights (under `prefix`) renamed for diffusers' modules of config `vae`."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    own = tuple(prefix + p for names in VAE_PARTS.values() for p in names)
+    return convert_ldm_vae_checkpoint({k[len(prefix) :]: v for k, v in state.items() if k.startswith(own)}, vae)
 
 
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
-    """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD v1 whole,
-    or the VAE of another family's pipeline (model_index.json names it)."""
+    """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD 1.x, 2.x
+    and XL whole, or the VAE of another family's pipeline (model_index.json names it)."""
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
                if (folder / part / "config.json").is_file()}
     family = families.folder_family(folder, index, present)
-    if family.key != "sd1":
+    if not family.denoiser:
         return _load_folder_vae(folder, family, parts)
+    if family.key != "sd1":
+        return _load_folder_whole(folder, family, parts)
     configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
@@ -161,6 +207,25 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
     )
 
 
+def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
+    """An SD 2.x or SDXL diffusers folder, with its own configs; what its denoiser predicts from its scheduler's."""
+    families.refuse_denoiser_parts(folder, family, parts)
+    towers = ("text_encoder", "text_encoder_2") if family.key == "sdxl" else ("text_encoder",)
+    needed = ("vae", *(("unet",) if "unet" in parts else ()), *(towers if parts & _TEXT_PARTS else ()))
+    configs = {part: _read_json(folder / part / "config.json") for part in needed}
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    shapes = Architecture(name=folder.name, unet=configs.get("unet", {}), vae=configs["vae"],
+                          text=configs.get("text_encoder", {}), text_2=configs.get("text_encoder_2", {}),
+                          family=family.key)
+    arch = whole(family, configs["vae"], folder.name, check_prediction_type(prediction, str(scheduler)), shapes)
+    unet, encoder, text, decoder = _empty_modules(arch, parts)
+    text_states = [_read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
+    return _assemble(folder, arch, unet, encoder, text, decoder,
+                     _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
+                     _folder_vae_state(folder, parts), _tower_states(text, text_states))
+
+
 def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
     """The VAE (encoder, and decoder if asked) of a diffusers folder of an encoder-only `family`."""
     families.refuse_denoiser_parts(folder, family, parts)
@@ -182,7 +247,6 @@ def _empty_modules(arch: Architecture, parts: frozenset[str]
     so building the 860M UNet costs neither time nor memory; None for a part not in `parts` (the encoder is always
     built)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(arch.unet) if "unet" in parts else None
@@ -190,15 +254,35 @@ def _empty_modules(arch: Architecture, parts: frozenset[str]
         decoder = latent_decoder(arch) if "decoder" in parts else None
     # The text encoder is built for real: it is small, and some transformers versions give it non-persistent buffers
     # (position ids) that no checkpoint holds and that would stay unallocated on the meta device.
-    text = CLIPTextModel(CLIPTextConfig(**arch.text)) if parts & _TEXT_PARTS else None
+    text = _text_module(arch) if parts & _TEXT_PARTS else None
     return unet, encoder, text, decoder
+
+
+def _text_module(arch: Architecture) -> nn.Module:
+    """`arch`'s text encoder: one CLIP text tower, or for SDXL (a `text_2`) an `nn.ModuleList` of CLIP-L and of
+    OpenCLIP-G with its projection (for the pooled embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    first = CLIPTextModel(CLIPTextConfig(**arch.text))
+    if not arch.text_2:
+        return first
+    return nn.ModuleList([first, CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_2))])
+
+
+def _tower_states(text: nn.Module | None, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One state dict for the text module `text` from each tower's weights (`states`, in order), named as the
+    module names them (`_match_text_level`; an SDXL `nn.ModuleList`'s towers under "0." and "1.")."""
+    if text is None:
+        return {}
+    if not isinstance(text, nn.ModuleList):
+        return _match_text_level(states[0], text)
+    return {f"{number}.{key}": tensor for number, (tower, state) in enumerate(zip(text, states, strict=True))
+            for key, tensor in _match_text_level(state, tower).items()}
 
 
 def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder: nn.Module, text: nn.Module | None,
               decoder: nn.Module | None, unet_state: dict, vae_state: dict, text_state: dict,
               keep_text: bool = False) -> StableDiffusion:
-    if text is not None:
-        text_state = _match_text_level(text_state, text)
     title = "Stable Diffusion v1" if arch.family == "sd1" else FAMILIES[arch.family].title
     for name, module, state in (("UNet", unet, unet_state), ("VAE encoder", encoder, vae_state),
                                 ("text encoder", text, text_state), ("VAE decoder", decoder, vae_state)):
@@ -220,12 +304,16 @@ def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder:
 
 def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[str, torch.Tensor]:
     """Rename CLIP keys to the module's own naming: with or without the `text_model.` level (it differs between
-    transformers versions, and NovelAI-style checkpoints drop it); position ids are a buffer, not a weight."""
-    nested = any(k.startswith("text_model.") for k in text.state_dict())
+    transformers versions, and NovelAI-style checkpoints drop it); position ids are a buffer, not a weight; a key
+    the module has as it is (a projection's `text_projection.weight`) stays."""
+    own = set(text.state_dict())
+    nested = any(k.startswith("text_model.") for k in own)
     renamed = {}
     for key, tensor in state.items():
         bare = key[len("text_model.") :] if key.startswith("text_model.") else key
-        if bare != "embeddings.position_ids":
+        if key in own:
+            renamed[key] = tensor
+        elif bare != "embeddings.position_ids":
             renamed["text_model." + bare if nested else bare] = tensor
     return renamed
 
