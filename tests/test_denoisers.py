@@ -258,3 +258,18 @@ def test_evaluate_mimics_with_another_family_what_was_protected_against_sd1(caps
     record = json.loads((report / "results.json").read_text())
     assert record["model"] == saved[family, "folder"].name and record["method"] == "mist"
     assert [h["mimicry"] for h in record["headline"]] == ["img2img:0.5"]
+
+
+def test_a_model_too_large_for_the_memory_is_refused_saying_what_it_needs(saved, monkeypatch):
+    """A folder (a float32 single file's weights, once read, are the model's: loading it needs nothing more)."""
+    import mist.models.loading as loading
+
+    layout = "folder"
+
+    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 1000)
+    path = saved["sdxl", layout]
+    with pytest.raises(ValueError, match=r"Stable Diffusion XL model needs about 0\.\d GB of memory") as caught:
+        _load(saved, "sdxl", layout)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    monkeypatch.setattr(loading, "available_ram_bytes", lambda: None)  # unknown: no refusal
+    assert _load(saved, "sdxl", layout).unet is not None

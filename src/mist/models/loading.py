@@ -24,6 +24,7 @@ from torch import nn
 from mist.models import families
 from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only, whole
 from mist.models.components import StableDiffusion, latent_decoder, latent_encoder
+from mist.models.device import available_ram_bytes
 from mist.models.families import FIRST_CONV, UNET, VAE_PARTS, first_cross_attention
 from mist.models.noising import check_prediction_type
 
@@ -137,6 +138,7 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
         unet, encoder, text, decoder = _empty_modules(arch, parts)
     except ValueError as exc:  # diffusers refuses widths its layers cannot take (e.g. group norms)
         raise ValueError(f"{path}: not a {family.title} model Mist can read: {exc}") from exc
+    refuse_too_large(path, family, (unet, encoder, text, decoder), state)
     try:
         unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
     except (KeyError, IndexError) as exc:  # the converter indexes the weights it expects directly
@@ -220,10 +222,26 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
                           family=family.key)
     arch = whole(family, configs["vae"], folder.name, check_prediction_type(prediction, str(scheduler)), shapes)
     unet, encoder, text, decoder = _empty_modules(arch, parts)
+    refuse_too_large(folder, family, (unet, encoder, text, decoder), {})
     text_states = [_read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
     return _assemble(folder, arch, unet, encoder, text, decoder,
                      _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
                      _folder_vae_state(folder, parts), _tower_states(text, text_states))
+
+
+def refuse_too_large(source: Path, family: Family, modules: tuple[nn.Module | None, ...],
+                     read: dict[str, torch.Tensor]) -> None:
+    """ValueError naming `source`, in one line, when the float32 weights of `modules` (the parts a run asked for)
+    cannot fit in the memory this machine has available, counting what reading the file already holds (`read`):
+    SDXL's UNet alone has 2.6B parameters, 10.3 GB in float32, its two text encoders 0.8B more."""
+    available = available_ram_bytes()
+    if available is None:
+        return
+    needed = 4 * sum(p.numel() for module in modules if module is not None for p in module.parameters())
+    held = sum(tensor.numel() * tensor.element_size() for tensor in read.values())
+    if needed > available + held:
+        raise ValueError(f"{source}: this {family.title} model needs about {needed / 1e9:.1f} GB of memory to load "
+                         f"the parts this run uses in float32, and {(available + held) / 1e9:.1f} GB is available")
 
 
 def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
