@@ -3,7 +3,7 @@
 
 The loss is SD's own training loss, the denoising loss of `mist.engine.objectives.denoising_loss`: for an image x with
 posterior sample z = E(x), t ~ U{0..999} and n ~ N(0, I), mean((eps_theta(z_t, t, c) - n) ** 2) (epsilon
-prediction), averaged over the batch and minimised with AdamW.
+prediction; v for a v-prediction model), averaged over the batch and minimised with AdamW.
 
 Two kinds of surrogate, both built beside the caller's model and never inside it:
 - "lora" (default): LoRA adapters (Hu et al., ICLR 2022) made with `peft` on the attention projections of a copy of the
@@ -22,7 +22,8 @@ clipped to 1, batch size 1, constant learning rate, and 500 steps (the DreamBoot
 surrogate uses the same rank, learning rate and optimiser (psyker-team/mist-v2, attacks/mist.py).
 
 The text encoder is not trained: a loaded `StableDiffusion` keeps only the embeddings of its prompts, not the encoder.
-The conditioning is an embedding (1, 77, D) the caller gives, such as `model.text_embedding("a painting")`.
+The conditioning is what the caller gives: `model.conditioning("a painting")` (SDXL's carries its pooled embedding
+too), or for SD 1.x / 2.x a bare embedding (1, 77, D).
 
 Random numbers come from the caller's `torch.Generator` (or `FinetuneOptions.seed`): adapter initialisation, which
 images each step takes, and each image's posterior sample, t and n, in that order. Same seed, same result on a CPU.
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from mist.engine import objectives
+from mist.models.conditioning import Conditioning
 
 if TYPE_CHECKING:
     from mist.models import StableDiffusion
@@ -164,10 +166,10 @@ class Surrogate:
         else:
             self.unet.load_state_dict(state)
 
-    def train(self, images: torch.Tensor, text: torch.Tensor, steps: int | None = None,
+    def train(self, images: torch.Tensor, text: Conditioning | torch.Tensor, steps: int | None = None,
               generator: torch.Generator | None = None,
               callback: Callable[[int, float], None] | None = None) -> list[float]:
-        """Fine-tune on `images` (N, 3, H, W) in [-1, 1] conditioned on `text` (1, 77, D) for `steps` (default: the
+        """Fine-tune on `images` (N, 3, H, W) in [-1, 1] conditioned on `text` (one row) for `steps` (default: the
         options') optimiser steps with a fresh AdamW (as Anti-DreamBooth and Mist-v2 start one per training round);
         returns each step's loss. Each step takes `batch_size` images, going through them in a random order drawn
         from `generator` (default: seeded with the options' seed), and draws each image's posterior sample, t and n
@@ -199,11 +201,11 @@ class Surrogate:
         return losses
 
 
-def train_lora(model: StableDiffusion, images: torch.Tensor, text: torch.Tensor,
+def train_lora(model: StableDiffusion, images: torch.Tensor, text: Conditioning | torch.Tensor,
                options: FinetuneOptions = FinetuneOptions(), precision: str = "fp32",
                callback: Callable[[int, float], None] | None = None) -> FinetuneResult:
     """Fine-tune a surrogate of `model` (LoRA by default; `options.kind`) on `images` (N, 3, H, W) in [-1, 1] with the
-    conditioning `text` (1, 77, D), seeded with `options.seed`; `model` is left unchanged. To sample from the result,
+    conditioning `text` (one row), seeded with `options.seed`; `model` is left unchanged. To sample from the result,
     make a `Surrogate` and `load_trainable_state(result.state)`."""
     generator = torch.Generator().manual_seed(options.seed)
     surrogate = Surrogate(model, options, generator, precision)
