@@ -273,3 +273,19 @@ def test_a_model_too_large_for_the_memory_is_refused_saying_what_it_needs(saved,
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     monkeypatch.setattr(loading, "available_ram_bytes", lambda: None)  # unknown: no refusal
     assert _load(saved, "sdxl", layout).unet is not None
+
+
+SURROGATE_METHODS = {"mist2": {}, "mist2-lora": {"round_steps": 2, "surrogate_steps": 1},
+                     "aspl": {"round_steps": 2, "surrogate_steps": 1}}
+
+
+@pytest.mark.parametrize("method", SURROGATE_METHODS)
+def test_the_target_unet_and_surrogate_methods_run_on_a_v_model_and_on_sdxl(saved, method):
+    """Mist-v2's and Anti-DreamBooth's losses (the noise the UNet predicts; surrogate fine-tuning with the model's own
+    training loss) change the image within the budget on SD 2.x-v and SDXL."""
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    config = ProtectConfig.of(method=method, steps=4, input_size=32, precision="fp32", **SURROGATE_METHODS[method])
+    for family, layout in (("sd2", "v-folder"), ("sdxl", "file")):
+        result = Protector(_load(saved, family, layout, config.parts), config).protect(picture)
+        change = np.abs(np.asarray(result.image, dtype=int) - np.asarray(picture, dtype=int))
+        assert 0 < change.max() <= 16, (family, method)
