@@ -128,10 +128,7 @@ def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], k
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD v1 whole,
     or the VAE of another family's pipeline (model_index.json names it)."""
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
-               if (folder / part / "config.json").is_file()}
-    family = families.folder_family(folder, index, present)
+    family = folder_family(folder)
     if family.key != "sd1":
         return _load_folder_vae(folder, family, parts)
     configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
@@ -159,6 +156,15 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
         _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
         keep_text="text_model" in parts,
     )
+
+
+def folder_family(folder: Path) -> Family:
+    """The family of the diffusers folder `folder`, told from its model_index.json and the UNet and text encoder
+    configs it has (no weights read); ValueError naming the folder for what Mist refuses."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
+               if (folder / part / "config.json").is_file()}
+    return families.folder_family(folder, index, present)
 
 
 def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:

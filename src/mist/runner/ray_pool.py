@@ -192,6 +192,11 @@ class RayModels:
         description = self.describe()
         return _Identity(description["name"], description["sha256"])
 
+    def refusal(self, config: ProtectConfig) -> str | None:
+        """None: each worker opens its own model (its path is the worker's), so a method its model cannot run is
+        refused by the worker, when the job runs."""
+        return None
+
     def precision(self, precision: str) -> str:
         import ray
 
