@@ -4,13 +4,13 @@
 
 Encoder side (photoguard, pid, mist --mode textural): the VAE encoder forward and backward to the image, for the VAE of
 SD 1.x and 2.x (the same), SDXL, SD 3.x and Flux, built from the configs Mist ships. Denoiser side (mist's semantic and
-fused modes, advdm, sds...): the encoder, then the UNet forward and backward to the image through the latent, for the
-SD 2.x UNet (865M parameters: cross-attention 1024 wide, linear projections, head dims 5/10/20/20) and the SDXL base
-UNet (2.6B: three levels, 1/2/10 transformer layers, cross-attention 2048 wide, with random "text_time" added
-conditioning: a pooled text embedding and six size numbers), both from their published architecture numbers (Mist does
-not run these UNets yet: this measures what a denoiser-side step would cost on them). The step is the loss of the kind
-written out (a squared distance of the scaled posterior mean; the noise prediction's mean squared error of a sampled,
-noised latent plus that distance), not the engine's Protector: `bench.py` measures the engine's own SD 1.x step.
+fused modes, advdm, sds...): the encoder, then the UNet forward and backward to the image through the latent, for the SD
+2.x UNet (865M parameters: cross-attention 1024 wide, linear projections, head dims 5/10/20/20) and the SDXL base UNet
+(2.6B: three levels, 1/2/10 transformer layers, cross-attention 2048 wide, with random "text_time" added conditioning: a
+pooled text embedding and six size numbers), both from their published architecture numbers. The step is the loss of the
+kind written out (a squared distance of the scaled posterior mean; the noise prediction's mean squared error of a
+sampled, noised latent plus that distance), not the engine's Protector: `bench.py` measures the engine's own SD 1.x
+step.
 
 Each configuration runs in a fresh process: the networks are allocated directly in the precision (bf16 where the CPU has
 avx512_bf16 or amx_bf16, else fp32; channels-last in bf16 as the engine places them), one step is counted by

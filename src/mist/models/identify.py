@@ -9,8 +9,9 @@ from pathlib import Path
 
 from mist.models import families
 from mist.models.architectures import FAMILIES, Family
-from mist.models.loading import _read_original_state_dict, folder_family
+from mist.models.loading import _read_json, _read_original_state_dict
 from mist.models.locate import TINY_RANDOM
+from mist.models.vae_folder import is_vae_folder, vae_folder_family
 
 
 def model_family(where: str | os.PathLike) -> Family:
@@ -21,9 +22,20 @@ def model_family(where: str | os.PathLike) -> Family:
     if str(where) == TINY_RANDOM:
         return FAMILIES["sd1"]
     path = Path(where)
+    if is_vae_folder(path):
+        return vae_folder_family(path)
     if path.is_dir():
-        return folder_family(path)
+        return _folder_family(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such model file or folder")
     state, keys = _read_original_state_dict(path, frozenset())
     return families.file_family(path, state, keys)
+
+
+def _folder_family(folder: Path) -> Family:
+    """A diffusers pipeline folder's family, from its model_index.json and the UNet and text encoder configs it has
+    (as `loading.load_diffusers_folder` reads them)."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
+               if (folder / part / "config.json").is_file()}
+    return families.folder_family(folder, index, configs)

@@ -128,9 +128,10 @@ def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], k
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD v1 whole,
     or the VAE of another family's pipeline (model_index.json names it)."""
-    family = folder_family(folder)
-    if _lone_vae(folder):
-        return _load_folder_vae(folder, family, parts, vae=folder)
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
+               if (folder / part / "config.json").is_file()}
+    family = families.folder_family(folder, index, present)
     if family.key != "sd1":
         return _load_folder_vae(folder, family, parts)
     configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
@@ -154,45 +155,24 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
     return _assemble(
         folder, arch, unet, encoder, text, decoder,
         _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
-        _folder_vae_state(folder / "vae", parts),
+        _folder_vae_state(folder, parts),
         _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
         keep_text="text_model" in parts,
     )
 
 
-def folder_family(folder: Path) -> Family:
-    """The family of the diffusers folder `folder`, told from its model_index.json and the UNet and text encoder
-    configs it has, or for a VAE folder alone from its config (no weights read); ValueError naming the folder for what
-    Mist refuses."""
-    if _lone_vae(folder):
-        return families.lone_vae_family(folder, _read_json(folder / "config.json"))
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
-               if (folder / part / "config.json").is_file()}
-    return families.folder_family(folder, index, present)
-
-
-def _lone_vae(folder: Path) -> bool:
-    """Whether `folder` is a diffusers VAE alone (config.json of an AutoencoderKL beside its weights, no pipeline)."""
-    config = folder / "config.json"
-    return (config.is_file() and not (folder / "model_index.json").is_file()
-            and _read_json(config).get("_class_name") == "AutoencoderKL")
-
-
-def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str], vae: Path | None = None) -> StableDiffusion:
-    """The VAE (encoder, and decoder if asked) of a diffusers folder of an encoder-only `family`, from its `vae`
-    subfolder (default: folder/vae)."""
-    vae = vae or folder / "vae"
+def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
+    """The VAE (encoder, and decoder if asked) of a diffusers folder of an encoder-only `family`."""
     families.refuse_denoiser_parts(folder, family, parts)
-    arch = encoder_only(family, _read_json(vae / "config.json"), folder.name)
+    arch = encoder_only(family, _read_json(folder / "vae" / "config.json"), folder.name)
     _, encoder, _, decoder = _empty_modules(arch, parts)
-    return _assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(vae, parts), {})
+    return _assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
 
 
-def _folder_vae_state(vae: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
-    """The weights of the diffusers VAE folder `vae` that `parts` use: the encoder's, and the decoder's if asked."""
+def _folder_vae_state(folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
+    """The VAE weights of a diffusers folder that `parts` use: the encoder's, and the decoder's if asked."""
     wanted = tuple(p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
-    return {k: v for k, v in _read_weights(vae, ("diffusion_pytorch_model",)).items()
+    return {k: v for k, v in _read_weights(folder / "vae", ("diffusion_pytorch_model",)).items()
             if k.startswith(wanted)}
 
 
