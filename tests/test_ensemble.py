@@ -202,3 +202,79 @@ def test_combining_needs_members_and_a_known_rule(models):
 def test_without_against_the_settings_record_is_as_before():
     record = json.loads(ProtectConfig.of(method="pid").to_json())
     assert "against" not in record and "against_combine" not in record
+
+
+# ------------------------------------------------------------------------------------- members kept, Ray's record
+
+
+class _Quiet:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _count_member_loads(monkeypatch) -> list[str]:
+    from mist.engine import ensemble
+
+    loaded: list[str] = []
+    real = ensemble.load_model
+
+    def counting(spec, **kwargs):
+        loaded.append(Path(spec).name)
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(ensemble, "load_model", counting)
+    return loaded
+
+
+def test_members_are_read_once_per_process_across_jobs_and_precisions(monkeypatch, tmp_path):
+    """Jobs after jobs (a folder, then another job of a service) on one model cache: each member read once, its kept
+    encoder left in float32 by a bf16 run, and the fp32 run after it the same as one on freshly read members."""
+    from mist.runner.jobs import Job, ModelCache, run_jobs
+
+    members = (save_single_file(tmp_path / "kept-xl.safetensors", "sdxl", tiny_vae("sdxl", seed=21)),
+               save_folder(tmp_path / "kept-sd3", "sd3", tiny_vae("sd3", seed=22)))
+    loaded = _count_member_loads(monkeypatch)
+    for n in range(3):
+        Image.fromarray(np.random.default_rng(n).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / f"p{n}.png")
+    cache = ModelCache("tiny-random", "cpu")
+    base = dict(method="photoguard", steps=2, input_size=32, against=",".join(map(str, members)))
+    for run, precision in enumerate(("bf16", "fp32", "fp32")):
+        jobs = [Job(tmp_path / f"p{n}.png", tmp_path / f"out{run}" / f"p{n}.png") for n in range(3)]
+        assert run_jobs(jobs, ProtectConfig.of(**base, precision=precision), cache, _Quiet()).ok
+    assert loaded == ["kept-xl.safetensors", "kept-sd3"]
+    from mist.engine.ensemble import member_encoder
+
+    assert all(member_encoder(path).dtype == torch.float32 for path in members)
+    kept = member_encoder(members[0]).encoder.state_dict()
+    fresh = load_model(str(members[0]), parts=frozenset({"encoder"})).encoder.state_dict()
+    assert all(torch.equal(kept[name], fresh[name]) for name in fresh)  # a bf16 run converted a copy, not these
+    from mist.engine import ensemble
+
+    monkeypatch.setattr(ensemble, "_KEPT", {})  # as in a new process: the members read again
+    jobs = [Job(tmp_path / f"p{n}.png", tmp_path / "fresh" / f"p{n}.png") for n in range(3)]
+    assert run_jobs(jobs, ProtectConfig.of(**base, precision="fp32"), cache, _Quiet()).ok
+    assert len(loaded) == 4
+    assert [(tmp_path / "out1" / f"p{n}.png").read_bytes() for n in range(3)] == \
+        [(tmp_path / "fresh" / f"p{n}.png").read_bytes() for n in range(3)]
+
+
+def test_a_ray_worker_names_the_members_and_the_runner_records_them_as_locally(models, tmp_path):
+    """What a Ray worker answers (`_ProtectActor.prepare`, called here without a cluster) carries the ensemble's
+    names, so the runner writes `mist:ensemble` from the worker's result exactly as it does from a local run."""
+    from mist.runner.jobs import ModelCache, ensemble_record
+    from mist.runner.ray_pool import RemoteProtector, Setup, _ProtectActor
+
+    config = ProtectConfig.of(method="pid", steps=2, input_size=32, precision="fp32",
+                              against=f"{models['sdxl']},{models['sd3']}")
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    actor = _ProtectActor(str(models["sd1"]), "cpu", False)
+    setup = Setup(config, {}, 1)
+    remote = RemoteProtector([actor], setup, config, *actor.prepare(setup))
+    remote_record = json.loads(ensemble_record(remote, actor.protect(setup, picture, None)))
+    local = ModelCache(str(models["sd1"]), "cpu").protector(config)
+    local_record = json.loads(ensemble_record(local, local.protect(picture)))
+    assert remote.ensemble == local.ensemble == ["SD1-tiny", "SDXL-tiny.safetensors", "SD3-tiny"]
+    assert [m["model"] for m in remote_record["members"]] == [m["model"] for m in local_record["members"]]
+    for there, here in zip(remote_record["members"], local_record["members"], strict=True):
+        assert there["start"] == pytest.approx(here["start"]) and there["end"] == pytest.approx(here["end"])

@@ -16,10 +16,17 @@ start at +1 or -1 and count alike; then
 The sign step follows the gradient of that combination. Each member's raw objective is also reported as a term
 `loss@LABEL` (LABEL: its model's file or folder name), so progress lines and outputs show every member's loss at the
 start and the end of the attack.
+
+Each member's VAE encoder is read from disk once per process (`member_encoder`) and kept, in float32 on the CPU, for
+the next Protectors: a folder of images, a batch after batch, a service's next job do not read it again. That costs
+its float32 size for the life of the process, 137 MB per member (34.2M parameters for SD 1.x, 2.x and SDXL, 34.3M for
+SD 3.x and Flux); a Protector on another device or in half precision holds its own converted copy beside it while it
+lives (69 MB in bf16), and on the CPU in float32 uses the kept weights themselves.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +37,11 @@ from mist.common.model_names import TINY_RANDOM, model_label
 from mist.engine.config import ProtectConfig
 from mist.engine.methods import Loss, LossTerms, Method, get_method
 from mist.engine.objectives import PRECISION_DTYPES
-from mist.models import load_model
+from mist.models import StableDiffusion, load_model, resolve_model
 
 ENCODER_ONLY = frozenset({"encoder"})
+_KEPT: dict[tuple[str, frozenset[str]], StableDiffusion] = {}  # by resolved path and parts: see the module's notes
+_KEPT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -55,10 +64,21 @@ def load_members(config: ProtectConfig, device: torch.device, precision: str, lo
     method = get_method(config.method)
     members = []
     for spec in config.against:
-        model = load_model(spec, parts=ENCODER_ONLY).placed(device, PRECISION_DTYPES[precision], in_place=True)
-        model.set_gradient_checkpointing(low_memory)
+        model = member_encoder(spec).placed(device, PRECISION_DTYPES[precision])
+        model.set_gradient_checkpointing(low_memory)  # on this Protector's copy of the modules, not the kept ones
         members.append(Member(source_label(spec), method(config.params, model, precision)))
     return members
+
+
+def member_encoder(spec: str | Path) -> StableDiffusion:
+    """The VAE encoder alone of the model `spec` names, float32 on the CPU: read on the first call for its resolved
+    path in this process and kept for the next ones (never changed: callers place a copy). ValueError or
+    ModelNotFoundError naming a model that cannot be read."""
+    key = (str(resolve_model(spec)), ENCODER_ONLY)
+    with _KEPT_LOCK:
+        if key not in _KEPT:
+            _KEPT[key] = load_model(spec, parts=ENCODER_ONLY)
+        return _KEPT[key]
 
 
 def term_name(label: str) -> str:

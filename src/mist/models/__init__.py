@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from mist.models.architectures import SD_V1, TINY, Architecture
 from mist.models.components import StableDiffusion
 from mist.models.loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
 from mist.common.model_names import model_label
 from mist.models.locate import TINY_RANDOM, ModelNotFoundError, resolve_model
+from mist.models.vae_folder import is_vae_folder, load_vae_folder
 
 __all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY",
            "TINY_RANDOM", "load_model", "model_label", "quiet_model_libraries", "resolve_model"]
@@ -32,6 +34,8 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
     where = resolve_model(spec)
     if where == TINY_RANDOM:
         return build_random(TINY, parts=parts)
+    if is_vae_folder(where):
+        return load_vae_folder(Path(where), parts)
     return load_path(where, architecture, parts)
 
 

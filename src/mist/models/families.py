@@ -7,11 +7,15 @@ MMDiT `joint_blocks`, SDXL's second text encoder sits under `conditioner.embedde
 `conditioner.embedders.0.`, OpenCLIP-G), SD 2.x's OpenCLIP text encoder under `cond_stage_model.model.` and its
 cross-attention is 1024 wide; SD 1.x is the rest. A VAE alone (Flux's `ae.safetensors`: bare `encoder.` / `decoder.`
 keys) is told by its latent channels: 16 channels without `quant_conv` is Flux's layout, or SD 3.x's under
-`first_stage_model.`. Diffusers folders name their pipeline in model_index.json.
+`first_stage_model.`. Diffusers folders name their pipeline in model_index.json; a diffusers VAE folder alone (its
+config.json and weights) is told by the latent channels, scale and shift its config carries, which also tells SD 3.x's
+16-channel VAE from Flux's.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from math import isclose
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -88,7 +92,8 @@ def _lone_vae_family(path: Path, state: dict[str, torch.Tensor], keys: list[str]
     if channels == 16:
         return FAMILIES["sd3" if prefix == "first_stage_model." else "flux"]
     raise ValueError(f"{path}: a VAE alone with {channels} latent channels (SD 1.x's, 2.x's and SDXL's have 4 and the "
-                     "same shape, so Mist cannot tell which model it serves): give the whole model's file or folder")
+                     "same shape, so Mist cannot tell which model it serves): give the whole model's file or folder, "
+                     "or the VAE as a diffusers folder (config.json with its scaling_factor beside the weights)")
 
 
 def first_cross_attention(keys: list[str]) -> str | None:
@@ -131,6 +136,21 @@ def folder_family(folder: Path, index: dict[str, Any], configs: dict[str, dict[s
     if PIPELINES[name] == "sd1" and (_SD2_WIDTH in widths or configs.get("unet", {}).get("use_linear_projection")):
         return FAMILIES["sd2"]  # SD 2.x's UNet projects into its transformers linearly, SD 1.x's with 1x1 convolutions
     return FAMILIES[PIPELINES[name]]
+
+
+def lone_vae_family(folder: Path, config: dict[str, Any]) -> Family:
+    """The family of the diffusers VAE folder `folder` alone, told from its `config`'s latent channels, scaling_factor
+    and shift_factor (SD 1.x's and 2.x's VAE is one: read as SD 1.x's), as one without its denoiser: only the
+    encoder-side methods run on a VAE alone. ValueError naming the folder when they match no family's."""
+    channels = config.get("latent_channels", 4)
+    scale, shift = config.get("scaling_factor"), config.get("shift_factor") or 0.0
+    for family in FAMILIES.values():
+        known = family.vae_config()
+        if (known["latent_channels"] == channels and scale is not None and isclose(known["scaling_factor"], scale)
+                and isclose(known.get("shift_factor") or 0.0, shift, abs_tol=1e-9)):
+            return replace(family, title=f"{family.title} VAE (alone)", denoiser=False)
+    raise ValueError(f"{folder}: a VAE alone whose config ({channels} latent channels, scaling_factor {scale}, "
+                     f"shift_factor {shift}) matches no family Mist knows: give the whole model's file or folder")
 
 
 def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[str]) -> None:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from mist.models import StableDiffusion
+    from mist.models.architectures import Family
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ class ModelCache:
         self.attack_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._models: dict[str, StableDiffusion] = {}
+        self._families: dict[str, Family] = {}  # by resolved path: told once, without loading (`refusal`)
         self.loads = 0  # how many times a model was read (tests check it is once)
 
     images_at_once = 1  # images the job runner hands `protector().protect_many` per attack batch (a Ray pool: more)
@@ -179,6 +181,29 @@ class ModelCache:
     def identity(self) -> ModelIdentity:
         """How outputs name the model and resuming recognises it."""
         return ModelIdentity(self.where())
+
+    def refusal(self, config: ProtectConfig) -> str | None:
+        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it): one
+        line naming the model by its file or folder name, never its path; None when it can. The family is told once
+        per model without loading it (`mist.models.identify`). Raises ModelNotFoundError, or ValueError for a model
+        file Mist refuses or cannot read."""
+        from mist.models import model_label
+        from mist.models.architectures import FAMILIES
+        from mist.models.families import refuse_denoiser_parts
+        from mist.models.identify import model_family
+
+        where = self.where()
+        if self._given is not None:
+            family = FAMILIES[self._given.arch.family]
+        else:
+            if str(where) not in self._families:
+                self._families[str(where)] = model_family(where)
+            family = self._families[str(where)]
+        try:
+            refuse_denoiser_parts(model_label(where), family, config.parts)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def device(self) -> torch.device:
         """The device jobs run on; ValueError("device: ...") for one this machine lacks."""

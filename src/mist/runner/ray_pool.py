@@ -66,11 +66,13 @@ class _ProtectActor:
         assert self._config is not None
         return self.models.protector(self._config, batch_size=setup.batch_size)
 
-    def prepare(self, setup: Setup) -> tuple[str, str, bool]:
-        """Load the model (once); returns the algorithm, the precision and whether the weights are random, as outputs
-        record them."""
+    def prepare(self, setup: Setup) -> tuple[str, str, bool, list[str]]:
+        """Load the model (once) and the ensemble's members (once per process, `mist.engine.ensemble`); returns the
+        algorithm, the precision, whether the weights are random and the ensemble's member names (the worker's model
+        first; empty without `against`), as outputs record them."""
         protector = self._protector(setup)
-        return protector.method.algorithm(), protector.precision, protector.model.random_weights
+        return (protector.method.algorithm(), protector.precision, protector.model.random_weights,
+                list(protector.ensemble))
 
     def protect(self, setup: Setup, picture: Any, mask: Any) -> ProtectedImage:
         return self._protector(setup).protect_many([picture], [mask])[0]
@@ -92,10 +94,9 @@ class _RemoteModel:
 class RemoteProtector:
     """What the job runner needs of a Protector, with the attacks done by the pool's actors, one image each."""
 
-    ensemble: list[str] = []  # with --against the workers run the ensemble; outputs do not record its members here
-
     def __init__(self, actors: list[Any], setup: Any, config: ProtectConfig, algorithm: str, precision: str,
-                 random_weights: bool) -> None:
+                 random_weights: bool, ensemble: list[str]) -> None:
+        self.ensemble = ensemble  # the members' names as the first worker gave them (the runner records their losses)
         self.actors = actors
         self.setup = setup  # the Setup, in Ray's object store
         self.config = config
@@ -192,6 +193,11 @@ class RayModels:
         description = self.describe()
         return _Identity(description["name"], description["sha256"])
 
+    def refusal(self, config: ProtectConfig) -> str | None:
+        """None: each worker opens its own model (its path is the worker's), so a method its model cannot run is
+        refused by the worker, when the job runs."""
+        return None
+
     def precision(self, precision: str) -> str:
         import ray
 
@@ -206,8 +212,7 @@ class RayModels:
         files = {name: path.read_bytes() for name, path in config.files().items() if name != "mask"}
         setup = ray.put(Setup(config, files, batch_size))
         answers = ray.get([actor.prepare.remote(setup) for actor in self.actors()])
-        algorithm, precision, random_weights = answers[0]
-        return RemoteProtector(self.actors(), setup, config, algorithm, precision, random_weights)
+        return RemoteProtector(self.actors(), setup, config, *answers[0])
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ from mist.faces.service.metrics import metrics_text
 from mist.faces.service.store import (FINISHED, LOCAL_OWNER, DuplicateKey, JobRecord, JobStore, Limits, QueueFull,
                                       new_job_id)
 from mist.faces.service.evaluations import parse_evaluation_settings, save_evaluation
-from mist.faces.service.submit import SubmitError, Upload, parse_settings, save_submission, uploads_by_field
+from mist.faces.service.submit import (SubmitError, Upload, parse_settings, removed_on_failure, save_submission,
+                                       uploads_by_field)
 from mist.faces.service.layout import OUTPUT_FOLDER, job_folder
-from mist.faces.service.worker import Worker
+from mist.faces.service.worker import Worker, job_config
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ name (`target`). Settings: fields named like `mist protect`'s flags ({_field_nam
     s.flag for s in RUN_SETTINGS.values() if s.kind != "file" and not s.local)}, and the method's parameters such
 as `mode`, `fused-weight`, `object`), or one JSON object in the field `settings`; `metadata`: `full` or `minimal`.
 Header `Idempotency-Key`: a retried submission with the same key returns the first job (200). Answers 201 with the job's
-status; 400 / 413 / 429 with `{{"error": "..."}}` naming the field or file."""
+status; 400 / 413 / 422 (a method the server's model cannot run) / 429 with `{{"error": "..."}}` naming the field
+or file."""
 EVALUATE_HELP = f"""Evaluate protected images as `mist evaluate` does (purifications, img2img mimicry at each strength,
 LoRA if asked), as a job: queued with the protection jobs, followed, cancelled, resumed and deleted through
 `/v1/jobs/{{id}}` like them (its status has `kind: evaluate` and `progress` in units of work). A multipart form. Files:
@@ -220,7 +222,20 @@ def _protection(service: Service, who: Caller, folder: Path, texts: dict[str, st
     if problem := service.work_limits.problem(settings):
         raise ApiError(400, problem)
     submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
+    with removed_on_failure(folder):
+        _refuse_method(service, job_config(submission.settings, folder))
     return submission.settings, submission.metadata_level, submission.images
+
+
+def _refuse_method(service: Service, config: ProtectConfig) -> None:
+    """422 naming the server's model (its file name) when it cannot run `config`'s method: a denoiser-side method on a
+    family whose denoiser Mist does not run. A model that cannot be found or read is left to the job to report."""
+    try:
+        refused = service.worker.models.refusal(config)
+    except (OSError, ValueError):  # ModelNotFoundError is an OSError
+        return
+    if refused is not None:
+        raise ApiError(422, refused)
 
 
 def _evaluation(service: Service, who: Caller, folder: Path, texts: dict[str, str],

@@ -48,9 +48,10 @@ class WorkerStats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def job_config(job: JobRecord, folder: Path) -> ProtectConfig:
-    """The job's settings, with the files it names (a mask, a target) resolved in its folder."""
-    settings = dict(job.settings)
+def job_config(stored: dict[str, Any], folder: Path) -> ProtectConfig:
+    """A job's settings as the store records them, with the files they name (a mask, a target) resolved in the job's
+    folder."""
+    settings = dict(stored)
     for name in settings.pop("_files", []):
         settings[name] = folder / settings[name]
     return ProtectConfig.of(**settings)
@@ -170,7 +171,7 @@ class Worker:
         """Protect the job's images; returns the state it ends in."""
         jobs = [Job(folder / image.source, folder / image.output, label=image.name,
                     mask=folder / image.mask if image.mask else None) for image in job.images]
-        summary = run_jobs(jobs, job_config(job, folder), self.models, reporter, batch_size=self.batch_size,
+        summary = run_jobs(jobs, job_config(job.settings, folder), self.models, reporter, batch_size=self.batch_size,
                            metadata=job.metadata_level, cancel=cancel)
         return "cancelled" if summary.cancelled else "failed" if summary.failed else "done"
 

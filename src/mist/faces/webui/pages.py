@@ -268,6 +268,9 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
             check_work(config, work_limits)
     except ValueError as exc:
         return _finish(result, f"{text(lang, 'invalid_settings')} {exc}", started)
+    problem = _model_problem(engine, config, lang)
+    if problem is not None:
+        return _finish(result, problem, started)
     accepted = []
     for upload in uploads:  # the upload limit is the page's own; the runner checks the files themselves
         problem = _upload_problem(upload, max_upload_bytes, lang, probe=False)
@@ -287,7 +290,7 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
     try:
         summary = run_jobs(jobs, config, engine, reporter, overwrite=True, cancel=cancel)
     except ModelNotFoundError as exc:
-        return _finish(result, f"{text(lang, 'no_model')}\n\n```\n{exc}\n```", started)
+        return _finish(result, _no_model(exc, lang), started)
     except (ValueError, OSError, RuntimeError) as exc:
         return _finish(result, f"{text(lang, 'model_failed')} {exc}", started)
     result.cancelled = summary.cancelled
@@ -304,6 +307,24 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
     if result.no_protection and result.outputs:
         status = f"**{text(lang, 'no_protection')}**\n\n{status}"
     return _finish(result, status, started)
+
+
+def _model_problem(engine: ModelCache, config: ProtectConfig, lang: str) -> str | None:
+    """The status line when the server's model cannot run `config` (no model, one Mist refuses, or a family whose
+    denoiser the chosen method needs and Mist does not run), told before any upload is taken; None when it can."""
+    from mist.models import ModelNotFoundError
+
+    try:
+        refused = engine.refusal(config)
+    except ModelNotFoundError as exc:
+        return _no_model(exc, lang)
+    except ValueError as exc:
+        return f"{text(lang, 'model_failed')} {exc}"
+    return None if refused is None else f"{text(lang, 'method_refused')} {refused}"
+
+
+def _no_model(exc: Exception, lang: str) -> str:
+    return f"{text(lang, 'no_model')}\n\n```\n{exc}\n```"
 
 
 class _PageReporter:

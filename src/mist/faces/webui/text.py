@@ -113,6 +113,8 @@ EN: dict[str, str] = {
     "no_input": "Upload an image first.",
     "no_model": "No Stable Diffusion model was found, so nothing can be protected yet. How to get one:",
     "model_failed": "The model could not be loaded:",
+    "method_refused": ("This server's model cannot run the chosen method; choose PhotoGuard, PID or Mist with the "
+                       "textural mode:"),
     "invalid_settings": "Invalid settings:",
     "no_protection": (
         "WARNING: this server runs a random-weight test model: the images it makes have NO protection (their PNG "
@@ -226,6 +228,7 @@ ZH: dict[str, str] = {
     "no_input": "请先上传图片。",
     "no_model": "没有找到 Stable Diffusion 模型，暂时无法进行保护。获取模型的方法：",
     "model_failed": "无法加载模型：",
+    "method_refused": "本服务器的模型无法运行所选方法，请改选 PhotoGuard、PID 或纹理模式的 Mist：",
     "invalid_settings": "参数无效：",
     "no_protection": "警告：本服务器运行的是随机权重的测试模型，生成的图片没有任何保护效果（PNG 元数据中也会注明）。",
     "too_large": "文件大小为 {size} MB，超过了本服务器 {limit} MB 的上限",
