@@ -36,24 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mist.models.architectures import FAMILIES  # noqa: E402
+
 from bench import (RESULT, RESULTS, _fill_random, answer_child, count_cpu_attention_flops, machine,  # noqa: E402
                    peak_rss_gb, peak_rss_reset)
 
-# The published UNet designs (diffusers UNet2DConditionModel arguments). SD 2.x: stabilityai/stable-diffusion-2-1's
-# (and 2-base's) UNet; SDXL: stabilityai/stable-diffusion-xl-base-1.0's.
-SD2_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
-                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-UNETS = {"sd2": SD2_UNET, "sdxl": SDXL_UNET}
+# The published UNet designs (diffusers UNet2DConditionModel arguments), as Mist ships them to read single files with:
+# SD 2.x: stabilityai/stable-diffusion-2-1's (and 2-base's) UNet; SDXL: stabilityai/stable-diffusion-xl-base-1.0's.
+UNETS = {key: FAMILIES[key].denoiser_configs()["unet"] for key in ("sd2", "sdxl")}
 PROMPT_TOKENS = 77
 POOLED_WIDTH = 1280  # SDXL's pooled text embedding (OpenCLIP-G's projection); 6 size numbers make up the rest of 2816
 # What each family's VAE row stands for (SD 2.x's VAE is SD 1.x's).

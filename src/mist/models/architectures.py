@@ -164,6 +164,13 @@ class Family:
             return {**SD_V1.vae, "scaling_factor": SD_V1.latent_scale}
         return json.loads(_asset_text(self.vae_asset))
 
+    def denoiser_configs(self) -> dict[str, Any]:
+        """The shipped shapes of the family's UNet and text encoders ("unet", "text", and "text_2" where there is a
+        second), a fresh copy; ValueError for a family whose denoiser Mist does not run."""
+        if self.denoiser_asset is None:
+            raise ValueError(f"{self.title}: Mist does not run its denoiser")
+        return json.loads(_asset_text(self.denoiser_asset))
+
 
 @lru_cache(maxsize=None)
 def _asset_text(name: str) -> str:
@@ -196,7 +203,7 @@ def whole(family: Family, vae: dict[str, Any], name: str, prediction_type: str =
     """The architecture of a whole `family` model (SD 2.x, SDXL): `vae` its VAE config, the UNet and text encoders
     those of `shapes` (a test's tiny model) or else the family's shipped configs, and its `prediction_type`."""
     if shapes is None:
-        shipped = json.loads(_asset_text(family.denoiser_asset))
+        shipped = family.denoiser_configs()
         shapes = Architecture(name=name, unet=shipped["unet"], vae=vae, text=shipped["text"],
                               text_2=shipped.get("text_2", {}))
     scale = vae.get("scaling_factor") or family.vae_config()["scaling_factor"]

@@ -100,21 +100,21 @@ def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[st
     encoder) are read."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    state, keys = _read_original_state_dict(path, parts)
+    state, keys = read_original_state_dict(path, parts)
     family = families.file_family(path, state, keys)
     if not family.denoiser:
         return _load_file_vae(path, family, state, keys, parts)
     if family.key != "sd1":
         return _load_file_whole(path, family, state, keys, parts, arch)
     _check_original_layout(path, state, keys, arch)
-    unet, encoder, text, decoder = _empty_modules(arch, parts)
+    unet, encoder, text, decoder = empty_modules(arch, parts)
     try:
         unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
         vae_state = convert_ldm_vae_checkpoint(state, {**arch.vae})
     except (KeyError, IndexError) as exc:  # the converters index the weights they expect directly
         raise ValueError(f"{path}: not a Stable Diffusion v1 model: weights missing ({exc})") from exc
     text_state = _tower_states(text, [_below(state, _TEXT)])
-    return _assemble(path, arch, unet, encoder, text, decoder, unet_state, vae_state, text_state,
+    return assemble(path, arch, unet, encoder, text, decoder, unet_state, vae_state, text_state,
                      keep_text="text_model" in parts)
 
 
@@ -135,7 +135,7 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
     arch = whole(family, vae, path.name, families.file_prediction_type(path, family),
                  shapes if shapes.family == family.key else None)
     try:
-        unet, encoder, text, decoder = _empty_modules(arch, parts)
+        unet, encoder, text, decoder = empty_modules(arch, parts)
     except ValueError as exc:  # diffusers refuses widths its layers cannot take (e.g. group norms)
         raise ValueError(f"{path}: not a {family.title} model Mist can read: {exc}") from exc
     refuse_too_large(path, family, (unet, encoder, text, decoder), state)
@@ -148,7 +148,7 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
         towers = [_below(state, _SDXL_TOWERS[0]), convert_open_clip_checkpoint(text[1], state, _SDXL_TOWERS[1])]
     elif text is not None:
         towers = [convert_open_clip_checkpoint(text, state, families.SD2_TEXT)]
-    return _assemble(path, arch, unet, encoder, text, decoder, unet_state, _file_vae_state(state, prefix, vae),
+    return assemble(path, arch, unet, encoder, text, decoder, unet_state, _file_vae_state(state, prefix, vae),
                      _tower_states(text, towers))
 
 
@@ -159,8 +159,8 @@ def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], k
     prefix = families.vae_prefix(keys)
     vae = families.vae_config_from_weights(path, family, state, keys, prefix)
     arch = encoder_only(family, vae, path.name)
-    _, encoder, _, decoder = _empty_modules(arch, parts)
-    return _assemble(path, arch, None, encoder, None, decoder, {}, _file_vae_state(state, prefix, vae), {})
+    _, encoder, _, decoder = empty_modules(arch, parts)
+    return assemble(path, arch, None, encoder, None, decoder, {}, _file_vae_state(state, prefix, vae), {})
 
 
 def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> dict[str, torch.Tensor]:
@@ -174,17 +174,17 @@ def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> d
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD 1.x, 2.x
     and XL whole, or the VAE of another family's pipeline (model_index.json names it)."""
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    present = {part: _read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    present = {part: read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
                if (folder / part / "config.json").is_file()}
     family = families.folder_family(folder, index, present)
     if not family.denoiser:
         return _load_folder_vae(folder, family, parts)
     if family.key != "sd1":
         return _load_folder_whole(folder, family, parts)
-    configs = {part: _read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+    configs = {part: read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    prediction = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
     unet_cfg, text_cfg = configs["unet"], configs["text_encoder"]
     problems = []
     if prediction != "epsilon":
@@ -199,12 +199,12 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
         raise ValueError(f"{folder}: not a Stable Diffusion v1 model: {'; '.join(problems)}")
     arch = Architecture(name=folder.name, unet=unet_cfg, vae=configs["vae"], text=text_cfg,
                         latent_scale=configs["vae"].get("scaling_factor", 0.18215))
-    unet, encoder, text, decoder = _empty_modules(arch, parts)
-    return _assemble(
+    unet, encoder, text, decoder = empty_modules(arch, parts)
+    return assemble(
         folder, arch, unet, encoder, text, decoder,
-        _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
+        read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
         _folder_vae_state(folder, parts),
-        _read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
+        read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
         keep_text="text_model" in parts,
     )
 
@@ -214,18 +214,18 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
     families.refuse_denoiser_parts(folder, family, parts)
     towers = ("text_encoder", "text_encoder_2") if family.key == "sdxl" else ("text_encoder",)
     needed = ("vae", *(("unet",) if "unet" in parts else ()), *(towers if parts & _TEXT_PARTS else ()))
-    configs = {part: _read_json(folder / part / "config.json") for part in needed}
+    configs = {part: read_json(folder / part / "config.json") for part in needed}
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    prediction = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
     shapes = Architecture(name=folder.name, unet=configs.get("unet", {}), vae=configs["vae"],
                           text=configs.get("text_encoder", {}), text_2=configs.get("text_encoder_2", {}),
                           family=family.key)
     arch = whole(family, configs["vae"], folder.name, check_prediction_type(prediction, str(scheduler)), shapes)
-    unet, encoder, text, decoder = _empty_modules(arch, parts)
+    unet, encoder, text, decoder = empty_modules(arch, parts)
     refuse_too_large(folder, family, (unet, encoder, text, decoder), {})
-    text_states = [_read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
-    return _assemble(folder, arch, unet, encoder, text, decoder,
-                     _read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
+    text_states = [read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
+    return assemble(folder, arch, unet, encoder, text, decoder,
+                     read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
                      _folder_vae_state(folder, parts), _tower_states(text, text_states))
 
 
@@ -247,19 +247,19 @@ def refuse_too_large(source: Path, family: Family, modules: tuple[nn.Module | No
 def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
     """The VAE (encoder, and decoder if asked) of a diffusers folder of an encoder-only `family`."""
     families.refuse_denoiser_parts(folder, family, parts)
-    arch = encoder_only(family, _read_json(folder / "vae" / "config.json"), folder.name)
-    _, encoder, _, decoder = _empty_modules(arch, parts)
-    return _assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
+    arch = encoder_only(family, read_json(folder / "vae" / "config.json"), folder.name)
+    _, encoder, _, decoder = empty_modules(arch, parts)
+    return assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
 
 
 def _folder_vae_state(folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
     """The VAE weights of a diffusers folder that `parts` use: the encoder's, and the decoder's if asked."""
     wanted = tuple(p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
-    return {k: v for k, v in _read_weights(folder / "vae", ("diffusion_pytorch_model",)).items()
+    return {k: v for k, v in read_weights(folder / "vae", ("diffusion_pytorch_model",)).items()
             if k.startswith(wanted)}
 
 
-def _empty_modules(arch: Architecture, parts: frozenset[str]
+def empty_modules(arch: Architecture, parts: frozenset[str]
                    ) -> tuple[nn.Module | None, nn.Module, nn.Module | None, nn.Module | None]:
     """The UNet, VAE encoder, text encoder and VAE decoder, with unallocated weights (meta device) where that is safe,
     so building the 860M UNet costs neither time nor memory; None for a part not in `parts` (the encoder is always
@@ -298,7 +298,7 @@ def _tower_states(text: nn.Module | None, states: list[dict[str, torch.Tensor]])
             for key, tensor in _match_text_level(state, tower).items()}
 
 
-def _assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder: nn.Module, text: nn.Module | None,
+def assemble(source: Path, arch: Architecture, unet: nn.Module | None, encoder: nn.Module, text: nn.Module | None,
               decoder: nn.Module | None, unet_state: dict, vae_state: dict, text_state: dict,
               keep_text: bool = False) -> StableDiffusion:
     title = "Stable Diffusion v1" if arch.family == "sd1" else FAMILIES[arch.family].title
@@ -349,7 +349,7 @@ def _wanted(keys: list[str], parts: frozenset[str]) -> set[str]:
     return {k for k in keys if k.startswith(prefixes) or k == FIRST_CONV or k == cross}
 
 
-def _read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of `parts` (the VAE encoder always) with the UNet weights the layout check reads, and every key
     name of the checkpoint."""
 
@@ -410,14 +410,14 @@ def _check_original_layout(path: Path, state: dict[str, torch.Tensor], keys: lis
                          " Mist needs a plain SD v1 checkpoint")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read model config: {exc}") from exc
 
 
-def _read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The weights of one diffusers component; prefers safetensors and full precision, accepts `.fp16` variants."""
     from safetensors.torch import load_file
 

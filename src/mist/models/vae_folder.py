@@ -13,7 +13,7 @@ from mist.models import families
 from mist.models.architectures import FAMILIES, Family, encoder_only
 from mist.models.components import StableDiffusion
 from mist.models.families import VAE_PARTS
-from mist.models.loading import _assemble, _empty_modules, _read_json, _read_weights
+from mist.models.loading import assemble, empty_modules, read_json, read_weights
 
 
 def is_vae_folder(path: str | Path) -> bool:
@@ -21,13 +21,13 @@ def is_vae_folder(path: str | Path) -> bool:
     path = Path(path)
     config = path / "config.json"
     return (path.is_dir() and config.is_file() and not (path / "model_index.json").is_file()
-            and _read_json(config).get("_class_name") == "AutoencoderKL")
+            and read_json(config).get("_class_name") == "AutoencoderKL")
 
 
 def vae_folder_family(folder: Path) -> Family:
     """The family of the VAE folder `folder`, as one without its denoiser; ValueError naming it for factors that
     match no family."""
-    return families.lone_vae_family(folder, _read_json(folder / "config.json"))
+    return families.lone_vae_family(folder, read_json(folder / "config.json"))
 
 
 def load_vae_folder(folder: Path, parts: frozenset[str]) -> StableDiffusion:
@@ -35,12 +35,12 @@ def load_vae_folder(folder: Path, parts: frozenset[str]) -> StableDiffusion:
     `parts` asks for a denoiser or text encoder."""
     family = vae_folder_family(folder)
     families.refuse_denoiser_parts(folder, family, parts)
-    arch = encoder_only(FAMILIES[family.key], _read_json(folder / "config.json"), folder.name)
-    _, encoder, _, decoder = _empty_modules(arch, parts)
-    return _assemble(folder, arch, None, encoder, None, decoder, {}, _vae_state(folder, parts), {})
+    arch = encoder_only(FAMILIES[family.key], read_json(folder / "config.json"), folder.name)
+    _, encoder, _, decoder = empty_modules(arch, parts)
+    return assemble(folder, arch, None, encoder, None, decoder, {}, _vae_state(folder, parts), {})
 
 
 def _vae_state(folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
     """The folder's weights of the encoder, and of the decoder if `parts` has it."""
     kept = tuple(p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
-    return {k: v for k, v in _read_weights(folder, ("diffusion_pytorch_model",)).items() if k.startswith(kept)}
+    return {k: v for k, v in read_weights(folder, ("diffusion_pytorch_model",)).items() if k.startswith(kept)}
