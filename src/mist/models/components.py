@@ -248,7 +248,9 @@ class StableDiffusion:
 
     def noised(self, latent: torch.Tensor, generators: Sequence[torch.Generator]) -> Noised:
         """`latent` noised at a random training time, as this model was trained (`noising.diffusion_noised`: t and
-        then n drawn from each image's generator)."""
+        then n drawn from each image's generator; SD 3.x and Flux: `noising.flow_noised`)."""
+        if self.arch.prediction_type == "flow":
+            return noising.flow_noised(noising.FlowShift.of(self.arch.schedule), latent, generators)
         return noising.diffusion_noised(self.alphas_cumprod, latent, generators)
 
     def target(self, noised: Noised) -> torch.Tensor:
@@ -264,11 +266,14 @@ class StableDiffusion:
                 conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (the noise or v: `target`) for z_t at `timesteps` under `conditioning`, with one row
         per latent (a bare tensor: SD 1.x's or 2.x's token states). SDXL's UNet also gets the pooled embedding and the
-        time ids of the latent's picture size (`conditioning.time_ids`)."""
+        time ids of the latent's picture size (`conditioning.time_ids`); SD 3.x's and Flux's transformers the token
+        states and the pooled embedding (`flow_denoisers`)."""
         if self.unet is None:
             raise ValueError("this model was loaded without its UNet (the method declared it does not need it)")
         conditioning = Conditioning.of(conditioning)
         latent = noisy_latent.to(self.dtype).contiguous(memory_format=self.memory_format)
+        if self.arch.prediction_type == "flow":
+            return self.unet(latent, timesteps, conditioning.states.to(self.dtype), conditioning.pooled.to(self.dtype))
         added = {}
         if self.arch.unet.get("addition_embed_type") == "text_time":
             if conditioning.pooled is None:
