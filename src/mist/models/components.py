@@ -1,4 +1,4 @@
-"""The parts of a Stable Diffusion model (1.x, 2.x, XL; the VAE alone of SD 3.x and Flux) that Mist differentiates
+"""The parts of a Stable Diffusion model (1.x, 2.x, XL, 3.x; Flux) that Mist differentiates
 through, behind a small interface that does not name the family: encode an image into the latent space, noise a
 latent at a random training time (`noised`), the denoiser's training target there (`target`), and its prediction for
 a noisy latent under a prompt's conditioning (`denoise`; `mist.models.conditioning` says what each family's is).
@@ -102,8 +102,9 @@ class StableDiffusion:
     encoder has no UNet (None) and no embeddings (see `parts`); the VAE decoder is None unless "decoder" was asked for
     (evaluation asks, protection never does). `source` names the file or folder (or `tiny-random`); `random_weights`
     is true for the test model, whose outputs protect nothing. SD 2.x and SDXL load whole (`arch.family`; SDXL keeps
-    the pooled embeddings of its prompts too, `pooled_embeddings`); a model of SD 3.x or Flux has its VAE alone, and
-    latents shifted as well as scaled (`scale_latent`).
+    the pooled embeddings of its prompts too, `pooled_embeddings`); SD 3.x and Flux hold their transformer in `unet`
+    (`flow_denoisers`), pooled embeddings too, and latents shifted as well as scaled (`scale_latent`); from a single
+    file their VAE alone.
     """
 
     arch: Architecture

@@ -42,6 +42,9 @@ def ddim_scheduler(prediction_type: str = "epsilon"):
     model predicting `prediction_type` (SD 2.x and SDXL train on the same schedule; SD 2.x's 768 models predict v)."""
     from diffusers import DDIMScheduler
 
+    if prediction_type == "flow":
+        raise ValueError("model: img2img mimicry with SD 3.x and Flux (flow matching) is not supported yet: mimic with "
+                         "an SD 1.x, 2.x or XL model")
     return DDIMScheduler(**{**SD_V1_DDIM, "prediction_type": prediction_type})
 
 
