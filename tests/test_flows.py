@@ -21,7 +21,9 @@ from PIL import Image
 from mist.engine import objectives
 from mist.models import load_model
 from mist.models.tokenizer import tokenize
+from mist.runner.evaluation.img2img import img2img
 from support.cli import run_cli
+from support.denoisers import score_distillation_run
 from support.flows import save_folder, t5_tokenizer, tiny_parts
 
 
@@ -80,17 +82,12 @@ def test_the_noised_latent_is_on_the_straight_path_at_a_shifted_logit_normal_tim
 def test_score_distillation_steps_along_the_velocity_residual(saved, name):
     """Value: the velocity loss; latent gradient (2 / N) (1 - s) (eps_hat - n) = (2 / N) (1 - s)^2 (u_hat - u)."""
     model = _load(saved, name)
-    latent = _latent().requires_grad_(True)
-    text = model.conditioning("a painting")
-    value = objectives.score_distillation(model, latent, text, _generators(), "fp32")
-    value.sum().backward()
-    noised = model.noised(latent.detach(), _generators())
-    with torch.no_grad():
-        velocity = model.denoise(noised.latent, noised.timesteps, text)
+    value, gradient, noised, velocity = score_distillation_run(model, _latent(), model.conditioning("a painting"),
+                                                               _generators)
     residual = velocity - model.target(noised)
-    torch.testing.assert_close(value.detach(), residual.pow(2).mean().view(1))
+    torch.testing.assert_close(value, residual.pow(2).mean().view(1))
     expected = 2 / residual.numel() * (1 - noised.sigma) ** 2 * residual
-    torch.testing.assert_close(latent.grad, expected, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -196,12 +193,81 @@ def test_a_model_too_large_for_the_memory_is_refused_naming_each_part(saved, mon
     assert all(part in message for part in ("transformer 0.0", "T5 text_encoder_2", "CLIP text_encoder", "VAE"))
 
 
-def test_img2img_mimicry_with_a_flow_model_is_refused_in_one_line(saved):
-    from mist.runner.evaluation.img2img import img2img
+@pytest.mark.parametrize("name,strength,guidance", [("sd3", 0.35, 5.0), ("sd3", 1.0, 1.0), ("flux", 0.35, 3.5),
+                                                    ("schnell", 0.6, 1.0)])
+def test_img2img_matches_the_diffusers_flow_pipelines(saved, name, strength, guidance):
+    """Mist's img2img against StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline on the same weights, prompt
+    embeddings and seed (posterior sample, then noise); SD 3 with and without classifier-free guidance, Flux dev with
+    its guidance input 3.5 (Mist's `guidance` does not apply to Flux), schnell without."""
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    from mist.runner.evaluation.img2img import flow_scheduler
 
-    model = _load(saved, "sd3")
-    with pytest.raises(ValueError, match=r"^model: img2img mimicry with SD 3\.x and Flux \(flow matching\)[^\n]*$"):
-        img2img(model, torch.zeros(1, 3, 32, 32), 0.5, _generators(), steps=2)
+    folder, parts = saved[name]
+    model = load_model(str(folder), parts=frozenset({"encoder", "unet", "text_encoder", "decoder"}))
+    image = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ours = img2img(model, image, strength, [torch.Generator().manual_seed(7)], steps=6,
+                   guidance=guidance if name == "sd3" else 9.0)
+    text, empty = model.conditioning("a painting"), model.conditioning("")
+    scheduler = flow_scheduler(model, 12, 6)  # a fresh one, with the model's config: the pipeline sets its steps
+    embeds = dict(prompt_embeds=text.states, pooled_prompt_embeds=text.pooled)
+    if name == "sd3":
+        pipe = StableDiffusion3Img2ImgPipeline(transformer=parts.transformer, scheduler=scheduler, vae=parts.vae,
+                                               text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                               tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        if guidance > 1:
+            embeds.update(negative_prompt_embeds=empty.states, negative_pooled_prompt_embeds=empty.pooled)
+    else:
+        pipe = FluxImg2ImgPipeline(transformer=parts.transformer, scheduler=scheduler, vae=parts.vae,
+                                   text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    theirs = pipe(**embeds, image=(image + 1) / 2, height=64, width=48, strength=strength, num_inference_steps=6,
+                  guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(7), output_type="pt").images
+    assert ours.images.shape == (1, 3, 64, 48) and ours.latents.shape == (1, 16, 8, 6)
+    torch.testing.assert_close((ours.images + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours.images, image, atol=1e-2)
+
+
+@pytest.mark.parametrize("name,guidance", [("sd3", 5.0), ("flux", 3.5), ("schnell", 1.0)])
+def test_text_to_image_sampling_matches_the_diffusers_flow_pipelines(saved, name, guidance):
+    """What LoRA mimicry samples with: Mist's txt2img against StableDiffusion3Pipeline / FluxPipeline."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from mist.runner.evaluation.img2img import flow_scheduler, txt2img
+
+    folder, parts = saved[name]
+    model = load_model(str(folder), parts=frozenset({"encoder", "unet", "text_encoder", "decoder"}))
+    ours = txt2img(model, (64, 48), [torch.Generator().manual_seed(7)], steps=4, guidance=guidance)
+    text, empty = model.conditioning("a painting"), model.conditioning("")
+    embeds = dict(prompt_embeds=text.states, pooled_prompt_embeds=text.pooled)
+    towers = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if name == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=parts.transformer, scheduler=flow_scheduler(model, 12, 4),
+                                        vae=parts.vae, text_encoder_3=None, tokenizer_3=None, **towers)
+        embeds.update(negative_prompt_embeds=empty.states, negative_pooled_prompt_embeds=empty.pooled)
+    else:
+        pipe = FluxPipeline(transformer=parts.transformer, scheduler=flow_scheduler(model, 12, 4), vae=parts.vae,
+                            **towers)
+    theirs = pipe(**embeds, height=64, width=48, num_inference_steps=4, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(7), output_type="pt").images
+    torch.testing.assert_close((ours.images + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_evaluate_mimics_with_a_flow_model(capsys, saved, image_file, tmp_path, name):
+    """`mist evaluate --model` with an SD 3.x or Flux folder: what was protected against that model, mimicked by it
+    through img2img and LoRA fine-tuning (the transformer's attention adapted, then text-to-image sampling)."""
+    originals, protected = tmp_path / "originals", tmp_path / "protected"
+    originals.mkdir()
+    (originals / image_file.name).write_bytes(image_file.read_bytes())
+    code, _, err = run_cli(capsys, "protect", originals, "-o", protected, "--model", saved[name][0], "--steps", "2",
+                           "--input-size", "32", "--precision", "fp32")
+    assert code == 0, err
+    report = tmp_path / "report"
+    code, _, err = run_cli(capsys, "evaluate", originals, protected, "-o", report, "--model", saved[name][0],
+                           "--purify", "", "--strengths", "0.5", "--steps", "2", "--lora", "--lora-steps", "1", "-q")
+    assert code == 0, err
+    record = json.loads((report / "results.json").read_text())
+    assert record["model"] == saved[name][0].name
+    assert [h["mimicry"] for h in record["headline"]] == ["img2img:0.5", "lora"]
 
 
 def test_flux_dev_at_full_size_is_refused_on_a_24_gb_machine_before_any_weight_is_read(tmp_path, monkeypatch):

@@ -22,6 +22,11 @@ def _check_even(latent: torch.Tensor) -> None:
                          f"multiples of 16 pixels (the latent is {latent.shape[-2]} x {latent.shape[-1]})")
 
 
+def _per_image(timesteps: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """One time per image of `latent`, in its type (a sampler's step gives a single time for the batch)."""
+    return timesteps.to(latent.dtype).reshape(-1).expand(latent.shape[0])
+
+
 class _Denoiser(nn.Module):
     """The wrapped `transformer`, with its gradient checkpointing switches."""
 
@@ -43,7 +48,7 @@ class SD3Denoiser(_Denoiser):
                 pooled: torch.Tensor) -> torch.Tensor:
         _check_even(latent)
         return self.transformer(hidden_states=latent, encoder_hidden_states=states, pooled_projections=pooled,
-                                timestep=timesteps.to(latent.dtype), return_dict=False)[0]
+                                timestep=_per_image(timesteps, latent), return_dict=False)[0]
 
 
 class FluxDenoiser(_Denoiser):
@@ -66,6 +71,6 @@ class FluxDenoiser(_Denoiser):
         if self.guidance is not None:
             guidance = torch.full((n,), self.guidance, device=latent.device, dtype=latent.dtype)
         out = self.transformer(hidden_states=packed, encoder_hidden_states=states, pooled_projections=pooled,
-                               timestep=timesteps.to(latent.dtype) / 1000, img_ids=image_ids.reshape(-1, 3),
+                               timestep=_per_image(timesteps, latent) / 1000, img_ids=image_ids.reshape(-1, 3),
                                txt_ids=text_ids, guidance=guidance, return_dict=False)[0]
         return out.reshape(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
