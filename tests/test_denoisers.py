@@ -22,7 +22,8 @@ from mist.models.conditioning import time_ids
 from mist.models.tokenizer import tokenize
 from mist.runner.evaluation.img2img import img2img
 from support.cli import run_cli
-from support.denoisers import ARCHITECTURES, read_penultimate, save_folder, save_single_file, tiny_parts
+from support.denoisers import (ARCHITECTURES, read_penultimate, save_folder, save_single_file,
+                               score_distillation_run, tiny_parts)
 
 FAMILIES = ("sd2", "sdxl")
 DENOISER_METHODS = {"mist": [], "advdm": [], "sds": []}
@@ -169,17 +170,13 @@ def test_the_v_target_and_loss_match_a_direct_computation(saved):
 def test_score_distillation_on_a_v_model_steps_along_the_implied_noise(saved):
     """Value: the v loss; latent gradient: (2 / N) sqrt(alpha_bar) (eps_hat - n) = (2 / N) alpha_bar (v_hat - v)."""
     model = _load(saved, "sd2", "v-folder")
-    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    text = model.conditioning("a painting")
-    value = objectives.score_distillation(model, latent, text, _generators(), "fp32")
-    value.sum().backward()
-    noised = model.noised(latent.detach(), _generators())
-    with torch.no_grad():
-        v_hat = model.denoise(noised.latent, noised.timesteps, text)
+    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    value, gradient, noised, v_hat = score_distillation_run(model, latent, model.conditioning("a painting"),
+                                                            _generators)
     v = model.target(noised)
     alpha_bar = noised.signal**2
-    torch.testing.assert_close(value.detach(), (v_hat - v).pow(2).mean().view(1))
-    torch.testing.assert_close(latent.grad, 2 / v.numel() * alpha_bar * (v_hat - v), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(value, (v_hat - v).pow(2).mean().view(1))
+    torch.testing.assert_close(gradient, 2 / v.numel() * alpha_bar * (v_hat - v), rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------ protection

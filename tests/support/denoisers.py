@@ -92,3 +92,17 @@ def save_folder(folder: Path, parts: Parts, prediction_type: str = "epsilon") ->
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction_type}))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": PIPELINES[parts.arch.family]}))
     return folder
+
+
+def score_distillation_run(model, latent: torch.Tensor, conditioning, generators) -> tuple:
+    """Score distillation's value and latent gradient at `latent`, beside a direct computation with the same draws
+    (`generators()` gives fresh generators of one seed): (value, gradient, noised, prediction)."""
+    from mist.engine import objectives
+
+    latent = latent.clone().requires_grad_(True)
+    value = objectives.score_distillation(model, latent, conditioning, generators(), "fp32")
+    value.sum().backward()
+    noised = model.noised(latent.detach(), generators())
+    with torch.no_grad():
+        prediction = model.denoise(noised.latent, noised.timesteps, conditioning)
+    return value.detach(), latent.grad, noised, prediction

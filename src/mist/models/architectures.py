@@ -36,7 +36,9 @@ from typing import Any
 class Architecture:
     """Constructor arguments of the trained components, the latent scale and shift factors, the family (`FAMILIES`)
     the model belongs to and what its denoiser predicts (`prediction_type`, in diffusers' words: "epsilon", the
-    noise, or "v_prediction"). `text_2` is SDXL's second text encoder (empty for the others). An encoder-only
+    noise, "v_prediction", or "flow": SD 3.x's and Flux's velocity, whose `unet` is their transformer's config and
+`schedule` their scheduler's, which says how the training time is shifted). `text_2` is SDXL's second text encoder
+(empty for the others). An encoder-only
     architecture (a family whose denoiser Mist cannot run yet) has empty `unet` and `text`, and no cross-attention
     width."""
 
@@ -49,6 +51,7 @@ class Architecture:
     family: str = "sd1"
     text_2: dict[str, Any] = field(default_factory=dict)
     prediction_type: str = "epsilon"
+    schedule: dict[str, Any] = field(default_factory=dict)
     cross_attention_dim: int | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,15 +150,17 @@ ENCODER_SIDE_METHODS = "photoguard, pid, mist --mode textural"
 class Family:
     """A model family Mist loads: `key` (sd1, sd2, sdxl, sd3, flux), its `title` for messages, the diffusers VAE config
     shipped for it (`vae_asset` in assets/; None: SD v1's VAE, which SD 2.x shares), and whether the denoiser-side
-    methods support it (SD 1.x, 2.x and XL; SD 3.x and Flux are attacked through their VAE encoder alone).
-    `denoiser_asset` names the shipped UNet and text encoder configs of a family whose single files Mist reads whole
-    (None: SD 1.x, whose shapes are `SD_V1`, or a family whose denoiser Mist does not run)."""
+    methods support it (all five; SD 3.x and Flux from diffusers folders only, their single files through the VAE
+    encoder alone). `denoiser_asset` names the shipped UNet and text encoder configs of a family whose single files
+    Mist reads whole (None: SD 1.x, whose shapes are `SD_V1`, or a family whose single files Mist does not read
+    whole). `flow`: a rectified-flow transformer family (SD 3.x, Flux)."""
 
     key: str
     title: str
     vae_asset: str | None
     denoiser: bool
     denoiser_asset: str | None = None
+    flow: bool = False
 
     def vae_config(self) -> dict[str, Any]:
         """The family's VAE config (diffusers' AutoencoderKL keyword arguments, `scaling_factor` and `shift_factor`
@@ -183,8 +188,8 @@ FAMILIES = {family.key: family for family in (
     Family("sd1", "Stable Diffusion 1.x", None, denoiser=True),
     Family("sd2", "Stable Diffusion 2.x", None, denoiser=True, denoiser_asset="denoiser_sd2.json"),
     Family("sdxl", "Stable Diffusion XL", "vae_sdxl.json", denoiser=True, denoiser_asset="denoiser_sdxl.json"),
-    Family("sd3", "Stable Diffusion 3.x", "vae_sd3.json", denoiser=False),
-    Family("flux", "Flux.1", "vae_flux.json", denoiser=False),
+    Family("sd3", "Stable Diffusion 3.x", "vae_sd3.json", denoiser=True, flow=True),
+    Family("flux", "Flux.1", "vae_flux.json", denoiser=True, flow=True),
 )}
 
 

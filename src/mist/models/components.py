@@ -1,4 +1,4 @@
-"""The parts of a Stable Diffusion model (1.x, 2.x, XL; the VAE alone of SD 3.x and Flux) that Mist differentiates
+"""The parts of a Stable Diffusion model (1.x, 2.x, XL, 3.x; Flux) that Mist differentiates
 through, behind a small interface that does not name the family: encode an image into the latent space, noise a
 latent at a random training time (`noised`), the denoiser's training target there (`target`), and its prediction for
 a noisy latent under a prompt's conditioning (`denoise`; `mist.models.conditioning` says what each family's is).
@@ -102,8 +102,9 @@ class StableDiffusion:
     encoder has no UNet (None) and no embeddings (see `parts`); the VAE decoder is None unless "decoder" was asked for
     (evaluation asks, protection never does). `source` names the file or folder (or `tiny-random`); `random_weights`
     is true for the test model, whose outputs protect nothing. SD 2.x and SDXL load whole (`arch.family`; SDXL keeps
-    the pooled embeddings of its prompts too, `pooled_embeddings`); a model of SD 3.x or Flux has its VAE alone, and
-    latents shifted as well as scaled (`scale_latent`).
+    the pooled embeddings of its prompts too, `pooled_embeddings`); SD 3.x and Flux hold their transformer in `unet`
+    (`flow_denoisers`), pooled embeddings too, and latents shifted as well as scaled (`scale_latent`); from a single
+    file their VAE alone.
     """
 
     arch: Architecture
@@ -248,7 +249,9 @@ class StableDiffusion:
 
     def noised(self, latent: torch.Tensor, generators: Sequence[torch.Generator]) -> Noised:
         """`latent` noised at a random training time, as this model was trained (`noising.diffusion_noised`: t and
-        then n drawn from each image's generator)."""
+        then n drawn from each image's generator; SD 3.x and Flux: `noising.flow_noised`)."""
+        if self.arch.prediction_type == "flow":
+            return noising.flow_noised(noising.FlowShift.of(self.arch.schedule), latent, generators)
         return noising.diffusion_noised(self.alphas_cumprod, latent, generators)
 
     def target(self, noised: Noised) -> torch.Tensor:
@@ -264,11 +267,14 @@ class StableDiffusion:
                 conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (the noise or v: `target`) for z_t at `timesteps` under `conditioning`, with one row
         per latent (a bare tensor: SD 1.x's or 2.x's token states). SDXL's UNet also gets the pooled embedding and the
-        time ids of the latent's picture size (`conditioning.time_ids`)."""
+        time ids of the latent's picture size (`conditioning.time_ids`); SD 3.x's and Flux's transformers the token
+        states and the pooled embedding (`flow_denoisers`)."""
         if self.unet is None:
             raise ValueError("this model was loaded without its UNet (the method declared it does not need it)")
         conditioning = Conditioning.of(conditioning)
         latent = noisy_latent.to(self.dtype).contiguous(memory_format=self.memory_format)
+        if self.arch.prediction_type == "flow":
+            return self.unet(latent, timesteps, conditioning.states.to(self.dtype), conditioning.pooled.to(self.dtype))
         added = {}
         if self.arch.unet.get("addition_embed_type") == "text_time":
             if conditioning.pooled is None:

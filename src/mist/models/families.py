@@ -153,19 +153,21 @@ def lone_vae_family(folder: Path, config: dict[str, Any]) -> Family:
                      f"shift_factor {shift}) matches no family Mist knows: give the whole model's file or folder")
 
 
-def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[str]) -> None:
-    """ValueError naming `source` when a run asks an encoder-only family for a part beyond its VAE, or a family other
-    than SD 1.x for its text encoder itself (textual inversion)."""
+def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[str], single_file: bool = False) -> None:
+    """ValueError naming `source` when a run asks an encoder-only family, or a single file (`single_file`) of SD 3.x
+    or Flux, for a part beyond its VAE, or a family other than SD 1.x for its text encoder itself (textual
+    inversion)."""
     if family.denoiser and family.key != "sd1" and "text_model" in parts:
         raise ValueError(f"{source}: a {family.title} model: textual inversion, which trains a word through the text "
                          "encoder, runs on Stable Diffusion 1.x only so far")
-    if family.denoiser:
+    if family.denoiser and not (family.flow and single_file):
         return
     needed = (["denoiser"] if "unet" in parts else []) + (["text encoder"] if parts & {"text_encoder", "text_model"}
                                                            else [])
+    where = "its diffusers folder runs every method; of a single file" if family.flow else "so far"
     if needed:
-        raise ValueError(f"{source}: a {family.title} model: only the encoder-side methods ({ENCODER_SIDE_METHODS}) "
-                         f"support it so far; this run needs its {' and '.join(needed)}")
+        raise ValueError(f"{source}: a {family.title} model: {where} only the encoder-side methods "
+                         f"({ENCODER_SIDE_METHODS}) run; this run needs its {' and '.join(needed)}")
 
 
 def file_prediction_type(path: Path, family: Family) -> str:

@@ -5,10 +5,11 @@ built from an `Architecture`. Single files (`.ckpt`, `.safetensors`) carry the o
 with diffusers' own converters; `.ckpt` files are read with `torch.load(weights_only=True)`, which refuses to run code.
 
 SD 1.x, 2.x and XL load whole (`mist.models.families` tells them): a single file's UNet and text encoders take the
-family's shipped shapes (`architectures.whole`), a diffusers folder's its own configs. SD 3.x and Flux load their VAE
-alone, for the encoder-side methods; a run that needs their denoiser or text encoder is refused before any weight is
-read. A single file's VAE shape is read from its weights (its scale and shift factors are the family's shipped
-config's); a diffusers folder's VAE from its vae/config.json.
+family's shipped shapes (`architectures.whole`), a diffusers folder's its own configs. SD 3.x and Flux load whole from
+diffusers folders (`flow_loading`: the transformer, and the prompts embedded by the text encoders, which are then
+freed); of their single files only the VAE is read, and a run that needs their denoiser or text encoder is refused
+before any weight is read. A single file's VAE shape is read from its weights (its scale and shift factors are the
+family's shipped config's); a diffusers folder's VAE from its vae/config.json.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mist.models import families
+from mist.models import families, flow_loading, flow_text
 from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only, whole
-from mist.models.components import StableDiffusion, latent_decoder, latent_encoder
+from mist.models.components import PROMPTS, StableDiffusion, latent_decoder, latent_encoder
 from mist.models.device import available_ram_bytes
 from mist.models.families import FIRST_CONV, UNET, VAE_PARTS, first_cross_attention
 from mist.models.noising import check_prediction_type
@@ -102,7 +104,7 @@ def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[st
 
     state, keys = read_original_state_dict(path, parts)
     family = families.file_family(path, state, keys)
-    if not family.denoiser:
+    if not family.denoiser or family.flow:
         return _load_file_vae(path, family, state, keys, parts)
     if family.key != "sd1":
         return _load_file_whole(path, family, state, keys, parts, arch)
@@ -154,8 +156,8 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
 
 def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], keys: list[str],
                    parts: frozenset[str]) -> StableDiffusion:
-    """The VAE (encoder, and decoder if asked) of a single file of an encoder-only `family`."""
-    families.refuse_denoiser_parts(path, family, parts)
+    """The VAE (encoder, and decoder if asked) of a single file of an encoder-only `family`, or of SD 3.x or Flux."""
+    families.refuse_denoiser_parts(path, family, parts, single_file=True)
     prefix = families.vae_prefix(keys)
     vae = families.vae_config_from_weights(path, family, state, keys, prefix)
     arch = encoder_only(family, vae, path.name)
@@ -180,6 +182,8 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
     family = families.folder_family(folder, index, present)
     if not family.denoiser:
         return _load_folder_vae(folder, family, parts)
+    if family.flow:
+        return _load_folder_flow(folder, family, parts)
     if family.key != "sd1":
         return _load_folder_whole(folder, family, parts)
     configs = {part: read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
@@ -234,14 +238,47 @@ def refuse_too_large(source: Path, family: Family, modules: tuple[nn.Module | No
     """ValueError naming `source`, in one line, when the float32 weights of `modules` (the parts a run asked for)
     cannot fit in the memory this machine has available, counting what reading the file already holds (`read`):
     SDXL's UNet alone has 2.6B parameters, 10.3 GB in float32, its two text encoders 0.8B more."""
-    available = available_ram_bytes()
-    if available is None:
-        return
     needed = 4 * sum(p.numel() for module in modules if module is not None for p in module.parameters())
     held = sum(tensor.numel() * tensor.element_size() for tensor in read.values())
-    if needed > available + held:
-        raise ValueError(f"{source}: this {family.title} model needs about {needed / 1e9:.1f} GB of memory to load "
-                         f"the parts this run uses in float32, and {(available + held) / 1e9:.1f} GB is available")
+    refuse_memory(source, family, needed, held)
+
+
+def refuse_memory(source: Path, family: Family, needed: int, held: int = 0, detail: str = "") -> None:
+    """ValueError naming `source`, in one line, when `needed` bytes cannot fit in the memory this machine has
+    available plus `held` (what reading the file already holds); `detail` says what each part takes."""
+    available = available_ram_bytes()
+    if available is None or needed <= available + held:
+        return
+    detail = f" ({detail})" if detail else ""
+    raise ValueError(f"{source}: this {family.title} model needs about {needed / 1e9:.1f} GB of memory to load the "
+                     f"parts this run uses in float32{detail}, and {(available + held) / 1e9:.1f} GB is available")
+
+
+def _load_folder_flow(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
+    """An SD 3.x or Flux diffusers folder: VAE, transformer (transformer/) and the prompts' conditioning, embedded by
+    the text encoders before the transformer is read (`flow_text`); refused first if the parts cannot fit in
+    memory."""
+    families.refuse_denoiser_parts(folder, family, parts)
+    transformer = read_json(folder / "transformer" / "config.json") if "unet" in parts else {}
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    arch = flow_loading.architecture(family, read_json(folder / "vae" / "config.json"), folder.name, transformer,
+                                     read_json(scheduler) if scheduler.is_file() else {})
+    _, encoder, _, decoder = empty_modules(arch, parts - {"unet"} - _TEXT_PARTS)
+    text = bool(parts & _TEXT_PARTS)
+    texts, held = flow_loading.part_bytes(folder, arch, text)
+    held["VAE"] = 4 * sum(p.numel() for module in (encoder, decoder) if module is not None
+                          for p in module.parameters())
+    sizes = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in {**texts, **held}.items())
+    refuse_memory(folder, family, max(sum(texts.values()), sum(held.values())), 0,
+                  f"{sizes}; the text encoders are run and freed before the transformer is read")
+    states, pooled = {}, {}
+    if text:
+        joint = read_json(folder / "transformer" / "config.json")
+        states, pooled = flow_text.embed(folder, family.key, joint["joint_attention_dim"],
+                                         bool(joint.get("guidance_embeds")), PROMPTS)
+    model = assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
+    denoiser = flow_loading.load_denoiser(folder, arch) if "unet" in parts else None
+    return replace(model, unet=denoiser, text_embeddings=states, pooled_embeddings=pooled)
 
 
 def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:

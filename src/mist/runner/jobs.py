@@ -193,14 +193,16 @@ class ModelCache:
         from mist.models.identify import model_family
 
         where = self.where()
+        single_file = False
         if self._given is not None:
             family = FAMILIES[self._given.arch.family]
         else:
             if str(where) not in self._families:
                 self._families[str(where)] = model_family(where)
             family = self._families[str(where)]
+            single_file = Path(str(where)).is_file()  # SD 3.x / Flux files run the encoder-side methods only
         try:
-            refuse_denoiser_parts(model_label(where), family, config.parts)
+            refuse_denoiser_parts(model_label(where), family, config.parts, single_file=single_file)
         except ValueError as exc:
             return str(exc)
         return None

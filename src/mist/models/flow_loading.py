@@ -1,0 +1,75 @@
+"""SD 3.x's and Flux's denoisers from a diffusers folder: the architecture (transformer and scheduler configs, the
+velocity target), the memory each part needs, and the transformer loaded into its velocity-predictor wrapper
+(`flow_denoisers`). Everything is read from the folder (`local_files_only`): nothing is fetched.
+
+The transformer is read in float32, as every Mist model is (a bf16 or fp16 run casts it after loading); the text
+encoders are run once at load (`flow_text`) and freed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mist.models.architectures import Architecture, Family, encoder_only
+from mist.models.flow_denoisers import FLUX_GUIDANCE, FluxDenoiser, SD3Denoiser
+from mist.models.flow_text import CLIP_TOWERS, T5_TOWER, pretrained
+
+_TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+_HALF = ("float16", "bfloat16")
+
+
+def architecture(family: Family, vae: dict[str, Any], name: str, transformer: dict[str, Any],
+                 scheduler: dict[str, Any]) -> Architecture:
+    """A `family` (SD 3.x, Flux) model of VAE config `vae`, transformer config `transformer` ({}: not loaded) and
+    scheduler config `scheduler` (its shift: `noising.FlowShift`); the scale and shift factors the VAE config lacks
+    are the family's (`encoder_only`)."""
+    return replace(encoder_only(family, vae, name), unet=transformer, prediction_type="flow", schedule=scheduler)
+
+
+def _transformer_class(family: str) -> type[nn.Module]:
+    import diffusers
+
+    return getattr(diffusers, _TRANSFORMERS[family])
+
+
+def part_bytes(folder: Path, arch: Architecture, text: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """The bytes the parts a run loads take, as ({name: bytes} of the text encoders, run and freed first;
+    {name: bytes} of the transformer, held during the attack): the transformer in float32, the CLIP towers in
+    float32, T5 in the type its config states. Counted on unallocated (meta) modules built from the configs."""
+    from transformers import AutoConfig, CLIPTextModelWithProjection, T5EncoderModel
+
+    texts, held = {}, {}
+    with torch.device("meta"):
+        if arch.unet:
+            held["transformer"] = 4 * _count(_transformer_class(arch.family).from_config(arch.unet))
+        for tower, _ in CLIP_TOWERS[arch.family] if text else ():
+            config = pretrained(AutoConfig, folder / tower)
+            texts[f"CLIP {tower}"] = 4 * _count(CLIPTextModelWithProjection(config))
+        tower = T5_TOWER[arch.family][0]
+        if text and (folder / tower / "config.json").is_file():
+            config = pretrained(AutoConfig, folder / tower)
+            stored = json.loads((folder / tower / "config.json").read_text(encoding="utf-8"))
+            width = 2 if (stored.get("dtype") or stored.get("torch_dtype")) in _HALF else 4
+            texts[f"T5 {tower}"] = width * _count(T5EncoderModel(config))
+    return texts, held
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def load_denoiser(folder: Path, arch: Architecture) -> nn.Module:
+    """The folder's transformer (transformer/), frozen, in float32, wrapped as a velocity predictor; Flux dev (a
+    transformer with a guidance input) with guidance 3.5."""
+    transformer = pretrained(_transformer_class(arch.family), folder / "transformer", torch_dtype=torch.float32)
+    if arch.family == "sd3":
+        denoiser = SD3Denoiser(transformer)
+    else:
+        denoiser = FluxDenoiser(transformer, FLUX_GUIDANCE if arch.unet.get("guidance_embeds") else None)
+    return denoiser.eval().requires_grad_(False)
