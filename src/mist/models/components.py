@@ -25,6 +25,7 @@ from mist.models.architectures import Architecture
 from mist.models import noising
 from mist.models.conditioning import Conditioning, embed_prompts, time_ids
 from mist.models.frozen_conv import keep_no_convolution_inputs
+from mist.models.lean_resnet import keep_one_tensor_per_norm
 from mist.models.noising import Noised, standard_normal
 
 TRAIN_TIMESTEPS = 1000
@@ -122,6 +123,7 @@ class StableDiffusion:
     def __post_init__(self) -> None:
         for module in self._networks():
             keep_no_convolution_inputs(module)  # gradients go to the image only: see frozen_conv
+            keep_one_tensor_per_norm(module)  # see lean_resnet
 
     @classmethod
     def assemble(cls, arch: Architecture, encoder: nn.Module, unet: nn.Module | None, text_encoder: nn.Module | None,
