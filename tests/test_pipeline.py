@@ -128,6 +128,30 @@ def test_a_mask_given_to_the_call_replaces_the_configs(tiny_model, painting, tmp
         without_mask.protect(painting).image.tobytes()
 
 
+def test_tiles_the_mask_leaves_out_are_not_attacked(tiny_model, painting):
+    """Block mode with a mask on the top-left quarter: one tile of four is attacked (a quarter of the steps), the
+    rest come back as they went in, and the attacked tile is what a whole-image mask gives it."""
+    quarter = np.zeros((64, 64, 3), np.uint8)
+    quarter[:32, :32] = 255
+    steps: list[int] = []
+    protector = _protector(tiny_model, input_size=64, block_num=2)
+    masked = protector.protect(painting, Image.fromarray(quarter), callback=lambda p: steps.append(p.total))
+    whole = protector.protect(painting, Image.new("RGB", (64, 64), (255, 255, 255)))
+    assert set(steps) == {2}  # one tile x 2 steps (four tiles: 8)
+    original = _levels(painting.resize((64, 64), Image.Resampling.BICUBIC))
+    out = _levels(masked.image)
+    assert np.array_equal(out[:, 32:], original[:, 32:]) and np.array_equal(out[32:], original[32:])
+    assert np.array_equal(out[:32, :32], _levels(whole.image)[:32, :32])
+    assert np.abs(out[:32, :32] - original[:32, :32]).max() > 0
+
+
+def test_an_empty_mask_leaves_the_image_as_it_is_without_an_attack(tiny_model, painting):
+    steps: list[int] = []
+    result = _protector(tiny_model).protect(painting, Image.new("RGB", (32, 32)), callback=steps.append)
+    assert steps == []
+    assert np.array_equal(_levels(result.image), _levels(painting.resize((32, 32), Image.Resampling.BICUBIC)))
+
+
 def test_the_api_and_the_protector_read_the_configs_mask_alike(tiny_model, painting, tmp_path):
     import mist
 

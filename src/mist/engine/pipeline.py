@@ -8,7 +8,9 @@ draws its random numbers (the random start, the loss's draws, and the method's o
 sample) from generators seeded from the config's seed, a hash of its image's processed pixels and its tile index: an
 image's result depends on its pixels and the settings only, not on its file name, the face that protects it, or the
 other images of the run (though batched arithmetic can change its last bits: see `batch_size`); and different images
-get unrelated perturbations.
+get unrelated perturbations. A tile whose mask protects none of its pixels is not attacked (PGD would return it as it
+is, and no other tile draws from its generators), so a mask that leaves tiles of `block_num` out costs only the tiles
+it touches.
 """
 
 from __future__ import annotations
@@ -196,7 +198,10 @@ class Protector:
             y = images.split_tiles(images.image_to_tensor(self.target, size), c.block_num) if uses_target else None
             tiles += [_Tile(number, k, digest, x[k], m[k] if m else None, y[k] if y else None, size)
                       for k in range(len(x))]
-        batches = _batches(tiles, self.batch_size)
+        for tile in tiles:
+            if tile.mask is not None and not bool(tile.mask.any()):
+                tile.result = tile.pixels  # nothing of this tile is protected: PGD would return it as it is
+        batches = _batches([t for t in tiles if t.result is None], self.batch_size)
         for number, batch in enumerate(batches):
             self._attack(batch, number, len(batches), callback)
         seconds = (time.perf_counter() - started) / max(len(pictures), 1)
