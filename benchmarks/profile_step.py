@@ -10,6 +10,12 @@ mist.models.frozen_conv), GroupNorm, SiLU, attention, matrix products, element-w
 other): the time spent in its operators (self time, so nothing is counted twice) and its share of the step. FLOPs come
 from the flop counter, forward and backward together, per family (convolutions, attention, matrix products), with the
 GFLOP/s each family achieved. Prints Markdown tables and the 15 costliest operators.
+
+With `--split` (mist's fused or semantic mode), the same step is also run phase by phase, each phase timed and its
+FLOPs counted on its own: the VAE encoder's forward, the UNet's forward (noising and the denoising loss), the UNet's
+backward to the latent, and the encoder's backward to the image (given the textural and semantic gradients at the
+latent together, as the single backward of a real step gives them). The text encoder takes no time in a step: it runs
+once, when the model is loaded. Casts and copies are the "layout conversions and copies" class of the first table.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +77,7 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--method", default="mist")
     parser.add_argument("--mode", default="fused", help="the mist method's mode (ignored by other methods)")
+    parser.add_argument("--split", action="store_true", help="also time the step phase by phase (mist, fused mode)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build_full_size_model(PRECISION_DTYPES[args.precision])
@@ -116,7 +125,71 @@ def main() -> int:
     print("\n| operator | class | calls | self s |\n|---|---|---|---|")
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
         print(f"| {event.key} | {operator_class(event.key)} | {event.count} | {event.self_cpu_time_total / 1e6:.2f} |")
+    if args.split:
+        with attack_settings(protector.device):
+            print_split(protector, x, args.precision)
     return 0
+
+
+PHASES = ("VAE encoder forward", "UNet forward (noising, denoising loss)", "UNet backward to the latent",
+          "VAE encoder backward to the image")
+
+
+def step_phases(protector, x, precision: str, phase) -> None:
+    """One fused step of Mist's loss, phase by phase: each phase runs inside `phase(name)` (a context manager)."""
+    import torch
+
+    from mist.common.prompts import STYLE_PROMPT
+    from mist.engine import objectives
+
+    model = protector.model
+    weight = protector.method.params.semantic_weight
+    pixels = x.clone().requires_grad_(True)
+    with phase(PHASES[0]):
+        latent = objectives.encode(model, pixels, [torch.Generator().manual_seed(0)], precision)
+    inner = latent.detach().requires_grad_(True)
+    with phase(PHASES[1]):
+        semantic = objectives.denoising_loss(model, inner, model.conditioning(STYLE_PROMPT),
+                                             [torch.Generator().manual_seed(1)], precision)
+    with phase(PHASES[2]):
+        (semantic_gradient,) = torch.autograd.grad(semantic.sum(), inner)
+    textural_gradient = 2 * latent.detach()  # d/dz of sum((z - target)^2) with a zero target: the cost is the same
+    with phase(PHASES[3]):
+        torch.autograd.grad(latent, pixels, textural_gradient - weight * semantic_gradient)
+
+
+def print_split(protector, x, precision: str) -> None:
+    """Time and count each phase of a fused step (after one untimed pass) and print a Markdown table."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seconds: dict[str, float] = {}
+    flops: dict[str, int] = {}
+
+    @contextmanager
+    def timed(name: str):
+        started = time.perf_counter()
+        yield
+        seconds[name] = time.perf_counter() - started
+
+    @contextmanager
+    def counted(name: str):
+        with FlopCounterMode(display=False) as counter:
+            yield
+        flops[name] = counter.get_total_flops()
+
+    @contextmanager
+    def untimed(name: str):
+        yield
+
+    step_phases(protector, x, precision, untimed)  # warm-up
+    step_phases(protector, x, precision, timed)
+    step_phases(protector, x, precision, counted)
+    total = sum(seconds.values())
+    print(f"\nThe step phase by phase ({total:.2f} s in all; the text encoder ran once, at load):\n")
+    print("| phase | s | share | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
+    for name in PHASES:
+        print(f"| {name} | {seconds[name]:.2f} | {100 * seconds[name] / total:.1f}% | {flops[name] / 1e9:.1f} | "
+              f"{flops[name] / 1e9 / seconds[name]:.1f} |")
 
 
 if __name__ == "__main__":

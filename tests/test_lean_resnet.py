@@ -95,3 +95,17 @@ def test_trainable_norms_or_no_gradient_run_diffusers_forward():
 def test_the_sd_models_blocks_are_lean(tiny_model):
     kinds = {type(m).__name__ for net in (tiny_model.encoder, tiny_model.unet) for m in net.modules()}
     assert "LeanResnetBlock2D" in kinds and "ResnetBlock2D" not in kinds
+
+
+def test_the_flop_counter_sees_the_same_forward_and_can_run_the_backward():
+    """PyTorch's flop counter hooks every module; the recomputation must not trip it (it once raised in backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for block in blocks():
+        x = torch.randn(1, 8, 8, 8, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            block(x, torch.randn(1, 12)).sum().backward()
+        assert x.grad is not None
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

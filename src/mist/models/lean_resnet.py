@@ -20,7 +20,9 @@ from torch import nn
 
 
 class _GroupNormSiLU(torch.autograd.Function):
-    """silu(group_norm(x)) with frozen affine weights; keeps `x` alone and recomputes the rest for the gradient."""
+    """silu(group_norm(x)) with frozen affine weights; keeps `x` alone and recomputes the rest for the gradient. The
+    functional form is called, not the module: module hooks (PyTorch's flop counter installs some) must not see the
+    recomputation."""
 
     @staticmethod
     def forward(ctx, x, norm: nn.GroupNorm):
@@ -28,7 +30,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         ctx.norm = norm
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return F.silu(norm(x))
+        return F.silu(_group_norm(norm, x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -36,9 +38,14 @@ class _GroupNormSiLU(torch.autograd.Function):
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             leaf = x.detach().requires_grad_(True)
-            output = F.silu(ctx.norm(leaf))
+            output = F.silu(_group_norm(ctx.norm, leaf))
         (grad_x,) = torch.autograd.grad(output, leaf, grad)
         return grad_x, None
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """What `norm(x)` computes (nn.GroupNorm's forward), without the module call."""
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
