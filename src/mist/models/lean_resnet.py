@@ -7,7 +7,8 @@ VAE encoder at 512 x 512 (about 2.4 of the 3.3 GB a float32 fused step holds). H
 GroupNorm's input and recomputes GroupNorm and SiLU in the backward pass (element-wise work, a few per cent of the
 step), under the autocast state of the forward pass: the same operators on the same values give the same numbers, so
 results are bit-identical (tests/test_lean_resnet.py). Only the frozen, plain blocks SD uses are changed, and only
-while a gradient to their input is wanted; anything else runs diffusers' own code.
+while a gradient to their input is wanted and the code is not being compiled (`--compile`: torch.compile's partitioner
+makes its own choice of what to keep and recompute); anything else runs diffusers' own code.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class _LeanForward:
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         lean = (torch.is_grad_enabled() and input_tensor.requires_grad and not args and not kwargs
-                and _frozen(self.norm1) and _frozen(self.norm2))
+                and _frozen(self.norm1) and _frozen(self.norm2)
+                and not torch.compiler.is_compiling())  # compiled, the partitioner chooses what to recompute
         if not lean:
             return super().forward(input_tensor, temb, *args, **kwargs)
         hidden = self.conv1(_norm_silu(self.norm1, input_tensor))
