@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mist.models import families
 from mist.models.architectures import FAMILIES, Family
-from mist.models.loading import read_json, read_original_state_dict
+from mist.models.loading import pipeline_family, read_original_state_dict
 from mist.models.locate import TINY_RANDOM
 from mist.models.vae_folder import is_vae_folder, vae_folder_family
 
@@ -25,17 +25,9 @@ def model_family(where: str | os.PathLike) -> Family:
     if is_vae_folder(path):
         return vae_folder_family(path)
     if path.is_dir():
-        return _folder_family(path)
+        return pipeline_family(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such model file or folder")
     state, keys = read_original_state_dict(path, frozenset())
     return families.file_family(path, state, keys)
 
-
-def _folder_family(folder: Path) -> Family:
-    """A diffusers pipeline folder's family, from its model_index.json and the UNet and text encoder configs it has
-    (as `loading.load_diffusers_folder` reads them)."""
-    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    configs = {part: read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
-               if (folder / part / "config.json").is_file()}
-    return families.folder_family(folder, index, configs)

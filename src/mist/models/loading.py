@@ -176,10 +176,7 @@ def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> d
 def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
     """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD 1.x, 2.x
     and XL whole, or the VAE of another family's pipeline (model_index.json names it)."""
-    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    present = {part: read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
-               if (folder / part / "config.json").is_file()}
-    family = families.folder_family(folder, index, present)
+    family = pipeline_family(folder)
     if not family.denoiser:
         return _load_folder_vae(folder, family, parts)
     if family.flow:
@@ -187,8 +184,7 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
     if family.key != "sd1":
         return _load_folder_whole(folder, family, parts)
     configs = {part: read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    prediction = _scheduler_config(folder)[1].get("prediction_type", "epsilon")
     unet_cfg, text_cfg = configs["unet"], configs["text_encoder"]
     problems = []
     if prediction != "epsilon":
@@ -207,10 +203,25 @@ def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -
     return assemble(
         folder, arch, unet, encoder, text, decoder,
         read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
-        _folder_vae_state(folder, parts),
+        vae_state(folder / "vae", parts),
         read_weights(folder / "text_encoder", ("model", "pytorch_model")) if text is not None else {},
         keep_text="text_model" in parts,
     )
+
+
+def pipeline_family(folder: Path) -> Family:
+    """A diffusers pipeline folder's family, told from its model_index.json and the UNet and text encoder configs it
+    has (nothing else is read); ValueError naming the folder for what Mist refuses."""
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    present = {part: read_json(folder / part / "config.json") for part in ("unet", "text_encoder")
+               if (folder / part / "config.json").is_file()}
+    return families.folder_family(folder, index, present)
+
+
+def _scheduler_config(folder: Path) -> tuple[Path, dict]:
+    """Where a diffusers folder's scheduler config is, and what it holds ({} when there is none)."""
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    return scheduler, read_json(scheduler) if scheduler.is_file() else {}
 
 
 def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
@@ -219,8 +230,8 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
     towers = ("text_encoder", "text_encoder_2") if family.key == "sdxl" else ("text_encoder",)
     needed = ("vae", *(("unet",) if "unet" in parts else ()), *(towers if parts & _TEXT_PARTS else ()))
     configs = {part: read_json(folder / part / "config.json") for part in needed}
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    scheduler, schedule = _scheduler_config(folder)
+    prediction = schedule.get("prediction_type", "epsilon")
     shapes = Architecture(name=folder.name, unet=configs.get("unet", {}), vae=configs["vae"],
                           text=configs.get("text_encoder", {}), text_2=configs.get("text_encoder_2", {}),
                           family=family.key)
@@ -230,7 +241,7 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
     text_states = [read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
     return assemble(folder, arch, unet, encoder, text, decoder,
                      read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
-                     _folder_vae_state(folder, parts), _tower_states(text, text_states))
+                     vae_state(folder / "vae", parts), _tower_states(text, text_states))
 
 
 def refuse_too_large(source: Path, family: Family, modules: tuple[nn.Module | None, ...],
@@ -259,12 +270,11 @@ def _load_folder_flow(folder: Path, family: Family, parts: frozenset[str]) -> St
     the text encoders before the transformer is read (`flow_text`); refused first if the parts cannot fit in
     memory."""
     families.refuse_denoiser_parts(folder, family, parts)
-    transformer = read_json(folder / "transformer" / "config.json") if "unet" in parts else {}
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    arch = flow_loading.architecture(family, read_json(folder / "vae" / "config.json"), folder.name, transformer,
-                                     read_json(scheduler) if scheduler.is_file() else {})
-    _, encoder, _, decoder = empty_modules(arch, parts - {"unet"} - _TEXT_PARTS)
     text = bool(parts & _TEXT_PARTS)
+    joint = read_json(folder / "transformer" / "config.json") if "unet" in parts or text else {}
+    arch = flow_loading.architecture(family, read_json(folder / "vae" / "config.json"), folder.name,
+                                     joint if "unet" in parts else {}, _scheduler_config(folder)[1])
+    _, encoder, _, decoder = empty_modules(arch, parts - {"unet"} - _TEXT_PARTS)
     texts, held = flow_loading.part_bytes(folder, arch, text)
     held["VAE"] = 4 * sum(p.numel() for module in (encoder, decoder) if module is not None
                           for p in module.parameters())
@@ -273,10 +283,9 @@ def _load_folder_flow(folder: Path, family: Family, parts: frozenset[str]) -> St
                   f"{sizes}; the text encoders are run and freed before the transformer is read")
     states, pooled = {}, {}
     if text:
-        joint = read_json(folder / "transformer" / "config.json")
         states, pooled = flow_text.embed(folder, family.key, joint["joint_attention_dim"],
                                          bool(joint.get("guidance_embeds")), PROMPTS)
-    model = assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
+    model = assemble(folder, arch, None, encoder, None, decoder, {}, vae_state(folder / "vae", parts), {})
     denoiser = flow_loading.load_denoiser(folder, arch) if "unet" in parts else None
     return replace(model, unet=denoiser, text_embeddings=states, pooled_embeddings=pooled)
 
@@ -286,14 +295,14 @@ def _load_folder_vae(folder: Path, family: Family, parts: frozenset[str]) -> Sta
     families.refuse_denoiser_parts(folder, family, parts)
     arch = encoder_only(family, read_json(folder / "vae" / "config.json"), folder.name)
     _, encoder, _, decoder = empty_modules(arch, parts)
-    return assemble(folder, arch, None, encoder, None, decoder, {}, _folder_vae_state(folder, parts), {})
+    return assemble(folder, arch, None, encoder, None, decoder, {}, vae_state(folder / "vae", parts), {})
 
 
-def _folder_vae_state(folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
-    """The VAE weights of a diffusers folder that `parts` use: the encoder's, and the decoder's if asked."""
+def vae_state(vae_folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
+    """The weights in a diffusers VAE folder (a pipeline's vae/, or a VAE published alone) that `parts` use: the
+    encoder's, and the decoder's if asked."""
     wanted = tuple(p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
-    return {k: v for k, v in read_weights(folder / "vae", ("diffusion_pytorch_model",)).items()
-            if k.startswith(wanted)}
+    return {k: v for k, v in read_weights(vae_folder, ("diffusion_pytorch_model",)).items() if k.startswith(wanted)}
 
 
 def empty_modules(arch: Architecture, parts: frozenset[str]

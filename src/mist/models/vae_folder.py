@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mist.models import families
 from mist.models.architectures import FAMILIES, Family, encoder_only
 from mist.models.components import StableDiffusion
-from mist.models.families import VAE_PARTS
-from mist.models.loading import assemble, empty_modules, read_json, read_weights
+from mist.models.loading import assemble, empty_modules, read_json, vae_state
 
 
 def is_vae_folder(path: str | Path) -> bool:
@@ -37,10 +34,5 @@ def load_vae_folder(folder: Path, parts: frozenset[str]) -> StableDiffusion:
     families.refuse_denoiser_parts(folder, family, parts)
     arch = encoder_only(FAMILIES[family.key], read_json(folder / "config.json"), folder.name)
     _, encoder, _, decoder = empty_modules(arch, parts)
-    return assemble(folder, arch, None, encoder, None, decoder, {}, _vae_state(folder, parts), {})
+    return assemble(folder, arch, None, encoder, None, decoder, {}, vae_state(folder, parts), {})
 
-
-def _vae_state(folder: Path, parts: frozenset[str]) -> dict[str, torch.Tensor]:
-    """The folder's weights of the encoder, and of the decoder if `parts` has it."""
-    kept = tuple(p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
-    return {k: v for k, v in read_weights(folder, ("diffusion_pytorch_model",)).items() if k.startswith(kept)}
