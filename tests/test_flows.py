@@ -313,3 +313,19 @@ def test_the_surrogate_methods_run_on_sd3(saved, method, params):
     result = Protector(load_model(str(saved["sd3"][0]), parts=config.parts), config).protect(picture)
     change = np.abs(np.asarray(result.image, dtype=int) - np.asarray(picture, dtype=int))
     assert 0 < change.max() <= 16
+
+
+@pytest.mark.parametrize(("name", "beyond_image_attention"), [
+    ("sd3", {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}),
+    ("flux", {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+              "ff_context.net.0.proj", "ff_context.net.2"})])
+def test_lora_adapts_what_diffusers_scripts_adapt_in_each_flow_family(saved, name, beyond_image_attention):
+    """LoRA mimicry (and the LoRA surrogates) on SD 3.x adapt the joint attention's text stream as well as its image
+    stream, and on Flux both streams' feed-forward layers too, as diffusers' DreamBooth LoRA scripts do by default;
+    every target names modules that exist (peft matches by suffix)."""
+    from mist.engine.finetune import FinetuneOptions, Surrogate, lora_targets
+
+    surrogate = Surrogate(_load(saved, name), FinetuneOptions(rank=2))
+    adapted = {module for module, layer in surrogate.unet.named_modules() if hasattr(layer, "lora_A")}
+    matched = {target for target in lora_targets(name) if any(module.endswith("." + target) for module in adapted)}
+    assert matched == set(lora_targets(name)) >= beyond_image_attention | {"to_q", "to_k", "to_v", "to_out.0"}

@@ -16,7 +16,8 @@ Two kinds of surrogate, both built beside the caller's model and never inside it
 
 Defaults (`FinetuneOptions`) are those of diffusers' LoRA training examples (examples/text_to_image/
 train_text_to_image_lora.py and examples/dreambooth/train_dreambooth_lora.py): rank 4, alpha = rank,
-Gaussian-initialised A and zero B on `to_q`, `to_k`, `to_v`, `to_out.0`, learning rate 1e-4 (the text-to-image
+Gaussian-initialised A and zero B on the attention projections those scripts adapt for the model's family
+(`lora_targets`), learning rate 1e-4 (the text-to-image
 script's; the DreamBooth script's is 5e-4), AdamW with betas (0.9, 0.999), weight decay 1e-2, eps 1e-8, gradient norm
 clipped to 1, batch size 1, constant learning rate, and 500 steps (the DreamBooth LoRA example's run). Mist-v2's LoRA
 surrogate uses the same rank, learning rate and optimiser (psyker-team/mist-v2, attacks/mist.py).
@@ -46,8 +47,14 @@ from mist.models.conditioning import Conditioning
 if TYPE_CHECKING:
     from mist.models import StableDiffusion
 
-# The attention projections diffusers' LoRA examples adapt (self- and cross-attention of every transformer block).
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# What diffusers' LoRA training examples adapt by default, per family. UNets (SD 1.x, 2.x, SDXL): the query, key,
+# value and output projections of every self- and cross-attention. SD 3.x's joint attention
+# (train_dreambooth_lora_sd3.py): the image stream's projections and the text stream's (`add_*_proj`, `to_add_out`).
+# Flux (train_dreambooth_lora_flux.py): those, and both streams' feed-forward layers.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+JOINT_LORA_TARGETS = UNET_LORA_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_TARGETS = {"sd3": JOINT_LORA_TARGETS,
+                "flux": JOINT_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")}
 KINDS = ("lora", "full")
 
 
@@ -79,6 +86,11 @@ class FinetuneOptions:
         check_numbers(self, ("learning_rate", *alpha, "max_grad_norm"), zero_allowed=("weight_decay",))
 
 
+def lora_targets(family: str) -> tuple[str, ...]:
+    """The module names (suffixes, as peft matches them) a LoRA adapts in a denoiser of `family` (see LORA_TARGETS)."""
+    return LORA_TARGETS.get(family, UNET_LORA_TARGETS)
+
+
 def check_whole_numbers(options: object, lowest: dict[str, int]) -> None:
     """ValueError naming the first of `options`' fields in `lowest` that is not a whole number of at least its
     value there."""
@@ -107,10 +119,11 @@ class FinetuneResult:
     state: dict[str, torch.Tensor]
     losses: list[float]
     options: FinetuneOptions
+    targets: tuple[str, ...]
 
     def save(self, path: str | Path) -> None:
         """Write the weights as safetensors (see `save_state`)."""
-        save_state(self.state, path, self.options)
+        save_state(self.state, path, self.options, self.targets)
 
 
 class Surrogate:
@@ -125,9 +138,10 @@ class Surrogate:
             raise ValueError("this model was loaded without its UNet, which fine-tuning trains")
         self.options = options
         self.precision = precision
+        self.targets = lora_targets(model.arch.family)
         if options.kind == "lora":
             unet = sharing_copy(model.unet)
-            _add_lora(unet, options, generator)
+            _add_lora(unet, options, generator, self.targets)
         else:
             unet = copy.deepcopy(model.unet).float().requires_grad_(True)
         self.unet = unet
@@ -210,17 +224,18 @@ def train_lora(model: StableDiffusion, images: torch.Tensor, text: Conditioning 
     generator = torch.Generator().manual_seed(options.seed)
     surrogate = Surrogate(model, options, generator, precision)
     losses = surrogate.train(images, text, generator=generator, callback=callback)
-    return FinetuneResult(surrogate.trainable_state(), losses, options)
+    return FinetuneResult(surrogate.trainable_state(), losses, options, surrogate.targets)
 
 
-def save_state(state: dict[str, torch.Tensor], path: str | Path, options: FinetuneOptions) -> None:
+def save_state(state: dict[str, torch.Tensor], path: str | Path, options: FinetuneOptions,
+               targets: tuple[str, ...]) -> None:
     """Write trained weights as a safetensors file, the UNet's names prefixed with `unet.` (the layout diffusers'
     `load_lora_weights` reads for peft adapters), the options in its metadata."""
     from safetensors.torch import save_file
 
     metadata = {"mist:finetune": options.kind, "rank": str(options.rank),
                 "alpha": str(options.alpha if options.alpha is not None else options.rank),
-                "target_modules": ",".join(LORA_TARGETS) if options.kind == "lora" else "all"}
+                "target_modules": ",".join(targets) if options.kind == "lora" else "all"}
     save_file({f"unet.{name}": value.contiguous() for name, value in state.items()}, str(path), metadata=metadata)
 
 
@@ -244,12 +259,13 @@ def sharing_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _add_lora(unet: nn.Module, options: FinetuneOptions, generator: torch.Generator | None) -> None:
-    """Inject trainable float32 LoRA adapters into `unet` (frozen base weights); A drawn from `generator`'s stream
-    through a forked global generator, so the caller's global random state is untouched."""
+def _add_lora(unet: nn.Module, options: FinetuneOptions, generator: torch.Generator | None,
+              targets: tuple[str, ...]) -> None:
+    """Inject trainable float32 LoRA adapters on the `targets` modules of `unet` (frozen base weights); A drawn from
+    `generator`'s stream through a forked global generator, so the caller's global random state is untouched."""
     peft = _peft()
     config = peft.LoraConfig(r=options.rank, lora_alpha=options.alpha if options.alpha is not None else options.rank,
-                        init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+                        init_lora_weights="gaussian", target_modules=list(targets))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else options.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
