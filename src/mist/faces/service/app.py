@@ -30,6 +30,7 @@ from mist.engine.config import RUN_SETTINGS
 from mist.runner.evaluation.settings import EVALUATION_OPTIONS
 from mist.runner.work_limits import WorkLimits
 from mist.runner.estimate import Estimate
+from mist.runner.offers import model_offer
 from mist.common.files import write_zip
 from mist.common.model_names import TEST_MODEL_STEPS, names_test_model
 from mist.version import __version__
@@ -379,9 +380,12 @@ def _add_server_routes(app: FastAPI, service: Service) -> None:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/v1/status", summary="The server's version, model, worker and queue, and the caller's own jobs")
+    @app.get("/v1/status", summary="The server's version, model, the methods its model runs (and why it cannot run "
+                                   "the others), worker and queue, and the caller's own jobs")
     def server_status(who: Who) -> dict[str, Any]:
-        return {"version": __version__, "model": service.model_name,
+        offer = model_offer(service.worker.models)
+        return {"version": __version__, "model": service.model_name, "methods": list(offer.methods),
+                "methods_refused": offer.refused,
                 "worker": "ready" if service.worker.ready else f"not ready: {service.worker.stats.fault or 'stopped'}",
                 "queue_length": service.store.count_jobs(states=("queued",)),
                 "your_jobs": service.store.count_jobs(who.owner)}

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -44,6 +45,7 @@ from PIL import Image
 from mist.common import images as image_io
 from mist.engine.config import ProtectConfig
 from mist.runner.estimate import Estimate
+from mist.runner.offers import Offer, model_offer
 from mist.runner.evaluation.resume import UNFINISHED
 from mist.common.files import remove_old_folders, write_zip
 from mist.runner.flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
@@ -532,15 +534,26 @@ class WebUI:
     def cancel_flag(self, session: str | None) -> threading.Event:
         return self._page(session).cancel
 
+    @cached_property
+    def offer(self) -> Offer:
+        """The methods (and choices of their parameters) the served model runs, told once without loading it; the
+        page offers only those (`mist.runner.offers`)."""
+        return model_offer(self.engine)
+
     def banner(self, lang: str) -> str:
-        """A line above everything when no model is found (how to get one) or the test model runs."""
+        """A line above everything when no model is found (how to get one) or the test model runs, and which methods
+        are not offered because the served model cannot run them (and why)."""
         from mist.models import TINY_RANDOM, ModelNotFoundError
 
         try:
             where = self.engine.where()
         except ModelNotFoundError as exc:
             return f"**{text(lang, 'no_model')}**\n\n```\n{exc}\n```"
-        return f"**{text(lang, 'no_protection')}**" if where == TINY_RANDOM else ""
+        refused = self.offer.refused
+        lines = [f"**{text(lang, 'no_protection')}**" if where == TINY_RANDOM else "",
+                 text(lang, "not_offered", methods=", ".join(refused)) if refused else "",
+                 *dict.fromkeys(refused.values())]  # the engine's reason, in English as its other messages
+        return "\n\n".join(filter(None, lines))
 
     # --- event handlers (gradio passes component values; `session` comes from the request) ---
 
