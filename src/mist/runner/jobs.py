@@ -19,7 +19,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from PIL import Image
 
@@ -143,6 +143,18 @@ def ensemble_record(protector: Protector, result: ProtectedImage) -> str:
     members = [{"model": label, "start": result.start.get(term_name(label)), "end": result.end.get(term_name(label))}
                for label in protector.ensemble]
     return json.dumps({"combine": protector.config.against_combine, "members": members}, sort_keys=True)
+
+
+def without_model_path(message: str, models: ModelCache | Any) -> str:
+    """`message` with the path of the model of `models` (where the server keeps it) written as the model's file or
+    folder name, as faces that serve others show a model's problems; unchanged when there is no model to name."""
+    from mist.models import ModelNotFoundError, model_label
+
+    try:
+        where = models.where()
+    except ModelNotFoundError:
+        return message
+    return message.replace(str(where), model_label(where))
 
 
 class ModelCache:

@@ -257,7 +257,7 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
     command line does) and say how it went; never raises for a bad input, a missing model, a bad setting or a cancel
     (each gives a message in the result). `progress(fraction, text)` hears every step; setting `cancel` stops the
     attack after the current step (finished images are kept)."""
-    from mist.runner.jobs import Job, run_jobs
+    from mist.runner.jobs import Job, run_jobs, without_model_path
     from mist.models import ModelNotFoundError
 
     started = time.perf_counter()
@@ -294,7 +294,7 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
     except ModelNotFoundError as exc:
         return _finish(result, _no_model(exc, lang), started)
     except (ValueError, OSError, RuntimeError) as exc:
-        return _finish(result, f"{text(lang, 'model_failed')} {exc}", started)
+        return _finish(result, f"{text(lang, 'model_failed')} {without_model_path(str(exc), engine)}", started)
     result.cancelled = summary.cancelled
     if len(result.outputs) > 1:
         result.zip = job / ZIP_NAME
@@ -315,13 +315,14 @@ def _model_problem(engine: ModelCache, config: ProtectConfig, lang: str) -> str 
     """The status line when the server's model cannot run `config` (no model, one Mist refuses, or a family whose
     denoiser the chosen method needs and Mist does not run), told before any upload is taken; None when it can."""
     from mist.models import ModelNotFoundError
+    from mist.runner.jobs import without_model_path
 
     try:
         refused = engine.refusal(config)
     except ModelNotFoundError as exc:
         return _no_model(exc, lang)
     except ValueError as exc:
-        return f"{text(lang, 'model_failed')} {exc}"
+        return f"{text(lang, 'model_failed')} {without_model_path(str(exc), engine)}"
     return None if refused is None else f"{text(lang, 'method_refused')} {refused}"
 
 
