@@ -1,6 +1,8 @@
 """The denoiser-side methods served whole: a tiny SD 2.x v-prediction diffusers folder, a tiny SDXL single file and a
 tiny SD 3 diffusers folder, each protecting an image with Mist's fused mode through the web UI and the HTTP service
-(the output within the budget, the metadata naming the model by its file name, no server path in any answer)."""
+(the output within the budget, the metadata naming the model by its file name, no server path in any answer); and
+the size an SD 3.x transformer cannot take (sides not multiples of 16, in block mode of each tile) refused by the
+command line, the web UI and the service before the model is loaded."""
 
 from __future__ import annotations
 
@@ -124,3 +126,68 @@ def test_a_model_the_server_cannot_read_is_named_by_its_file_name_only(tmp_path)
     assert status["state"] == "failed" and "broken.safetensors: cannot read" in status["error"]
     assert str(broken.parent) not in json.dumps(status)
 
+
+# ------------------------------------------------------------------------------- sizes an SD 3 transformer takes
+
+# With --no-resize at input size 40 a 40 x 48 image is processed at 40 x 48 (multiples of 8, not of 16); in block
+# mode a 48-pixel square is cut into 24-pixel tiles.
+ODD_SIZES = {"no-resize": ((40, 48), {"input_size": 40, "keep_aspect": True}, "40 x 48 pixels"),
+             "block": ((40, 40), {"input_size": 48, "block_num": 2}, "48 x 48 pixels in 2 x 2 tiles of 24 x 24")}
+
+
+def _no_loading(monkeypatch) -> None:
+    import mist.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mist.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("case", ODD_SIZES)
+def test_the_cli_refuses_a_size_the_transformer_cannot_take_before_loading(capsys, models, tmp_path, monkeypatch,
+                                                                           case):
+    from support.cli import run_cli
+
+    size, settings, said = ODD_SIZES[case]
+    image = faces.noise_file(tmp_path / "art.png", size)
+    flags = ["--input-size", str(settings["input_size"]), "--block-num", str(settings.get("block_num", 1))]
+    flags += ["--no-resize"] if settings.get("keep_aspect") else []
+    _no_loading(monkeypatch)
+    code, _, err = run_cli(capsys, "protect", image, "-o", tmp_path / "out", "--model", models["sd3"], "--method",
+                           "advdm", "--steps", "2", *flags)
+    line = next(line for line in err.splitlines() if "multiples of 16" in line)
+    assert code != 0 and str(image) in line and said in line and "2 x 2 patches" in line
+
+
+@pytest.mark.parametrize("case", ODD_SIZES)
+def test_the_web_ui_and_the_service_refuse_a_size_the_transformer_cannot_take_before_loading(models, tmp_path,
+                                                                                             monkeypatch, case):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mist.faces.service.app import create_app
+
+    size, settings, said = ODD_SIZES[case]
+    _no_loading(monkeypatch)
+    ui = WebUI(ModelCache(str(models["sd3"])), tmp_path / "work")
+    ui.start("en", None)
+    page = Settings(steps=2, size=settings["input_size"], method="advdm", original_size=False,
+                    no_resize=settings.get("keep_aspect", False), low_vram=settings.get("block_num") == 2)
+    result = ui.run("batch", None, None, [faces.noise_file(tmp_path / "art.png", size)], page, "en", None)
+    assert not result.outputs and any(said in m and "multiples of 16" in m for m in result.messages), result
+    assert not any(str(tmp_path) in m for m in [result.status, *result.messages])
+    service = faces.service(tmp_path, models["sd3"])
+    fields = {"method": "advdm", "input-size": str(settings["input_size"]),
+              "block-num": str(settings.get("block_num", 1)),
+              "no-resize": "true" if settings.get("keep_aspect") else "false"}
+    try:
+        with TestClient(create_app(service, manage_worker=False), client=("127.0.0.1", 50000)) as http:
+            refused = faces.submit(http, fields, size)
+            accepted = faces.submit(http, {**fields, "method": "photoguard"}, size)  # the VAE alone takes 8s
+    finally:
+        service.store.close()
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error.startswith("images: art.png: processed at ") and said in error and "multiples of 16" in error
+    assert str(service.data) not in error and accepted.status_code == 201, accepted.text
