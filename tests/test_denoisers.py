@@ -272,6 +272,31 @@ def test_a_model_too_large_for_the_memory_is_refused_saying_what_it_needs(saved,
     assert _load(saved, "sdxl", layout).unet is not None
 
 
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_the_memory_check_comes_before_the_text_encoders_are_built(saved, monkeypatch, layout):
+    """The text towers are built for real when loaded (SDXL's OpenCLIP-G is 2.8 GB): the memory they and the UNet will
+    take is counted on modules made on the meta device, and checked before anything is allocated."""
+    import mist.models.loading as loading
+
+    built, real = [], loading._text_module
+
+    def spy(arch):
+        built.append(torch.empty(0).device.type)
+        return real(arch)
+
+    def refuse(source, family, needed, held=0, detail=""):
+        raise ValueError(f"checked after building {built}, {needed} bytes needed")
+
+    monkeypatch.setattr(loading, "_text_module", spy)
+    monkeypatch.setattr(loading, "refuse_memory", refuse)
+    with pytest.raises(ValueError, match="checked after building") as caught:
+        _load(saved, "sdxl", layout)
+    parts = saved["sdxl", "parts"]
+    weights = sum(p.numel() for m in (parts.unet, parts.vae.encoder, parts.vae.quant_conv, *parts.towers)
+                  for p in m.parameters())
+    assert str(caught.value) == f"checked after building ['meta'], {4 * weights} bytes needed"
+
+
 SURROGATE_METHODS = {"mist2": {}, "mist2-lora": {"round_steps": 2, "surrogate_steps": 1},
                      "aspl": {"round_steps": 2, "surrogate_steps": 1}}
 

@@ -4,8 +4,6 @@ one line naming the model by its file name (the server's path never shown), not 
 
 from __future__ import annotations
 
-import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from mist.faces.webui import text as webui_text
 from mist.faces.webui.pages import Settings, WebUI
 from mist.models.architectures import ENCODER_SIDE_METHODS, FAMILIES
 from mist.runner.jobs import ModelCache
+from support import faces
 from support.families import PIPELINES, save_folder, save_single_file, tiny_vae
 
 NEW_FAMILIES = tuple(PIPELINES)
@@ -26,7 +25,6 @@ REFUSED_EARLY = tuple(family for family in NEW_FAMILIES
                       if not FAMILIES[family].denoiser or (FAMILIES[family].flow and family in SINGLE_FILES))
 ENCODER_SIDE = {"photoguard": {}, "pid": {}, "mist": {"mode": "textural"}}
 DENOISER_SIDE = {"mist": {"mode": "fused"}, "mist2": {}}
-TIMEOUT_S = 120  # the waits end on the job's state; this only turns a hang into a failure
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +43,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _noise(path: Path, size: int = 40) -> Path:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def _page_run(ui: WebUI, image: Path, method: str, params: dict) -> object:
     settings = Settings(steps=2, size=32, epsilon=8, method=method, params=params, original_size=False,
                         precision="fp32")
@@ -62,7 +55,7 @@ def _page_run(ui: WebUI, image: Path, method: str, params: dict) -> object:
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_the_web_ui_protects_with_each_encoder_side_method_on_each_family(models, tmp_path, family):
-    image = _noise(tmp_path / "art.png")
+    image = faces.noise_file(tmp_path / "art.png")
     ui = WebUI(ModelCache(str(models[family])), tmp_path / "work")
     for method, params in ENCODER_SIDE.items():
         result = _page_run(ui, image, method, params)
@@ -76,7 +69,7 @@ def test_the_web_ui_protects_with_each_encoder_side_method_on_each_family(models
 @pytest.mark.parametrize("family", REFUSED_EARLY)
 @pytest.mark.parametrize("lang", ["en", "zh"])
 def test_the_web_ui_refuses_a_denoiser_side_method_in_one_line_before_loading(models, tmp_path, family, lang):
-    image = _noise(tmp_path / "art.png")
+    image = faces.noise_file(tmp_path / "art.png")
     ui = WebUI(ModelCache(str(models[family])), tmp_path / "work")
     for method, params in DENOISER_SIDE.items():
         ui.start(lang, None)
@@ -100,38 +93,6 @@ def test_the_web_ui_page_builds_for_a_family_model(models, tmp_path):
 # ------------------------------------------------------------------------------------------------------ HTTP service
 
 
-def _service(tmp_path: Path, model: Path):
-    from mist.faces.service.app import Service
-    from mist.faces.service.store import JobStore, Limits, sqlite_url
-    from mist.faces.service.worker import Worker
-
-    data = tmp_path / "data"
-    data.mkdir()
-    store = JobStore(sqlite_url(data))
-    models = ModelCache(str(model), "cpu")
-    worker = Worker(store, data, models, retention_seconds=3600, lease_seconds=30, poll_seconds=0.05)
-    return Service(store, data, worker, False, Limits(), 3600, str(models.where()))
-
-
-def _png(size: int = 40) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _submit(http, fields: dict):
-    return http.post("/v1/jobs", files=[("images", ("art.png", _png(), "image/png"))],
-                     data={"steps": "2", "input-size": "32", "precision": "fp32", **fields})
-
-
-def _finished(http, job_id: str) -> dict:
-    deadline = time.monotonic() + TIMEOUT_S
-    while (status := http.get(f"/v1/jobs/{job_id}").json())["state"] not in ("done", "failed", "cancelled"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
-    return status
-
-
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_the_service_protects_with_each_encoder_side_method_and_refuses_the_others_at_submission(models, tmp_path,
                                                                                                   family):
@@ -142,17 +103,17 @@ def test_the_service_protects_with_each_encoder_side_method_and_refuses_the_othe
 
     from mist.faces.service.app import create_app
 
-    service = _service(tmp_path, models[family])
+    service = faces.service(tmp_path, models[family])
     try:
         with TestClient(create_app(service), client=("127.0.0.1", 50000)) as http:
             for method, params in ENCODER_SIDE.items():
-                created = _submit(http, {"method": method, **params})
+                created = faces.submit(http, {"method": method, **params})
                 assert created.status_code == 201, created.text
-                status = _finished(http, created.json()["id"])
+                status = faces.finished(http, created.json()["id"])
                 assert status["state"] == "done", (method, status["error"], status["images"])
             asked = [{"method": m, **params} for m, params in DENOISER_SIDE.items()] + [{}]  # {}: Mist's fused default
             for fields in asked if family in REFUSED_EARLY else []:
-                refused = _submit(http, fields)
+                refused = faces.submit(http, fields)
                 error = refused.json()["error"]
                 assert refused.status_code == 422 and "\n" not in error, refused.text
                 assert FAMILIES[family].title in error and error.startswith(f"{models[family].name}: ")
@@ -161,5 +122,64 @@ def test_the_service_protects_with_each_encoder_side_method_and_refuses_the_othe
         assert len(service.store.job_ids()) == len(ENCODER_SIDE)
         assert {p.name for p in (service.data / "jobs").iterdir()} == service.store.job_ids()
         assert service.worker.models.loads == 1
+    finally:
+        service.store.close()
+
+
+# ------------------------------------------------------------------------------------- what the faces offer
+
+
+def _choices(demo, elem_id: str) -> tuple[list, object]:
+    block = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+    return [value for _, value in block.choices], block.value
+
+
+@pytest.mark.parametrize("family", REFUSED_EARLY)
+def test_the_page_offers_only_the_methods_and_modes_the_model_runs_and_says_why_in_both_languages(models, tmp_path,
+                                                                                                  family):
+    pytest.importorskip("gradio")
+    from mist.faces.webui import app as webui_app
+
+    ui = WebUI(ModelCache(str(models[family])), tmp_path)
+    demo = webui_app.build_app(ui)
+    methods, chosen = _choices(demo, "mist-method")
+    assert methods == ["mist", "photoguard", "pid"] and chosen == "mist"
+    assert _choices(demo, "mist-mode") == (["textural"], "textural")  # fused and semantic need the denoiser
+    for lang in ("en", "zh"):
+        banner = ui.banner(lang)
+        assert webui_text.text(lang, "not_offered", methods="advdm").split("advdm")[0] in banner
+        assert "advdm" in banner and "mist2" in banner and FAMILIES[family].title in banner
+        assert models[family].name in banner and str(models[family].parent) not in banner
+    assert ui.engine.loads == 0
+
+
+def test_the_page_offers_every_method_and_mode_for_a_model_that_runs_them(tmp_path):
+    pytest.importorskip("gradio")
+    from mist.engine.methods import list_methods
+    from mist.faces.webui import app as webui_app
+
+    ui = WebUI(ModelCache("tiny-random"), tmp_path)
+    demo = webui_app.build_app(ui)
+    assert _choices(demo, "mist-method") == ([m.name for m in list_methods()], "mist")
+    assert _choices(demo, "mist-mode") == (["textural", "semantic", "fused"], "fused")
+    assert webui_text.text("en", "not_offered", methods="").split(":")[0] not in ui.banner("en")
+
+
+@pytest.mark.parametrize("family", REFUSED_EARLY)
+def test_the_service_status_lists_the_methods_the_model_runs_and_why_not_the_others(models, tmp_path, family):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mist.faces.service.app import create_app
+
+    service = faces.service(tmp_path, models[family])
+    try:
+        with TestClient(create_app(service, manage_worker=False), client=("127.0.0.1", 50000)) as http:
+            status = http.get("/v1/status").json()
+        assert status["methods"] == ["mist", "photoguard", "pid"]
+        assert {"advdm", "sds", "mist2", "aspl"} <= set(status["methods_refused"])
+        for reason in status["methods_refused"].values():
+            assert reason.startswith(f"{models[family].name}: ") and str(models[family].parent) not in reason
+        assert service.worker.models.loads == 0
     finally:
         service.store.close()

@@ -203,3 +203,15 @@ def vae_config_from_weights(path: Path, family: Family, state: dict[str, torch.T
                   use_post_quant_conv=f"{prefix}post_quant_conv.weight" in names,
                   mid_block_add_attention=f"{prefix}encoder.mid.attn_1.q.weight" in names)
     return config
+
+
+LARGEST_SIDE_MULTIPLE = 16  # of the multiples `side_multiple` gives
+
+
+def side_multiple(family: Family, parts: frozenset[str]) -> tuple[int, str]:
+    """The multiple of pixels that each side of the image a run of `parts` on `family` protects (of each tile, in
+    block mode) must be, and why: 8, as every family's VAE halves the image three times; 16 when an SD 3.x or Flux
+    transformer runs, as it cuts the latent into 2 x 2 patches (Flux packs them; SD 3's MMDiT embeds them)."""
+    if family.flow and "unet" in parts:
+        return 16, f"the {family.title} transformer cuts the latent (1/8 of each side) into 2 x 2 patches"
+    return 8, f"the {family.title} VAE halves each side three times"

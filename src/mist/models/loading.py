@@ -136,11 +136,7 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
     vae = families.vae_config_from_weights(path, family, state, keys, prefix)
     arch = whole(family, vae, path.name, families.file_prediction_type(path, family),
                  shapes if shapes.family == family.key else None)
-    try:
-        unet, encoder, text, decoder = empty_modules(arch, parts)
-    except ValueError as exc:  # diffusers refuses widths its layers cannot take (e.g. group norms)
-        raise ValueError(f"{path}: not a {family.title} model Mist can read: {exc}") from exc
-    refuse_too_large(path, family, (unet, encoder, text, decoder), state)
+    unet, encoder, text, decoder = _fitting_modules(path, family, arch, parts, state)
     try:
         unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
     except (KeyError, IndexError) as exc:  # the converter indexes the weights it expects directly
@@ -236,22 +232,31 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
                           text=configs.get("text_encoder", {}), text_2=configs.get("text_encoder_2", {}),
                           family=family.key)
     arch = whole(family, configs["vae"], folder.name, check_prediction_type(prediction, str(scheduler)), shapes)
-    unet, encoder, text, decoder = empty_modules(arch, parts)
-    refuse_too_large(folder, family, (unet, encoder, text, decoder), {})
+    unet, encoder, text, decoder = _fitting_modules(folder, family, arch, parts, {})
     text_states = [read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
     return assemble(folder, arch, unet, encoder, text, decoder,
                      read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
                      vae_state(folder / "vae", parts), _tower_states(text, text_states))
 
 
-def refuse_too_large(source: Path, family: Family, modules: tuple[nn.Module | None, ...],
-                     read: dict[str, torch.Tensor]) -> None:
-    """ValueError naming `source`, in one line, when the float32 weights of `modules` (the parts a run asked for)
-    cannot fit in the memory this machine has available, counting what reading the file already holds (`read`):
-    SDXL's UNet alone has 2.6B parameters, 10.3 GB in float32, its two text encoders 0.8B more."""
-    needed = 4 * sum(p.numel() for module in modules if module is not None for p in module.parameters())
-    held = sum(tensor.numel() * tensor.element_size() for tensor in read.values())
-    refuse_memory(source, family, needed, held)
+def _fitting_modules(source: Path, family: Family, arch: Architecture, parts: frozenset[str],
+                     read: dict[str, torch.Tensor]) -> tuple[nn.Module | None, nn.Module, nn.Module | None,
+                                                             nn.Module | None]:
+    """`empty_modules(arch, parts)`, built only once the float32 weights of those parts are known to fit in the memory
+    this machine has available, counting what reading the file already holds (`read`): the count is made on modules
+    built on the meta device, as the text encoders are otherwise built for real (SDXL's OpenCLIP-G alone is 2.8 GB;
+    its UNet has 2.6B parameters, 10.3 GB in float32). ValueError naming `source`, in one line, for shapes diffusers
+    cannot build or weights that cannot fit."""
+    try:
+        with torch.device("meta"):
+            unet, encoder, _, decoder = empty_modules(arch, parts - _TEXT_PARTS)
+            text = _text_module(arch) if parts & _TEXT_PARTS else None
+    except ValueError as exc:  # diffusers refuses widths its layers cannot take (e.g. group norms)
+        raise ValueError(f"{source}: not a {family.title} model Mist can read: {exc}") from exc
+    needed = 4 * sum(p.numel() for module in (unet, encoder, text, decoder) if module is not None
+                     for p in module.parameters())
+    refuse_memory(source, family, needed, sum(tensor.numel() * tensor.element_size() for tensor in read.values()))
+    return empty_modules(arch, parts)
 
 
 def refuse_memory(source: Path, family: Family, needed: int, held: int = 0, detail: str = "") -> None:

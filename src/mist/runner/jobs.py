@@ -12,6 +12,7 @@ or with minimal metadata the folder's private manifest (`mist.runner.manifest`).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from PIL import Image
 
@@ -145,6 +146,18 @@ def ensemble_record(protector: Protector, result: ProtectedImage) -> str:
     return json.dumps({"combine": protector.config.against_combine, "members": members}, sort_keys=True)
 
 
+def without_model_path(message: str, models: ModelCache | Any) -> str:
+    """`message` with the path of the model of `models` (where the server keeps it) written as the model's file or
+    folder name, as faces that serve others show a model's problems; unchanged when there is no model to name."""
+    from mist.models import ModelNotFoundError, model_label
+
+    try:
+        where = models.where()
+    except ModelNotFoundError:
+        return message
+    return message.replace(str(where), model_label(where))
+
+
 class ModelCache:
     """The model every job of a face uses: found without loading (for pre-flight checks and resume records), loaded
     on the first job that needs it and kept for the next ones (one model in memory at a time), and a lock that lets
@@ -188,24 +201,35 @@ class ModelCache:
         per model without loading it (`mist.models.identify`). Raises ModelNotFoundError, or ValueError for a model
         file Mist refuses or cannot read."""
         from mist.models import model_label
-        from mist.models.architectures import FAMILIES
         from mist.models.families import refuse_denoiser_parts
-        from mist.models.identify import model_family
 
-        where = self.where()
-        single_file = False
-        if self._given is not None:
-            family = FAMILIES[self._given.arch.family]
-        else:
-            if str(where) not in self._families:
-                self._families[str(where)] = model_family(where)
-            family = self._families[str(where)]
-            single_file = Path(str(where)).is_file()  # SD 3.x / Flux files run the encoder-side methods only
+        where, family, single_file = self._family()
         try:
             refuse_denoiser_parts(model_label(where), family, config.parts, single_file=single_file)
         except ValueError as exc:
             return str(exc)
         return None
+
+    def side_multiple(self, config: ProtectConfig) -> tuple[int, str]:
+        """The multiple of pixels each side of a processed image (of each tile, in block mode) must be for the model
+        to run `config`, and why (`mist.models.families.side_multiple`), told without loading the model. Raises as
+        `refusal` does."""
+        from mist.models.families import side_multiple
+
+        return side_multiple(self._family()[1], config.parts)
+
+    def _family(self) -> tuple[str | Path, Family, bool]:
+        """Where the model is, its family (told once per model, without loading it) and whether it is a single
+        file (SD 3.x / Flux files run the encoder-side methods only)."""
+        from mist.models.architectures import FAMILIES
+        from mist.models.identify import model_family
+
+        where = self.where()
+        if self._given is not None:
+            return where, FAMILIES[self._given.arch.family], False
+        if str(where) not in self._families:
+            self._families[str(where)] = model_family(where)
+        return where, self._families[str(where)], Path(str(where)).is_file()
 
     def device(self) -> torch.device:
         """The device jobs run on; ValueError("device: ...") for one this machine lacks."""
@@ -291,6 +315,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
     summary = BatchSummary()
     model = models.identity()
     precision = models.precision(config.precision)  # what "auto" means here: outputs record it
+    side = functools.cache(lambda: models.side_multiple(config))  # told only if a size needs it (`preflight`)
     masks: dict[Path | None, Image.Image | None] = {None: None}
     settings_of: dict[Path | None, str] = {}  # by the job's own mask (None: the run's)
     pending: list[_Pending] = []
@@ -303,7 +328,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
             settings_of[job.mask] = settings_text(config if job.mask is None else config.but(mask=job.mask),
                                                   batch_size, metadata, models.compile)
         settings = settings_of[job.mask]
-        problem = _preflight(job, config)
+        problem = _preflight(job, config, side)
         if problem is None:
             digest = sha256_file(job.source)
             problem = _existing_output_problem(job, _resume_record(settings, model, digest, precision), overwrite)
@@ -481,10 +506,11 @@ def _difference(existing: dict[str, str], wanted: dict[str, str | None]) -> str:
     return f"was made with other settings: {changed}" if changed else "was made with other settings"
 
 
-def _preflight(job: Job, config: ProtectConfig) -> str | None:
-    """Everything about one job that can be checked without decoding its image fully or loading the model."""
+def _preflight(job: Job, config: ProtectConfig, side: Callable[[], tuple[int, str]]) -> str | None:
+    """Everything about one job that can be checked without decoding its image fully or loading the model (`side`:
+    the multiple of pixels the model needs, `ModelCache.side_multiple`)."""
     if files.resolved(job.output) == files.resolved(job.source):
         return f"{job.source}: its output would replace the input file; choose another output folder"
-    return preflight.input_problem(job.source, config)
+    return preflight.input_problem(job.source, config, side)
 
 

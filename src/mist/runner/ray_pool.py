@@ -198,6 +198,11 @@ class RayModels:
         refused by the worker, when the job runs."""
         return None
 
+    def side_multiple(self, config: ProtectConfig) -> tuple[int, str]:
+        """8, which every processed size meets: as with `refusal`, a size a worker's own model cannot take is refused
+        by that worker, when the job runs."""
+        return 8, "each worker's model is told when the job runs"
+
     def precision(self, precision: str) -> str:
         import ray
 

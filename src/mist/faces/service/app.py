@@ -8,6 +8,7 @@ the token that created them (another token's job is "not found", as if it did no
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import ipaddress
 import logging
@@ -30,6 +31,8 @@ from mist.engine.config import RUN_SETTINGS
 from mist.runner.evaluation.settings import EVALUATION_OPTIONS
 from mist.runner.work_limits import WorkLimits
 from mist.runner.estimate import Estimate
+from mist.runner import preflight
+from mist.runner.offers import model_offer
 from mist.common.files import write_zip
 from mist.common.model_names import TEST_MODEL_STEPS, names_test_model
 from mist.version import __version__
@@ -223,19 +226,27 @@ def _protection(service: Service, who: Caller, folder: Path, texts: dict[str, st
         raise ApiError(400, problem)
     submission = save_submission(folder, settings, metadata, uploads, who.limits.max_images)
     with removed_on_failure(folder):
-        _refuse_method(service, job_config(submission.settings, folder))
+        _refuse_for_model(service, job_config(submission.settings, folder), folder, submission.images)
     return submission.settings, submission.metadata_level, submission.images
 
 
-def _refuse_method(service: Service, config: ProtectConfig) -> None:
-    """422 naming the server's model (its file name) when it cannot run `config`'s method: a denoiser-side method on a
-    family whose denoiser Mist does not run. A model that cannot be found or read is left to the job to report."""
+def _refuse_for_model(service: Service, config: ProtectConfig, folder: Path, images: list) -> None:
+    """422 naming the server's model (its file name) when it cannot run `config`'s method (a denoiser-side method on a
+    family whose denoiser Mist does not run), 400 naming the image as the client named it when the model cannot take
+    its processed size (`preflight.input_problem`). A model that cannot be found or read is left to the job to
+    report."""
+    models = service.worker.models
     try:
-        refused = service.worker.models.refusal(config)
+        refused = models.refusal(config)
     except (OSError, ValueError):  # ModelNotFoundError is an OSError
         return
     if refused is not None:
         raise ApiError(422, refused)
+    side = functools.cache(lambda: models.side_multiple(config))
+    for name, source, *_ in images:
+        problem = preflight.input_problem(folder / source, config, side)
+        if problem:
+            raise ApiError(400, f"images: {name}: {problem.removeprefix(f'{folder / source}: ')}")
 
 
 def _evaluation(service: Service, who: Caller, folder: Path, texts: dict[str, str],
@@ -379,9 +390,12 @@ def _add_server_routes(app: FastAPI, service: Service) -> None:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/v1/status", summary="The server's version, model, worker and queue, and the caller's own jobs")
+    @app.get("/v1/status", summary="The server's version, model, the methods its model runs (and why it cannot run "
+                                   "the others), worker and queue, and the caller's own jobs")
     def server_status(who: Who) -> dict[str, Any]:
-        return {"version": __version__, "model": service.model_name,
+        offer = model_offer(service.worker.models)
+        return {"version": __version__, "model": service.model_name, "methods": list(offer.methods),
+                "methods_refused": offer.refused,
                 "worker": "ready" if service.worker.ready else f"not ready: {service.worker.stats.fault or 'stopped'}",
                 "queue_length": service.store.count_jobs(states=("queued",)),
                 "your_jobs": service.store.count_jobs(who.owner)}

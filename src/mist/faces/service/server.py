@@ -97,12 +97,15 @@ def models_for(options: ServeOptions) -> Any:
 
 
 def build_service(options: ServeOptions, store: JobStore, models: Any) -> Service:
-    """The service over `store` and the runner `models` opened for it (`models_for`)."""
+    """The service over `store` and the runner `models` opened for it (`models_for`); its model is named by its file
+    or folder name (`model_label`), as outputs name it: where the server keeps it is not its clients' business."""
+    from mist.models import model_label
+
     retention = options.retention_hours * 3600
     worker = Worker(store, options.data, models, retention_seconds=retention, lease_seconds=options.lease_seconds)
     return Service(store=store, data=options.data, worker=worker, require_tokens=not options.no_auth,
-                   local_limits=options.local_limits, retention_seconds=retention, model_name=str(models.where()),
-                   work_limits=options.work_limits, evaluates=not options.ray)
+                   local_limits=options.local_limits, retention_seconds=retention,
+                   model_name=model_label(models.where()), work_limits=options.work_limits, evaluates=not options.ray)
 
 
 def serve(options: ServeOptions) -> int:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from mist.engine.config import ProtectConfig
 from mist.runner.estimate import Estimate
 from mist.common.files import remove_old_folders
-from mist.runner.jobs import Job, run_jobs
+from mist.runner.jobs import Job, run_jobs, without_model_path
 from mist.engine.pipeline import Progress, ProtectedImage
 from mist.faces.service.layout import INPUT_FOLDERS, ORIGINALS, OUTPUT_FOLDER, PROTECTED, job_folder
 from mist.faces.service.store import JobRecord, JobStore
@@ -146,7 +146,8 @@ class Worker:
         try:
             state = run(job, folder, reporter, cancel)
         except (ValueError, OSError) as exc:
-            error = str(exc).replace(f"{folder}/", "")  # files named by their place in the job, not the server's path
+            # files named by their place in the job, the model by its name: not the server's paths
+            error = without_model_path(str(exc).replace(f"{folder}/", ""), self.models)
         except Exception as exc:  # the job fails, the server goes on
             log.exception("job %s failed", job.id)
             error = f"internal error: {type(exc).__name__}: {exc}"

@@ -20,6 +20,7 @@ from mist.engine.methods import list_methods, param_specs, shared_params
 from mist.common.model_names import default_steps
 from mist.faces.webui.pages import (AUTH_ENV, DEFAULT_HOST, DEFAULT_PORT, EVALUATE_STRENGTH, SIZES, JobResult, Settings,
                                     WebUI, log, parse_auth)
+from mist.runner.offers import Offer
 from mist.runner.work_limits import work_limits_from
 from mist.faces.webui.text import (CHINESE_LOCALES, EN, GRADIO_ZH, LABEL_KEYS, LANGUAGES, METHODS_ZH, TEXTS,
                                    detect_language, text)
@@ -94,7 +95,7 @@ def build_app(ui: WebUI):
             with gr.Column(scale=3, min_width=320):
                 page.sources()
             with gr.Column(scale=2, min_width=320):
-                page.settings(Settings(steps=default_steps(ui.engine.model_spec, Settings.steps)))
+                page.settings(Settings(steps=default_steps(ui.engine.model_spec, Settings.steps)), ui.offer)
         page.views()
         _wire(gr, demo, ui, page)
     demo.queue(default_concurrency_limit=1)
@@ -157,20 +158,21 @@ class _Page:
                 self.evaluate_grid = gr.Gallery(label=L("evaluate_grid"), columns=4, object_fit="contain",
                                                 format="png", buttons=_NO_SHARE, elem_id="mist-evaluate-grid")
 
-    def settings(self, d: Settings) -> None:
-        """The run's settings (a method's parameters shown while it is chosen), Protect, Cancel, status, downloads."""
+    def settings(self, d: Settings, offer: Offer) -> None:
+        """The run's settings (a method's parameters shown while it is chosen), Protect, Cancel, status, downloads;
+        the methods and choices offered are those the served model runs (`offer`)."""
         gr, L, control = self.gr, self.L, self.control  # noqa: N806
         epsilon = control(gr.Slider, "strength", 0, 32, value=d.epsilon, step=1)
         steps = control(gr.Slider, "steps", 1, 1000, value=d.steps, step=1)
         original_size = control(gr.Checkbox, "original_size", d.original_size)
         size = control(gr.Radio, "size", [(str(s), s) for s in SIZES], value=d.size)
-        self.method = control(gr.Dropdown, "method", [(L(f"method_{m.name}"), m.name) for m in list_methods()],
-                              value=d.method)
+        method = offer.default(d.method)
+        self.method = control(gr.Dropdown, "method", [(L(f"method_{m}"), m) for m in offer.methods], value=method)
         self.shared = shared_params()
-        self.params = {name: param_control(gr, L, spec, users, d.method) for name, (spec, users) in self.shared.items()
-                       if not spec.advanced and spec.kind != "file"}
+        self.params = {name: param_control(gr, L, spec, users, method, offer.choices.get(name))
+                       for name, (spec, users) in self.shared.items() if not spec.advanced and spec.kind != "file"}
         with gr.Accordion(L("advanced"), open=False, elem_id="mist-advanced"):
-            self.params |= {name: param_control(gr, L, spec, users, d.method)
+            self.params |= {name: param_control(gr, L, spec, users, method, offer.choices.get(name))
                             for name, (spec, users) in self.shared.items() if spec.advanced and spec.kind != "file"}
             low_vram = control(gr.Checkbox, "low_vram", d.low_vram)
             no_resize = control(gr.Checkbox, "no_resize", d.no_resize)
@@ -444,15 +446,18 @@ def method_labels() -> tuple[dict[str, str], dict[str, str]]:
     return english, {key: METHODS_ZH.get(key, text) for key, text in english.items()}
 
 
-def param_control(gr, label, spec, users: list[str], method: str):
-    """The control of one method parameter (elem_id mist-<name>), shown while a method that takes it is chosen.
-    File parameters have none: the page offers no upload for them (the command line and the API take them)."""
-    common = dict(label=label(f"param_{spec.name}"), info=label(f"param_{spec.name}_info"), value=spec.default,
+def param_control(gr, label, spec, users: list[str], method: str, choices: tuple | None = None):
+    """The control of one method parameter (elem_id mist-<name>), shown while a method that takes it is chosen;
+    a choice offers `choices` (those the served model runs; None: all). File parameters have none: the page offers
+    no upload for them (the command line and the API take them)."""
+    choices = spec.choices if choices is None else choices
+    value = spec.default if spec.kind != "choice" or spec.default in choices else choices[0]
+    common = dict(label=label(f"param_{spec.name}"), info=label(f"param_{spec.name}_info"), value=value,
                   elem_id="mist-" + spec.name.replace("_", "-"), visible=method in users)
     if spec.kind == "bool":
         return gr.Checkbox(**common)
     if spec.kind == "choice":
-        return gr.Radio([(label(f"param_{spec.name}_{c}"), c) for c in spec.choices], **common)
+        return gr.Radio([(label(f"param_{spec.name}_{c}"), c) for c in choices], **common)
     if spec.slider or (spec.low is not None and spec.high is not None):
         fine = 1 if spec.kind == "int" else (spec.high - spec.low) / 100
         low, high, step = spec.slider or (spec.low, spec.high, fine)

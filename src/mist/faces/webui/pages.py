@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -44,6 +45,7 @@ from PIL import Image
 from mist.common import images as image_io
 from mist.engine.config import ProtectConfig
 from mist.runner.estimate import Estimate
+from mist.runner.offers import Offer, model_offer
 from mist.runner.evaluation.resume import UNFINISHED
 from mist.common.files import remove_old_folders, write_zip
 from mist.runner.flags import RUN_FLAGS, RUN_KINDS, fields_as_flags, protect_flags, typed_value
@@ -255,7 +257,7 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
     command line does) and say how it went; never raises for a bad input, a missing model, a bad setting or a cancel
     (each gives a message in the result). `progress(fraction, text)` hears every step; setting `cancel` stops the
     attack after the current step (finished images are kept)."""
-    from mist.runner.jobs import Job, run_jobs
+    from mist.runner.jobs import Job, run_jobs, without_model_path
     from mist.models import ModelNotFoundError
 
     started = time.perf_counter()
@@ -292,7 +294,7 @@ def run_job(uploads: Sequence[Artwork], settings: Settings | ProtectConfig, engi
     except ModelNotFoundError as exc:
         return _finish(result, _no_model(exc, lang), started)
     except (ValueError, OSError, RuntimeError) as exc:
-        return _finish(result, f"{text(lang, 'model_failed')} {exc}", started)
+        return _finish(result, f"{text(lang, 'model_failed')} {without_model_path(str(exc), engine)}", started)
     result.cancelled = summary.cancelled
     if len(result.outputs) > 1:
         result.zip = job / ZIP_NAME
@@ -313,13 +315,14 @@ def _model_problem(engine: ModelCache, config: ProtectConfig, lang: str) -> str 
     """The status line when the server's model cannot run `config` (no model, one Mist refuses, or a family whose
     denoiser the chosen method needs and Mist does not run), told before any upload is taken; None when it can."""
     from mist.models import ModelNotFoundError
+    from mist.runner.jobs import without_model_path
 
     try:
         refused = engine.refusal(config)
     except ModelNotFoundError as exc:
         return _no_model(exc, lang)
     except ValueError as exc:
-        return f"{text(lang, 'model_failed')} {exc}"
+        return f"{text(lang, 'model_failed')} {without_model_path(str(exc), engine)}"
     return None if refused is None else f"{text(lang, 'method_refused')} {refused}"
 
 
@@ -532,15 +535,26 @@ class WebUI:
     def cancel_flag(self, session: str | None) -> threading.Event:
         return self._page(session).cancel
 
+    @cached_property
+    def offer(self) -> Offer:
+        """The methods (and choices of their parameters) the served model runs, told once without loading it; the
+        page offers only those (`mist.runner.offers`)."""
+        return model_offer(self.engine)
+
     def banner(self, lang: str) -> str:
-        """A line above everything when no model is found (how to get one) or the test model runs."""
+        """A line above everything when no model is found (how to get one) or the test model runs, and which methods
+        are not offered because the served model cannot run them (and why)."""
         from mist.models import TINY_RANDOM, ModelNotFoundError
 
         try:
             where = self.engine.where()
         except ModelNotFoundError as exc:
             return f"**{text(lang, 'no_model')}**\n\n```\n{exc}\n```"
-        return f"**{text(lang, 'no_protection')}**" if where == TINY_RANDOM else ""
+        refused = self.offer.refused
+        lines = [f"**{text(lang, 'no_protection')}**" if where == TINY_RANDOM else "",
+                 text(lang, "not_offered", methods=", ".join(refused)) if refused else "",
+                 *dict.fromkeys(refused.values())]  # the engine's reason, in English as its other messages
+        return "\n\n".join(filter(None, lines))
 
     # --- event handlers (gradio passes component values; `session` comes from the request) ---
 

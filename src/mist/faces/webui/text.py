@@ -116,6 +116,7 @@ EN: dict[str, str] = {
     "method_refused": ("This server's model cannot run the chosen method; choose PhotoGuard, PID or Mist with the "
                        "textural mode:"),
     "invalid_settings": "Invalid settings:",
+    "not_offered": "Not offered, as this server's model cannot run them: {methods}.",
     "no_protection": (
         "WARNING: this server runs a random-weight test model: the images it makes have NO protection (their PNG "
         "metadata says so too)."
@@ -230,6 +231,7 @@ ZH: dict[str, str] = {
     "model_failed": "无法加载模型：",
     "method_refused": "本服务器的模型无法运行所选方法，请改选 PhotoGuard、PID 或纹理模式的 Mist：",
     "invalid_settings": "参数无效：",
+    "not_offered": "本服务器的模型无法运行以下方法，因此未列出：{methods}。",
     "no_protection": "警告：本服务器运行的是随机权重的测试模型，生成的图片没有任何保护效果（PNG 元数据中也会注明）。",
     "too_large": "文件大小为 {size} MB，超过了本服务器 {limit} MB 的上限",
     "bad_file": "已跳过 {name}：{problem}",
