@@ -22,7 +22,7 @@ PUBLISHED = {
     "  leading and trailing  ": [1374, 11, 5032, 53, 3, 1],
     "emoji 🎨 art": [3, 15, 51, 21892, 3, 2, 768, 1],
 }
-LONG = "a very detailed oil painting of a mountain lake at dawn, " * 60  # 841 pieces (a trailing "▁" among them) and the end marker
+LONG = "a very detailed oil painting of a mountain lake at dawn, " * 60  # 841 pieces (a last "▁" too) and </s>
 
 
 def test_the_vocabulary_is_t5s():
