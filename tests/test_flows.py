@@ -161,10 +161,8 @@ def test_flux_denoise_packs_the_latent_as_diffusers_does(saved, name, guidance):
 
 
 @pytest.fixture(scope="module")
-def image_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("image") / "painting.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    return path
+def image_file(noise_painting_file) -> Path:
+    return noise_painting_file
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])

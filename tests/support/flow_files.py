@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
                           T5Config, T5EncoderModel)
 
+from mist.models import flow_files
 from mist.models.t5_tokenizer import t5_tokenizer
 from support.families import tiny_vae
 from support.flows import Parts, save_folder
@@ -125,13 +126,7 @@ _FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.
                 "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
 _FLUX_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
-_FLUX_OTHER = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-               "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+_FLUX_OTHER = {new: old for old, new in flow_files._FLUX_OTHER.items()}  # validated against diffusers' converter
 
 
 def flux_original(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
@@ -209,3 +204,28 @@ def save_same_folder(folder: Path, parts: Parts, scheduler: str | None = None) -
                                         unk_token="<unk>")
     tokenizer.save_pretrained(folder / ("tokenizer_3" if parts.family == "sd3" else "tokenizer_2"))
     return folder
+
+
+_STORED = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def sparse_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A .safetensors file of `tensors` (meta tensors: shapes and types only) whose data is a hole: the header is
+    written and the file extended to its full size, so a full-size model's file costs no disk (its weights read as
+    zeros)."""
+    import json
+    import math
+    import struct
+
+    entries, offset = {}, 0
+    for key, tensor in tensors.items():
+        size = math.prod(tensor.shape) * tensor.element_size()
+        entries[key] = {"dtype": _STORED[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset,
+                                                                                                     offset + size]}
+        offset += size
+    header = json.dumps(entries).encode()
+    header += b" " * (-len(header) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + offset)
+    return path

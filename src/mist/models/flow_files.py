@@ -108,7 +108,8 @@ def flux_config(head: Header) -> dict:
     width, channels = head["img_in.weight"][0]
     heads = head["double_blocks.0.img_attn.norm.query_norm.scale"][0][0]
     index = heads // 8
-    return dict(patch_size=1, in_channels=channels, out_channels=head["final_layer.linear.weight"][0][0],
+    out = head["final_layer.linear.weight"][0][0]
+    return dict(patch_size=1, in_channels=channels, out_channels=None if out == channels else out,
                 num_layers=_count(head, r"double_blocks\.(\d+)\."),
                 num_single_layers=_count(head, r"single_blocks\.(\d+)\."),
                 attention_head_dim=heads, num_attention_heads=width // heads,
