@@ -39,3 +39,13 @@ def painting_full() -> Image.Image:
     if not files:
         pytest.skip(f"no paintings in {VANGOGH}")
     return Image.open(files[0]).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def noise_painting_file(tmp_path_factory) -> Path:
+    """A 32 x 32 PNG of uniform noise (seed 0): the image the SD 3.x / Flux protection tests protect."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("image") / "painting.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path

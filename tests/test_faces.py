@@ -101,8 +101,10 @@ def test_every_run_setting_is_declared_once_and_every_face_takes_it_from_there(c
 
 
 def test_settings_that_name_paths_on_the_server_are_refused_from_http_clients(tmp_path):
-    """`--against` loads models by path: only the server's own user may name them, as with --model."""
+    """`--against` and `--text-encoders` load models by path: only the server's own user may name them, as with
+    --model."""
     local = [name for name, setting in RUN_SETTINGS.items() if setting.local]
-    assert local == ["against"]
+    assert local == ["against", "text_encoders"]
     assert http("against", str(tmp_path)) == "against: a path on the server, set by whoever runs it, not by a request"
+    assert http("text_encoders", str(tmp_path)).startswith("text_encoders: a path on the server")
     assert http("settings", json.dumps({"against": "x"})).startswith("against: a path on the server")

@@ -195,14 +195,25 @@ def test_mist_textural_needs_only_the_vae_encoder():
 # ------------------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])  # SD 2.x and SDXL run them: see test_denoisers.py
-def test_a_denoiser_side_method_is_refused_in_one_line_naming_the_family(capsys, saved, image_file, tmp_path, family):
-    path, _ = saved[family, "file"]
+def test_a_denoiser_side_method_on_a_vae_alone_is_refused_in_one_line_naming_the_family(capsys, saved, image_file,
+                                                                                          tmp_path):
+    """Flux's ae.safetensors alone (SD 2.x, SDXL, SD 3.x and Flux models run them: see test_denoisers.py,
+    test_flows.py and test_flow_files.py)."""
+    path, _ = saved["flux", "file"]
     code, _, err = run_cli(capsys, "protect", image_file, "-o", tmp_path / "out", "--model", path, "--method", "mist",
                            "--steps", "2", "--input-size", "32")
     message = [line for line in err.splitlines() if str(path) in line]
     assert code != 0 and len(message) == 1
-    assert FAMILIES[family].title in message[0] and "photoguard, pid, mist --mode textural" in message[0]
+    assert "Flux.1 VAE (alone)" in message[0] and "photoguard, pid, mist --mode textural" in message[0]
+
+
+def test_a_denoiser_side_method_on_an_sd3_file_without_its_transformer_is_refused_naming_it(capsys, saved,
+                                                                                             image_file, tmp_path):
+    path, _ = saved["sd3", "file"]  # a VAE and a few marker weights of the MMDiT
+    code, _, err = run_cli(capsys, "protect", image_file, "-o", tmp_path / "out", "--model", path, "--method", "mist",
+                           "--steps", "2", "--input-size", "32")
+    message = [line for line in err.splitlines() if str(path) in line]
+    assert code != 0 and len(message) == 1 and "not a whole SD 3.x transformer" in message[0]
 
 
 def _sdxl_refiner() -> dict[str, torch.Tensor]:

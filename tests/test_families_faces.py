@@ -20,7 +20,7 @@ from support.families import PIPELINES, save_folder, save_single_file, tiny_vae
 NEW_FAMILIES = tuple(PIPELINES)
 SINGLE_FILES = ("sdxl", "flux")  # the families served here from a single file; the others from a diffusers folder
 # The models served here on which a denoiser-side method is refused before its job starts: a family whose denoiser Mist
-# does not run, or an SD 3.x / Flux single file (only their diffusers folders run the denoiser-side methods).
+# does not run, or a VAE alone (Flux's ae.safetensors).
 REFUSED_EARLY = tuple(family for family in NEW_FAMILIES
                       if not FAMILIES[family].denoiser or (FAMILIES[family].flow and family in SINGLE_FILES))
 ENCODER_SIDE = {"photoguard": {}, "pid": {}, "mist": {"mode": "textural"}}

@@ -59,6 +59,8 @@ class ProtectConfig:
         the run's model; only for a method that reads the VAE encoder alone. A comma-separated string is split.
     against_combine: how the members' losses, each normalised by its value at the start, are combined: "sum" or "max"
         (the worst case); see `mist.engine.ensemble`.
+    text_encoders: the text encoder files (CLIP-L, OpenCLIP-G, T5-XXL) of an SD 3.x or Flux model given as a single
+        file, for the methods that read the denoiser (`mist.models.text_files`). A comma-separated string is split.
 
     A preset is no setting of its own: `of` and `but` take `preset="paper"` and fill every setting not given with the
     method's paper preset (`Method.paper_preset`), so the resolved values are what outputs record.
@@ -83,12 +85,14 @@ class ProtectConfig:
     step_schedule: str = "constant"
     against: tuple[str, ...] = ()
     against_combine: str = "sum"
+    text_encoders: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mask is not None and not isinstance(self.mask, Path):
             object.__setattr__(self, "mask", Path(self.mask))
         object.__setattr__(self, "robust", _names(self.robust))
         object.__setattr__(self, "against", _names(self.against))
+        object.__setattr__(self, "text_encoders", _names(self.text_encoders))
         method = get_method(self.method)
         if not isinstance(self.params, method.Params):
             given = dict(self.params or {})
@@ -160,6 +164,9 @@ class ProtectConfig:
         if self.step_schedule not in SCHEDULES:
             yield f"step_schedule: must be one of {', '.join(SCHEDULES)}, got {self.step_schedule!r}"
         yield from self._ensemble_problems()
+        for file in self.text_encoders:
+            if not Path(file).expanduser().is_file():
+                yield f"text_encoders: {file}: no such file"
 
     def _ensemble_problems(self):
         if self.against_combine not in COMBINES:
@@ -233,6 +240,10 @@ class ProtectConfig:
             values["against"] = list(self.against_labels)
         else:  # likewise, as before the setting existed
             del values["against"], values["against_combine"]
+        if self.text_encoders:  # by file name only, as the models
+            values["text_encoders"] = [Path(file).name for file in self.text_encoders]
+        else:
+            del values["text_encoders"]
         values.update(self.params.record())
         return json.dumps(values, sort_keys=True, ensure_ascii=False)
 
@@ -295,6 +306,10 @@ RUN_SETTINGS: dict[str, RunSetting] = {
     "against_combine": RunSetting("--against-combine", "str", "with --against: sum the models' losses, each divided "
                                                               "by its value at the start, or take their max (the "
                                                               "worst case)", choices=COMBINES),
+    "text_encoders": RunSetting("--text-encoders", "str", "an SD 3.x or Flux single file's text encoder files "
+                                                          "(CLIP-L, OpenCLIP-G, T5-XXL; comma-separated), for the "
+                                                          "methods that read the denoiser; each is run once at load "
+                                                          "and freed", metavar="FILE[,FILE...]", local=True),
     "preset": RunSetting("--preset", "str", "paper: the chosen method's budget, steps, step size, start, schedule "
                                             "and parameters as its paper's public code runs them, where not given "
                                             "(see the README's table)", choices=PRESETS),

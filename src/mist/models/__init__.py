@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from mist.models.architectures import SD_V1, TINY, Architecture
 from mist.models.components import StableDiffusion
 from mist.models.loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
@@ -19,24 +21,29 @@ __all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError",
 
 
 def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1,
-               parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
+               parts: frozenset[str] = DEFAULT_PARTS, text_encoders: tuple[str | os.PathLike, ...] = (),
+               dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Load the model `spec` names (a path or `tiny-random`), or the first one found where Mist looks by default.
 
     `architecture` gives the shape of single-file checkpoints (SD v1 unless a test saves a smaller one). `parts`:
     which of "unet", "text_encoder", "decoder" (the VAE decoder, for evaluation) and "text_model" (the text encoder
     kept, for textual inversion) to load besides the VAE encoder (for protection, a method's `parts`; the others are
-    not read). A model of another family than SD 1.x loads its VAE alone, and asking it for more is refused (see
-    `mist.models.families`). Weights arrive in float32 on the CPU;
-    `StableDiffusion.placed` moves and casts them.
+    not read). A VAE alone loads as such, and asking it for more is refused (see `mist.models.families`).
+    `text_encoders`: the text encoder files an SD 3.x or Flux single file needs (`mist.models.text_files`). Weights
+    arrive on the CPU in float32, but an SD 3.x or Flux transformer's in `dtype` (the run's: no float32 copy of it is
+    made); `StableDiffusion.placed` moves and casts them.
     """
     if not parts <= KNOWN_PARTS:
         raise ValueError(f"parts: unknown model parts {sorted(parts - KNOWN_PARTS)} (known: {sorted(KNOWN_PARTS)})")
     where = resolve_model(spec)
+    if text_encoders and (where == TINY_RANDOM or is_vae_folder(where)):
+        raise ValueError(f"text_encoders: {model_label(where)} takes no text encoder files (only SD 3.x's and Flux's "
+                         "single files do)")
     if where == TINY_RANDOM:
         return build_random(TINY, parts=parts)
     if is_vae_folder(where):
         return load_vae_folder(Path(where), parts)
-    return load_path(where, architecture, parts)
+    return load_path(where, architecture, parts, tuple(Path(f).expanduser() for f in text_encoders), dtype)
 
 
 def quiet_model_libraries() -> None:

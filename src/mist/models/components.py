@@ -156,7 +156,10 @@ class StableDiffusion:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.encoder.parameters()).dtype
+        """The narrowest type of the encoder's and denoiser's weights (an SD 3.x or Flux transformer is read in the
+        run's type, its VAE in float32)."""
+        types = [next(module.parameters()).dtype for module in (self.encoder, self.unet) if module is not None]
+        return min(types, key=lambda kind: torch.finfo(kind).bits)
 
     def _networks(self) -> list[nn.Module]:
         return [module for module in (self.encoder, self.unet, self.decoder, self.text_encoder) if module is not None]

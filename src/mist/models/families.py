@@ -1,6 +1,6 @@
 """Which model family a checkpoint file or diffusers folder holds, told from its key names, a few shapes and its
 configs; and the one-line refusals of what Mist cannot protect against (a refiner, an inpainting model, a ControlNet,
-a LoRA alone) or cannot yet run a method on (a denoiser-side method on a family whose denoiser Mist does not run).
+a LoRA alone) or cannot run a method on (a denoiser-side method on a VAE alone).
 
 Single files are told apart the way their original layouts differ: Flux's transformer has `double_blocks`, SD 3.x's
 MMDiT `joint_blocks`, SDXL's second text encoder sits under `conditioner.embedders.1.` (its refiner has only
@@ -35,6 +35,7 @@ PIPELINES = {"StableDiffusionPipeline": "sd1", "StableDiffusionImg2ImgPipeline":
              "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
              "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
              "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux"}
+FLUX_VAE_FILE = "ae.safetensors"  # Flux's VAE as Black Forest Labs publish it, beside the transformer's file
 _SD2_WIDTH = 1024  # cross-attention / text width of SD 2.x (SD 1.x: 768)
 # ControlNet keys: LDM's single files, diffusers' single files, lllyasviel's bare .pth files.
 _CONTROLNET_PREFIXES = ("control_model.", "controlnet_", "input_hint_block.", "zero_convs.")
@@ -72,12 +73,22 @@ def file_family(path: Path, state: dict[str, torch.Tensor], keys: list[str]) -> 
         elif not any(k.startswith((UNET, "cond_stage_model.")) for k in keys):
             family = _lone_vae_family(path, state, keys)
     family = family or FAMILIES["sd1"]
-    prefix = vae_prefix(keys)
-    if family.key != "sd1" and f"{prefix}encoder.conv_in.weight" not in keys:
-        what = "a Flux transformer" if family.key == "flux" else f"a {family.title} file"
-        raise ValueError(f"{path}: {what} without its VAE: give the file or diffusers folder that holds the VAE "
-                         "(for Flux, its ae.safetensors)")
+    if family.key != "sd1":
+        vae_file(path, family, keys)
     return family
+
+
+def vae_file(path: Path, family: Family, keys: list[str]) -> Path:
+    """The file that holds a single file's VAE: itself, or for a Flux transformer published alone (as
+    flux1-dev.safetensors is) the ae.safetensors beside it; ValueError naming `path` when neither does."""
+    if f"{vae_prefix(keys)}encoder.conv_in.weight" in keys:
+        return path
+    beside = path.with_name(FLUX_VAE_FILE)
+    if family.key == "flux" and beside.is_file():
+        return beside
+    what = "a Flux transformer" if family.key == "flux" else f"a {family.title} file"
+    raise ValueError(f"{path}: {what} without its VAE: give the file or diffusers folder that holds the VAE "
+                     f"(for Flux, put its {FLUX_VAE_FILE} beside the transformer's file)")
 
 
 def _lone_vae_family(path: Path, state: dict[str, torch.Tensor], keys: list[str]) -> Family | None:
@@ -90,7 +101,7 @@ def _lone_vae_family(path: Path, state: dict[str, torch.Tensor], keys: list[str]
         return None
     channels = conv_out.shape[0] // 2
     if channels == 16:
-        return FAMILIES["sd3" if prefix == "first_stage_model." else "flux"]
+        return alone(FAMILIES["sd3" if prefix == "first_stage_model." else "flux"])
     raise ValueError(f"{path}: a VAE alone with {channels} latent channels (SD 1.x's, 2.x's and SDXL's have 4 and the "
                      "same shape, so Mist cannot tell which model it serves): give the whole model's file or folder, "
                      "or the VAE as a diffusers folder (config.json with its scaling_factor beside the weights)")
@@ -138,6 +149,11 @@ def folder_family(folder: Path, index: dict[str, Any], configs: dict[str, dict[s
     return FAMILIES[PIPELINES[name]]
 
 
+def alone(family: Family) -> Family:
+    """`family` as a VAE alone: titled so, and without a denoiser (only the encoder-side methods run on it)."""
+    return replace(family, title=f"{family.title} VAE (alone)", denoiser=False)
+
+
 def lone_vae_family(folder: Path, config: dict[str, Any]) -> Family:
     """The family of the diffusers VAE folder `folder` alone, told from its `config`'s latent channels, scaling_factor
     and shift_factor (SD 1.x's and 2.x's VAE is one: read as SD 1.x's), as one without its denoiser: only the
@@ -148,25 +164,23 @@ def lone_vae_family(folder: Path, config: dict[str, Any]) -> Family:
         known = family.vae_config()
         if (known["latent_channels"] == channels and scale is not None and isclose(known["scaling_factor"], scale)
                 and isclose(known.get("shift_factor") or 0.0, shift, abs_tol=1e-9)):
-            return replace(family, title=f"{family.title} VAE (alone)", denoiser=False)
+            return alone(family)
     raise ValueError(f"{folder}: a VAE alone whose config ({channels} latent channels, scaling_factor {scale}, "
                      f"shift_factor {shift}) matches no family Mist knows: give the whole model's file or folder")
 
 
-def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[str], single_file: bool = False) -> None:
-    """ValueError naming `source` when a run asks an encoder-only family, or a single file (`single_file`) of SD 3.x
-    or Flux, for a part beyond its VAE, or a family other than SD 1.x for its text encoder itself (textual
-    inversion)."""
+def refuse_denoiser_parts(source: Path | str, family: Family, parts: frozenset[str]) -> None:
+    """ValueError naming `source` when a run asks an encoder-only family (a VAE alone) for a part beyond its VAE, or
+    a family other than SD 1.x for its text encoder itself (textual inversion)."""
     if family.denoiser and family.key != "sd1" and "text_model" in parts:
         raise ValueError(f"{source}: a {family.title} model: textual inversion, which trains a word through the text "
                          "encoder, runs on Stable Diffusion 1.x only so far")
-    if family.denoiser and not (family.flow and single_file):
+    if family.denoiser:
         return
     needed = (["denoiser"] if "unet" in parts else []) + (["text encoder"] if parts & {"text_encoder", "text_model"}
                                                            else [])
-    where = "its diffusers folder runs every method; of a single file" if family.flow else "so far"
     if needed:
-        raise ValueError(f"{source}: a {family.title} model: {where} only the encoder-side methods "
+        raise ValueError(f"{source}: a {family.title} model: so far only the encoder-side methods "
                          f"({ENCODER_SIDE_METHODS}) run; this run needs its {' and '.join(needed)}")
 
 

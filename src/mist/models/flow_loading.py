@@ -2,16 +2,17 @@
 velocity target), the memory each part needs, and the transformer loaded into its velocity-predictor wrapper
 (`flow_denoisers`). Everything is read from the folder (`local_files_only`): nothing is fetched.
 
-The transformer is read in float32, as every Mist model is (a bf16 or fp16 run casts it after loading); the text
-encoders are run once at load (`flow_text`) and freed.
+The transformer is read in the run's type (a bf16 run never holds a float32 copy: SD 3.5 medium's is 10 GB in
+float32); the text encoders are run once at load (`flow_text`) and freed.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -32,22 +33,42 @@ def architecture(family: Family, vae: dict[str, Any], name: str, transformer: di
     return replace(encoder_only(family, vae, name), unet=transformer, prediction_type="flow", schedule=scheduler)
 
 
-def _transformer_class(family: str) -> type[nn.Module]:
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' and diffusers' weight-loading progress bars off while an SD 3.x or Flux model loads (they print
+    one to stderr per part), then as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [library.is_progress_bar_enabled() for library in (transformers_logging, diffusers_logging)]
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, enabled in zip((transformers_logging, diffusers_logging), was, strict=True):
+            if enabled:
+                library.enable_progress_bar()
+
+
+def transformer_class(family: str) -> type[nn.Module]:
     import diffusers
 
     return getattr(diffusers, _TRANSFORMERS[family])
 
 
-def part_bytes(folder: Path, arch: Architecture, text: bool) -> tuple[dict[str, int], dict[str, int]]:
+def part_bytes(folder: Path, arch: Architecture, text: bool, width: int = 4
+               ) -> tuple[dict[str, int], dict[str, int]]:
     """The bytes the parts a run loads take, as ({name: bytes} of the text encoders, run and freed first;
-    {name: bytes} of the transformer, held during the attack): the transformer in float32, the CLIP towers in
-    float32, T5 in the type its config states. Counted on unallocated (meta) modules built from the configs."""
+    {name: bytes} of the transformer, held during the attack): the transformer in `width` bytes per weight (the
+    run's type), the CLIP towers in float32, T5 in the type its config states. Counted on unallocated (meta)
+    modules built from the configs."""
     from transformers import AutoConfig, CLIPTextModelWithProjection, T5EncoderModel
 
     texts, held = {}, {}
     with torch.device("meta"):
         if arch.unet:
-            held["transformer"] = 4 * _count(_transformer_class(arch.family).from_config(arch.unet))
+            held["transformer"] = width * _count(transformer_class(arch.family).from_config(arch.unet))
         for tower, _ in CLIP_TOWERS[arch.family] if text else ():
             config = pretrained(AutoConfig, folder / tower)
             texts[f"CLIP {tower}"] = 4 * _count(CLIPTextModelWithProjection(config))
@@ -55,8 +76,8 @@ def part_bytes(folder: Path, arch: Architecture, text: bool) -> tuple[dict[str, 
         if text and (folder / tower / "config.json").is_file():
             config = pretrained(AutoConfig, folder / tower)
             stored = json.loads((folder / tower / "config.json").read_text(encoding="utf-8"))
-            width = 2 if (stored.get("dtype") or stored.get("torch_dtype")) in _HALF else 4
-            texts[f"T5 {tower}"] = width * _count(T5EncoderModel(config))
+            t5_width = 2 if (stored.get("dtype") or stored.get("torch_dtype")) in _HALF else 4
+            texts[f"T5 {tower}"] = t5_width * _count(T5EncoderModel(config))
     return texts, held
 
 
@@ -64,10 +85,16 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def load_denoiser(folder: Path, arch: Architecture) -> nn.Module:
-    """The folder's transformer (transformer/), frozen, in float32, wrapped as a velocity predictor; Flux dev (a
-    transformer with a guidance input) with guidance 3.5."""
-    transformer = pretrained(_transformer_class(arch.family), folder / "transformer", torch_dtype=torch.float32)
+def load_denoiser(folder: Path, arch: Architecture, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The folder's transformer (transformer/), frozen, read in `dtype` (the run's: no float32 copy first),
+    wrapped as a velocity predictor (`wrapped`)."""
+    transformer = pretrained(transformer_class(arch.family), folder / "transformer", torch_dtype=dtype)
+    return wrapped(arch, transformer)
+
+
+def wrapped(arch: Architecture, transformer: nn.Module) -> nn.Module:
+    """`transformer` as `arch`'s velocity predictor, frozen; Flux dev (a transformer with a guidance input) with
+    guidance 3.5."""
     if arch.family == "sd3":
         denoiser = SD3Denoiser(transformer)
     else:

@@ -1,6 +1,6 @@
-"""SD 3.x's and Flux's prompt conditioning, made once at load from a diffusers folder's text encoders, which are then
-freed (T5-XXL alone has 4.7B parameters: it is loaded, run on Mist's prompts and let go before the transformer is
-read, and never held during an attack).
+"""SD 3.x's and Flux's prompt conditioning, made once at load from a diffusers folder's text encoders (or from single
+files': `text_files`), which are then freed (T5-XXL alone has 4.7B parameters: it is loaded, run on Mist's prompts and
+let go before the transformer is read, and never held during an attack).
 
 - SD 3.x: the penultimate hidden states of CLIP ViT-L/14 (`text_encoder`) and OpenCLIP ViT-bigG/14
   (`text_encoder_2`), both with their text projection, side by side (768 + 1280 = 2048 wide), zero-padded to T5's
@@ -13,7 +13,8 @@ read, and never held during an attack).
 
 CLIP prompts are read with the CLIP BPE Mist ships, padded to 77 with the pad token the folder's tokenizer names (the
 end marker, or OpenCLIP's "!" = 0); T5 prompts with the folder's own tokenizer (`tokenizer_3` for SD 3.x,
-`tokenizer_2` for Flux), padded to its length, never fetched from the network.
+`tokenizer_2` for Flux), padded to its length, never fetched from the network (single files: the T5 tokenizer Mist
+ships, `t5_tokenizer`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -35,6 +36,7 @@ CLIP_TOWERS = {"sd3": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokeni
 T5_TOWER = {"sd3": ("text_encoder_3", "tokenizer_3"), "flux": ("text_encoder_2", "tokenizer_2")}
 
 Embeddings = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+ClipOutputs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # prompt -> (token states, pooled embedding)
 
 
 def clip_pad(tokenizer: Path) -> int:
@@ -55,13 +57,25 @@ def embed(folder: Path, family: str, joint_width: int, guidance: bool, prompts: 
     clip = [_clip_outputs(folder / tower, folder / tokenizer, prompts, family) for tower, tokenizer in
             CLIP_TOWERS[family]]
     tower, tokenizer = T5_TOWER[family]
-    length = SD3_T5_TOKENS if family == "sd3" else FLUX_T5_TOKENS[guidance]
+    t5 = None
     if (folder / tower / "config.json").is_file():
-        t5 = t5_states(folder / tower, folder / tokenizer, prompts, length)
-    elif family == "sd3":
-        t5 = {prompt: torch.zeros(1, length, joint_width) for prompt in prompts}
-    else:
+        t5 = t5_states(folder / tower, folder / tokenizer, prompts, t5_length(family, guidance))
+    elif family == "flux":
         raise ValueError(f"{folder}: a Flux.1 folder without its T5 text encoder ({tower}/): Flux needs it")
+    return join(family, joint_width, guidance, prompts, clip, t5)
+
+
+def t5_length(family: str, guidance: bool) -> int:
+    """How many tokens T5 reads a prompt as: SD 3.x's, or Flux dev's (`guidance`) or schnell's."""
+    return SD3_T5_TOKENS if family == "sd3" else FLUX_T5_TOKENS[guidance]
+
+
+def join(family: str, joint_width: int, guidance: bool, prompts: list[str], clip: list[ClipOutputs],
+         t5: dict[str, torch.Tensor] | None) -> Embeddings:
+    """Each family's conditioning from its towers' outputs: `clip` one (states, pooled) per prompt for each CLIP tower
+    in the family's order, `t5` T5's states per prompt (None: SD 3.x without T5, zeros in its place)."""
+    if t5 is None:
+        t5 = {prompt: torch.zeros(1, t5_length(family, guidance), joint_width) for prompt in prompts}
     if family == "flux":
         return {p: t5[p] for p in prompts}, {p: clip[0][p][1] for p in prompts}
     states, pooled = {}, {}
@@ -82,16 +96,18 @@ def pretrained(kind: type, folder: Path, **options: object) -> Any:
         raise ValueError(f"{folder}: cannot read this model part: {detail}") from exc
 
 
-@torch.no_grad()
-def _clip_outputs(tower: Path, tokenizer: Path, prompts: list[str], family: str
-                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """prompt -> (penultimate hidden states, pooled embedding) of the CLIP tower in `tower`: the projected pooled
-    output for SD 3.x, the bare pooled output for Flux."""
+def _clip_outputs(tower: Path, tokenizer: Path, prompts: list[str], family: str) -> ClipOutputs:
+    """prompt -> (penultimate hidden states, pooled embedding) of the CLIP tower in the folder `tower`."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     kind = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
-    model = pretrained(kind, tower, dtype=torch.float32).eval()
-    pad = clip_pad(tokenizer)
+    return clip_outputs(pretrained(kind, tower, dtype=torch.float32).eval(), clip_pad(tokenizer), prompts, family)
+
+
+@torch.no_grad()
+def clip_outputs(model: torch.nn.Module, pad: int, prompts: list[str], family: str) -> ClipOutputs:
+    """prompt -> (penultimate hidden states, pooled embedding) of the CLIP tower `model`, prompts padded with `pad`
+    after the end marker: the projected pooled output for SD 3.x, the bare pooled output for Flux."""
     out = {}
     for prompt in prompts:
         result = model(tokenize(prompt, pad=pad), output_hidden_states=True)
@@ -100,7 +116,6 @@ def _clip_outputs(tower: Path, tokenizer: Path, prompts: list[str], family: str
     return out
 
 
-@torch.no_grad()
 def t5_states(tower: Path, tokenizer: Path, prompts: list[str], length: int) -> dict[str, torch.Tensor]:
     """prompt -> T5's last hidden state (1, length, width), float32: the encoder is loaded in the type its files hold
     (bf16 / fp16 in the published folders: 9.5 GB for T5-XXL), run, and freed before this returns."""
@@ -108,10 +123,15 @@ def t5_states(tower: Path, tokenizer: Path, prompts: list[str], length: int) -> 
 
     reader = pretrained(AutoTokenizer, tokenizer)
     model = pretrained(T5EncoderModel, tower, dtype="auto").eval()
-    out = {}
-    for prompt in prompts:
-        ids = reader(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        out[prompt] = model(ids).last_hidden_state.float()
+    out = run_t5(model, lambda prompt: reader(prompt, padding="max_length", max_length=length, truncation=True,
+                                              return_tensors="pt").input_ids, prompts)
     del model
     gc.collect()
     return out
+
+
+@torch.no_grad()
+def run_t5(model: torch.nn.Module, ids_of: Callable[[str], torch.Tensor], prompts: list[str]
+           ) -> dict[str, torch.Tensor]:
+    """prompt -> the last hidden state (float32) of the T5 encoder `model` on the token ids `ids_of` gives."""
+    return {prompt: model(ids_of(prompt)).last_hidden_state.float() for prompt in prompts}

@@ -7,9 +7,10 @@ with diffusers' own converters; `.ckpt` files are read with `torch.load(weights_
 SD 1.x, 2.x and XL load whole (`mist.models.families` tells them): a single file's UNet and text encoders take the
 family's shipped shapes (`architectures.whole`), a diffusers folder's its own configs. SD 3.x and Flux load whole from
 diffusers folders (`flow_loading`: the transformer, and the prompts embedded by the text encoders, which are then
-freed); of their single files only the VAE is read, and a run that needs their denoiser or text encoder is refused
-before any weight is read. A single file's VAE shape is read from its weights (its scale and shift factors are the
-family's shipped config's); a diffusers folder's VAE from its vae/config.json.
+freed) and from single files (`flow_files`: shapes from the weights; `text_files`: the text encoders inside the file
+or named beside it; a Flux transformer's VAE from the ae.safetensors beside it), the transformer read in the run's
+type. A single file's VAE shape is read from its weights (its scale and shift factors are the family's shipped
+config's); a diffusers folder's VAE from its vae/config.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mist.models import families, flow_loading, flow_text
+from mist.models import families, flow_files, flow_loading, flow_text, text_files
 from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only, whole
 from mist.models.components import PROMPTS, StableDiffusion, latent_decoder, latent_encoder
 from mist.models.device import available_ram_bytes
@@ -96,15 +97,23 @@ def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str]
                                     keep_text_encoder="text_model" in parts)
 
 
-def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
+def load_single_file(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS,
+                     text_encoders: tuple[Path, ...] = (), dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Load an original-layout checkpoint (`.ckpt`/`.pt`/`.pth` or `.safetensors`): SD v1 (of shape `arch`), NovelAI
-    text keys included, or the VAE of another family's file (`mist.models.families`); only `parts` (and the VAE
-    encoder) are read."""
+    text keys included, SD 2.x, SDXL, SD 3.x or Flux (`mist.models.families`), or another family's VAE; only `parts`
+    (and the VAE encoder) are read. `text_encoders`: SD 3.x's or Flux's text encoder files; `dtype`: the type their
+    transformer is read in."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     state, keys = read_original_state_dict(path, parts)
     family = families.file_family(path, state, keys)
-    if not family.denoiser or family.flow:
+    if family.flow:
+        with flow_loading.quiet_progress():
+            return _load_file_flow(path, family, keys, parts, text_encoders, dtype)
+    if text_encoders:
+        raise ValueError(f"text_encoders: {path.name} is a {family.title} file, which takes no text encoder files "
+                         "(only SD 3.x's and Flux's single files do)")
+    if not family.denoiser:
         return _load_file_vae(path, family, state, keys, parts)
     if family.key != "sd1":
         return _load_file_whole(path, family, state, keys, parts, arch)
@@ -153,12 +162,59 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
 def _load_file_vae(path: Path, family: Family, state: dict[str, torch.Tensor], keys: list[str],
                    parts: frozenset[str]) -> StableDiffusion:
     """The VAE (encoder, and decoder if asked) of a single file of an encoder-only `family`, or of SD 3.x or Flux."""
-    families.refuse_denoiser_parts(path, family, parts, single_file=True)
+    families.refuse_denoiser_parts(path, family, parts)
     prefix = families.vae_prefix(keys)
     vae = families.vae_config_from_weights(path, family, state, keys, prefix)
     arch = encoder_only(family, vae, path.name)
     _, encoder, _, decoder = empty_modules(arch, parts)
     return assemble(path, arch, None, encoder, None, decoder, {}, _file_vae_state(state, prefix, vae), {})
+
+
+def _load_file_flow(path: Path, family: Family, keys: list[str], parts: frozenset[str],
+                    text_encoders: tuple[Path, ...], dtype: torch.dtype) -> StableDiffusion:
+    """An SD 3.x or Flux single file: its VAE (a Flux transformer's: the ae.safetensors beside it), and for the
+    denoiser-side methods its transformer, in `dtype`, and the prompts' conditioning by the text encoders inside it
+    or in `text_encoders`, run and freed before the transformer is read; refused first if the parts cannot fit in
+    memory."""
+    families.refuse_denoiser_parts(path, family, parts)
+    vae_path = families.vae_file(path, family, keys)
+    state, vae_keys = read_original_state_dict(vae_path, parts & frozenset(VAE_PARTS))
+    model = replace(_load_file_vae(vae_path, family, state, vae_keys, parts & frozenset(VAE_PARTS)), source=str(path))
+    text = bool(parts & _TEXT_PARTS)
+    if not text and "unet" not in parts:
+        return model
+    head = flow_files.header(path)
+    inner = flow_files.below(head, flow_files.transformer_prefix(head))
+    config = flow_files.transformer_config(path, family.key, inner)
+    schedule = "sd3" if family.key == "sd3" else "dev" if config["guidance_embeds"] else "schnell"
+    arch = flow_loading.architecture(family, model.arch.vae, path.name, config if "unet" in parts else {},
+                                     flow_files.SCHEDULES[schedule])
+    found = text_files.towers(path, head, text_encoders, family.key) if text else {}
+    held = {"transformer": flow_files.stored_bytes(flow_files.transformer_weights(head), dtype.itemsize)
+            } if "unet" in parts else {}
+    _refuse_flow_memory(path, family, {f"{text_files.TITLES[k]} {t.path.name}": t.memory() for k, t in found.items()},
+                        {**held, "VAE": _bytes(model.encoder, model.decoder)})
+    states, pooled = {}, {}
+    if text:
+        states, pooled = text_files.embed(found, family.key, config["joint_attention_dim"],
+                                          config.get("guidance_embeds", False), PROMPTS)
+    denoiser = None
+    if "unet" in parts:
+        denoiser = flow_loading.wrapped(arch, flow_files.load_transformer(path, family.key, head, config, dtype))
+    return replace(model, arch=arch, unet=denoiser, text_embeddings=states, pooled_embeddings=pooled)
+
+
+def _bytes(*modules: nn.Module | None) -> int:
+    """The bytes the float32 weights of `modules` (None: not loaded) take."""
+    return 4 * sum(p.numel() for module in modules if module is not None for p in module.parameters())
+
+
+def _refuse_flow_memory(source: Path, family: Family, texts: dict[str, int], held: dict[str, int]) -> None:
+    """`refuse_memory` for an SD 3.x or Flux model: `texts` the text encoders' bytes (run and freed first), `held` the
+    transformer's and VAE's (held during the attack), each by name."""
+    sizes = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in {**texts, **held}.items())
+    refuse_memory(source, family, max(sum(texts.values()), sum(held.values())), 0,
+                  f"{sizes}; the text encoders are run and freed before the transformer is read")
 
 
 def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> dict[str, torch.Tensor]:
@@ -169,14 +225,17 @@ def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> d
     return convert_ldm_vae_checkpoint({k[len(prefix) :]: v for k, v in state.items() if k.startswith(own)}, vae)
 
 
-def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
-    """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD 1.x, 2.x
-    and XL whole, or the VAE of another family's pipeline (model_index.json names it)."""
+def load_diffusers_folder(folder: Path, parts: frozenset[str] = DEFAULT_PARTS,
+                          dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Load a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, as in a Hugging Face snapshot): SD 1.x, 2.x,
+    XL, 3.x and Flux whole (the last two's transformer read in `dtype`), or the VAE of another family's pipeline
+    (model_index.json names it)."""
     family = pipeline_family(folder)
     if not family.denoiser:
         return _load_folder_vae(folder, family, parts)
     if family.flow:
-        return _load_folder_flow(folder, family, parts)
+        with flow_loading.quiet_progress():
+            return _load_folder_flow(folder, family, parts, dtype)
     if family.key != "sd1":
         return _load_folder_whole(folder, family, parts)
     configs = {part: read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
@@ -270,28 +329,24 @@ def refuse_memory(source: Path, family: Family, needed: int, held: int = 0, deta
                      f"parts this run uses in float32{detail}, and {(available + held) / 1e9:.1f} GB is available")
 
 
-def _load_folder_flow(folder: Path, family: Family, parts: frozenset[str]) -> StableDiffusion:
-    """An SD 3.x or Flux diffusers folder: VAE, transformer (transformer/) and the prompts' conditioning, embedded by
-    the text encoders before the transformer is read (`flow_text`); refused first if the parts cannot fit in
-    memory."""
+def _load_folder_flow(folder: Path, family: Family, parts: frozenset[str], dtype: torch.dtype) -> StableDiffusion:
+    """An SD 3.x or Flux diffusers folder: VAE, transformer (transformer/, read in `dtype`) and the prompts'
+    conditioning, embedded by the text encoders before the transformer is read (`flow_text`); refused first if the
+    parts cannot fit in memory."""
     families.refuse_denoiser_parts(folder, family, parts)
     text = bool(parts & _TEXT_PARTS)
     joint = read_json(folder / "transformer" / "config.json") if "unet" in parts or text else {}
     arch = flow_loading.architecture(family, read_json(folder / "vae" / "config.json"), folder.name,
                                      joint if "unet" in parts else {}, _scheduler_config(folder)[1])
     _, encoder, _, decoder = empty_modules(arch, parts - {"unet"} - _TEXT_PARTS)
-    texts, held = flow_loading.part_bytes(folder, arch, text)
-    held["VAE"] = 4 * sum(p.numel() for module in (encoder, decoder) if module is not None
-                          for p in module.parameters())
-    sizes = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in {**texts, **held}.items())
-    refuse_memory(folder, family, max(sum(texts.values()), sum(held.values())), 0,
-                  f"{sizes}; the text encoders are run and freed before the transformer is read")
+    texts, held = flow_loading.part_bytes(folder, arch, text, dtype.itemsize)
+    _refuse_flow_memory(folder, family, texts, {**held, "VAE": _bytes(encoder, decoder)})
     states, pooled = {}, {}
     if text:
         states, pooled = flow_text.embed(folder, family.key, joint["joint_attention_dim"],
                                          bool(joint.get("guidance_embeds")), PROMPTS)
     model = assemble(folder, arch, None, encoder, None, decoder, {}, vae_state(folder / "vae", parts), {})
-    denoiser = flow_loading.load_denoiser(folder, arch) if "unet" in parts else None
+    denoiser = flow_loading.load_denoiser(folder, arch, dtype) if "unet" in parts else None
     return replace(model, unet=denoiser, text_embeddings=states, pooled_embeddings=pooled)
 
 
@@ -394,7 +449,7 @@ def _wanted(keys: list[str], parts: frozenset[str]) -> set[str]:
     vae = families.vae_prefix(keys)
     named = families.family_from_names(keys)
     prefixes = tuple(vae + p for part in ("encoder", "decoder") if part in parts | {"encoder"} for p in VAE_PARTS[part])
-    if named is None or named.denoiser:
+    if named is None or named.denoiser and not named.flow:  # SD 3.x's and Flux's other parts: `_load_file_flow`
         prefixes += tuple(prefix for part in parts & set(_PART_PREFIXES) for prefix in _PART_PREFIXES[part])
     cross = first_cross_attention(keys)
     return {k for k in keys if k.startswith(prefixes) or k == FIRST_CONV or k == cross}
@@ -487,13 +542,16 @@ def read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor
     raise ValueError(f"{folder}: no weights file found (looked for {stems[0]}.safetensors and .bin)")
 
 
-def load_path(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS) -> StableDiffusion:
+def load_path(path: Path, arch: Architecture = SD_V1, parts: frozenset[str] = DEFAULT_PARTS,
+              text_encoders: tuple[Path, ...] = (), dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Load whatever model `path` holds, its VAE encoder and `parts`: a diffusers folder or a single checkpoint file
-    (of SD v1, or of another family for the encoder-side methods)."""
+    (`load_single_file`: `text_encoders` and `dtype` are for SD 3.x's and Flux's)."""
+    if path.is_dir() and text_encoders:
+        raise ValueError(f"text_encoders: {path.name} is a diffusers folder, which holds its own text encoders")
     if path.is_dir():
-        model = load_diffusers_folder(path, parts)
+        model = load_diffusers_folder(path, parts, dtype)
     elif path.is_file():
-        model = load_single_file(path, arch, parts)
+        model = load_single_file(path, arch, parts, text_encoders, dtype)
     else:
         raise ValueError(f"{path}: no such model file or folder")
     log.info("loaded %s", path)

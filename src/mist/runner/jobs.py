@@ -203,9 +203,9 @@ class ModelCache:
         from mist.models import model_label
         from mist.models.families import refuse_denoiser_parts
 
-        where, family, single_file = self._family()
+        where, family = self._family()
         try:
-            refuse_denoiser_parts(model_label(where), family, config.parts, single_file=single_file)
+            refuse_denoiser_parts(model_label(where), family, config.parts)
         except ValueError as exc:
             return str(exc)
         return None
@@ -218,18 +218,17 @@ class ModelCache:
 
         return side_multiple(self._family()[1], config.parts)
 
-    def _family(self) -> tuple[str | Path, Family, bool]:
-        """Where the model is, its family (told once per model, without loading it) and whether it is a single
-        file (SD 3.x / Flux files run the encoder-side methods only)."""
+    def _family(self) -> tuple[str | Path, Family]:
+        """Where the model is and its family (told once per model, without loading it)."""
         from mist.models.architectures import FAMILIES
         from mist.models.identify import model_family
 
         where = self.where()
         if self._given is not None:
-            return where, FAMILIES[self._given.arch.family], False
+            return where, FAMILIES[self._given.arch.family]
         if str(where) not in self._families:
             self._families[str(where)] = model_family(where)
-        return where, self._families[str(where)], Path(str(where)).is_file()
+        return where, self._families[str(where)]
 
     def device(self) -> torch.device:
         """The device jobs run on; ValueError("device: ...") for one this machine lacks."""
@@ -254,7 +253,7 @@ class ModelCache:
             if self._given is not None:
                 return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size,
                                  compile=self.compile)
-            model = self._cached(config.parts, PRECISION_DTYPES[precision], device, on_load)
+            model = self._cached(config.parts, PRECISION_DTYPES[precision], device, on_load, config.text_encoders)
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
                              hand_over=True, compile=self.compile)
 
@@ -275,15 +274,18 @@ class ModelCache:
             return self._cached(parts, torch.float32, self.device(), on_load)
 
     def _cached(self, parts: frozenset[str], dtype: torch.dtype, device: torch.device,
-                on_load: Callable[[str | Path, torch.device], None] | None) -> StableDiffusion:
-        """The cached model if it has `parts` and float32 or `dtype` weights, else a new one with `parts` (and the
-        parts the cached one had). The caller holds the load lock."""
+                on_load: Callable[[str | Path, torch.device], None] | None,
+                text_encoders: tuple[str, ...] = ()) -> StableDiffusion:
+        """The cached model if it has `parts`, float32 or `dtype` weights and the same `text_encoders` (files of an
+        SD 3.x or Flux single file's), else a new one with `parts` (and the parts the cached one had), whose SD 3.x or
+        Flux transformer is read in `dtype`. The caller holds the load lock."""
         import torch
 
         from mist.models import load_model
 
         where = self.where()
-        model = self._models.get(str(where))
+        key = "\n".join((str(where), *text_encoders))
+        model = self._models.get(key)
         if model is not None and model.dtype not in (torch.float32, dtype):
             # The cached model is handed to each Protector to convert in place (no second copy in memory); once
             # half precision, it cannot be cast back exactly.
@@ -294,9 +296,9 @@ class ModelCache:
             if on_load is not None:
                 on_load(where, device)
             self._models.clear()  # one model in memory at a time
-            model = load_model(where, parts=parts)
+            model = load_model(where, parts=parts, text_encoders=text_encoders, dtype=dtype)
             self.loads += 1
-            self._models[str(where)] = model
+            self._models[key] = model
         return model
 
 

@@ -26,7 +26,8 @@ BUILT_IN = ("mist", "advdm", "photoguard", "sds", "mist2", "pid", "aspl", "mist2
 # Settings of every run (ProtectConfig's own fields); a method parameter may not take one of these names.
 RESERVED = frozenset({"method", "params", "epsilon", "steps", "step_size", "input_size", "block_num", "keep_aspect",
                       "mask", "seed", "precision", "original_size", "robust", "eot_samples", "shape", "start",
-                      "step_schedule", "against", "against_combine", "preset", "device", "model", "batch_size"})
+                      "step_schedule", "against", "against_combine", "preset", "device", "model", "batch_size",
+                      "text_encoders"})
 
 _registry: dict[str, type[Method]] = {}
 _loaded = False
