@@ -129,9 +129,9 @@ def test_a_model_the_server_cannot_read_is_named_by_its_file_name_only(tmp_path)
 
 # ------------------------------------------------------------------------------- sizes an SD 3 transformer takes
 
-# With --no-resize at input size 40 a 40 x 48 image is processed at 40 x 48 (multiples of 8, not of 16); in block
-# mode a 48-pixel square is cut into 24-pixel tiles.
-ODD_SIZES = {"no-resize": ((40, 48), {"input_size": 40, "keep_aspect": True}, "40 x 48 pixels"),
+# Resized to a square of input size 40, any image is processed at 40 x 40 (a multiple of 8, not of 16); in block mode
+# a 48-pixel square is cut into 24-pixel tiles. (Keeping the aspect ratio, sides are rounded down to 16s instead.)
+ODD_SIZES = {"square": ((40, 48), {"input_size": 40}, "40 x 40 pixels"),
              "block": ((40, 40), {"input_size": 48, "block_num": 2}, "48 x 48 pixels in 2 x 2 tiles of 24 x 24")}
 
 
@@ -158,6 +158,22 @@ def test_the_cli_refuses_a_size_the_transformer_cannot_take_before_loading(capsy
                            "advdm", "--steps", "2", *flags)
     line = next(line for line in err.splitlines() if "multiples of 16" in line)
     assert code != 0 and str(image) in line and said in line and "2 x 2 patches" in line
+
+
+def test_keeping_the_aspect_ratio_rounds_sides_down_to_what_the_transformer_takes(capsys, models, tmp_path):
+    """--no-resize at input size 40: a 40 x 48 image is protected at 32 x 48 against an SD 3 transformer (multiples
+    of 16), where the VAE alone takes 40 x 48 (multiples of 8); before, the transformer's run was refused."""
+    from support.cli import run_cli
+
+    image = faces.noise_file(tmp_path / "art.png", (40, 48))
+    sizes = {}
+    for method in ("advdm", "photoguard"):
+        out = tmp_path / method
+        code, _, err = run_cli(capsys, "protect", image, "-o", out, "--model", models["sd3"], "--method", method,
+                               "--steps", "1", "--input-size", "40", "--no-resize", "--precision", "fp32")
+        assert code == 0, err
+        sizes[method] = Image.open(next(out.glob("*.png"))).size
+    assert sizes == {"advdm": (32, 48), "photoguard": (40, 48)}
 
 
 @pytest.mark.parametrize("case", ODD_SIZES)

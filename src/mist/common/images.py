@@ -332,14 +332,16 @@ def processed_size(
     input_size: int,
     block_num: int = 1,
     keep_aspect: bool = False,
+    side_multiple: int = 8,
 ) -> tuple[int, int]:
     """(width, height) in pixels at which Mist processes a width x height image.
 
     By default every image is resized to ``input_size`` x ``input_size``.
     With ``keep_aspect`` (Mist v1.2's "no-resize" mode) the shorter side is
     scaled to ``input_size`` and both sides are then rounded down to a
-    multiple of ``8 * block_num`` (8 for the VAE's downsampling, times the
-    number of tiles per side).  The scaling is done in exact integer
+    multiple of ``side_multiple * block_num`` (8 for the VAE's downsampling,
+    16 where an SD 3.x or Flux transformer cuts the latent into 2 x 2
+    patches; times the number of tiles per side).  The scaling is done in exact integer
     arithmetic, ``side * input_size // min(width, height)``, where v1.2
     divided floats and could lose a pixel to rounding.
 
@@ -355,7 +357,7 @@ def processed_size(
     if not keep_aspect:
         return input_size, input_size
 
-    unit = 8 * block_num
+    unit = side_multiple * block_num
     shorter = min(width, height)
     out_w = width * input_size // shorter // unit * unit
     out_h = height * input_size // shorter // unit * unit
@@ -363,7 +365,7 @@ def processed_size(
         raise ValueError(
             f"a {width} x {height} image scaled to input size {input_size} gives "
             f"{out_w} x {out_h} pixels: a side is smaller than one {unit}-pixel block "
-            f"(8 x block_num {block_num})"
+            f"({side_multiple} x block_num {block_num})"
         )
     return out_w, out_h
 

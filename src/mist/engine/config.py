@@ -200,11 +200,12 @@ class ProtectConfig:
         """Whether images are processed with their aspect ratio kept (keep_aspect, or implied by original_size)."""
         return self.keep_aspect or self.original_size
 
-    def processed_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) in pixels at which a width x height image is protected (see `images.processed_size`)."""
+    def processed_size(self, width: int, height: int, side_multiple: int = 8) -> tuple[int, int]:
+        """(width, height) in pixels at which a width x height image is protected by a model whose sides (of each tile)
+        must be multiples of `side_multiple` pixels (see `images.processed_size`)."""
         from mist.common.images import processed_size  # here, not at the top: images imports torch, config stays light
 
-        return processed_size(width, height, self.input_size, self.block_num, self.aspect_kept)
+        return processed_size(width, height, self.input_size, self.block_num, self.aspect_kept, side_multiple)
 
     def steps_per_image(self, batch_size: int = 1) -> int:
         """PGD steps an image protected on its own takes: `steps` for each attack batch of its tiles (block_num x

@@ -34,7 +34,7 @@ from mist.models.device import default_low_memory, resolve_precision
 from mist.engine.methods import Loss, SurrogateLoss, TileInputs, get_method
 from mist.models import StableDiffusion
 from mist.models.architectures import FAMILIES
-from mist.models.families import refuse_denoiser_parts
+from mist.models.families import refuse_denoiser_parts, side_multiple
 from mist.engine.objectives import PRECISION_DTYPES
 from mist.engine.robust import robust_loss
 from mist.engine.shaping import shape_blur
@@ -147,6 +147,7 @@ class Protector:
             raise ValueError(f"method: {method.name} needs the model's {missing}, which this model was loaded without")
         if not config.parts <= self.model.parts:
             raise ValueError("robust: vae needs the model's VAE decoder, which this model was loaded without")
+        self.side_multiple = side_multiple(FAMILIES[model.arch.family], config.parts)[0]
         self.method = method(config.params, self.model, self.precision)
         self.target = self.method.target_image()
         self.members = load_members(config, self.device, self.precision, self.low_memory) if config.against else []
@@ -159,7 +160,7 @@ class Protector:
         return images.read_image(self.config.mask) if self.config.mask else None
 
     def processed_size(self, image: Image.Image) -> tuple[int, int]:
-        return self.config.processed_size(image.width, image.height)
+        return self.config.processed_size(image.width, image.height, self.side_multiple)
 
     def loss_for(self, x: torch.Tensor, seed: int = 0) -> Loss:
         """The method's loss for scoring the images `x` (N, 3, H, W) in [-1, 1] whole, at their own size (the target

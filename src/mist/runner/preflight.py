@@ -25,10 +25,13 @@ def input_problem(path: Path, config: ProtectConfig,
     (`PIL.Image.MAX_IMAGE_PIXELS`): that is refused. A mask of any size is resized to the processed size by the
     engine, so masks need no check here. `side_multiple` gives the multiple of pixels the model needs each side of a
     tile to be, and why (`ModelCache.side_multiple`); it is asked only when a side is not a multiple of the largest
-    any family needs, so a model is told only then."""
+    any family needs, so a model is told only then. Keeping the aspect ratio, the sides are rounded down to that
+    multiple, as the engine does; resized to a square, a side that is not one is refused."""
     try:
         width, height = images.probe_image(path)
         size = config.processed_size(width, height)
+        if config.aspect_kept and side_multiple is not None and not _whole_tiles(config, size, LARGEST_SIDE_MULTIPLE):
+            size = config.processed_size(width, height, side_multiple()[0])
     except ValueError as exc:
         return str(exc)
     limit = Image.MAX_IMAGE_PIXELS
@@ -41,17 +44,21 @@ def input_problem(path: Path, config: ProtectConfig,
 def _side_problem(path: Path, config: ProtectConfig, size: tuple[int, int],
                   side_multiple: Callable[[], tuple[int, str]]) -> str | None:
     """Why the model cannot take `path` processed at `size` (in `config.block_num` x `block_num` tiles), or None."""
-    tile = (size[0] // config.block_num, size[1] // config.block_num)
-    if all(side % LARGEST_SIDE_MULTIPLE == 0 for side in tile):
+    if _whole_tiles(config, size, LARGEST_SIDE_MULTIPLE):
         return None
     multiple, why = side_multiple()
-    if all(side % multiple == 0 for side in tile):
+    if _whole_tiles(config, size, multiple):
         return None
+    tile = (size[0] // config.block_num, size[1] // config.block_num)
     tiles = f" in {config.block_num} x {config.block_num} tiles of {tile[0]} x {tile[1]}" if config.block_num > 1 \
         else ""
     return (f"{path}: processed at {size[0]} x {size[1]} pixels{tiles}, but this model needs sides that are multiples "
-            f"of {multiple} pixels ({why}); choose an input size that gives them (resized to a square: a multiple of "
-            f"{multiple * config.block_num})")
+            f"of {multiple} pixels ({why}); choose an input size that is a multiple of {multiple * config.block_num}")
+
+
+def _whole_tiles(config: ProtectConfig, size: tuple[int, int], multiple: int) -> bool:
+    """Whether each side of a tile of an image processed at `size` is a multiple of `multiple` pixels."""
+    return all(side // config.block_num % multiple == 0 for side in size)
 
 
 def output_folder_problem(folder: Path) -> str | None:
