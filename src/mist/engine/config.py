@@ -55,8 +55,9 @@ class ProtectConfig:
         mask; None: off.
     start: where PGD starts, "random" (uniform within epsilon, Mist v1.2) or "image" (the image itself).
     step_schedule: "constant" steps of step_size, or "linear", decaying to step_size / 100 (PhotoGuard's).
-    against: further models (paths, or `tiny-random`) whose VAE encoders the same perturbation must also fool, beside
-        the run's model; only for a method that reads the VAE encoder alone. A comma-separated string is split.
+    against: further models (paths, or `tiny-random`) the same perturbation must also fool, beside the run's model:
+        each runs the method on its own parts (its VAE encoder, and its denoiser and prompt conditioning for a
+        denoiser-side method); not for a method that fine-tunes a surrogate. A comma-separated string is split.
     against_combine: how the members' losses, each normalised by its value at the start, are combined: "sum" or "max"
         (the worst case); see `mist.engine.ensemble`.
 
@@ -168,12 +169,10 @@ class ProtectConfig:
             yield "against_combine: needs models to combine (against)"
         if not self.against:
             return
-        parts = get_method(self.method).parts_for(self.params)
-        if parts != {"encoder"}:
-            mode = f" --mode {self.params.mode}" if self.method == "mist" else ""
-            yield (f"against: --method {self.method}{mode} reads the model's {', '.join(sorted(parts - {'encoder'}))}"
-                   "; only a method that reads the VAE encoder alone (photoguard, pid, mist --mode textural) can run "
-                   "against several models so far")
+        if get_method(self.method).trains_surrogate:
+            yield (f"against: --method {self.method} fine-tunes a surrogate of the model between PGD steps, which an "
+                   "ensemble would need once per model (each with its own copy and optimiser state); Mist runs it "
+                   "against one model only")
         for spec in self.against:
             if spec != TINY_RANDOM and not Path(spec).expanduser().exists():
                 yield f"against: {spec}: no such model file or folder"

@@ -183,10 +183,10 @@ class ModelCache:
         return ModelIdentity(self.where())
 
     def refusal(self, config: ProtectConfig) -> str | None:
-        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it): one
-        line naming the model by its file or folder name, never its path; None when it can. The family is told once
-        per model without loading it (`mist.models.identify`). Raises ModelNotFoundError, or ValueError for a model
-        file Mist refuses or cannot read."""
+        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it), or
+        its `against` members cannot run with it: one line naming the model by its file or folder name, never its
+        path; None when it can. The family is told once per model without loading it (`mist.models.identify`).
+        Raises ModelNotFoundError, or ValueError for a model file Mist refuses or cannot read."""
         from mist.models import model_label
         from mist.models.architectures import FAMILIES
         from mist.models.families import refuse_denoiser_parts
@@ -205,7 +205,15 @@ class ModelCache:
             refuse_denoiser_parts(model_label(where), family, config.parts, single_file=single_file)
         except ValueError as exc:
             return str(exc)
-        return None
+        return self._ensemble_refusal(config)
+
+    def _ensemble_refusal(self, config: ProtectConfig) -> str | None:
+        """Why `config`'s `against` members cannot run with this model (`mist.engine.ensemble_checks`), counting the
+        model's memory as in use when it is loaded already."""
+        from mist.engine.ensemble_checks import ensemble_refusal
+
+        where = self.where()
+        return ensemble_refusal(config, self._given or self._models.get(str(where)) or where)
 
     def device(self) -> torch.device:
         """The device jobs run on; ValueError("device: ...") for one this machine lacks."""
@@ -230,6 +238,9 @@ class ModelCache:
             if self._given is not None:
                 return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size,
                                  compile=self.compile)
+            refused = self._ensemble_refusal(config)  # before the model is read
+            if refused:
+                raise ValueError(refused)
             model = self._cached(config.parts, PRECISION_DTYPES[precision], device, on_load)
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
                              hand_over=True, compile=self.compile)
