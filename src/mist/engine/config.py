@@ -287,9 +287,12 @@ RUN_SETTINGS: dict[str, RunSetting] = {
                                           "itself)", choices=STARTS),
     "step_schedule": RunSetting("--step-schedule", "str", "PGD's step: constant, or linear (PhotoGuard's: decays "
                                                           "from --step-size to a hundredth of it)", choices=SCHEDULES),
-    "against": RunSetting("--against", "str", "also fool the VAE encoders of these models (paths, comma-separated) "
-                                              "with the same perturbation, within the same epsilon; encoder-side "
-                                              "methods only; each costs its encoder's memory and time per step",
+    "against": RunSetting("--against", "str", "also fool these models (paths, comma-separated) with the same "
+                                              "perturbation, within the same epsilon, each through the parts the "
+                                              "method reads: its VAE encoder (137 MB), or with a denoiser-side "
+                                              "method the whole model (SDXL: 10.3 GB in float32); each costs its "
+                                              "memory and time per step; refused: aspl, mist2-lora, a member without "
+                                              "a denoiser Mist runs, models that together do not fit in memory",
                           metavar="MODEL[,MODEL...]", local=True),
     "against_combine": RunSetting("--against-combine", "str", "with --against: sum the models' losses, each divided "
                                                               "by its value at the start, or take their max (the "
