@@ -8,6 +8,7 @@ a method that fine-tunes a surrogate), each before anything big is read."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,10 @@ def test_each_models_memory_is_counted_from_its_files(models, tmp_path):
     assert model_bytes(models["sdxl"], parts | {"text_encoder"}) == weights + text
     single = denoisers.save_single_file(tmp_path / "SDXL.safetensors", denoisers.tiny_parts("sdxl", 2))
     assert model_bytes(single, parts) == weights
+    pickled = shutil.copytree(models["sdxl"], tmp_path / "SDXL-bin")  # the UNet as a PyTorch .bin, memory-mapped
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(model.unet.state_dict(), pickled / "unet" / "diffusion_pytorch_model.bin")
+    assert model_bytes(pickled, parts) == weights
     assert model_bytes(models["sd3-file"], frozenset({"encoder"})) == 4 * sum(
         p.numel() for p in load_model(str(models["sd3-file"]), parts=frozenset({"encoder"})).encoder.parameters())
 

@@ -82,7 +82,10 @@ def _component_bytes(folder: Path, stems: tuple[str, ...], prefixes: tuple[str, 
     if file.suffix == ".safetensors":
         counts = _header_counts(file)
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (not zip) file cannot be mapped: its size on disk, in float32 or float16
+            return file.stat().st_size * (2 if ".fp16" in file.name else 1)
         counts = {key: tensor.numel() for key, tensor in state.items()}
     return 4 * sum(count for key, count in counts.items() if key.startswith(prefixes))
 
