@@ -1,7 +1,8 @@
 """One perturbation against several families' VAE encoders at once (`--against`): tiny VAEs of SD 1.x, SDXL and SD 3.x
 saved in their real layouts, an ensemble run through the command line whose every member's loss moves, the
-normalised combination checked step by step, the members named (never by full path) in the outputs, and the
-refusals."""
+normalised combination checked step by step, the members named (never by full path) in the outputs, the pixels of an
+encoder-side ensemble unchanged since before denoisers could join one, and the refusals (denoiser-side ensembles:
+test_ensemble_denoisers.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mist.engine.methods import LossTerms
 from mist.engine.pipeline import Protector
 from mist.models import load_model
 from support.cli import run_cli
+from support.members import count_member_loads
 from support.families import marker, save_folder, save_single_file, tiny_vae
 from support.original_layout import vae_to_original_layout
 
@@ -163,9 +165,9 @@ def test_labels_of_the_same_name_are_told_apart():
 # ------------------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("method, why", [(["--method", "mist"], "--mode fused reads the model's text_encoder, unet"),
-                                         (["--method", "sds"], "--method sds reads")])
-def test_a_denoiser_side_method_is_refused_in_one_line(capsys, models, image_file, tmp_path, method, why):
+@pytest.mark.parametrize("method, why", [(["--method", "aspl"], "--method aspl fine-tunes a surrogate"),
+                                         (["--method", "mist2-lora"], "--method mist2-lora fine-tunes a surrogate")])
+def test_a_surrogate_training_method_is_refused_in_one_line(capsys, models, image_file, tmp_path, method, why):
     code, _, err = run_cli(capsys, "protect", image_file, "-o", tmp_path / "out", "--model", models["sd1"],
                            "--against", models["sdxl"], *method, "--steps", "2", "--input-size", "32")
     lines = [line for line in err.splitlines() if "--against" in line]
@@ -212,20 +214,6 @@ class _Quiet:
         return lambda *args, **kwargs: None
 
 
-def _count_member_loads(monkeypatch) -> list[str]:
-    from mist.engine import ensemble
-
-    loaded: list[str] = []
-    real = ensemble.load_model
-
-    def counting(spec, **kwargs):
-        loaded.append(Path(spec).name)
-        return real(spec, **kwargs)
-
-    monkeypatch.setattr(ensemble, "load_model", counting)
-    return loaded
-
-
 def test_members_are_read_once_per_process_across_jobs_and_precisions(monkeypatch, tmp_path):
     """Jobs after jobs (a folder, then another job of a service) on one model cache: each member read once, its kept
     encoder left in float32 by a bf16 run, and the fp32 run after it the same as one on freshly read members."""
@@ -233,7 +221,7 @@ def test_members_are_read_once_per_process_across_jobs_and_precisions(monkeypatc
 
     members = (save_single_file(tmp_path / "kept-xl.safetensors", "sdxl", tiny_vae("sdxl", seed=21)),
                save_folder(tmp_path / "kept-sd3", "sd3", tiny_vae("sd3", seed=22)))
-    loaded = _count_member_loads(monkeypatch)
+    loaded = count_member_loads(monkeypatch)
     for n in range(3):
         Image.fromarray(np.random.default_rng(n).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
             tmp_path / f"p{n}.png")
@@ -243,10 +231,10 @@ def test_members_are_read_once_per_process_across_jobs_and_precisions(monkeypatc
         jobs = [Job(tmp_path / f"p{n}.png", tmp_path / f"out{run}" / f"p{n}.png") for n in range(3)]
         assert run_jobs(jobs, ProtectConfig.of(**base, precision=precision), cache, _Quiet()).ok
     assert loaded == ["kept-xl.safetensors", "kept-sd3"]
-    from mist.engine.ensemble import member_encoder
+    from mist.engine.ensemble import member_model
 
-    assert all(member_encoder(path).dtype == torch.float32 for path in members)
-    kept = member_encoder(members[0]).encoder.state_dict()
+    assert all(member_model(path).dtype == torch.float32 for path in members)
+    kept = member_model(members[0]).encoder.state_dict()
     fresh = load_model(str(members[0]), parts=frozenset({"encoder"})).encoder.state_dict()
     assert all(torch.equal(kept[name], fresh[name]) for name in fresh)  # a bf16 run converted a copy, not these
     from mist.engine import ensemble
@@ -278,3 +266,23 @@ def test_a_ray_worker_names_the_members_and_the_runner_records_them_as_locally(m
     assert [m["model"] for m in remote_record["members"]] == [m["model"] for m in local_record["members"]]
     for there, here in zip(remote_record["members"], local_record["members"], strict=True):
         assert there["start"] == pytest.approx(here["start"]) and there["end"] == pytest.approx(here["end"])
+
+
+# SHA-256 (first 16 hex digits) of the protected pixels of `_steps`'s image, as main's code (b3b6bfd, before the
+# ensemble ran denoisers) made them: an encoder-side ensemble still loads each member's VAE encoder alone, evaluates the
+# members in the same order with the same draws and divides by the first evaluation, so not one pixel may move.
+ENCODER_SIDE_PIXELS = {("photoguard", "sum"): "a538c68fd746a0da", ("photoguard", "max"): "08a6c00fb42837a6",
+                       ("pid", "sum"): "31d0995e13d4ba41", ("pid", "max"): "9b2895f28ac397d8",
+                       ("mist-textural", "sum"): "d0c171a7c168265c", ("mist-textural", "max"): "9fb6876b9c4440b5"}
+
+
+@pytest.mark.parametrize("method, combine", ENCODER_SIDE_PIXELS)
+def test_an_encoder_side_ensemble_makes_the_pixels_it_made_before(models, method, combine):
+    import hashlib
+
+    params = {"mode": "textural"} if method == "mist-textural" else {}
+    config = ProtectConfig.of(method=method.split("-")[0], steps=5, input_size=32, precision="fp32",
+                              against=f"{models['sdxl']},{models['sd3']}", against_combine=combine, **params)
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out = Protector(load_model(str(models["sd1"]), parts=config.parts), config).protect(picture).image
+    assert hashlib.sha256(np.asarray(out).tobytes()).hexdigest()[:16] == ENCODER_SIDE_PIXELS[method, combine]

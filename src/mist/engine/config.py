@@ -55,8 +55,9 @@ class ProtectConfig:
         mask; None: off.
     start: where PGD starts, "random" (uniform within epsilon, Mist v1.2) or "image" (the image itself).
     step_schedule: "constant" steps of step_size, or "linear", decaying to step_size / 100 (PhotoGuard's).
-    against: further models (paths, or `tiny-random`) whose VAE encoders the same perturbation must also fool, beside
-        the run's model; only for a method that reads the VAE encoder alone. A comma-separated string is split.
+    against: further models (paths, or `tiny-random`) the same perturbation must also fool, beside the run's model:
+        each runs the method on its own parts (its VAE encoder, and its denoiser and prompt conditioning for a
+        denoiser-side method); not for a method that fine-tunes a surrogate. A comma-separated string is split.
     against_combine: how the members' losses, each normalised by its value at the start, are combined: "sum" or "max"
         (the worst case); see `mist.engine.ensemble`.
     text_encoders: the text encoder files (CLIP-L, OpenCLIP-G, T5-XXL) of an SD 3.x or Flux model given as a single
@@ -175,12 +176,10 @@ class ProtectConfig:
             yield "against_combine: needs models to combine (against)"
         if not self.against:
             return
-        parts = get_method(self.method).parts_for(self.params)
-        if parts != {"encoder"}:
-            mode = f" --mode {self.params.mode}" if self.method == "mist" else ""
-            yield (f"against: --method {self.method}{mode} reads the model's {', '.join(sorted(parts - {'encoder'}))}"
-                   "; only a method that reads the VAE encoder alone (photoguard, pid, mist --mode textural) can run "
-                   "against several models so far")
+        if get_method(self.method).trains_surrogate:
+            yield (f"against: --method {self.method} fine-tunes a surrogate of the model between PGD steps, which an "
+                   "ensemble would need once per model (each with its own copy and optimiser state); Mist runs it "
+                   "against one model only")
         for spec in self.against:
             if spec != TINY_RANDOM and not Path(spec).expanduser().exists():
                 yield f"against: {spec}: no such model file or folder"
@@ -300,9 +299,12 @@ RUN_SETTINGS: dict[str, RunSetting] = {
                                           "itself)", choices=STARTS),
     "step_schedule": RunSetting("--step-schedule", "str", "PGD's step: constant, or linear (PhotoGuard's: decays "
                                                           "from --step-size to a hundredth of it)", choices=SCHEDULES),
-    "against": RunSetting("--against", "str", "also fool the VAE encoders of these models (paths, comma-separated) "
-                                              "with the same perturbation, within the same epsilon; encoder-side "
-                                              "methods only; each costs its encoder's memory and time per step",
+    "against": RunSetting("--against", "str", "also fool these models (paths, comma-separated) with the same "
+                                              "perturbation, within the same epsilon, each through the parts the "
+                                              "method reads: its VAE encoder (137 MB), or with a denoiser-side "
+                                              "method the whole model (SDXL: 10.3 GB in float32); each costs its "
+                                              "memory and time per step; refused: aspl, mist2-lora, a member without "
+                                              "a denoiser Mist runs, models that together do not fit in memory",
                           metavar="MODEL[,MODEL...]", local=True),
     "against_combine": RunSetting("--against-combine", "str", "with --against: sum the models' losses, each divided "
                                                               "by its value at the start, or take their max (the "

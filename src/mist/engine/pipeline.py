@@ -29,7 +29,8 @@ from mist.engine.attack import StepInfo, masked_linf_pgd
 from mist.engine.compiling import check_can_compile, compile_networks, compile_seconds
 from mist.engine.config import ProtectConfig
 from mist.engine.cpu_tuning import attack_settings
-from mist.engine.ensemble import ensemble_loss, load_members, source_label, unique_labels
+from mist.engine.ensemble import draws_scale, ensemble_loss, load_members, source_label, unique_labels
+from mist.engine.ensemble_checks import ensemble_refusal, ensemble_side_multiple
 from mist.models.device import default_low_memory, resolve_precision
 from mist.engine.methods import Loss, SurrogateLoss, TileInputs, get_method
 from mist.models import StableDiffusion
@@ -118,8 +119,9 @@ class Protector:
         met; on a 2-core CPU, steps no faster and a 0.2 to 1.1 GB lower peak (not measured on a GPU).
         ValueError("compile: ...") where this machine cannot compile.
 
-    With the config's `against` models, their VAE encoders are loaded too and every attack fools them all at once
-    (`mist.engine.ensemble`); `ensemble` names the members, the run's model first (empty without `against`).
+    With the config's `against` models, each is loaded with the parts the method reads (checked first:
+    `mist.engine.ensemble_checks`) and every attack fools them all at once (`mist.engine.ensemble`); `ensemble` names
+    the members, the run's model first (empty without `against`).
     """
 
     def __init__(self, model: StableDiffusion, config: ProtectConfig, device: torch.device | None = None, *,
@@ -147,10 +149,13 @@ class Protector:
             raise ValueError(f"method: {method.name} needs the model's {missing}, which this model was loaded without")
         if not config.parts <= self.model.parts:
             raise ValueError("robust: vae needs the model's VAE decoder, which this model was loaded without")
-        self.side_multiple = side_multiple(FAMILIES[model.arch.family], config.parts)[0]
         self.method = method(config.params, self.model, self.precision)
         self.target = self.method.target_image()
-        self.members = load_members(config, self.device, self.precision, self.low_memory) if config.against else []
+        refused = ensemble_refusal(config, self.model)
+        if refused:
+            raise ValueError(refused)
+        self.members = load_members(config, self.device, self.precision, self.low_memory)
+        self.side_multiple = ensemble_side_multiple(config, side_multiple(FAMILIES[model.arch.family], config.parts))[0]
         self.ensemble = unique_labels([source_label(model.source)] + [m.label for m in self.members]
                                       ) if self.members else []
 
@@ -230,9 +235,10 @@ class Protector:
         inputs = [TileInputs(clean=t.pixels.to(self.device), seed=partial(t.seed, c.seed),
                              target=None if t.target is None else t.target.to(self.device)) for t in batch]
         loss = self.method.prepare(inputs)
-        if self.members:  # each member prepares from the same tiles through its own VAE
+        if self.members:  # each member prepares from the same tiles through its own model
+            scales = [torch.Generator().manual_seed(t.seed(c.seed, "scale")) for t in batch] if draws_scale(c) else None
             loss = ensemble_loss([(self.ensemble[0], loss)] + [(m.label, m.method.prepare(inputs))
-                                                                for m in self.members], c.against_combine)
+                                                                for m in self.members], c.against_combine, scales)
         generators = [torch.Generator().manual_seed(t.seed(c.seed, "attack")) for t in batch]
         before_step = loss.before_step if isinstance(loss, SurrogateLoss) else None
         if c.robust:  # the transforms draw from a stream of their own: the attack's draws stay as without robust

@@ -442,7 +442,7 @@ def _match_text_level(state: dict[str, torch.Tensor], text: nn.Module) -> dict[s
     return renamed
 
 
-def _wanted(keys: list[str], parts: frozenset[str]) -> set[str]:
+def keys_to_read(keys: list[str], parts: frozenset[str]) -> set[str]:
     """The keys of a checkpoint to read for `parts` (the VAE encoder always): their weights, and the UNet weights the
     family and layout checks read. A family whose denoiser Mist does not run has only its VAE's read, whatever the
     parts (the run is refused before anything is built)."""
@@ -465,7 +465,7 @@ def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[st
 
             with safe_open(str(path), framework="pt") as handle:
                 keys = list(handle.keys())
-                return {k: handle.get_tensor(k) for k in _wanted(keys, parts)}, keys
+                return {k: handle.get_tensor(k) for k in keys_to_read(keys, parts)}, keys
         with torch.serialization.safe_globals(_checkpoint_metadata_globals()):
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -480,7 +480,7 @@ def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[st
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: cannot read as a checkpoint: it holds no state dict")
     keys = [k for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
-    return {k: checkpoint[k] for k in _wanted(keys, parts)}, keys
+    return {k: checkpoint[k] for k in keys_to_read(keys, parts)}, keys
 
 
 def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
@@ -524,21 +524,27 @@ def read_json(path: Path) -> dict:
 
 
 def read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The weights of one diffusers component; prefers safetensors and full precision, accepts `.fp16` variants."""
+    """The weights of one diffusers component (`weights_file`)."""
     from safetensors.torch import load_file
 
+    candidate = weights_file(folder, stems)
+    try:
+        if candidate.suffix == ".safetensors":
+            return load_file(str(candidate))
+        return torch.load(candidate, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _unreadable(candidate, exc, "cannot read weights") from exc
+
+
+def weights_file(folder: Path, stems: tuple[str, ...]) -> Path:
+    """The weights file of one diffusers component: safetensors and full precision preferred, `.fp16` variants
+    accepted; ValueError naming the folder when there is none."""
     for stem in stems:
         for variant in ("", ".fp16"):
             for suffix in (".safetensors", ".bin"):
                 candidate = folder / f"{stem}{variant}{suffix}"
-                if not candidate.is_file():
-                    continue
-                try:
-                    if suffix == ".safetensors":
-                        return load_file(str(candidate))
-                    return torch.load(candidate, map_location="cpu", weights_only=True)
-                except Exception as exc:
-                    raise _unreadable(candidate, exc, "cannot read weights") from exc
+                if candidate.is_file():
+                    return candidate
     raise ValueError(f"{folder}: no weights file found (looked for {stems[0]}.safetensors and .bin)")
 
 

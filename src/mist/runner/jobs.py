@@ -196,10 +196,10 @@ class ModelCache:
         return ModelIdentity(self.where())
 
     def refusal(self, config: ProtectConfig) -> str | None:
-        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it): one
-        line naming the model by its file or folder name, never its path; None when it can. The family is told once
-        per model without loading it (`mist.models.identify`). Raises ModelNotFoundError, or ValueError for a model
-        file Mist refuses or cannot read."""
+        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it), or
+        its `against` members cannot run with it: one line naming the model by its file or folder name, never its
+        path; None when it can. The family is told once per model without loading it (`mist.models.identify`).
+        Raises ModelNotFoundError, or ValueError for a model file Mist refuses or cannot read."""
         from mist.models import model_label
         from mist.models.families import refuse_denoiser_parts
 
@@ -208,15 +208,25 @@ class ModelCache:
             refuse_denoiser_parts(model_label(where), family, config.parts)
         except ValueError as exc:
             return str(exc)
-        return None
+        return self._ensemble_refusal(config)
+
+    def _ensemble_refusal(self, config: ProtectConfig) -> str | None:
+        """Why `config`'s `against` members cannot run with this model (`mist.engine.ensemble_checks`), counting the
+        model's memory as in use when it is loaded already."""
+        from mist.engine.ensemble_checks import ensemble_refusal
+
+        where = self.where()
+        return ensemble_refusal(config, self._given or self._models.get(_cache_key(where, config.text_encoders))
+                                or where)
 
     def side_multiple(self, config: ProtectConfig) -> tuple[int, str]:
         """The multiple of pixels each side of a processed image (of each tile, in block mode) must be for the model
-        to run `config`, and why (`mist.models.families.side_multiple`), told without loading the model. Raises as
-        `refusal` does."""
+        and its `against` members to run `config`, and why (`mist.models.families.side_multiple`), told without
+        loading a model. Raises as `refusal` does."""
+        from mist.engine.ensemble_checks import ensemble_side_multiple
         from mist.models.families import side_multiple
 
-        return side_multiple(self._family()[1], config.parts)
+        return ensemble_side_multiple(config, side_multiple(self._family()[1], config.parts))
 
     def _family(self) -> tuple[str | Path, Family]:
         """Where the model is and its family (told once per model, without loading it)."""
@@ -253,6 +263,9 @@ class ModelCache:
             if self._given is not None:
                 return Protector(self._given, config, device, low_memory=self.low_memory, batch_size=batch_size,
                                  compile=self.compile)
+            refused = self._ensemble_refusal(config)  # before the model is read
+            if refused:
+                raise ValueError(refused)
             model = self._cached(config.parts, PRECISION_DTYPES[precision], device, on_load, config.text_encoders)
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
                              hand_over=True, compile=self.compile)
@@ -284,7 +297,7 @@ class ModelCache:
         from mist.models import load_model
 
         where = self.where()
-        key = "\n".join((str(where), *text_encoders))
+        key = _cache_key(where, text_encoders)
         model = self._models.get(key)
         if model is not None and model.dtype not in (torch.float32, dtype):
             # The cached model is handed to each Protector to convert in place (no second copy in memory); once
@@ -300,6 +313,11 @@ class ModelCache:
             self.loads += 1
             self._models[key] = model
         return model
+
+
+def _cache_key(where: str | Path, text_encoders: tuple[str, ...]) -> str:
+    """How `ModelCache` files a model: where it is, and the text encoder files an SD 3.x / Flux single file takes."""
+    return "\n".join((str(where), *text_encoders))
 
 
 def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporter: Reporter, *,

@@ -108,6 +108,7 @@ class ASPL(DenoiserMethod):
     paper = "Van Le et al., ICCV 2023"
     Params = ASPLParams
     paper_preset = PAPER_PRESET
+    trains_surrogate = True
 
     def prepare(self, tiles: Sequence[TileInputs]) -> ASPLLoss:
         return ASPLLoss(self, tiles)

@@ -163,7 +163,8 @@ class Method:
     loss runs through (a subset of PARTS; only those are loaded). paper_preset: the settings its paper's public code
     runs it with, where they differ from Mist's defaults or to state them (`--preset paper`): run settings (epsilon and
     step_size in 0..255 levels, steps, start, step_schedule) and its own parameters, by name, each figure with its
-    source in a comment; empty: the defaults are the paper's.
+    source in a comment; empty: the defaults are the paper's. trains_surrogate: its loss fine-tunes a copy of the
+    model between PGD steps (a `SurrogateLoss`), so it attacks one model alone (an ensemble refuses it).
 
     An instance is made per run by the Protector, with the model already placed on the device and the run's
     precision ("fp32", "bf16" or "fp16"); prompt embeddings and other per-run work belong in __init__.
@@ -176,6 +177,7 @@ class Method:
     Params: ClassVar[type[MethodParams]]
     parts: ClassVar[frozenset[str]]
     paper_preset: ClassVar[Mapping[str, Any]] = {}
+    trains_surrogate: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, model: StableDiffusion, precision: str) -> None:
         self.params = params

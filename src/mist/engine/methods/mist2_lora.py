@@ -66,6 +66,7 @@ class Mist2LoRA(Mist2):
     summary = ("Mist-v2's target-UNet attack against a LoRA surrogate fine-tuned on the images between rounds")
     paper = "Zheng et al., 2023; Mist-v2"
     Params = Mist2LoRAParams
+    trains_surrogate = True
 
     def prepare(self, tiles: Sequence[TileInputs]) -> Mist2LoRALoss:
         return Mist2LoRALoss(self, tiles)
