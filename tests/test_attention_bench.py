@@ -3,20 +3,14 @@ ways of computing attention agree with each other (so their timings compare the 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+from support.benchmarks import benchmark
 
 
 @pytest.fixture(scope="module")
 def attention():
-    spec = importlib.util.spec_from_file_location("attention_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("attention")
 
 
 def test_the_unets_attention_calls_at_512(attention):

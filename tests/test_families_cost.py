@@ -3,20 +3,14 @@ device), its configurations are named strictly, and one small step runs and coun
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
+from support.benchmarks import benchmark
 
 
 @pytest.fixture(scope="module")
 def families():
-    spec = importlib.util.spec_from_file_location("families_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("families")
 
 
 @pytest.mark.parametrize("family, millions", [("sd2", 865.9), ("sdxl", 2567.5)])

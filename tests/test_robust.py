@@ -337,15 +337,10 @@ def test_protect_end_to_end_with_robust(capsys, tmp_path, painting):
 
 
 def test_the_robustness_benchmark_marks_what_the_robust_set_trained_on_and_what_it_held_out():
-    import importlib.util
-    from pathlib import Path
-
     from mist.runner.evaluation.purify import parse_purifications
+    from support.benchmarks import benchmark as load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
-    spec = importlib.util.spec_from_file_location("robustness_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("robustness")
     purifications = parse_purifications("jpeg:75,jpeg:30,resize:0.5,blur:1,noise:8,crop:0.9,jpeg-resize:75,"
                                         "adverse:64,vae,vae:2,upscale,upscale:0.2")
 
