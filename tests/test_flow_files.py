@@ -251,3 +251,25 @@ def test_flux_dev_files_at_full_size_are_refused_on_a_20_gb_machine_from_their_h
                                          r"transformer 23\.8 GB") as caught:
         load_model(str(model), text_encoders=(str(clip_file), str(t5_file)), dtype=torch.bfloat16)
     assert _one_line(caught).startswith(f"{model}: this Flux.1 model")
+
+
+def test_the_faces_refuse_a_denoiser_on_a_flux_file_whose_text_encoders_are_missing_before_loading(saved,
+                                                                                                   monkeypatch):
+    """The web UI and the service cannot name text encoder files: a Flux transformer file served alone offers only
+    the encoder-side methods, and its refusal names the file (never its path) and what it lacks, from the headers
+    alone; with its text encoder files named (the command line) nothing is refused."""
+    import mist.models
+    from mist.engine.config import ProtectConfig
+    from mist.runner.jobs import ModelCache
+    from mist.runner.offers import model_offer
+
+    monkeypatch.setattr(mist.models, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    files = saved["dev"][0]
+    served = ModelCache(str(files.model))
+    refused = served.refusal(ProtectConfig.of(method="advdm"))
+    assert refused.startswith(f"{files.model.name}: ") and "T5-XXL" in refused and str(files.model.parent) not in refused
+    offer = model_offer(served)
+    assert "advdm" not in offer.methods and "photoguard" in offer.methods and offer.choices["mode"] == ("textural",)
+    named = ProtectConfig.of(method="advdm", text_encoders=tuple(str(f) for f in files.text_encoders))
+    assert served.refusal(named) is None
+    assert ModelCache(str(saved["sd3-incl"][0].model)).refusal(ProtectConfig.of(method="advdm")) is None

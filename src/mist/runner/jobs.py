@@ -180,6 +180,7 @@ class ModelCache:
         self._load_lock = threading.Lock()
         self._models: dict[str, StableDiffusion] = {}
         self._families: dict[str, Family] = {}  # by resolved path: told once, without loading (`refusal`)
+        self._towers_checked: set[str] = set()  # SD 3.x / Flux single files whose text encoders were found
         self.loads = 0  # how many times a model was read (tests check it is once)
 
     images_at_once = 1  # images the job runner hands `protector().protect_many` per attack batch (a Ray pool: more)
@@ -196,19 +197,33 @@ class ModelCache:
         return ModelIdentity(self.where())
 
     def refusal(self, config: ProtectConfig) -> str | None:
-        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it), or
-        its `against` members cannot run with it: one line naming the model by its file or folder name, never its
-        path; None when it can. The family is told once per model without loading it (`mist.models.identify`).
-        Raises ModelNotFoundError, or ValueError for a model file Mist refuses or cannot read."""
+        """Why the model cannot run `config`'s method (a family whose denoiser Mist does not run, asked for it; an SD
+        3.x or Flux single file without the text encoders its denoiser needs), or its `against` members cannot run
+        with it: one line naming the model by its file or folder name, never its path; None when it can. The family
+        is told once per model without loading it (`mist.models.identify`), the text encoders from the files'
+        headers. Raises ModelNotFoundError, or ValueError for a model file Mist refuses or cannot read."""
         from mist.models import model_label
         from mist.models.families import refuse_denoiser_parts
 
         where, family = self._family()
         try:
             refuse_denoiser_parts(model_label(where), family, config.parts)
+            if family.flow and "unet" in config.parts and Path(str(where)).is_file():
+                self._text_towers(Path(str(where)), family.key, config.text_encoders)
         except ValueError as exc:
-            return str(exc)
+            return str(exc).replace(str(where), model_label(where))
         return self._ensemble_refusal(config)
+
+    def _text_towers(self, model: Path, family: str, files: tuple[str, ...]) -> None:
+        """ValueError unless the SD 3.x / Flux single file `model` and the text encoder `files` hold the text
+        encoders its family needs (read from their headers, once per model and files)."""
+        from mist.models.flow_files import header
+        from mist.models.text_files import towers
+
+        key = _cache_key(model, files)
+        if key not in self._towers_checked:
+            towers(model, header(model), [Path(f).expanduser() for f in files], family)
+            self._towers_checked.add(key)
 
     def _ensemble_refusal(self, config: ProtectConfig) -> str | None:
         """Why `config`'s `against` members cannot run with this model (`mist.engine.ensemble_checks`), counting the
