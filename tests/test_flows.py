@@ -328,3 +328,12 @@ def test_lora_adapts_what_diffusers_scripts_adapt_in_each_flow_family(saved, nam
     adapted = {module for module, layer in surrogate.unet.named_modules() if hasattr(layer, "lora_A")}
     matched = {target for target in lora_targets(name) if any(module.endswith("." + target) for module in adapted)}
     assert matched == set(lora_targets(name)) >= beyond_image_attention | {"to_q", "to_k", "to_v", "to_out.0"}
+
+
+def test_an_image_larger_than_sd3s_position_table_is_refused_in_one_clear_line(saved):
+    """The tiny SD 3's table covers 16 patches a side (256 pixels): a 512-pixel latent is refused naming the limit,
+    where diffusers' own message spoke of `pos_embed_max_size`."""
+    model = _load(saved, "sd3")
+    latent = torch.zeros(1, 16, 64, 64)
+    with pytest.raises(ValueError, match=r"^image size: .* at most 16 patches a side, .* at most 256 pixels"):
+        model.denoise(latent, torch.tensor([500.0]), model.conditioning("a painting"))

@@ -22,6 +22,15 @@ def _check_even(latent: torch.Tensor) -> None:
                          f"multiples of 16 pixels (the latent is {latent.shape[-2]} x {latent.shape[-1]})")
 
 
+def _check_positions(latent: torch.Tensor, table: int | None) -> None:
+    """ValueError when the latent has more 2 x 2 patches a side than SD 3.x's table of positions covers (`table`:
+    192 for SD 3 medium, 384 for SD 3.5 medium: sides up to 3072 and 6144 pixels)."""
+    if table is not None and max(latent.shape[-2:]) // 2 > table:
+        raise ValueError(f"image size: this SD 3.x transformer places at most {table} patches a side, so the image's "
+                         f"sides may be at most {table * 16} pixels (the latent is {latent.shape[-2]} x "
+                         f"{latent.shape[-1]}); choose a smaller input size")
+
+
 def _per_image(timesteps: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
     """One time per image of `latent`, in its type (a sampler's step gives a single time for the batch)."""
     return timesteps.to(latent.dtype).reshape(-1).expand(latent.shape[0])
@@ -47,6 +56,7 @@ class SD3Denoiser(_Denoiser):
     def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
                 pooled: torch.Tensor) -> torch.Tensor:
         _check_even(latent)
+        _check_positions(latent, self.transformer.config.pos_embed_max_size)
         return self.transformer(hidden_states=latent, encoder_hidden_states=states, pooled_projections=pooled,
                                 timestep=_per_image(timesteps, latent), return_dict=False)[0]
 
