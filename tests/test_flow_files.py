@@ -274,3 +274,27 @@ def test_the_faces_refuse_a_denoiser_on_a_flux_file_whose_text_encoders_are_miss
     named = ProtectConfig.of(method="advdm", text_encoders=tuple(str(f) for f in files.text_encoders))
     assert served.refusal(named) is None
     assert ModelCache(str(saved["sd3-incl"][0].model)).refusal(ProtectConfig.of(method="advdm")) is None
+
+
+def test_evaluate_mimics_with_a_flux_file_and_the_text_encoders_it_names(capsys, saved, noise_painting_file,
+                                                                         tmp_path):
+    """`mist evaluate --model flux1-dev.safetensors --text-encoders ...` mimics through img2img as a folder would;
+    without the text encoder files it stops naming what the transformer lacks."""
+    import json
+
+    files = saved["dev"][0]
+    named = ",".join(str(f) for f in files.text_encoders)
+    originals, protected = tmp_path / "originals", tmp_path / "protected"
+    originals.mkdir()
+    (originals / noise_painting_file.name).write_bytes(noise_painting_file.read_bytes())
+    code, _, err = run_cli(capsys, "protect", originals, "-o", protected, "--model", files.model, "--text-encoders",
+                           named, "--method", "photoguard", "--steps", "2", "--input-size", "32")
+    assert code == 0, err
+    evaluate = ["evaluate", originals, protected, "--model", files.model, "--purify", "", "--strengths", "0.5",
+                "--steps", "2", "-q"]
+    code, _, err = run_cli(capsys, *evaluate, "-o", tmp_path / "bare")
+    assert code != 0 and "T5-XXL" in err and "--text-encoders" in err, err
+    code, _, err = run_cli(capsys, *evaluate, "-o", tmp_path / "report", "--text-encoders", named)
+    assert code == 0, err
+    record = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert record["model"] == files.model.name and [h["mimicry"] for h in record["headline"]] == ["img2img:0.5"]

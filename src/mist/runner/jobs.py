@@ -285,12 +285,13 @@ class ModelCache:
             return Protector(model, config, device, low_memory=self.low_memory, batch_size=batch_size,
                              hand_over=True, compile=self.compile)
 
-    def model(self, parts: frozenset[str],
-              on_load: Callable[[str | Path, torch.device], None] | None = None) -> StableDiffusion:
+    def model(self, parts: frozenset[str], on_load: Callable[[str | Path, torch.device], None] | None = None,
+              text_encoders: tuple[str, ...] = ()) -> StableDiffusion:
         """The model with at least `parts` (see `mist.models.load_model`; "decoder" for evaluation) in float32, for
         callers that only read it (they place it with `StableDiffusion.placed`, never in place): the given model, or
-        the cached one, loaded now if it is not loaded yet, lacks a part, or was converted to half precision.
-        Raises ModelNotFoundError, or ValueError when a given model lacks a part."""
+        the cached one, loaded now if it is not loaded yet, lacks a part, or was converted to half precision
+        (`text_encoders`: the files of an SD 3.x or Flux single file's). Raises ModelNotFoundError, or ValueError
+        when a given model lacks a part."""
         import torch
 
         with self._load_lock:
@@ -299,7 +300,7 @@ class ModelCache:
                 if missing:
                     raise ValueError(f"model: this model was loaded without its {', '.join(sorted(missing))}")
                 return self._given
-            return self._cached(parts, torch.float32, self.device(), on_load)
+            return self._cached(parts, torch.float32, self.device(), on_load, text_encoders)
 
     def _cached(self, parts: frozenset[str], dtype: torch.dtype, device: torch.device,
                 on_load: Callable[[str | Path, torch.device], None] | None,

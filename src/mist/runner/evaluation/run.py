@@ -133,7 +133,8 @@ def evaluate_folders(originals: Path, protected: Path, settings: EvaluationSetti
     scoring = scoring_config(method_name, pairs)
     device = models.device()
     ti_parts = {"text_model"} if settings.ti else set()  # textual inversion trains through the text encoder
-    model = models.model(EVALUATION_PARTS | ti_parts | get_method(method_name).parts, on_load).placed(device)
+    model = models.model(EVALUATION_PARTS | ti_parts | get_method(method_name).parts, on_load,
+                         settings.text_encoder_files).placed(device)
     mimicries = _mimicries(model, settings, extra_mimicries, cancel)
     results, cleans, shields = _measured_pairs(loaded, Lpips() if lpips_reason is None else None)
     ticker = _Ticker(len(purifications) * (1 + 2 * len(mimicries)) + 3 * len(mimicries), progress, cancel)

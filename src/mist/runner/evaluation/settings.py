@@ -33,7 +33,8 @@ class EvaluationSettings:
     at `ti_learning_rate` (the run documented with diffusers' textual inversion example: 3000 steps, 2e-3). clip: the
     folder of a CLIP vision tower for CLIP similarity and CMMD (None: the SD diffusers folder's safety_checker, if
     any; see `mist.runner.evaluation.clip`). upscaler: the diffusers folder of the SD x4 upscaler that `upscale`
-    purifies through (None: the Hugging Face cache's snapshot)."""
+    purifies through (None: the Hugging Face cache's snapshot). text_encoders: comma list of the text encoder files
+    an SD 3.x or Flux single file mimics with (as `mist protect --text-encoders` takes them)."""
 
     purify: str = DEFAULT_PURIFY
     strengths: tuple[float, ...] = DEFAULT_STRENGTHS
@@ -52,6 +53,12 @@ class EvaluationSettings:
     ti_learning_rate: float = 2e-3
     clip: str | None = None
     upscaler: str | None = None
+    text_encoders: str | None = None
+
+    @property
+    def text_encoder_files(self) -> tuple[str, ...]:
+        """The `text_encoders` files, in the order given."""
+        return tuple(name.strip() for name in (self.text_encoders or "").split(",") if name.strip())
 
     def __post_init__(self) -> None:
         parse_purifications(self.purify)
@@ -80,6 +87,9 @@ class EvaluationSettings:
             problem = "no such folder" if not Path(self.upscaler).exists() else "no model_index.json in it"
             raise ValueError(f"upscaler: {self.upscaler}: {problem}; give the diffusers folder of "
                              f"{X4_UPSCALER_REPOSITORY}")
+        for name in self.text_encoder_files:
+            if not Path(name).expanduser().is_file():
+                raise ValueError(f"text_encoders: {name}: no such file")
         if self.method is not None:
             from mist.engine.methods import get_method
 
@@ -132,6 +142,9 @@ EVALUATION_OPTIONS: dict[str, Option] = {
     "upscaler": Option("--upscaler", "str", "diffusers folder of the SD x4 upscaler for the `upscale` purification "
                                             "(default: its snapshot in the Hugging Face cache; never downloaded)",
                        local=True),
+    "text_encoders": Option("--text-encoders", "str", "text encoder files (CLIP-L, OpenCLIP-G, T5-XXL; "
+                                                      "comma-separated) of an SD 3.x or Flux single file given as "
+                                                      "the model", local=True),
 }
 EVALUATION_FLAGS = {name: option.flag for name, option in EVALUATION_OPTIONS.items()}
 
