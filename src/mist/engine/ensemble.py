@@ -118,12 +118,13 @@ def member_model(spec: str | Path, parts: frozenset[str] = ENCODER_ONLY,
                  dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """The model `spec` names with `parts` (the VAE encoder alone by default): read on the first call for its resolved
     path and parts in this process and kept for the next ones, read again when the kept one was converted to another
-    type than float32 or `dtype`. ValueError or ModelNotFoundError naming a model that cannot be read."""
+    type than float32 or `dtype` (an SD 3.x or Flux transformer is read in `dtype`, as the run's own is). ValueError or
+    ModelNotFoundError naming a model that cannot be read."""
     key = (str(resolve_model(spec)), parts)
     with _KEPT_LOCK:
         kept = _KEPT.get(key)
         if kept is None or kept.dtype not in (torch.float32, dtype):
-            _KEPT[key] = kept = load_model(spec, parts=parts)
+            _KEPT[key] = kept = load_model(spec, parts=parts, dtype=dtype)
         return kept
 
 
