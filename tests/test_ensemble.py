@@ -175,6 +175,21 @@ def test_a_surrogate_training_method_is_refused_in_one_line(capsys, models, imag
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("case", ["the run's own model", "named twice"])
+def test_a_model_named_twice_is_refused_in_one_line(capsys, monkeypatch, models, image_file, tmp_path, case):
+    """The run's own model as a member (here by another spelling of its path), or one member twice, would count that
+    model twice in the combined loss: refused before any member is read."""
+    loaded = count_member_loads(monkeypatch)
+    monkeypatch.chdir(models["sdxl"].parent)
+    against = (f"./{models['sd1'].name},{models['sdxl']}" if case == "the run's own model"
+               else f"{models['sdxl']},{models['sd3']},{models['sdxl'].name}")
+    code, _, err = run_cli(capsys, "protect", image_file, "-o", tmp_path / "out", "--model", models["sd1"],
+                           "--against", against, "--method", "pid", "--steps", "2", "--input-size", "32")
+    lines = [line for line in err.splitlines() if "--against" in line or "against:" in line]
+    assert code != 0 and len(lines) == 1 and case in lines[0] and "each model counts once" in lines[0], err
+    assert loaded == []
+
+
 def test_a_missing_member_is_named_in_one_line(capsys, models, image_file, tmp_path):
     missing = tmp_path / "nowhere" / "flux-ae.safetensors"
     code, _, err = run_cli(capsys, "protect", image_file, "-o", tmp_path / "out", "--model", models["sd1"],

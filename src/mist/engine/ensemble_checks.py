@@ -20,6 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from mist.common.model_names import TINY_RANDOM
 from mist.engine.config import ProtectConfig
 from mist.engine.ensemble import kept_member, source_label
 from mist.engine.methods import get_method
@@ -38,8 +39,14 @@ def ensemble_refusal(config: ProtectConfig, run: str | Path | StableDiffusion | 
     if not config.against:
         return None
     parts = get_method(config.method).parts_for(config.params)
+    named = {_same_file_key(run.source if isinstance(run, StableDiffusion) else resolve_model(run)): "the run's own "
+             "model (--model)"} if run is not None else {}
     for spec in config.against:
         where = resolve_model(spec)
+        key = _same_file_key(where)
+        if key is not None and key in named:
+            return f"against: {source_label(spec)}: is {named[key]}: each model counts once; name other models"
+        named[key] = "named twice"
         family = _family(str(where))
         try:
             refuse_denoiser_parts(source_label(spec), family, parts)
@@ -50,6 +57,12 @@ def ensemble_refusal(config: ProtectConfig, run: str | Path | StableDiffusion | 
                     "folder runs the denoiser (a single file's text encoders are named with --text-encoders, for the "
                     "run's own model only)")
     return _memory_refusal(config, parts, run)
+
+
+def _same_file_key(where: str | Path) -> str | None:
+    """What tells two names of one model file or folder apart from others: its resolved path (None: the test model,
+    which has no file)."""
+    return None if str(where) == TINY_RANDOM else str(Path(where).resolve())
 
 
 def ensemble_side_multiple(config: ProtectConfig, own: tuple[int, str]) -> tuple[int, str]:
