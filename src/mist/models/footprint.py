@@ -3,8 +3,8 @@ file's header (the shapes of its tensors), a `.ckpt`'s memory-mapped tensors, or
 folder's transformer and text encoders. So a run that loads several models (an ensemble, `--against`) can be refused
 before anything big is read.
 
-Every count is in float32, as Mist loads every model (a bf16 run converts after loading), and covers what loading
-holds at its peak: the VAE encoder (and decoder if asked), the denoiser, and the text encoders, which are run once
+Every count is in float32, as Mist loads every model but an SD 3.x or Flux transformer (read in the run's precision,
+so its count is an upper bound for a bf16 run), and covers what loading holds at its peak: the VAE encoder (and decoder if asked), the denoiser, and the text encoders, which are run once
 for the prompts' embeddings and then freed. For SD 3.x and Flux the text encoders are run and freed before the
 transformer is read, so the larger of the two counts.
 """
