@@ -4,8 +4,9 @@ folder's transformer and text encoders. So a run that loads several models (an e
 before anything big is read.
 
 Every count is in float32, as Mist loads every model but an SD 3.x or Flux transformer (read in the run's precision,
-so its count is an upper bound for a bf16 run), and covers what loading holds at its peak: the VAE encoder (and decoder if asked), the denoiser, and the text encoders, which are run once
-for the prompts' embeddings and then freed. For SD 3.x and Flux the text encoders are run and freed before the
+so its count is an upper bound for a bf16 run), and covers what loading holds at its peak: the VAE encoder (and
+decoder if asked), the denoiser, and the text encoders, which are run once for the prompts' embeddings and then
+freed. For SD 3.x and Flux the text encoders are run and freed before the
 transformer is read, so the larger of the two counts.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mist.models import flow_loading
+from mist.models import flow_files, flow_loading
 from mist.models.architectures import TINY
 from mist.models.families import VAE_PARTS
 from mist.models.loading import (empty_modules, keys_to_read, pipeline_family, read_json, read_original_state_dict,
@@ -91,11 +92,5 @@ def _component_bytes(folder: Path, stems: tuple[str, ...], prefixes: tuple[str, 
 
 
 def _header_counts(path: Path) -> dict[str, int]:
-    """Each tensor's element count, from a safetensors file's header alone."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: math.prod(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # a truncated or foreign file fails in several ways; all mean "cannot read it"
-        raise ValueError(f"{path}: cannot read as a safetensors file: {exc}") from exc
+    """Each tensor's element count, from a safetensors file's header alone (`flow_files.header`)."""
+    return {key: math.prod(shape) for key, (shape, _) in flow_files.header(path).items()}
