@@ -65,12 +65,12 @@ def _same_file_key(where: str | Path) -> str | None:
     return None if str(where) == TINY_RANDOM else str(Path(where).resolve())
 
 
-def ensemble_side_multiple(config: ProtectConfig, own: tuple[int, str]) -> tuple[int, str]:
-    """The multiple of pixels each side (of each tile) of `config`'s images must be for the run's model, whose own is
-    `own` (multiple, why), and every `against` member alike: the largest (`mist.models.families.side_multiple`)."""
+def ensemble_side_multiple(config: ProtectConfig, family: Family) -> tuple[int, str]:
+    """The multiple of pixels each side (of each tile) of `config`'s images must be, and why, for the run's model (of
+    `family`) and every `against` member alike: the largest (`mist.models.families.side_multiple`)."""
     parts = get_method(config.method).parts_for(config.params)
     members = [side_multiple(_family(str(resolve_model(spec))), parts) for spec in config.against]
-    return max([own, *members], key=lambda found: found[0])
+    return max([side_multiple(family, config.parts), *members], key=lambda found: found[0])
 
 
 def _memory_refusal(config: ProtectConfig, parts: frozenset[str], run: str | Path | StableDiffusion | None

@@ -35,7 +35,7 @@ from mist.models.device import default_low_memory, resolve_precision
 from mist.engine.methods import Loss, SurrogateLoss, TileInputs, get_method
 from mist.models import StableDiffusion
 from mist.models.architectures import FAMILIES
-from mist.models.families import refuse_denoiser_parts, side_multiple
+from mist.models.families import refuse_denoiser_parts
 from mist.engine.objectives import PRECISION_DTYPES
 from mist.engine.robust import robust_loss
 from mist.engine.shaping import shape_blur
@@ -155,7 +155,7 @@ class Protector:
         if refused:
             raise ValueError(refused)
         self.members = load_members(config, self.device, self.precision, self.low_memory)
-        self.side_multiple = ensemble_side_multiple(config, side_multiple(FAMILIES[model.arch.family], config.parts))[0]
+        self.side_multiple = ensemble_side_multiple(config, FAMILIES[model.arch.family])[0]
         self.ensemble = unique_labels([source_label(model.source)] + [m.label for m in self.members]
                                       ) if self.members else []
 

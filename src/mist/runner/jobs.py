@@ -239,9 +239,8 @@ class ModelCache:
         and its `against` members to run `config`, and why (`mist.models.families.side_multiple`), told without
         loading a model. Raises as `refusal` does."""
         from mist.engine.ensemble_checks import ensemble_side_multiple
-        from mist.models.families import side_multiple
 
-        return ensemble_side_multiple(config, side_multiple(self._family()[1], config.parts))
+        return ensemble_side_multiple(config, self._family()[1])
 
     def _family(self) -> tuple[str | Path, Family]:
         """Where the model is and its family (told once per model, without loading it)."""
