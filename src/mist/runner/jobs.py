@@ -211,7 +211,7 @@ class ModelCache:
             if family.flow and "unet" in config.parts and Path(str(where)).is_file():
                 self._text_towers(Path(str(where)), family.key, config.text_encoders)
         except ValueError as exc:
-            return str(exc).replace(str(where), model_label(where))
+            return without_model_path(str(exc), self)
         return self._ensemble_refusal(config)
 
     def _text_towers(self, model: Path, family: str, files: tuple[str, ...]) -> None:
