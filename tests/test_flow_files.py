@@ -298,3 +298,10 @@ def test_evaluate_mimics_with_a_flux_file_and_the_text_encoders_it_names(capsys,
     assert code == 0, err
     record = json.loads((tmp_path / "report" / "results.json").read_text())
     assert record["model"] == files.model.name and [h["mimicry"] for h in record["headline"]] == ["img2img:0.5"]
+
+
+def test_a_folder_given_as_a_text_encoder_file_is_refused_as_one(capsys, saved, noise_painting_file, tmp_path):
+    files = saved["dev"][0]
+    code, _, err = run_cli(capsys, "protect", noise_painting_file, "-o", tmp_path / "out", "--model", files.model,
+                           "--text-encoders", files.model.parent, "--method", "advdm", "--steps", "1")
+    assert code != 0 and f"{files.model.parent}: a folder, not a file" in err, err

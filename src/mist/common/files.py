@@ -26,6 +26,15 @@ from typing import BinaryIO
 _NAME_LIMIT = 50  # characters of the destination's name kept in a temporary file's name (NAME_MAX is 255 bytes)
 
 
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` (a user's `~` expanded) is not a file Mist can read, in a few words ("no such file", "a folder, not a
+    file"), or None when it is one."""
+    found = Path(path).expanduser()
+    if found.is_file():
+        return None
+    return "a folder, not a file" if found.is_dir() else "no such file"
+
+
 def temporary_files_of(path: str | os.PathLike[str]) -> list[Path]:
     """Temporary files `write_atomic` creates (or a killed run left) for `path`, live or stale."""
     dest = Path(path)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from mist.common.files import file_problem
 from mist.common.model_names import TINY_RANDOM, model_label
 from mist.engine.methods import DEFAULT_METHOD, MethodParams, get_method
 from mist.engine.robust import DEFAULT_TRANSFORMS, TRANSFORMS, parts_needed
@@ -166,8 +167,8 @@ class ProtectConfig:
             yield f"step_schedule: must be one of {', '.join(SCHEDULES)}, got {self.step_schedule!r}"
         yield from self._ensemble_problems()
         for file in self.text_encoders:
-            if not Path(file).expanduser().is_file():
-                yield f"text_encoders: {file}: no such file"
+            if file_problem(file):
+                yield f"text_encoders: {file}: {file_problem(file)}"
 
     def _ensemble_problems(self):
         if self.against_combine not in COMBINES:

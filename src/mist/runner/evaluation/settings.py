@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from mist.runner.flags import fields_as_flags, typed_value
 
+from mist.common.files import file_problem
 from mist.common.prompts import OBJECT_PROMPT, STYLE_PROMPT
 from mist.runner.evaluation.mimicry import DEFAULT_STRENGTHS
 from mist.runner.evaluation.purify import DEFAULT_PURIFY, X4_UPSCALER_REPOSITORY, parse_purifications
@@ -88,8 +89,8 @@ class EvaluationSettings:
             raise ValueError(f"upscaler: {self.upscaler}: {problem}; give the diffusers folder of "
                              f"{X4_UPSCALER_REPOSITORY}")
         for name in self.text_encoder_files:
-            if not Path(name).expanduser().is_file():
-                raise ValueError(f"text_encoders: {name}: no such file")
+            if file_problem(name):
+                raise ValueError(f"text_encoders: {name}: {file_problem(name)}")
         if self.method is not None:
             from mist.engine.methods import get_method
 
