@@ -176,6 +176,8 @@ class RayModels:
     and `low_memory` as each worker opens its model; `workers`: how many actors (default: one per unit)."""
 
     compile: ClassVar[bool] = False  # the workers run the networks uncompiled (`mist protect` refuses --compile)
+    # no server-wide text encoder files (`ModelCache.text_encoders`): `open_models` refuses them with a cluster
+    text_encoders: ClassVar[tuple[str, ...]] = ()
 
     address: str
     model: str | None = None
