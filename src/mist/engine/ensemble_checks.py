@@ -12,7 +12,8 @@ line naming the models by file or folder name (never a full path):
   whatever the device, so the check is of the CPU's memory; on a GPU each member then moves there in the run's
   precision.
 
-A member's family and size are told once per path and parts in a process.
+A member's family is told once per file or folder as it is on disk (`mist.models.identify`); its size once per path
+and parts in a process.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def ensemble_refusal(config: ProtectConfig, run: str | Path | StableDiffusion | 
         if key is not None and key in named:
             return f"against: {source_label(spec)}: is {named[key]}: each model counts once; name other models"
         named[key] = "named twice"
-        family = _family(str(where))
+        family = model_family(where)
         try:
             refuse_denoiser_parts(source_label(spec), family, parts)
         except ValueError as exc:
@@ -69,7 +70,7 @@ def ensemble_side_multiple(config: ProtectConfig, family: Family) -> tuple[int, 
     """The multiple of pixels each side (of each tile) of `config`'s images must be, and why, for the run's model (of
     `family`) and every `against` member alike: the largest (`mist.models.families.side_multiple`)."""
     parts = get_method(config.method).parts_for(config.params)
-    members = [side_multiple(_family(str(resolve_model(spec))), parts) for spec in config.against]
+    members = [side_multiple(model_family(resolve_model(spec)), parts) for spec in config.against]
     return max([side_multiple(family, config.parts), *members], key=lambda found: found[0])
 
 
@@ -107,11 +108,6 @@ def _held(model: StableDiffusion) -> int:
     """The bytes a loaded model's weights take, in whatever type they are now."""
     modules = (model.encoder, model.unet, model.decoder, model.text_encoder)
     return sum(p.numel() * p.element_size() for module in modules if module is not None for p in module.parameters())
-
-
-@lru_cache(maxsize=64)
-def _family(where: str) -> Family:
-    return model_family(where)
 
 
 @lru_cache(maxsize=64)
