@@ -30,7 +30,7 @@ from mist.models.flow_loading import transformer_class
 from mist.models.flow_text import CLIP_TOWERS, T5_TOWER, clip_class, pretrained
 from mist.models.identify import model_family
 from mist.models.loading import (TEXT_PARTS, TEXT_PREFIXES, empty_modules, keys_to_read, read_json,
-                                 read_original_state_dict, weights_file)
+                                 read_original_state_dict, unreadable, weights_file)
 from mist.models.locate import TINY_RANDOM
 from mist.models.vae_folder import is_vae_folder
 
@@ -197,8 +197,10 @@ def _component_bytes(folder: Path, stems: tuple[str, ...], prefixes: tuple[str, 
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (not zip) file cannot be mapped: its size on disk, in float32 or float16
-            return file.stat().st_size * (2 if ".fp16" in file.name else 1)
+        except Exception as exc:  # a pickle of more than plain weights, a truncated file: named as loading names it
+            if isinstance(exc, RuntimeError) and "mmap" in str(exc):  # a legacy (not zip) file cannot be mapped: its
+                return file.stat().st_size * (2 if ".fp16" in file.name else 1)  # size on disk, float32 or float16
+            raise unreadable(file, exc, "cannot read weights") from exc
         counts = {key: tensor.numel() for key, tensor in state.items()}
     return 4 * sum(count for key, count in counts.items() if key.startswith(prefixes))
 

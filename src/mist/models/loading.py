@@ -431,7 +431,7 @@ def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[st
                     raise
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # a truncated or foreign file fails in many ways; all mean "cannot read it"
-        raise _unreadable(path, exc, "cannot read as a checkpoint") from exc
+        raise unreadable(path, exc, "cannot read as a checkpoint") from exc
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
@@ -440,7 +440,7 @@ def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[st
     return {k: checkpoint[k] for k in keys_to_read(keys, parts)}, keys
 
 
-def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
+def unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
     """One line saying why `path` cannot be read. A pickle that asks for a Python global (a function or class: code
     that would run, or objects beyond tensors) is named as such; PyTorch's own text, which explains how to load such a
     file without the safety check, is never passed on."""
@@ -490,7 +490,7 @@ def read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor
             return load_file(str(candidate))
         return torch.load(candidate, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise _unreadable(candidate, exc, "cannot read weights") from exc
+        raise unreadable(candidate, exc, "cannot read weights") from exc
 
 
 def weights_file(folder: Path, stems: tuple[str, ...]) -> Path:
