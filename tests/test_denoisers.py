@@ -258,24 +258,26 @@ def test_evaluate_mimics_with_another_family_what_was_protected_against_sd1(caps
 
 
 def test_a_model_too_large_for_the_memory_is_refused_saying_what_it_needs(saved, monkeypatch):
-    """A folder (a float32 single file's weights, once read, are the model's: loading it needs nothing more)."""
-    import mist.models.loading as loading
+    import mist.models.footprint as footprint
 
     layout = "folder"
 
-    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: 1000)
     path = saved["sdxl", layout]
-    with pytest.raises(ValueError, match=r"Stable Diffusion XL model needs about 0\.\d GB of memory") as caught:
+    with pytest.raises(ValueError, match=r"Stable Diffusion XL model needs about 0\.\d GB of memory .*\(UNet 0\.\d GB, "
+                                         r"text encoders 0\.\d GB, VAE 0\.\d GB\)") as caught:
         _load(saved, "sdxl", layout)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
-    monkeypatch.setattr(loading, "available_ram_bytes", lambda: None)  # unknown: no refusal
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: None)  # unknown: no refusal
     assert _load(saved, "sdxl", layout).unet is not None
 
 
 @pytest.mark.parametrize("layout", ["file", "folder"])
-def test_the_memory_check_comes_before_the_text_encoders_are_built(saved, monkeypatch, layout):
-    """The text towers are built for real when loaded (SDXL's OpenCLIP-G is 2.8 GB): the memory they and the UNet will
-    take is counted on modules made on the meta device, and checked before anything is allocated."""
+def test_the_memory_check_comes_before_anything_is_built_and_counts_the_weights(saved, monkeypatch, layout):
+    """The text towers are built for real when loaded (SDXL's OpenCLIP-G is 2.8 GB): the memory the parts will take
+    is counted from the files' headers and checked before any module is built; a byte less than the count is
+    refused, the count itself loads."""
+    import mist.models.footprint as footprint
     import mist.models.loading as loading
 
     built, real = [], loading._text_module
@@ -284,17 +286,16 @@ def test_the_memory_check_comes_before_the_text_encoders_are_built(saved, monkey
         built.append(torch.empty(0).device.type)
         return real(arch)
 
-    def refuse(source, family, needed, held=0, detail=""):
-        raise ValueError(f"checked after building {built}, {needed} bytes needed")
-
-    monkeypatch.setattr(loading, "_text_module", spy)
-    monkeypatch.setattr(loading, "refuse_memory", refuse)
-    with pytest.raises(ValueError, match="checked after building") as caught:
-        _load(saved, "sdxl", layout)
     parts = saved["sdxl", "parts"]
-    weights = sum(p.numel() for m in (parts.unet, parts.vae.encoder, parts.vae.quant_conv, *parts.towers)
-                  for p in m.parameters())
-    assert str(caught.value) == f"checked after building ['meta'], {4 * weights} bytes needed"
+    weights = 4 * sum(p.numel() for m in (parts.unet, parts.vae.encoder, parts.vae.quant_conv, *parts.towers)
+                      for p in m.parameters())
+    monkeypatch.setattr(loading, "_text_module", spy)
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: weights - 1)
+    with pytest.raises(ValueError, match="needs about"):
+        _load(saved, "sdxl", layout)
+    assert built == []
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: weights)
+    assert _load(saved, "sdxl", layout).unet is not None and built == ["cpu"]
 
 
 SURROGATE_METHODS = {"mist2": {}, "mist2-lora": {"round_steps": 2, "surrogate_steps": 1},

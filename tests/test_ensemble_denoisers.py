@@ -21,7 +21,7 @@ from mist.engine import ensemble
 from mist.engine.config import ProtectConfig
 from mist.engine.pipeline import Protector
 from mist.models import load_model
-from mist.models.footprint import model_bytes
+from mist.models.footprint import model_footprint
 from support import denoisers, flows
 from support.cli import run_cli
 from support.members import count_member_loads
@@ -174,17 +174,17 @@ def test_each_models_memory_is_counted_from_its_files(models, tmp_path):
     parts = frozenset({"encoder", "unet"})
     model = load_model(str(models["sdxl"]), parts=parts)
     weights = 4 * sum(p.numel() for module in (model.encoder, model.unet) for p in module.parameters())
-    assert model_bytes(models["sdxl"], parts) == weights
+    assert model_footprint(models["sdxl"], parts).peak == weights
     towers = denoisers.tiny_parts("sdxl", 2).towers
     text = 4 * sum(p.numel() for tower in towers for p in tower.parameters())
-    assert model_bytes(models["sdxl"], parts | {"text_encoder"}) == weights + text
+    assert model_footprint(models["sdxl"], parts | {"text_encoder"}).peak == weights + text
     single = denoisers.save_single_file(tmp_path / "SDXL.safetensors", denoisers.tiny_parts("sdxl", 2))
-    assert model_bytes(single, parts) == weights
+    assert model_footprint(single, parts).peak == weights
     pickled = shutil.copytree(models["sdxl"], tmp_path / "SDXL-bin")  # the UNet as a PyTorch .bin, memory-mapped
     (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(model.unet.state_dict(), pickled / "unet" / "diffusion_pytorch_model.bin")
-    assert model_bytes(pickled, parts) == weights
-    assert model_bytes(models["sd3-file"], frozenset({"encoder"})) == 4 * sum(
+    assert model_footprint(pickled, parts).peak == weights
+    assert model_footprint(models["sd3-file"], frozenset({"encoder"})).peak == 4 * sum(
         p.numel() for p in load_model(str(models["sd3-file"]), parts=frozenset({"encoder"})).encoder.parameters())
 
 
@@ -194,8 +194,8 @@ def test_models_that_cannot_fit_together_are_refused_naming_each_before_any_is_r
 
     config = ProtectConfig.of(method="advdm", steps=1, input_size=SIZE, against=_against(models, "sdxl", "sd3"))
     parts = frozenset({"encoder", "unet", "text_encoder"})
-    sizes = {"tiny-random": model_bytes("tiny-random", parts), "SDXL": model_bytes(models["sdxl"], parts),
-             "SD3": model_bytes(models["sd3"], parts)}
+    sizes = {label: model_footprint(where, parts).peak
+             for label, where in (("tiny-random", "tiny-random"), ("SDXL", models["sdxl"]), ("SD3", models["sd3"]))}
     monkeypatch.setattr(ensemble_checks, "available_ram_bytes", lambda: sum(sizes.values()) - 1)  # each one fits
     loaded = count_member_loads(monkeypatch)
     cache = ModelCache("tiny-random", "cpu")

@@ -201,12 +201,12 @@ def test_text_encoder_files_for_a_folder_are_refused(saved):
 
 def test_too_little_memory_is_refused_naming_each_part_before_any_weight_is_read(saved, monkeypatch):
     import mist.models.flow_files as flow_files
-    import mist.models.loading as loading
+    import mist.models.footprint as footprint
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: 1000)
     monkeypatch.setattr(flow_files, "read", no_reading)
     files = saved["dev"][0]
     with pytest.raises(ValueError) as caught:
@@ -222,7 +222,7 @@ def test_flux_dev_files_at_full_size_are_refused_on_a_20_gb_machine_from_their_h
     and CLIP-L files whose data are holes: the shapes are told from the weights' names and sizes, and a bf16 run is
     refused for its 23.8 GB transformer before any weight is read (the check counts weights only)."""
     import mist.models.flow_files as flow_files
-    import mist.models.loading as loading
+    import mist.models.footprint as footprint
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -245,7 +245,7 @@ def test_flux_dev_files_at_full_size_are_refused_on_a_20_gb_machine_from_their_h
     config = flow_files.flux_config(flow_files.header(model))
     assert config["axes_dims_rope"] == (16, 56, 56) and config["num_attention_heads"] == 24
     assert (config["num_layers"], config["num_single_layers"]) == (19, 38) and config["guidance_embeds"]
-    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 20 * 10**9)
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: 20 * 10**9)
     monkeypatch.setattr(flow_files, "read", lambda *args, **kwargs: pytest.fail("a weight was read"))
     with pytest.raises(ValueError, match=r"needs about 23\.\d GB .*T5-XXL t5xxl_fp16\.safetensors 9\.5 GB.*"
                                          r"transformer 23\.8 GB") as caught:

@@ -182,9 +182,9 @@ def test_denoiser_methods_protect_through_the_cli(capsys, saved, image_file, tmp
 
 
 def test_a_model_too_large_for_the_memory_is_refused_naming_each_part(saved, monkeypatch):
-    import mist.models.loading as loading
+    import mist.models.footprint as footprint
 
-    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: 1000)
     with pytest.raises(ValueError) as caught:
         _load(saved, "flux")
     message = str(caught.value)
@@ -271,9 +271,12 @@ def test_evaluate_mimics_with_a_flow_model(capsys, saved, image_file, tmp_path, 
 
 def test_flux_dev_at_full_size_is_refused_on_a_24_gb_machine_before_any_weight_is_read(tmp_path, monkeypatch):
     """Configs alone, with Flux dev's published sizes (a 19 + 38 block transformer, 24 heads of 128; T5-XXL in
-    bf16; CLIP-L): the transformer alone needs 47.6 GB in float32."""
-    import mist.models.loading as loading
+    bf16; CLIP-L), and a VAE weights file whose data is a hole: the transformer alone needs 47.6 GB in float32."""
+    from diffusers import AutoencoderKL
+
+    import mist.models.footprint as footprint
     from mist.models.architectures import FAMILIES
+    from support.flow_files import sparse_safetensors
 
     def write(part: str, config: dict) -> None:
         (tmp_path / part).mkdir(parents=True, exist_ok=True)
@@ -282,12 +285,15 @@ def test_flux_dev_at_full_size_is_refused_on_a_24_gb_machine_before_any_weight_i
     write("transformer", dict(_class_name="FluxTransformer2DModel", guidance_embeds=True, num_layers=19,
                               num_single_layers=38, attention_head_dim=128, num_attention_heads=24))
     write("vae", FAMILIES["flux"].vae_config())
+    with torch.device("meta"):
+        vae = AutoencoderKL(**{k: v for k, v in FAMILIES["flux"].vae_config().items() if not k.startswith("_")})
+    sparse_safetensors(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", vae.state_dict())
     write("text_encoder", dict(model_type="clip_text_model", hidden_size=768, intermediate_size=3072,
                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
     write("text_encoder_2", dict(model_type="t5", d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
                                  vocab_size=32128, feed_forward_proj="gated-gelu", dtype="bfloat16"))
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    monkeypatch.setattr(loading, "available_ram_bytes", lambda: 24 * 10**9)
+    monkeypatch.setattr(footprint, "available_ram_bytes", lambda: 24 * 10**9)
     with pytest.raises(ValueError, match=r"needs about 47\.\d GB .*T5 text_encoder_2 9\.5 GB, transformer 47\.6 GB"):
         load_model(str(tmp_path))
 

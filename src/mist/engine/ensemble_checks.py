@@ -6,18 +6,19 @@ line naming the models by file or folder name (never a full path):
   `--text-encoders` for the run's model only): as members only their diffusers folders run a denoiser. Told from the
   member's key names and configs (`mist.models.identify`).
 - models that together cannot fit in memory: each member's float32 size with the parts the method reads, counted from
-  its files' headers (`mist.models.footprint`), plus the run's own model where it is still to be read, against the
+  its files' headers as loading counts it (`mist.models.footprint`: the most it holds at once while it loads), plus
+  the run's own model where it is still to be read (with its text encoder files), against the
   memory this machine has available. Models already in memory (the run's model in its cache, kept members) are named
   but not counted: the available memory already lacks them. Members load one after the other onto the CPU in float32
   whatever the device, so the check is of the CPU's memory; on a GPU each member then moves there in the run's
   precision.
 
-A member's family and size are told once per path and parts in a process.
+A member's family is told once per file or folder as it is on disk (`mist.models.identify`); its size is counted
+from its headers at each check.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from mist.common.model_names import TINY_RANDOM
@@ -28,7 +29,7 @@ from mist.models import StableDiffusion, resolve_model
 from mist.models.architectures import Family
 from mist.models.device import available_ram_bytes
 from mist.models.families import refuse_denoiser_parts, side_multiple
-from mist.models.footprint import model_bytes
+from mist.models.footprint import model_footprint
 from mist.models.identify import model_family
 
 
@@ -47,7 +48,7 @@ def ensemble_refusal(config: ProtectConfig, run: str | Path | StableDiffusion | 
         if key is not None and key in named:
             return f"against: {source_label(spec)}: is {named[key]}: each model counts once; name other models"
         named[key] = "named twice"
-        family = _family(str(where))
+        family = model_family(where)
         try:
             refuse_denoiser_parts(source_label(spec), family, parts)
         except ValueError as exc:
@@ -69,7 +70,7 @@ def ensemble_side_multiple(config: ProtectConfig, family: Family) -> tuple[int, 
     """The multiple of pixels each side (of each tile) of `config`'s images must be, and why, for the run's model (of
     `family`) and every `against` member alike: the largest (`mist.models.families.side_multiple`)."""
     parts = get_method(config.method).parts_for(config.params)
-    members = [side_multiple(_family(str(resolve_model(spec))), parts) for spec in config.against]
+    members = [side_multiple(model_family(resolve_model(spec)), parts) for spec in config.against]
     return max([side_multiple(family, config.parts), *members], key=lambda found: found[0])
 
 
@@ -83,11 +84,13 @@ def _memory_refusal(config: ProtectConfig, parts: frozenset[str], run: str | Pat
     if isinstance(run, StableDiffusion):
         models.append((source_label(run.source), _held(run), True))
     elif run is not None:
-        models.append((source_label(run), _bytes(str(resolve_model(run)), config.parts), False))
+        files = tuple(Path(f).expanduser() for f in config.text_encoders)
+        models.append((source_label(run), model_footprint(resolve_model(run), config.parts, text_encoders=files).peak,
+                       False))
     for spec in config.against:
         kept = kept_member(spec, parts)
         models.append((source_label(spec), _held(kept), True) if kept is not None
-                      else (source_label(spec), _bytes(str(resolve_model(spec)), parts), False))
+                      else (source_label(spec), model_footprint(resolve_model(spec), parts).peak, False))
     needed = sum(size for _, size, loaded in models if not loaded)
     if needed <= available:
         return None
@@ -108,12 +111,3 @@ def _held(model: StableDiffusion) -> int:
     modules = (model.encoder, model.unet, model.decoder, model.text_encoder)
     return sum(p.numel() * p.element_size() for module in modules if module is not None for p in module.parameters())
 
-
-@lru_cache(maxsize=64)
-def _family(where: str) -> Family:
-    return model_family(where)
-
-
-@lru_cache(maxsize=64)
-def _bytes(where: str, parts: frozenset[str]) -> int:
-    return model_bytes(where, parts)

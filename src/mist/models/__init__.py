@@ -11,6 +11,7 @@ import torch
 
 from mist.models.architectures import SD_V1, TINY, Architecture
 from mist.models.components import StableDiffusion
+from mist.models.footprint import refuse_too_large
 from mist.models.loading import DEFAULT_PARTS, KNOWN_PARTS, build_random, load_path
 from mist.common.model_names import model_label
 from mist.models.locate import TINY_RANDOM, ModelNotFoundError, resolve_model
@@ -32,7 +33,8 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
     not read). A VAE alone loads as such, and asking it for more is refused (see `mist.models.families`).
     `text_encoders`: the text encoder files an SD 3.x or Flux single file needs (`mist.models.text_files`). Weights
     arrive on the CPU in float32, but an SD 3.x or Flux transformer's in `dtype` (the run's: no float32 copy of it is
-    made); `StableDiffusion.placed` moves and casts them.
+    made); `StableDiffusion.placed` moves and casts them. A model whose parts need more memory than this machine has
+    available is refused before any weight is read (`mist.models.footprint`).
     """
     if not parts <= KNOWN_PARTS:
         raise ValueError(f"parts: unknown model parts {sorted(parts - KNOWN_PARTS)} (known: {sorted(KNOWN_PARTS)})")
@@ -41,9 +43,11 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
         raise takes_no_text_encoders(where)
     if where == TINY_RANDOM:
         return build_random(TINY, parts=parts)
+    files = tuple(Path(f).expanduser() for f in text_encoders)
+    refuse_too_large(where, parts, dtype, files)  # counted from headers and configs: nothing is read yet
     if is_vae_folder(where):
         return load_vae_folder(Path(where), parts)
-    return load_path(where, architecture, parts, tuple(Path(f).expanduser() for f in text_encoders), dtype)
+    return load_path(where, architecture, parts, files, dtype)
 
 
 def takes_no_text_encoders(where: str | os.PathLike) -> ValueError:

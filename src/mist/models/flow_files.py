@@ -32,7 +32,6 @@ SCHEDULES = {"sd3": {"shift": 3.0},
              "dev": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
                      "base_image_seq_len": 256, "max_image_seq_len": 4096},
              "schnell": {"shift": 1.0, "use_dynamic_shifting": False}}
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 Header = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, stored type as safetensors names it: "BF16", ...)
 
@@ -54,11 +53,6 @@ def header(path: Path) -> Header:
 def below(head: Header, prefix: str) -> Header:
     """The entries of `head` under `prefix`, named without it."""
     return {key[len(prefix) :]: entry for key, entry in head.items() if key.startswith(prefix)}
-
-
-def stored_bytes(head: Header, width: int | None = None) -> int:
-    """The bytes `head`'s tensors take as stored, or at `width` bytes each."""
-    return sum(math.prod(shape) * (width or _BYTES.get(kind, 4)) for shape, kind in head.values())
 
 
 def read(path: Path, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:

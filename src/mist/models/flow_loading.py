@@ -1,5 +1,5 @@
 """SD 3.x's and Flux's denoisers from a diffusers folder: the architecture (transformer and scheduler configs, the
-velocity target), the memory each part needs, and the transformer loaded into its velocity-predictor wrapper
+velocity target) and the transformer loaded into its velocity-predictor wrapper
 (`flow_denoisers`). Everything is read from the folder (`local_files_only`): nothing is fetched.
 
 The transformer is read in the run's type (a bf16 run never holds a float32 copy: SD 3.5 medium's is 10 GB in
@@ -8,7 +8,6 @@ float32); the text encoders are run once at load (`flow_text`) and freed.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -19,10 +18,9 @@ from torch import nn
 
 from mist.models.architectures import Architecture, Family, encoder_only
 from mist.models.flow_denoisers import FLUX_GUIDANCE, FluxDenoiser, SD3Denoiser
-from mist.models.flow_text import CLIP_TOWERS, T5_TOWER, pretrained
+from mist.models.flow_text import pretrained
 
 _TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
-_HALF = ("float16", "bfloat16")
 
 
 def architecture(family: Family, vae: dict[str, Any], name: str, transformer: dict[str, Any],
@@ -55,34 +53,6 @@ def transformer_class(family: str) -> type[nn.Module]:
     import diffusers
 
     return getattr(diffusers, _TRANSFORMERS[family])
-
-
-def part_bytes(folder: Path, arch: Architecture, text: bool, width: int = 4
-               ) -> tuple[dict[str, int], dict[str, int]]:
-    """The bytes the parts a run loads take, as ({name: bytes} of the text encoders, run and freed first;
-    {name: bytes} of the transformer, held during the attack): the transformer in `width` bytes per weight (the
-    run's type), the CLIP towers in float32, T5 in the type its config states. Counted on unallocated (meta)
-    modules built from the configs."""
-    from transformers import AutoConfig, CLIPTextModelWithProjection, T5EncoderModel
-
-    texts, held = {}, {}
-    with torch.device("meta"):
-        if arch.unet:
-            held["transformer"] = width * _count(transformer_class(arch.family).from_config(arch.unet))
-        for tower, _ in CLIP_TOWERS[arch.family] if text else ():
-            config = pretrained(AutoConfig, folder / tower)
-            texts[f"CLIP {tower}"] = 4 * _count(CLIPTextModelWithProjection(config))
-        tower = T5_TOWER[arch.family][0]
-        if text and (folder / tower / "config.json").is_file():
-            config = pretrained(AutoConfig, folder / tower)
-            stored = json.loads((folder / tower / "config.json").read_text(encoding="utf-8"))
-            t5_width = 2 if (stored.get("dtype") or stored.get("torch_dtype")) in _HALF else 4
-            texts[f"T5 {tower}"] = t5_width * _count(T5EncoderModel(config))
-    return texts, held
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def load_denoiser(folder: Path, arch: Architecture, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -98,10 +98,16 @@ def pretrained(kind: type, folder: Path, **options: object) -> Any:
 
 def _clip_outputs(tower: Path, tokenizer: Path, prompts: list[str], family: str) -> ClipOutputs:
     """prompt -> (penultimate hidden states, pooled embedding) of the CLIP tower in the folder `tower`."""
+    return clip_outputs(pretrained(clip_class(family), tower, dtype=torch.float32).eval(), clip_pad(tokenizer), prompts,
+                        family)
+
+
+def clip_class(family: str) -> type[torch.nn.Module]:
+    """The class a `family`'s CLIP towers are built as: with their text projection for SD 3.x (its pooled embedding
+    is projected), without for Flux."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    kind = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
-    return clip_outputs(pretrained(kind, tower, dtype=torch.float32).eval(), clip_pad(tokenizer), prompts, family)
+    return CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
 
 
 @torch.no_grad()

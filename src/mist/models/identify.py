@@ -1,10 +1,16 @@
 """Which model family (`mist.models.architectures.FAMILIES`) a model belongs to, told without building it, so that a
 face can refuse a method the model cannot run before it accepts the work (the HTTP service at submission, the web UI
-before its job starts)."""
+before its job starts).
+
+A process tells each model once: the answer is remembered by the model's resolved path and the modification times and
+sizes of the file, or of the folder and the JSON files that tell its family, so a model edited or replaced in place
+is told again.
+"""
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 from mist.models import families
@@ -22,12 +28,24 @@ def model_family(where: str | os.PathLike) -> Family:
     if str(where) == TINY_RANDOM:
         return FAMILIES["sd1"]
     path = Path(where)
+    if not path.exists():
+        raise ValueError(f"{path}: no such model file or folder")
+    return _told(path, _stamp(path))
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when the model at `path` is edited: its resolved path, and the modification time and size of the
+    file, or of the folder, its JSON files and its components' configs."""
+    seen = [path, *sorted(path.glob("*.json")), *sorted(path.glob("*/config.json"))] if path.is_dir() else [path]
+    return (str(path.resolve()), *((item.stat().st_mtime_ns, item.stat().st_size) for item in seen))
+
+
+@lru_cache(maxsize=64)
+def _told(path: Path, stamp: tuple) -> Family:
+    """`model_family` of the existing `path`, once per `stamp` (`_stamp`)."""
     if is_vae_folder(path):
         return vae_folder_family(path)
     if path.is_dir():
         return pipeline_family(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such model file or folder")
     state, keys = read_original_state_dict(path, frozenset())
     return families.file_family(path, state, keys)
-

@@ -10,7 +10,8 @@ diffusers folders (`flow_loading`: the transformer, and the prompts embedded by 
 freed) and from single files (`flow_files`: shapes from the weights; `text_files`: the text encoders inside the file
 or named beside it; a Flux transformer's VAE from the ae.safetensors beside it), the transformer read in the run's
 type. A single file's VAE shape is read from its weights (its scale and shift factors are the family's shipped
-config's); a diffusers folder's VAE from its vae/config.json.
+config's); a diffusers folder's VAE from its vae/config.json. What cannot fit in memory is refused before this module
+reads anything (`mist.models.load_model`, with `mist.models.footprint`'s count).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from torch import nn
 from mist.models import families, flow_files, flow_loading, flow_text, text_files
 from mist.models.architectures import FAMILIES, SD_V1, TINY, Architecture, Family, encoder_only, whole
 from mist.models.components import PROMPTS, StableDiffusion, latent_decoder, latent_encoder
-from mist.models.device import available_ram_bytes
 from mist.models.families import FIRST_CONV, UNET, VAE_PARTS, first_cross_attention
 from mist.models.noising import check_prediction_type
 
@@ -36,17 +36,17 @@ log = logging.getLogger(__name__)
 _TEXT = "cond_stage_model.transformer."
 # Where single files keep their text encoders: SD 1.x's CLIP and SD 2.x's OpenCLIP under cond_stage_model., SDXL's
 # CLIP-L under conditioner.embedders.0.transformer. and its OpenCLIP-G under conditioner.embedders.1.model.
-_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
 _SDXL_TOWERS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 # The key prefixes of each model part a caller can ask for beside the VAE's (`families.VAE_PARTS`, below the file's VAE
 # prefix); EMA copies and optimiser state are never read, and a part the run does not need is not read either (the
 # UNet is 3.4 GB in float32). The VAE decoder only serves evaluation. "text_encoder" keeps the embeddings of Mist's
 # prompts; "text_model" keeps the text encoder itself (and them).
-_PART_PREFIXES = {"unet": (UNET,), "text_encoder": _TEXT_PREFIXES, "text_model": _TEXT_PREFIXES}
+_PART_PREFIXES = {"unet": (UNET,), "text_encoder": TEXT_PREFIXES, "text_model": TEXT_PREFIXES}
 KNOWN_PARTS = frozenset(_PART_PREFIXES) | frozenset(VAE_PARTS)
 # What is loaded when no parts are named: every part a protection method can use; never the decoder or text model.
 DEFAULT_PARTS = KNOWN_PARTS - {"decoder", "text_model"}
-_TEXT_PARTS = frozenset({"text_encoder", "text_model"})
+TEXT_PARTS = frozenset({"text_encoder", "text_model"})
 # Parts of the error `torch.load(weights_only=True)` raises for a pickle it refuses (PyTorch 2.5 to 2.13 wording).
 _PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:Please use|\n\n|$)", re.S)
@@ -92,7 +92,7 @@ def build_random(arch: Architecture = TINY, seed: int = 0, parts: frozenset[str]
         text = _text_module(arch)
         decoder = latent_decoder(arch)  # drawn last, so the other parts' weights are those of earlier releases
     return StableDiffusion.assemble(arch, encoder, unet if "unet" in parts else None,
-                                    text if parts & _TEXT_PARTS else None, source=arch.name, random_weights=True,
+                                    text if parts & TEXT_PARTS else None, source=arch.name, random_weights=True,
                                     decoder=decoder if "decoder" in parts else None,
                                     keep_text_encoder="text_model" in parts)
 
@@ -145,7 +145,7 @@ def _load_file_whole(path: Path, family: Family, state: dict[str, torch.Tensor],
     vae = families.vae_config_from_weights(path, family, state, keys, prefix)
     arch = whole(family, vae, path.name, families.file_prediction_type(path, family),
                  shapes if shapes.family == family.key else None)
-    unet, encoder, text, decoder = _fitting_modules(path, family, arch, parts, state)
+    unet, encoder, text, decoder = _buildable_modules(path, family, arch, parts)
     try:
         unet_state = convert_ldm_unet_checkpoint(state, dict(unet.config)) if unet is not None else {}
     except (KeyError, IndexError) as exc:  # the converter indexes the weights it expects directly
@@ -174,13 +174,12 @@ def _load_file_flow(path: Path, family: Family, keys: list[str], parts: frozense
                     text_encoders: tuple[Path, ...], dtype: torch.dtype) -> StableDiffusion:
     """An SD 3.x or Flux single file: its VAE (a Flux transformer's: the ae.safetensors beside it), and for the
     denoiser-side methods its transformer, in `dtype`, and the prompts' conditioning by the text encoders inside it
-    or in `text_encoders`, run and freed before the transformer is read; refused first if the parts cannot fit in
-    memory."""
+    or in `text_encoders`, run and freed before the transformer is read."""
     families.refuse_denoiser_parts(path, family, parts)
     vae_path = families.vae_file(path, family, keys)
     state, vae_keys = read_original_state_dict(vae_path, parts & frozenset(VAE_PARTS))
     model = replace(_load_file_vae(vae_path, family, state, vae_keys, parts & frozenset(VAE_PARTS)), source=str(path))
-    text = bool(parts & _TEXT_PARTS)
+    text = bool(parts & TEXT_PARTS)
     if not text and "unet" not in parts:
         return model
     head = flow_files.header(path)
@@ -189,32 +188,15 @@ def _load_file_flow(path: Path, family: Family, keys: list[str], parts: frozense
     schedule = "sd3" if family.key == "sd3" else "dev" if config["guidance_embeds"] else "schnell"
     arch = flow_loading.architecture(family, model.arch.vae, path.name, config if "unet" in parts else {},
                                      flow_files.SCHEDULES[schedule])
-    found = text_files.towers(path, head, text_encoders, family.key) if text else {}
-    held = {"transformer": flow_files.stored_bytes(flow_files.transformer_weights(head), dtype.itemsize)
-            } if "unet" in parts else {}
-    _refuse_flow_memory(path, family, {f"{text_files.TITLES[k]} {t.path.name}": t.memory() for k, t in found.items()},
-                        {**held, "VAE": _bytes(model.encoder, model.decoder)})
     states, pooled = {}, {}
     if text:
+        found = text_files.towers(path, head, text_encoders, family.key)
         states, pooled = text_files.embed(found, family.key, config["joint_attention_dim"],
                                           config.get("guidance_embeds", False), PROMPTS)
     denoiser = None
     if "unet" in parts:
         denoiser = flow_loading.wrapped(arch, flow_files.load_transformer(path, family.key, head, config, dtype))
     return replace(model, arch=arch, unet=denoiser, text_embeddings=states, pooled_embeddings=pooled)
-
-
-def _bytes(*modules: nn.Module | None) -> int:
-    """The bytes the float32 weights of `modules` (None: not loaded) take."""
-    return 4 * sum(p.numel() for module in modules if module is not None for p in module.parameters())
-
-
-def _refuse_flow_memory(source: Path, family: Family, texts: dict[str, int], held: dict[str, int]) -> None:
-    """`refuse_memory` for an SD 3.x or Flux model: `texts` the text encoders' bytes (run and freed first), `held` the
-    transformer's and VAE's (held during the attack), each by name."""
-    sizes = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in {**texts, **held}.items())
-    refuse_memory(source, family, max(sum(texts.values()), sum(held.values())), 0,
-                  f"{sizes}; the text encoders are run and freed before the transformer is read")
 
 
 def _file_vae_state(state: dict[str, torch.Tensor], prefix: str, vae: dict) -> dict[str, torch.Tensor]:
@@ -283,7 +265,7 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
     """An SD 2.x or SDXL diffusers folder, with its own configs; what its denoiser predicts from its scheduler's."""
     families.refuse_denoiser_parts(folder, family, parts)
     towers = ("text_encoder", "text_encoder_2") if family.key == "sdxl" else ("text_encoder",)
-    needed = ("vae", *(("unet",) if "unet" in parts else ()), *(towers if parts & _TEXT_PARTS else ()))
+    needed = ("vae", *(("unet",) if "unet" in parts else ()), *(towers if parts & TEXT_PARTS else ()))
     configs = {part: read_json(folder / part / "config.json") for part in needed}
     scheduler, schedule = _scheduler_config(folder)
     prediction = schedule.get("prediction_type", "epsilon")
@@ -291,56 +273,31 @@ def _load_folder_whole(folder: Path, family: Family, parts: frozenset[str]) -> S
                           text=configs.get("text_encoder", {}), text_2=configs.get("text_encoder_2", {}),
                           family=family.key)
     arch = whole(family, configs["vae"], folder.name, check_prediction_type(prediction, str(scheduler)), shapes)
-    unet, encoder, text, decoder = _fitting_modules(folder, family, arch, parts, {})
+    unet, encoder, text, decoder = _buildable_modules(folder, family, arch, parts)
     text_states = [read_weights(folder / tower, ("model", "pytorch_model")) for tower in towers if text is not None]
     return assemble(folder, arch, unet, encoder, text, decoder,
                      read_weights(folder / "unet", ("diffusion_pytorch_model",)) if unet is not None else {},
                      vae_state(folder / "vae", parts), _tower_states(text, text_states))
 
 
-def _fitting_modules(source: Path, family: Family, arch: Architecture, parts: frozenset[str],
-                     read: dict[str, torch.Tensor]) -> tuple[nn.Module | None, nn.Module, nn.Module | None,
-                                                             nn.Module | None]:
-    """`empty_modules(arch, parts)`, built only once the float32 weights of those parts are known to fit in the memory
-    this machine has available, counting what reading the file already holds (`read`): the count is made on modules
-    built on the meta device, as the text encoders are otherwise built for real (SDXL's OpenCLIP-G alone is 2.8 GB;
-    its UNet has 2.6B parameters, 10.3 GB in float32). ValueError naming `source`, in one line, for shapes diffusers
-    cannot build or weights that cannot fit."""
+def _buildable_modules(source: Path, family: Family, arch: Architecture, parts: frozenset[str]
+                       ) -> tuple[nn.Module | None, nn.Module, nn.Module | None, nn.Module | None]:
+    """`empty_modules(arch, parts)`; ValueError naming `source`, in one line, for shapes diffusers cannot build."""
     try:
-        with torch.device("meta"):
-            unet, encoder, _, decoder = empty_modules(arch, parts - _TEXT_PARTS)
-            text = _text_module(arch) if parts & _TEXT_PARTS else None
+        return empty_modules(arch, parts)
     except ValueError as exc:  # diffusers refuses widths its layers cannot take (e.g. group norms)
         raise ValueError(f"{source}: not a {family.title} model Mist can read: {exc}") from exc
-    needed = 4 * sum(p.numel() for module in (unet, encoder, text, decoder) if module is not None
-                     for p in module.parameters())
-    refuse_memory(source, family, needed, sum(tensor.numel() * tensor.element_size() for tensor in read.values()))
-    return empty_modules(arch, parts)
-
-
-def refuse_memory(source: Path, family: Family, needed: int, held: int = 0, detail: str = "") -> None:
-    """ValueError naming `source`, in one line, when `needed` bytes cannot fit in the memory this machine has
-    available plus `held` (what reading the file already holds); `detail` says what each part takes."""
-    available = available_ram_bytes()
-    if available is None or needed <= available + held:
-        return
-    detail = f" ({detail})" if detail else ""
-    raise ValueError(f"{source}: this {family.title} model needs about {needed / 1e9:.1f} GB of memory to load the "
-                     f"parts this run uses in float32{detail}, and {(available + held) / 1e9:.1f} GB is available")
 
 
 def _load_folder_flow(folder: Path, family: Family, parts: frozenset[str], dtype: torch.dtype) -> StableDiffusion:
     """An SD 3.x or Flux diffusers folder: VAE, transformer (transformer/, read in `dtype`) and the prompts'
-    conditioning, embedded by the text encoders before the transformer is read (`flow_text`); refused first if the
-    parts cannot fit in memory."""
+    conditioning, embedded by the text encoders before the transformer is read (`flow_text`)."""
     families.refuse_denoiser_parts(folder, family, parts)
-    text = bool(parts & _TEXT_PARTS)
+    text = bool(parts & TEXT_PARTS)
     joint = read_json(folder / "transformer" / "config.json") if "unet" in parts or text else {}
     arch = flow_loading.architecture(family, read_json(folder / "vae" / "config.json"), folder.name,
                                      joint if "unet" in parts else {}, _scheduler_config(folder)[1])
-    _, encoder, _, decoder = empty_modules(arch, parts - {"unet"} - _TEXT_PARTS)
-    texts, held = flow_loading.part_bytes(folder, arch, text, dtype.itemsize)
-    _refuse_flow_memory(folder, family, texts, {**held, "VAE": _bytes(encoder, decoder)})
+    _, encoder, _, decoder = empty_modules(arch, parts - {"unet"} - TEXT_PARTS)
     states, pooled = {}, {}
     if text:
         states, pooled = flow_text.embed(folder, family.key, joint["joint_attention_dim"],
@@ -378,7 +335,7 @@ def empty_modules(arch: Architecture, parts: frozenset[str]
         decoder = latent_decoder(arch) if "decoder" in parts else None
     # The text encoder is built for real: it is small, and some transformers versions give it non-persistent buffers
     # (position ids) that no checkpoint holds and that would stay unallocated on the meta device.
-    text = _text_module(arch) if parts & _TEXT_PARTS else None
+    text = _text_module(arch) if parts & TEXT_PARTS else None
     return unet, encoder, text, decoder
 
 
@@ -474,7 +431,7 @@ def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[st
                     raise
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # a truncated or foreign file fails in many ways; all mean "cannot read it"
-        raise _unreadable(path, exc, "cannot read as a checkpoint") from exc
+        raise unreadable(path, exc, "cannot read as a checkpoint") from exc
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
@@ -483,7 +440,7 @@ def read_original_state_dict(path: Path, parts: frozenset[str]) -> tuple[dict[st
     return {k: checkpoint[k] for k in keys_to_read(keys, parts)}, keys
 
 
-def _unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
+def unreadable(path: Path, exc: Exception, problem: str) -> ValueError:
     """One line saying why `path` cannot be read. A pickle that asks for a Python global (a function or class: code
     that would run, or objects beyond tensors) is named as such; PyTorch's own text, which explains how to load such a
     file without the safety check, is never passed on."""
@@ -533,7 +490,7 @@ def read_weights(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor
             return load_file(str(candidate))
         return torch.load(candidate, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise _unreadable(candidate, exc, "cannot read weights") from exc
+        raise unreadable(candidate, exc, "cannot read weights") from exc
 
 
 def weights_file(folder: Path, stems: tuple[str, ...]) -> Path:

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from mist.models import flow_text
-from mist.models.flow_files import Header, below, header, read, stored_bytes
+from mist.models.flow_files import Header, below, header, read
 from mist.models.t5_tokenizer import t5_ids
 from mist.models.tokenizer import END_OF_TEXT
 
@@ -48,10 +48,6 @@ class Tower:
     path: Path
     prefix: str
     head: Header
-
-    def memory(self) -> int:
-        """The bytes its weights take once built (`_t5_type`: T5's type; CLIP in float32)."""
-        return stored_bytes(self.head, _t5_type(self).itemsize if self.kind == "t5" else 4)
 
 
 def towers(model: Path, model_head: Header, files: Iterable[Path], family: str) -> dict[str, Tower]:
@@ -106,7 +102,8 @@ def _check_types(tower: Tower) -> None:
                          "fp16 or bf16 file")
 
 
-def _t5_type(tower: Tower) -> torch.dtype:
+def t5_type(tower: Tower) -> torch.dtype:
+    """The type T5 is built in: float32 when every weight is stored so, else bfloat16."""
     return torch.float32 if all(kind == "F32" for _, kind in tower.head.values()) else torch.bfloat16
 
 
@@ -168,10 +165,10 @@ def embed(found: dict[str, Tower], family: str, joint_width: int, guidance: bool
           prompts: Iterable[str]) -> flow_text.Embeddings:
     """Each family's conditioning of `prompts` (`flow_text.join`) from the towers `found`, each built, run and freed
     in turn."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import T5EncoderModel
 
     prompts = list(prompts)
-    kind = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
+    kind = flow_text.clip_class(family)
     if family == "sd3" and "text_projection.weight" not in found["clip_l"].head:
         raise ValueError(f"{found['clip_l'].path}: a CLIP-L without its text projection, which SD 3.x's pooled "
                          "embedding needs")
@@ -182,7 +179,7 @@ def embed(found: dict[str, Tower], family: str, joint_width: int, guidance: bool
         del model
     t5 = None
     if "t5" in found:
-        model = _built(found["t5"], T5EncoderModel, _t5_config(found["t5"]), _t5_type(found["t5"]))
+        model = _built(found["t5"], T5EncoderModel, _t5_config(found["t5"]), t5_type(found["t5"]))
         length = flow_text.t5_length(family, guidance)
         t5 = flow_text.run_t5(model, lambda prompt: t5_ids(prompt, length), prompts)
         del model

@@ -191,7 +191,6 @@ class ModelCache:
         self.attack_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._models: dict[str, StableDiffusion] = {}
-        self._families: dict[str, Family] = {}  # by resolved path: told once, without loading (`refusal`)
         self._towers_checked: set[str] = set()  # SD 3.x / Flux single files whose text encoders were found
         self.loads = 0  # how many times a model was read (tests check it is once)
 
@@ -270,16 +269,15 @@ class ModelCache:
         return ensemble_side_multiple(config, self._family()[1])
 
     def _family(self) -> tuple[str | Path, Family]:
-        """Where the model is and its family (told once per model, without loading it)."""
+        """Where the model is and its family (told once per model as it is on disk, without loading it:
+        `mist.models.identify`)."""
         from mist.models.architectures import FAMILIES
         from mist.models.identify import model_family
 
         where = self.where()
         if self._given is not None:
             return where, FAMILIES[self._given.arch.family]
-        if str(where) not in self._families:
-            self._families[str(where)] = model_family(where)
-        return where, self._families[str(where)]
+        return where, model_family(where)
 
     def device(self) -> torch.device:
         """The device jobs run on; ValueError("device: ...") for one this machine lacks."""
