@@ -4,6 +4,7 @@ own worker, a submission and the wait for its end, and small noise images."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 
@@ -50,3 +51,14 @@ def finished(http, job_id: str) -> dict:
         assert time.monotonic() < deadline, status
         time.sleep(0.05)
     return status
+
+
+def done_job(http, fields: dict) -> tuple[list[str], bytes, bytes]:
+    """Submit one image with `fields` (`submit`) and wait until its job is done: the answers as text (submission, the
+    finished status, the results' ZIP), the first PNG and the ZIP."""
+    created = submit(http, fields)
+    assert created.status_code == 201, created.text
+    status = finished(http, created.json()["id"])
+    assert status["state"] == "done", status
+    png, archive = http.get(status["images"][0]["url"]), http.get(status["results_url"])
+    return [created.text, json.dumps(status), archive.text], png.content, archive.content

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     webui = commands.add_parser("webui", help="start the web UI in the browser",
                                 description="Serve Mist's web page (gradio; pip install 'mist-protect[webui]') on "
                                             "http://127.0.0.1:7860. The model is loaded on the first job.")
-    add_runner_options(webui, low_memory=True)
+    add_runner_options(webui, low_memory=True, text_encoders=True)
     webui.add_argument("--listen", action="store_true", help="listen on every interface (0.0.0.0), not only 127.0.0.1")
     webui.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     webui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
@@ -465,7 +465,7 @@ def webui_command(args: argparse.Namespace) -> int:
     auth = login(args)
     check_device_option(args)
     with fields_as_flags(RUN_FLAGS):
-        models = open_models(args.model, args.device, args.low_memory)
+        models = open_models(args.model, args.device, args.low_memory, text_encoders=args.text_encoders)
     from mist.faces.reporting import warn_if_the_gpu_is_unused
 
     warn_if_the_gpu_is_unused(models.device())

@@ -17,7 +17,8 @@ from mist.models.locate import TINY_RANDOM, ModelNotFoundError, resolve_model
 from mist.models.vae_folder import is_vae_folder, load_vae_folder
 
 __all__ = ["DEFAULT_PARTS", "KNOWN_PARTS", "Architecture", "ModelNotFoundError", "SD_V1", "StableDiffusion", "TINY",
-           "TINY_RANDOM", "load_model", "model_label", "quiet_model_libraries", "resolve_model"]
+           "TINY_RANDOM", "load_model", "model_label", "quiet_model_libraries", "resolve_model",
+           "takes_no_text_encoders"]
 
 
 def load_model(spec: str | os.PathLike | None = None, architecture: Architecture = SD_V1,
@@ -37,13 +38,19 @@ def load_model(spec: str | os.PathLike | None = None, architecture: Architecture
         raise ValueError(f"parts: unknown model parts {sorted(parts - KNOWN_PARTS)} (known: {sorted(KNOWN_PARTS)})")
     where = resolve_model(spec)
     if text_encoders and (where == TINY_RANDOM or is_vae_folder(where)):
-        raise ValueError(f"text_encoders: {model_label(where)} takes no text encoder files (only SD 3.x's and Flux's "
-                         "single files do)")
+        raise takes_no_text_encoders(where)
     if where == TINY_RANDOM:
         return build_random(TINY, parts=parts)
     if is_vae_folder(where):
         return load_vae_folder(Path(where), parts)
     return load_path(where, architecture, parts, tuple(Path(f).expanduser() for f in text_encoders), dtype)
+
+
+def takes_no_text_encoders(where: str | os.PathLike) -> ValueError:
+    """The error for text encoder files given with the model at `where` (named by its file or folder name), which
+    is not an SD 3.x or Flux single file and so takes none."""
+    return ValueError(f"text_encoders: {model_label(where)} takes no text encoder files (only SD 3.x's and Flux's "
+                      "single files do)")
 
 
 def quiet_model_libraries() -> None:

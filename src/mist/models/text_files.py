@@ -32,6 +32,8 @@ _INSIDE = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encode
            "t5": "text_encoders.t5xxl.transformer."}
 TITLES = {"clip_l": "CLIP-L", "clip_g": "OpenCLIP-G", "t5": "T5-XXL"}
 _NEEDED = {"sd3": ("clip_l", "clip_g"), "flux": ("clip_l", "t5")}
+_READ = {"sd3": ("clip_l", "clip_g", "t5"), "flux": ("clip_l", "t5")}  # SD 3.x runs without T5 too
+_FAMILY_TITLES = {"sd3": "SD 3.x", "flux": "Flux"}
 _CLIP_PROBE = "text_model.embeddings.token_embedding.weight"
 _T5_PROBE = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _CLIP_HEAD = 64
@@ -54,8 +56,9 @@ class Tower:
 
 def towers(model: Path, model_head: Header, files: Iterable[Path], family: str) -> dict[str, Tower]:
     """kind -> Tower: the text encoders inside the model file `model` and in `files`; ValueError naming the file
-    for one that is no text encoder Mist knows, is named twice, or when the family lacks one it needs (SD 3.x:
-    CLIP-L and OpenCLIP-G, T5 optional; Flux: CLIP-L and T5)."""
+    for one that is no text encoder Mist knows, is named twice, is one the family does not read (OpenCLIP-G for
+    Flux), or when the family lacks one it needs (SD 3.x: CLIP-L and OpenCLIP-G, T5 optional; Flux: CLIP-L and
+    T5)."""
     found = {kind: Tower(kind, model, prefix, below(model_head, prefix)) for kind, prefix in _INSIDE.items()
              if any(key.startswith(prefix) for key in model_head)}
     clips = []
@@ -73,6 +76,10 @@ def towers(model: Path, model_head: Header, files: Iterable[Path], family: str) 
     clips.sort(key=lambda tower: tower.head[_CLIP_PROBE][0][1])
     for kind, tower in zip(("clip_l", "clip_g")[: len(clips)], clips, strict=True):
         _add(found, Tower(kind, tower.path, "", tower.head))
+    unread = [tower for kind, tower in found.items() if kind not in _READ[family]]
+    if unread:
+        raise ValueError(f"{unread[0].path}: {TITLES[unread[0].kind]}, a text encoder {_FAMILY_TITLES[family]} does "
+                         f"not read (it reads {' and '.join(TITLES[kind] for kind in _READ[family])})")
     missing = [TITLES[kind] for kind in _NEEDED[family] if kind not in found]
     if missing:
         raise ValueError(f"{model}: its {' and '.join(missing)} text encoder{'s' if len(missing) > 1 else ''} "

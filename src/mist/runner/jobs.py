@@ -147,15 +147,24 @@ def ensemble_record(protector: Protector, result: ProtectedImage) -> str:
 
 
 def without_model_path(message: str, models: ModelCache | Any) -> str:
-    """`message` with the path of the model of `models` (where the server keeps it) written as the model's file or
-    folder name, as faces that serve others show a model's problems; unchanged when there is no model to name."""
+    """`message` with the path of the model of `models` (where the server keeps it) and of its server-wide text
+    encoder files written as their file or folder names, as faces that serve others show a model's problems;
+    unchanged when there is nothing to name."""
     from mist.models import ModelNotFoundError, model_label
 
+    for file in models.text_encoders:
+        message = message.replace(str(Path(file).expanduser()), Path(file).name)
     try:
         where = models.where()
     except ModelNotFoundError:
         return message
     return message.replace(str(where), model_label(where))
+
+
+def served(config: ProtectConfig, models: ModelCache | Any) -> ProtectConfig:
+    """`config` as the server of `models` runs it: with the text encoder files its operator named
+    (`ModelCache.text_encoders`, for every job: a served job names none of its own); unchanged without them."""
+    return config.but(text_encoders=models.text_encoders) if models.text_encoders else config
 
 
 class ModelCache:
@@ -165,10 +174,12 @@ class ModelCache:
 
     `model` is what `mist protect --model` accepts (None: the default places), or a loaded StableDiffusion that the
     caller keeps (it is never changed: Protectors work on their own placement of it). `low_memory` and `compile` go
-    to every Protector (see `mist.engine.pipeline.Protector`)."""
+    to every Protector (see `mist.engine.pipeline.Protector`). `text_encoders`: a server's text encoder files for its
+    SD 3.x or Flux single file (`mist webui` / `mist serve --text-encoders`), which every job runs with (`served`;
+    checked by `check_text_encoders`)."""
 
     def __init__(self, model: str | os.PathLike | StableDiffusion | None = None, device: str | None = None,
-                 low_memory: bool | None = None, compile: bool = False) -> None:
+                 low_memory: bool | None = None, compile: bool = False, text_encoders: tuple[str, ...] = ()) -> None:
         from mist.models import StableDiffusion
 
         self._given = model if isinstance(model, StableDiffusion) else None
@@ -176,6 +187,7 @@ class ModelCache:
         self.device_name = device
         self.low_memory = low_memory
         self.compile = compile
+        self.text_encoders = tuple(text_encoders)
         self.attack_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._models: dict[str, StableDiffusion] = {}
@@ -205,6 +217,7 @@ class ModelCache:
         from mist.models import model_label
         from mist.models.families import refuse_denoiser_parts
 
+        config = served(config, self)
         where, family = self._family()
         try:
             refuse_denoiser_parts(model_label(where), family, config.parts)
@@ -213,6 +226,20 @@ class ModelCache:
         except ValueError as exc:
             return without_model_path(str(exc), self)
         return self._ensemble_refusal(config)
+
+    def check_text_encoders(self) -> None:
+        """The start-up check of the server's `text_encoders`: ValueError in one line naming the file and its problem
+        when the model is not an SD 3.x or Flux single file (none is taken), or when they and the file do not hold the
+        text encoders its family needs (a file that is no text encoder, one its family does not read, two of a kind,
+        one missing: `mist.models.text_files.towers`, on the files' headers). Raises as `refusal` does."""
+        from mist.models import takes_no_text_encoders
+
+        if not self.text_encoders:
+            return
+        where, family = self._family()
+        if not (family.flow and Path(str(where)).is_file()):
+            raise takes_no_text_encoders(where)
+        self._text_towers(Path(str(where)), family.key, self.text_encoders)
 
     def _text_towers(self, model: Path, family: str, files: tuple[str, ...]) -> None:
         """ValueError unless the SD 3.x / Flux single file `model` and the text encoder `files` hold the text
@@ -289,8 +316,8 @@ class ModelCache:
         """The model with at least `parts` (see `mist.models.load_model`; "decoder" for evaluation) in float32, for
         callers that only read it (they place it with `StableDiffusion.placed`, never in place): the given model, or
         the cached one, loaded now if it is not loaded yet, lacks a part, or was converted to half precision
-        (`text_encoders`: the files of an SD 3.x or Flux single file's). Raises ModelNotFoundError, or ValueError
-        when a given model lacks a part."""
+        (`text_encoders`: the files of an SD 3.x or Flux single file's; none: the server's). Raises
+        ModelNotFoundError, or ValueError when a given model lacks a part."""
         import torch
 
         with self._load_lock:
@@ -299,7 +326,7 @@ class ModelCache:
                 if missing:
                     raise ValueError(f"model: this model was loaded without its {', '.join(sorted(missing))}")
                 return self._given
-            return self._cached(parts, torch.float32, self.device(), on_load, text_encoders)
+            return self._cached(parts, torch.float32, self.device(), on_load, text_encoders or self.text_encoders)
 
     def _cached(self, parts: frozenset[str], dtype: torch.dtype, device: torch.device,
                 on_load: Callable[[str | Path, torch.device], None] | None,
@@ -347,6 +374,7 @@ def run_jobs(jobs: list[Job], config: ProtectConfig, models: ModelCache, reporte
     unreadable mask or an output folder that cannot be written, and ModelNotFoundError when there is no model."""
     if metadata not in manifest.METADATA_LEVELS:
         raise ValueError(f"metadata: must be one of {', '.join(manifest.METADATA_LEVELS)}, got {metadata!r}")
+    config = served(config, models)  # outputs record the server's text encoder files by name, as the CLI's
     summary = BatchSummary()
     model = models.identity()
     precision = models.precision(config.precision)  # what "auto" means here: outputs record it

@@ -29,7 +29,7 @@ class Offer:
 
 def everything() -> Offer:
     """Every registered method with all its choices: what is offered when the model cannot be told (not found, not
-    readable: the job reports that) or is told only by each worker (a Ray pool)."""
+    readable, no Ray worker answering: the job reports that)."""
     return Offer(tuple(method.name for method in list_methods()))
 
 

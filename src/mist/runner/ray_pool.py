@@ -4,7 +4,9 @@
 where it runs (the head, beside the data), and hands the attack of each image to a pool of Ray actors, one per GPU (or
 per unit of another resource), each loading the model once and keeping it. An actor whose process dies is restarted
 by Ray and its image retried (`MAX_TASK_RETRIES`), on the same node or another; outputs are written once, by the
-runner, from the result that arrives, so a retry never duplicates or loses an output.
+runner, from the result that arrives, so a retry never duplicates or loses an output. Whether the workers' model can
+run a job's settings (`RayModels.refusal`, `RayModels.side_multiple`) is asked of the first worker's model cache, which
+tells it from the model's files, so a Ray server refuses at submission what a server with its own model refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from mist.engine.config import ProtectConfig
 from mist.engine.pipeline import Progress, ProtectedImage
 
 MAX_TASK_RETRIES = 3  # an image that kills its worker this many times fails instead of looping
+ANSWERING = "answering"  # the actors' concurrency group for questions about settings: answered beside an image
+MAX_ANSWERS = 512  # answers the pool remembers (the oldest is forgotten first): clients choose the settings
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,24 @@ class Setup:
     config: ProtectConfig
     files: dict[str, bytes]
     batch_size: int
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A worker's answer to a question about a job's settings: `value`, or the `problem` that kept its model from
+    answering (the model named by its file or folder name); `missing`: the problem is that the worker has no model."""
+
+    value: Any = None
+    problem: str | None = None
+    missing: bool = False
+
+    def get(self) -> Any:
+        """The value; raises ModelNotFoundError or ValueError with the problem, as the worker's model cache did."""
+        if self.problem is None:
+            return self.value
+        from mist.models import ModelNotFoundError
+
+        raise (ModelNotFoundError if self.missing else ValueError)(self.problem)
 
 
 class _ProtectActor:
@@ -50,6 +72,19 @@ class _ProtectActor:
 
     def precision(self, precision: str) -> str:
         return self.models.precision(precision)
+
+    def answer(self, question: str, config: ProtectConfig) -> _Answer:
+        """This worker's model cache's `refusal` or `side_multiple` (the `question`) for `config`, told from its
+        model's files without loading it; a model it cannot find or read gives its problem instead."""
+        from mist.models import ModelNotFoundError
+        from mist.runner.jobs import without_model_path
+
+        ask = {"refusal": self.models.refusal, "side_multiple": self.models.side_multiple}[question]
+        try:
+            return _Answer(ask(config))
+        except (OSError, ValueError) as exc:  # ModelNotFoundError is an OSError
+            return _Answer(problem=without_model_path(str(exc), self.models),
+                           missing=isinstance(exc, ModelNotFoundError))
 
     def _protector(self, setup: Setup) -> Any:
         """The Protector for `setup`, its files written here. Every call carries its setup, so an actor Ray restarts
@@ -141,6 +176,8 @@ class RayModels:
     and `low_memory` as each worker opens its model; `workers`: how many actors (default: one per unit)."""
 
     compile: ClassVar[bool] = False  # the workers run the networks uncompiled (`mist protect` refuses --compile)
+    # no server-wide text encoder files (`ModelCache.text_encoders`): `open_models` refuses them with a cluster
+    text_encoders: ClassVar[tuple[str, ...]] = ()
 
     address: str
     model: str | None = None
@@ -151,6 +188,7 @@ class RayModels:
     attack_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _actors: list[Any] | None = field(default=None, init=False)
     _description: dict[str, Any] | None = field(default=None, init=False)
+    _answers: dict[tuple[str, ProtectConfig], Any] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def actors(self) -> list[Any]:
@@ -171,7 +209,8 @@ class RayModels:
         if count < 1:
             raise ValueError(f"--ray: the cluster at {self.address} has no {self.resource!r} resource to run on")
         placement = {"num_gpus": 1} if self.resource == "GPU" else {"resources": {self.resource: 1}}
-        actor = ray.remote(_ProtectActor).options(max_restarts=-1, max_task_retries=MAX_TASK_RETRIES, **placement)
+        actor = ray.remote(concurrency_groups={ANSWERING: 1})(_ProtectActor).options(
+            max_restarts=-1, max_task_retries=MAX_TASK_RETRIES, **placement)
         return [actor.remote(self.model, self.device_name, self.low_memory) for _ in range(count)]
 
     @property
@@ -194,14 +233,44 @@ class RayModels:
         return _Identity(description["name"], description["sha256"])
 
     def refusal(self, config: ProtectConfig) -> str | None:
-        """None: each worker opens its own model (its path is the worker's), so a method its model cannot run is
-        refused by the worker, when the job runs."""
-        return None
+        """Why the workers' model cannot run `config`, as `ModelCache.refusal` tells it on a worker (the model named by
+        its file or folder name), or None; raises as it does. Asked of the first worker (see `_ask`)."""
+        return self._ask("refusal", config)
 
     def side_multiple(self, config: ProtectConfig) -> tuple[int, str]:
-        """8, which every processed size meets: as with `refusal`, a size a worker's own model cannot take is refused
-        by that worker, when the job runs."""
-        return 8, "each worker's model is told when the job runs"
+        """The multiple of pixels each processed side must be for the workers' model, and why, as
+        `ModelCache.side_multiple` tells it on a worker; raises as it does. Asked of the first worker (see `_ask`)."""
+        return self._ask("side_multiple", config)
+
+    def _ask(self, question: str, config: ProtectConfig) -> Any:
+        """A worker's answer to `question` about `config`, asked of the first worker that answers (its model cache
+        tells the family from the files, without loading the model; it answers beside a running image). Answers are
+        remembered here, so a restarted worker changes nothing, except those about `against` models or text encoder
+        files (memory available now, files that may appear), which are asked each time. Raises ModelNotFoundError or
+        ValueError as the worker's model cache did, or ValueError when no worker answers."""
+        key = (question, config)
+        with self._lock:
+            if key in self._answers:
+                return self._answers[key]
+        value = self._worker_answer(question, config).get()
+        if not (config.against or config.text_encoders):
+            with self._lock:
+                if len(self._answers) >= MAX_ANSWERS:
+                    del self._answers[next(iter(self._answers))]
+                self._answers[key] = value
+        return value
+
+    def _worker_answer(self, question: str, config: ProtectConfig) -> _Answer:
+        """The first worker's answer, or the next one's where a worker cannot answer (Ray gave up on it)."""
+        import ray
+
+        failure = ""
+        for actor in self.actors():
+            try:
+                return ray.get(actor.answer.options(concurrency_group=ANSWERING).remote(question, config))
+            except ray.exceptions.RayError as exc:
+                failure = _first_line(exc)
+        raise ValueError(f"--ray: no worker answered whether its model runs these settings: {failure}")
 
     def precision(self, precision: str) -> str:
         import ray

@@ -1,7 +1,7 @@
 """The options of every command that opens the job runner (`mist protect`, `mist_v3.py`, `mist evaluate`, `mist
 doctor`, `mist webui`, `mist serve`): `--model`, `--device` and, where the command takes them, `--low-memory`,
-`--compile`, `--ray` and `--ray-resource`, declared once, as `mist.runner.entrance.open_models` takes them. Light:
-parsing imports no model library."""
+`--compile`, `--ray`, `--ray-resource` and a server's `--text-encoders`, declared once, as
+`mist.runner.entrance.open_models` takes them. Light: parsing imports no model library."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ MODEL_HELP = ("SD v1 .ckpt / .safetensors file or diffusers folder; 'tiny-random
 
 
 def add_runner_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, low_memory: bool = False,
-                       compile: bool = False, ray: bool = False) -> None:
+                       compile: bool = False, ray: bool = False, text_encoders: bool = False) -> None:
     """--model and --device, and the runner's other options the command takes."""
     parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: %(default)s)")
@@ -35,6 +35,11 @@ def add_runner_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                                  "install 'mist-protect[ray]'; every worker node needs Mist and the model)")
         parser.add_argument("--ray-resource", default="GPU", metavar="NAME",
                             help="with --ray: one worker per unit of this resource (default: %(default)s)")
+    if text_encoders:
+        parser.add_argument("--text-encoders", default="", metavar="FILE[,FILE...]",
+                            help="the text encoder files (CLIP-L, OpenCLIP-G, T5-XXL) of an SD 3.x or Flux single "
+                                 "file given as --model, which every job runs with, so that the denoiser-side methods "
+                                 "are offered; checked at start-up, named by file name only (default: none)")
 
 
 def check_device_option(args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                        help="a reverse proxy whose X-Forwarded-For / Forwarded headers name the real client (may be "
                             "repeated); other senders' proxy headers are ignored (default: none)")
-    add_runner_options(serve, low_memory=True, compile=True, ray=True)
+    add_runner_options(serve, low_memory=True, compile=True, ray=True, text_encoders=True)
     add_work_limit_options(serve)
     _limit_options(serve, "requests without a token (loopback only)")
     actions = serve.add_subparsers(dest="serve_action", metavar="token")
@@ -87,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         data=args.data, host=args.host, port=args.port, database=args.database, retention_hours=args.retention_hours,
         model=args.model, device=args.device, low_memory=args.low_memory, compile=args.compile, ray=args.ray,
-        ray_resource=args.ray_resource,
+        ray_resource=args.ray_resource, text_encoders=args.text_encoders,
         no_auth=args.no_auth, trusted_proxies=tuple(args.trusted_proxy),
         work_limits=work_limits,
         local_limits=Limits(int(args.max_upload_mb * _MB), args.max_images, args.max_queued))

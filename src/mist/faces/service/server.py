@@ -39,6 +39,7 @@ class ServeOptions:
     compile: bool = False
     ray: str | None = None
     ray_resource: str = "GPU"
+    text_encoders: str = ""  # comma-separated: an SD 3.x or Flux single file's text encoder files, for every job
     no_auth: bool = False  # loopback only: requests from this machine need no token
     trusted_proxies: tuple[str, ...] = ()  # addresses whose X-Forwarded-For / Forwarded headers are believed
     local_limits: Limits = Limits()
@@ -87,13 +88,14 @@ def sole_server(data: Path) -> Iterator[None]:
 def models_for(options: ServeOptions) -> Any:
     """What the worker runs jobs on: one model in this process, or a pool of Ray workers
     (`mist.runner.entrance.open_models`): ValueError("--device: ...") for a device this machine lacks, ("--compile:
-    ...") where compiling is not possible, ModelNotFoundError without a model, all before the server listens."""
+    ...") where compiling is not possible, ("--text-encoders: ...") for text encoder files that cannot serve the
+    model, ModelNotFoundError without a model, all before the server listens."""
     from mist.runner.entrance import open_models
     from mist.runner.flags import RUN_FLAGS, fields_as_flags
 
     with fields_as_flags(RUN_FLAGS):
         return open_models(options.model, options.device, options.low_memory, options.compile, options.ray,
-                           options.ray_resource)
+                           options.ray_resource, text_encoders=options.text_encoders)
 
 
 def build_service(options: ServeOptions, store: JobStore, models: Any) -> Service:
