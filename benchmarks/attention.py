@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import append_results  # noqa: E402
+from bench import append_results, runnable_precisions  # noqa: E402
 from peak import measure  # noqa: E402
 
 PADDED_HEAD = 64
@@ -121,7 +121,7 @@ def main() -> int:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     shapes = attention_shapes(args.size)
     rows = []
-    for precision in args.precisions.split(","):
+    for precision in runnable_precisions(args.precisions.split(","), "cpu"):
         peak = next(gflops for kernel, _, gflops in measure(dtypes[precision]) if kernel.startswith("matrix"))
         totals: dict[str, list[float]] = {}
         for shape, count in sorted(shapes.items(), key=lambda item: -item[0][1]):

@@ -10,6 +10,11 @@ large matrix product and a SD-sized convolution, measured at the start of the ru
 
     python benchmarks/bench.py --steps 2 --modes fused --sizes 512 --precisions fp32,bf16 --memory off,on
 
+bf16 is measured only on a CPU that computes it natively (AVX512-BF16 or AMX; elsewhere PyTorch emulates it, many
+times slower): elsewhere the scripts here say so in one line and leave it out (`runnable_precisions`). An older CPU's
+kernels can be measured on a newer one by holding PyTorch below its instruction sets, e.g.
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` for AVX2 alone.
+
 `--variants as-is,no-heap-reuse` measures each configuration as the engine runs it and with one of its levers
 switched off, or with a layout or compiler tried instead (see VARIANTS), so that each lever's gain is read from one
 run. The warm-up step's time is reported too: it includes one-time costs such as torch.compile's.
@@ -134,10 +139,19 @@ def _channels_last(protector) -> None:
     components.memory_format_for = lambda dtype: torch.channels_last  # every precision, float32 included
 
 
+def _contiguous(protector) -> None:
+    import torch
+
+    from mist.models import components
+
+    components.memory_format_for = lambda dtype: torch.contiguous_format  # every precision, bf16 included
+
+
 # Variants of the engine a measuring process can run: each is called before the model is built (protector None) and
 # again once the Protector has placed it. "compiled" is the engine's own option (`--compile`), passed to the Protector.
 VARIANTS = {"as-is": lambda protector: None, "no-heap-reuse": _without_heap_reuse,
             "no-frozen-conv": _without_input_free_convolutions, "channels-last": _channels_last,
+            "contiguous": _contiguous,
             "compiled": lambda protector: None}
 
 
@@ -236,7 +250,8 @@ def main() -> int:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (known: {', '.join(VARIANTS)})")
     specs = []
     for mode, size, blocks, precision, memory, fast, variant in itertools.product(
-            split(args.modes), map(int, split(args.sizes)), map(int, split(args.blocks)), split(args.precisions),
+            split(args.modes), map(int, split(args.sizes)), map(int, split(args.blocks)),
+            runnable_precisions(split(args.precisions), args.device),
             split(args.memory), split(args.fast), split(args.variants)):
         if fast == "yes" and mode == "textural":
             continue  # fast mode only changes the semantic gradient
@@ -247,6 +262,18 @@ def main() -> int:
     rows = run_children(__file__, specs, partial(_row, peaks=peaks))
     append_results("Run of ", HEADER, [_row(r, peaks) for r in rows])
     return 0 if len(rows) == len(specs) else 1
+
+
+def runnable_precisions(precisions: list[str], device: str = "auto") -> list[str]:
+    """`precisions` less bf16 where it would run on a CPU without native bf16 (PyTorch emulates it there, many times
+    slower: nothing worth measuring), said in one line; on a GPU, or a CPU with AVX512-BF16 or AMX, all of them."""
+    from mist.models.device import cpu_has_fast_bf16, pick_device
+
+    if "bf16" not in precisions or pick_device(device).type != "cpu" or cpu_has_fast_bf16():
+        return precisions
+    print("bf16 skipped: this CPU has no native bf16 (AVX512-BF16 or AMX), or this process is held below it "
+          "(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)", flush=True)
+    return [precision for precision in precisions if precision != "bf16"]
 
 
 def cpu_peaks(precisions: list[str]) -> dict[str, float]:

@@ -24,7 +24,7 @@ import sys
 import time
 
 from bench import (answer_child, append_results, build_full_size_model, count_cpu_attention_flops, peak_rss_gb,
-                   peak_rss_reset, run_children)
+                   peak_rss_reset, run_children, runnable_precisions)
 
 
 def parse_method(text: str) -> tuple[str, dict]:
@@ -96,6 +96,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return answer_child(args.child, run_one)
+    if not runnable_precisions([args.precision], args.device):
+        return 0
     methods = [parse_method(text) for text in args.methods.split(",") if text.strip()]
     specs = [{"method": name, "params": params, "size": args.size, "precision": args.precision, "steps": args.steps,
               "device": args.device} for name, params in methods]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import machine  # noqa: E402
+from bench import machine, runnable_precisions  # noqa: E402
 
 
 def timed(run, repeats: int) -> float:
@@ -66,7 +66,8 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="bf16 is emulated, and very slow, on CPUs without AVX512-BF16 or AMX")
     args = parser.parse_args()
-    dtypes = {name: {"fp32": torch.float32, "bf16": torch.bfloat16}[name] for name in args.precisions.split(",")}
+    dtypes = {name: {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+              for name in runnable_precisions(args.precisions.split(","), "cpu")}
     print(f"Machine: {machine()}; {torch.get_num_threads()} threads  ")
     print(f"Command: `python benchmarks/peak.py {' '.join(sys.argv[1:])}`\n")
     print("| kernel | precision | layout | GFLOP/s |\n|---|---|---|---|")

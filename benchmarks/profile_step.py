@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import build_full_size_model, count_cpu_attention_flops, machine  # noqa: E402
+from bench import build_full_size_model, count_cpu_attention_flops, machine, runnable_precisions  # noqa: E402
 
 # Operator classes, matched in this order against the profiler's operator names.
 CLASSES: tuple[tuple[str, str], ...] = (
@@ -79,6 +79,8 @@ def main() -> int:
     parser.add_argument("--mode", default="fused", help="the mist method's mode (ignored by other methods)")
     parser.add_argument("--split", action="store_true", help="also time the step phase by phase (mist, fused mode)")
     args = parser.parse_args()
+    if not runnable_precisions([args.precision], "cpu"):
+        return 0
     torch.manual_seed(0)
     model = build_full_size_model(PRECISION_DTYPES[args.precision])
     settings = {"mode": args.mode} if args.method == "mist" else {}

@@ -27,7 +27,7 @@ import sys
 import time
 
 from bench import (answer_child, append_results, build_full_size_model, peak_rss_gb, peak_rss_reset,
-                   run_children)
+                   run_children, runnable_precisions)
 
 PGD_STEPS = {"aspl": 1, "mist2-lora": 2}  # the fewest PGD steps that include one fine-tuning call
 
@@ -97,6 +97,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return answer_child(args.child, run_one)
+    if not runnable_precisions([args.precision], args.device):
+        return 0
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = [name for name in names if name not in PGD_STEPS]
     if unknown:

@@ -86,6 +86,22 @@ def test_auto_precision_follows_the_device(monkeypatch):
     assert devices.resolve_precision("fp32", cpu) == "fp32"
 
 
+@pytest.mark.parametrize(("capability", "onednn", "capped"), [
+    ("AVX512", None, False), ("AVX512", "avx512_core_amx", False), ("AVX512", "DEFAULT", False),
+    ("AVX2", None, True), ("AVX512", "AVX2", True), ("AVX512", "avx512_core", True), ("DEFAULT", None, True),
+])
+def test_bf16_is_not_native_where_the_process_is_held_below_it(monkeypatch, capability, onednn, capped):
+    """ATEN_CPU_CAPABILITY (read by PyTorch at start) and ONEDNN_MAX_CPU_ISA can hold a process below bf16 arithmetic,
+    as when an AVX2-only CPU's kernels are measured on a newer CPU: `auto` must not choose bf16 there."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    assert devices.bf16_capped() is capped
+
+
 @pytest.mark.parametrize(("card", "capability", "expected"), [
     ("T4", (7, 5), "fp16"), ("V100", (7, 0), "fp16"), ("RTX 2080 Ti", (7, 5), "fp16"),
     ("A100", (8, 0), "bf16"), ("RTX 4090", (8, 9), "bf16"), ("H100", (9, 0), "bf16"),

@@ -91,17 +91,16 @@ def processes_in_this_network() -> list[int]:
 
 
 def actor_pids(busy_only: bool = False) -> list[int]:
-    """Processes of Mist's Ray actors (their title is `ray::_ProtectActor...`); with `busy_only`, those protecting."""
+    """Processes of this network namespace's Mist Ray actors (their title is `ray::_ProtectActor...`), never another
+    cluster's on the machine; with `busy_only`, those protecting."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in processes_in_this_network():
         try:
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if title.startswith("ray::_ProtectActor") and (not busy_only or ".protect" in title):
-            pids.append(int(entry.name))
+            pids.append(pid)
     return pids
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.faces import submit  # noqa: E402
-from support.ray_cluster import RESOURCE, Cluster, actor_pids, processes_in_this_network  # noqa: E402
+from support.ray_cluster import RESOURCE, Cluster, actor_pids  # noqa: E402
 from support.serve import Server  # noqa: E402
 
 # By model: the settings submitted with one 40 x 40 image, each refused or taken by the model's own checks.
@@ -50,7 +50,7 @@ def main(report_path: str, work: str, models: str) -> None:
             try:
                 with httpx.Client(base_url=server.url, timeout=300) as http:
                     report[name] = answers(http, name)
-                    killed = set(actor_pids()) & set(processes_in_this_network())  # this cluster's only
+                    killed = set(actor_pids())  # this cluster's only
                     for pid in killed:
                         os.kill(pid, signal.SIGKILL)
                     report[f"{name}_killed"] = len(killed)

@@ -42,13 +42,31 @@ def _mps_available() -> bool:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX), read from Linux's /proc/cpuinfo."""
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, read from Linux's /proc/cpuinfo) and this
+    process may use it: `ATEN_CPU_CAPABILITY` and oneDNN's `ONEDNN_MAX_CPU_ISA` (or `DNNL_MAX_CPU_ISA`) can hold
+    PyTorch to older instruction sets, e.g. to measure an AVX2-only CPU's kernels on a newer one."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
             flags = next((line for line in handle if line.startswith("flags")), "")
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16")) and not bf16_capped()
+
+
+# oneDNN's names for the instruction sets that hold bf16 arithmetic (with DEFAULT: no cap), as ONEDNN_MAX_CPU_ISA
+# takes them; any other value caps oneDNN below them.
+_BF16_ONEDNN_ISAS = frozenset({"DEFAULT", "ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                               "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+                               "AVX10_2_512", "AVX10_2_512_AMX_2"})
+
+
+def bf16_capped() -> bool:
+    """Whether this process is held below the instruction sets with bf16 arithmetic: PyTorch's own kernels below
+    AVX-512, or oneDNN's (convolutions, matrix products) below AVX512-BF16."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return True
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap is not None and cap.strip().upper() not in _BF16_ONEDNN_ISAS
 
 
 # bf16 arithmetic units arrived with compute capability 8.0 (Ampere: A100, RTX 30xx). Older GPUs (T4, V100,
