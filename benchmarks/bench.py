@@ -211,15 +211,26 @@ def _process_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags that decide which kernels run
+_ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine() -> str:
+    """The machine in one line: CPU model and the instruction-set flags that decide its kernels (and any variable
+    holding this process below them), cores, memory, GPU, Python and torch."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            lines = handle.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = next(line for line in lines if line.startswith("flags")).split()
     except (OSError, StopIteration):
         pass
+    cpu += f" ({' '.join(flag for flag in _ISA_FLAGS if flag in flags) or 'none of ' + '/'.join(_ISA_FLAGS)})"
+    held = [f"{name}={os.environ[name]}" for name in _ISA_CAPS if os.environ.get(name)]
+    cpu += f", held below them: {' '.join(held)}" if held else ""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "

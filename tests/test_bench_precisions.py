@@ -1,4 +1,5 @@
-"""benchmarks/bench.py's choice of precisions: bf16 is measured only where the CPU computes it natively."""
+"""benchmarks/bench.py's choice of precisions (bf16 only where the CPU computes it natively) and how it names the
+machine its figures come from."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def test_bf16_is_kept_where_the_cpu_has_it(bench, monkeypatch, capsys):
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
     assert bench.runnable_precisions(["fp32", "bf16"], "cpu") == ["fp32", "bf16"]
     assert capsys.readouterr().out == ""
+
+
+def test_the_machine_line_names_the_instruction_sets_and_any_hold_below_them(bench, monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    free = bench.machine()
+    assert "(" in free.split(",")[0] and "held below" not in free
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "held below them: ONEDNN_MAX_CPU_ISA=AVX2," in bench.machine()
