@@ -80,7 +80,8 @@ def model_footprint(where: str | os.PathLike, parts: frozenset[str], dtype: torc
     `text_encoders` the text encoder files an SD 3.x or Flux single file is given. ValueError naming a file Mist
     refuses or cannot read."""
     if str(where) == TINY_RANDOM:
-        unet, encoder, text, decoder = empty_modules(TINY, parts)
+        with torch.device("meta"):  # shapes only: nothing is allocated or drawn
+            unet, encoder, text, decoder = empty_modules(TINY, parts)
         named = {"UNet": (unet,), "text encoders": (text,), "VAE": (encoder, decoder)}
         return Footprint({name: 4 * sum(_count(module) for module in modules if module is not None)
                           for name, modules in named.items() if modules[0] is not None})
